@@ -1,0 +1,232 @@
+//! `swarmllm bench`: prompt and decode tokens/s of a bare llama-cpp-2 loop vs the
+//! same greedy generation through the node's HTTP API, and the ratio API/bare.
+//!
+//! Both paths load the same GGUF with the same threads, context and batch size, use
+//! the same chat-templated prompt and generate exactly `--tokens` tokens
+//! (end-of-generation ignored). Runs alternate between the two paths so drift on a
+//! busy machine hits both alike; the median of `--runs` is reported.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, anyhow};
+use clap::Args;
+use serde_json::{Map, Value, json};
+use swarmllm_node::config::ConfigSource;
+use swarmllm_node::infer::ChatTurn;
+use swarmllm_node::infer::bench::BareBench;
+use swarmllm_node::{Node, NodeOptions};
+
+use crate::client::read_sse;
+
+#[derive(Debug, Args)]
+pub(crate) struct BenchArgs {
+    /// GGUF model (default: the configured model).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Tokens to generate per run.
+    #[arg(long, default_value_t = 128)]
+    tokens: u32,
+    /// Measured runs per path (after one warm-up each).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Inference threads (default: the configured value, else all cores).
+    #[arg(long)]
+    threads: Option<u32>,
+    /// Layers to offload to the GPU.
+    #[arg(long)]
+    gpu_layers: Option<u32>,
+}
+
+const PROMPT: &str = "You are reviewing a design for a peer-to-peer system that runs large \
+language models across many home computers. Each computer holds a contiguous range of the \
+model's layers and passes hidden states to the next one. Explain, step by step, what can go \
+wrong when one of the computers disappears in the middle of a long answer, how the system can \
+detect it quickly, and how it can continue the answer without repeating or losing any words.";
+
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    prompt_tps: f64,
+    decode_tps: f64,
+}
+
+pub(crate) async fn run(mut source: ConfigSource, args: &BenchArgs) -> anyhow::Result<()> {
+    let base = crate::load_config(&source)?;
+    swarmllm_node::logging::init("human", "warn");
+    let model = args
+        .model
+        .clone()
+        .or_else(|| (!base.model.is_empty()).then(|| PathBuf::from(&base.model)))
+        .ok_or_else(|| anyhow!("no model: pass --model PATH (see scripts/fetch-test-model)"))?;
+    if args.tokens < 2 || args.runs == 0 {
+        return Err(anyhow!("--tokens must be at least 2 and --runs at least 1"));
+    }
+
+    // A throwaway node: its own data dir, an ephemeral port, no rate limit.
+    let dir = tempfile::tempdir().context("creating a temporary data dir")?;
+    let mut overrides = Map::new();
+    overrides.insert("data_dir".into(), json!(dir.path().to_string_lossy()));
+    overrides.insert(
+        "model".into(),
+        json!(std::path::absolute(&model)?.to_string_lossy()),
+    );
+    overrides.insert("secret_store".into(), json!("file"));
+    overrides.insert("rate_limit_per_minute".into(), json!(0));
+    overrides.insert("api_port".into(), json!(0));
+    if let Some(t) = args.threads {
+        overrides.insert("threads".into(), json!(t));
+    }
+    if let Some(g) = args.gpu_layers {
+        overrides.insert("gpu_layers".into(), json!(g));
+    }
+    source.overrides.extend(overrides);
+    source.path = dir.path().join("config.toml");
+    source.read_env = false;
+
+    eprintln!("loading {} ...", model.display());
+    let node = Node::start(NodeOptions {
+        config: source,
+        load_progress: None,
+    })
+    .await
+    .context("starting the benchmark node")?;
+    let engine = node
+        .engine()
+        .ok_or_else(|| anyhow!("the node loaded no model"))?
+        .clone();
+    let prompt = engine.render_chat(&[ChatTurn {
+        role: "user".into(),
+        content: PROMPT.into(),
+    }])?;
+    let engine_config = swarmllm_node::node::engine_config(&node.config());
+    let threads = engine_config.threads;
+    let bare = tokio::task::spawn_blocking(move || BareBench::load(engine_config))
+        .await?
+        .context("loading the model for the bare loop")?;
+    let prompt_tokens = bare.prompt_tokens(&prompt);
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/v1/completions", listener.local_addr()?);
+    let api_key = node.api_key().to_string();
+    tokio::spawn(swarmllm_node::api::serve(node.clone(), listener));
+    let http = reqwest::Client::new();
+
+    println!(
+        "model {} | {prompt_tokens}-token prompt | {} tokens | {threads} thread(s) | {} run(s) per path",
+        engine.info().id,
+        args.tokens,
+        args.runs
+    );
+    let bare = std::sync::Arc::new(bare);
+    let mut bare_samples = Vec::new();
+    let mut api_samples = Vec::new();
+    for i in 0..=args.runs {
+        let b = {
+            let bare = bare.clone();
+            let prompt = prompt.clone();
+            let n = args.tokens;
+            tokio::task::spawn_blocking(move || bare.run(&prompt, n)).await??
+        };
+        let a = api_run(&http, &url, &api_key, &prompt, args.tokens, prompt_tokens).await?;
+        let b = Sample {
+            prompt_tps: b.prompt_tokens as f64 / b.prompt_secs,
+            decode_tps: b.decode_tokens as f64 / b.decode_secs,
+        };
+        if i == 0 {
+            continue; // warm-up
+        }
+        eprintln!(
+            "run {i}: bare {:.1}/{:.1} tok/s, api {:.1}/{:.1} tok/s (prompt/decode)",
+            b.prompt_tps, b.decode_tps, a.prompt_tps, a.decode_tps
+        );
+        bare_samples.push(b);
+        api_samples.push(a);
+    }
+    let med = |v: &[Sample], f: fn(&Sample) -> f64| {
+        let mut x: Vec<f64> = v.iter().map(f).collect();
+        x.sort_by(f64::total_cmp);
+        x[x.len() / 2]
+    };
+    let (bp, bd) = (
+        med(&bare_samples, |s| s.prompt_tps),
+        med(&bare_samples, |s| s.decode_tps),
+    );
+    let (ap, ad) = (
+        med(&api_samples, |s| s.prompt_tps),
+        med(&api_samples, |s| s.decode_tps),
+    );
+    println!(
+        "{:<28} {:>14} {:>14}",
+        "path (median)", "prompt tok/s", "decode tok/s"
+    );
+    println!("{:<28} {:>14.1} {:>14.1}", "bare llama-cpp-2 loop", bp, bd);
+    println!(
+        "{:<28} {:>14.1} {:>14.1}",
+        "HTTP API (/v1/completions)", ap, ad
+    );
+    println!(
+        "{:<28} {:>14.3} {:>14.3}",
+        "ratio API/bare",
+        ap / bp,
+        ad / bd
+    );
+    node.request_shutdown();
+    Ok(())
+}
+
+/// One streamed greedy generation through the API, timed on the client: prompt
+/// speed from time-to-first-token, decode speed from first to last token.
+async fn api_run(
+    http: &reqwest::Client,
+    url: &str,
+    api_key: &str,
+    prompt: &str,
+    tokens: u32,
+    prompt_tokens: usize,
+) -> anyhow::Result<Sample> {
+    let body = json!({
+        "prompt": prompt,
+        "max_tokens": tokens,
+        "temperature": 0,
+        "ignore_eos": true,
+        "stream": true,
+        "stream_options": { "include_usage": true },
+    });
+    let t0 = Instant::now();
+    let resp = http
+        .post(url)
+        .bearer_auth(api_key)
+        .json(&body)
+        .send()
+        .await?
+        .error_for_status()?;
+    let mut first: Option<Instant> = None;
+    let mut last = t0;
+    let mut generated = 0u64;
+    read_sse(resp, |data| {
+        let v: Value = serde_json::from_str(data)?;
+        if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+            generated = n;
+        }
+        if v["choices"][0]["text"]
+            .as_str()
+            .is_some_and(|t| !t.is_empty())
+        {
+            let now = Instant::now();
+            first.get_or_insert(now);
+            last = now;
+        }
+        Ok(())
+    })
+    .await?;
+    let first = first.ok_or_else(|| anyhow!("the API streamed no text"))?;
+    if generated != tokens as u64 {
+        return Err(anyhow!(
+            "the API generated {generated} tokens, expected {tokens}"
+        ));
+    }
+    Ok(Sample {
+        prompt_tps: prompt_tokens as f64 / first.duration_since(t0).as_secs_f64(),
+        decode_tps: (tokens - 1) as f64 / last.duration_since(first).as_secs_f64(),
+    })
+}

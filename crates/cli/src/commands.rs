@@ -1,0 +1,288 @@
+//! `serve`, `status`, `models list`, `config get|set`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, anyhow};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{Map, Value, json};
+use swarmllm_node::config::ConfigSource;
+use swarmllm_node::{Node, NodeOptions};
+
+use crate::client::Client;
+
+#[derive(Debug, Args)]
+pub(crate) struct ServeArgs {
+    /// GGUF model to serve.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Id to serve the model under (default: the file name without `.gguf`).
+    #[arg(long)]
+    model_id: Option<String>,
+    /// Peer-to-peer port (default 8801).
+    #[arg(long)]
+    p2p_port: Option<u16>,
+    /// Address for the HTTP API (default 127.0.0.1).
+    #[arg(long)]
+    api_host: Option<String>,
+    /// Inference threads (default: all cores).
+    #[arg(long)]
+    threads: Option<u32>,
+    /// Layers to offload to the GPU (default 0).
+    #[arg(long)]
+    gpu_layers: Option<u32>,
+    /// Context window in tokens (default 4096).
+    #[arg(long)]
+    context_size: Option<u32>,
+}
+
+impl ServeArgs {
+    pub(crate) fn overrides(&self) -> Map<String, Value> {
+        let mut m = Map::new();
+        if let Some(p) = &self.model {
+            // Store absolute paths so a later `cd` does not lose the model.
+            let abs = std::path::absolute(p).unwrap_or_else(|_| p.clone());
+            m.insert("model".into(), json!(abs.to_string_lossy()));
+        }
+        if let Some(v) = &self.model_id {
+            m.insert("model_id".into(), json!(v));
+        }
+        if let Some(v) = self.p2p_port {
+            m.insert("p2p_port".into(), json!(v));
+        }
+        if let Some(v) = &self.api_host {
+            m.insert("api_host".into(), json!(v));
+        }
+        if let Some(v) = self.threads {
+            m.insert("threads".into(), json!(v));
+        }
+        if let Some(v) = self.gpu_layers {
+            m.insert("gpu_layers".into(), json!(v));
+        }
+        if let Some(v) = self.context_size {
+            m.insert("context_size".into(), json!(v));
+        }
+        m
+    }
+}
+
+/// `swarmllm serve`
+pub(crate) async fn serve(source: ConfigSource, _args: &ServeArgs) -> anyhow::Result<()> {
+    let config = crate::load_config(&source)?;
+    swarmllm_node::logging::init(&config.log_format, &config.log_level);
+
+    let bar = ProgressBar::new(100);
+    bar.set_style(
+        ProgressStyle::with_template("loading model {bar:40.cyan/blue} {pos:>3}%")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    if config.model.is_empty() {
+        bar.finish_and_clear();
+    }
+    let progress_bar = bar.clone();
+    let node = Node::start(NodeOptions {
+        config: source,
+        load_progress: Some(Box::new(move |p| {
+            progress_bar.set_position((p * 100.0) as u64)
+        })),
+    })
+    .await
+    .context("starting the node")?;
+    bar.finish_and_clear();
+
+    let config = node.config();
+    let addr = format!("{}:{}", config.api_host, config.api_port);
+    let listener = tokio::net::TcpListener::bind(&addr).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            anyhow!("cannot listen on {addr}: the port is in use (another node running? pick one with --api-port)")
+        } else {
+            anyhow!("cannot listen on {addr}: {e}")
+        }
+    })?;
+    let bound = listener.local_addr()?;
+    tracing::info!(
+        node_id = %node.node_id(),
+        model = node.engine().map(|e| e.info().id.as_str()).unwrap_or("none"),
+        "API listening on http://{bound}"
+    );
+
+    let ctrl_c_node = node.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            ctrl_c_node.request_shutdown();
+        }
+    });
+    #[cfg(unix)]
+    {
+        let term_node = node.clone();
+        if let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            tokio::spawn(async move {
+                term.recv().await;
+                term_node.request_shutdown();
+            });
+        }
+    }
+    swarmllm_node::api::serve(node, listener)
+        .await
+        .context("serving the API")?;
+    tracing::info!("node stopped");
+    Ok(())
+}
+
+/// `swarmllm status`
+pub(crate) async fn status(client: &Client, raw: bool) -> anyhow::Result<()> {
+    let s = client.get("/api/admin/stats").await?;
+    if raw {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(());
+    }
+    let gib = |b: &Value| b.as_u64().unwrap_or(0) as f64 / (1u64 << 30) as f64;
+    println!("node       {}", s["node_id"].as_str().unwrap_or("?"));
+    if let Some(n) = s["nickname"].as_str() {
+        println!("nickname   {n}");
+    }
+    println!("api        {}", client.base);
+    println!("version    {}", s["version"].as_str().unwrap_or("?"));
+    println!("uptime     {}s", s["uptime_seconds"]);
+    match s["model"].as_object() {
+        Some(m) => println!(
+            "model      {} ({}, {} layers, {} params)",
+            m["id"].as_str().unwrap_or("?"),
+            m["architecture"].as_str().unwrap_or("?"),
+            m["n_layers"],
+            m["n_params"]
+        ),
+        None => println!("model      none loaded"),
+    }
+    let hw = &s["hardware"];
+    println!(
+        "hardware   {} ({} threads), {:.1}/{:.1} GiB RAM, {}",
+        hw["cpu_model"].as_str().unwrap_or("?"),
+        hw["cpu_threads"],
+        gib(&hw["ram_used"]),
+        gib(&hw["ram_total"]),
+        hw["os"].as_str().unwrap_or("?")
+    );
+    if let Some(gpus) = hw["gpus"].as_array().filter(|g| !g.is_empty()) {
+        for g in gpus {
+            println!(
+                "gpu        {} ({:.1} GiB)",
+                g["description"].as_str().unwrap_or("?"),
+                gib(&g["memory_total"])
+            );
+        }
+    }
+    let inf = &s["inference"];
+    println!(
+        "requests   {} total, {} tokens generated, queue {}",
+        inf["requests_total"], inf["tokens_generated"], s["queue_depth"]
+    );
+    Ok(())
+}
+
+/// `swarmllm models list`
+pub(crate) async fn models_list(client: &Client) -> anyhow::Result<()> {
+    let models = client.get("/v1/models").await?;
+    let data = models["data"].as_array().cloned().unwrap_or_default();
+    if data.is_empty() {
+        println!("no models loaded (start the node with --model PATH)");
+        return Ok(());
+    }
+    println!(
+        "{:<40} {:<10} {:>12} {:>8}",
+        "ID", "ARCH", "PARAMS", "CONTEXT"
+    );
+    for m in data {
+        println!(
+            "{:<40} {:<10} {:>12} {:>8}",
+            m["id"].as_str().unwrap_or("?"),
+            m["meta"]["architecture"].as_str().unwrap_or("?"),
+            m["meta"]["n_params"],
+            m["meta"]["context_size"]
+        );
+    }
+    Ok(())
+}
+
+fn print_config(config: &Map<String, Value>, key: Option<&str>) -> anyhow::Result<()> {
+    match key {
+        Some(k) => {
+            let v = config
+                .get(k)
+                .ok_or_else(|| anyhow!("unknown configuration key '{k}'"))?;
+            match v {
+                Value::String(s) => println!("{s}"),
+                other => println!("{other}"),
+            }
+        }
+        None => {
+            for (k, v) in config {
+                println!("{k} = {v}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `swarmllm config get [KEY]`: from the running node, else from the file.
+pub(crate) async fn config_get(source: &ConfigSource, key: Option<&str>) -> anyhow::Result<()> {
+    let client = Client::connect(source)?;
+    if client.is_running().await {
+        let Value::Object(config) = client.get("/api/admin/config").await? else {
+            return Err(anyhow!(
+                "the node answered with something other than a config object"
+            ));
+        };
+        return print_config(&config, key);
+    }
+    print_config(&crate::load_config(source)?.to_json(), key)
+}
+
+/// `swarmllm config set KEY VALUE`: through the running node (applied live where
+/// possible), else straight into the config file.
+pub(crate) async fn config_set(source: &ConfigSource, key: &str, raw: &str) -> anyhow::Result<()> {
+    let current = crate::load_config(source)?;
+    let value = current.coerce(key, raw)?;
+    let mut change = Map::new();
+    change.insert(key.to_string(), value);
+    let client = Client::connect(source)?;
+    if client.is_running().await {
+        let resp = client
+            .put("/api/admin/config", &Value::Object(change))
+            .await?;
+        let restart = resp["restart_required"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty());
+        println!(
+            "{key} updated on the running node{}",
+            if restart {
+                " (takes effect after a restart)"
+            } else {
+                ""
+            }
+        );
+        return Ok(());
+    }
+    current.patched(&change)?;
+    source.persist(&change)?;
+    println!("{key} written to {}", source.path.display());
+    Ok(())
+}
+
+/// `swarmllm api-key`: read from the node's secret store on this machine.
+pub(crate) fn api_key(source: &ConfigSource) -> anyhow::Result<()> {
+    let config = crate::load_config(source)?;
+    let data_dir = config.data_dir_path();
+    let key = swarmllm_node::identity::read_api_key(&data_dir, &config.secret_store)?.ok_or_else(
+        || {
+            anyhow!(
+                "no API key yet in {}: start the node once with `swarmllm serve`",
+                data_dir.display()
+            )
+        },
+    )?;
+    println!("{}", key.as_str());
+    Ok(())
+}

@@ -1,0 +1,171 @@
+//! `swarmllm`: the command-line client and headless daemon of a SwarmLLM node.
+//!
+//! This binary only parses arguments and calls the node library (`serve`, `bench`) or
+//! a running node's HTTP API (everything else). Every failure ends as one
+//! `error: ...` line on stderr and exit status 1.
+
+mod bench;
+mod chat;
+mod client;
+mod commands;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use serde_json::{Map, Value, json};
+use swarmllm_node::config::{Config, ConfigSource};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "swarmllm",
+    version,
+    about = "Peer-to-peer LLM node: serve, chat, inspect"
+)]
+struct Cli {
+    /// Data directory (default: the platform data dir, e.g. ~/.local/share/swarmllm).
+    #[arg(long, global = true, env = "SWARMLLM_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// HTTP API port (default 8800).
+    #[arg(long, global = true)]
+    api_port: Option<u16>,
+    /// Config file (default: <data-dir>/config.toml with --data-dir, else the platform
+    /// config dir, e.g. ~/.config/swarmllm/config.toml).
+    #[arg(long, global = true, env = "SWARMLLM_CONFIG")]
+    config: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, global = true, value_parser = ["human", "json"])]
+    log_format: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a node: load the model and serve the HTTP API until stopped.
+    Serve(commands::ServeArgs),
+    /// Chat with the model of a running node (interactive; streams tokens).
+    Chat(chat::ChatArgs),
+    /// Show a running node's status.
+    Status {
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Models.
+    Models {
+        #[command(subcommand)]
+        command: ModelsCommand,
+    },
+    /// Read or change the configuration (of the running node, else the config file).
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Measure prompt and decode speed: a bare llama.cpp loop vs the HTTP API.
+    Bench(bench::BenchArgs),
+    /// Print this machine's node API key (for `Authorization: Bearer ...`).
+    ApiKey,
+}
+
+#[derive(Debug, Subcommand)]
+enum ModelsCommand {
+    /// List the models a running node serves.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Print the whole config, or one key.
+    Get {
+        /// A config key such as `api_port`.
+        key: Option<String>,
+    },
+    /// Set one key (persisted to the config file).
+    Set {
+        /// A config key such as `rate_limit_per_minute`.
+        key: String,
+        /// The new value.
+        value: String,
+    },
+}
+
+impl Cli {
+    /// The config source every subcommand shares: file, env, then these flags.
+    fn config_source(&self, extra: Map<String, Value>) -> ConfigSource {
+        let mut overrides = extra;
+        if let Some(dir) = &self.data_dir {
+            overrides.insert("data_dir".into(), json!(dir.to_string_lossy()));
+        }
+        if let Some(port) = self.api_port {
+            overrides.insert("api_port".into(), json!(port));
+        }
+        if let Some(format) = &self.log_format {
+            overrides.insert("log_format".into(), json!(format));
+        }
+        ConfigSource {
+            path: swarmllm_node::paths::config_file(self.config.clone(), self.data_dir.as_ref()),
+            overrides,
+            read_env: true,
+        }
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Serve(args) => commands::serve(cli.config_source(args.overrides()), args).await,
+        Command::Bench(args) => bench::run(cli.config_source(Map::new()), args).await,
+        Command::Chat(args) => {
+            chat::run(
+                &client::Client::connect(&cli.config_source(Map::new()))?,
+                args,
+            )
+            .await
+        }
+        Command::Status { json } => {
+            commands::status(
+                &client::Client::connect(&cli.config_source(Map::new()))?,
+                *json,
+            )
+            .await
+        }
+        Command::Models {
+            command: ModelsCommand::List,
+        } => commands::models_list(&client::Client::connect(&cli.config_source(Map::new()))?).await,
+        Command::ApiKey => commands::api_key(&cli.config_source(Map::new())),
+        Command::Config { command } => {
+            let source = cli.config_source(Map::new());
+            match command {
+                ConfigCommand::Get { key } => commands::config_get(&source, key.as_deref()).await,
+                ConfigCommand::Set { key, value } => {
+                    commands::config_set(&source, key, value).await
+                }
+            }
+        }
+    }
+}
+
+/// Loads the config a subcommand acts on.
+fn load_config(source: &ConfigSource) -> anyhow::Result<Config> {
+    Ok(source.load()?)
+}

@@ -1,0 +1,711 @@
+//! The node's HTTP API, driven over real HTTP against real `swarmllm serve`
+//! processes running the SmolLM2 test model.
+
+mod common;
+
+use std::io::Read;
+use std::time::Duration;
+
+use common::{TestNode, wait_for};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+fn chat_body(content: &str, max_tokens: u32) -> Value {
+    json!({
+        "model": "smollm2-135m-instruct.q4_1",
+        "messages": [{ "role": "user", "content": content }],
+        "temperature": 0,
+        "max_tokens": max_tokens,
+    })
+}
+
+fn chat_text(v: &Value) -> String {
+    v["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content")
+        .to_string()
+}
+
+/// Concatenates the `delta.content` (chat) or `text` (completions) of stream chunks.
+fn stream_text(events: &[String]) -> (String, Option<String>, Option<Value>) {
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "stream must end with [DONE]"
+    );
+    let mut text = String::new();
+    let mut finish = None;
+    let mut usage = None;
+    for e in &events[..events.len() - 1] {
+        let v: Value = serde_json::from_str(e).expect("chunk is JSON");
+        if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
+            usage = Some(u.clone());
+        }
+        if let Some(choice) = v["choices"].get(0) {
+            if let Some(t) = choice["delta"]["content"]
+                .as_str()
+                .or(choice["text"].as_str())
+            {
+                text.push_str(t);
+            }
+            if let Some(f) = choice["finish_reason"].as_str() {
+                finish = Some(f.to_string());
+            }
+        }
+    }
+    (text, finish, usage)
+}
+
+#[test]
+fn greedy_output_is_deterministic_and_streaming_matches() {
+    let node = TestNode::start();
+    for prompt in [
+        "What is the capital of France?",
+        "Write a haiku about rivers.",
+    ] {
+        let body = chat_body(prompt, 48);
+        let (s1, a) = node.post("/v1/chat/completions", &body);
+        let (s2, b) = node.post("/v1/chat/completions", &body);
+        assert_eq!((s1, s2), (200, 200), "{a} {b}");
+        assert!(!chat_text(&a).is_empty());
+        assert_eq!(
+            chat_text(&a),
+            chat_text(&b),
+            "greedy chat must be deterministic"
+        );
+        assert_eq!(a["object"], "chat.completion");
+
+        let mut sbody = body.clone();
+        sbody["stream"] = json!(true);
+        sbody["stream_options"] = json!({ "include_usage": true });
+        let events = node.post_stream("/v1/chat/completions", &sbody);
+        let (text, finish, usage) = stream_text(&events);
+        assert_eq!(
+            text,
+            chat_text(&a),
+            "streamed text must equal the non-streamed text"
+        );
+        assert_eq!(finish.as_deref(), a["choices"][0]["finish_reason"].as_str());
+        assert_eq!(usage.expect("usage chunk"), a["usage"]);
+    }
+
+    // /v1/completions: same properties on a raw prompt.
+    let body =
+        json!({ "prompt": "The three primary colors are", "max_tokens": 24, "temperature": 0 });
+    let (s, a) = node.post("/v1/completions", &body);
+    assert_eq!(s, 200, "{a}");
+    let (_, b) = node.post("/v1/completions", &body);
+    assert_eq!(a["choices"][0]["text"], b["choices"][0]["text"]);
+    let mut sbody = body.clone();
+    sbody["stream"] = json!(true);
+    let (text, _, _) = stream_text(&node.post_stream("/v1/completions", &sbody));
+    assert_eq!(json!(text), a["choices"][0]["text"]);
+
+    // /api/v1/inference: same again, SSE ending with the [DONE] token event.
+    let body = json!({ "prompt": "Name a fruit.", "max_tokens": 24, "temperature": 0 });
+    let (s, a) = node.post("/api/v1/inference", &body);
+    assert_eq!(s, 200, "{a}");
+    assert!(a["id"].as_str().is_some_and(|id| id.starts_with("inf_")));
+    assert_eq!(a["tokens_generated"], a["usage"]["completion_tokens"]);
+    for k in ["queue_ms", "inference_ms", "total_ms"] {
+        assert!(a["timing"][k].is_u64(), "timing.{k} in {a}");
+    }
+    let mut sbody = body.clone();
+    sbody["stream"] = json!(true);
+    let events = node.post_stream("/api/v1/inference", &sbody);
+    let last: Value = serde_json::from_str(events.last().expect("events")).expect("json");
+    assert_eq!(last["token"], "[DONE]");
+    assert_eq!(last["finish_reason"], a["finish_reason"]);
+    assert_eq!(last["usage"], a["usage"]);
+    let mut text = String::new();
+    for (i, e) in events[..events.len() - 1].iter().enumerate() {
+        let v: Value = serde_json::from_str(e).expect("json");
+        assert_eq!(v["index"], json!(i));
+        text.push_str(v["token"].as_str().expect("token"));
+    }
+    assert_eq!(json!(text), a["text"]);
+}
+
+#[test]
+fn max_tokens_stop_sequences_and_usage_are_honoured() {
+    let node = TestNode::start();
+    // max_tokens: exactly that many tokens, finish_reason "length".
+    let (s, v) = node.post(
+        "/v1/completions",
+        &json!({ "prompt": "Once upon a time", "max_tokens": 7, "temperature": 0, "ignore_eos": true }),
+    );
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(v["usage"]["completion_tokens"], 7);
+    let u = &v["usage"];
+    assert_eq!(
+        u["total_tokens"].as_u64(),
+        Some(u["prompt_tokens"].as_u64().unwrap_or(0) + 7)
+    );
+
+    // Usage: a longer prompt has more prompt tokens; counts agree across endpoints.
+    let (_, short) = node.post(
+        "/v1/completions",
+        &json!({ "prompt": "Hi", "max_tokens": 1, "temperature": 0 }),
+    );
+    let (_, long) = node.post(
+        "/v1/completions",
+        &json!({ "prompt": "Hi there, this prompt is clearly much longer than the other one", "max_tokens": 1, "temperature": 0 }),
+    );
+    let (p_short, p_long) = (
+        short["usage"]["prompt_tokens"].as_u64().expect("u64"),
+        long["usage"]["prompt_tokens"].as_u64().expect("u64"),
+    );
+    assert!(p_short >= 1 && p_long > p_short + 5, "{p_short} {p_long}");
+
+    // Stop sequence: cut the greedy text at a word in its middle.
+    let body = json!({ "prompt": "List the days of the week: Monday,", "max_tokens": 40, "temperature": 0 });
+    let (_, full) = node.post("/v1/completions", &body);
+    let full_text = full["choices"][0]["text"]
+        .as_str()
+        .expect("text")
+        .to_string();
+    let stop = ["Wednesday", "Thursday", "Friday"]
+        .into_iter()
+        .find(|w| full_text.contains(w))
+        .unwrap_or_else(|| panic!("no weekday in {full_text:?}"));
+    let expected = &full_text[..full_text.find(stop).expect("found")];
+    let mut with_stop = body.clone();
+    with_stop["stop"] = json!([stop, "never-appears"]);
+    let (s, v) = node.post("/v1/completions", &with_stop);
+    assert_eq!(s, 200);
+    assert_eq!(v["choices"][0]["text"], json!(expected));
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    // ...and streaming yields exactly the same text (stop text never leaks).
+    with_stop["stream"] = json!(true);
+    let (text, finish, _) = stream_text(&node.post_stream("/v1/completions", &with_stop));
+    assert_eq!(text, expected);
+    assert_eq!(finish.as_deref(), Some("stop"));
+    // A single string is accepted for `stop` too.
+    with_stop["stream"] = json!(false);
+    with_stop["stop"] = json!(stop);
+    let (_, v) = node.post("/v1/completions", &with_stop);
+    assert_eq!(v["choices"][0]["text"], json!(expected));
+}
+
+#[test]
+fn auth_is_enforced_on_inference_and_writes_only() {
+    let node = TestNode::start();
+    let http = node.http();
+    let body = chat_body("hi", 2);
+    let protected: [(Method, &str, Value); 8] = [
+        (Method::POST, "/v1/chat/completions", body.clone()),
+        (Method::POST, "/v1/completions", json!({ "prompt": "x" })),
+        (Method::POST, "/api/v1/inference", json!({ "prompt": "x" })),
+        (Method::GET, "/api/admin/api-key", Value::Null),
+        (
+            Method::PUT,
+            "/api/admin/config",
+            json!({ "rate_limit_per_minute": 5 }),
+        ),
+        (Method::POST, "/api/admin/config/reload", Value::Null),
+        (
+            Method::PUT,
+            "/api/identity/nickname",
+            json!({ "nickname": "x" }),
+        ),
+        (Method::POST, "/api/admin/shutdown", Value::Null),
+    ];
+    for (method, path, body) in &protected {
+        for auth in [None, Some("Bearer wrong-key"), Some("Basic Zm9vOmJhcg==")] {
+            let mut req = http.request(method.clone(), node.url(path)).json(body);
+            if let Some(a) = auth {
+                req = req.header("Authorization", a);
+            }
+            let r = req.send().expect("send");
+            assert_eq!(r.status().as_u16(), 401, "{method} {path} with {auth:?}");
+            let v: Value = r.json().expect("json");
+            assert_eq!(v["error"]["code"], "UNAUTHORIZED");
+        }
+    }
+    // The right key works; the key endpoint returns it.
+    let (s, v) = node.call(Method::GET, "/api/admin/api-key", &Value::Null);
+    assert_eq!(s, 200);
+    assert_eq!(v["api_key"], json!(node.key));
+    // Read-only status endpoints need no key.
+    for path in [
+        "/health",
+        "/health/live",
+        "/health/ready",
+        "/metrics",
+        "/v1/models",
+        "/api/v1/status",
+        "/api/v1/health",
+        "/api/v1/metrics",
+        "/api/admin/stats",
+        "/api/admin/version",
+        "/api/admin/config",
+        "/api/identity/nickname",
+    ] {
+        let r = http.get(node.url(path)).send().expect("get");
+        assert_eq!(r.status().as_u16(), 200, "{path}");
+    }
+    // The node is still alive after all that.
+    let (s, _) = node.post("/v1/chat/completions", &body);
+    assert_eq!(s, 200);
+}
+
+#[test]
+fn bad_inputs_get_clear_errors_and_the_node_keeps_serving() {
+    let node = TestNode::start();
+    let raw = |body: &str| {
+        let r = node
+            .http()
+            .post(node.url("/v1/chat/completions"))
+            .bearer_auth(&node.key)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .expect("send");
+        let s = r.status().as_u16();
+        (s, r.json::<Value>().expect("error body is JSON"))
+    };
+    let expect = |(s, v): (u16, Value), status: u16, code: &str| {
+        assert_eq!(s, status, "{v}");
+        assert_eq!(v["error"]["code"], code, "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{v}"
+        );
+        v
+    };
+    expect(raw("{not json"), 400, "INVALID_JSON");
+    expect(raw(""), 400, "INVALID_JSON");
+    let v = expect(raw(r#"{"model":"x"}"#), 400, "INVALID_FIELD");
+    assert_eq!(v["error"]["details"]["field"], "messages");
+    let v = expect(
+        raw(r#"{"messages":[{"role":"wizard","content":"hi"}]}"#),
+        400,
+        "INVALID_FIELD",
+    );
+    assert!(
+        v["error"]["details"]["field"]
+            .as_str()
+            .is_some_and(|f| f.contains("role")),
+        "{v}"
+    );
+    let v = expect(
+        raw(r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":"ten"}"#),
+        400,
+        "INVALID_FIELD",
+    );
+    assert_eq!(v["error"]["details"]["field"], "max_tokens");
+
+    let ok_msgs = json!([{ "role": "user", "content": "hi" }]);
+    for (field, value) in [
+        ("max_tokens", json!(0)),
+        ("max_tokens", json!(-5)),
+        ("temperature", json!(2.5)),
+        ("temperature", json!(-1)),
+        ("top_p", json!(1.5)),
+        ("top_k", json!(-1)),
+        ("n", json!(3)),
+    ] {
+        let mut body = json!({ "messages": ok_msgs });
+        body[field] = value;
+        let v = expect(
+            node.post("/v1/chat/completions", &body),
+            422,
+            "INVALID_PARAMETER",
+        );
+        assert_eq!(v["error"]["details"]["field"], field);
+    }
+    expect(
+        node.post("/v1/chat/completions", &json!({ "messages": [] })),
+        422,
+        "INVALID_PARAMETER",
+    );
+    expect(
+        node.post(
+            "/api/v1/inference",
+            &json!({ "prompt": "x", "max_tokens": 0 }),
+        ),
+        422,
+        "INVALID_PARAMETER",
+    );
+    let v = expect(
+        node.post(
+            "/v1/chat/completions",
+            &json!({ "model": "gpt-9", "messages": ok_msgs }),
+        ),
+        404,
+        "MODEL_NOT_FOUND",
+    );
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("gpt-9")
+    );
+    expect(node.get("/v1/nothing-here"), 404, "NOT_FOUND");
+    expect(
+        node.post("/api/admin/unknown", &json!({})),
+        404,
+        "NOT_FOUND",
+    );
+
+    // Over the body limit (1 MiB by default).
+    let huge = format!(
+        r#"{{"messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "a".repeat(1_200_000)
+    );
+    expect(raw(&huge), 413, "PAYLOAD_TOO_LARGE");
+
+    // A prompt longer than the context window.
+    let long = "word ".repeat(5000);
+    let v = expect(
+        node.post(
+            "/v1/completions",
+            &json!({ "prompt": long, "max_tokens": 1 }),
+        ),
+        400,
+        "CONTEXT_LENGTH_EXCEEDED",
+    );
+    assert!(v["error"]["details"]["context_size"].is_u64());
+
+    // After all of that the node still serves normal requests.
+    let (s, v) = node.post("/v1/chat/completions", &chat_body("hi", 3));
+    assert_eq!(s, 200, "{v}");
+
+    // Per-key rate limit: 429 with retry_after once the bucket is empty.
+    let (s, _) = node.call(
+        Method::PUT,
+        "/api/admin/config",
+        &json!({ "rate_limit_per_minute": 3 }),
+    );
+    assert_eq!(s, 200);
+    let mut limited = None;
+    for _ in 0..6 {
+        let (s, v) = node.get_authed("/api/admin/api-key");
+        if s == 429 {
+            limited = Some(v);
+            break;
+        }
+    }
+    let v = limited.expect("a 429 within 6 requests at 3/min");
+    assert_eq!(v["error"]["code"], "RATE_LIMITED");
+    assert!(
+        v["error"]["details"]["retry_after"]
+            .as_u64()
+            .is_some_and(|r| r >= 1),
+        "{v}"
+    );
+    // Rate limiting refuses requests; it does not take the node down.
+    let (s, _) = node.get("/health/ready");
+    assert_eq!(s, 200);
+}
+
+impl TestNode {
+    fn get_authed(&self, path: &str) -> (u16, Value) {
+        self.call(Method::GET, path, &Value::Null)
+    }
+}
+
+#[test]
+fn node_without_a_model_answers_503_and_stays_up() {
+    let node = TestNode::start_without_model();
+    let (s, v) = node.post("/v1/chat/completions", &chat_body("hi", 4));
+    assert_eq!(s, 503, "{v}");
+    assert_eq!(v["error"]["code"], "NO_MODEL_LOADED");
+    let (s, v) = node.get("/health/ready");
+    assert_eq!(s, 503);
+    assert_eq!(v["error"]["code"], "NO_MODEL_LOADED");
+    let (s, v) = node.get("/health/live");
+    assert_eq!((s, v["status"].as_str()), (200, Some("alive")));
+    let (_, v) = node.get("/v1/models");
+    assert_eq!(v["data"], json!([]));
+}
+
+#[test]
+fn config_and_nickname_survive_a_restart() {
+    let mut node = TestNode::start();
+    let (s, v) = node.call(
+        Method::PUT,
+        "/api/identity/nickname",
+        &json!({ "nickname": "kitchen-pc" }),
+    );
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = node.call(
+        Method::PUT,
+        "/api/admin/config",
+        &json!({ "rate_limit_per_minute": 1234, "default_max_tokens": 99 }),
+    );
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["restart_required"], json!([]));
+    // Hot fields apply at once.
+    assert_eq!(
+        node.get("/api/admin/config").1["rate_limit_per_minute"],
+        1234
+    );
+    // Unknown keys and bad values are refused, naming the field, and change nothing.
+    let (s, v) = node.call(
+        Method::PUT,
+        "/api/admin/config",
+        &json!({ "no_such_field": 1 }),
+    );
+    assert_eq!(
+        (s, v["error"]["details"]["field"].as_str()),
+        (400, Some("no_such_field"))
+    );
+    let (s, v) = node.call(
+        Method::PUT,
+        "/api/admin/config",
+        &json!({ "api_port": "high" }),
+    );
+    assert_eq!(
+        (s, v["error"]["details"]["field"].as_str()),
+        (400, Some("api_port"))
+    );
+    let (s, v) = node.call(
+        Method::PUT,
+        "/api/admin/config",
+        &json!({ "log_format": "xml" }),
+    );
+    assert_eq!(
+        (s, v["error"]["details"]["field"].as_str()),
+        (400, Some("log_format"))
+    );
+    let (s, _) = node.call(
+        Method::PUT,
+        "/api/identity/nickname",
+        &json!({ "nickname": "x".repeat(40) }),
+    );
+    assert_eq!(s, 422);
+    let node_id = node.get("/api/identity/nickname").1["node_id"].clone();
+    let key = node.key.clone();
+
+    node.restart();
+
+    assert_eq!(node.key, key, "the API key must persist");
+    let (_, v) = node.get("/api/identity/nickname");
+    assert_eq!(v["nickname"], "kitchen-pc");
+    assert_eq!(v["node_id"], node_id, "the identity must persist");
+    let (_, c) = node.get("/api/admin/config");
+    assert_eq!(c["rate_limit_per_minute"], 1234);
+    assert_eq!(c["default_max_tokens"], 99);
+    let (s, v) = node.call(Method::DELETE, "/api/identity/nickname", &Value::Null);
+    assert_eq!((s, &v["nickname"]), (200, &Value::Null));
+    assert_eq!(
+        node.get("/api/identity/nickname").1["nickname"],
+        Value::Null
+    );
+    // The request log survived too: lifetime totals count requests before the restart.
+    assert!(node.get("/api/v1/metrics").1["inference"]["requests_total"].is_u64());
+    // The config file is plain TOML in the data dir.
+    let toml = std::fs::read_to_string(node.dir().join("config.toml")).expect("config.toml");
+    assert!(toml.contains("rate_limit_per_minute = 1234"), "{toml}");
+
+    // POST /api/admin/config/reload picks up a hand edit of the file.
+    std::fs::write(node.dir().join("config.toml"), toml.replace("1234", "777")).expect("write");
+    let (s, v) = node.call(Method::POST, "/api/admin/config/reload", &Value::Null);
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["updated"], json!(["rate_limit_per_minute"]));
+    assert_eq!(
+        node.get("/api/admin/config").1["rate_limit_per_minute"],
+        777
+    );
+}
+
+#[test]
+fn disconnecting_client_cancels_generation() {
+    let node = TestNode::start();
+    let body = json!({
+        "prompt": "Count forever:", "max_tokens": 3000, "temperature": 0,
+        "ignore_eos": true, "stream": true,
+    });
+    let mut resp = node
+        .http()
+        .post(node.url("/v1/completions"))
+        .bearer_auth(&node.key)
+        .json(&body)
+        .send()
+        .expect("send");
+    let mut buf = [0u8; 256];
+    let n = resp.read(&mut buf).expect("read first bytes");
+    assert!(n > 0);
+    drop(resp);
+    // The engine notices and records the cancellation well before 3000 tokens.
+    wait_for(
+        "a cancelled request in /metrics",
+        Duration::from_secs(20),
+        || {
+            let text = node
+                .http()
+                .get(node.url("/metrics"))
+                .send()
+                .ok()?
+                .text()
+                .ok()?;
+            text.contains("outcome=\"cancelled\"").then_some(())
+        },
+    );
+    // The engine is free again: a short request is answered promptly.
+    let (s, _) = node.post(
+        "/v1/completions",
+        &json!({ "prompt": "Hi", "max_tokens": 2 }),
+    );
+    assert_eq!(s, 200);
+}
+
+#[test]
+fn concurrent_requests_queue_and_all_succeed() {
+    let node = TestNode::start();
+    let body = chat_body("Give me one word.", 12);
+    let results: Vec<(u16, Value)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..6)
+            .map(|_| s.spawn(|| node.post("/v1/chat/completions", &body)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect()
+    });
+    let first = chat_text(&results[0].1);
+    for (s, v) in &results {
+        assert_eq!(*s, 200, "{v}");
+        assert_eq!(
+            chat_text(v),
+            first,
+            "greedy answers must not depend on queueing"
+        );
+    }
+    let (_, m) = node.get("/api/v1/metrics");
+    assert!(
+        m["inference"]["requests_total"].as_u64().unwrap_or(0) >= 6,
+        "{m}"
+    );
+}
+
+#[test]
+fn shutdown_is_graceful_and_loopback_only() {
+    let mut node = TestNode::start();
+    // A long-ish generation in flight while shutdown is requested must complete.
+    let stream_body = json!({
+        "prompt": "Once upon a time", "max_tokens": 120, "temperature": 0,
+        "ignore_eos": true, "stream": true, "stream_options": { "include_usage": true },
+    });
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let events = std::thread::scope(|s| {
+        let in_flight = s.spawn(|| {
+            let mut resp = node
+                .http()
+                .post(node.url("/v1/completions"))
+                .bearer_auth(&node.key)
+                .json(&stream_body)
+                .send()
+                .expect("send");
+            let mut first = [0u8; 1];
+            resp.read_exact(&mut first).expect("first byte");
+            started_tx.send(()).expect("signal");
+            let mut rest = String::new();
+            resp.read_to_string(&mut rest).expect("rest of the stream");
+            let text = format!("{}{rest}", first[0] as char);
+            text.split("\n\n")
+                .filter_map(|ev| {
+                    ev.lines()
+                        .find_map(|l| l.strip_prefix("data:").map(|d| d.trim().to_string()))
+                })
+                .collect::<Vec<_>>()
+        });
+        started_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the stream to start");
+        let (s, v) = node.call(Method::POST, "/api/admin/shutdown", &Value::Null);
+        assert_eq!(s, 200, "{v}");
+        in_flight.join().expect("in-flight request")
+    });
+    let (_, finish, usage) = stream_text(&events);
+    assert_eq!(finish.as_deref(), Some("length"));
+    assert_eq!(usage.expect("usage")["completion_tokens"], 120);
+    assert!(
+        node.wait_exit(Duration::from_secs(30)),
+        "the node must exit cleanly"
+    );
+}
+
+#[test]
+fn cors_allows_only_the_apps_own_origins() {
+    let node = TestNode::start_without_model();
+    let preflight = |origin: &str| {
+        node.http()
+            .request(Method::OPTIONS, node.url("/v1/chat/completions"))
+            .header("Origin", origin)
+            .header("Access-Control-Request-Method", "POST")
+            .header(
+                "Access-Control-Request-Headers",
+                "authorization,content-type",
+            )
+            .send()
+            .expect("preflight")
+            .headers()
+            .get("access-control-allow-origin")
+            .map(|v| v.to_str().unwrap_or("").to_string())
+    };
+    assert_eq!(
+        preflight("tauri://localhost").as_deref(),
+        Some("tauri://localhost")
+    );
+    let own = format!("http://127.0.0.1:{}", node.port);
+    assert_eq!(preflight(&own).as_deref(), Some(own.as_str()));
+    assert_eq!(preflight("https://evil.example"), None);
+    assert_eq!(preflight("http://127.0.0.1:1"), None);
+}
+
+#[test]
+fn metrics_expose_requests_tokens_latency_and_model() {
+    let node = TestNode::start();
+    let (s, v) = node.post("/v1/chat/completions", &chat_body("hello", 5));
+    assert_eq!(s, 200);
+    let completion = v["usage"]["completion_tokens"].as_u64().expect("u64");
+    let text = node
+        .http()
+        .get(node.url("/metrics"))
+        .send()
+        .expect("metrics")
+        .text()
+        .expect("text");
+    assert!(
+        text.contains(
+            "swarmllm_requests_total{endpoint=\"/v1/chat/completions\",outcome=\"ok\"} 1"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("swarmllm_completion_tokens_total {completion}")),
+        "{text}"
+    );
+    assert!(
+        text.contains("swarmllm_request_duration_seconds_count 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("swarmllm_model_loaded{model=\"smollm2-135m-instruct.q4_1\"} 1"),
+        "{text}"
+    );
+    let (_, m) = node.get("/api/v1/metrics");
+    assert_eq!(m["inference"]["requests_total"], 1);
+    assert_eq!(m["inference"]["tokens_generated"], json!(completion));
+    assert!(
+        m["inference"]["avg_latency_ms"]
+            .as_f64()
+            .is_some_and(|l| l > 0.0)
+    );
+    let (_, st) = node.get("/api/admin/stats");
+    assert_eq!(st["node_id"].as_str().map(str::len), Some(64));
+    assert!(
+        st["hardware"]["cpu_threads"]
+            .as_u64()
+            .is_some_and(|n| n >= 1)
+    );
+    assert!(st["hardware"]["ram_total"].as_u64().is_some_and(|n| n > 0));
+    assert_eq!(st["model"]["n_layers"], 30);
+    let (_, ver) = node.get("/api/admin/version");
+    assert_eq!(ver["version"], env!("CARGO_PKG_VERSION"));
+}

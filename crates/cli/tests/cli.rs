@@ -1,0 +1,125 @@
+//! The `swarmllm` CLI as a user runs it: real processes, real node.
+
+mod common;
+
+use common::{TestNode, cli, free_port};
+
+#[test]
+fn client_commands_fail_with_one_clear_line_when_no_node_runs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    for args in [&["status"][..], &["models", "list"], &["chat", "-p", "hi"]] {
+        let (ok, out, err) = cli(dir.path(), port, args);
+        assert!(!ok, "{args:?} must fail");
+        assert!(out.is_empty(), "{args:?} printed {out}");
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(lines.len(), 1, "{args:?}: {err}");
+        assert!(
+            lines[0].starts_with("error: no node is running at"),
+            "{err}"
+        );
+    }
+    // Without a node there is no API key yet either.
+    let (ok, _, err) = cli(dir.path(), port, &["api-key"]);
+    assert!(!ok);
+    assert!(err.starts_with("error: no API key yet"), "{err}");
+}
+
+#[test]
+fn config_get_and_set_work_offline_and_reject_bad_input() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let (ok, out, err) = cli(dir.path(), port, &["config", "get", "context_size"]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "4096");
+    let (ok, out, err) = cli(
+        dir.path(),
+        port,
+        &["config", "set", "rate_limit_per_minute", "42"],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("written to"), "{out}");
+    let (_, out, _) = cli(
+        dir.path(),
+        port,
+        &["config", "get", "rate_limit_per_minute"],
+    );
+    assert_eq!(out.trim(), "42");
+    // Bad key, bad value: one error line, non-zero exit, nothing written.
+    let (ok, _, err) = cli(dir.path(), port, &["config", "set", "no_such_key", "1"]);
+    assert!(!ok);
+    assert!(
+        err.contains("no_such_key") && err.lines().count() == 1,
+        "{err}"
+    );
+    let (ok, _, err) = cli(dir.path(), port, &["config", "set", "api_port", "99999"]);
+    assert!(!ok);
+    assert!(err.contains("api_port"), "{err}");
+    let toml = std::fs::read_to_string(dir.path().join("config.toml")).expect("config.toml");
+    assert!(
+        !toml.contains("no_such_key") && !toml.contains("99999"),
+        "{toml}"
+    );
+    // The SWARMLLM_<FIELD> variables override the file.
+    let out = std::process::Command::new(common::bin())
+        .args(["--data-dir"])
+        .arg(dir.path())
+        .args(["config", "get", "rate_limit_per_minute"])
+        .env("SWARMLLM_RATE_LIMIT_PER_MINUTE", "7")
+        .output()
+        .expect("run");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "7");
+}
+
+#[test]
+fn cli_drives_a_running_node() {
+    let node = TestNode::start();
+    let dir = node.dir();
+    let (ok, out, err) = cli(dir, node.port, &["status"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("smollm2-135m-instruct.q4_1"), "{out}");
+    let (ok, out, _) = cli(dir, node.port, &["models", "list"]);
+    assert!(ok);
+    assert!(
+        out.contains("smollm2-135m-instruct.q4_1") && out.contains("llama"),
+        "{out}"
+    );
+    let (ok, out, err) = cli(
+        dir,
+        node.port,
+        &[
+            "chat",
+            "-p",
+            "What is 2+2?",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "16",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(!out.trim().is_empty());
+    // Same answer as the API gives for the same greedy request.
+    let (_, v) = node.post(
+        "/v1/chat/completions",
+        &serde_json::json!({ "messages": [{"role": "user", "content": "What is 2+2?"}], "temperature": 0, "max_tokens": 16 }),
+    );
+    assert_eq!(
+        out.trim_end_matches('\n'),
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .expect("text")
+    );
+    // config set goes through the running node and applies live.
+    let (ok, out, err) = cli(
+        dir,
+        node.port,
+        &["config", "set", "default_max_tokens", "77"],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("running node"), "{out}");
+    assert_eq!(node.get("/api/admin/config").1["default_max_tokens"], 77);
+    let (ok, out, _) = cli(dir, node.port, &["config", "set", "context_size", "2048"]);
+    assert!(ok);
+    assert!(out.contains("after a restart"), "{out}");
+}

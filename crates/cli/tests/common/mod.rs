@@ -1,0 +1,251 @@
+//! Test harness: real `swarmllm serve` processes on loopback, each with its own
+//! temporary data dir and port, driven over real HTTP.
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The swarmllm binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_swarmllm")
+}
+
+/// The SmolLM2 test model (fetched by scripts/fetch-test-model).
+pub fn model_path() -> PathBuf {
+    let path = std::env::var_os("SWARMLLM_TEST_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_default();
+            let cache = std::env::var_os("SWARMLLM_CACHE_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| home.join(".cache/swarmllm"));
+            cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
+    assert!(
+        path.is_file(),
+        "test model missing at {}: run scripts/fetch-test-model (or set SWARMLLM_TEST_MODEL)",
+        path.display()
+    );
+    path
+}
+
+/// A free loopback port (bound, then released for the node to take).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port")
+}
+
+/// Polls `f` until it returns `Some` or `deadline` passes.
+pub fn wait_for<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + deadline;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs the CLI with `args` against `dir` and returns (status ok, stdout, stderr).
+pub fn cli(dir: &Path, port: u16, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(bin())
+        .arg("--data-dir")
+        .arg(dir)
+        .arg("--api-port")
+        .arg(port.to_string())
+        .args(args)
+        .env("SWARMLLM_SECRET_STORE", "file")
+        .env_remove("SWARMLLM_API_KEY")
+        .output()
+        .expect("run swarmllm");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// One running node process.
+pub struct TestNode {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    pub port: u16,
+    pub base: String,
+    pub key: String,
+    with_model: bool,
+    http: reqwest::blocking::Client,
+}
+
+impl TestNode {
+    /// Starts a node serving the test model with one inference thread.
+    pub fn start() -> Self {
+        Self::start_with(true)
+    }
+
+    /// Starts a node with no model.
+    pub fn start_without_model() -> Self {
+        Self::start_with(false)
+    }
+
+    fn start_with(with_model: bool) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let mut node = TestNode {
+            child: None,
+            dir,
+            port,
+            base: format!("http://127.0.0.1:{port}"),
+            key: String::new(),
+            with_model,
+            http: reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(120))
+                .build()
+                .expect("http client"),
+        };
+        node.spawn();
+        node
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("node.log")).expect("log file");
+        let mut cmd = Command::new(bin());
+        cmd.arg("--data-dir")
+            .arg(self.dir.path())
+            .arg("--api-port")
+            .arg(self.port.to_string())
+            .arg("serve")
+            .arg("--threads")
+            .arg("1")
+            .env("SWARMLLM_SECRET_STORE", "file")
+            .env_remove("SWARMLLM_API_KEY")
+            .stdout(Stdio::null())
+            .stderr(log);
+        if self.with_model {
+            cmd.arg("--model").arg(model_path());
+        }
+        self.child = Some(cmd.spawn().expect("spawn swarmllm serve"));
+        let url = format!("{}/health/live", self.base);
+        wait_for("the node to answer", Duration::from_secs(90), || {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("node exited early ({status}): {}", self.log());
+                }
+            }
+            self.http
+                .get(&url)
+                .send()
+                .ok()
+                .filter(|r| r.status().is_success())
+        });
+        let (ok, out, err) = cli(self.dir.path(), self.port, &["api-key"]);
+        assert!(ok, "api-key failed: {err}");
+        self.key = out.trim().to_string();
+        assert!(self.key.starts_with("swl-"), "unexpected key {}", self.key);
+    }
+
+    /// The node's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("node.log")).unwrap_or_default()
+    }
+
+    /// Kills the process (SIGKILL) and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops and starts the node again on the same data dir and port.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// Waits for the process to exit on its own and returns whether it succeeded.
+    pub fn wait_exit(&mut self, deadline: Duration) -> bool {
+        let child = self.child.as_mut().expect("node not running");
+        let status = wait_for("the node to exit", deadline, || {
+            child.try_wait().ok().flatten()
+        });
+        self.child = None;
+        status.success()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn http(&self) -> &reqwest::blocking::Client {
+        &self.http
+    }
+
+    /// GET without auth → (status, JSON body).
+    pub fn get(&self, path: &str) -> (u16, Value) {
+        let r = self.http.get(self.url(path)).send().expect("GET");
+        let status = r.status().as_u16();
+        (status, r.json().unwrap_or(Value::Null))
+    }
+
+    /// A request with the API key and a JSON body → (status, JSON body).
+    pub fn call(&self, method: reqwest::Method, path: &str, body: &Value) -> (u16, Value) {
+        let r = self
+            .http
+            .request(method, self.url(path))
+            .bearer_auth(&self.key)
+            .json(body)
+            .send()
+            .expect("request");
+        let status = r.status().as_u16();
+        (status, r.json().unwrap_or(Value::Null))
+    }
+
+    pub fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        self.call(reqwest::Method::POST, path, body)
+    }
+
+    /// POSTs with `"stream": true` and returns the `data:` payloads in order.
+    pub fn post_stream(&self, path: &str, body: &Value) -> Vec<String> {
+        let r = self
+            .http
+            .post(self.url(path))
+            .bearer_auth(&self.key)
+            .json(body)
+            .send()
+            .expect("stream request");
+        assert_eq!(r.status().as_u16(), 200, "stream status");
+        let ct = r
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        assert!(ct.starts_with("text/event-stream"), "content-type {ct}");
+        let text = r.text().expect("stream body");
+        text.split("\n\n")
+            .filter_map(|ev| {
+                ev.lines()
+                    .find_map(|l| l.strip_prefix("data:").map(|d| d.trim_start().to_string()))
+            })
+            .collect()
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,62 @@
+"""Drives a SwarmLLM node with the official openai package, unmodified.
+
+Reads OPENAI_BASE_URL and OPENAI_API_KEY like any openai program.
+"""
+import openai
+
+client = openai.OpenAI()
+
+models = client.models.list()
+ids = [m.id for m in models.data]
+assert ids, "no models listed"
+model = ids[0]
+
+messages = [{"role": "user", "content": "What is the capital of France?"}]
+chat = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=24)
+text = chat.choices[0].message.content
+assert text, "empty answer"
+assert chat.choices[0].finish_reason in ("stop", "length")
+assert chat.usage.completion_tokens > 0
+assert chat.usage.total_tokens == chat.usage.prompt_tokens + chat.usage.completion_tokens
+
+stream = client.chat.completions.create(
+    model=model, messages=messages, temperature=0, max_tokens=24, stream=True,
+    stream_options={"include_usage": True},
+)
+parts, finish, usage = [], None, None
+for chunk in stream:
+    if chunk.usage is not None:
+        usage = chunk.usage
+    for choice in chunk.choices:
+        if choice.delta.content:
+            parts.append(choice.delta.content)
+        if choice.finish_reason:
+            finish = choice.finish_reason
+assert "".join(parts) == text, ("stream differs", "".join(parts), text)
+assert finish == chat.choices[0].finish_reason
+assert usage is not None and usage.completion_tokens == chat.usage.completion_tokens
+
+comp = client.completions.create(model=model, prompt="The sky is", max_tokens=8, temperature=0)
+assert comp.choices[0].text
+assert comp.usage.completion_tokens <= 8
+
+try:
+    client.chat.completions.create(model="no-such-model", messages=messages)
+    raise SystemExit("expected NotFoundError")
+except openai.NotFoundError as e:
+    assert "no-such-model" in str(e)
+
+bad = openai.OpenAI(api_key="wrong")
+try:
+    bad.chat.completions.create(model=model, messages=messages, max_tokens=2)
+    raise SystemExit("expected AuthenticationError")
+except openai.AuthenticationError:
+    pass
+
+try:
+    client.chat.completions.create(model=model, messages=messages, max_tokens=0)
+    raise SystemExit("expected UnprocessableEntityError")
+except openai.UnprocessableEntityError:
+    pass
+
+print("ALL OK")

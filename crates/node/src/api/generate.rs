@@ -1,0 +1,404 @@
+//! What every inference endpoint shares: validating sampling parameters, submitting
+//! to the engine, turning engine events into a stream, and accounting (metrics and
+//! the request log) however the request ends.
+
+use std::time::Instant;
+
+use axum::http::StatusCode;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use super::error::ApiError;
+use crate::Node;
+use crate::infer::{
+    ChatTurn, Event, FinishReason, GenerateError, GenerateRequest, SamplingParams, SubmitError,
+    Timing, Usage,
+};
+use crate::store::RequestRecord;
+
+/// `stop` may be one string or a list (OpenAI accepts both).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum StopField {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl StopField {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            StopField::One(s) => vec![s],
+            StopField::Many(v) => v,
+        }
+    }
+}
+
+/// Sampling fields common to every inference body. Numbers are parsed wide so that
+/// out-of-range values are 422 (semantically invalid), not 400.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub(crate) struct SamplingFields {
+    pub(crate) max_tokens: Option<i64>,
+    /// OpenAI's newer name for `max_tokens`.
+    pub(crate) max_completion_tokens: Option<i64>,
+    pub(crate) temperature: Option<f64>,
+    pub(crate) top_p: Option<f64>,
+    pub(crate) top_k: Option<i64>,
+    pub(crate) min_p: Option<f64>,
+    pub(crate) repeat_penalty: Option<f64>,
+    pub(crate) seed: Option<i64>,
+    pub(crate) stop: Option<StopField>,
+    pub(crate) ignore_eos: Option<bool>,
+}
+
+/// Defaults that differ between API surfaces.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SamplingDefaults {
+    pub(crate) max_tokens: u32,
+    pub(crate) temperature: f32,
+    pub(crate) top_p: f32,
+    pub(crate) top_k: i32,
+}
+
+const MAX_STOP_SEQUENCES: usize = 16;
+
+impl SamplingFields {
+    /// Checks ranges (422 naming the field) and fills defaults.
+    pub(crate) fn into_params(self, d: SamplingDefaults) -> Result<SamplingParams, ApiError> {
+        let max_tokens = match self.max_tokens.or(self.max_completion_tokens) {
+            None => d.max_tokens,
+            Some(n) if n <= 0 => {
+                return Err(ApiError::invalid_parameter(
+                    "max_tokens",
+                    "must be at least 1",
+                ));
+            }
+            Some(n) => n.min(u32::MAX as i64) as u32,
+        };
+        let temperature =
+            range("temperature", self.temperature, 0.0, 2.0)?.unwrap_or(d.temperature as f64);
+        let top_p = range("top_p", self.top_p, 0.0, 1.0)?.unwrap_or(d.top_p as f64);
+        if top_p <= 0.0 {
+            return Err(ApiError::invalid_parameter(
+                "top_p",
+                "must be greater than 0",
+            ));
+        }
+        let top_k = match self.top_k {
+            Some(k) if k < 0 => {
+                return Err(ApiError::invalid_parameter(
+                    "top_k",
+                    "must be 0 (off) or positive",
+                ));
+            }
+            Some(k) => k.min(i32::MAX as i64) as i32,
+            None => d.top_k,
+        };
+        let min_p = range("min_p", self.min_p, 0.0, 1.0)?.unwrap_or(0.05);
+        let repeat_penalty =
+            range("repeat_penalty", self.repeat_penalty, 0.0, 10.0)?.unwrap_or(1.0);
+        if repeat_penalty <= 0.0 {
+            return Err(ApiError::invalid_parameter(
+                "repeat_penalty",
+                "must be greater than 0",
+            ));
+        }
+        let seed = match self.seed {
+            Some(s) if !(0..=u32::MAX as i64).contains(&s) => {
+                return Err(ApiError::invalid_parameter(
+                    "seed",
+                    "must be between 0 and 4294967295",
+                ));
+            }
+            Some(s) => Some(s as u32),
+            None => None,
+        };
+        let stop = self.stop.map(StopField::into_vec).unwrap_or_default();
+        if stop.len() > MAX_STOP_SEQUENCES {
+            return Err(ApiError::invalid_parameter(
+                "stop",
+                format!("at most {MAX_STOP_SEQUENCES} stop sequences"),
+            ));
+        }
+        Ok(SamplingParams {
+            temperature: temperature as f32,
+            top_p: top_p as f32,
+            top_k,
+            min_p: min_p as f32,
+            repeat_penalty: repeat_penalty as f32,
+            repeat_last_n: 64,
+            seed,
+            max_tokens,
+            stop,
+            ignore_eos: self.ignore_eos.unwrap_or(false),
+        })
+    }
+}
+
+fn range(field: &str, v: Option<f64>, lo: f64, hi: f64) -> Result<Option<f64>, ApiError> {
+    match v {
+        Some(x) if !x.is_finite() || x < lo || x > hi => Err(ApiError::invalid_parameter(
+            field,
+            format!("must be between {lo} and {hi}"),
+        )),
+        other => Ok(other),
+    }
+}
+
+/// Resolves the requested model id against the loaded one: 503 when none is loaded,
+/// 404 for an unknown id. An empty id means the loaded model.
+pub(crate) fn resolve_model(node: &Node, requested: Option<&str>) -> Result<String, ApiError> {
+    let engine = node.engine().ok_or_else(ApiError::no_model)?;
+    let id = &engine.info().id;
+    match requested {
+        None | Some("") => Ok(id.clone()),
+        Some(r) if r == id || r.eq_ignore_ascii_case(id) => Ok(id.clone()),
+        Some(r) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "MODEL_NOT_FOUND",
+            format!("model '{r}' is not served by this node (available: {id})"),
+        )
+        .with_details(json!({ "model": r, "available": [id] }))),
+    }
+}
+
+/// Renders chat turns with the loaded model's template.
+pub(crate) fn render_chat(node: &Node, turns: &[ChatTurn]) -> Result<String, ApiError> {
+    let engine = node.engine().ok_or_else(ApiError::no_model)?;
+    engine.render_chat(turns).map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "INVALID_PARAMETER",
+            e.to_string(),
+        )
+    })
+}
+
+/// A piece of a running generation.
+#[derive(Debug)]
+pub(crate) enum Piece {
+    Text(String),
+    Done {
+        finish_reason: FinishReason,
+        usage: Usage,
+        timing: Timing,
+        total_ms: u64,
+    },
+    Failed(ApiError),
+}
+
+/// A generation the engine has started. Dropping it before the end cancels it.
+#[derive(Debug)]
+pub(crate) struct Generation {
+    pub(crate) id: String,
+    pub(crate) model: String,
+    pub(crate) created: i64,
+    pub(crate) prompt_tokens: u32,
+    events: mpsc::Receiver<Event>,
+    node: Node,
+    endpoint: &'static str,
+    started: Instant,
+    completion_tokens_seen: u32,
+    finished: bool,
+}
+
+/// Submits a generation and waits until the engine has picked it up, so queueing
+/// and prompt errors still become proper HTTP statuses.
+pub(crate) async fn start(
+    node: &Node,
+    endpoint: &'static str,
+    id: String,
+    model: String,
+    prompt: String,
+    params: SamplingParams,
+) -> Result<Generation, ApiError> {
+    let started = Instant::now();
+    let engine = node.engine().ok_or_else(ApiError::no_model)?;
+    let mut events = engine
+        .submit(GenerateRequest { prompt, params })
+        .map_err(|e| match e {
+            SubmitError::QueueFull(n) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "OVERLOADED",
+                format!("the inference queue is full ({n} waiting); try again shortly"),
+            )
+            .with_details(json!({ "retry_after": 1 })),
+            other => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ENGINE_STOPPED",
+                other.to_string(),
+            ),
+        })?;
+    node.metrics().set_queue_depth(engine.queue_depth());
+    match events.recv().await {
+        Some(Event::Started { prompt_tokens, .. }) => Ok(Generation {
+            id,
+            model,
+            created: chrono::Utc::now().timestamp(),
+            prompt_tokens,
+            events,
+            node: node.clone(),
+            endpoint,
+            started,
+            completion_tokens_seen: 0,
+            finished: false,
+        }),
+        Some(Event::Failed(e)) => {
+            node.metrics()
+                .record(endpoint, "error", started.elapsed(), 0, 0);
+            Err(generate_error(e))
+        }
+        _ => Err(ApiError::internal(
+            "engine",
+            "the engine dropped the request",
+        )),
+    }
+}
+
+fn generate_error(e: GenerateError) -> ApiError {
+    match e {
+        GenerateError::ContextExceeded {
+            prompt_tokens,
+            context_size,
+        } => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "CONTEXT_LENGTH_EXCEEDED",
+            e.to_string(),
+        )
+        .with_details(json!({ "prompt_tokens": prompt_tokens, "context_size": context_size })),
+        GenerateError::EmptyPrompt => ApiError::invalid_parameter("prompt", "is empty"),
+        other => ApiError::internal("inference", other),
+    }
+}
+
+impl Generation {
+    /// The next piece; `None` after `Done` or `Failed`.
+    pub(crate) async fn next(&mut self) -> Option<Piece> {
+        if self.finished {
+            return None;
+        }
+        let piece = match self.events.recv().await {
+            Some(Event::Token(text)) => return Some(Piece::Text(text)),
+            Some(Event::Started { .. }) => return Some(Piece::Text(String::new())),
+            Some(Event::Done {
+                finish_reason,
+                usage,
+                timing,
+            }) => {
+                self.completion_tokens_seen = usage.completion_tokens;
+                let total_ms = self.started.elapsed().as_millis() as u64;
+                self.account("ok", finish_reason.as_str(), usage, timing, total_ms);
+                Piece::Done {
+                    finish_reason,
+                    usage,
+                    timing,
+                    total_ms,
+                }
+            }
+            Some(Event::Failed(e)) => {
+                self.account("error", "error", Usage::default(), Timing::default(), 0);
+                Piece::Failed(generate_error(e))
+            }
+            None => {
+                self.account("error", "error", Usage::default(), Timing::default(), 0);
+                Piece::Failed(ApiError::internal(
+                    "engine",
+                    "the engine stopped mid-generation",
+                ))
+            }
+        };
+        self.finished = true;
+        Some(piece)
+    }
+
+    /// Runs to the end, concatenating the text.
+    pub(crate) async fn collect(mut self) -> Result<Collected, ApiError> {
+        let mut text = String::new();
+        while let Some(piece) = self.next().await {
+            match piece {
+                Piece::Text(t) => text.push_str(&t),
+                Piece::Done {
+                    finish_reason,
+                    usage,
+                    timing,
+                    total_ms,
+                } => {
+                    return Ok(Collected {
+                        text,
+                        finish_reason,
+                        usage,
+                        timing,
+                        total_ms,
+                    });
+                }
+                Piece::Failed(e) => return Err(e),
+            }
+        }
+        Err(ApiError::internal(
+            "engine",
+            "generation ended without a result",
+        ))
+    }
+
+    fn account(
+        &mut self,
+        outcome: &str,
+        finish: &str,
+        usage: Usage,
+        timing: Timing,
+        total_ms: u64,
+    ) {
+        self.finished = true;
+        self.node.metrics().record(
+            self.endpoint,
+            outcome,
+            self.started.elapsed(),
+            self.prompt_tokens,
+            usage.completion_tokens,
+        );
+        let record = RequestRecord {
+            id: self.id.clone(),
+            endpoint: self.endpoint.to_string(),
+            model: self.model.clone(),
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+            finish_reason: finish.to_string(),
+            queue_ms: timing.queue_ms,
+            inference_ms: timing.inference_ms,
+            total_ms,
+        };
+        let store = self.node.store().clone();
+        // The log write happens after the response is complete, off the hot path.
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = store.record_requests(&[record]) {
+                tracing::warn!(error = %e, "could not write the request log");
+            }
+        });
+    }
+}
+
+impl Drop for Generation {
+    fn drop(&mut self) {
+        if !self.finished {
+            // The client went away; dropping `events` tells the engine to stop.
+            tracing::debug!(id = %self.id, "generation cancelled by the client");
+            self.account(
+                "cancelled",
+                "cancelled",
+                Usage::default(),
+                Timing::default(),
+                0,
+            );
+        }
+    }
+}
+
+/// A finished generation.
+#[derive(Debug)]
+pub(crate) struct Collected {
+    pub(crate) text: String,
+    pub(crate) finish_reason: FinishReason,
+    pub(crate) usage: Usage,
+    pub(crate) timing: Timing,
+    pub(crate) total_ms: u64,
+}

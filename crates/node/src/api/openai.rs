@@ -1,0 +1,440 @@
+//! The OpenAI-compatible surface: `/v1/models`, `/v1/chat/completions`,
+//! `/v1/completions` (stream and non-stream).
+
+use std::convert::Infallible;
+
+use axum::Json;
+use axum::extract::State;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::AppState;
+use super::error::ApiError;
+use super::extract::{ApiJson, from_value};
+use super::generate::{self, Generation, Piece, SamplingDefaults, SamplingFields};
+use crate::infer::ChatTurn;
+
+const DEFAULT_TEMPERATURE: f32 = 1.0;
+
+fn defaults(state: &AppState) -> SamplingDefaults {
+    SamplingDefaults {
+        max_tokens: state.node.config().default_max_tokens,
+        temperature: DEFAULT_TEMPERATURE,
+        top_p: 1.0,
+        top_k: 0,
+    }
+}
+
+/// `GET /v1/models`
+pub(crate) async fn list_models(State(state): State<AppState>) -> Json<Value> {
+    let data: Vec<Value> = state
+        .node
+        .engine()
+        .map(|e| {
+            let info = e.info();
+            json!({
+                "id": info.id,
+                "object": "model",
+                "created": info.loaded_at,
+                "owned_by": "swarmllm",
+                "meta": {
+                    "architecture": info.architecture,
+                    "n_params": info.n_params,
+                    "n_layers": info.n_layers,
+                    "context_size": info.context_size,
+                    "size_bytes": info.size_bytes,
+                }
+            })
+        })
+        .into_iter()
+        .collect();
+    Json(json!({ "object": "list", "data": data }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Role {
+    System,
+    Developer,
+    User,
+    Assistant,
+    Tool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Deserialize)]
+struct ContentPart {
+    #[serde(rename = "type")]
+    kind: String,
+    text: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChatMessage {
+    role: Role,
+    content: Option<Content>,
+}
+
+#[derive(Debug, Deserialize)]
+struct StreamOptions {
+    include_usage: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct ChatRequest {
+    model: Option<String>,
+    messages: Vec<ChatMessage>,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+    n: Option<i64>,
+}
+
+fn turns(messages: Vec<ChatMessage>) -> Result<Vec<ChatTurn>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::invalid_parameter(
+            "messages",
+            "must contain at least one message",
+        ));
+    }
+    messages
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let role = match m.role {
+                Role::System | Role::Developer => "system",
+                Role::User => "user",
+                Role::Assistant => "assistant",
+                Role::Tool => "tool",
+            };
+            let content = match m.content {
+                None => String::new(),
+                Some(Content::Text(t)) => t,
+                Some(Content::Parts(parts)) => {
+                    let mut text = String::new();
+                    for p in parts {
+                        if p.kind != "text" {
+                            return Err(ApiError::invalid_parameter(
+                                &format!("messages[{i}].content"),
+                                format!("content parts of type '{}' are not supported", p.kind),
+                            ));
+                        }
+                        text.push_str(p.text.as_deref().unwrap_or(""));
+                    }
+                    text
+                }
+            };
+            Ok(ChatTurn {
+                role: role.to_string(),
+                content,
+            })
+        })
+        .collect()
+}
+
+fn check_n(n: Option<i64>) -> Result<(), ApiError> {
+    match n {
+        None | Some(1) => Ok(()),
+        Some(_) => Err(ApiError::invalid_parameter("n", "only n = 1 is supported")),
+    }
+}
+
+/// `POST /v1/chat/completions`
+pub(crate) async fn chat_completions(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Response, ApiError> {
+    let req: ChatRequest = from_value(&body)?;
+    let sampling: SamplingFields = from_value(&body)?;
+    let node = &state.node;
+    let model = generate::resolve_model(node, req.model.as_deref())?;
+    check_n(req.n)?;
+    let params = sampling.into_params(defaults(&state))?;
+    let prompt = generate::render_chat(node, &turns(req.messages)?)?;
+    let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
+    let generation =
+        generate::start(node, "/v1/chat/completions", id, model, prompt, params).await?;
+
+    if req.stream {
+        let include_usage = req
+            .stream_options
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false);
+        return Ok(sse(
+            generation,
+            move |g, piece| chat_chunk(g, piece, include_usage),
+            true,
+        ));
+    }
+    let (id, model, created) = (
+        generation.id.clone(),
+        generation.model.clone(),
+        generation.created,
+    );
+    let done = generation.collect().await?;
+    Ok(Json(json!({
+        "id": id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": fingerprint(),
+        "choices": [{
+            "index": 0,
+            "message": { "role": "assistant", "content": done.text },
+            "logprobs": null,
+            "finish_reason": done.finish_reason.as_str(),
+        }],
+        "usage": done.usage,
+        "timing": { "queue_ms": done.timing.queue_ms, "inference_ms": done.timing.inference_ms, "total_ms": done.total_ms },
+    }))
+    .into_response())
+}
+
+/// The chunks one piece of a chat stream turns into.
+fn chat_chunk(g: &GenInfo, piece: StreamPiece, include_usage: bool) -> Vec<Value> {
+    let chunk = |delta: Value, finish: Value| {
+        json!({
+            "id": g.id,
+            "object": "chat.completion.chunk",
+            "created": g.created,
+            "model": g.model,
+            "system_fingerprint": fingerprint(),
+            "choices": [{ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish }],
+        })
+    };
+    match piece {
+        StreamPiece::Begin => vec![chunk(
+            json!({ "role": "assistant", "content": "" }),
+            Value::Null,
+        )],
+        StreamPiece::Text(t) => vec![chunk(json!({ "content": t }), Value::Null)],
+        StreamPiece::End {
+            finish_reason,
+            usage,
+            ..
+        } => {
+            let mut out = vec![chunk(json!({}), json!(finish_reason))];
+            if include_usage {
+                out.push(json!({
+                    "id": g.id,
+                    "object": "chat.completion.chunk",
+                    "created": g.created,
+                    "model": g.model,
+                    "system_fingerprint": fingerprint(),
+                    "choices": [],
+                    "usage": usage,
+                }));
+            }
+            out
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum PromptField {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct CompletionRequest {
+    model: Option<String>,
+    prompt: PromptField,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+    n: Option<i64>,
+}
+
+/// `POST /v1/completions`
+pub(crate) async fn completions(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Response, ApiError> {
+    let req: CompletionRequest = from_value(&body)?;
+    let sampling: SamplingFields = from_value(&body)?;
+    let node = &state.node;
+    let model = generate::resolve_model(node, req.model.as_deref())?;
+    check_n(req.n)?;
+    let prompt = match req.prompt {
+        PromptField::One(p) => p,
+        PromptField::Many(mut v) if v.len() == 1 => v.remove(0),
+        PromptField::Many(_) => {
+            return Err(ApiError::invalid_parameter(
+                "prompt",
+                "exactly one prompt per request is supported",
+            ));
+        }
+    };
+    if prompt.is_empty() {
+        return Err(ApiError::invalid_parameter("prompt", "must not be empty"));
+    }
+    let params = sampling.into_params(defaults(&state))?;
+    let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
+    let generation = generate::start(node, "/v1/completions", id, model, prompt, params).await?;
+
+    if req.stream {
+        let include_usage = req
+            .stream_options
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false);
+        return Ok(sse(
+            generation,
+            move |g, piece| completion_chunk(g, piece, include_usage),
+            true,
+        ));
+    }
+    let (id, model, created) = (
+        generation.id.clone(),
+        generation.model.clone(),
+        generation.created,
+    );
+    let done = generation.collect().await?;
+    Ok(Json(json!({
+        "id": id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": fingerprint(),
+        "choices": [{
+            "index": 0,
+            "text": done.text,
+            "logprobs": null,
+            "finish_reason": done.finish_reason.as_str(),
+        }],
+        "usage": done.usage,
+        "timing": { "queue_ms": done.timing.queue_ms, "inference_ms": done.timing.inference_ms, "total_ms": done.total_ms },
+    }))
+    .into_response())
+}
+
+fn completion_chunk(g: &GenInfo, piece: StreamPiece, include_usage: bool) -> Vec<Value> {
+    let chunk = |text: &str, finish: Value| {
+        json!({
+            "id": g.id,
+            "object": "text_completion",
+            "created": g.created,
+            "model": g.model,
+            "system_fingerprint": fingerprint(),
+            "choices": [{ "index": 0, "text": text, "logprobs": null, "finish_reason": finish }],
+        })
+    };
+    match piece {
+        StreamPiece::Begin => vec![],
+        StreamPiece::Text(t) => vec![chunk(&t, Value::Null)],
+        StreamPiece::End {
+            finish_reason,
+            usage,
+            ..
+        } => {
+            let mut last = chunk("", json!(finish_reason));
+            if include_usage {
+                last["usage"] = json!(usage);
+            }
+            vec![last]
+        }
+    }
+}
+
+fn fingerprint() -> String {
+    format!("swarmllm-{}", crate::VERSION)
+}
+
+/// Identifies a stream's chunks.
+pub(crate) struct GenInfo {
+    pub(crate) id: String,
+    pub(crate) model: String,
+    pub(crate) created: i64,
+}
+
+/// The stream-level view of a generation that chunk builders format.
+pub(crate) enum StreamPiece {
+    Begin,
+    Text(String),
+    End {
+        finish_reason: &'static str,
+        usage: crate::infer::Usage,
+        timing: crate::infer::Timing,
+        total_ms: u64,
+    },
+}
+
+/// Streams a generation as server-sent events, each piece formatted by `format`,
+/// ending with `data: [DONE]` when `done_marker`. A pump task owns the generation;
+/// when the client disconnects the channel closes, the pump drops the generation,
+/// and the engine stops.
+pub(crate) fn sse(
+    mut generation: Generation,
+    mut format: impl FnMut(&GenInfo, StreamPiece) -> Vec<Value> + Send + 'static,
+    done_marker: bool,
+) -> Response {
+    let (tx, rx) = mpsc::channel::<Result<SseEvent, Infallible>>(64);
+    let info = GenInfo {
+        id: generation.id.clone(),
+        model: generation.model.clone(),
+        created: generation.created,
+    };
+    tokio::spawn(async move {
+        let send_all = |values: Vec<Value>| {
+            let tx = tx.clone();
+            async move {
+                for v in values {
+                    if tx
+                        .send(Ok(SseEvent::default().data(v.to_string())))
+                        .await
+                        .is_err()
+                    {
+                        return false;
+                    }
+                }
+                true
+            }
+        };
+        if !send_all(format(&info, StreamPiece::Begin)).await {
+            return;
+        }
+        while let Some(piece) = generation.next().await {
+            let values = match piece {
+                Piece::Text(t) if t.is_empty() => continue,
+                Piece::Text(t) => format(&info, StreamPiece::Text(t)),
+                Piece::Done {
+                    finish_reason,
+                    usage,
+                    timing,
+                    total_ms,
+                } => format(
+                    &info,
+                    StreamPiece::End {
+                        finish_reason: finish_reason.as_str(),
+                        usage,
+                        timing,
+                        total_ms,
+                    },
+                ),
+                Piece::Failed(e) => {
+                    vec![json!({ "error": { "code": e.code, "message": e.message } })]
+                }
+            };
+            if !send_all(values).await {
+                return;
+            }
+        }
+        if done_marker {
+            let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
+        }
+    });
+    Sse::new(ReceiverStream::new(rx))
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}

@@ -1,0 +1,168 @@
+//! The `/api/v1` surface of neuroshard-http-api.txt: inference, status, health,
+//! metrics.
+
+use axum::Json;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::AppState;
+use super::error::ApiError;
+use super::extract::{ApiJson, from_value};
+use super::generate::{self, SamplingDefaults, SamplingFields};
+use super::openai::{GenInfo, StreamPiece, sse};
+use crate::infer::ChatTurn;
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct InferenceRequest {
+    prompt: String,
+    model: Option<String>,
+    #[serde(default)]
+    stream: bool,
+    /// Send `prompt` to the model as-is instead of as a user chat turn.
+    #[serde(default)]
+    raw: bool,
+    system: Option<String>,
+}
+
+/// `POST /api/v1/inference`. Like Ollama's `/api/generate`, the prompt is sent as a
+/// user turn through the model's chat template unless `raw` is true.
+pub(crate) async fn inference(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Response, ApiError> {
+    let req: InferenceRequest = from_value(&body)?;
+    let sampling: SamplingFields = from_value(&body)?;
+    let node = &state.node;
+    let model = generate::resolve_model(node, req.model.as_deref())?;
+    if req.prompt.is_empty() {
+        return Err(ApiError::invalid_parameter("prompt", "must not be empty"));
+    }
+    // Defaults from the reference: max_tokens 100, temperature 1.0, top_p 1.0, top_k 50.
+    let params = sampling.into_params(SamplingDefaults {
+        max_tokens: 100,
+        temperature: 1.0,
+        top_p: 1.0,
+        top_k: 50,
+    })?;
+    let prompt = if req.raw {
+        req.prompt
+    } else {
+        let mut turns = Vec::new();
+        if let Some(system) = req.system {
+            turns.push(ChatTurn {
+                role: "system".into(),
+                content: system,
+            });
+        }
+        turns.push(ChatTurn {
+            role: "user".into(),
+            content: req.prompt,
+        });
+        generate::render_chat(node, &turns)?
+    };
+    let id = format!("inf_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let generation = generate::start(node, "/api/v1/inference", id, model, prompt, params).await?;
+
+    if req.stream {
+        let mut index = 0u64;
+        return Ok(sse(
+            generation,
+            move |_: &GenInfo, piece| match piece {
+                StreamPiece::Begin => vec![],
+                StreamPiece::Text(t) => {
+                    let v = json!({ "token": t, "index": index });
+                    index += 1;
+                    vec![v]
+                }
+                StreamPiece::End {
+                    finish_reason,
+                    usage,
+                    timing,
+                    total_ms,
+                } => vec![json!({
+                    "token": "[DONE]",
+                    "finish_reason": finish_reason,
+                    "usage": usage,
+                    "timing": { "queue_ms": timing.queue_ms, "inference_ms": timing.inference_ms, "total_ms": total_ms },
+                })],
+            },
+            false,
+        ));
+    }
+    let id = generation.id.clone();
+    let done = generation.collect().await?;
+    Ok(Json(json!({
+        "id": id,
+        "text": done.text,
+        "tokens_generated": done.usage.completion_tokens,
+        "finish_reason": done.finish_reason.as_str(),
+        "usage": done.usage,
+        "timing": {
+            "queue_ms": done.timing.queue_ms,
+            "inference_ms": done.timing.inference_ms,
+            "total_ms": done.total_ms,
+        },
+    }))
+    .into_response())
+}
+
+/// `GET /api/v1/status`
+pub(crate) async fn status(State(state): State<AppState>) -> Json<Value> {
+    let node = &state.node;
+    let (model, layers) = match node.engine() {
+        Some(e) => (
+            json!(e.info().id),
+            (0..e.info().n_layers).collect::<Vec<_>>(),
+        ),
+        None => (Value::Null, Vec::new()),
+    };
+    let (cpu_percent, ram_used) = state.process_usage().await;
+    let gpus = state.gpus().await;
+    Json(json!({
+        "node_id": node.node_id(),
+        "version": crate::VERSION,
+        "uptime_seconds": node.uptime().as_secs(),
+        "status": if node.engine().is_some() { "running" } else { "idle" },
+        "role": if node.engine().is_some() { "worker" } else { "client" },
+        "model": model,
+        "layers": layers,
+        "peer_count": 0,
+        "queue_depth": node.engine().map(|e| e.queue_depth()).unwrap_or(0),
+        "resources": {
+            "gpu_memory_used": gpus.iter().map(|g| g.memory_total.saturating_sub(g.memory_free)).sum::<u64>(),
+            "gpu_memory_total": gpus.iter().map(|g| g.memory_total).sum::<u64>(),
+            "cpu_percent": cpu_percent,
+            "ram_used": ram_used,
+        },
+    }))
+}
+
+/// `GET /api/v1/health`
+pub(crate) async fn health(State(state): State<AppState>) -> Json<Value> {
+    let node = state.node.clone();
+    let storage_ok = tokio::task::spawn_blocking(move || node.store().schema_version().is_ok())
+        .await
+        .unwrap_or(false);
+    let gpus = state.gpus().await;
+    let model_ok = state.node.engine().is_some();
+    Json(json!({
+        "healthy": storage_ok,
+        "checks": {
+            "gpu": if gpus.is_empty() { "none" } else { "ok" },
+            "network": "ok",
+            "storage": if storage_ok { "ok" } else { "error" },
+            "peers": "none",
+            "model": if model_ok { "ok" } else { "not_loaded" },
+        }
+    }))
+}
+
+/// `GET /api/v1/metrics`
+pub(crate) async fn metrics(State(state): State<AppState>) -> Json<Value> {
+    Json(json!({
+        "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        "inference": state.node.metrics().summary(),
+    }))
+}

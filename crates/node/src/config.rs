@@ -1,0 +1,450 @@
+//! Node configuration: one TOML file, every field defaulted.
+//!
+//! Precedence, lowest first: built-in defaults, the TOML file, `SWARMLLM_<FIELD>`
+//! environment variables, then explicit overrides (CLI flags). The file lives in the
+//! platform config dir (`~/.config/swarmllm/config.toml` on Linux) unless a data dir
+//! is given explicitly, in which case it is `<data_dir>/config.toml`, so several nodes
+//! on one machine never share a file. `--config PATH` / `SWARMLLM_CONFIG` override both.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// Every setting of a node. Field names are the TOML keys, the JSON keys of
+/// `GET/PUT /api/admin/config`, and (upper-cased) the `SWARMLLM_<FIELD>` variables.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the HTTP API binds. Default `127.0.0.1` (loopback only).
+    pub api_host: String,
+    /// HTTP API port. Default 8800.
+    pub api_port: u16,
+    /// Peer-to-peer port (reserved for the P2P layer). Default 8801.
+    pub p2p_port: u16,
+    /// Data directory; empty means the platform data dir. Default empty.
+    pub data_dir: String,
+    /// Path of the GGUF model to serve; empty means no model. Default empty.
+    pub model: String,
+    /// Id the model is served under; empty means the file name without `.gguf`.
+    pub model_id: String,
+    /// Inference threads; 0 means one per available core. Default 0.
+    pub threads: u32,
+    /// Layers offloaded to a GPU backend (0 = CPU only). Default 0.
+    pub gpu_layers: u32,
+    /// Folder with ggml backend modules (`gpu` builds); empty means beside the binary.
+    pub backends_dir: String,
+    /// Context window in tokens. Default 4096.
+    pub context_size: u32,
+    /// Prompt-processing batch size in tokens. Default 512.
+    pub batch_size: u32,
+    /// Requests that may wait for the engine before new ones get 503. Default 64.
+    pub max_queue: u32,
+    /// `max_tokens` when a request names none. Default 256.
+    pub default_max_tokens: u32,
+    /// Largest request body in bytes; larger ones get 413. Default 1 MiB.
+    pub max_body_bytes: u64,
+    /// Authenticated requests per minute per API key; 0 disables. Default 600.
+    pub rate_limit_per_minute: u32,
+    /// Extra browser origins allowed by CORS besides the app's own. Default none.
+    pub cors_origins: Vec<String>,
+    /// `human` or `json`. Default `human`.
+    pub log_format: String,
+    /// A tracing filter such as `info` or `swarmllm_node=debug`. Default `info`.
+    pub log_level: String,
+    /// Where secrets live: `auto` (keychain, else encrypted file), `keychain`, `file`.
+    pub secret_store: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            api_host: "127.0.0.1".into(),
+            api_port: 8800,
+            p2p_port: 8801,
+            data_dir: String::new(),
+            model: String::new(),
+            model_id: String::new(),
+            threads: 0,
+            gpu_layers: 0,
+            backends_dir: String::new(),
+            context_size: 4096,
+            batch_size: 512,
+            max_queue: 64,
+            default_max_tokens: 256,
+            max_body_bytes: 1024 * 1024,
+            rate_limit_per_minute: 600,
+            cors_origins: Vec::new(),
+            log_format: "human".into(),
+            log_level: "info".into(),
+            secret_store: "auto".into(),
+        }
+    }
+}
+
+/// Fields that only take effect when the node restarts.
+const RESTART_FIELDS: &[&str] = &[
+    "api_host",
+    "api_port",
+    "p2p_port",
+    "data_dir",
+    "model",
+    "model_id",
+    "threads",
+    "gpu_layers",
+    "backends_dir",
+    "context_size",
+    "batch_size",
+    "max_queue",
+    "log_format",
+    "log_level",
+    "secret_store",
+];
+
+/// A configuration value that is malformed or out of range.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{field}: {message}")]
+#[non_exhaustive]
+pub struct ConfigError {
+    /// The offending key (dotted path for nested values), or `<root>`.
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Failure to load or save the config file.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigFileError {
+    /// The file could not be read or written.
+    #[error("config file {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or names an unknown key.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, naming the key.
+        message: String,
+    },
+    /// A value (from the file, the environment or a flag) is invalid.
+    #[error("invalid config value {0}")]
+    Invalid(#[from] ConfigError),
+}
+
+impl Config {
+    /// Checks semantic constraints that the types alone do not express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.api_host.parse::<std::net::IpAddr>().is_err() && self.api_host != "localhost" {
+            return Err(ConfigError::new("api_host", "must be an IP address"));
+        }
+        if self.context_size < 64 {
+            return Err(ConfigError::new("context_size", "must be at least 64"));
+        }
+        if self.batch_size == 0 {
+            return Err(ConfigError::new("batch_size", "must be at least 1"));
+        }
+        if self.max_queue == 0 {
+            return Err(ConfigError::new("max_queue", "must be at least 1"));
+        }
+        if self.default_max_tokens == 0 {
+            return Err(ConfigError::new("default_max_tokens", "must be at least 1"));
+        }
+        if self.max_body_bytes < 1024 {
+            return Err(ConfigError::new("max_body_bytes", "must be at least 1024"));
+        }
+        if !matches!(self.log_format.as_str(), "human" | "json") {
+            return Err(ConfigError::new(
+                "log_format",
+                "must be \"human\" or \"json\"",
+            ));
+        }
+        if !matches!(self.secret_store.as_str(), "auto" | "keychain" | "file") {
+            return Err(ConfigError::new(
+                "secret_store",
+                "must be \"auto\", \"keychain\" or \"file\"",
+            ));
+        }
+        if tracing_subscriber_filter_is_valid(&self.log_level).is_err() {
+            return Err(ConfigError::new(
+                "log_level",
+                "is not a valid tracing filter",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The data dir: `data_dir` when set, else the platform data dir.
+    pub fn data_dir_path(&self) -> PathBuf {
+        if self.data_dir.is_empty() {
+            crate::paths::default_data_dir()
+        } else {
+            PathBuf::from(&self.data_dir)
+        }
+    }
+
+    /// The config as a JSON object (the shape of `GET /api/admin/config`).
+    pub fn to_json(&self) -> Map<String, Value> {
+        match serde_json::to_value(self) {
+            Ok(Value::Object(map)) => map,
+            // A struct of plain fields always serializes to an object.
+            _ => Map::new(),
+        }
+    }
+
+    /// Applies a partial JSON object of changes, returning the new config.
+    ///
+    /// Unknown keys, wrong types and out-of-range values are errors naming the field;
+    /// `self` is never modified.
+    pub fn patched(&self, changes: &Map<String, Value>) -> Result<Config, ConfigError> {
+        let mut merged = self.to_json();
+        for (key, value) in changes {
+            if !merged.contains_key(key) {
+                return Err(ConfigError::new(key.clone(), "unknown configuration key"));
+            }
+            merged.insert(key.clone(), value.clone());
+        }
+        let config: Config = serde_path_to_error::deserialize(Value::Object(merged))
+            .map_err(|e| ConfigError::new(e.path().to_string(), e.inner().to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Turns a raw string (an env var, a CLI argument) into a JSON value of the type
+    /// the field `key` has, so `SWARMLLM_API_PORT=9000` is a number and
+    /// `SWARMLLM_MODEL_ID=123` stays a string.
+    pub fn coerce(&self, key: &str, raw: &str) -> Result<Value, ConfigError> {
+        let current = self
+            .to_json()
+            .remove(key)
+            .ok_or_else(|| ConfigError::new(key, "unknown configuration key"))?;
+        match current {
+            Value::String(_) => Ok(Value::String(raw.to_string())),
+            Value::Array(_) if !raw.trim_start().starts_with('[') => Ok(Value::Array(
+                raw.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| Value::String(s.to_string()))
+                    .collect(),
+            )),
+            _ => serde_json::from_str(raw)
+                .map_err(|_| ConfigError::new(key, format!("cannot parse {raw:?}"))),
+        }
+    }
+
+    /// Names of the fields that differ between `self` and `other`.
+    pub fn changed_fields(&self, other: &Config) -> Vec<String> {
+        let a = self.to_json();
+        let b = other.to_json();
+        a.iter()
+            .filter(|(k, v)| b.get(*k) != Some(*v))
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// Of `fields`, those that need a restart to take effect.
+    pub fn restart_required(fields: &[String]) -> Vec<String> {
+        fields
+            .iter()
+            .filter(|f| RESTART_FIELDS.contains(&f.as_str()))
+            .cloned()
+            .collect()
+    }
+}
+
+fn tracing_subscriber_filter_is_valid(filter: &str) -> Result<(), ()> {
+    // Accept the directive syntax of tracing-subscriber's EnvFilter without depending on
+    // it here: comma-separated `target=level` or `level` items.
+    let levels = ["trace", "debug", "info", "warn", "error", "off"];
+    for item in filter.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let level = item.rsplit('=').next().unwrap_or(item);
+        if !levels.contains(&level.to_ascii_lowercase().as_str()) {
+            return Err(());
+        }
+    }
+    Ok(())
+}
+
+/// Where the config came from and how to rebuild it on reload.
+#[derive(Debug, Clone)]
+pub struct ConfigSource {
+    /// The TOML file (may not exist yet).
+    pub path: PathBuf,
+    /// Explicit overrides (CLI flags), applied last: key → JSON value.
+    pub overrides: Map<String, Value>,
+    /// Whether `SWARMLLM_*` environment variables are read.
+    pub read_env: bool,
+}
+
+impl ConfigSource {
+    /// Builds the config: defaults, then file, then environment, then overrides.
+    pub fn load(&self) -> Result<Config, ConfigFileError> {
+        let base = read_file(&self.path)?;
+        let mut changes = Map::new();
+        if self.read_env {
+            for key in base.to_json().keys() {
+                let var = format!("SWARMLLM_{}", key.to_ascii_uppercase());
+                if let Ok(raw) = std::env::var(&var) {
+                    changes.insert(key.clone(), base.coerce(key, &raw)?);
+                }
+            }
+        }
+        changes.extend(self.overrides.clone());
+        Ok(base.patched(&changes)?)
+    }
+
+    /// Writes `changes` into the TOML file (keeping keys already there), atomically.
+    pub fn persist(&self, changes: &Map<String, Value>) -> Result<(), ConfigFileError> {
+        let io = |source| ConfigFileError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let mut table: toml::Table = match std::fs::read_to_string(&self.path) {
+            Ok(text) => text
+                .parse()
+                .map_err(|e: toml::de::Error| ConfigFileError::Parse {
+                    path: self.path.clone(),
+                    message: e.message().to_string(),
+                })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => toml::Table::new(),
+            Err(e) => return Err(io(e)),
+        };
+        for (key, value) in changes {
+            let value =
+                toml::Value::try_from(value).map_err(|e| ConfigError::new(key, e.to_string()))?;
+            table.insert(key.clone(), value);
+        }
+        let text = toml::to_string_pretty(&table)
+            .map_err(|e| ConfigError::new("<root>", e.to_string()))?;
+        crate::fsutil::write_atomic(&self.path, text.as_bytes()).map_err(io)
+    }
+}
+
+fn read_file(path: &Path) -> Result<Config, ConfigFileError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Config::default()),
+        Err(source) => {
+            return Err(ConfigFileError::Io {
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    };
+    toml::from_str(&text).map_err(|e| ConfigFileError::Parse {
+        path: path.to_path_buf(),
+        message: e.message().to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn obj(v: Value) -> Map<String, Value> {
+        match v {
+            Value::Object(m) => m,
+            _ => panic!("not an object"),
+        }
+    }
+
+    #[test]
+    fn patch_rejects_unknown_key_naming_it() {
+        let err = Config::default()
+            .patched(&obj(json!({"no_such_key": 1})))
+            .unwrap_err();
+        assert_eq!(err.field, "no_such_key");
+    }
+
+    #[test]
+    fn patch_rejects_wrong_type_naming_field() {
+        let err = Config::default()
+            .patched(&obj(json!({"api_port": "eighty"})))
+            .unwrap_err();
+        assert_eq!(err.field, "api_port");
+        let err = Config::default()
+            .patched(&obj(json!({"api_port": 70000})))
+            .unwrap_err();
+        assert_eq!(err.field, "api_port");
+    }
+
+    #[test]
+    fn patch_rejects_semantic_errors() {
+        let err = Config::default()
+            .patched(&obj(json!({"log_format": "xml"})))
+            .unwrap_err();
+        assert_eq!(err.field, "log_format");
+    }
+
+    #[test]
+    fn coerce_follows_field_type() {
+        let c = Config::default();
+        assert_eq!(c.coerce("api_port", "9000").unwrap(), json!(9000));
+        assert_eq!(c.coerce("model_id", "123").unwrap(), json!("123"));
+        assert_eq!(
+            c.coerce("cors_origins", "http://a, http://b").unwrap(),
+            json!(["http://a", "http://b"])
+        );
+        assert!(c.coerce("nope", "1").is_err());
+    }
+
+    #[test]
+    fn persist_then_load_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = ConfigSource {
+            path: dir.path().join("config.toml"),
+            overrides: Map::new(),
+            read_env: false,
+        };
+        src.persist(&obj(
+            json!({"rate_limit_per_minute": 7, "log_level": "debug"}),
+        ))
+        .unwrap();
+        let loaded = src.load().unwrap();
+        assert_eq!(loaded.rate_limit_per_minute, 7);
+        assert_eq!(loaded.log_level, "debug");
+        assert_eq!(loaded.api_port, 8800);
+    }
+
+    #[test]
+    fn overrides_beat_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, "api_port = 9001\n").unwrap();
+        let src = ConfigSource {
+            path,
+            overrides: obj(json!({"api_port": 9002})),
+            read_env: false,
+        };
+        assert_eq!(src.load().unwrap().api_port, 9002);
+    }
+
+    #[test]
+    fn bad_file_names_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, "api_prot = 1\n").unwrap();
+        let src = ConfigSource {
+            path,
+            overrides: Map::new(),
+            read_env: false,
+        };
+        let err = src.load().unwrap_err().to_string();
+        assert!(err.contains("api_prot"), "{err}");
+    }
+}

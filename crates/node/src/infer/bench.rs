@@ -1,0 +1,103 @@
+//! A bare llama-cpp-2 decode loop: the baseline `swarmllm bench` compares the node's
+//! HTTP path against. No queue, no channels, no stop sequences: tokenize, decode the
+//! prompt, then greedy-sample and decode one token at a time.
+
+use std::time::Instant;
+
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::sampling::LlamaSampler;
+
+use super::engine::{backend, context_params, decode_prompt};
+use super::{EngineConfig, GenerateError, LoadModelError};
+
+/// Timings of one bare run.
+#[derive(Debug, Clone, Copy)]
+pub struct BareRun {
+    /// Prompt length in tokens.
+    pub prompt_tokens: u32,
+    /// Seconds from the start of prompt processing to the first sampled token.
+    pub prompt_secs: f64,
+    /// Tokens generated after the first.
+    pub decode_tokens: u32,
+    /// Seconds spent generating them.
+    pub decode_secs: f64,
+}
+
+/// The model loaded for bare runs.
+pub struct BareBench {
+    model: LlamaModel,
+    config: EngineConfig,
+}
+
+impl std::fmt::Debug for BareBench {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BareBench").finish_non_exhaustive()
+    }
+}
+
+impl BareBench {
+    /// Loads the model with the same parameters the engine uses.
+    pub fn load(config: EngineConfig) -> Result<Self, LoadModelError> {
+        let backend = backend(config.backends_dir.as_deref())?;
+        let params = LlamaModelParams::default().with_n_gpu_layers(config.gpu_layers);
+        let model =
+            LlamaModel::load_from_file(backend, &config.model_path, &params).map_err(|e| {
+                LoadModelError::Load {
+                    path: config.model_path.clone(),
+                    message: e.to_string(),
+                }
+            })?;
+        Ok(Self { model, config })
+    }
+
+    /// Tokens of `prompt` as the engine would tokenize it.
+    pub fn prompt_tokens(&self, prompt: &str) -> usize {
+        self.model
+            .vocab()
+            .tokenize(prompt.as_bytes(), true, true)
+            .len()
+    }
+
+    /// Generates exactly `n_predict` tokens greedily (end-of-generation ignored).
+    pub fn run(&self, prompt: &str, n_predict: u32) -> Result<BareRun, GenerateError> {
+        let backend = backend(None).map_err(|e| GenerateError::Decode(e.to_string()))?;
+        let mut ctx = self
+            .model
+            .new_context(backend, context_params(&self.config))
+            .map_err(|e| GenerateError::Decode(e.to_string()))?;
+        let mut batch = LlamaBatch::new(self.config.batch_size as usize, 1);
+        let tokens = self.model.vocab().tokenize(prompt.as_bytes(), true, true);
+        let mut sampler = LlamaSampler::greedy();
+        let mut piece = Vec::with_capacity(32);
+
+        let t0 = Instant::now();
+        decode_prompt(&mut ctx, &mut batch, &tokens)?;
+        let mut token = sampler.sample(&ctx, batch.n_tokens() - 1);
+        let prompt_secs = t0.elapsed().as_secs_f64();
+
+        let t1 = Instant::now();
+        let mut pos = tokens.len() as i32;
+        for _ in 1..n_predict {
+            piece.clear();
+            self.model
+                .vocab()
+                .token_to_piece_into(token, &mut piece, false, None);
+            batch.clear();
+            batch
+                .add(token, pos, &[0], true)
+                .map_err(|e| GenerateError::Decode(e.to_string()))?;
+            ctx.decode(&mut batch)
+                .map_err(|e| GenerateError::Decode(e.to_string()))?;
+            pos += 1;
+            token = sampler.sample(&ctx, 0);
+        }
+        Ok(BareRun {
+            prompt_tokens: tokens.len() as u32,
+            prompt_secs,
+            decode_tokens: n_predict.saturating_sub(1),
+            decode_secs: t1.elapsed().as_secs_f64(),
+        })
+    }
+}

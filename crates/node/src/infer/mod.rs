@@ -1,0 +1,372 @@
+//! Local inference on llama.cpp (through `llama-cpp-2`).
+//!
+//! ```text
+//!  HTTP handlers ──submit(GenerateRequest)──▶ bounded job queue ──▶ engine thread
+//!        ▲                                                           │ (owns the
+//!        └──────────── Event stream (bounded mpsc per request) ◀─────┘  llama context)
+//! ```
+//!
+//! A llama.cpp context is not `Send`, so one OS thread owns it and serves jobs in
+//! arrival order (FIFO: fair, and a burst of requests can never crash the node; past
+//! `max_queue` waiting jobs new ones are refused). Each job streams [`Event`]s back
+//! over its own bounded channel; when the receiver is dropped (the client went away)
+//! the engine notices at the next token and stops that generation.
+
+mod engine;
+mod stop;
+
+pub mod bench;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use llama_cpp_2::model::{LlamaChatMessage, LlamaModel};
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+pub use engine::{DeviceInfo, backend_devices};
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// The GGUF file.
+    pub model_path: PathBuf,
+    /// Id the model is served under.
+    pub model_id: String,
+    /// Inference threads (≥ 1).
+    pub threads: u32,
+    /// Layers to offload to a GPU backend.
+    pub gpu_layers: u32,
+    /// Context window in tokens.
+    pub context_size: u32,
+    /// Prompt-processing batch size.
+    pub batch_size: u32,
+    /// Jobs allowed to wait; more are refused.
+    pub max_queue: usize,
+    /// Folder of ggml backend modules (`gpu` feature), if any.
+    pub backends_dir: Option<PathBuf>,
+}
+
+/// Loading a model failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LoadModelError {
+    /// The file does not exist or cannot be read.
+    #[error("model file {0} not found")]
+    NotFound(PathBuf),
+    /// llama.cpp could not initialise.
+    #[error("llama.cpp backend failed to initialise: {0}")]
+    Backend(String),
+    /// llama.cpp rejected the file.
+    #[error("llama.cpp could not load {path}: {message}")]
+    Load {
+        /// The file.
+        path: PathBuf,
+        /// What llama.cpp said.
+        message: String,
+    },
+    /// The context could not be created (usually out of memory).
+    #[error("could not create an inference context: {0}")]
+    Context(String),
+    /// The engine thread could not be started.
+    #[error("could not start the engine thread: {0}")]
+    Thread(String),
+}
+
+/// Facts about the loaded model.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelInfo {
+    /// Id the model is served under.
+    pub id: String,
+    /// The GGUF file.
+    pub path: PathBuf,
+    /// `general.architecture`.
+    pub architecture: String,
+    /// Parameter count.
+    pub n_params: u64,
+    /// Size of the weights in bytes.
+    pub size_bytes: u64,
+    /// Transformer layers.
+    pub n_layers: u32,
+    /// Hidden size.
+    pub n_embd: i32,
+    /// Vocabulary size.
+    pub n_vocab: i32,
+    /// Context the model was trained with.
+    pub n_ctx_train: u32,
+    /// Context window the node serves.
+    pub context_size: u32,
+    /// Whether the GGUF carries a chat template.
+    pub has_chat_template: bool,
+    /// Unix time the model was loaded.
+    pub loaded_at: i64,
+}
+
+/// Sampling and stopping parameters of one generation.
+#[derive(Debug, Clone)]
+pub struct SamplingParams {
+    /// 0 selects greedy decoding.
+    pub temperature: f32,
+    /// Nucleus threshold (1.0 = off).
+    pub top_p: f32,
+    /// Top-k (0 = off).
+    pub top_k: i32,
+    /// Min-p (0.0 = off).
+    pub min_p: f32,
+    /// Repeat penalty (1.0 = off).
+    pub repeat_penalty: f32,
+    /// Tokens the repeat penalty looks back over.
+    pub repeat_last_n: i32,
+    /// RNG seed; `None` picks a random one.
+    pub seed: Option<u32>,
+    /// Tokens to generate at most.
+    pub max_tokens: u32,
+    /// Generation stops before any of these strings.
+    pub stop: Vec<String>,
+    /// Keep generating past end-of-generation tokens (benchmarks).
+    pub ignore_eos: bool,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 0.8,
+            top_p: 0.95,
+            top_k: 40,
+            min_p: 0.05,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
+            seed: None,
+            max_tokens: 256,
+            stop: Vec::new(),
+            ignore_eos: false,
+        }
+    }
+}
+
+/// One chat turn.
+#[derive(Debug, Clone)]
+pub struct ChatTurn {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    /// The text.
+    pub content: String,
+}
+
+/// A generation job.
+#[derive(Debug)]
+pub struct GenerateRequest {
+    /// The full prompt text (chat prompts are already templated).
+    pub prompt: String,
+    /// Sampling and stopping.
+    pub params: SamplingParams,
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// End-of-generation token or a stop sequence.
+    Stop,
+    /// `max_tokens` or the context window was reached.
+    Length,
+}
+
+impl FinishReason {
+    /// The OpenAI spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// Token counts of a generation.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Usage {
+    /// Prompt tokens.
+    pub prompt_tokens: u32,
+    /// Generated tokens.
+    pub completion_tokens: u32,
+    /// Sum of both.
+    pub total_tokens: u32,
+}
+
+/// Where the time went.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Timing {
+    /// Waiting for the engine.
+    pub queue_ms: u64,
+    /// Prompt processing plus generation.
+    pub inference_ms: u64,
+    /// Prompt processing alone.
+    pub prompt_ms: u64,
+}
+
+/// What the engine reports about one job, in order: `Started`, `Token`*, then
+/// `Done` or `Failed`.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// The engine picked the job up and tokenized its prompt.
+    Started {
+        /// Prompt length in tokens.
+        prompt_tokens: u32,
+        /// Milliseconds the job waited in the queue.
+        queue_ms: u64,
+    },
+    /// Generated text (one or more tokens' worth; never part of a stop sequence).
+    Token(String),
+    /// Generation finished.
+    Done {
+        /// Why.
+        finish_reason: FinishReason,
+        /// Token counts.
+        usage: Usage,
+        /// Timings.
+        timing: Timing,
+    },
+    /// Generation failed.
+    Failed(GenerateError),
+}
+
+/// A generation failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum GenerateError {
+    /// The prompt does not fit in the context window.
+    #[error("the prompt is {prompt_tokens} tokens; the context window is {context_size}")]
+    ContextExceeded {
+        /// Prompt length.
+        prompt_tokens: u32,
+        /// Window size.
+        context_size: u32,
+    },
+    /// The prompt has no tokens.
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    /// llama.cpp failed while decoding.
+    #[error("inference failed: {0}")]
+    Decode(String),
+}
+
+/// Submitting a job failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SubmitError {
+    /// Too many jobs are waiting.
+    #[error("the inference queue is full ({0} waiting)")]
+    QueueFull(usize),
+    /// The engine thread has stopped.
+    #[error("the inference engine has stopped")]
+    Stopped,
+}
+
+/// Applying the chat template failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ChatTemplateError {
+    /// A message contains a NUL byte.
+    #[error("message {0} contains a NUL character")]
+    Nul(usize),
+    /// llama.cpp could not apply the template.
+    #[error("the model's chat template could not be applied: {0}")]
+    Apply(String),
+}
+
+pub(crate) struct Job {
+    request: GenerateRequest,
+    events: mpsc::Sender<Event>,
+    enqueued: Instant,
+}
+
+/// Cloneable handle to the engine thread that owns the loaded model.
+#[derive(Clone)]
+pub struct Engine {
+    jobs: mpsc::Sender<Job>,
+    model: Arc<LlamaModel>,
+    info: Arc<ModelInfo>,
+    waiting: Arc<AtomicUsize>,
+    max_queue: usize,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("model", &self.info.id)
+            .finish()
+    }
+}
+
+impl Engine {
+    /// Loads the model and starts the engine thread. Blocking: call it from a
+    /// blocking context. `progress` receives load progress in `0.0..=1.0`.
+    pub fn load(
+        config: EngineConfig,
+        progress: impl FnMut(f32) + Send + 'static,
+    ) -> Result<Self, LoadModelError> {
+        engine::start(config, progress)
+    }
+
+    /// Facts about the loaded model.
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// Jobs waiting for the engine (not counting the one running).
+    pub fn queue_depth(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Renders chat turns into a prompt with the model's own chat template
+    /// (ChatML when the GGUF has none).
+    pub fn render_chat(&self, turns: &[ChatTurn]) -> Result<String, ChatTemplateError> {
+        let messages = turns
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                LlamaChatMessage::new(t.role.clone(), t.content.clone())
+                    .map_err(|_| ChatTemplateError::Nul(i))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let template = match self.model.chat_template(None) {
+            Ok(t) => t,
+            Err(_) => llama_cpp_2::model::LlamaChatTemplate::new("chatml")
+                .map_err(|e| ChatTemplateError::Apply(e.to_string()))?,
+        };
+        self.model
+            .apply_chat_template(&template, &messages, true)
+            .map_err(|e| ChatTemplateError::Apply(e.to_string()))
+    }
+
+    /// Queues a generation. Events arrive on the returned receiver; dropping it
+    /// cancels the generation.
+    pub fn submit(&self, request: GenerateRequest) -> Result<mpsc::Receiver<Event>, SubmitError> {
+        // Reserve a queue slot first so the limit holds under concurrent submits.
+        let before = self.waiting.fetch_add(1, Ordering::AcqRel);
+        if before >= self.max_queue {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(SubmitError::QueueFull(before));
+        }
+        // Room for a burst of tokens so the engine rarely waits on a slow client.
+        let (events, rx) = mpsc::channel(256);
+        let job = Job {
+            request,
+            events,
+            enqueued: Instant::now(),
+        };
+        match self.jobs.try_send(job) {
+            Ok(()) => Ok(rx),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.waiting.fetch_sub(1, Ordering::AcqRel);
+                Err(SubmitError::QueueFull(before))
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.waiting.fetch_sub(1, Ordering::AcqRel);
+                Err(SubmitError::Stopped)
+            }
+        }
+    }
+}

@@ -1,0 +1,28 @@
+//! The SwarmLLM node as a library.
+//!
+//! A [`Node`] owns everything a running node has: its configuration, SQLite store,
+//! Ed25519 identity, API key, the llama.cpp inference engine and its metrics. The
+//! `swarmllm` CLI, the desktop app and the tests all start the same [`Node`] and serve
+//! its HTTP API with [`api::serve`].
+//!
+//! Modules by domain: [`config`], [`store`], [`secrets`], [`identity`], [`infer`],
+//! [`api`], [`metrics`], [`hardware`].
+#![deny(missing_docs)]
+
+pub mod api;
+pub mod config;
+mod fsutil;
+pub mod hardware;
+pub mod identity;
+pub mod infer;
+pub mod logging;
+pub mod metrics;
+pub mod node;
+pub mod paths;
+pub mod secrets;
+pub mod store;
+
+pub use node::{Node, NodeOptions, StartError};
+
+/// The version of this build (`CARGO_PKG_VERSION`).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,238 @@
+//! Request and token counters: Prometheus text at `/metrics` and the JSON
+//! `inference` block of `/api/v1/metrics`.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+
+use crate::store::RequestTotals;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    endpoint: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelLabels {
+    model: String,
+}
+
+/// Latencies kept for averages and percentiles.
+const WINDOW: usize = 1000;
+
+/// All counters of a node.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    completion_tokens: Counter,
+    prompt_tokens: Counter,
+    latency: Histogram,
+    model_loaded: Family<ModelLabels, Gauge>,
+    queue_depth: Gauge,
+    // Lifetime totals, seeded from the database so they survive restarts.
+    requests_total: AtomicU64,
+    tokens_total: AtomicU64,
+    recent: Mutex<VecDeque<(Instant, f64)>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+/// The `inference` block of `GET /api/v1/metrics`.
+#[derive(Debug, Clone, Serialize)]
+pub struct InferenceSummary {
+    /// Requests served since the data dir was created.
+    pub requests_total: u64,
+    /// Requests finished in the last minute.
+    pub requests_per_minute: f64,
+    /// Mean latency over the last 1000 requests.
+    pub avg_latency_ms: f64,
+    /// 99th percentile latency over the last 1000 requests.
+    pub p99_latency_ms: f64,
+    /// Tokens generated since the data dir was created.
+    pub tokens_generated: u64,
+}
+
+impl Metrics {
+    /// Creates the counters, seeding lifetime totals from `totals`.
+    pub fn new(totals: RequestTotals) -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "swarmllm_requests",
+            "Inference requests by endpoint and outcome",
+            requests.clone(),
+        );
+        let completion_tokens = Counter::default();
+        registry.register(
+            "swarmllm_completion_tokens",
+            "Tokens generated",
+            completion_tokens.clone(),
+        );
+        let prompt_tokens = Counter::default();
+        registry.register(
+            "swarmllm_prompt_tokens",
+            "Prompt tokens processed",
+            prompt_tokens.clone(),
+        );
+        let latency = Histogram::new(exponential_buckets(0.005, 2.0, 14));
+        registry.register(
+            "swarmllm_request_duration_seconds",
+            "Wall time of inference requests",
+            latency.clone(),
+        );
+        let model_loaded = Family::<ModelLabels, Gauge>::default();
+        registry.register(
+            "swarmllm_model_loaded",
+            "1 for each model loaded on this node",
+            model_loaded.clone(),
+        );
+        let queue_depth = Gauge::default();
+        registry.register(
+            "swarmllm_queue_depth",
+            "Inference jobs waiting for the engine",
+            queue_depth.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            completion_tokens,
+            prompt_tokens,
+            latency,
+            model_loaded,
+            queue_depth,
+            requests_total: AtomicU64::new(totals.requests),
+            tokens_total: AtomicU64::new(totals.completion_tokens),
+            recent: Mutex::new(VecDeque::with_capacity(WINDOW)),
+        }
+    }
+
+    /// Marks `model` as loaded.
+    pub fn set_model_loaded(&self, model: &str) {
+        self.model_loaded
+            .get_or_create(&ModelLabels {
+                model: model.to_string(),
+            })
+            .set(1);
+    }
+
+    /// Sets the queue depth gauge.
+    pub fn set_queue_depth(&self, depth: usize) {
+        self.queue_depth.set(depth as i64);
+    }
+
+    /// Counts a finished request (any outcome).
+    pub fn record(
+        &self,
+        endpoint: &str,
+        outcome: &str,
+        elapsed: Duration,
+        prompt_tokens: u32,
+        completion_tokens: u32,
+    ) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                endpoint: endpoint.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .inc();
+        self.completion_tokens.inc_by(completion_tokens as u64);
+        self.prompt_tokens.inc_by(prompt_tokens as u64);
+        self.latency.observe(elapsed.as_secs_f64());
+        self.requests_total.fetch_add(1, Ordering::Relaxed);
+        self.tokens_total
+            .fetch_add(completion_tokens as u64, Ordering::Relaxed);
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.len() == WINDOW {
+            recent.pop_front();
+        }
+        recent.push_back((Instant::now(), elapsed.as_secs_f64() * 1000.0));
+    }
+
+    /// The JSON summary.
+    pub fn summary(&self) -> InferenceSummary {
+        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        let minute_ago = Instant::now().checked_sub(Duration::from_secs(60));
+        let per_minute = recent
+            .iter()
+            .filter(|(t, _)| minute_ago.is_none_or(|m| *t >= m))
+            .count();
+        let mut lat: Vec<f64> = recent.iter().map(|(_, l)| *l).collect();
+        drop(recent);
+        lat.sort_by(f64::total_cmp);
+        let avg = if lat.is_empty() {
+            0.0
+        } else {
+            lat.iter().sum::<f64>() / lat.len() as f64
+        };
+        let p99 = if lat.is_empty() {
+            0.0
+        } else {
+            lat[((lat.len() as f64 * 0.99).ceil() as usize).clamp(1, lat.len()) - 1]
+        };
+        InferenceSummary {
+            requests_total: self.requests_total.load(Ordering::Relaxed),
+            requests_per_minute: per_minute as f64,
+            avg_latency_ms: (avg * 10.0).round() / 10.0,
+            p99_latency_ms: (p99 * 10.0).round() / 10.0,
+            tokens_generated: self.tokens_total.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_and_exposition() {
+        let m = Metrics::new(RequestTotals {
+            requests: 10,
+            completion_tokens: 100,
+            prompt_tokens: 50,
+        });
+        m.set_model_loaded("tiny");
+        m.record("/v1/completions", "ok", Duration::from_millis(20), 3, 4);
+        m.record("/v1/completions", "ok", Duration::from_millis(40), 3, 4);
+        let s = m.summary();
+        assert_eq!(s.requests_total, 12);
+        assert_eq!(s.tokens_generated, 108);
+        assert_eq!(s.requests_per_minute, 2.0);
+        assert_eq!(s.avg_latency_ms, 30.0);
+        assert_eq!(s.p99_latency_ms, 40.0);
+        let text = m.encode();
+        assert!(
+            text.contains("swarmllm_requests_total{endpoint=\"/v1/completions\",outcome=\"ok\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("swarmllm_model_loaded{model=\"tiny\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("swarmllm_request_duration_seconds_bucket"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,385 @@
+//! [`Node`]: the cheap, cloneable handle every client of the library holds.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use serde_json::{Map, Value};
+use tokio_util::sync::CancellationToken;
+use zeroize::Zeroizing;
+
+use crate::config::{Config, ConfigError, ConfigFileError, ConfigSource};
+use crate::identity::{self, Identity, IdentityError};
+use crate::infer::{Engine, EngineConfig, LoadModelError};
+use crate::metrics::Metrics;
+use crate::secrets::{SecretBackend, SecretError, SecretStore};
+use crate::store::{Store, StoreError};
+
+/// How to start a node.
+pub struct NodeOptions {
+    /// Where the config comes from (file, env, flags).
+    pub config: ConfigSource,
+    /// Receives model-load progress in `0.0..=1.0` (for a progress bar).
+    pub load_progress: Option<Box<dyn FnMut(f32) + Send>>,
+}
+
+impl std::fmt::Debug for NodeOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeOptions")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Starting a node failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigFileError),
+    /// The data dir cannot be created.
+    #[error("cannot create data dir {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The database failed to open or migrate.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Secrets could not be read or created.
+    #[error(transparent)]
+    Secrets(#[from] SecretError),
+    /// The identity could not be loaded.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    /// The model could not be loaded.
+    #[error(transparent)]
+    Model(#[from] LoadModelError),
+    /// A blocking start-up task panicked.
+    #[error("start-up task failed: {0}")]
+    Task(String),
+}
+
+/// Changing the configuration failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum UpdateConfigError {
+    /// A value is invalid; names the field.
+    #[error(transparent)]
+    Invalid(#[from] ConfigError),
+    /// The file could not be read or written.
+    #[error(transparent)]
+    File(#[from] ConfigFileError),
+}
+
+/// What a config change did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ConfigChange {
+    /// Fields whose value changed.
+    pub updated: Vec<String>,
+    /// Of those, the ones that take effect only after a restart.
+    pub restart_required: Vec<String>,
+    /// The config now in effect (restart-only fields keep their running values).
+    pub config: Map<String, Value>,
+}
+
+/// Handle to a running node. Clones share the same node.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: RwLock<Config>,
+    source: ConfigSource,
+    data_dir: PathBuf,
+    store: Store,
+    secrets: SecretStore,
+    identity: Identity,
+    api_key: Zeroizing<String>,
+    engine: Option<Engine>,
+    metrics: Metrics,
+    started: Instant,
+    started_at: chrono::DateTime<chrono::Utc>,
+    shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("node_id", &self.node_id())
+            .field("data_dir", &self.inner.data_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    /// Starts a node: loads the config, opens the data dir, database and secrets,
+    /// loads or creates the identity and API key, and loads the model if one is set.
+    pub async fn start(options: NodeOptions) -> Result<Node, StartError> {
+        let NodeOptions {
+            config: source,
+            load_progress,
+        } = options;
+        let config = source.load()?;
+        let data_dir = config.data_dir_path();
+        std::fs::create_dir_all(&data_dir).map_err(|source| StartError::DataDir {
+            path: data_dir.clone(),
+            source,
+        })?;
+
+        // Database, keychain and model loading all block: keep them off the runtime.
+        let blocking_config = config.clone();
+        let blocking_dir = data_dir.clone();
+        let (store, secrets, identity, api_key) = blocking(move || {
+            let store = Store::open(&blocking_dir.join("node.db"))?;
+            let secrets = SecretStore::open(&blocking_dir, &blocking_config.secret_store)?;
+            let identity = Identity::load_or_create(&secrets)?;
+            let api_key = identity::load_or_create_api_key(&secrets)?;
+            Ok::<_, StartError>((store, secrets, identity, api_key))
+        })
+        .await??;
+        tracing::info!(
+            node_id = %identity.node_id(),
+            data_dir = %data_dir.display(),
+            secrets = ?secrets.backend(),
+            "node identity ready"
+        );
+
+        let engine = if config.model.is_empty() {
+            tracing::warn!(
+                "no model configured; inference endpoints answer 503 until one is set (--model PATH)"
+            );
+            None
+        } else {
+            let engine_config = engine_config(&config);
+            let progress = load_progress.unwrap_or_else(|| Box::new(|_| {}));
+            Some(blocking(move || Engine::load(engine_config, progress)).await??)
+        };
+
+        let totals = {
+            let store = store.clone();
+            blocking(move || store.request_totals()).await??
+        };
+        let metrics = Metrics::new(totals);
+        if let Some(engine) = &engine {
+            metrics.set_model_loaded(&engine.info().id);
+        }
+
+        Ok(Node {
+            inner: Arc::new(Inner {
+                config: RwLock::new(config),
+                source,
+                data_dir,
+                store,
+                secrets,
+                identity,
+                api_key,
+                engine,
+                metrics,
+                started: Instant::now(),
+                started_at: chrono::Utc::now(),
+                shutdown: CancellationToken::new(),
+            }),
+        })
+    }
+
+    /// The config in effect.
+    pub fn config(&self) -> Config {
+        self.inner
+            .config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The config file.
+    pub fn config_path(&self) -> &Path {
+        &self.inner.source.path
+    }
+
+    /// The data dir.
+    pub fn data_dir(&self) -> &Path {
+        &self.inner.data_dir
+    }
+
+    /// The database.
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// The node's identity.
+    pub fn identity(&self) -> &Identity {
+        &self.inner.identity
+    }
+
+    /// 64 hex characters of the node's public key.
+    pub fn node_id(&self) -> String {
+        self.inner.identity.node_id()
+    }
+
+    /// Where secrets are kept.
+    pub fn secret_backend(&self) -> SecretBackend {
+        self.inner.secrets.backend()
+    }
+
+    /// The bearer API key.
+    pub fn api_key(&self) -> &str {
+        &self.inner.api_key
+    }
+
+    /// Compares `candidate` with the API key in constant time.
+    pub fn api_key_matches(&self, candidate: &str) -> bool {
+        use subtle::ConstantTimeEq;
+        // Hash both so the comparison length never depends on the candidate.
+        let a = blake3::hash(candidate.as_bytes());
+        let b = blake3::hash(self.inner.api_key.as_bytes());
+        a.as_bytes().ct_eq(b.as_bytes()).into()
+    }
+
+    /// The inference engine, when a model is loaded.
+    pub fn engine(&self) -> Option<&Engine> {
+        self.inner.engine.as_ref()
+    }
+
+    /// Counters.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// Time since start.
+    pub fn uptime(&self) -> std::time::Duration {
+        self.inner.started.elapsed()
+    }
+
+    /// When the node started.
+    pub fn started_at(&self) -> chrono::DateTime<chrono::Utc> {
+        self.inner.started_at
+    }
+
+    /// Cancelled when the node is asked to shut down.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.inner.shutdown.clone()
+    }
+
+    /// Asks the node to shut down gracefully.
+    pub fn request_shutdown(&self) {
+        tracing::info!("shutdown requested");
+        self.inner.shutdown.cancel();
+    }
+
+    /// The node's nickname.
+    pub async fn nickname(&self) -> Result<Option<String>, StoreError> {
+        let store = self.inner.store.clone();
+        tokio::task::spawn_blocking(move || store.setting("nickname"))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    /// Sets (or with `None` clears) the nickname.
+    pub async fn set_nickname(&self, nickname: Option<String>) -> Result<(), StoreError> {
+        let store = self.inner.store.clone();
+        tokio::task::spawn_blocking(move || store.set_setting("nickname", nickname.as_deref()))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    /// Applies a partial config change: validates it, writes it to the config file,
+    /// and puts hot-reloadable fields into effect at once.
+    pub fn update_config(
+        &self,
+        changes: &Map<String, Value>,
+    ) -> Result<ConfigChange, UpdateConfigError> {
+        let current = self.config();
+        let wanted = current.patched(changes)?;
+        let updated: Vec<String> = changes
+            .keys()
+            .filter(|k| current.to_json().get(*k) != wanted.to_json().get(*k))
+            .cloned()
+            .collect();
+        self.inner.source.persist(changes)?;
+        Ok(self.apply(wanted, updated))
+    }
+
+    /// Re-reads the config file and environment and applies what can change live.
+    pub fn reload_config(&self) -> Result<ConfigChange, UpdateConfigError> {
+        let wanted = self.inner.source.load()?;
+        let updated = self.config().changed_fields(&wanted);
+        Ok(self.apply(wanted, updated))
+    }
+
+    fn apply(&self, wanted: Config, updated: Vec<String>) -> ConfigChange {
+        let restart_required = Config::restart_required(&updated);
+        let mut guard = self.inner.config.write().unwrap_or_else(|p| p.into_inner());
+        // Hot fields switch now; restart-only fields keep their running values.
+        let mut running = guard.to_json();
+        for (key, value) in wanted.to_json() {
+            if !restart_required.contains(&key) {
+                running.insert(key, value);
+            }
+        }
+        if let Ok(next) = serde_json::from_value::<Config>(Value::Object(running)) {
+            *guard = next;
+        }
+        let config = guard.to_json();
+        drop(guard);
+        if !updated.is_empty() {
+            tracing::info!(?updated, ?restart_required, "configuration changed");
+        }
+        ConfigChange {
+            updated,
+            restart_required,
+            config,
+        }
+    }
+}
+
+/// The engine settings a config implies.
+pub fn engine_config(config: &Config) -> EngineConfig {
+    let model_path = PathBuf::from(&config.model);
+    let model_id = if config.model_id.is_empty() {
+        model_id_from_path(&model_path)
+    } else {
+        config.model_id.clone()
+    };
+    let threads = if config.threads == 0 {
+        std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1)
+    } else {
+        config.threads
+    };
+    EngineConfig {
+        model_path,
+        model_id,
+        threads,
+        gpu_layers: config.gpu_layers,
+        context_size: config.context_size,
+        batch_size: config.batch_size,
+        max_queue: config.max_queue as usize,
+        backends_dir: (!config.backends_dir.is_empty())
+            .then(|| PathBuf::from(&config.backends_dir)),
+    }
+}
+
+/// `SmolLM2-135M-Instruct.Q4_1.gguf` → `smollm2-135m-instruct.q4_1`.
+pub fn model_id_from_path(path: &Path) -> String {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "model".into());
+    name.strip_suffix(".gguf")
+        .unwrap_or(&name)
+        .to_ascii_lowercase()
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, StartError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StartError::Task(e.to_string()))
+}

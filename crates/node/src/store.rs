@@ -1,0 +1,297 @@
+//! The node's SQLite database: numbered migrations, WAL, transactional writes.
+//!
+//! One connection behind a mutex is plenty for a node's write rate and keeps the
+//! locking story simple; calls are short and run on the blocking pool
+//! (`tokio::task::spawn_blocking`) when made from async code.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+/// Schema migrations, applied in order. Index + 1 is the schema version stored in
+/// `PRAGMA user_version`. Never edit a shipped entry: append a new one.
+const MIGRATIONS: &[&str] = &[
+    // 1: settings and the request log.
+    "CREATE TABLE settings (
+        key        TEXT PRIMARY KEY,
+        value      TEXT NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+    CREATE TABLE request_log (
+        id                TEXT PRIMARY KEY,
+        endpoint          TEXT NOT NULL,
+        model             TEXT NOT NULL,
+        prompt_tokens     INTEGER NOT NULL,
+        completion_tokens INTEGER NOT NULL,
+        finish_reason     TEXT NOT NULL,
+        queue_ms          INTEGER NOT NULL,
+        inference_ms      INTEGER NOT NULL,
+        total_ms          INTEGER NOT NULL,
+        created_at        INTEGER NOT NULL
+    );
+    CREATE INDEX request_log_created ON request_log(created_at);",
+];
+
+/// A database failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// SQLite reported an error.
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The blocking task running the query failed.
+    #[error("database task failed: {0}")]
+    Task(String),
+    /// The database was written by a newer SwarmLLM.
+    #[error("database schema version {found} is newer than this build supports ({supported})")]
+    TooNew {
+        /// Version in the file.
+        found: i64,
+        /// Newest version this build knows.
+        supported: i64,
+    },
+}
+
+/// One completed inference request, as kept in `request_log`.
+#[derive(Debug, Clone)]
+pub struct RequestRecord {
+    /// Request id.
+    pub id: String,
+    /// The API route that served it.
+    pub endpoint: String,
+    /// Model id.
+    pub model: String,
+    /// Prompt tokens.
+    pub prompt_tokens: u32,
+    /// Generated tokens.
+    pub completion_tokens: u32,
+    /// `stop`, `length`, `cancelled` or `error`.
+    pub finish_reason: String,
+    /// Time spent waiting for the engine.
+    pub queue_ms: u64,
+    /// Time spent in the engine.
+    pub inference_ms: u64,
+    /// Wall time of the whole request.
+    pub total_ms: u64,
+}
+
+/// Lifetime totals derived from `request_log`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RequestTotals {
+    /// Requests served.
+    pub requests: u64,
+    /// Tokens generated.
+    pub completion_tokens: u64,
+    /// Prompt tokens processed.
+    pub prompt_tokens: u64,
+}
+
+/// Handle to the database; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path` and migrates it.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path)?;
+        Self::init(conn)
+    }
+
+    /// An in-memory database (tests).
+    pub fn open_in_memory() -> Result<Self, StoreError> {
+        Self::init(Connection::open_in_memory()?)
+    }
+
+    fn init(mut conn: Connection) -> Result<Self, StoreError> {
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        // WAL: readers never block the writer; NORMAL sync is durable across
+        // application crashes (only an OS crash can lose the last transaction).
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        migrate(&mut conn)?;
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite inconsistent (every
+        // multi-statement write is a transaction), so a poisoned lock is still usable.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Schema version of the open database.
+    pub fn schema_version(&self) -> Result<i64, StoreError> {
+        Ok(self
+            .conn()
+            .pragma_query_value(None, "user_version", |r| r.get(0))?)
+    }
+
+    /// Reads a setting.
+    pub fn setting(&self, key: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| {
+                r.get(0)
+            })
+            .optional()?)
+    }
+
+    /// Writes a setting, or deletes it when `value` is `None`.
+    pub fn set_setting(&self, key: &str, value: Option<&str>) -> Result<(), StoreError> {
+        let conn = self.conn();
+        match value {
+            Some(v) => conn.execute(
+                "INSERT INTO settings (key, value, updated_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                params![key, v, now_unix()],
+            )?,
+            None => conn.execute("DELETE FROM settings WHERE key = ?1", [key])?,
+        };
+        Ok(())
+    }
+
+    /// Appends finished requests in one transaction.
+    pub fn record_requests(&self, records: &[RequestRecord]) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT OR IGNORE INTO request_log (id, endpoint, model, prompt_tokens,
+                 completion_tokens, finish_reason, queue_ms, inference_ms, total_ms, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            )?;
+            let now = now_unix();
+            for r in records {
+                stmt.execute(params![
+                    r.id,
+                    r.endpoint,
+                    r.model,
+                    r.prompt_tokens,
+                    r.completion_tokens,
+                    r.finish_reason,
+                    r.queue_ms as i64,
+                    r.inference_ms as i64,
+                    r.total_ms as i64,
+                    now
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Lifetime totals of the request log.
+    pub fn request_totals(&self) -> Result<RequestTotals, StoreError> {
+        Ok(self.conn().query_row(
+            "SELECT COUNT(*), COALESCE(SUM(completion_tokens), 0), COALESCE(SUM(prompt_tokens), 0)
+             FROM request_log",
+            [],
+            |r| {
+                Ok(RequestTotals {
+                    requests: r.get::<_, i64>(0)? as u64,
+                    completion_tokens: r.get::<_, i64>(1)? as u64,
+                    prompt_tokens: r.get::<_, i64>(2)? as u64,
+                })
+            },
+        )?)
+    }
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let current: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let supported = MIGRATIONS.len() as i64;
+    if current > supported {
+        return Err(StoreError::TooNew {
+            found: current,
+            supported,
+        });
+    }
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        // Each migration and its version bump commit together or not at all.
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", index as i64 + 1)?;
+        tx.commit()?;
+        tracing::debug!(version = index + 1, "applied database migration");
+    }
+    Ok(())
+}
+
+fn now_unix() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrates_to_latest_and_is_idempotent() -> Result<(), StoreError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("node.db");
+        let store = Store::open(&path)?;
+        assert_eq!(store.schema_version()?, MIGRATIONS.len() as i64);
+        drop(store);
+        let store = Store::open(&path)?;
+        assert_eq!(store.schema_version()?, MIGRATIONS.len() as i64);
+        Ok(())
+    }
+
+    #[test]
+    fn refuses_newer_schema() -> Result<(), StoreError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("node.db");
+        drop(Store::open(&path)?);
+        let conn = Connection::open(&path)?;
+        conn.pragma_update(None, "user_version", 999)?;
+        drop(conn);
+        assert!(matches!(Store::open(&path), Err(StoreError::TooNew { .. })));
+        Ok(())
+    }
+
+    #[test]
+    fn settings_round_trip_and_delete() -> Result<(), StoreError> {
+        let store = Store::open_in_memory()?;
+        assert_eq!(store.setting("nickname")?, None);
+        store.set_setting("nickname", Some("a"))?;
+        store.set_setting("nickname", Some("b"))?;
+        assert_eq!(store.setting("nickname")?.as_deref(), Some("b"));
+        store.set_setting("nickname", None)?;
+        assert_eq!(store.setting("nickname")?, None);
+        Ok(())
+    }
+
+    #[test]
+    fn request_log_totals() -> Result<(), StoreError> {
+        let store = Store::open_in_memory()?;
+        let rec = |id: &str, n| RequestRecord {
+            id: id.into(),
+            endpoint: "/v1/completions".into(),
+            model: "m".into(),
+            prompt_tokens: 3,
+            completion_tokens: n,
+            finish_reason: "stop".into(),
+            queue_ms: 0,
+            inference_ms: 1,
+            total_ms: 1,
+        };
+        store.record_requests(&[rec("a", 5), rec("b", 7)])?;
+        let t = store.request_totals()?;
+        assert_eq!(
+            (t.requests, t.completion_tokens, t.prompt_tokens),
+            (2, 12, 6)
+        );
+        Ok(())
+    }
+}
