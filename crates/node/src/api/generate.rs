@@ -198,7 +198,6 @@ pub(crate) struct Generation {
     node: Node,
     endpoint: &'static str,
     started: Instant,
-    completion_tokens_seen: u32,
     finished: bool,
 }
 
@@ -240,7 +239,6 @@ pub(crate) async fn start(
             node: node.clone(),
             endpoint,
             started,
-            completion_tokens_seen: 0,
             finished: false,
         }),
         Some(Event::Failed(e)) => {
@@ -285,7 +283,6 @@ impl Generation {
                 usage,
                 timing,
             }) => {
-                self.completion_tokens_seen = usage.completion_tokens;
                 let total_ms = self.started.elapsed().as_millis() as u64;
                 self.account("ok", finish_reason.as_str(), usage, timing, total_ms);
                 Piece::Done {
