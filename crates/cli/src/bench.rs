@@ -73,6 +73,7 @@ pub(crate) async fn run(mut source: ConfigSource, args: &BenchArgs) -> anyhow::R
     overrides.insert("secret_store".into(), json!("file"));
     overrides.insert("rate_limit_per_minute".into(), json!(0));
     overrides.insert("api_port".into(), json!(0));
+    overrides.insert("p2p_enabled".into(), json!(false));
     if let Some(t) = args.threads {
         overrides.insert("threads".into(), json!(t));
     }

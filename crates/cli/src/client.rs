@@ -96,6 +96,15 @@ impl Client {
             .await?)
     }
 
+    /// POST JSON → JSON.
+    pub(crate) async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        Ok(self
+            .send(reqwest::Method::POST, path, Some(body))
+            .await?
+            .json()
+            .await?)
+    }
+
     /// Whether anything answers at the node's address.
     pub(crate) async fn is_running(&self) -> bool {
         self.http

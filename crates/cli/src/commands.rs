@@ -34,6 +34,18 @@ pub(crate) struct ServeArgs {
     /// Context window in tokens (default 4096).
     #[arg(long)]
     context_size: Option<u32>,
+    /// Address the P2P layer listens on (default 0.0.0.0).
+    #[arg(long)]
+    p2p_host: Option<String>,
+    /// A network code (`swarm://…`) or multiaddr to join at start; repeatable.
+    #[arg(long)]
+    bootstrap: Vec<String>,
+    /// Turn off local-network discovery (mDNS).
+    #[arg(long)]
+    no_mdns: bool,
+    /// Run without the P2P layer (a local-only node).
+    #[arg(long)]
+    no_p2p: bool,
 }
 
 impl ServeArgs {
@@ -61,6 +73,18 @@ impl ServeArgs {
         }
         if let Some(v) = self.context_size {
             m.insert("context_size".into(), json!(v));
+        }
+        if let Some(v) = &self.p2p_host {
+            m.insert("p2p_host".into(), json!(v));
+        }
+        if !self.bootstrap.is_empty() {
+            m.insert("bootstrap".into(), json!(self.bootstrap));
+        }
+        if self.no_mdns {
+            m.insert("mdns".into(), json!(false));
+        }
+        if self.no_p2p {
+            m.insert("p2p_enabled".into(), json!(false));
         }
         m
     }
@@ -284,5 +308,68 @@ pub(crate) fn api_key(source: &ConfigSource) -> anyhow::Result<()> {
         },
     )?;
     println!("{}", key.as_str());
+    Ok(())
+}
+
+/// `swarmllm peers`
+pub(crate) async fn peers(client: &Client, raw: bool) -> anyhow::Result<()> {
+    let v = client.get("/api/admin/peers").await?;
+    if raw {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let peers = v["peers"].as_array().cloned().unwrap_or_default();
+    if peers.is_empty() {
+        println!("no peers known yet (join one with `swarmllm network join CODE`)");
+        return Ok(());
+    }
+    println!(
+        "{:<18} {:<16} {:<8} {:>9} {:>6}  {:<8} MODELS",
+        "NODE", "NICKNAME", "REGION", "LATENCY", "TRUST", "STATE"
+    );
+    for p in peers {
+        let id = p["node_id"].as_str().unwrap_or("?");
+        let models: Vec<&str> = p["models"]
+            .as_array()
+            .map(|m| m.iter().filter_map(|m| m["id"].as_str()).collect())
+            .unwrap_or_default();
+        println!(
+            "{:<18} {:<16} {:<8} {:>9} {:>6}  {:<8} {}",
+            &id[..id.len().min(16)],
+            p["nickname"].as_str().unwrap_or("-"),
+            p["region"].as_str().unwrap_or("-"),
+            p["latency_ms"]
+                .as_f64()
+                .map(|l| format!("{l:.1} ms"))
+                .unwrap_or_else(|| "-".into()),
+            p["trust_score"],
+            if p["connected"].as_bool() == Some(true) {
+                "online"
+            } else {
+                "offline"
+            },
+            models.join(",")
+        );
+    }
+    Ok(())
+}
+
+/// `swarmllm network code`
+pub(crate) async fn network_code(client: &Client) -> anyhow::Result<()> {
+    let v = client.get("/api/admin/network-code").await?;
+    println!("{}", v["code"].as_str().unwrap_or_default());
+    eprintln!("phase: {}", v["phase"].as_str().unwrap_or("?"));
+    Ok(())
+}
+
+/// `swarmllm network join CODE`
+pub(crate) async fn network_join(client: &Client, code: &str) -> anyhow::Result<()> {
+    let body = if code.trim().starts_with("swarm://") {
+        json!({ "code": code })
+    } else {
+        json!({ "address": code })
+    };
+    let v = client.post("/api/admin/join-network", &body).await?;
+    println!("connected to {}", v["node_id"].as_str().unwrap_or("?"));
     Ok(())
 }

@@ -65,6 +65,28 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Print this machine's node API key (for `Authorization: Bearer ...`).
     ApiKey,
+    /// List the peers a running node knows (latency, trust, models).
+    Peers {
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Network invite codes.
+    Network {
+        #[command(subcommand)]
+        command: NetworkCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum NetworkCommand {
+    /// Print an invite code (`swarm://…`) others can join with.
+    Code,
+    /// Join a network through an invite code or a multiaddr.
+    Join {
+        /// `swarm://…` code or `/ip4/…/tcp/…/p2p/…` address.
+        code: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -153,6 +175,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             command: ModelsCommand::List,
         } => commands::models_list(&client::Client::connect(&cli.config_source(Map::new()))?).await,
         Command::ApiKey => commands::api_key(&cli.config_source(Map::new())),
+        Command::Peers { json } => {
+            commands::peers(
+                &client::Client::connect(&cli.config_source(Map::new()))?,
+                *json,
+            )
+            .await
+        }
+        Command::Network { command } => {
+            let client = client::Client::connect(&cli.config_source(Map::new()))?;
+            match command {
+                NetworkCommand::Code => commands::network_code(&client).await,
+                NetworkCommand::Join { code } => commands::network_join(&client, code).await,
+            }
+        }
         Command::Config { command } => {
             let source = cli.config_source(Map::new());
             match command {

@@ -20,8 +20,22 @@ pub struct Config {
     pub api_host: String,
     /// HTTP API port. Default 8800.
     pub api_port: u16,
-    /// Peer-to-peer port (reserved for the P2P layer). Default 8801.
+    /// Peer-to-peer port, TCP and UDP/QUIC (0 picks one). Default 8801.
     pub p2p_port: u16,
+    /// Address the P2P layer listens on. Default `0.0.0.0` (all interfaces).
+    pub p2p_host: String,
+    /// Whether the node joins the P2P network at all. Default true.
+    pub p2p_enabled: bool,
+    /// Local-network discovery with mDNS. Default true.
+    pub mdns: bool,
+    /// Invite codes (`swarm://…`) or multiaddrs dialled at start. Default none.
+    pub bootstrap: Vec<String>,
+    /// Network name; invite codes only open within the same network. Default `swarmllm`.
+    pub network_name: String,
+    /// Region code announced to peers (`EU`, `NA`, …); empty guesses from the time zone.
+    pub region: String,
+    /// Seconds between signed announcements. Default 10.
+    pub announce_interval_secs: u32,
     /// Data directory; empty means the platform data dir. Default empty.
     pub data_dir: String,
     /// Path of the GGUF model to serve; empty means no model. Default empty.
@@ -62,6 +76,13 @@ impl Default for Config {
             api_host: "127.0.0.1".into(),
             api_port: 8800,
             p2p_port: 8801,
+            p2p_host: "0.0.0.0".into(),
+            p2p_enabled: true,
+            mdns: true,
+            bootstrap: Vec::new(),
+            network_name: "swarmllm".into(),
+            region: String::new(),
+            announce_interval_secs: 10,
             data_dir: String::new(),
             model: String::new(),
             model_id: String::new(),
@@ -87,6 +108,13 @@ const RESTART_FIELDS: &[&str] = &[
     "api_host",
     "api_port",
     "p2p_port",
+    "p2p_host",
+    "p2p_enabled",
+    "mdns",
+    "bootstrap",
+    "network_name",
+    "region",
+    "announce_interval_secs",
     "data_dir",
     "model",
     "model_id",
@@ -151,6 +179,18 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.api_host.parse::<std::net::IpAddr>().is_err() && self.api_host != "localhost" {
             return Err(ConfigError::new("api_host", "must be an IP address"));
+        }
+        if self.p2p_host.parse::<std::net::IpAddr>().is_err() {
+            return Err(ConfigError::new("p2p_host", "must be an IP address"));
+        }
+        if self.announce_interval_secs == 0 {
+            return Err(ConfigError::new(
+                "announce_interval_secs",
+                "must be at least 1",
+            ));
+        }
+        if self.network_name.is_empty() {
+            return Err(ConfigError::new("network_name", "must not be empty"));
         }
         if self.context_size < 64 {
             return Err(ConfigError::new("context_size", "must be at least 64"));

@@ -63,3 +63,10 @@ pub fn snapshot() -> HardwareInfo {
         system_uptime_seconds: System::uptime(),
     }
 }
+
+/// Total RAM of this machine in GiB.
+pub fn total_memory_gb() -> f64 {
+    let mut sys = sysinfo::System::new();
+    sys.refresh_memory();
+    sys.total_memory() as f64 / (1u64 << 30) as f64
+}

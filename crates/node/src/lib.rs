@@ -17,6 +17,7 @@ pub mod identity;
 pub mod infer;
 pub mod logging;
 pub mod metrics;
+pub mod net;
 pub mod node;
 pub mod paths;
 pub mod secrets;

@@ -1,8 +1,8 @@
 //! [`Node`]: the cheap, cloneable handle every client of the library holds.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
-use std::time::Instant;
+use std::sync::{Arc, OnceLock, RwLock, Weak};
+use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
@@ -12,6 +12,8 @@ use crate::config::{Config, ConfigError, ConfigFileError, ConfigSource};
 use crate::identity::{self, Identity, IdentityError};
 use crate::infer::{Engine, EngineConfig, LoadModelError};
 use crate::metrics::Metrics;
+use crate::net::announce::{HardwareSummary, HostedModel, Load};
+use crate::net::{LocalInfo, NetConfig, NetError, Network};
 use crate::secrets::{SecretBackend, SecretError, SecretStore};
 use crate::store::{Store, StoreError};
 
@@ -58,6 +60,9 @@ pub enum StartError {
     /// The model could not be loaded.
     #[error(transparent)]
     Model(#[from] LoadModelError),
+    /// The P2P layer could not start.
+    #[error(transparent)]
+    Network(#[from] NetError),
     /// A blocking start-up task panicked.
     #[error("start-up task failed: {0}")]
     Task(String),
@@ -101,6 +106,8 @@ struct Inner {
     identity: Identity,
     api_key: Zeroizing<String>,
     engine: Option<Engine>,
+    network: OnceLock<Network>,
+    nickname: RwLock<Option<String>>,
     metrics: Metrics,
     started: Instant,
     started_at: chrono::DateTime<chrono::Utc>,
@@ -168,10 +175,14 @@ impl Node {
         if let Some(engine) = &engine {
             metrics.set_model_loaded(&engine.info().id);
         }
+        let nickname = {
+            let store = store.clone();
+            blocking(move || store.setting("nickname")).await??
+        };
 
-        Ok(Node {
+        let node = Node {
             inner: Arc::new(Inner {
-                config: RwLock::new(config),
+                config: RwLock::new(config.clone()),
                 source,
                 data_dir,
                 store,
@@ -179,12 +190,32 @@ impl Node {
                 identity,
                 api_key,
                 engine,
+                network: OnceLock::new(),
+                nickname: RwLock::new(nickname),
                 metrics,
                 started: Instant::now(),
                 started_at: chrono::Utc::now(),
                 shutdown: CancellationToken::new(),
             }),
-        })
+        };
+        if config.p2p_enabled {
+            let hardware = blocking(hardware_summary).await?;
+            let network = Network::start(
+                &node.inner.identity,
+                node.inner.store.clone(),
+                net_config(&config),
+                local_info(Arc::downgrade(&node.inner), hardware),
+                node.inner.shutdown.clone(),
+            )
+            .await?;
+            let _ = node.inner.network.set(network);
+        }
+        Ok(node)
+    }
+
+    /// The P2P layer, unless `p2p_enabled` is off.
+    pub fn network(&self) -> Option<&Network> {
+        self.inner.network.get()
     }
 
     /// The config in effect.
@@ -272,19 +303,30 @@ impl Node {
     }
 
     /// The node's nickname.
-    pub async fn nickname(&self) -> Result<Option<String>, StoreError> {
-        let store = self.inner.store.clone();
-        tokio::task::spawn_blocking(move || store.setting("nickname"))
-            .await
-            .map_err(|e| StoreError::Task(e.to_string()))?
+    pub fn nickname(&self) -> Option<String> {
+        self.inner
+            .nickname
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
-    /// Sets (or with `None` clears) the nickname.
+    /// Sets (or with `None` clears) the nickname, and announces the change.
     pub async fn set_nickname(&self, nickname: Option<String>) -> Result<(), StoreError> {
         let store = self.inner.store.clone();
-        tokio::task::spawn_blocking(move || store.set_setting("nickname", nickname.as_deref()))
+        let value = nickname.clone();
+        tokio::task::spawn_blocking(move || store.set_setting("nickname", value.as_deref()))
             .await
-            .map_err(|e| StoreError::Task(e.to_string()))?
+            .map_err(|e| StoreError::Task(e.to_string()))??;
+        *self
+            .inner
+            .nickname
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = nickname;
+        if let Some(network) = self.network() {
+            network.announce_now().await;
+        }
+        Ok(())
     }
 
     /// Applies a partial config change: validates it, writes it to the config file,
@@ -335,6 +377,66 @@ impl Node {
             config,
         }
     }
+}
+
+/// The P2P settings a config implies.
+pub fn net_config(config: &Config) -> NetConfig {
+    NetConfig {
+        listen_host: config.p2p_host.clone(),
+        port: config.p2p_port,
+        mdns: config.mdns,
+        bootstrap: config.bootstrap.clone(),
+        network_name: config.network_name.clone(),
+        announce_interval: Duration::from_secs(config.announce_interval_secs as u64),
+        region: crate::net::detect_region(&config.region),
+    }
+}
+
+fn hardware_summary() -> HardwareSummary {
+    let hw = crate::hardware::snapshot();
+    let gib = |b: u64| (b as f64 / (1u64 << 30) as f64 * 10.0).round() / 10.0;
+    HardwareSummary {
+        cpu: hw.cpu_model,
+        cores: hw.cpu_threads as u32,
+        ram_gb: gib(hw.ram_total),
+        gpus: hw.gpus.iter().map(|g| g.description.clone()).collect(),
+        vram_gb: gib(hw.gpus.iter().map(|g| g.memory_total).sum()),
+    }
+}
+
+/// What the node announces about itself, read fresh at each announcement.
+fn local_info(node: Weak<Inner>, hardware: HardwareSummary) -> crate::net::LocalInfoFn {
+    Arc::new(move || {
+        let Some(inner) = node.upgrade() else {
+            return LocalInfo::default();
+        };
+        let mut capabilities = vec!["relay".to_string(), "rpc".to_string()];
+        let mut models = Vec::new();
+        let mut load = Load::default();
+        if let Some(engine) = &inner.engine {
+            capabilities.insert(0, "inference".into());
+            let info = engine.info();
+            models.push(HostedModel {
+                id: info.id.clone(),
+                layer_start: 0,
+                layer_end: info.n_layers,
+                n_layers: info.n_layers,
+            });
+            load.queue_depth = engine.queue_depth() as u32;
+        }
+        load.requests_per_minute = inner.metrics.summary().requests_per_minute;
+        LocalInfo {
+            nickname: inner
+                .nickname
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            capabilities,
+            hardware: hardware.clone(),
+            models,
+            load,
+        }
+    })
 }
 
 /// The engine settings a config implies.

@@ -31,6 +31,51 @@ const MIGRATIONS: &[&str] = &[
         created_at        INTEGER NOT NULL
     );
     CREATE INDEX request_log_created ON request_log(created_at);",
+    // 2: the peer directory (shapes of swarm_nodes, swarm_seeds, swarm_sync_log).
+    "CREATE TABLE swarm_nodes (
+        id                   TEXT PRIMARY KEY,
+        node_id              TEXT NOT NULL UNIQUE,
+        peer_id              TEXT NOT NULL,
+        addresses            TEXT NOT NULL DEFAULT '[]',
+        nickname             TEXT,
+        region               TEXT,
+        software_version     TEXT,
+        capabilities         TEXT NOT NULL DEFAULT '[]',
+        hardware             TEXT NOT NULL DEFAULT '{}',
+        models               TEXT NOT NULL DEFAULT '[]',
+        load                 TEXT NOT NULL DEFAULT '{}',
+        latency_ms           REAL,
+        trust_score          INTEGER NOT NULL DEFAULT 50,
+        consecutive_failures INTEGER NOT NULL DEFAULT 0,
+        bad_frames           INTEGER NOT NULL DEFAULT 0,
+        discovered_via       TEXT NOT NULL,
+        discovered_at        INTEGER NOT NULL,
+        last_seen_at         INTEGER,
+        last_sync_at         INTEGER,
+        announce_seq         INTEGER NOT NULL DEFAULT 0,
+        is_active            INTEGER NOT NULL DEFAULT 0,
+        next_retry_at        INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE swarm_seeds (
+        id                   TEXT PRIMARY KEY,
+        address              TEXT NOT NULL UNIQUE,
+        priority             INTEGER NOT NULL DEFAULT 100,
+        is_enabled           INTEGER NOT NULL DEFAULT 1,
+        last_contact_at      INTEGER,
+        consecutive_failures INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE swarm_sync_log (
+        id             TEXT PRIMARY KEY,
+        remote_node    TEXT NOT NULL,
+        direction      TEXT NOT NULL CHECK (direction IN ('push', 'pull')),
+        nodes_received INTEGER NOT NULL DEFAULT 0,
+        nodes_sent     INTEGER NOT NULL DEFAULT 0,
+        success        INTEGER NOT NULL,
+        error_message  TEXT,
+        duration_ms    INTEGER NOT NULL DEFAULT 0,
+        created_at     INTEGER NOT NULL
+    );
+    CREATE INDEX swarm_sync_log_created ON swarm_sync_log(created_at);",
 ];
 
 /// A database failure.
@@ -128,6 +173,14 @@ impl Store {
         // A panic while holding the lock cannot leave SQLite inconsistent (every
         // multi-statement write is a transaction), so a poisoned lock is still usable.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the connection (for domain modules that keep their own SQL).
+    pub(crate) fn with_conn<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        Ok(f(&mut self.conn())?)
     }
 
     /// Schema version of the open database.
@@ -228,7 +281,7 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn now_unix() -> i64 {
+pub(crate) fn now_unix() -> i64 {
     chrono::Utc::now().timestamp()
 }
 

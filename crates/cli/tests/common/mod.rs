@@ -79,6 +79,8 @@ pub struct TestNode {
     child: Option<Child>,
     dir: tempfile::TempDir,
     pub port: u16,
+    pub p2p_port: u16,
+    extra_args: Vec<String>,
     pub base: String,
     pub key: String,
     with_model: bool,
@@ -97,12 +99,19 @@ impl TestNode {
     }
 
     fn start_with(with_model: bool) -> Self {
+        Self::start_full(with_model, &[])
+    }
+
+    /// Starts a node with extra `serve` arguments (e.g. `--bootstrap CODE`).
+    pub fn start_full(with_model: bool, extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let mut node = TestNode {
             child: None,
             dir,
             port,
+            p2p_port: free_port(),
+            extra_args: extra.iter().map(|s| s.to_string()).collect(),
             base: format!("http://127.0.0.1:{port}"),
             key: String::new(),
             with_model,
@@ -129,6 +138,13 @@ impl TestNode {
             .arg("serve")
             .arg("--threads")
             .arg("1")
+            .arg("--p2p-port")
+            .arg(self.p2p_port.to_string())
+            .args(&self.extra_args)
+            // Tests stay on loopback: no mDNS, no listening on other interfaces.
+            .env("SWARMLLM_P2P_HOST", "127.0.0.1")
+            .env("SWARMLLM_MDNS", "false")
+            .env("SWARMLLM_ANNOUNCE_INTERVAL_SECS", "2")
             .env("SWARMLLM_SECRET_STORE", "file")
             .env_remove("SWARMLLM_API_KEY")
             .stdout(Stdio::null())
@@ -172,6 +188,14 @@ impl TestNode {
     /// Stops and starts the node again on the same data dir and port.
     pub fn restart(&mut self) {
         self.kill();
+        self.spawn();
+    }
+
+    /// Starts the node again after [`kill`](Self::kill), without the extra
+    /// arguments it first had (so a restart relies on what the node saved).
+    pub fn restart_plain(&mut self) {
+        self.kill();
+        self.extra_args.clear();
         self.spawn();
     }
 

@@ -18,10 +18,7 @@ pub(crate) async fn stats(State(state): State<AppState>) -> Result<Json<Value>, 
     let hardware = tokio::task::spawn_blocking(crate::hardware::snapshot)
         .await
         .map_err(|e| ApiError::internal("hardware snapshot", e))?;
-    let nickname = node
-        .nickname()
-        .await
-        .map_err(|e| ApiError::internal("reading the nickname", e))?;
+    let nickname = node.nickname();
     let (cpu_percent, ram_used) = state.process_usage().await;
     Ok(Json(json!({
         "node_id": node.node_id(),
@@ -35,7 +32,13 @@ pub(crate) async fn stats(State(state): State<AppState>) -> Result<Json<Value>, 
         "queue_depth": node.engine().map(|e| e.queue_depth()).unwrap_or(0),
         "inference": node.metrics().summary(),
         "secret_store": node.secret_backend(),
-        "peer_count": 0,
+        "peer_count": node.network().map(|n| n.connected().len()).unwrap_or(0),
+        "p2p": node.network().map(|n| json!({
+            "peer_id": n.peer_id().to_string(),
+            "phase": n.phase(),
+            "region": n.region(),
+            "counters": n.counters(),
+        })),
     })))
 }
 
@@ -146,15 +149,8 @@ fn config_error(e: UpdateConfigError) -> ApiError {
 }
 
 /// `GET /api/identity/nickname`
-pub(crate) async fn get_nickname(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let nickname = state
-        .node
-        .nickname()
-        .await
-        .map_err(|e| ApiError::internal("reading the nickname", e))?;
-    Ok(Json(
-        json!({ "node_id": state.node.node_id(), "nickname": nickname }),
-    ))
+pub(crate) async fn get_nickname(State(state): State<AppState>) -> Json<Value> {
+    Json(json!({ "node_id": state.node.node_id(), "nickname": state.node.nickname() }))
 }
 
 #[derive(Debug, Deserialize)]

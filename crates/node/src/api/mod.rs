@@ -8,6 +8,7 @@ mod admin;
 mod error;
 mod extract;
 mod generate;
+mod net;
 mod openai;
 mod v1;
 
@@ -96,7 +97,14 @@ pub fn router(node: Node) -> Router {
         .route("/api/admin/stats", get(admin::stats))
         .route("/api/admin/version", get(admin::version))
         .route("/api/admin/config", get(admin::get_config))
-        .route("/api/identity/nickname", get(admin::get_nickname));
+        .route("/api/identity/nickname", get(admin::get_nickname))
+        .route("/api/identity/peers", get(net::identity_peers))
+        .route("/api/admin/peers", get(net::admin_peers))
+        .route("/api/admin/network-map", get(net::network_map))
+        .route("/api/admin/network-code", get(net::network_code))
+        .route("/api/v1/peers", get(net::v1_peers))
+        .route("/api/v1/network", get(net::v1_network))
+        .route("/.well-known/swarmllm", get(net::well_known));
 
     let protected = Router::new()
         .route("/v1/chat/completions", post(openai::chat_completions))
@@ -106,6 +114,8 @@ pub fn router(node: Node) -> Router {
         .route("/api/admin/shutdown", post(admin::shutdown))
         .route("/api/admin/config", axum::routing::put(admin::put_config))
         .route("/api/admin/config/reload", post(admin::reload_config))
+        .route("/api/admin/join-network", post(net::join_network))
+        .route("/api/v1/network/discover", post(net::discover))
         .route(
             "/api/identity/nickname",
             axum::routing::put(admin::put_nickname).delete(admin::delete_nickname),

@@ -128,7 +128,7 @@ pub(crate) async fn status(State(state): State<AppState>) -> Json<Value> {
         "role": if node.engine().is_some() { "worker" } else { "client" },
         "model": model,
         "layers": layers,
-        "peer_count": 0,
+        "peer_count": node.network().map(|n| n.connected().len()).unwrap_or(0),
         "queue_depth": node.engine().map(|e| e.queue_depth()).unwrap_or(0),
         "resources": {
             "gpu_memory_used": gpus.iter().map(|g| g.memory_total.saturating_sub(g.memory_free)).sum::<u64>(),
@@ -151,9 +151,13 @@ pub(crate) async fn health(State(state): State<AppState>) -> Json<Value> {
         "healthy": storage_ok,
         "checks": {
             "gpu": if gpus.is_empty() { "none" } else { "ok" },
-            "network": "ok",
+            "network": match state.node.network() {
+                Some(n) if !n.connected().is_empty() => "ok",
+                Some(_) => "no_peers",
+                None => "disabled",
+            },
             "storage": if storage_ok { "ok" } else { "error" },
-            "peers": "none",
+            "peers": state.node.network().map(|n| n.connected().len()).unwrap_or(0),
             "model": if model_ok { "ok" } else { "not_loaded" },
         }
     }))

@@ -1,0 +1,394 @@
+//! The P2P layer between separate node processes on loopback (and, with root, in
+//! network namespaces for mDNS).
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{TestNode, cli, wait_for};
+use reqwest::Method;
+use serde_json::{Value, json};
+use swarmllm_node::identity::Identity;
+use swarmllm_node::net::announce::{Announcement, HardwareSummary, Load};
+use swarmllm_node::net::frame::{Request, Response};
+use swarmllm_node::net::{LocalInfo, NetConfig, Network};
+
+const DEADLINE: Duration = Duration::from_secs(45);
+
+fn network_code(node: &TestNode) -> String {
+    let (ok, out, err) = cli(node.dir(), node.port, &["network", "code"]);
+    assert!(ok, "network code: {err}");
+    let code = out.trim().to_string();
+    assert!(code.starts_with("swarm://"), "{code}");
+    code
+}
+
+fn peer<'a>(peers: &'a Value, node_id: &str) -> Option<&'a Value> {
+    peers["peers"]
+        .as_array()?
+        .iter()
+        .find(|p| p["node_id"] == node_id)
+}
+
+fn node_id(node: &TestNode) -> String {
+    node.get("/api/identity/nickname").1["node_id"]
+        .as_str()
+        .expect("node id")
+        .to_string()
+}
+
+/// Waits until `observer` lists `target` with `connected` as given.
+fn wait_connected(observer: &TestNode, target: &str, connected: bool) {
+    wait_for(
+        &format!(
+            "{target:.8} to be {} at {}",
+            if connected { "online" } else { "offline" },
+            observer.port
+        ),
+        DEADLINE,
+        || {
+            let (_, peers) = observer.get("/api/admin/peers");
+            let p = peer(&peers, target)?;
+            (p["connected"] == connected && p["is_active"] == connected).then_some(())
+        },
+    );
+}
+
+#[test]
+fn three_nodes_join_by_code_see_each_other_and_recover_from_a_kill() {
+    let a = TestNode::start_without_model();
+    let code = network_code(&a);
+    let b = TestNode::start_full(false, &["--bootstrap", &code]);
+    let mut c = TestNode::start_full(false, &["--bootstrap", &code]);
+    let ids = [node_id(&a), node_id(&b), node_id(&c)];
+    let nodes = [&a, &b, &c];
+
+    // Everyone sees everyone, though B and C only had A's code.
+    for (i, observer) in nodes.iter().enumerate() {
+        for (j, id) in ids.iter().enumerate() {
+            if i != j {
+                wait_connected(observer, id, true);
+            }
+        }
+    }
+    // Latency comes from ping; the directory says how each peer was found.
+    wait_for("latency measured", DEADLINE, || {
+        let (_, peers) = b.get("/api/admin/peers");
+        peer(&peers, &ids[0])?["latency_ms"]
+            .as_f64()
+            .filter(|l| *l > 0.0)
+    });
+    let (_, peers) = b.get("/api/admin/peers");
+    assert_eq!(
+        peer(&peers, &ids[0]).expect("a")["discovered_via"],
+        "bootstrap"
+    );
+
+    // A nickname set on C shows up in A's identity directory.
+    let (s, _) = c.call(
+        Method::PUT,
+        "/api/identity/nickname",
+        &json!({ "nickname": "attic-server" }),
+    );
+    assert_eq!(s, 200);
+    wait_for("C's nickname at A", DEADLINE, || {
+        let (_, peers) = a.get("/api/identity/peers");
+        (peer(&peers, &ids[2])?["nickname"] == "attic-server").then_some(())
+    });
+
+    // Network views count all three.
+    let (_, map) = a.get("/api/admin/network-map");
+    let total: u64 = map["regions"]
+        .as_object()
+        .expect("regions")
+        .values()
+        .map(|r| r["total"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(total, 3, "{map}");
+    let (_, wk) = a.get("/.well-known/swarmllm?limit=1");
+    assert_eq!(wk["swarm"]["totalNodes"], 3, "{wk}");
+    assert_eq!(wk["nodes"].as_array().map(Vec::len), Some(1));
+    let (_, v1) = b.get("/api/v1/peers");
+    assert_eq!(v1["total"], 2, "{v1}");
+
+    // kill -9 C: it goes offline for A and B...
+    c.kill();
+    wait_connected(&a, &ids[2], false);
+    wait_connected(&b, &ids[2], false);
+    // ...and comes back when restarted without any bootstrap: its saved peers and
+    // the others' redials reconnect it.
+    c.restart_plain();
+    wait_connected(&a, &ids[2], true);
+    wait_connected(&b, &ids[2], true);
+    wait_connected(&c, &ids[0], true);
+}
+
+#[test]
+fn malformed_or_tampered_network_codes_get_400() {
+    let a = TestNode::start_without_model();
+    let code = network_code(&a);
+    let mut chars: Vec<char> = code.chars().collect();
+    let i = chars.len() / 2;
+    chars[i] = if chars[i] == 'x' { 'y' } else { 'x' };
+    let tampered: String = chars.into_iter().collect();
+    for body in [
+        json!({ "code": "swarm://not-base64!!" }),
+        json!({ "code": tampered }),
+        json!({ "code": "hello" }),
+        json!({ "address": "/ip4/999.1.1.1/tcp/1" }),
+    ] {
+        let (s, v) = a.post("/api/admin/join-network", &body);
+        assert_eq!(s, 400, "{body} → {v}");
+        assert_eq!(v["error"]["code"], "INVALID_CODE", "{v}");
+    }
+    let (s, v) = a.post("/api/admin/join-network", &json!({}));
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (400, Some("INVALID_FIELD"))
+    );
+    // Writes need the key.
+    let r = a
+        .http()
+        .post(a.url("/api/admin/join-network"))
+        .json(&json!({ "code": code }))
+        .send()
+        .expect("send");
+    assert_eq!(r.status().as_u16(), 401);
+    // The CLI says so in one line and fails.
+    let (ok, _, err) = cli(a.dir(), a.port, &["network", "join", &tampered]);
+    assert!(!ok);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("400"), "{err}");
+    // A code of the node itself is refused, not dialled in a loop.
+    let (s, _) = a.post("/api/admin/join-network", &json!({ "code": code }));
+    assert_eq!(s, 502);
+    // Still serving.
+    assert_eq!(a.get("/health/live").0, 200);
+}
+
+/// An in-process peer built from the library, used to send what a well-behaved
+/// node never would.
+fn rogue_peer(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> (Network, Identity) {
+    let identity = Identity::generate();
+    let store = swarmllm_node::store::Store::open(&dir.join("rogue.db")).expect("store");
+    let config = NetConfig {
+        listen_host: "127.0.0.1".into(),
+        port: 0,
+        mdns: false,
+        bootstrap: vec![],
+        network_name: "swarmllm".into(),
+        announce_interval: Duration::from_secs(3600),
+        region: "EU".into(),
+    };
+    let net = rt
+        .block_on(Network::start(
+            &identity,
+            store,
+            config,
+            Arc::new(LocalInfo::default),
+            tokio_util::sync::CancellationToken::new(),
+        ))
+        .expect("rogue network");
+    (net, identity)
+}
+
+#[test]
+fn garbage_frames_and_forged_announcements_are_rejected_and_the_node_keeps_serving() {
+    let a = TestNode::start_without_model();
+    let a_id = node_id(&a);
+    let code = network_code(&a);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (rogue, rogue_identity) = rogue_peer(&rt, tmp.path());
+    let joined = rt
+        .block_on(rogue.add_seed_and_dial(&code, "test"))
+        .expect("rogue joins A");
+    assert_eq!(joined, a_id);
+
+    // A well-formed request works.
+    let echo = rt
+        .block_on(rogue.request(&a_id, Request::Echo(vec![7; 1000])))
+        .expect("echo");
+    assert_eq!(echo, Response::Echo(vec![7; 1000]));
+
+    // Malformed frames get an error frame back, not a crash.
+    let bad_frames: Vec<Vec<u8>> = vec![
+        vec![0xff, 0xff, 0xff, 0xff], // length over the cap
+        vec![0, 0, 0, 3, 9, 1, 0],    // unknown wire version
+        vec![0, 0, 0, 2, 1, 0x66],    // unknown kind
+    ];
+    for frame in &bad_frames {
+        let r = rt.block_on(rogue.request(&a_id, Request::Raw(frame.clone())));
+        match r {
+            Ok(Response::Error { code, message }) => {
+                assert_eq!(code, 400, "{message}");
+            }
+            other => panic!("{frame:?} → {other:?}"),
+        }
+    }
+    // ...and they count against the sender.
+    let rogue_id = rogue_identity.node_id();
+    wait_for("bad frames counted at A", DEADLINE, || {
+        let (_, peers) = a.get("/api/admin/peers");
+        let p = peer(&peers, &rogue_id)?;
+        (p["bad_frames"].as_i64()? >= 3 && p["trust_score"].as_i64()? < 50).then_some(())
+    });
+
+    // A forged announcement: names the rogue as its node but is signed by another key.
+    let forged = Announcement {
+        node_id: rogue_id.clone(),
+        nickname: Some("forged".into()),
+        version: "0".into(),
+        capabilities: vec![],
+        hardware: HardwareSummary::default(),
+        region: "EU".into(),
+        models: vec![],
+        load: Load::default(),
+        addrs: vec![],
+        timestamp: chrono::Utc::now().timestamp(),
+        seq: 1,
+    }
+    .sign(&Identity::generate());
+    wait_for("A to reject the forged announcement", DEADLINE, || {
+        let _ = rt.block_on(rogue.publish_raw(forged.clone()));
+        let (_, stats) = a.get("/api/admin/stats");
+        (stats["p2p"]["counters"]["announcements_rejected"].as_u64()? >= 1).then_some(())
+    });
+    let (_, ids) = a.get("/api/identity/peers");
+    assert_ne!(
+        peer(&ids, &rogue_id).and_then(|p| p["nickname"].as_str()),
+        Some("forged")
+    );
+
+    // Raw TCP garbage at the P2P port does not hurt either.
+    {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", a.p2p_port)).expect("tcp");
+        let _ = s.write_all(&[0x13; 4096]);
+    }
+    assert_eq!(a.get("/health/live").0, 200);
+    let (_, peers) = a.get("/api/admin/peers");
+    assert!(peers["total"].as_u64().is_some());
+}
+
+/// mDNS finds peers on a LAN with no code at all. Runs two nodes in network
+/// namespaces joined by a veth pair; needs root and `ip netns`.
+#[test]
+fn mdns_discovers_peers_in_network_namespaces() {
+    let Some(lan) = netns::Lan::create() else {
+        eprintln!(
+            "SKIPPED mdns_discovers_peers_in_network_namespaces: needs root and `ip netns` (iproute2)"
+        );
+        return;
+    };
+    let dirs = [
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+    ];
+    let mut children = Vec::new();
+    for (i, ns) in lan.names.iter().enumerate() {
+        let log = std::fs::File::create(dirs[i].path().join("node.log")).expect("log");
+        children.push(
+            std::process::Command::new("ip")
+                .args(["netns", "exec", ns])
+                .arg(common::bin())
+                .arg("--data-dir")
+                .arg(dirs[i].path())
+                .args(["--api-port", "18800", "serve", "--p2p-port", "18801"])
+                .env("SWARMLLM_SECRET_STORE", "file")
+                .env("SWARMLLM_MDNS", "true")
+                .env("SWARMLLM_P2P_HOST", "0.0.0.0")
+                .stdout(std::process::Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("spawn node in namespace"),
+        );
+    }
+    let _guard = netns::Kill(children);
+    for (i, ns) in lan.names.iter().enumerate() {
+        wait_for(
+            &format!("node in {ns} to find its LAN peer over mDNS"),
+            Duration::from_secs(60),
+            || {
+                let out = std::process::Command::new("ip")
+                    .args(["netns", "exec", ns])
+                    .arg(common::bin())
+                    .arg("--data-dir")
+                    .arg(dirs[i].path())
+                    .args(["--api-port", "18800", "peers", "--json"])
+                    .env("SWARMLLM_SECRET_STORE", "file")
+                    .output()
+                    .ok()?;
+                let peers: Value = serde_json::from_slice(&out.stdout).ok()?;
+                let p = peers["peers"].as_array()?.first()?.clone();
+                (p["connected"] == true && p["discovered_via"] == "mdns").then_some(())
+            },
+        );
+    }
+}
+
+mod netns {
+    use std::process::{Child, Command};
+
+    /// Two namespaces joined by a veth pair on a private /24; removed on drop.
+    pub(crate) struct Lan {
+        pub(crate) names: [String; 2],
+    }
+
+    fn ip(args: &[&str]) -> bool {
+        Command::new("ip")
+            .args(args)
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    impl Lan {
+        pub(crate) fn create() -> Option<Lan> {
+            let root = Command::new("id").arg("-u").output().ok()?;
+            if String::from_utf8_lossy(&root.stdout).trim() != "0" {
+                return None;
+            }
+            let tag = std::process::id() % 100_000;
+            let names = [format!("swl{tag}a"), format!("swl{tag}b")];
+            let (va, vb) = (format!("swv{tag}a"), format!("swv{tag}b"));
+            if !ip(&["netns", "add", &names[0]]) {
+                return None;
+            }
+            let lan = Lan { names };
+            let [a, b] = &lan.names;
+            let ok = ip(&["netns", "add", b])
+                && ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb])
+                && ip(&["link", "set", &va, "netns", a])
+                && ip(&["link", "set", &vb, "netns", b])
+                && ip(&["-n", a, "addr", "add", "10.231.77.1/24", "dev", &va])
+                && ip(&["-n", b, "addr", "add", "10.231.77.2/24", "dev", &vb])
+                && ip(&["-n", a, "link", "set", &va, "up", "multicast", "on"])
+                && ip(&["-n", b, "link", "set", &vb, "up", "multicast", "on"])
+                && ip(&["-n", a, "link", "set", "lo", "up"])
+                && ip(&["-n", b, "link", "set", "lo", "up"])
+                && ip(&["-n", a, "route", "add", "224.0.0.0/4", "dev", &va])
+                && ip(&["-n", b, "route", "add", "224.0.0.0/4", "dev", &vb]);
+            ok.then_some(lan)
+        }
+    }
+
+    impl Drop for Lan {
+        fn drop(&mut self) {
+            for n in &self.names {
+                let _ = Command::new("ip").args(["netns", "del", n]).status();
+            }
+        }
+    }
+
+    pub(crate) struct Kill(pub(crate) Vec<Child>);
+
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            for c in &mut self.0 {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}

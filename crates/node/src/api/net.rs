@@ -1,0 +1,388 @@
+//! Peer and network routes: the directory, network codes, the network map.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use axum::Json;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::AppState;
+use super::error::ApiError;
+use super::extract::ApiJson;
+use crate::net::directory::PeerRecord;
+use crate::net::{NetError, Network};
+
+fn network(state: &AppState) -> Result<&Network, ApiError> {
+    state.node.network().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "P2P_DISABLED",
+            "the P2P layer is off on this node (p2p_enabled = false)",
+        )
+    })
+}
+
+async fn peers(state: &AppState, limit: usize) -> Result<Vec<PeerRecord>, ApiError> {
+    let Some(net) = state.node.network() else {
+        return Ok(Vec::new());
+    };
+    let dir = net.directory().clone();
+    tokio::task::spawn_blocking(move || dir.list(limit))
+        .await
+        .map_err(|e| ApiError::internal("peer directory", e))?
+        .map_err(|e| ApiError::internal("peer directory", e))
+}
+
+fn connected_ids(state: &AppState) -> BTreeSet<String> {
+    state
+        .node
+        .network()
+        .map(|n| n.connected().into_iter().map(|c| c.node_id).collect())
+        .unwrap_or_default()
+}
+
+/// `GET /api/admin/peers`: every known peer with latency, trust and hosted models.
+pub(crate) async fn admin_peers(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let list = peers(&state, 500).await?;
+    let connected = connected_ids(&state);
+    let peers: Vec<Value> = list
+        .into_iter()
+        .map(|p| {
+            json!({
+                "node_id": p.node_id,
+                "peer_id": p.peer_id,
+                "nickname": p.nickname,
+                "addresses": p.addresses,
+                "region": p.region,
+                "version": p.software_version,
+                "connected": connected.contains(&p.node_id),
+                "is_active": p.is_active,
+                "latency_ms": p.latency_ms,
+                "trust_score": p.trust_score,
+                "consecutive_failures": p.consecutive_failures,
+                "bad_frames": p.bad_frames,
+                "models": p.models,
+                "hardware": p.hardware,
+                "load": p.load,
+                "capabilities": p.capabilities,
+                "discovered_via": p.discovered_via,
+                "first_seen": p.discovered_at,
+                "last_seen": p.last_seen_at,
+            })
+        })
+        .collect();
+    Ok(Json(
+        json!({ "total": peers.len(), "connected": connected.len(), "peers": peers }),
+    ))
+}
+
+/// `GET /api/identity/peers`: the identity directory (nicknames, regions, tiers).
+pub(crate) async fn identity_peers(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let peers: Vec<Value> = peers(&state, 500)
+        .await?
+        .into_iter()
+        .map(|p| {
+            json!({
+                "node_id": p.node_id,
+                "nickname": p.nickname,
+                "region": p.region,
+                // Tiers come from the credit ledger, which does not exist yet.
+                "tier": null,
+                "online": p.is_active,
+                "last_seen": p.last_seen_at,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "total": peers.len(), "peers": peers })))
+}
+
+/// `GET /api/admin/network-map`: peers, shard holders, demand and gaps per region,
+/// the local node included.
+pub(crate) async fn network_map(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    #[derive(Default)]
+    struct Region {
+        total: u64,
+        models: BTreeMap<String, u64>,
+        demand: BTreeMap<String, f64>,
+    }
+    let mut regions: BTreeMap<String, Region> = BTreeMap::new();
+    let mut all_models = BTreeSet::new();
+    let node = &state.node;
+    let local_region = node
+        .network()
+        .map(|n| n.region().to_string())
+        .unwrap_or_else(|| crate::net::detect_region(&node.config().region));
+    let local = regions.entry(local_region).or_default();
+    local.total += 1;
+    if let Some(engine) = node.engine() {
+        let id = engine.info().id.clone();
+        *local.models.entry(id.clone()).or_default() += 1;
+        *local.demand.entry(id.clone()).or_default() +=
+            node.metrics().summary().requests_per_minute;
+        all_models.insert(id);
+    }
+    for p in peers(&state, 1000)
+        .await?
+        .into_iter()
+        .filter(|p| p.is_active)
+    {
+        let r = regions
+            .entry(p.region.clone().unwrap_or_else(|| "UNKNOWN".into()))
+            .or_default();
+        r.total += 1;
+        let rpm = p.load["requests_per_minute"].as_f64().unwrap_or(0.0);
+        for m in p.models.as_array().into_iter().flatten() {
+            if let Some(id) = m["id"].as_str() {
+                *r.models.entry(id.to_string()).or_default() += 1;
+                *r.demand.entry(id.to_string()).or_default() += rpm;
+                all_models.insert(id.to_string());
+            }
+        }
+    }
+    let out: BTreeMap<String, Value> = regions
+        .into_iter()
+        .map(|(name, r)| {
+            let gaps: Vec<&String> = all_models
+                .iter()
+                .filter(|m| !r.models.contains_key(*m))
+                .collect();
+            // One holder per 10 requests/minute of demand, at least 1 and at most
+            // every node of the region.
+            let target: BTreeMap<&String, u64> = all_models
+                .iter()
+                .map(|m| {
+                    let demand = r.demand.get(m).copied().unwrap_or(0.0);
+                    (m, ((demand / 10.0).ceil() as u64).clamp(1, r.total.max(1)))
+                })
+                .collect();
+            let demand: BTreeMap<&String, u64> = r
+                .demand
+                .iter()
+                .map(|(k, v)| (k, v.round() as u64))
+                .collect();
+            (
+                name,
+                json!({
+                    "total": r.total,
+                    "models": r.models,
+                    "demand": demand,
+                    "coverage_gaps": gaps,
+                    "replication_target": target,
+                }),
+            )
+        })
+        .collect();
+    Ok(Json(json!({ "regions": out })))
+}
+
+/// `GET /api/v1/peers` (neuroshard shape).
+pub(crate) async fn v1_peers(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let Some(net) = state.node.network() else {
+        return Ok(Json(json!({ "peers": [], "total": 0 })));
+    };
+    let list = peers(&state, 1000).await?;
+    let peers: Vec<Value> = net
+        .connected()
+        .into_iter()
+        .map(|c| {
+            let rec = list.iter().find(|p| p.node_id == c.node_id);
+            let layers: Vec<u32> = rec
+                .and_then(|p| p.models.as_array().cloned())
+                .unwrap_or_default()
+                .iter()
+                .flat_map(|m| {
+                    let start = m["layer_start"].as_u64().unwrap_or(0) as u32;
+                    let end = m["layer_end"].as_u64().unwrap_or(0) as u32;
+                    start..end
+                })
+                .collect();
+            json!({
+                "id": c.node_id,
+                "address": c.address,
+                "role": if layers.is_empty() { "client" } else { "worker" },
+                "layers": layers,
+                "latency_ms": c.latency_ms,
+                "connected_since": c.connected_since,
+                "nickname": rec.and_then(|p| p.nickname.clone()),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "total": peers.len(), "peers": peers })))
+}
+
+/// `GET /api/v1/network` (neuroshard shape).
+pub(crate) async fn v1_network(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let list: Vec<PeerRecord> = peers(&state, 1000)
+        .await?
+        .into_iter()
+        .filter(|p| p.is_active)
+        .collect();
+    let workers = list
+        .iter()
+        .filter(|p| p.models.as_array().is_some_and(|m| !m.is_empty()))
+        .count()
+        + usize::from(state.node.engine().is_some());
+    let total = list.len() + 1;
+    let mut memory_gb: f64 = list
+        .iter()
+        .map(|p| p.hardware["ram_gb"].as_f64().unwrap_or(0.0))
+        .sum();
+    let used_gb: f64 = state
+        .node
+        .engine()
+        .map(|e| e.info().size_bytes as f64 / (1u64 << 30) as f64)
+        .unwrap_or(0.0);
+    memory_gb += crate::hardware::total_memory_gb();
+    let architecture = state.node.engine().map(|e| {
+        let i = e.info();
+        json!({
+            "layers": i.n_layers,
+            "hidden_dim": i.n_embd,
+            "parameters": format!("{:.0}M", i.n_params as f64 / 1e6),
+            "model": i.id,
+        })
+    });
+    Ok(Json(json!({
+        "nodes": { "total": total, "drivers": total - workers, "workers": workers, "validators": 0 },
+        "architecture": architecture,
+        "capacity": {
+            "total_memory_gb": (memory_gb * 10.0).round() / 10.0,
+            "used_memory_gb": (used_gb * 100.0).round() / 100.0,
+        },
+    })))
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct WellKnownQuery {
+    nodes: Option<bool>,
+    limit: Option<usize>,
+}
+
+/// `GET /.well-known/swarmllm`: this node's document and the nodes it knows.
+pub(crate) async fn well_known(
+    State(state): State<AppState>,
+    Query(q): Query<WellKnownQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let node = &state.node;
+    let limit = q.limit.unwrap_or(50).clamp(1, 200);
+    let all = peers(&state, 10_000).await?;
+    let active = all.iter().filter(|p| p.is_active).count();
+    let seeds: Vec<String> = match node.network() {
+        Some(n) => {
+            let dir = n.directory().clone();
+            tokio::task::spawn_blocking(move || dir.seeds())
+                .await
+                .map_err(|e| ApiError::internal("seeds", e))?
+                .map_err(|e| ApiError::internal("seeds", e))?
+                .into_iter()
+                .filter(|s| s.is_enabled)
+                .map(|s| s.address)
+                .collect()
+        }
+        None => Vec::new(),
+    };
+    let mut capabilities = vec!["gossip", "rpc"];
+    if node.engine().is_some() {
+        capabilities.insert(0, "inference");
+    }
+    let mut doc = json!({
+        "node": {
+            "node_id": node.node_id(),
+            "peer_id": node.network().map(|n| n.peer_id().to_string()),
+            "name": node.nickname(),
+            "description": "SwarmLLM node",
+            "publicKey": node.node_id(),
+            "softwareVersion": crate::VERSION,
+            "capabilities": capabilities,
+            "models": node.engine().map(|e| vec![e.info().id.clone()]).unwrap_or_default(),
+        },
+        "swarm": {
+            "totalNodes": all.len() + 1,
+            "activeNodes": active + 1,
+            "seeds": seeds,
+        },
+    });
+    if q.nodes.unwrap_or(true) {
+        let nodes: Vec<Value> = all
+            .into_iter()
+            .take(limit)
+            .map(|p| {
+                json!({
+                    "node_id": p.node_id,
+                    "name": p.nickname,
+                    "isActive": p.is_active,
+                    "lastSeenAt": p.last_seen_at.and_then(|t| chrono::DateTime::from_timestamp(t, 0))
+                        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+                })
+            })
+            .collect();
+        doc["nodes"] = json!(nodes);
+    }
+    Ok(Json(doc))
+}
+
+/// `POST /api/v1/network/discover` (authenticated): a discovery round.
+pub(crate) async fn discover(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let net = network(&state)?;
+    let asked = net.discover().await.map_err(net_error)?;
+    Ok(Json(
+        json!({ "status": "started", "peers_queried": asked, "connected": net.connected().len() }),
+    ))
+}
+
+/// `GET /api/admin/network-code`: an invite code and the network phase.
+pub(crate) async fn network_code(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let net = network(&state)?;
+    Ok(Json(json!({
+        "code": net.invite_code(),
+        "phase": net.phase(),
+        "node_id": state.node.node_id(),
+        "peer_id": net.peer_id().to_string(),
+        "connected_peers": net.connected().len(),
+    })))
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct JoinBody {
+    code: Option<String>,
+    address: Option<String>,
+}
+
+/// `POST /api/admin/join-network` (authenticated): `{"code": "swarm://…"}` or
+/// `{"address": "/ip4/…/p2p/…"}`; dials and saves the peer for restarts.
+pub(crate) async fn join_network(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<JoinBody>,
+) -> Result<Json<Value>, ApiError> {
+    let net = network(&state)?;
+    let entry = body.code.or(body.address).ok_or_else(|| {
+        ApiError::invalid_field("code", "give `code` (swarm://…) or `address` (a multiaddr)")
+    })?;
+    let node_id = net
+        .add_seed_and_dial(&entry, "invite")
+        .await
+        .map_err(net_error)?;
+    Ok(Json(json!({
+        "status": "connected",
+        "node_id": node_id,
+        "phase": net.phase(),
+        "connected_peers": net.connected().len(),
+    })))
+}
+
+fn net_error(e: NetError) -> ApiError {
+    match e {
+        NetError::Invite(e) => {
+            ApiError::new(StatusCode::BAD_REQUEST, "INVALID_CODE", e.to_string())
+        }
+        NetError::InvalidAddress(a) => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "INVALID_CODE",
+            format!("not a network code or multiaddr: {a}"),
+        ),
+        NetError::Dial(msg) => ApiError::new(StatusCode::BAD_GATEWAY, "PEER_UNREACHABLE", msg),
+        other => ApiError::internal("p2p", other),
+    }
+}

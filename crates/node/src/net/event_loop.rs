@@ -1,0 +1,695 @@
+//! The task that owns the swarm. It never blocks: database work goes to the
+//! blocking pool, and results that the swarm needs come back as commands.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use libp2p::swarm::dial_opts::DialOpts;
+use libp2p::swarm::{ConnectionId, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, Swarm, gossipsub, identify, kad, mdns, ping, request_response};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::announce::{self, Announcement};
+use super::directory::Directory;
+use super::frame::{PeerHint, Request, Response};
+use super::{
+    Behaviour, BehaviourEvent, Command, ConnectedPeer, LocalInfoFn, NetConfig, NetError, Shared,
+    node_id_of, peer_id_of,
+};
+use crate::identity::Identity;
+
+type Reply<T> = oneshot::Sender<Result<T, NetError>>;
+
+pub(super) struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    commands: mpsc::Receiver<Command>,
+    loopback: mpsc::Sender<Command>,
+    shared: Arc<Shared>,
+    directory: Directory,
+    config: Arc<NetConfig>,
+    identity: Identity,
+    info: LocalInfoFn,
+    shutdown: CancellationToken,
+    pending_dials: HashMap<ConnectionId, (Option<Reply<String>>, &'static str)>,
+    dial_via: HashMap<PeerId, &'static str>,
+    pending_requests:
+        HashMap<request_response::OutboundRequestId, (Reply<Response>, Option<Instant>)>,
+    peer_exchange: HashSet<request_response::OutboundRequestId>,
+    seq: u64,
+}
+
+pub(super) fn spawn(event_loop: EventLoop) {
+    tokio::spawn(event_loop.run());
+}
+
+impl EventLoop {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        swarm: Swarm<Behaviour>,
+        commands: mpsc::Receiver<Command>,
+        loopback: mpsc::Sender<Command>,
+        shared: Arc<Shared>,
+        directory: Directory,
+        config: Arc<NetConfig>,
+        identity: Identity,
+        info: LocalInfoFn,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            swarm,
+            commands,
+            loopback,
+            shared,
+            directory,
+            config,
+            identity,
+            info,
+            shutdown,
+            pending_dials: HashMap::new(),
+            dial_via: HashMap::new(),
+            pending_requests: HashMap::new(),
+            peer_exchange: HashSet::new(),
+            // Start from the clock so a restarted node's announcements are newer.
+            seq: chrono::Utc::now().timestamp_millis() as u64,
+        }
+    }
+
+    async fn run(mut self) {
+        let mut announce = tokio::time::interval(self.config.announce_interval);
+        let mut maintain = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => break,
+                cmd = self.commands.recv() => match cmd {
+                    Some(cmd) => self.on_command(cmd),
+                    None => break,
+                },
+                event = self.swarm.select_next_some() => self.on_event(event),
+                _ = announce.tick() => self.announce(),
+                _ = maintain.tick() => self.maintain(),
+            }
+        }
+        tracing::debug!("p2p event loop stopped");
+    }
+
+    /// Runs a directory write on the blocking pool, logging failures.
+    fn db(
+        &self,
+        what: &'static str,
+        f: impl FnOnce(&Directory) -> Result<(), crate::store::StoreError> + Send + 'static,
+    ) {
+        let dir = self.directory.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = f(&dir) {
+                tracing::warn!(error = %e, "peer directory: {what} failed");
+            }
+        });
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Dial {
+                addr,
+                peer,
+                via,
+                reply,
+            } => self.dial(addr, peer, via, reply),
+            Command::Request {
+                peer,
+                request,
+                reply,
+            } => {
+                if !self.swarm.is_connected(&peer) {
+                    let _ = reply.send(Err(NetError::UnknownPeer(format!(
+                        "{peer} is not connected"
+                    ))));
+                    return;
+                }
+                let id = self.swarm.behaviour_mut().rpc.send_request(&peer, request);
+                self.pending_requests.insert(id, (reply, None));
+            }
+            Command::Respond { channel, response } => {
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .rpc
+                    .send_response(channel, response);
+            }
+            Command::AnnounceNow => self.announce(),
+            Command::Discover { reply } => {
+                let kad = &mut self.swarm.behaviour_mut().kad;
+                let _ = kad.bootstrap();
+                kad.get_closest_peers(PeerId::random());
+                let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+                for peer in &peers {
+                    self.ask_for_peers(*peer);
+                }
+                let _ = reply.send(peers.len());
+            }
+            Command::Redial(due) => {
+                for (node_id, peer_id, addrs) in due {
+                    let Ok(peer) = peer_id.parse::<PeerId>() else {
+                        continue;
+                    };
+                    if self.swarm.is_connected(&peer) || node_id == self.identity.node_id() {
+                        continue;
+                    }
+                    let addrs: Vec<Multiaddr> =
+                        addrs.iter().filter_map(|a| a.parse().ok()).collect();
+                    let opts = DialOpts::peer_id(peer).addresses(addrs).build();
+                    if self.swarm.dial(opts).is_ok() {
+                        self.dial_via.entry(peer).or_insert("redial");
+                        self.db("redial", move |d| d.redial_started(&node_id));
+                    }
+                }
+            }
+            Command::PublishRaw(data) => {
+                let topic = gossipsub::IdentTopic::new(announce::TOPIC);
+                let _ = self.swarm.behaviour_mut().gossipsub.publish(topic, data);
+            }
+        }
+    }
+
+    fn dial(
+        &mut self,
+        addr: Multiaddr,
+        peer: Option<PeerId>,
+        via: &'static str,
+        reply: Option<Reply<String>>,
+    ) {
+        if let Some(p) = peer {
+            if p == *self.swarm.local_peer_id() {
+                if let Some(r) = reply {
+                    let _ = r.send(Err(NetError::Dial(
+                        "that is this node's own address".into(),
+                    )));
+                }
+                return;
+            }
+            if self.swarm.is_connected(&p) {
+                if let Some(r) = reply {
+                    let _ = r.send(
+                        node_id_of(&p).ok_or_else(|| NetError::Dial("not an ed25519 peer".into())),
+                    );
+                }
+                return;
+            }
+            self.dial_via.insert(p, via);
+        }
+        let opts = match peer {
+            Some(p) => DialOpts::peer_id(p).addresses(vec![addr]).build(),
+            None => DialOpts::unknown_peer_id().address(addr).build(),
+        };
+        let id = opts.connection_id();
+        match self.swarm.dial(opts) {
+            Ok(()) => {
+                self.pending_dials.insert(id, (reply, via));
+            }
+            Err(e) => {
+                if let Some(r) = reply {
+                    let _ = r.send(Err(NetError::Dial(e.to_string())));
+                }
+            }
+        }
+    }
+
+    fn ask_for_peers(&mut self, peer: PeerId) {
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .rpc
+            .send_request(&peer, Request::GetPeers);
+        self.peer_exchange.insert(id);
+    }
+
+    fn on_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!(%address, "p2p listening");
+                self.shared
+                    .listen_addrs
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(address);
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.shared
+                    .listen_addrs
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .retain(|a| a != &address);
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                num_established,
+                ..
+            } => {
+                let via_dial = self.pending_dials.remove(&connection_id);
+                let Some(node_id) = node_id_of(&peer_id) else {
+                    // Not an Ed25519 key: not a SwarmLLM node.
+                    let _ = self.swarm.disconnect_peer_id(peer_id);
+                    if let Some((Some(r), _)) = via_dial {
+                        let _ = r.send(Err(NetError::Dial(
+                            "the peer is not a SwarmLLM node".into(),
+                        )));
+                    }
+                    return;
+                };
+                let via = via_dial
+                    .as_ref()
+                    .map(|(_, v)| *v)
+                    .or_else(|| self.dial_via.remove(&peer_id))
+                    .unwrap_or(if endpoint.is_dialer() {
+                        "dial"
+                    } else {
+                        "inbound"
+                    });
+                if let Some((Some(r), _)) = via_dial {
+                    let _ = r.send(Ok(node_id.clone()));
+                }
+                if num_established.get() > 1 {
+                    return;
+                }
+                let addr = endpoint.get_remote_address().clone();
+                tracing::info!(peer = %node_id, %addr, via, "peer connected");
+                self.shared
+                    .connected
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(
+                        peer_id,
+                        ConnectedPeer {
+                            node_id: node_id.clone(),
+                            peer_id: peer_id.to_string(),
+                            address: addr.to_string(),
+                            connected_since: chrono::Utc::now()
+                                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                            latency_ms: None,
+                        },
+                    );
+                // Only a dialled address is known to be reachable.
+                let addrs = if endpoint.is_dialer() {
+                    vec![addr.to_string()]
+                } else {
+                    Vec::new()
+                };
+                let pid = peer_id.to_string();
+                self.db("connect", move |d| d.connected(&node_id, &pid, &addrs, via));
+                self.ask_for_peers(peer_id);
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } => {
+                self.shared
+                    .connected
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&peer_id);
+                if let Some(node_id) = node_id_of(&peer_id) {
+                    tracing::info!(peer = %node_id, "peer disconnected");
+                    self.db("disconnect", move |d| d.disconnected(&node_id));
+                }
+            }
+            SwarmEvent::OutgoingConnectionError {
+                peer_id,
+                connection_id,
+                error,
+            } => {
+                if let Some((Some(r), _)) = self.pending_dials.remove(&connection_id) {
+                    let _ = r.send(Err(NetError::Dial(error.to_string())));
+                }
+                if let Some(node_id) = peer_id.as_ref().and_then(node_id_of) {
+                    tracing::debug!(peer = %node_id, %error, "dial failed");
+                    self.db("dial failure", move |d| d.dial_failed(&node_id));
+                }
+            }
+            SwarmEvent::Behaviour(event) => self.on_behaviour(event),
+            _ => {}
+        }
+    }
+
+    fn on_behaviour(&mut self, event: BehaviourEvent) {
+        match event {
+            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                for addr in &info.listen_addrs {
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer_id, addr.clone());
+                }
+            }
+            BehaviourEvent::Ping(ping::Event {
+                peer,
+                result: Ok(rtt),
+                ..
+            }) => {
+                let ms = rtt.as_secs_f64() * 1000.0;
+                if let Some(c) = self
+                    .shared
+                    .connected
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_mut(&peer)
+                {
+                    c.latency_ms = Some((ms * 100.0).round() / 100.0);
+                }
+                if let Some(node_id) = node_id_of(&peer) {
+                    self.db("latency", move |d| d.latency(&node_id, ms));
+                }
+            }
+            BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
+                for (peer, addr) in found {
+                    if !self.swarm.is_connected(&peer) {
+                        self.dial(addr, Some(peer), "mdns", None);
+                    }
+                }
+            }
+            BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            }) => {
+                self.on_announcement(propagation_source, message_id, message);
+            }
+            BehaviourEvent::Rpc(request_response::Event::Message { peer, message, .. }) => {
+                match message {
+                    request_response::Message::Request {
+                        request, channel, ..
+                    } => self.on_request(peer, request, channel),
+                    request_response::Message::Response {
+                        request_id,
+                        response,
+                    } => {
+                        if self.peer_exchange.remove(&request_id) {
+                            self.on_peer_list(peer, response);
+                        } else if let Some((reply, _)) = self.pending_requests.remove(&request_id) {
+                            let _ = reply.send(Ok(response));
+                        }
+                    }
+                }
+            }
+            BehaviourEvent::Rpc(request_response::Event::OutboundFailure {
+                request_id,
+                error,
+                peer,
+                ..
+            }) => {
+                self.peer_exchange.remove(&request_id);
+                if let Some((reply, _)) = self.pending_requests.remove(&request_id) {
+                    let _ = reply.send(Err(NetError::Request(format!("{peer}: {error}"))));
+                }
+            }
+            BehaviourEvent::Rpc(request_response::Event::InboundFailure {
+                peer, error, ..
+            }) => {
+                tracing::debug!(%peer, %error, "inbound request failed");
+            }
+            BehaviourEvent::Autonat(libp2p::autonat::Event::StatusChanged { new, .. }) => {
+                tracing::info!(status = ?new, "NAT status");
+            }
+            BehaviourEvent::Kad(kad::Event::RoutingUpdated {
+                peer,
+                is_new_peer: true,
+                addresses,
+                ..
+            }) => {
+                if !self.swarm.is_connected(&peer) {
+                    let addrs: Vec<Multiaddr> = addresses.iter().cloned().collect();
+                    let _ = self
+                        .swarm
+                        .dial(DialOpts::peer_id(peer).addresses(addrs).build());
+                    self.dial_via.entry(peer).or_insert("kademlia");
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_request(
+        &mut self,
+        peer: PeerId,
+        request: Request,
+        channel: request_response::ResponseChannel<Response>,
+    ) {
+        self.shared
+            .counters
+            .requests_served
+            .fetch_add(1, Ordering::Relaxed);
+        match request {
+            Request::Echo(bytes) => {
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .rpc
+                    .send_response(channel, Response::Echo(bytes));
+            }
+            Request::GetPeers => {
+                let dir = self.directory.clone();
+                let loopback = self.loopback.clone();
+                let own = self.own_hint();
+                tokio::task::spawn_blocking(move || {
+                    let mut hints: Vec<PeerHint> = dir
+                        .list(64)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter(|p| p.is_active && !p.addresses.is_empty())
+                        .map(|p| PeerHint {
+                            node_id: p.node_id,
+                            addrs: p.addresses,
+                        })
+                        .collect();
+                    hints.push(own);
+                    let _ = loopback.blocking_send(Command::Respond {
+                        channel,
+                        response: Response::Peers(hints),
+                    });
+                });
+            }
+            Request::Invalid(reason) => {
+                self.misbehaved(peer, &reason);
+                let _ = self.swarm.behaviour_mut().rpc.send_response(
+                    channel,
+                    Response::Error {
+                        code: 400,
+                        message: reason,
+                    },
+                );
+            }
+            // Raw is a send-side test hook; the codec never decodes one.
+            Request::Raw(_) => {
+                let response = Response::Error {
+                    code: 400,
+                    message: "unexpected raw frame".into(),
+                };
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .rpc
+                    .send_response(channel, response);
+            }
+        }
+    }
+
+    fn own_hint(&self) -> PeerHint {
+        PeerHint {
+            node_id: self.identity.node_id(),
+            addrs: self
+                .shared
+                .listen_addrs
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+        }
+    }
+
+    fn misbehaved(&mut self, peer: PeerId, reason: &str) {
+        self.shared
+            .counters
+            .bad_frames
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%peer, reason, "malformed input from peer");
+        if let Some(node_id) = node_id_of(&peer) {
+            self.db("penalty", move |d| d.misbehaved(&node_id));
+        }
+    }
+
+    fn on_peer_list(&mut self, from: PeerId, response: Response) {
+        let started = Instant::now();
+        let Response::Peers(hints) = response else {
+            return;
+        };
+        let me = self.identity.node_id();
+        let from_id = node_id_of(&from).unwrap_or_default();
+        let mut to_dial = Vec::new();
+        for hint in hints.iter().filter(|h| h.node_id != me) {
+            let Some(peer) = peer_id_of(&hint.node_id) else {
+                continue;
+            };
+            if !self.swarm.is_connected(&peer) {
+                let addrs: Vec<Multiaddr> =
+                    hint.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+                if !addrs.is_empty() {
+                    to_dial.push((peer, addrs));
+                }
+            }
+        }
+        for (peer, addrs) in to_dial {
+            self.dial_via.entry(peer).or_insert("peer-exchange");
+            let _ = self
+                .swarm
+                .dial(DialOpts::peer_id(peer).addresses(addrs).build());
+        }
+        let received = hints.len();
+        self.db("peer exchange", move |d| {
+            for h in hints.iter().filter(|h| h.node_id != me) {
+                if let Some(peer) = peer_id_of(&h.node_id) {
+                    d.learned(&h.node_id, &peer.to_string(), &h.addrs, "peer-exchange")?;
+                }
+            }
+            d.log_sync(
+                &from_id,
+                "pull",
+                received,
+                0,
+                true,
+                None,
+                started.elapsed().as_millis() as u64,
+            )
+        });
+    }
+
+    fn on_announcement(
+        &mut self,
+        source: PeerId,
+        id: gossipsub::MessageId,
+        message: gossipsub::Message,
+    ) {
+        let publisher = message.source.unwrap_or(source);
+        let publisher_id = node_id_of(&publisher).unwrap_or_default();
+        let ttl = (self.config.announce_interval.as_secs() as i64 * 6).max(60);
+        let result = announce::verify(
+            &message.data,
+            &publisher_id,
+            chrono::Utc::now().timestamp(),
+            ttl,
+        );
+        let acceptance = match &result {
+            Ok(_) => gossipsub::MessageAcceptance::Accept,
+            // Stale is not malice: drop it quietly.
+            Err(announce::AnnounceError::Stale { .. }) => gossipsub::MessageAcceptance::Ignore,
+            Err(_) => gossipsub::MessageAcceptance::Reject,
+        };
+        let _ = self
+            .swarm
+            .behaviour_mut()
+            .gossipsub
+            .report_message_validation_result(&id, &source, acceptance);
+        match result {
+            Ok(ann) => {
+                self.shared
+                    .counters
+                    .announcements_accepted
+                    .fetch_add(1, Ordering::Relaxed);
+                if !self.swarm.is_connected(&publisher) && ann.node_id != self.identity.node_id() {
+                    let addrs: Vec<Multiaddr> =
+                        ann.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+                    if !addrs.is_empty() {
+                        self.dial_via.entry(publisher).or_insert("gossip");
+                        let _ = self
+                            .swarm
+                            .dial(DialOpts::peer_id(publisher).addresses(addrs).build());
+                    }
+                }
+                let pid = publisher.to_string();
+                let from = ann.node_id.clone();
+                self.db("announcement", move |d| {
+                    d.announced(&ann, &pid)?;
+                    d.log_sync(&from, "pull", 1, 0, true, None, 0)
+                });
+            }
+            Err(announce::AnnounceError::Stale { age_secs }) => {
+                tracing::debug!(peer = %publisher_id, age_secs, "stale announcement ignored");
+            }
+            Err(e) => {
+                self.shared
+                    .counters
+                    .announcements_rejected
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(peer = %publisher_id, error = %e, "announcement rejected");
+                self.misbehaved(publisher, &e.to_string());
+                let reason = e.to_string();
+                self.db("sync log", move |d| {
+                    d.log_sync(&publisher_id, "pull", 0, 0, false, Some(&reason), 0)
+                });
+            }
+        }
+    }
+
+    fn announce(&mut self) {
+        let info = (self.info)();
+        self.seq += 1;
+        let ann = Announcement {
+            node_id: self.identity.node_id(),
+            nickname: info.nickname,
+            version: crate::VERSION.to_string(),
+            capabilities: info.capabilities,
+            hardware: info.hardware,
+            region: self.config.region.clone(),
+            models: info.models,
+            load: info.load,
+            addrs: self.own_hint().addrs,
+            timestamp: chrono::Utc::now().timestamp(),
+            seq: self.seq,
+        };
+        let topic = gossipsub::IdentTopic::new(announce::TOPIC);
+        let sent = self.swarm.behaviour().gossipsub.all_peers().count();
+        if sent == 0 {
+            return;
+        }
+        let result = self
+            .swarm
+            .behaviour_mut()
+            .gossipsub
+            .publish(topic, ann.sign(&self.identity));
+        let me = self.identity.node_id();
+        let error = result.err().map(|e| e.to_string());
+        self.db("sync log", move |d| {
+            d.log_sync(&me, "push", 0, sent, error.is_none(), error.as_deref(), 0)
+        });
+    }
+
+    fn maintain(&mut self) {
+        let connected: Vec<String> = self
+            .shared
+            .connected
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|c| c.node_id.clone())
+            .collect();
+        let stale = (self.config.announce_interval.as_secs() as i64 * 3).max(15);
+        let dir = self.directory.clone();
+        let loopback = self.loopback.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = dir.expire(&connected, stale) {
+                tracing::warn!(error = %e, "peer directory: expiry failed");
+            }
+            if let Ok(due) = dir.due_for_redial(8) {
+                if !due.is_empty() {
+                    let _ = loopback.blocking_send(Command::Redial(due));
+                }
+            }
+        });
+    }
+}
