@@ -231,3 +231,83 @@ async fn api_run(
         decode_tps: (tokens - 1) as f64 / last.duration_since(first).as_secs_f64(),
     })
 }
+
+#[derive(Debug, Args)]
+pub(crate) struct BenchNetArgs {
+    /// The node to measure against: a network code (`swarm://…`) or multiaddr.
+    #[arg(long)]
+    peer: String,
+    /// Round trips per payload size.
+    #[arg(long, default_value_t = 200)]
+    iterations: usize,
+}
+
+/// `swarmllm bench-net`: request-response round trips to another node process
+/// (echo frames of 16 KiB and 1 MiB), p50 and p99.
+pub(crate) async fn run_net(args: &BenchNetArgs) -> anyhow::Result<()> {
+    use swarmllm_node::net::frame::{Request, Response};
+    use swarmllm_node::net::{LocalInfo, NetConfig, Network};
+
+    swarmllm_node::logging::init("human", "warn");
+    let dir = tempfile::tempdir()?;
+    let store = swarmllm_node::store::Store::open(&dir.path().join("bench.db"))?;
+    let identity = swarmllm_node::identity::Identity::generate();
+    let net = Network::start(
+        &identity,
+        store,
+        NetConfig {
+            listen_host: "127.0.0.1".into(),
+            port: 0,
+            mdns: false,
+            bootstrap: vec![],
+            network_name: "swarmllm".into(),
+            announce_interval: std::time::Duration::from_secs(3600),
+            region: String::new(),
+        },
+        std::sync::Arc::new(LocalInfo::default),
+        swarmllm_node::net::ShutdownToken::new(),
+    )
+    .await?;
+    let target = net.add_seed_and_dial(&args.peer, "bench").await?;
+    println!("peer {target} | {} round trips per size", args.iterations);
+    println!(
+        "{:>10} {:>10} {:>10} {:>10} {:>12}",
+        "payload", "p50 ms", "p99 ms", "mean ms", "MB/s (p50)"
+    );
+    for size in [16 * 1024usize, 1024 * 1024] {
+        let payload = vec![0xa5u8; size];
+        for _ in 0..5 {
+            net.request(&target, Request::Echo(payload.clone())).await?;
+        }
+        let mut rtts = Vec::with_capacity(args.iterations);
+        for _ in 0..args.iterations {
+            let t = Instant::now();
+            match net.request(&target, Request::Echo(payload.clone())).await? {
+                Response::Echo(back) if back.len() == size => {}
+                other => {
+                    return Err(anyhow!(
+                        "unexpected answer: {:?}",
+                        std::mem::discriminant(&other)
+                    ));
+                }
+            }
+            rtts.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        rtts.sort_by(f64::total_cmp);
+        let pct = |p: f64| rtts[((rtts.len() as f64 * p).ceil() as usize).clamp(1, rtts.len()) - 1];
+        let mean = rtts.iter().sum::<f64>() / rtts.len() as f64;
+        let label = if size >= 1024 * 1024 {
+            "1 MiB".to_string()
+        } else {
+            format!("{} KiB", size / 1024)
+        };
+        println!(
+            "{label:>10} {:>10.3} {:>10.3} {:>10.3} {:>12.1}",
+            pct(0.5),
+            pct(0.99),
+            mean,
+            2.0 * size as f64 / (pct(0.5) / 1000.0) / 1e6
+        );
+    }
+    Ok(())
+}

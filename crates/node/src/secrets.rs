@@ -166,15 +166,18 @@ fn entry(scope: &str, name: &str) -> Result<keyring::Entry, SecretError> {
         .map_err(|e| SecretError::Keychain(e.to_string()))
 }
 
-/// Checks that a keychain service answers, by reading an entry that may not exist.
+/// Checks that a keychain service answers and accepts writes (a locked keyring
+/// with no way to prompt for its password answers reads but refuses writes), by
+/// writing and removing a probe entry.
 fn keychain_probe(scope: &str) -> Result<(), String> {
     if let Err(e) = keyring::Entry::store_status() {
         return Err(e.to_string());
     }
     let probe = keyring::Entry::new(KEYRING_SERVICE, &format!("{scope}:probe"))
         .map_err(|e| e.to_string())?;
-    match probe.get_password() {
-        Ok(_) | Err(keyring::Error::NoEntry) => Ok(()),
+    probe.set_password("probe").map_err(|e| e.to_string())?;
+    match probe.delete_credential() {
+        Ok(()) | Err(keyring::Error::NoEntry) => Ok(()),
         Err(e) => Err(e.to_string()),
     }
 }

@@ -75,6 +75,9 @@ pub struct LocalInfo {
     pub load: Load,
 }
 
+/// Stops the event loop when cancelled (re-exported so clients need no tokio-util).
+pub use tokio_util::sync::CancellationToken as ShutdownToken;
+
 /// Reads the node's current [`LocalInfo`].
 pub type LocalInfoFn = Arc<dyn Fn() -> LocalInfo + Send + Sync>;
 
