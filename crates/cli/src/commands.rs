@@ -206,12 +206,45 @@ pub(crate) async fn status(client: &Client, raw: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `swarmllm models list`
-pub(crate) async fn models_list(client: &Client) -> anyhow::Result<()> {
-    let models = client.get("/v1/models").await?;
+/// `swarmllm models list`: what the running node serves, then the sharded models
+/// in the data dir (listed even when no node runs).
+pub(crate) async fn models_list(
+    client: &Client,
+    config: &swarmllm_node::config::Config,
+) -> anyhow::Result<()> {
+    let imported = imported_models(config);
+    let models = match client.get("/v1/models").await {
+        Ok(m) => m,
+        Err(e) if imported.is_empty() => return Err(e),
+        Err(_) => {
+            eprintln!(
+                "(no node running at {}; showing imported models only)",
+                client.base
+            );
+            serde_json::json!({ "data": [] })
+        }
+    };
+    if !imported.is_empty() {
+        println!(
+            "{:<40} {:<10} {:>7} {:>7}  DIR",
+            "IMPORTED", "ARCH", "LAYERS", "SHARDS"
+        );
+        for (dir, m) in &imported {
+            println!(
+                "{:<40} {:<10} {:>7} {:>7}  {}",
+                m.model_id,
+                m.architecture,
+                m.n_layers,
+                m.shards.len(),
+                dir.display()
+            );
+        }
+    }
     let data = models["data"].as_array().cloned().unwrap_or_default();
     if data.is_empty() {
-        println!("no models loaded (start the node with --model PATH)");
+        if imported.is_empty() {
+            println!("no models loaded (start the node with --model PATH)");
+        }
         return Ok(());
     }
     println!(
@@ -371,5 +404,68 @@ pub(crate) async fn network_join(client: &Client, code: &str) -> anyhow::Result<
     };
     let v = client.post("/api/admin/join-network", &body).await?;
     println!("connected to {}", v["node_id"].as_str().unwrap_or("?"));
+    Ok(())
+}
+
+fn imported_models(
+    config: &swarmllm_node::config::Config,
+) -> Vec<(PathBuf, swarmllm_node::shard::Manifest)> {
+    let dir = config.data_dir_path().join("models");
+    let mut out: Vec<_> = std::fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let p = e.path();
+            swarmllm_node::shard::read_manifest(&p).ok().map(|m| (p, m))
+        })
+        .collect();
+    out.sort_by(|a, b| a.1.model_id.cmp(&b.1.model_id));
+    out
+}
+
+/// `swarmllm models import PATH --shards N`
+pub(crate) fn models_import(
+    config: &swarmllm_node::config::Config,
+    path: &std::path::Path,
+    shards: u32,
+    id: Option<&str>,
+) -> anyhow::Result<()> {
+    if !path.is_file() {
+        return Err(anyhow!("{} is not a file", path.display()));
+    }
+    let id = id
+        .map(str::to_string)
+        .unwrap_or_else(|| swarmllm_node::node::model_id_from_path(path));
+    let models_dir = config.data_dir_path().join("models");
+    std::fs::create_dir_all(&models_dir)
+        .with_context(|| format!("creating {}", models_dir.display()))?;
+    let bar = ProgressBar::new(u64::from(shards) + 1);
+    bar.set_style(
+        ProgressStyle::with_template("importing {bar:40.cyan/blue} {pos}/{len} files")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let manifest = swarmllm_node::shard::import(path, &models_dir, &id, shards, |done, _| {
+        bar.set_position(u64::from(done))
+    })?;
+    bar.finish_and_clear();
+    println!(
+        "imported {} ({}, {} layers) as {} shard(s) into {}",
+        manifest.model_id,
+        manifest.architecture,
+        manifest.n_layers,
+        manifest.shards.len(),
+        models_dir.join(&manifest.model_id).display()
+    );
+    for s in &manifest.shards {
+        println!(
+            "  shard {}: layers {:>2}..{:<2}  {:>6.1} MB  blake3 {}",
+            s.index,
+            s.layer_start,
+            s.layer_end,
+            s.file.bytes as f64 / 1e6,
+            &s.file.blake3[..16]
+        );
+    }
     Ok(())
 }

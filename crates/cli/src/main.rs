@@ -93,8 +93,19 @@ enum NetworkCommand {
 
 #[derive(Debug, Subcommand)]
 enum ModelsCommand {
-    /// List the models a running node serves.
+    /// List the models a running node serves and the sharded models in the data dir.
     List,
+    /// Split a GGUF into layer shards in the data dir (`<data-dir>/models/<id>/`).
+    Import {
+        /// The GGUF file.
+        path: PathBuf,
+        /// Number of layer shards.
+        #[arg(long, default_value_t = 1)]
+        shards: u32,
+        /// Model id (default: the file name without `.gguf`, lower-cased).
+        #[arg(long)]
+        id: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -176,7 +187,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Models {
             command: ModelsCommand::List,
-        } => commands::models_list(&client::Client::connect(&cli.config_source(Map::new()))?).await,
+        } => {
+            let source = cli.config_source(Map::new());
+            commands::models_list(&client::Client::connect(&source)?, &load_config(&source)?).await
+        }
+        Command::Models {
+            command: ModelsCommand::Import { path, shards, id },
+        } => commands::models_import(
+            &load_config(&cli.config_source(Map::new()))?,
+            path,
+            *shards,
+            id.as_deref(),
+        ),
         Command::ApiKey => commands::api_key(&cli.config_source(Map::new())),
         Command::Peers { json } => {
             commands::peers(

@@ -21,6 +21,7 @@ pub mod net;
 pub mod node;
 pub mod paths;
 pub mod secrets;
+pub mod shard;
 pub mod store;
 
 pub use node::{Node, NodeOptions, StartError};

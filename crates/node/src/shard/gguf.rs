@@ -1,0 +1,438 @@
+//! A small GGUF reader and writer (format v2/v3), enough to split a model into
+//! layer shards and to put shards back together. Pure Rust: tensor data is copied
+//! byte for byte, never interpreted.
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::Path;
+
+const MAGIC: &[u8; 4] = b"GGUF";
+const DEFAULT_ALIGNMENT: u64 = 32;
+
+/// A GGUF file could not be read or written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GgufError {
+    /// I/O failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// Not a GGUF file, or an unsupported version or value type.
+    #[error("not a usable GGUF file: {0}")]
+    Format(String),
+}
+
+fn bad(msg: impl Into<String>) -> GgufError {
+    GgufError::Format(msg.into())
+}
+
+/// A metadata value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    /// u8
+    U8(u8),
+    /// i8
+    I8(i8),
+    /// u16
+    U16(u16),
+    /// i16
+    I16(i16),
+    /// u32
+    U32(u32),
+    /// i32
+    I32(i32),
+    /// f32
+    F32(f32),
+    /// bool
+    Bool(bool),
+    /// string
+    Str(String),
+    /// array of one element type (the type code is kept for empty arrays)
+    Array(u32, Vec<Value>),
+    /// u64
+    U64(u64),
+    /// i64
+    I64(i64),
+    /// f64
+    F64(f64),
+}
+
+impl Value {
+    fn type_code(&self) -> u32 {
+        match self {
+            Value::U8(_) => 0,
+            Value::I8(_) => 1,
+            Value::U16(_) => 2,
+            Value::I16(_) => 3,
+            Value::U32(_) => 4,
+            Value::I32(_) => 5,
+            Value::F32(_) => 6,
+            Value::Bool(_) => 7,
+            Value::Str(_) => 8,
+            Value::Array(..) => 9,
+            Value::U64(_) => 10,
+            Value::I64(_) => 11,
+            Value::F64(_) => 12,
+        }
+    }
+
+    /// As an unsigned integer, if it is one.
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            Value::U8(v) => Some(v as u64),
+            Value::U16(v) => Some(v as u64),
+            Value::U32(v) => Some(v as u64),
+            Value::U64(v) => Some(v),
+            Value::I8(v) if v >= 0 => Some(v as u64),
+            Value::I16(v) if v >= 0 => Some(v as u64),
+            Value::I32(v) if v >= 0 => Some(v as u64),
+            Value::I64(v) if v >= 0 => Some(v as u64),
+            _ => None,
+        }
+    }
+
+    /// As a float, if it is a number.
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            Value::F32(v) => Some(v as f64),
+            Value::F64(v) => Some(v),
+            _ => self.as_u64().map(|v| v as f64),
+        }
+    }
+
+    /// As a string, if it is one.
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// As JSON (arrays longer than `max_array` are summarised).
+    pub fn to_json(&self, max_array: usize) -> serde_json::Value {
+        use serde_json::json;
+        match self {
+            Value::U8(v) => json!(v),
+            Value::I8(v) => json!(v),
+            Value::U16(v) => json!(v),
+            Value::I16(v) => json!(v),
+            Value::U32(v) => json!(v),
+            Value::I32(v) => json!(v),
+            Value::F32(v) => json!(v),
+            Value::Bool(v) => json!(v),
+            Value::Str(v) => json!(v),
+            Value::U64(v) => json!(v),
+            Value::I64(v) => json!(v),
+            Value::F64(v) => json!(v),
+            Value::Array(_, items) if items.len() > max_array => {
+                json!({ "array_len": items.len() })
+            }
+            Value::Array(_, items) => {
+                serde_json::Value::Array(items.iter().map(|v| v.to_json(max_array)).collect())
+            }
+        }
+    }
+}
+
+/// A tensor's description and where its bytes are.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorInfo {
+    /// Name, e.g. `blk.3.attn_q.weight`.
+    pub name: String,
+    /// Dimensions.
+    pub dims: Vec<u64>,
+    /// ggml type code.
+    pub ggml_type: u32,
+    /// Offset of the data from the start of the data section.
+    pub offset: u64,
+    /// Bytes from this tensor's start to the next tensor's (data plus padding).
+    pub span: u64,
+}
+
+impl TensorInfo {
+    /// The layer a `blk.N.*` tensor belongs to.
+    pub fn layer(&self) -> Option<u32> {
+        self.name
+            .strip_prefix("blk.")?
+            .split('.')
+            .next()?
+            .parse()
+            .ok()
+    }
+}
+
+/// The parsed header of a GGUF file.
+#[derive(Debug, Clone)]
+pub struct Gguf {
+    /// Format version.
+    pub version: u32,
+    /// Metadata in file order.
+    pub kv: Vec<(String, Value)>,
+    /// Tensors in file order.
+    pub tensors: Vec<TensorInfo>,
+    /// Alignment of the data section.
+    pub alignment: u64,
+    /// Where the data section starts.
+    pub data_offset: u64,
+}
+
+struct Reader<R> {
+    r: R,
+    pos: u64,
+}
+
+impl<R: Read> Reader<R> {
+    fn bytes<const N: usize>(&mut self) -> Result<[u8; N], GgufError> {
+        let mut b = [0u8; N];
+        self.r.read_exact(&mut b)?;
+        self.pos += N as u64;
+        Ok(b)
+    }
+    fn u32(&mut self) -> Result<u32, GgufError> {
+        Ok(u32::from_le_bytes(self.bytes()?))
+    }
+    fn u64(&mut self) -> Result<u64, GgufError> {
+        Ok(u64::from_le_bytes(self.bytes()?))
+    }
+    fn string(&mut self) -> Result<String, GgufError> {
+        let len = self.u64()?;
+        if len > 1 << 24 {
+            return Err(bad(format!("string of {len} bytes")));
+        }
+        let mut b = vec![0u8; len as usize];
+        self.r.read_exact(&mut b)?;
+        self.pos += len;
+        String::from_utf8(b).map_err(|_| bad("string is not UTF-8"))
+    }
+    fn value(&mut self, ty: u32, depth: u32) -> Result<Value, GgufError> {
+        Ok(match ty {
+            0 => Value::U8(u8::from_le_bytes(self.bytes()?)),
+            1 => Value::I8(i8::from_le_bytes(self.bytes()?)),
+            2 => Value::U16(u16::from_le_bytes(self.bytes()?)),
+            3 => Value::I16(i16::from_le_bytes(self.bytes()?)),
+            4 => Value::U32(self.u32()?),
+            5 => Value::I32(i32::from_le_bytes(self.bytes()?)),
+            6 => Value::F32(f32::from_le_bytes(self.bytes()?)),
+            7 => Value::Bool(self.bytes::<1>()?[0] != 0),
+            8 => Value::Str(self.string()?),
+            9 if depth == 0 => {
+                let item_ty = self.u32()?;
+                let n = self.u64()?;
+                if n > 1 << 26 {
+                    return Err(bad(format!("array of {n} items")));
+                }
+                let mut items = Vec::with_capacity(n.min(1 << 20) as usize);
+                for _ in 0..n {
+                    items.push(self.value(item_ty, depth + 1)?);
+                }
+                Value::Array(item_ty, items)
+            }
+            10 => Value::U64(self.u64()?),
+            11 => Value::I64(i64::from_le_bytes(self.bytes()?)),
+            12 => Value::F64(f64::from_le_bytes(self.bytes()?)),
+            other => return Err(bad(format!("value type {other}"))),
+        })
+    }
+}
+
+fn align(x: u64, a: u64) -> u64 {
+    x.div_ceil(a) * a
+}
+
+impl Gguf {
+    /// Reads the header (metadata and tensor infos) of a GGUF file.
+    pub fn read(path: &Path) -> Result<Gguf, GgufError> {
+        let file = File::open(path)?;
+        let file_len = file.metadata()?.len();
+        let mut r = Reader {
+            r: BufReader::new(file),
+            pos: 0,
+        };
+        if &r.bytes::<4>()? != MAGIC {
+            return Err(bad("missing GGUF magic"));
+        }
+        let version = r.u32()?;
+        if !(2..=3).contains(&version) {
+            return Err(bad(format!("GGUF version {version}")));
+        }
+        let n_tensors = r.u64()?;
+        let n_kv = r.u64()?;
+        if n_tensors > 1 << 20 || n_kv > 1 << 20 {
+            return Err(bad("implausible tensor or key count"));
+        }
+        let mut kv = Vec::with_capacity(n_kv as usize);
+        for _ in 0..n_kv {
+            let key = r.string()?;
+            let ty = r.u32()?;
+            kv.push((key, r.value(ty, 0)?));
+        }
+        let mut tensors = Vec::with_capacity(n_tensors as usize);
+        for _ in 0..n_tensors {
+            let name = r.string()?;
+            let n_dims = r.u32()?;
+            if n_dims > 8 {
+                return Err(bad(format!("tensor {name} has {n_dims} dimensions")));
+            }
+            let dims = (0..n_dims)
+                .map(|_| r.u64())
+                .collect::<Result<Vec<_>, _>>()?;
+            let ggml_type = r.u32()?;
+            let offset = r.u64()?;
+            tensors.push(TensorInfo {
+                name,
+                dims,
+                ggml_type,
+                offset,
+                span: 0,
+            });
+        }
+        let alignment = kv
+            .iter()
+            .find(|(k, _)| k == "general.alignment")
+            .and_then(|(_, v)| v.as_u64())
+            .unwrap_or(DEFAULT_ALIGNMENT);
+        let data_offset = align(r.pos, alignment);
+        // Spans from the sorted offsets; the last runs to the end of the file.
+        let data_len = file_len
+            .checked_sub(data_offset)
+            .ok_or_else(|| bad("file ends before its data section"))?;
+        let mut order: Vec<usize> = (0..tensors.len()).collect();
+        order.sort_by_key(|&i| tensors[i].offset);
+        for (k, &i) in order.iter().enumerate() {
+            let end = order
+                .get(k + 1)
+                .map(|&j| tensors[j].offset)
+                .unwrap_or(data_len);
+            tensors[i].span = end
+                .checked_sub(tensors[i].offset)
+                .ok_or_else(|| bad("tensor offsets out of order"))?;
+        }
+        Ok(Gguf {
+            version,
+            kv,
+            tensors,
+            alignment,
+            data_offset,
+        })
+    }
+
+    /// A metadata value.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.kv.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+
+    /// Sets (or adds) a metadata value.
+    pub fn set(&mut self, key: &str, value: Value) {
+        match self.kv.iter_mut().find(|(k, _)| k == key) {
+            Some((_, v)) => *v = value,
+            None => self.kv.push((key.to_string(), value)),
+        }
+    }
+
+    /// `general.architecture`.
+    pub fn architecture(&self) -> Option<&str> {
+        self.get("general.architecture")?.as_str()
+    }
+
+    /// `<arch>.block_count`.
+    pub fn block_count(&self) -> Option<u32> {
+        let arch = self.architecture()?;
+        self.get(&format!("{arch}.block_count"))?
+            .as_u64()
+            .map(|v| v as u32)
+    }
+}
+
+fn write_string<W: Write>(w: &mut W, s: &str) -> std::io::Result<()> {
+    w.write_all(&(s.len() as u64).to_le_bytes())?;
+    w.write_all(s.as_bytes())
+}
+
+fn write_value<W: Write>(w: &mut W, v: &Value) -> std::io::Result<()> {
+    match v {
+        Value::U8(x) => w.write_all(&x.to_le_bytes()),
+        Value::I8(x) => w.write_all(&x.to_le_bytes()),
+        Value::U16(x) => w.write_all(&x.to_le_bytes()),
+        Value::I16(x) => w.write_all(&x.to_le_bytes()),
+        Value::U32(x) => w.write_all(&x.to_le_bytes()),
+        Value::I32(x) => w.write_all(&x.to_le_bytes()),
+        Value::F32(x) => w.write_all(&x.to_le_bytes()),
+        Value::Bool(x) => w.write_all(&[u8::from(*x)]),
+        Value::Str(s) => write_string(w, s),
+        Value::Array(ty, items) => {
+            w.write_all(&ty.to_le_bytes())?;
+            w.write_all(&(items.len() as u64).to_le_bytes())?;
+            items.iter().try_for_each(|i| write_value(w, i))
+        }
+        Value::U64(x) => w.write_all(&x.to_le_bytes()),
+        Value::I64(x) => w.write_all(&x.to_le_bytes()),
+        Value::F64(x) => w.write_all(&x.to_le_bytes()),
+    }
+}
+
+/// A tensor to write: its (possibly new) name and where its bytes come from.
+#[derive(Debug, Clone)]
+pub struct TensorSource<'a> {
+    /// Name in the new file.
+    pub name: String,
+    /// The tensor in its source file.
+    pub info: &'a TensorInfo,
+    /// The source file.
+    pub file: &'a Path,
+    /// The source file's data offset.
+    pub data_offset: u64,
+}
+
+/// Writes a GGUF with `kv` and the given tensors, copying their bytes.
+pub fn write(
+    path: &Path,
+    kv: &[(String, Value)],
+    alignment: u64,
+    tensors: &[TensorSource<'_>],
+) -> Result<(), GgufError> {
+    let mut w = BufWriter::new(File::create(path)?);
+    // Header and metadata go through a buffer so their length is known.
+    let mut head = Vec::new();
+    head.extend_from_slice(MAGIC);
+    head.extend_from_slice(&3u32.to_le_bytes());
+    head.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+    head.extend_from_slice(&(kv.len() as u64).to_le_bytes());
+    for (k, v) in kv {
+        write_string(&mut head, k)?;
+        head.extend_from_slice(&v.type_code().to_le_bytes());
+        write_value(&mut head, v)?;
+    }
+    let mut offset = 0u64;
+    for t in tensors {
+        write_string(&mut head, &t.name)?;
+        head.extend_from_slice(&(t.info.dims.len() as u32).to_le_bytes());
+        for d in &t.info.dims {
+            head.extend_from_slice(&d.to_le_bytes());
+        }
+        head.extend_from_slice(&t.info.ggml_type.to_le_bytes());
+        head.extend_from_slice(&offset.to_le_bytes());
+        offset = align(offset + t.info.span, alignment);
+    }
+    let head_len = head.len() as u64;
+    w.write_all(&head)?;
+    w.write_all(&vec![0u8; (align(head_len, alignment) - head_len) as usize])?;
+    let mut written = 0u64;
+    let mut buf = vec![0u8; 1 << 20];
+    for t in tensors {
+        let mut src = File::open(t.file)?;
+        src.seek(SeekFrom::Start(t.data_offset + t.info.offset))?;
+        let mut left = t.info.span;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            src.read_exact(&mut buf[..n])?;
+            w.write_all(&buf[..n])?;
+            left -= n as u64;
+        }
+        written += t.info.span;
+        let pad = align(written, alignment) - written;
+        w.write_all(&vec![0u8; pad as usize])?;
+        written += pad;
+    }
+    w.flush()?;
+    w.get_ref().sync_all()?;
+    Ok(())
+}

@@ -1,0 +1,145 @@
+//! The shard format on the real test model: split, verify, reassemble, and check the
+//! reassembled model generates exactly what the original does.
+
+use std::path::{Path, PathBuf};
+
+use swarmllm_node::infer::{Engine, EngineConfig, Event, GenerateRequest, SamplingParams};
+use swarmllm_node::shard::{self, gguf::Gguf};
+
+fn model_path() -> PathBuf {
+    let path = std::env::var_os("SWARMLLM_TEST_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_default();
+            home.join(".cache/swarmllm/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
+    assert!(
+        path.is_file(),
+        "test model missing at {}: run scripts/fetch-test-model",
+        path.display()
+    );
+    path
+}
+
+fn greedy(path: &Path, prompt: &str) -> String {
+    let engine = Engine::load(
+        EngineConfig {
+            model_path: path.to_path_buf(),
+            model_id: "m".into(),
+            threads: 1,
+            gpu_layers: 0,
+            context_size: 512,
+            batch_size: 128,
+            max_queue: 4,
+            backends_dir: None,
+        },
+        |_| {},
+    )
+    .expect("load");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    let mut rx = engine
+        .submit(GenerateRequest {
+            prompt: prompt.to_string(),
+            params: SamplingParams {
+                temperature: 0.0,
+                max_tokens: 48,
+                ignore_eos: true,
+                ..SamplingParams::default()
+            },
+        })
+        .expect("submit");
+    let mut text = String::new();
+    rt.block_on(async {
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                Event::Token(t) => text.push_str(&t),
+                Event::Done { usage, .. } => {
+                    assert_eq!(usage.completion_tokens, 48);
+                    break;
+                }
+                Event::Failed(e) => panic!("{e}"),
+                Event::Started { .. } => {}
+            }
+        }
+    });
+    text
+}
+
+#[test]
+fn split_three_ways_verify_and_reassemble_exactly() {
+    let source = model_path();
+    let models = tempfile::tempdir().expect("tempdir");
+    let mut calls = 0;
+    let manifest =
+        shard::import(&source, models.path(), "smollm2", 3, |_, _| calls += 1).expect("import");
+    assert_eq!(calls, 4);
+    let dir = models.path().join("smollm2");
+    assert_eq!(manifest.architecture, "llama");
+    assert_eq!(manifest.n_layers, 30);
+    assert!(manifest.tied_embeddings);
+    let ranges: Vec<(u32, u32)> = manifest
+        .shards
+        .iter()
+        .map(|s| (s.layer_start, s.layer_end))
+        .collect();
+    assert_eq!(ranges, vec![(0, 10), (10, 20), (20, 30)]);
+    assert_eq!(shard::read_manifest(&dir).expect("manifest"), manifest);
+    assert!(shard::verify(&dir, &manifest).is_empty());
+
+    // The header file is the source's header; each shard holds its own layers.
+    let src = Gguf::read(&source).expect("source");
+    assert_eq!(
+        std::fs::metadata(dir.join("gguf_header.bin"))
+            .expect("header")
+            .len(),
+        src.data_offset
+    );
+    for s in &manifest.shards {
+        let g = Gguf::read(&dir.join(&s.file.file)).expect("shard parses");
+        let layers: std::collections::BTreeSet<u32> =
+            g.tensors.iter().filter_map(|t| t.layer()).collect();
+        assert_eq!(layers, (s.layer_start..s.layer_end).collect());
+        let has = |n: &str| g.tensors.iter().any(|t| t.name == n);
+        assert_eq!(
+            has("token_embd.weight"),
+            s.index == 0 || s.index == 2,
+            "shard {}",
+            s.index
+        );
+        assert_eq!(has("output_norm.weight"), s.index == 2);
+    }
+    // Every source tensor is in exactly one place (token_embd twice: embedding and tied head).
+    let total: usize = manifest.shards.iter().map(|s| s.tensors).sum();
+    assert_eq!(total, src.tensors.len() + 1);
+
+    // A run without the head cannot stand alone.
+    let partial = models.path().join("partial.gguf");
+    assert!(shard::assemble(&dir, &manifest, 0, 1, &partial).is_err());
+
+    // The whole run reassembled generates exactly what the original generates.
+    let whole = models.path().join("whole.gguf");
+    shard::assemble(&dir, &manifest, 0, 2, &whole).expect("assemble");
+    let prompt =
+        "<|im_start|>user\nName three rivers in Europe.<|im_end|>\n<|im_start|>assistant\n";
+    assert_eq!(greedy(&whole, prompt), greedy(&source, prompt));
+
+    // A corrupted shard is caught by its hash.
+    let victim = dir.join(&manifest.shards[1].file.file);
+    let mut bytes = std::fs::read(&victim).expect("read");
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&victim, bytes).expect("write");
+    assert_eq!(shard::verify(&dir, &manifest), vec![1]);
+
+    // Importing the same id again is refused, leaving the first import intact.
+    assert!(matches!(
+        shard::import(&source, models.path(), "smollm2", 3, |_, _| {}),
+        Err(shard::ShardError::Exists(_))
+    ));
+    assert!(shard::import(&source, models.path(), "x", 31, |_, _| {}).is_err());
+}
