@@ -123,3 +123,58 @@ fn cli_drives_a_running_node() {
     assert!(ok);
     assert!(out.contains("after a restart"), "{out}");
 }
+
+#[test]
+fn models_import_then_metadata_over_http() {
+    let node = TestNode::start_without_model();
+    let model = common::model_path();
+    let (ok, out, err) = cli(
+        node.dir(),
+        node.port,
+        &[
+            "models",
+            "import",
+            model.to_str().expect("utf8"),
+            "--shards",
+            "3",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("as 3 shard(s)") && out.contains("layers 20..30"),
+        "{out}"
+    );
+    let (ok, out, _) = cli(node.dir(), node.port, &["models", "list"]);
+    assert!(ok);
+    assert!(
+        out.contains("smollm2-135m-instruct.q4_1") && out.contains("30"),
+        "{out}"
+    );
+
+    let (s, m) = node.get("/api/admin/models/smollm2-135m-instruct.q4_1/metadata");
+    assert_eq!(s, 200, "{m}");
+    assert_eq!(m["model_id"], "smollm2-135m-instruct.q4_1");
+    assert_eq!(m["general"]["architecture"], "llama");
+    assert_eq!(m["general"]["architecture_supported"], true);
+    assert_eq!(m["general"]["quantization"], "Q4_1");
+    assert_eq!(m["model"]["block_count"], 30);
+    assert_eq!(m["model"]["embedding_length"], 576);
+    assert!(
+        m["model"]["vocab_size"].as_u64().is_some_and(|v| v > 1000),
+        "{m}"
+    );
+    assert!(m["tokenizer"]["eos_token_id"].is_u64());
+    assert!(m["tensors"]["count"].as_u64().is_some_and(|c| c > 200));
+    let raw = m["raw"].as_array().expect("raw");
+    assert!(
+        raw.iter()
+            .any(|kv| kv["key"] == "general.architecture" && kv["value"] == "llama")
+    );
+    assert!(
+        !raw.iter().any(|kv| kv["key"] == "tokenizer.ggml.tokens"),
+        "vocabulary arrays are excluded"
+    );
+
+    let (s, v) = node.get("/api/admin/models/nope/metadata");
+    assert_eq!((s, v["error"]["code"].as_str()), (400, Some("NO_HEADER")));
+}

@@ -208,3 +208,31 @@ pub(crate) async fn delete_nickname(
         json!({ "node_id": state.node.node_id(), "nickname": null }),
     ))
 }
+
+/// `GET /api/admin/models/{id}/metadata`: parsed GGUF metadata from the model's
+/// `gguf_header.bin` (400 when the node has no header for it).
+pub(crate) async fn model_metadata(
+    State(state): State<AppState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    if id.is_empty() || id.contains(['/', '\\']) || id.starts_with('.') {
+        return Err(ApiError::invalid_field("id", "not a model id"));
+    }
+    let path = state
+        .node
+        .data_dir()
+        .join("models")
+        .join(&id)
+        .join("gguf_header.bin");
+    let header = tokio::task::spawn_blocking(move || crate::shard::gguf::Gguf::read_header(&path))
+        .await
+        .map_err(|e| ApiError::internal("reading the GGUF header", e))?
+        .map_err(|e| {
+            ApiError::new(
+                axum::http::StatusCode::BAD_REQUEST,
+                "NO_HEADER",
+                format!("no readable GGUF header for model '{id}' (import it with `swarmllm models import`): {e}"),
+            )
+        })?;
+    Ok(Json(crate::shard::metadata_json(&id, &header)))
+}

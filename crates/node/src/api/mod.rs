@@ -104,7 +104,11 @@ pub fn router(node: Node) -> Router {
         .route("/api/admin/network-code", get(net::network_code))
         .route("/api/v1/peers", get(net::v1_peers))
         .route("/api/v1/network", get(net::v1_network))
-        .route("/.well-known/swarmllm", get(net::well_known));
+        .route("/.well-known/swarmllm", get(net::well_known))
+        .route(
+            "/api/admin/models/{id}/metadata",
+            get(admin::model_metadata),
+        );
 
     let protected = Router::new()
         .route("/v1/chat/completions", post(openai::chat_completions))

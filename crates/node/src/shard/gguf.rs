@@ -241,6 +241,15 @@ fn align(x: u64, a: u64) -> u64 {
 impl Gguf {
     /// Reads the header (metadata and tensor infos) of a GGUF file.
     pub fn read(path: &Path) -> Result<Gguf, GgufError> {
+        Self::read_inner(path, true)
+    }
+
+    /// Reads a header-only file (such as `gguf_header.bin`): tensor spans are 0.
+    pub fn read_header(path: &Path) -> Result<Gguf, GgufError> {
+        Self::read_inner(path, false)
+    }
+
+    fn read_inner(path: &Path, with_data: bool) -> Result<Gguf, GgufError> {
         let file = File::open(path)?;
         let file_len = file.metadata()?.len();
         let mut r = Reader {
@@ -291,6 +300,15 @@ impl Gguf {
             .and_then(|(_, v)| v.as_u64())
             .unwrap_or(DEFAULT_ALIGNMENT);
         let data_offset = align(r.pos, alignment);
+        if !with_data {
+            return Ok(Gguf {
+                version,
+                kv,
+                tensors,
+                alignment,
+                data_offset,
+            });
+        }
         // Spans from the sorted offsets; the last runs to the end of the file.
         let data_len = file_len
             .checked_sub(data_offset)

@@ -406,6 +406,100 @@ pub fn assemble(
     Ok(())
 }
 
+/// Architectures the layer-split pipeline is built and tested for.
+pub const SPLIT_ARCHITECTURES: &[&str] = &["llama", "qwen2", "gemma3"];
+
+/// llama.cpp's `general.file_type` codes.
+pub fn quantization_name(file_type: u64) -> Option<&'static str> {
+    Some(match file_type {
+        0 => "F32",
+        1 => "F16",
+        2 => "Q4_0",
+        3 => "Q4_1",
+        7 => "Q8_0",
+        8 => "Q5_0",
+        9 => "Q5_1",
+        10 => "Q2_K",
+        11 => "Q3_K_S",
+        12 => "Q3_K_M",
+        13 => "Q3_K_L",
+        14 => "Q4_K_S",
+        15 => "Q4_K_M",
+        16 => "Q5_K_S",
+        17 => "Q5_K_M",
+        18 => "Q6_K",
+        19 => "IQ2_XXS",
+        20 => "IQ2_XS",
+        21 => "Q2_K_S",
+        22 => "IQ3_XS",
+        23 => "IQ3_XXS",
+        24 => "IQ1_S",
+        25 => "IQ4_NL",
+        26 => "IQ3_S",
+        27 => "IQ3_M",
+        28 => "IQ2_S",
+        29 => "IQ2_M",
+        30 => "IQ4_XS",
+        31 => "IQ1_M",
+        32 => "BF16",
+        36 => "TQ1_0",
+        37 => "TQ2_0",
+        _ => return None,
+    })
+}
+
+/// The parsed metadata of a model's `gguf_header.bin`, in the shape of
+/// `GET /api/admin/models/{id}/metadata` (tokenizer vocabulary arrays left out).
+pub fn metadata_json(model_id: &str, header: &Gguf) -> serde_json::Value {
+    use serde_json::json;
+    let arch = header.architecture().unwrap_or("unknown").to_string();
+    let num = |k: &str| header.get(k).and_then(Value::as_u64);
+    let float = |k: &str| header.get(k).and_then(Value::as_f64);
+    let text = |k: &str| header.get(k).and_then(Value::as_str).map(str::to_string);
+    let a = |k: &str| format!("{arch}.{k}");
+    let file_type = num("general.file_type");
+    let vocab_size = num(&a("vocab_size")).or_else(|| match header.get("tokenizer.ggml.tokens") {
+        Some(Value::Array(_, items)) => Some(items.len() as u64),
+        _ => None,
+    });
+    let raw: Vec<serde_json::Value> = header
+        .kv
+        .iter()
+        .filter(|(k, v)| !(k.starts_with("tokenizer.ggml.") && matches!(v, Value::Array(..))))
+        .map(|(k, v)| json!({ "key": k, "value": v.to_json(64) }))
+        .collect();
+    json!({
+        "model_id": model_id,
+        "general": {
+            "name": text("general.name"),
+            "architecture": arch,
+            "architecture_supported": SPLIT_ARCHITECTURES.contains(&arch.as_str()),
+            "file_type": file_type,
+            "quantization": file_type.and_then(quantization_name),
+        },
+        "model": {
+            "context_length": num(&a("context_length")),
+            "block_count": num(&a("block_count")),
+            "embedding_length": num(&a("embedding_length")),
+            "head_count": num(&a("attention.head_count")),
+            "head_count_kv": num(&a("attention.head_count_kv")),
+            "rope_dimension_count": num(&a("rope.dimension_count")),
+            "rope_freq_base": float(&a("rope.freq_base")),
+            "layer_norm_rms_epsilon": float(&a("attention.layer_norm_rms_epsilon")),
+            "vocab_size": vocab_size,
+        },
+        "tokenizer": {
+            "model": text("tokenizer.ggml.model"),
+            "pre": text("tokenizer.ggml.pre"),
+            "eos_token_id": num("tokenizer.ggml.eos_token_id"),
+            "bos_token_id": num("tokenizer.ggml.bos_token_id"),
+            "padding_token_id": num("tokenizer.ggml.padding_token_id"),
+        },
+        "tensors": { "count": header.tensors.len(), "data_offset": header.data_offset },
+        "raw": raw,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
