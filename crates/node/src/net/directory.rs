@@ -82,6 +82,33 @@ fn json_list(addrs: &[String]) -> String {
     serde_json::to_string(addrs).unwrap_or_else(|_| "[]".into())
 }
 
+/// The peer's known addresses plus `addrs` (at most 16, oldest first), as JSON, and
+/// whether the peer is new to the directory.
+fn merge_addresses(
+    tx: &rusqlite::Transaction<'_>,
+    node_id: &str,
+    addrs: &[String],
+) -> rusqlite::Result<(bool, String)> {
+    let existing: Option<String> = tx
+        .query_row(
+            "SELECT addresses FROM swarm_nodes WHERE node_id = ?1",
+            [node_id],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let is_new = existing.is_none();
+    let mut merged: Vec<String> = existing
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    for a in addrs {
+        if !merged.contains(a) {
+            merged.push(a.clone());
+        }
+    }
+    merged.truncate(16);
+    Ok((is_new, json_list(&merged)))
+}
+
 fn to_json<T: Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_else(|_| "null".into())
 }
@@ -108,18 +135,7 @@ impl Directory {
         let now = now_unix();
         self.store.with_conn(|c| {
             let tx = c.transaction()?;
-            let existing: Option<String> = tx
-                .query_row("SELECT addresses FROM swarm_nodes WHERE node_id = ?1", [node_id], |r| r.get(0))
-                .optional()?;
-            let mut merged: Vec<String> = existing
-                .and_then(|t| serde_json::from_str(&t).ok())
-                .unwrap_or_default();
-            for a in addrs {
-                if !merged.contains(a) {
-                    merged.push(a.clone());
-                }
-            }
-            merged.truncate(16);
+            let (_, merged) = merge_addresses(&tx, node_id, addrs)?;
             tx.execute(
                 "INSERT INTO swarm_nodes (id, node_id, peer_id, addresses, discovered_via, discovered_at,
                      last_seen_at, is_active, consecutive_failures, next_retry_at)
@@ -127,7 +143,7 @@ impl Directory {
                  ON CONFLICT(node_id) DO UPDATE SET addresses = excluded.addresses,
                      last_seen_at = excluded.last_seen_at, is_active = 1,
                      consecutive_failures = 0, next_retry_at = 0",
-                params![uuid::Uuid::new_v4().to_string(), node_id, peer_id, json_list(&merged), via, now],
+                params![uuid::Uuid::new_v4().to_string(), node_id, peer_id, merged, via, now],
             )?;
             tx.commit()
         })
@@ -145,24 +161,12 @@ impl Directory {
         let now = now_unix();
         self.store.with_conn(|c| {
             let tx = c.transaction()?;
-            let existing: Option<String> = tx
-                .query_row("SELECT addresses FROM swarm_nodes WHERE node_id = ?1", [node_id], |r| r.get(0))
-                .optional()?;
-            let is_new = existing.is_none();
-            let mut merged: Vec<String> = existing
-                .and_then(|t| serde_json::from_str(&t).ok())
-                .unwrap_or_default();
-            for a in addrs {
-                if !merged.contains(a) {
-                    merged.push(a.clone());
-                }
-            }
-            merged.truncate(16);
+            let (is_new, merged) = merge_addresses(&tx, node_id, addrs)?;
             tx.execute(
                 "INSERT INTO swarm_nodes (id, node_id, peer_id, addresses, discovered_via, discovered_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                  ON CONFLICT(node_id) DO UPDATE SET addresses = excluded.addresses",
-                params![uuid::Uuid::new_v4().to_string(), node_id, peer_id, json_list(&merged), via, now],
+                params![uuid::Uuid::new_v4().to_string(), node_id, peer_id, merged, via, now],
             )?;
             tx.commit()?;
             Ok(is_new)
