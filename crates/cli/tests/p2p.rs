@@ -392,3 +392,47 @@ mod netns {
         }
     }
 }
+
+#[test]
+fn websocket_pushes_stats_and_peer_changes() {
+    use futures::StreamExt;
+    let a = TestNode::start_without_model();
+    let code = network_code(&a);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let url = format!("ws://127.0.0.1:{}/api/admin/ws", a.port);
+    let (mut ws, _) = rt
+        .block_on(tokio_tungstenite::connect_async(&url))
+        .expect("websocket connects");
+    let next = |ws: &mut tokio_tungstenite::WebSocketStream<_>| -> Value {
+        let msg = rt
+            .block_on(async { tokio::time::timeout(DEADLINE, ws.next()).await })
+            .expect("a message within the deadline")
+            .expect("stream open")
+            .expect("message");
+        serde_json::from_str(msg.to_text().expect("text")).expect("json")
+    };
+    let first = next(&mut ws);
+    assert_eq!(first["type"], "peer_list");
+    assert_eq!(first["data"]["peers"], json!([]));
+    let stats = next(&mut ws);
+    assert_eq!(stats["type"], "stats_update");
+    assert_eq!(stats["data"]["peer_count"], 0);
+    // A peer joins: a new peer_list arrives.
+    let b = TestNode::start_full(false, &["--bootstrap", &code]);
+    let b_id = node_id(&b);
+    loop {
+        let m = next(&mut ws);
+        if m["type"] == "peer_list" {
+            assert_eq!(m["data"]["peers"][0]["node_id"], json!(b_id));
+            break;
+        }
+    }
+    // A page from a foreign origin is refused.
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+        url.as_str(),
+    )
+    .expect("request");
+    req.headers_mut()
+        .insert("origin", "https://evil.example".parse().expect("header"));
+    assert!(rt.block_on(tokio_tungstenite::connect_async(req)).is_err());
+}

@@ -11,6 +11,7 @@ mod generate;
 mod net;
 mod openai;
 mod v1;
+mod ws;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -108,7 +109,8 @@ pub fn router(node: Node) -> Router {
         .route(
             "/api/admin/models/{id}/metadata",
             get(admin::model_metadata),
-        );
+        )
+        .route("/api/admin/ws", get(ws::upgrade));
 
     let protected = Router::new()
         .route("/v1/chat/completions", post(openai::chat_completions))
@@ -157,21 +159,23 @@ pub async fn serve(node: Node, listener: TcpListener) -> std::io::Result<()> {
 fn cors(node: Node) -> CorsLayer {
     CorsLayer::new()
         .allow_origin(AllowOrigin::predicate(move |origin: &HeaderValue, _| {
-            let Ok(origin) = origin.to_str() else {
-                return false;
-            };
-            let config = node.config();
-            let own = [
-                "tauri://localhost".to_string(),
-                "http://tauri.localhost".to_string(),
-                "https://tauri.localhost".to_string(),
-                format!("http://127.0.0.1:{}", config.api_port),
-                format!("http://localhost:{}", config.api_port),
-            ];
-            own.iter().any(|o| o == origin) || config.cors_origins.iter().any(|o| o == origin)
+            origin.to_str().is_ok_and(|o| origin_allowed(&node, o))
         }))
         .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
         .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+}
+
+/// Whether a browser page from `origin` may use the API.
+pub(crate) fn origin_allowed(node: &Node, origin: &str) -> bool {
+    let config = node.config();
+    let own = [
+        "tauri://localhost".to_string(),
+        "http://tauri.localhost".to_string(),
+        "https://tauri.localhost".to_string(),
+        format!("http://127.0.0.1:{}", config.api_port),
+        format!("http://localhost:{}", config.api_port),
+    ];
+    own.iter().any(|o| o == origin) || config.cors_origins.iter().any(|o| o == origin)
 }
 
 async fn not_found(req: Request) -> ApiError {
