@@ -165,14 +165,41 @@ pub(crate) async fn chat_completions(
     let generation =
         generate::start(node, "/v1/chat/completions", id, model, prompt, params).await?;
 
-    if req.stream {
-        let include_usage = req
-            .stream_options
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false);
+    let include_usage = req
+        .stream_options
+        .and_then(|o| o.include_usage)
+        .unwrap_or(false);
+    answer(
+        generation,
+        req.stream.then_some(include_usage),
+        chat_chunk,
+        "chat.completion",
+        |text, finish| {
+            json!({
+                "index": 0,
+                "message": { "role": "assistant", "content": text },
+                "logprobs": null,
+                "finish_reason": finish,
+            })
+        },
+    )
+    .await
+}
+
+/// Streams the generation as SSE chunks (`Some(include_usage)`) or waits for it and
+/// answers one JSON body of type `object` whose single choice `choice(text, finish)`
+/// builds.
+async fn answer(
+    generation: Generation,
+    stream: Option<bool>,
+    chunk: fn(&GenInfo, StreamPiece, bool) -> Vec<Value>,
+    object: &'static str,
+    choice: fn(String, &'static str) -> Value,
+) -> Result<Response, ApiError> {
+    if let Some(include_usage) = stream {
         return Ok(sse(
             generation,
-            move |g, piece| chat_chunk(g, piece, include_usage),
+            move |g, piece| chunk(g, piece, include_usage),
             true,
         ));
     }
@@ -184,18 +211,17 @@ pub(crate) async fn chat_completions(
     let done = generation.collect().await?;
     Ok(Json(json!({
         "id": id,
-        "object": "chat.completion",
+        "object": object,
         "created": created,
         "model": model,
         "system_fingerprint": fingerprint(),
-        "choices": [{
-            "index": 0,
-            "message": { "role": "assistant", "content": done.text },
-            "logprobs": null,
-            "finish_reason": done.finish_reason.as_str(),
-        }],
+        "choices": [choice(done.text, done.finish_reason.as_str())],
         "usage": done.usage,
-        "timing": { "queue_ms": done.timing.queue_ms, "inference_ms": done.timing.inference_ms, "total_ms": done.total_ms },
+        "timing": {
+            "queue_ms": done.timing.queue_ms,
+            "inference_ms": done.timing.inference_ms,
+            "total_ms": done.total_ms,
+        },
     }))
     .into_response())
 }
@@ -284,39 +310,14 @@ pub(crate) async fn completions(
     let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
     let generation = generate::start(node, "/v1/completions", id, model, prompt, params).await?;
 
-    if req.stream {
-        let include_usage = req
-            .stream_options
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false);
-        return Ok(sse(
-            generation,
-            move |g, piece| completion_chunk(g, piece, include_usage),
-            true,
-        ));
-    }
-    let (id, model, created) = (
-        generation.id.clone(),
-        generation.model.clone(),
-        generation.created,
-    );
-    let done = generation.collect().await?;
-    Ok(Json(json!({
-        "id": id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "system_fingerprint": fingerprint(),
-        "choices": [{
-            "index": 0,
-            "text": done.text,
-            "logprobs": null,
-            "finish_reason": done.finish_reason.as_str(),
-        }],
-        "usage": done.usage,
-        "timing": { "queue_ms": done.timing.queue_ms, "inference_ms": done.timing.inference_ms, "total_ms": done.total_ms },
-    }))
-    .into_response())
+    let include_usage = req
+        .stream_options
+        .and_then(|o| o.include_usage)
+        .unwrap_or(false);
+    answer(generation, req.stream.then_some(include_usage), completion_chunk, "text_completion", |text, finish| {
+        json!({ "index": 0, "text": text, "logprobs": null, "finish_reason": finish })
+    })
+    .await
 }
 
 fn completion_chunk(g: &GenInfo, piece: StreamPiece, include_usage: bool) -> Vec<Value> {

@@ -502,14 +502,7 @@ impl EventLoop {
     fn own_hint(&self) -> PeerHint {
         PeerHint {
             node_id: self.identity.node_id(),
-            addrs: self
-                .shared
-                .listen_addrs
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .iter()
-                .map(ToString::to_string)
-                .collect(),
+            addrs: self.shared.listen_addr_strings(),
         }
     }
 

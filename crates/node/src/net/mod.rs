@@ -140,6 +140,18 @@ pub(crate) struct Shared {
     pub(crate) counters: Counters,
 }
 
+impl Shared {
+    /// The listen addresses as strings (without `/p2p/`).
+    pub(crate) fn listen_addr_strings(&self) -> Vec<String> {
+        self.listen_addrs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+}
+
 pub(crate) enum Command {
     Dial {
         addr: Multiaddr,
@@ -367,14 +379,7 @@ impl Network {
         invite::encode(
             &Invite {
                 peer_id: self.peer_id.to_string(),
-                addrs: self
-                    .shared
-                    .listen_addrs
-                    .read()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect(),
+                addrs: self.shared.listen_addr_strings(),
             },
             &self.config.network_name,
         )
