@@ -15,6 +15,8 @@
 mod engine;
 mod stop;
 
+pub mod layers;
+
 pub mod bench;
 
 use std::path::PathBuf;

@@ -392,12 +392,51 @@ fn write_value<W: Write>(w: &mut W, v: &Value) -> std::io::Result<()> {
 pub struct TensorSource<'a> {
     /// Name in the new file.
     pub name: String,
-    /// The tensor in its source file.
-    pub info: &'a TensorInfo,
-    /// The source file.
-    pub file: &'a Path,
-    /// The source file's data offset.
-    pub data_offset: u64,
+    /// Shape, type and (for file data) location.
+    pub info: std::borrow::Cow<'a, TensorInfo>,
+    /// The bytes.
+    pub data: TensorData<'a>,
+}
+
+/// Where a tensor's bytes come from.
+#[derive(Debug, Clone)]
+pub enum TensorData<'a> {
+    /// `info.span` bytes at `data_offset + info.offset` of `file`.
+    File {
+        /// The source file.
+        file: &'a Path,
+        /// The source file's data offset.
+        data_offset: u64,
+    },
+    /// These bytes (placeholders made on the fly).
+    Inline(Vec<u8>),
+}
+
+impl<'a> TensorSource<'a> {
+    /// A tensor copied from a file, under `name`.
+    pub fn from_file(name: String, info: &'a TensorInfo, file: &'a Path, data_offset: u64) -> Self {
+        Self {
+            name,
+            info: std::borrow::Cow::Borrowed(info),
+            data: TensorData::File { file, data_offset },
+        }
+    }
+
+    /// An f32 tensor of the given shape and values.
+    pub fn f32(name: &str, dims: Vec<u64>, values: &[f32]) -> TensorSource<'static> {
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        TensorSource {
+            name: name.to_string(),
+            info: std::borrow::Cow::Owned(TensorInfo {
+                name: name.to_string(),
+                dims,
+                ggml_type: 0, // GGML_TYPE_F32
+                offset: 0,
+                span: bytes.len() as u64,
+            }),
+            data: TensorData::Inline(bytes),
+        }
+    }
 }
 
 /// Writes a GGUF with `kv` and the given tensors, copying their bytes.
@@ -436,14 +475,19 @@ pub fn write(
     let mut written = 0u64;
     let mut buf = vec![0u8; 1 << 20];
     for t in tensors {
-        let mut src = File::open(t.file)?;
-        src.seek(SeekFrom::Start(t.data_offset + t.info.offset))?;
-        let mut left = t.info.span;
-        while left > 0 {
-            let n = left.min(buf.len() as u64) as usize;
-            src.read_exact(&mut buf[..n])?;
-            w.write_all(&buf[..n])?;
-            left -= n as u64;
+        match &t.data {
+            TensorData::Inline(bytes) => w.write_all(bytes)?,
+            TensorData::File { file, data_offset } => {
+                let mut src = File::open(file)?;
+                src.seek(SeekFrom::Start(data_offset + t.info.offset))?;
+                let mut left = t.info.span;
+                while left > 0 {
+                    let n = left.min(buf.len() as u64) as usize;
+                    src.read_exact(&mut buf[..n])?;
+                    w.write_all(&buf[..n])?;
+                    left -= n as u64;
+                }
+            }
         }
         written += t.info.span;
         let pad = align(written, alignment) - written;

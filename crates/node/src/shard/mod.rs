@@ -257,12 +257,7 @@ fn write_shards(
                 None if is_head(&t.name) => last,
                 None => true,
             })
-            .map(|t| TensorSource {
-                name: t.name.clone(),
-                info: t,
-                file: source,
-                data_offset: g.data_offset,
-            })
+            .map(|t| TensorSource::from_file(t.name.clone(), t, source, g.data_offset))
             .collect();
         let mut kv = g.kv.clone();
         let mut set = |k: &str, v: u32| match kv.iter_mut().find(|(key, _)| key == k) {
@@ -339,9 +334,12 @@ pub fn verify(dir: &Path, manifest: &Manifest) -> Vec<u32> {
 /// Joins shards `first..=last` of the model in `dir` into one runnable GGUF at
 /// `out`, with layers renumbered from 0.
 ///
-/// The run must hold the token embedding and the output norm (the first and last
-/// shards); runs without them need placeholder tensors, which the layer-range
-/// runtime provides, not this function.
+/// llama.cpp only loads a model that has a token embedding and an output norm. A run
+/// without the first shard gets a 1-row placeholder embedding and a one-token
+/// vocabulary (it is fed hidden states, never tokens) unless it ends with a tied head,
+/// which is the embedding itself; a run without the last shard gets a placeholder
+/// output norm (its head output is never read). The run of all shards is exactly the
+/// source model.
 pub fn assemble(
     dir: &Path,
     manifest: &Manifest,
@@ -365,6 +363,9 @@ pub fn assemble(
         .collect::<Result<Vec<_>, _>>()?;
     let layer_start = run[0].layer_start;
     let layers = run[run.len() - 1].layer_end - layer_start;
+    let with_head = last as usize == manifest.shards.len() - 1;
+    // A tied head *is* the token embedding, so the last shard keeps it.
+    let with_embedding = first == 0 || (with_head && manifest.tied_embeddings);
 
     let mut tensors = Vec::new();
     let mut seen = std::collections::HashSet::new();
@@ -375,35 +376,50 @@ pub fn assemble(
                     let rest = &t.name[format!("blk.{l}.").len()..];
                     format!("blk.{}.{rest}", l - layer_start)
                 }
+                None if is_embedding(&t.name) && !with_embedding => continue,
                 None => t.name.clone(),
             };
             // Shared tensors appear in every shard: keep one copy.
             if seen.insert(name.clone()) {
-                tensors.push(TensorSource {
-                    name,
-                    info: t,
-                    file: path,
-                    data_offset: g.data_offset,
-                });
+                tensors.push(TensorSource::from_file(name, t, path, g.data_offset));
             }
-        }
-    }
-    for required in ["token_embd.weight", "output_norm.weight"] {
-        if !seen.contains(required) {
-            return Err(ShardError::Invalid(format!(
-                "shards {first}..={last} lack {required}; a runnable file needs the first and last shard"
-            )));
         }
     }
     let mut kv = ggufs[0].kv.clone();
     kv.retain(|(k, _)| !k.starts_with("swarmllm.shard."));
-    let key = format!("{}.block_count", manifest.architecture);
-    match kv.iter_mut().find(|(k, _)| *k == key) {
-        Some((_, v)) => *v = Value::U32(layers),
-        None => kv.push((key, Value::U32(layers))),
+    let arch = &manifest.architecture;
+    let n_embd = kv
+        .iter()
+        .find(|(k, _)| *k == format!("{arch}.embedding_length"))
+        .and_then(|(_, v)| v.as_u64())
+        .ok_or_else(|| ShardError::Invalid(format!("no {arch}.embedding_length")))?;
+    if !with_embedding {
+        tensors.push(TensorSource::f32(
+            "token_embd.weight",
+            vec![n_embd, 1],
+            &vec![0.0; n_embd as usize],
+        ));
+        kv.retain(|(k, _)| !k.starts_with("tokenizer."));
+        kv.push(("tokenizer.ggml.model".into(), Value::Str("none".into())));
+        set_u32(&mut kv, &format!("{arch}.vocab_size"), 1);
     }
+    if !with_head && !seen.contains("output_norm.weight") {
+        tensors.push(TensorSource::f32(
+            "output_norm.weight",
+            vec![n_embd],
+            &vec![1.0; n_embd as usize],
+        ));
+    }
+    set_u32(&mut kv, &format!("{arch}.block_count"), layers);
     gguf::write(out, &kv, ggufs[0].alignment, &tensors)?;
     Ok(())
+}
+
+fn set_u32(kv: &mut Vec<(String, Value)>, key: &str, v: u32) {
+    match kv.iter_mut().find(|(k, _)| k == key) {
+        Some((_, val)) => *val = Value::U32(v),
+        None => kv.push((key.to_string(), Value::U32(v))),
+    }
 }
 
 /// Architectures the layer-split pipeline is built and tested for.

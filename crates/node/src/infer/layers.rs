@@ -1,0 +1,346 @@
+//! Running one layer range of a model: tokens or hidden states in, hidden states or
+//! logits out. The only module with `unsafe`; everything else uses its safe API.
+//!
+//! `llama-cpp-2` has no way to feed hidden states or read a layer's output, so this
+//! talks to `llama-cpp-sys-2` directly:
+//! - hidden states go in through the batch's `embd` slot (`llama_batch_init` with
+//!   `embd = n_embd`), instead of token ids;
+//! - the output of the range's last layer (`l_out-<n-1>`) is copied out in the eval
+//!   callback, before the final norm;
+//! - on a range that does not end the model every row is marked as output, or
+//!   llama.cpp would drop all but the last row before the last layer and the next
+//!   range could not build its KV cache.
+
+use std::ffi::{CStr, CString, c_void};
+use std::path::Path;
+use std::ptr::NonNull;
+
+use llama_cpp_sys_2 as sys;
+
+/// Running a layer range failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LayerError {
+    /// The GGUF could not be loaded.
+    #[error("llama.cpp could not load {0}")]
+    Load(String),
+    /// The context could not be created.
+    #[error("could not create a context")]
+    Context,
+    /// Input of the wrong size or an empty batch.
+    #[error("bad input: {0}")]
+    Input(String),
+    /// `llama_decode` failed.
+    #[error("decode failed with status {0}")]
+    Decode(i32),
+    /// The layer output was not captured (an unsupported graph).
+    #[error("the range's output tensor {0} was not produced")]
+    NoCapture(String),
+}
+
+/// A model file for one layer range, loaded.
+pub struct RangeModel {
+    raw: NonNull<sys::llama_model>,
+    n_embd: usize,
+    n_layer: u32,
+    n_vocab: usize,
+}
+
+// SAFETY: a loaded llama_model is immutable and llama.cpp allows using it from any
+// thread (llama-cpp-2 marks its LlamaModel Send + Sync for the same reason).
+unsafe impl Send for RangeModel {}
+// SAFETY: as above; contexts created from it synchronise their own state.
+unsafe impl Sync for RangeModel {}
+
+impl Drop for RangeModel {
+    fn drop(&mut self) {
+        // SAFETY: `raw` came from llama_model_load_from_file and is freed once; every
+        // RangeSession borrows the model, so none outlives it.
+        unsafe { sys::llama_model_free(self.raw.as_ptr()) }
+    }
+}
+
+impl std::fmt::Debug for RangeModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RangeModel")
+            .field("n_layer", &self.n_layer)
+            .field("n_embd", &self.n_embd)
+            .finish()
+    }
+}
+
+impl RangeModel {
+    /// Loads a range GGUF (see `shard::assemble`).
+    pub fn load(path: &Path, gpu_layers: u32) -> Result<Self, LayerError> {
+        super::engine::backend(None).map_err(|e| LayerError::Load(e.to_string()))?;
+        let cpath = path
+            .to_str()
+            .and_then(|p| CString::new(p).ok())
+            .ok_or_else(|| LayerError::Load(format!("{} is not a usable path", path.display())))?;
+        // SAFETY: plain struct of defaults returned by value.
+        let mut params = unsafe { sys::llama_model_default_params() };
+        params.n_gpu_layers = gpu_layers.min(i32::MAX as u32) as i32;
+        // SAFETY: `cpath` is a valid NUL-terminated string for the call's duration;
+        // the backend is initialised above.
+        let raw = unsafe { sys::llama_model_load_from_file(cpath.as_ptr(), params) };
+        let raw = NonNull::new(raw).ok_or_else(|| LayerError::Load(path.display().to_string()))?;
+        // SAFETY: `raw` is a valid model for these read-only queries.
+        let (n_embd, n_layer, n_vocab) = unsafe {
+            let vocab = sys::llama_model_get_vocab(raw.as_ptr());
+            (
+                sys::llama_model_n_embd(raw.as_ptr()),
+                sys::llama_model_n_layer(raw.as_ptr()),
+                sys::llama_vocab_n_tokens(vocab),
+            )
+        };
+        Ok(Self {
+            raw,
+            n_embd: n_embd.max(0) as usize,
+            n_layer: n_layer.max(0) as u32,
+            n_vocab: n_vocab.max(0) as usize,
+        })
+    }
+
+    /// Tokenizes `text` with this model's vocabulary (the first range has the real
+    /// one), adding BOS when the model wants it and parsing special tokens.
+    pub fn tokenize(&self, text: &str) -> Result<Vec<i32>, LayerError> {
+        let len =
+            i32::try_from(text.len()).map_err(|_| LayerError::Input("text too long".into()))?;
+        let mut out = vec![0i32; text.len() + 8];
+        // SAFETY: `text` is valid for `len` bytes; `out` has room for `out.len()`
+        // tokens; a negative result reports the size needed and writes nothing.
+        let n = unsafe {
+            let vocab = sys::llama_model_get_vocab(self.raw.as_ptr());
+            sys::llama_tokenize(
+                vocab,
+                text.as_ptr().cast(),
+                len,
+                out.as_mut_ptr(),
+                out.len() as i32,
+                true,
+                true,
+            )
+        };
+        if n < 0 {
+            return Err(LayerError::Input(format!(
+                "tokenization needs {} tokens",
+                -n
+            )));
+        }
+        out.truncate(n as usize);
+        Ok(out)
+    }
+
+    /// Hidden size.
+    pub fn n_embd(&self) -> usize {
+        self.n_embd
+    }
+
+    /// Layers in this range.
+    pub fn n_layer(&self) -> u32 {
+        self.n_layer
+    }
+
+    /// Starts a session (its own KV cache). `emit_hidden` selects the output: the
+    /// range's last hidden states (for ranges that do not end the model) or the
+    /// logits of the last row.
+    pub fn session(
+        &self,
+        n_ctx: u32,
+        threads: u32,
+        emit_hidden: bool,
+    ) -> Result<RangeSession<'_>, LayerError> {
+        let mut capture = Box::new(Capture {
+            name: CString::new(format!("l_out-{}", self.n_layer.saturating_sub(1)))
+                .map_err(|_| LayerError::Context)?,
+            data: Vec::new(),
+            wrong_type: false,
+        });
+        // SAFETY: plain struct of defaults returned by value.
+        let mut params = unsafe { sys::llama_context_default_params() };
+        params.n_ctx = n_ctx;
+        params.n_batch = 512;
+        params.n_ubatch = 512;
+        params.n_threads = threads.max(1) as i32;
+        params.n_threads_batch = threads.max(1) as i32;
+        if emit_hidden {
+            params.cb_eval = Some(eval_callback);
+            params.cb_eval_user_data = (&mut *capture as *mut Capture).cast::<c_void>();
+        }
+        // SAFETY: the model is valid for the session's lifetime ('_ borrow); the
+        // callback's user data is the boxed Capture, which the session owns and drops
+        // only after freeing the context.
+        let ctx = unsafe { sys::llama_init_from_model(self.raw.as_ptr(), params) };
+        let ctx = NonNull::new(ctx).ok_or(LayerError::Context)?;
+        Ok(RangeSession {
+            model: self,
+            ctx,
+            capture,
+            emit_hidden,
+        })
+    }
+}
+
+/// What the eval callback collects.
+struct Capture {
+    name: CString,
+    data: Vec<f32>,
+    wrong_type: bool,
+}
+
+/// ggml's eval callback: asked first whether we want a tensor (`ask`), then called
+/// with its data once computed.
+unsafe extern "C" fn eval_callback(t: *mut sys::ggml_tensor, ask: bool, user: *mut c_void) -> bool {
+    // SAFETY: `user` is the session's boxed Capture (set in `session`), alive while
+    // the context is; ggml calls back on the thread running llama_decode, which holds
+    // the session's &mut, so there is no other access.
+    let capture = unsafe { &mut *user.cast::<Capture>() };
+    // SAFETY: ggml passes a valid tensor whose name is a NUL-terminated buffer.
+    let name = unsafe { CStr::from_ptr(sys::ggml_get_name(t)) };
+    if name != capture.name.as_c_str() {
+        return !ask; // not interested; keep computing
+    }
+    if ask {
+        return true;
+    }
+    // SAFETY: `t` is valid for reading during the callback.
+    let (ty, nbytes) = unsafe { ((*t).type_, sys::ggml_nbytes(t)) };
+    if ty != sys::GGML_TYPE_F32 {
+        capture.wrong_type = true;
+        return true;
+    }
+    let start = capture.data.len();
+    capture.data.resize(start + nbytes / 4, 0.0);
+    // SAFETY: the destination has exactly `nbytes` bytes of space from `start`; the
+    // tensor's data is computed when ask == false.
+    unsafe {
+        sys::ggml_backend_tensor_get(
+            t,
+            capture.data[start..].as_mut_ptr().cast::<c_void>(),
+            0,
+            nbytes,
+        );
+    }
+    true
+}
+
+/// Input to a range.
+#[derive(Debug, Clone, Copy)]
+pub enum RangeInput<'a> {
+    /// Token ids (the first range).
+    Tokens(&'a [i32]),
+    /// Hidden states, `n_tokens × n_embd` row-major (later ranges).
+    Hidden(&'a [f32]),
+}
+
+/// Output of a range.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RangeOutput {
+    /// Hidden states of every input row, `n_tokens × n_embd`.
+    Hidden(Vec<f32>),
+    /// Logits of the last row.
+    Logits(Vec<f32>),
+}
+
+/// One sequence's KV cache on a range.
+pub struct RangeSession<'m> {
+    model: &'m RangeModel,
+    ctx: NonNull<sys::llama_context>,
+    capture: Box<Capture>,
+    emit_hidden: bool,
+}
+
+impl std::fmt::Debug for RangeSession<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RangeSession")
+            .field("emit_hidden", &self.emit_hidden)
+            .finish()
+    }
+}
+
+impl Drop for RangeSession<'_> {
+    fn drop(&mut self) {
+        // SAFETY: `ctx` came from llama_init_from_model and is freed once, before the
+        // boxed Capture its callback points to (fields drop after this body).
+        unsafe { sys::llama_free(self.ctx.as_ptr()) }
+    }
+}
+
+impl RangeSession<'_> {
+    /// Runs `input` at positions `pos0..`, extending the KV cache.
+    pub fn forward(&mut self, input: RangeInput<'_>, pos0: i32) -> Result<RangeOutput, LayerError> {
+        let n_embd = self.model.n_embd;
+        let n = match input {
+            RangeInput::Tokens(t) => t.len(),
+            RangeInput::Hidden(h) if h.len() % n_embd == 0 => h.len() / n_embd,
+            RangeInput::Hidden(h) => {
+                return Err(LayerError::Input(format!(
+                    "{} floats is not a multiple of n_embd {n_embd}",
+                    h.len()
+                )));
+            }
+        };
+        if n == 0 || n > 512 {
+            return Err(LayerError::Input(format!("{n} tokens (1..=512 per call)")));
+        }
+        let hidden_in = matches!(input, RangeInput::Hidden(_));
+        self.capture.data.clear();
+        self.capture.wrong_type = false;
+        // SAFETY: llama_batch_init allocates `n` rows (with an embd buffer of
+        // n × n_embd floats when hidden_in); every write below stays within them, and
+        // the batch is freed on every path after decode.
+        let status = unsafe {
+            let batch =
+                sys::llama_batch_init(n as i32, if hidden_in { n_embd as i32 } else { 0 }, 1);
+            match input {
+                RangeInput::Tokens(t) => std::ptr::copy_nonoverlapping(t.as_ptr(), batch.token, n),
+                RangeInput::Hidden(h) => {
+                    std::ptr::copy_nonoverlapping(h.as_ptr(), batch.embd, n * n_embd)
+                }
+            }
+            for i in 0..n {
+                *batch.pos.add(i) = pos0 + i as i32;
+                *batch.n_seq_id.add(i) = 1;
+                *(*batch.seq_id.add(i)) = 0;
+                *batch.logits.add(i) = i8::from(self.emit_hidden || i == n - 1);
+            }
+            let mut batch = batch;
+            batch.n_tokens = n as i32;
+            let status = sys::llama_decode(self.ctx.as_ptr(), batch);
+            sys::llama_batch_free(batch);
+            status
+        };
+        if status != 0 {
+            return Err(LayerError::Decode(status));
+        }
+        if self.emit_hidden {
+            let data = std::mem::take(&mut self.capture.data);
+            if self.capture.wrong_type || data.len() != n * n_embd {
+                return Err(LayerError::NoCapture(
+                    self.capture.name.to_string_lossy().into_owned(),
+                ));
+            }
+            return Ok(RangeOutput::Hidden(data));
+        }
+        // SAFETY: the last row was marked as output, so its logits row of n_vocab
+        // floats is valid until the next decode; it is copied out at once.
+        let logits = unsafe {
+            let p = sys::llama_get_logits_ith(self.ctx.as_ptr(), n as i32 - 1);
+            if p.is_null() {
+                return Err(LayerError::Decode(-1));
+            }
+            std::slice::from_raw_parts(p, self.model.n_vocab).to_vec()
+        };
+        Ok(RangeOutput::Logits(logits))
+    }
+
+    /// Forgets everything from position `pos` on (rollback; 0 clears the session).
+    pub fn truncate(&mut self, pos: i32) {
+        // SAFETY: the context is valid; removing a position range of sequence 0 is
+        // always allowed.
+        unsafe {
+            let mem = sys::llama_get_memory(self.ctx.as_ptr());
+            sys::llama_memory_seq_rm(mem, 0, pos, -1);
+        }
+    }
+}
