@@ -156,36 +156,73 @@ fn argmax(v: &[f32]) -> i32 {
         .expect("non-empty")
 }
 
+fn gemma3_path() -> Option<PathBuf> {
+    let path = std::env::var_os("SWARMLLM_TEST_MODEL_GEMMA3")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_default();
+            home.join(".cache/swarmllm/models/gemma-3-270m-q4_k_m.gguf")
+        });
+    path.is_file().then_some(path)
+}
+
 #[test]
 fn three_way_layer_split_matches_the_whole_model_token_for_token() {
-    use swarmllm_node::infer::layers::{RangeInput, RangeModel, RangeOutput};
-    let source = model_path();
+    let prompt = "<|im_start|>user\nWhat makes the sky blue?<|im_end|>\n<|im_start|>assistant\n";
+    assert_split_is_exact(&model_path(), 3, prompt);
+}
+
+/// gemma3 marks every 6th layer global and the rest sliding-window by layer index;
+/// a 4-way split of its 18 layers cuts across that period (5/5/4/4).
+#[test]
+fn gemma3_split_across_its_sliding_window_period_is_exact() {
+    let Some(path) = gemma3_path() else {
+        // scripts/test fetches it; say so loudly rather than pass silently.
+        panic!(
+            "gemma3 test model missing: run scripts/fetch-gemma3 (or set SWARMLLM_TEST_MODEL_GEMMA3)"
+        );
+    };
+    let story =
+        "The river runs past the old mill, under the stone bridge and into the sea. ".repeat(40);
+    let prompt = format!(
+        "<start_of_turn>user\n{story}\nWhere does the river go?<end_of_turn>\n<start_of_turn>model\n"
+    );
+    assert_split_is_exact(&path, 4, &prompt);
+}
+
+fn assert_split_is_exact(source: &Path, shards: u32, prompt: &str) {
+    use swarmllm_node::infer::layers::{RangeInput, RangeModel, RangeOutput, RangeSession};
     let models = tempfile::tempdir().expect("tempdir");
-    let manifest = shard::import(&source, models.path(), "m", 3, |_, _| {}).expect("import");
+    let manifest = shard::import(source, models.path(), "m", shards, |_, _| {}).expect("import");
     let dir = models.path().join("m");
     let range_file = |first: u32, last: u32| {
         let out = models.path().join(format!("range-{first}-{last}.gguf"));
         shard::assemble(&dir, &manifest, first, last, &out).expect("assemble");
         out
     };
-    let whole = RangeModel::load(&range_file(0, 2), 0).expect("whole");
-    let parts: Vec<RangeModel> = (0..3)
+    let whole = RangeModel::load(&range_file(0, shards - 1), 0).expect("whole");
+    let parts: Vec<RangeModel> = (0..shards)
         .map(|i| RangeModel::load(&range_file(i, i), 0).expect("part"))
+        .collect();
+    let layers: Vec<u32> = manifest
+        .shards
+        .iter()
+        .map(|s| s.layer_end - s.layer_start)
         .collect();
     assert_eq!(
         parts.iter().map(RangeModel::n_layer).collect::<Vec<_>>(),
-        vec![10, 10, 10]
+        layers
     );
 
-    let mut whole_s = whole.session(512, 1, false).expect("session");
-    let mut chain: Vec<_> = parts
+    let mut whole_s = whole.session(2048, 1, false).expect("session");
+    let mut chain: Vec<RangeSession<'_>> = parts
         .iter()
         .enumerate()
-        .map(|(i, m)| m.session(512, 1, i < 2).expect("session"))
+        .map(|(i, m)| m.session(2048, 1, i + 1 < parts.len()).expect("session"))
         .collect();
-    let run_chain = |chain: &mut Vec<swarmllm_node::infer::layers::RangeSession<'_>>,
-                     tokens: &[i32],
-                     pos: i32| {
+    let run_chain = |chain: &mut Vec<RangeSession<'_>>, tokens: &[i32], pos: i32| {
         let mut out = chain[0]
             .forward(RangeInput::Tokens(tokens), pos)
             .expect("first");
@@ -201,16 +238,23 @@ fn three_way_layer_split_matches_the_whole_model_token_for_token() {
         }
     };
 
-    let prompt = "<|im_start|>user\nWhat makes the sky blue?<|im_end|>\n<|im_start|>assistant\n";
     let tokens = parts[0].tokenize(prompt).expect("tokenize");
     assert!(tokens.len() > 10);
-    let RangeOutput::Logits(mut expected) = whole_s
-        .forward(RangeInput::Tokens(&tokens), 0)
-        .expect("whole")
-    else {
-        panic!("expected logits")
-    };
-    let mut got = run_chain(&mut chain, &tokens, 0);
+    // The prompt goes in 256-token chunks (a long prompt crosses gemma3's 512-token
+    // window, so global and windowed layers really differ).
+    let mut expected = Vec::new();
+    let mut got = Vec::new();
+    for (i, chunk) in tokens.chunks(256).enumerate() {
+        let pos = (i * 256) as i32;
+        let RangeOutput::Logits(e) = whole_s
+            .forward(RangeInput::Tokens(chunk), pos)
+            .expect("whole")
+        else {
+            panic!("expected logits")
+        };
+        expected = e;
+        got = run_chain(&mut chain, chunk, pos);
+    }
     let mut pos = tokens.len() as i32;
     let first_next = argmax(&expected);
     let mut first_after = Vec::new();

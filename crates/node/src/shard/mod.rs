@@ -411,8 +411,55 @@ pub fn assemble(
         ));
     }
     set_u32(&mut kv, &format!("{arch}.block_count"), layers);
+    keep_swa_pattern(&mut kv, arch, manifest.n_layers, layer_start, layers);
     gguf::write(out, &kv, ggufs[0].alignment, &tensors)?;
     Ok(())
+}
+
+/// Sliding-window architectures decide per layer *index* whether a layer uses the
+/// window (gemma3: every 6th layer is global). Renumbering a range from 0 would
+/// shift that pattern, so the range gets the explicit per-layer list of the layers
+/// it really holds (`<arch>.attention.sliding_window_pattern` as a bool array, which
+/// llama.cpp reads before any period).
+fn keep_swa_pattern(
+    kv: &mut Vec<(String, Value)>,
+    arch: &str,
+    n_layers: u32,
+    start: u32,
+    len: u32,
+) {
+    // (period, dense first) as llama.cpp's loaders default them.
+    let default = match arch {
+        "gemma3" => (6, false),
+        "gemma2" => (2, false),
+        "cohere2" => (4, false),
+        _ => return,
+    };
+    let key = format!("{arch}.attention.sliding_window_pattern");
+    let pattern: Vec<bool> = match kv.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone()) {
+        Some(Value::Array(_, items)) => items
+            .iter()
+            .map(|v| matches!(v, Value::Bool(true)))
+            .collect(),
+        other => {
+            let period = other.and_then(|v| v.as_u64()).unwrap_or(default.0) as u32;
+            (0..n_layers)
+                .map(|il| {
+                    period == 0
+                        || if default.1 {
+                            il % period != 0
+                        } else {
+                            il % period < period - 1
+                        }
+                })
+                .collect()
+        }
+    };
+    let slice: Vec<Value> = (start..start + len)
+        .map(|il| Value::Bool(pattern.get(il as usize).copied().unwrap_or(false)))
+        .collect();
+    kv.retain(|(k, _)| *k != key);
+    kv.push((key, Value::Array(7, slice)));
 }
 
 fn set_u32(kv: &mut Vec<(String, Value)>, key: &str, v: u32) {
