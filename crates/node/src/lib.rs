@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod net;
 pub mod node;
 pub mod paths;
+pub mod pipeline;
 pub mod secrets;
 pub mod shard;
 pub mod store;
