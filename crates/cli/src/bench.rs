@@ -311,3 +311,124 @@ pub(crate) async fn run_net(args: &BenchNetArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[derive(Debug, Args)]
+pub(crate) struct BenchSplitArgs {
+    /// GGUF model to split.
+    #[arg(long)]
+    model: PathBuf,
+    /// Number of layer ranges in the chain.
+    #[arg(long, default_value_t = 3)]
+    shards: u32,
+    /// Tokens to generate.
+    #[arg(long, default_value_t = 64)]
+    tokens: u32,
+    /// Threads per range.
+    #[arg(long, default_value_t = 1)]
+    threads: u32,
+}
+
+/// `swarmllm bench-split`: the whole model vs the same model as a chain of layer
+/// ranges in one process (no network), greedy; prompt and decode tokens/s and the
+/// activation bytes a token would put on the wire between two hops.
+pub(crate) async fn run_split(args: &BenchSplitArgs) -> anyhow::Result<()> {
+    use swarmllm_node::infer::layers::{RangeInput, RangeModel, RangeOutput, RangeSession};
+    use swarmllm_node::pipeline::activation::Dtype;
+    swarmllm_node::logging::init("human", "warn");
+    let dir = tempfile::tempdir()?;
+    let manifest =
+        swarmllm_node::shard::import(&args.model, dir.path(), "m", args.shards, |_, _| {})?;
+    let mdir = dir.path().join("m");
+    let file = |a: u32, b: u32| -> anyhow::Result<PathBuf> {
+        let out = dir.path().join(format!("r{a}-{b}.gguf"));
+        swarmllm_node::shard::assemble(&mdir, &manifest, a, b, &out)?;
+        Ok(out)
+    };
+    let whole = RangeModel::load(&file(0, args.shards - 1)?, 0)?;
+    let parts = (0..args.shards)
+        .map(|i| Ok(RangeModel::load(&file(i, i)?, 0)?))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let prompt = format!("<|im_start|>user\n{PROMPT}<|im_end|>\n<|im_start|>assistant\n");
+    let tokens = parts[0].tokenize(&prompt)?;
+    let argmax = |v: &[f32]| {
+        v.iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i as i32)
+            .unwrap_or(0)
+    };
+    let step =
+        |chain: &mut Vec<RangeSession<'_>>, input: &[i32], pos: i32| -> anyhow::Result<Vec<f32>> {
+            let mut out = chain[0].forward(RangeInput::Tokens(input), pos)?;
+            for s in chain.iter_mut().skip(1) {
+                let RangeOutput::Hidden(h) = out else {
+                    return Err(anyhow!("expected hidden states"));
+                };
+                out = s.forward(RangeInput::Hidden(&h), pos)?;
+            }
+            match out {
+                RangeOutput::Logits(l) => Ok(l),
+                RangeOutput::Hidden(_) => Err(anyhow!("expected logits")),
+            }
+        };
+    let mut results = Vec::new();
+    for (label, models) in [
+        ("whole model", vec![&whole]),
+        ("chain of ranges", parts.iter().collect()),
+    ] {
+        let n = models.len();
+        let mut chain = models
+            .iter()
+            .enumerate()
+            .map(|(i, m)| Ok(m.session(2048, args.threads, i + 1 < n)?))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let t0 = Instant::now();
+        let mut logits = step(&mut chain, &tokens, 0)?;
+        let prompt_secs = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let mut generated = Vec::new();
+        let mut pos = tokens.len() as i32;
+        for _ in 0..args.tokens {
+            let next = argmax(&logits);
+            generated.push(next);
+            logits = step(&mut chain, &[next], pos)?;
+            pos += 1;
+        }
+        let decode_secs = t1.elapsed().as_secs_f64();
+        results.push((
+            label,
+            tokens.len() as f64 / prompt_secs,
+            args.tokens as f64 / decode_secs,
+            generated,
+        ));
+    }
+    println!(
+        "{} | {}-token prompt | {} tokens | {} range(s) | {} thread(s)",
+        args.model.display(),
+        tokens.len(),
+        args.tokens,
+        args.shards,
+        args.threads
+    );
+    println!(
+        "{:<18} {:>14} {:>14}",
+        "path", "prompt tok/s", "decode tok/s"
+    );
+    for (label, p, d, _) in &results {
+        println!("{label:<18} {p:>14.1} {d:>14.1}");
+    }
+    println!(
+        "ratio chain/whole {:>11.3} {:>14.3}   same tokens: {}",
+        results[1].1 / results[0].1,
+        results[1].2 / results[0].2,
+        results[0].3 == results[1].3
+    );
+    let n_embd = whole.n_embd();
+    println!(
+        "activation payload per token per hop: f32 {} B, f16 {} B, 8-bit {} B (+56 B header and tag per frame)",
+        Dtype::F32.payload_len(n_embd),
+        Dtype::F16.payload_len(n_embd),
+        Dtype::Q8.payload_len(n_embd)
+    );
+    Ok(())
+}

@@ -63,6 +63,8 @@ enum Command {
     },
     /// Measure prompt and decode speed: a bare llama.cpp loop vs the HTTP API.
     Bench(bench::BenchArgs),
+    /// Measure the whole model vs a chain of its layer ranges in one process.
+    BenchSplit(bench::BenchSplitArgs),
     /// Measure P2P request-response round trips to another node (16 KiB, 1 MiB).
     BenchNet(bench::BenchNetArgs),
     /// Print this machine's node API key (for `Authorization: Bearer ...`).
@@ -171,6 +173,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => commands::serve(cli.config_source(args.overrides()), args).await,
         Command::Bench(args) => bench::run(cli.config_source(Map::new()), args).await,
         Command::BenchNet(args) => bench::run_net(args).await,
+        Command::BenchSplit(args) => bench::run_split(args).await,
         Command::Chat(args) => {
             chat::run(
                 &client::Client::connect(&cli.config_source(Map::new()))?,
