@@ -111,6 +111,17 @@ fn three_nodes_join_by_code_see_each_other_and_recover_from_a_kill() {
     assert_eq!(wk["nodes"].as_array().map(Vec::len), Some(1));
     let (_, v1) = b.get("/api/v1/peers");
     assert_eq!(v1["total"], 2, "{v1}");
+    let (_, net) = b.get("/api/v1/network");
+    assert_eq!(net["nodes"]["total"], 3, "{net}");
+    // A discovery round asks every connected peer (and needs the key).
+    let (s, d) = b.post("/api/v1/network/discover", &json!({}));
+    assert_eq!((s, d["peers_queried"].as_u64()), (200, Some(2)), "{d}");
+    let r = b
+        .http()
+        .post(b.url("/api/v1/network/discover"))
+        .send()
+        .expect("send");
+    assert_eq!(r.status().as_u16(), 401);
 
     // kill -9 C: it goes offline for A and B...
     c.kill();
