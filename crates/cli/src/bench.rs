@@ -387,12 +387,11 @@ pub(crate) async fn run_split(args: &BenchSplitArgs) -> anyhow::Result<()> {
         let prompt_secs = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         let mut generated = Vec::new();
-        let mut pos = tokens.len() as i32;
-        for _ in 0..args.tokens {
+        let first_pos = tokens.len() as i32;
+        for pos in first_pos..first_pos + args.tokens as i32 {
             let next = argmax(&logits);
             generated.push(next);
             logits = step(&mut chain, &[next], pos)?;
-            pos += 1;
         }
         let decode_secs = t1.elapsed().as_secs_f64();
         results.push((

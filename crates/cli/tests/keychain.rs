@@ -1,6 +1,6 @@
 //! Secrets in a real OS keychain: a GNOME Keyring (Secret Service over D-Bus) in a
 //! private D-Bus session. Skips, saying so, where `dbus-run-session` or
-//! `gnome-keyring-daemon` is missing; `scripts/test` installs both on Debian.
+//! `gnome-keyring-daemon` or `secret-tool` is missing; `scripts/test` installs them on Debian.
 
 mod common;
 
@@ -15,9 +15,9 @@ fn have(tool: &str) -> bool {
 
 #[test]
 fn identity_and_api_key_live_in_the_os_keychain_when_one_runs() {
-    if !have("dbus-run-session") || !have("gnome-keyring-daemon") {
+    if !have("dbus-run-session") || !have("gnome-keyring-daemon") || !have("secret-tool") {
         eprintln!(
-            "SKIPPED: needs dbus-run-session and gnome-keyring-daemon (apt-get install dbus gnome-keyring)"
+            "SKIPPED: needs dbus-run-session, gnome-keyring-daemon and secret-tool (apt-get install dbus gnome-keyring libsecret-tools)"
         );
         return;
     }
@@ -30,6 +30,13 @@ fn identity_and_api_key_live_in_the_os_keychain_when_one_runs() {
         r#"set -e
 mkdir -p "$XDG_DATA_HOME/keyrings"
 printf '\n' | gnome-keyring-daemon --replace --daemonize --unlock --components=secrets >/dev/null 2>&1
+# Wait until the login collection takes writes: a client arriving earlier can land
+# in a transient collection (or start a second, locked daemon) and lose its items.
+for i in $(seq 1 100); do
+  printf ready | secret-tool store --label=probe swarmllm-test ready 2>/dev/null \
+    && [ "$(secret-tool lookup swarmllm-test ready 2>/dev/null)" = ready ] && break
+  sleep 0.05
+done
 run() {{
   SWARMLLM_P2P_ENABLED=false "$BIN" --data-dir "$DATA" --api-port {api} serve 2>>"$DATA/node.log" &
   pid=$!

@@ -95,10 +95,10 @@ pub fn verify(node_id: &str, message: &[u8], signature: &Signature) -> bool {
 /// The bearer API key: `SWARMLLM_API_KEY` when set, else the stored one, generated on
 /// first start.
 pub fn load_or_create_api_key(store: &SecretStore) -> Result<Zeroizing<String>, SecretError> {
-    if let Ok(key) = std::env::var("SWARMLLM_API_KEY") {
-        if !key.is_empty() {
-            return Ok(Zeroizing::new(key));
-        }
+    if let Ok(key) = std::env::var("SWARMLLM_API_KEY")
+        && !key.is_empty()
+    {
+        return Ok(Zeroizing::new(key));
     }
     store.get_or_create(API_KEY_SECRET, || {
         let mut raw = [0u8; 24];
@@ -113,10 +113,13 @@ pub fn read_api_key(
     data_dir: &std::path::Path,
     secret_store: &str,
 ) -> Result<Option<Zeroizing<String>>, SecretError> {
-    if let Ok(key) = std::env::var("SWARMLLM_API_KEY") {
-        if !key.is_empty() {
-            return Ok(Some(Zeroizing::new(key)));
-        }
+    if let Ok(key) = std::env::var("SWARMLLM_API_KEY")
+        && !key.is_empty()
+    {
+        return Ok(Some(Zeroizing::new(key)));
+    }
+    if !SecretStore::initialised(data_dir) {
+        return Ok(None); // no node has started with this data dir yet
     }
     SecretStore::open(data_dir, secret_store)?.get(API_KEY_SECRET)
 }

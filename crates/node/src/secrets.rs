@@ -21,6 +21,8 @@ use zeroize::Zeroizing;
 const KEYRING_SERVICE: &str = "swarmllm";
 const FILE_NAME: &str = "secrets.enc";
 const FILE_MAGIC: &[u8; 8] = b"SWLSEC01";
+/// Records which backend holds this data dir's secrets.
+const BACKEND_MARKER: &str = "secrets.backend";
 
 /// Which backend holds the secrets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -79,16 +81,26 @@ enum Backend {
 impl SecretStore {
     /// Opens the store for `data_dir`. `mode` is the config's `secret_store`:
     /// `auto`, `keychain` or `file`.
+    ///
+    /// In `auto` mode the first start picks the keychain when one works, else the
+    /// file, and records the choice in `<data_dir>/secrets.backend`; later starts stay
+    /// with it. A node whose secrets are in the keychain refuses to start while the
+    /// keychain is unreachable rather than quietly making a new identity in the file.
     pub fn open(data_dir: &Path, mode: &str) -> Result<Self, SecretError> {
         let scope = scope_for(data_dir);
-        if mode != "file" {
-            match keychain_probe(&scope) {
-                Ok(()) => {
-                    return Ok(Self {
-                        inner: Backend::Keychain { scope },
-                    });
-                }
-                Err(reason) if mode == "keychain" => {
+        let marker = data_dir.join(BACKEND_MARKER);
+        let recorded = std::fs::read_to_string(&marker).ok();
+        let want = match (mode, recorded.as_deref().map(str::trim)) {
+            ("file", _) | ("auto", Some("file")) => "file",
+            ("keychain", _) | ("auto", Some("keychain")) => "keychain",
+            _ => "auto",
+        };
+        let backend = if want == "file" {
+            Backend::File(EncryptedFile::open(data_dir)?)
+        } else {
+            match keychain_probe_with_retries(&scope) {
+                Ok(()) => Backend::Keychain { scope },
+                Err(reason) if want == "keychain" => {
                     return Err(SecretError::KeychainUnavailable(reason));
                 }
                 Err(reason) => {
@@ -99,12 +111,28 @@ impl SecretStore {
                             "no OS keychain available; secrets are kept in an encrypted file in the data dir"
                         );
                     });
+                    Backend::File(EncryptedFile::open(data_dir)?)
                 }
             }
+        };
+        let chosen = match backend {
+            Backend::Keychain { .. } => "keychain",
+            Backend::File(_) => "file",
+        };
+        if recorded.as_deref().map(str::trim) != Some(chosen) {
+            std::fs::create_dir_all(data_dir)
+                .and_then(|()| crate::fsutil::write_atomic(&marker, chosen.as_bytes()))
+                .map_err(|source| SecretError::Io {
+                    path: marker.clone(),
+                    source,
+                })?;
         }
-        Ok(Self {
-            inner: Backend::File(EncryptedFile::open(data_dir)?),
-        })
+        Ok(Self { inner: backend })
+    }
+
+    /// Whether a store was ever opened for `data_dir` (a node started there).
+    pub fn initialised(data_dir: &Path) -> bool {
+        data_dir.join(BACKEND_MARKER).is_file()
     }
 
     /// The backend in use.
@@ -164,6 +192,22 @@ fn scope_for(data_dir: &Path) -> String {
 fn entry(scope: &str, name: &str) -> Result<keyring::Entry, SecretError> {
     keyring::Entry::new(KEYRING_SERVICE, &format!("{scope}:{name}"))
         .map_err(|e| SecretError::Keychain(e.to_string()))
+}
+
+/// [`keychain_probe`], retried briefly: a Secret Service started on demand by D-Bus
+/// can refuse the first calls.
+fn keychain_probe_with_retries(scope: &str) -> Result<(), String> {
+    let mut last = String::new();
+    for attempt in 0..4 {
+        match keychain_probe(scope) {
+            Ok(()) => return Ok(()),
+            // No keychain service at all: retrying will not help.
+            Err(e) if keyring::Entry::store_status().is_err() => return Err(e),
+            Err(e) => last = e,
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100 << attempt));
+    }
+    Err(last)
 }
 
 /// Checks that a keychain service answers and accepts writes (a locked keyring
@@ -269,10 +313,10 @@ impl EncryptedFile {
 
 fn file_key(data_dir: &Path) -> Result<Zeroizing<[u8; 32]>, SecretError> {
     const CONTEXT: &str = "swarmllm 2026 secret file key v1";
-    if let Ok(pass) = std::env::var("SWARMLLM_SECRETS_PASSPHRASE") {
-        if !pass.is_empty() {
-            return Ok(Zeroizing::new(blake3::derive_key(CONTEXT, pass.as_bytes())));
-        }
+    if let Ok(pass) = std::env::var("SWARMLLM_SECRETS_PASSPHRASE")
+        && !pass.is_empty()
+    {
+        return Ok(Zeroizing::new(blake3::derive_key(CONTEXT, pass.as_bytes())));
     }
     for id_file in ["/etc/machine-id", "/var/lib/dbus/machine-id"] {
         if let Ok(id) = std::fs::read_to_string(id_file) {
@@ -329,6 +373,30 @@ mod tests {
         assert_eq!(
             again.get("other")?.as_deref().map(String::as_str),
             Some("x")
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn the_first_choice_of_backend_sticks() -> Result<(), SecretError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join(BACKEND_MARKER), "keychain").expect("marker");
+        // No keychain on this machine (tests run without one): a data dir whose
+        // secrets live in the keychain must not silently get new ones in a file.
+        if keyring::Entry::store_status().is_err() {
+            assert!(matches!(
+                SecretStore::open(dir.path(), "auto"),
+                Err(SecretError::KeychainUnavailable(_))
+            ));
+        }
+        let other = tempfile::tempdir().expect("tempdir");
+        let store = SecretStore::open(other.path(), "file")?;
+        assert_eq!(store.backend(), SecretBackend::EncryptedFile);
+        let marker = std::fs::read_to_string(other.path().join(BACKEND_MARKER)).expect("marker");
+        assert_eq!(marker, "file");
+        assert_eq!(
+            SecretStore::open(other.path(), "auto")?.backend(),
+            SecretBackend::EncryptedFile
         );
         Ok(())
     }

@@ -255,10 +255,11 @@ fn assert_split_is_exact(source: &Path, shards: u32, prompt: &str) {
         expected = e;
         got = run_chain(&mut chain, chunk, pos);
     }
-    let mut pos = tokens.len() as i32;
+    let prompt_len = tokens.len() as i32;
     let first_next = argmax(&expected);
     let mut first_after = Vec::new();
     for step in 0..16 {
+        let pos = prompt_len + step;
         let max_diff = expected
             .iter()
             .zip(&got)
@@ -278,7 +279,6 @@ fn assert_split_is_exact(source: &Path, shards: u32, prompt: &str) {
         if step == 0 {
             first_after = got.clone();
         }
-        pos += 1;
     }
 
     // Rollback: forget everything after the prompt and replay the first generated

@@ -155,10 +155,10 @@ impl TestNode {
         self.child = Some(cmd.spawn().expect("spawn swarmllm serve"));
         let url = format!("{}/health/live", self.base);
         wait_for("the node to answer", Duration::from_secs(90), || {
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    panic!("node exited early ({status}): {}", self.log());
-                }
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!("node exited early ({status}): {}", self.log());
             }
             self.http
                 .get(&url)

@@ -138,10 +138,10 @@ impl IntoResponse for ApiError {
             .and_then(|d| d.get("retry_after"))
             .and_then(Value::as_u64);
         let mut response = (self.status, axum::Json(json!({ "error": error }))).into_response();
-        if let Some(secs) = retry_after {
-            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
-                response.headers_mut().insert(header::RETRY_AFTER, v);
-            }
+        if let Some(secs) = retry_after
+            && let Ok(v) = HeaderValue::from_str(&secs.to_string())
+        {
+            response.headers_mut().insert(header::RETRY_AFTER, v);
         }
         if self.status == StatusCode::UNAUTHORIZED {
             response

@@ -26,12 +26,12 @@ pub(crate) async fn upgrade(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    if let Some(origin) = headers.get("origin").and_then(|o| o.to_str().ok()) {
-        if !super::origin_allowed(&state.node, origin) {
-            return Err(ApiError::forbidden(format!(
-                "origin {origin} is not allowed"
-            )));
-        }
+    if let Some(origin) = headers.get("origin").and_then(|o| o.to_str().ok())
+        && !super::origin_allowed(&state.node, origin)
+    {
+        return Err(ApiError::forbidden(format!(
+            "origin {origin} is not allowed"
+        )));
     }
     Ok(ws.on_upgrade(move |socket| run(state, socket)))
 }

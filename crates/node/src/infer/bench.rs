@@ -78,8 +78,8 @@ impl BareBench {
         let prompt_secs = t0.elapsed().as_secs_f64();
 
         let t1 = Instant::now();
-        let mut pos = tokens.len() as i32;
-        for _ in 1..n_predict {
+        let first_pos = tokens.len() as i32;
+        for pos in first_pos..first_pos + n_predict as i32 - 1 {
             piece.clear();
             self.model
                 .vocab()
@@ -90,7 +90,6 @@ impl BareBench {
                 .map_err(|e| GenerateError::Decode(e.to_string()))?;
             ctx.decode(&mut batch)
                 .map_err(|e| GenerateError::Decode(e.to_string()))?;
-            pos += 1;
             token = sampler.sample(&ctx, 0);
         }
         Ok(BareRun {

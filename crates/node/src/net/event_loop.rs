@@ -421,14 +421,12 @@ impl EventLoop {
                 is_new_peer: true,
                 addresses,
                 ..
-            }) => {
-                if !self.swarm.is_connected(&peer) {
-                    let addrs: Vec<Multiaddr> = addresses.iter().cloned().collect();
-                    let _ = self
-                        .swarm
-                        .dial(DialOpts::peer_id(peer).addresses(addrs).build());
-                    self.dial_via.entry(peer).or_insert("kademlia");
-                }
+            }) if !self.swarm.is_connected(&peer) => {
+                let addrs: Vec<Multiaddr> = addresses.iter().cloned().collect();
+                let _ = self
+                    .swarm
+                    .dial(DialOpts::peer_id(peer).addresses(addrs).build());
+                self.dial_via.entry(peer).or_insert("kademlia");
             }
             _ => {}
         }
@@ -678,10 +676,10 @@ impl EventLoop {
             if let Err(e) = dir.expire(&connected, stale) {
                 tracing::warn!(error = %e, "peer directory: expiry failed");
             }
-            if let Ok(due) = dir.due_for_redial(8) {
-                if !due.is_empty() {
-                    let _ = loopback.blocking_send(Command::Redial(due));
-                }
+            if let Ok(due) = dir.due_for_redial(8)
+                && !due.is_empty()
+            {
+                let _ = loopback.blocking_send(Command::Redial(due));
             }
         });
     }
