@@ -7,8 +7,11 @@ use tracing_subscriber::fmt::format::FmtSpan;
 /// `EnvFilter` directive (`RUST_LOG` wins when set). llama.cpp's own chatter is kept
 /// at `warn` unless asked for. Logs go to stderr. Calling it twice is harmless.
 pub fn init(format: &str, filter: &str) {
-    let directives = std::env::var("RUST_LOG")
-        .unwrap_or_else(|_| format!("{filter},llama-cpp-2=warn,llama_cpp_2=warn,llama.cpp=warn"));
+    // libp2p's Kademlia warns on every periodic bootstrap of a node that has no peers
+    // yet, which is the normal state of a fresh node.
+    let directives = std::env::var("RUST_LOG").unwrap_or_else(|_| {
+        format!("{filter},llama-cpp-2=warn,llama_cpp_2=warn,llama.cpp=warn,libp2p_kad=error")
+    });
     let env_filter = EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(env_filter)
