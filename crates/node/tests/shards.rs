@@ -7,20 +7,8 @@ use swarmllm_node::infer::{Engine, EngineConfig, Event, GenerateRequest, Samplin
 use swarmllm_node::shard::{self, gguf::Gguf};
 
 fn model_path() -> PathBuf {
-    let path = std::env::var_os("SWARMLLM_TEST_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME")
-                .map(PathBuf::from)
-                .unwrap_or_default();
-            home.join(".cache/swarmllm/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
-    assert!(
-        path.is_file(),
-        "test model missing at {}: run scripts/fetch-test-model",
-        path.display()
-    );
-    path
+    swarmllm_node::paths::test_model("SWARMLLM_TEST_MODEL", "SmolLM2-135M-Instruct.Q4_1.gguf")
+        .expect("test model missing: run scripts/fetch-test-model (or set SWARMLLM_TEST_MODEL)")
 }
 
 fn greedy(path: &Path, prompt: &str) -> String {
@@ -157,15 +145,7 @@ fn argmax(v: &[f32]) -> i32 {
 }
 
 fn gemma3_path() -> Option<PathBuf> {
-    let path = std::env::var_os("SWARMLLM_TEST_MODEL_GEMMA3")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME")
-                .map(PathBuf::from)
-                .unwrap_or_default();
-            home.join(".cache/swarmllm/models/gemma-3-270m-q4_k_m.gguf")
-        });
-    path.is_file().then_some(path)
+    swarmllm_node::paths::test_model("SWARMLLM_TEST_MODEL_GEMMA3", "gemma-3-270m-q4_k_m.gguf")
 }
 
 #[test]

@@ -16,23 +16,8 @@ pub fn bin() -> &'static str {
 
 /// The SmolLM2 test model (fetched by scripts/fetch-test-model).
 pub fn model_path() -> PathBuf {
-    let path = std::env::var_os("SWARMLLM_TEST_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME")
-                .map(PathBuf::from)
-                .unwrap_or_default();
-            let cache = std::env::var_os("SWARMLLM_CACHE_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| home.join(".cache/swarmllm"));
-            cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
-    assert!(
-        path.is_file(),
-        "test model missing at {}: run scripts/fetch-test-model (or set SWARMLLM_TEST_MODEL)",
-        path.display()
-    );
-    path
+    swarmllm_node::paths::test_model("SWARMLLM_TEST_MODEL", "SmolLM2-135M-Instruct.Q4_1.gguf")
+        .expect("test model missing: run scripts/fetch-test-model (or set SWARMLLM_TEST_MODEL)")
 }
 
 /// A free loopback port (bound, then released for the node to take).
