@@ -95,10 +95,8 @@ pub fn verify(node_id: &str, message: &[u8], signature: &Signature) -> bool {
 /// The bearer API key: `SWARMLLM_API_KEY` when set, else the stored one, generated on
 /// first start.
 pub fn load_or_create_api_key(store: &SecretStore) -> Result<Zeroizing<String>, SecretError> {
-    if let Ok(key) = std::env::var("SWARMLLM_API_KEY")
-        && !key.is_empty()
-    {
-        return Ok(Zeroizing::new(key));
+    if let Some(key) = api_key_from_env() {
+        return Ok(key);
     }
     store.get_or_create(API_KEY_SECRET, || {
         let mut raw = [0u8; 24];
@@ -107,16 +105,22 @@ pub fn load_or_create_api_key(store: &SecretStore) -> Result<Zeroizing<String>, 
     })
 }
 
+/// `SWARMLLM_API_KEY`, when set and not empty.
+fn api_key_from_env() -> Option<Zeroizing<String>> {
+    std::env::var("SWARMLLM_API_KEY")
+        .ok()
+        .filter(|k| !k.is_empty())
+        .map(Zeroizing::new)
+}
+
 /// Reads the API key a node with this data dir uses, without creating one (for CLI
 /// clients on the same machine): `SWARMLLM_API_KEY` when set, else the stored key.
 pub fn read_api_key(
     data_dir: &std::path::Path,
     secret_store: &str,
 ) -> Result<Option<Zeroizing<String>>, SecretError> {
-    if let Ok(key) = std::env::var("SWARMLLM_API_KEY")
-        && !key.is_empty()
-    {
-        return Ok(Some(Zeroizing::new(key)));
+    if let Some(key) = api_key_from_env() {
+        return Ok(Some(key));
     }
     if !SecretStore::initialised(data_dir) {
         return Ok(None); // no node has started with this data dir yet

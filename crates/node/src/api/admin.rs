@@ -20,6 +20,15 @@ pub(crate) async fn stats(State(state): State<AppState>) -> Result<Json<Value>, 
         .map_err(|e| ApiError::internal("hardware snapshot", e))?;
     let nickname = node.nickname();
     let (cpu_percent, ram_used) = state.process_usage().await;
+    let p2p = match node.network() {
+        Some(n) => json!({
+            "peer_id": n.peer_id().to_string(),
+            "phase": n.phase().await,
+            "region": n.region(),
+            "counters": n.counters(),
+        }),
+        None => Value::Null,
+    };
     Ok(Json(json!({
         "node_id": node.node_id(),
         "nickname": nickname,
@@ -33,12 +42,7 @@ pub(crate) async fn stats(State(state): State<AppState>) -> Result<Json<Value>, 
         "inference": node.metrics().summary(),
         "secret_store": node.secret_backend(),
         "peer_count": node.network().map(|n| n.connected().len()).unwrap_or(0),
-        "p2p": node.network().map(|n| json!({
-            "peer_id": n.peer_id().to_string(),
-            "phase": n.phase(),
-            "region": n.region(),
-            "counters": n.counters(),
-        })),
+        "p2p": p2p,
     })))
 }
 

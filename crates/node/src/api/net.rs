@@ -24,15 +24,26 @@ fn network(state: &AppState) -> Result<&Network, ApiError> {
     })
 }
 
-async fn peers(state: &AppState, limit: usize) -> Result<Vec<PeerRecord>, ApiError> {
+/// Runs a peer-directory read on the blocking pool; `T::default()` when the P2P
+/// layer is off.
+async fn directory<T: Default + Send + 'static>(
+    state: &AppState,
+    read: impl FnOnce(&crate::net::directory::Directory) -> Result<T, crate::store::StoreError>
+    + Send
+    + 'static,
+) -> Result<T, ApiError> {
     let Some(net) = state.node.network() else {
-        return Ok(Vec::new());
+        return Ok(T::default());
     };
     let dir = net.directory().clone();
-    tokio::task::spawn_blocking(move || dir.list(limit))
+    tokio::task::spawn_blocking(move || read(&dir))
         .await
         .map_err(|e| ApiError::internal("peer directory", e))?
         .map_err(|e| ApiError::internal("peer directory", e))
+}
+
+async fn peers(state: &AppState, limit: usize) -> Result<Vec<PeerRecord>, ApiError> {
+    directory(state, move |d| d.list(limit)).await
 }
 
 fn connected_ids(state: &AppState) -> BTreeSet<String> {
@@ -269,20 +280,12 @@ pub(crate) async fn well_known(
     let limit = q.limit.unwrap_or(50).clamp(1, 200);
     let all = peers(&state, 10_000).await?;
     let active = all.iter().filter(|p| p.is_active).count();
-    let seeds: Vec<String> = match node.network() {
-        Some(n) => {
-            let dir = n.directory().clone();
-            tokio::task::spawn_blocking(move || dir.seeds())
-                .await
-                .map_err(|e| ApiError::internal("seeds", e))?
-                .map_err(|e| ApiError::internal("seeds", e))?
-                .into_iter()
-                .filter(|s| s.is_enabled)
-                .map(|s| s.address)
-                .collect()
-        }
-        None => Vec::new(),
-    };
+    let seeds: Vec<String> = directory(&state, |d| d.seeds())
+        .await?
+        .into_iter()
+        .filter(|s| s.is_enabled)
+        .map(|s| s.address)
+        .collect();
     let mut capabilities = vec!["gossip", "rpc"];
     if node.engine().is_some() {
         capabilities.insert(0, "inference");
@@ -337,7 +340,7 @@ pub(crate) async fn network_code(State(state): State<AppState>) -> Result<Json<V
     let net = network(&state)?;
     Ok(Json(json!({
         "code": net.invite_code(),
-        "phase": net.phase(),
+        "phase": net.phase().await,
         "node_id": state.node.node_id(),
         "peer_id": net.peer_id().to_string(),
         "connected_peers": net.connected().len(),
@@ -367,7 +370,7 @@ pub(crate) async fn join_network(
     Ok(Json(json!({
         "status": "connected",
         "node_id": node_id,
-        "phase": net.phase(),
+        "phase": net.phase().await,
         "connected_peers": net.connected().len(),
     })))
 }

@@ -350,17 +350,21 @@ impl Network {
 
     /// `isolated` (no peers and nothing to dial), `bootstrapping` (dialling), or
     /// `connected`.
-    pub fn phase(&self) -> &'static str {
+    pub async fn phase(&self) -> &'static str {
         if !self.connected().is_empty() {
-            "connected"
-        } else if self.config.bootstrap.is_empty()
-            && self.directory.seeds().map(|s| s.is_empty()).unwrap_or(true)
-            && self.directory.list(1).map(|l| l.is_empty()).unwrap_or(true)
-        {
-            "isolated"
-        } else {
-            "bootstrapping"
+            return "connected";
         }
+        if !self.config.bootstrap.is_empty() {
+            return "bootstrapping";
+        }
+        // Anything to dial? (The directory is SQLite: read it off the runtime.)
+        let dir = self.directory.clone();
+        let known = tokio::task::spawn_blocking(move || {
+            dir.seeds().is_ok_and(|s| !s.is_empty()) || dir.list(1).is_ok_and(|l| !l.is_empty())
+        })
+        .await
+        .unwrap_or(false);
+        if known { "bootstrapping" } else { "isolated" }
     }
 
     /// Counters: (bad frames, announcements accepted, rejected, requests served).
