@@ -84,9 +84,13 @@ pub(crate) async fn admin_peers(State(state): State<AppState>) -> Result<Json<Va
             })
         })
         .collect();
-    Ok(Json(
-        json!({ "total": peers.len(), "connected": connected.len(), "peers": peers }),
-    ))
+    let sync_log = directory(&state, |d| d.sync_log(20)).await?;
+    Ok(Json(json!({
+        "total": peers.len(),
+        "connected": connected.len(),
+        "peers": peers,
+        "sync_log": sync_log,
+    })))
 }
 
 /// `GET /api/identity/peers`: the identity directory (nicknames, regions, tiers).

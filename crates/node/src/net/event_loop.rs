@@ -368,6 +368,13 @@ impl EventLoop {
             }
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
                 for (peer, addr) in found {
+                    // Record how we learnt of it even if its own dial reaches us first.
+                    if let Some(node_id) = node_id_of(&peer) {
+                        let (pid, a) = (peer.to_string(), addr.to_string());
+                        self.db("mdns", move |d| {
+                            d.learned(&node_id, &pid, &[a], "mdns").map(|_| ())
+                        });
+                    }
                     if !self.swarm.is_connected(&peer) {
                         self.dial(addr, Some(peer), "mdns", None);
                     }
