@@ -344,9 +344,9 @@ pub(crate) async fn run_split(args: &BenchSplitArgs) -> anyhow::Result<()> {
         swarmllm_node::shard::assemble(&mdir, &manifest, a, b, &out)?;
         Ok(out)
     };
-    let whole = RangeModel::load(&file(0, args.shards - 1)?, 0)?;
+    let whole = std::sync::Arc::new(RangeModel::load(&file(0, args.shards - 1)?, 0)?);
     let parts = (0..args.shards)
-        .map(|i| Ok(RangeModel::load(&file(i, i)?, 0)?))
+        .map(|i| Ok(std::sync::Arc::new(RangeModel::load(&file(i, i)?, 0)?)))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let prompt = format!("<|im_start|>user\n{PROMPT}<|im_end|>\n<|im_start|>assistant\n");
     let tokens = parts[0].tokenize(&prompt)?;
@@ -358,7 +358,7 @@ pub(crate) async fn run_split(args: &BenchSplitArgs) -> anyhow::Result<()> {
             .unwrap_or(0)
     };
     let step =
-        |chain: &mut Vec<RangeSession<'_>>, input: &[i32], pos: i32| -> anyhow::Result<Vec<f32>> {
+        |chain: &mut Vec<RangeSession>, input: &[i32], pos: i32| -> anyhow::Result<Vec<f32>> {
             let mut out = chain[0].forward(RangeInput::Tokens(input), pos)?;
             for s in chain.iter_mut().skip(1) {
                 let RangeOutput::Hidden(h) = out else {
@@ -380,7 +380,7 @@ pub(crate) async fn run_split(args: &BenchSplitArgs) -> anyhow::Result<()> {
         let mut chain = models
             .iter()
             .enumerate()
-            .map(|(i, m)| Ok(m.session(2048, args.threads, i + 1 < n)?))
+            .map(|(i, m)| Ok(m.session(2048, 512, args.threads, i + 1 < n)?))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let t0 = Instant::now();
         let mut logits = step(&mut chain, &tokens, 0)?;

@@ -3,40 +3,16 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use common::{TestNode, cli, wait_for};
+use common::{TestNode, cli, network_code, node_id, peer, rogue_peer, wait_for};
 use reqwest::Method;
 use serde_json::{Value, json};
 use swarmllm_node::identity::Identity;
 use swarmllm_node::net::announce::{Announcement, HardwareSummary, Load};
 use swarmllm_node::net::frame::{Request, Response};
-use swarmllm_node::net::{LocalInfo, NetConfig, Network};
 
 const DEADLINE: Duration = Duration::from_secs(45);
-
-fn network_code(node: &TestNode) -> String {
-    let (ok, out, err) = cli(node.dir(), node.port, &["network", "code"]);
-    assert!(ok, "network code: {err}");
-    let code = out.trim().to_string();
-    assert!(code.starts_with("swarm://"), "{code}");
-    code
-}
-
-fn peer<'a>(peers: &'a Value, node_id: &str) -> Option<&'a Value> {
-    peers["peers"]
-        .as_array()?
-        .iter()
-        .find(|p| p["node_id"] == node_id)
-}
-
-fn node_id(node: &TestNode) -> String {
-    node.get("/api/identity/nickname").1["node_id"]
-        .as_str()
-        .expect("node id")
-        .to_string()
-}
 
 /// Waits until `observer` lists `target` with `connected` as given.
 fn wait_connected(observer: &TestNode, target: &str, connected: bool) {
@@ -183,32 +159,6 @@ fn malformed_or_tampered_network_codes_get_400() {
     assert_eq!(s, 502);
     // Still serving.
     assert_eq!(a.get("/health/live").0, 200);
-}
-
-/// An in-process peer built from the library, used to send what a well-behaved
-/// node never would.
-fn rogue_peer(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> (Network, Identity) {
-    let identity = Identity::generate();
-    let store = swarmllm_node::store::Store::open(&dir.join("rogue.db")).expect("store");
-    let config = NetConfig {
-        listen_host: "127.0.0.1".into(),
-        port: 0,
-        mdns: false,
-        bootstrap: vec![],
-        network_name: "swarmllm".into(),
-        announce_interval: Duration::from_secs(3600),
-        region: "EU".into(),
-    };
-    let net = rt
-        .block_on(Network::start(
-            &identity,
-            store,
-            config,
-            Arc::new(LocalInfo::default),
-            tokio_util::sync::CancellationToken::new(),
-        ))
-        .expect("rogue network");
-    (net, identity)
 }
 
 #[test]

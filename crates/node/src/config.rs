@@ -68,6 +68,16 @@ pub struct Config {
     pub log_level: String,
     /// Where secrets live: `auto` (keychain, else encrypted file), `keychain`, `file`.
     pub secret_store: String,
+    /// Load every contiguous run of held shards at start and serve it to the
+    /// network. Default true.
+    pub serve_shards: bool,
+    /// How hidden states travel between hops: `f16` (default), `f32` (exact) or
+    /// `q8` (8-bit blocks, about half of f16).
+    pub activation_dtype: String,
+    /// Pipeline sessions (KV caches) a node keeps at once. Default 16.
+    pub pipeline_max_sessions: u32,
+    /// Seconds an idle pipeline session lives. Default 300.
+    pub pipeline_session_ttl_secs: u32,
 }
 
 impl Default for Config {
@@ -99,6 +109,10 @@ impl Default for Config {
             log_format: "human".into(),
             log_level: "info".into(),
             secret_store: "auto".into(),
+            serve_shards: true,
+            activation_dtype: "f16".into(),
+            pipeline_max_sessions: 16,
+            pipeline_session_ttl_secs: 300,
         }
     }
 }
@@ -127,6 +141,8 @@ const RESTART_FIELDS: &[&str] = &[
     "log_format",
     "log_level",
     "secret_store",
+    "serve_shards",
+    "pipeline_max_sessions",
 ];
 
 /// A configuration value that is malformed or out of range.
@@ -217,6 +233,24 @@ impl Config {
             return Err(ConfigError::new(
                 "secret_store",
                 "must be \"auto\", \"keychain\" or \"file\"",
+            ));
+        }
+        if !matches!(self.activation_dtype.as_str(), "f16" | "f32" | "q8") {
+            return Err(ConfigError::new(
+                "activation_dtype",
+                "must be \"f16\", \"f32\" or \"q8\"",
+            ));
+        }
+        if self.pipeline_max_sessions == 0 {
+            return Err(ConfigError::new(
+                "pipeline_max_sessions",
+                "must be at least 1",
+            ));
+        }
+        if self.pipeline_session_ttl_secs == 0 {
+            return Err(ConfigError::new(
+                "pipeline_session_ttl_secs",
+                "must be at least 1",
             ));
         }
         if tracing_subscriber_filter_is_valid(&self.log_level).is_err() {

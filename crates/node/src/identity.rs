@@ -79,6 +79,22 @@ impl Identity {
     pub fn secret_bytes(&self) -> Zeroizing<[u8; 32]> {
         Zeroizing::new(self.key.to_bytes())
     }
+
+    /// The identity key in X25519 form (RFC 7748 birational map), so any node can
+    /// agree a key with any other knowing only its node id.
+    pub fn x25519_secret(&self) -> x25519_dalek::StaticSecret {
+        x25519_dalek::StaticSecret::from(self.key.to_scalar_bytes())
+    }
+}
+
+/// The X25519 public key of node `node_id`, if it is a valid Ed25519 key.
+pub fn x25519_public(node_id: &str) -> Option<x25519_dalek::PublicKey> {
+    let mut bytes = [0u8; 32];
+    hex::decode_to_slice(node_id, &mut bytes).ok()?;
+    let key = VerifyingKey::from_bytes(&bytes).ok()?;
+    Some(x25519_dalek::PublicKey::from(
+        key.to_montgomery().to_bytes(),
+    ))
 }
 
 /// Verifies `signature` over `message` by the node `node_id` (64 hex chars).
@@ -130,6 +146,19 @@ pub fn read_api_key(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn x25519_forms_agree_both_ways() {
+        let (a, b) = (Identity::generate(), Identity::generate());
+        let ab = a
+            .x25519_secret()
+            .diffie_hellman(&x25519_public(&b.node_id()).expect("valid"));
+        let ba = b
+            .x25519_secret()
+            .diffie_hellman(&x25519_public(&a.node_id()).expect("valid"));
+        assert_eq!(ab.as_bytes(), ba.as_bytes());
+        assert!(x25519_public("zz").is_none());
+    }
+
     use super::*;
 
     #[test]

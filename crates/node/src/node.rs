@@ -14,6 +14,8 @@ use crate::infer::{Engine, EngineConfig, LoadModelError};
 use crate::metrics::Metrics;
 use crate::net::announce::{HardwareSummary, HostedModel, Load};
 use crate::net::{LocalInfo, NetConfig, NetError, Network};
+use crate::pipeline::host::HostConfig;
+use crate::pipeline::{Pipeline, PipelineConfig};
 use crate::secrets::{SecretBackend, SecretError, SecretStore};
 use crate::store::{Store, StoreError};
 
@@ -106,6 +108,7 @@ struct Inner {
     identity: Identity,
     api_key: Zeroizing<String>,
     engine: Option<Engine>,
+    pipeline: Pipeline,
     network: OnceLock<Network>,
     nickname: RwLock<Option<String>>,
     metrics: Metrics,
@@ -179,6 +182,9 @@ impl Node {
             let store = store.clone();
             blocking(move || store.setting("nickname")).await??
         };
+        let (pipeline_config, host_config) = pipeline_config(&config);
+        let pipeline = Pipeline::start(pipeline_config, host_config, identity.clone())
+            .map_err(|e| StartError::Task(format!("starting the range host: {e}")))?;
 
         let node = Node {
             inner: Arc::new(Inner {
@@ -190,6 +196,7 @@ impl Node {
                 identity,
                 api_key,
                 engine,
+                pipeline,
                 network: OnceLock::new(),
                 nickname: RwLock::new(nickname),
                 metrics,
@@ -208,9 +215,25 @@ impl Node {
                 node.inner.shutdown.clone(),
             )
             .await?;
+            node.inner.pipeline.attach(network.clone());
             let _ = node.inner.network.set(network);
         }
+        if config.serve_shards {
+            let models = node.inner.pipeline.load_held().await;
+            if !models.is_empty() {
+                tracing::info!(
+                    models = models.len(),
+                    ranges = node.inner.pipeline.host().ranges().len(),
+                    "sharded models scanned"
+                );
+            }
+        }
         Ok(node)
+    }
+
+    /// Split inference: this node's layer ranges and the requester side.
+    pub fn pipeline(&self) -> &Pipeline {
+        &self.inner.pipeline
     }
 
     /// The P2P layer, unless `p2p_enabled` is off.
@@ -329,6 +352,13 @@ impl Node {
         Ok(())
     }
 
+    /// Announces this node's state to peers now (after its models changed).
+    pub async fn announce_soon(&self) {
+        if let Some(network) = self.network() {
+            network.announce_now().await;
+        }
+    }
+
     /// Applies a partial config change: validates it, writes it to the config file,
     /// and puts hot-reloadable fields into effect at once.
     pub fn update_config(
@@ -421,8 +451,22 @@ fn local_info(node: Weak<Inner>, hardware: HardwareSummary) -> crate::net::Local
                 layer_start: 0,
                 layer_end: info.n_layers,
                 n_layers: info.n_layers,
+                ms_per_layer: None,
             });
             load.queue_depth = engine.queue_depth() as u32;
+        }
+        let ranges = inner.pipeline.host().ranges();
+        if !ranges.is_empty() && !capabilities.iter().any(|c| c == "inference") {
+            capabilities.insert(0, "inference".into());
+        }
+        for r in ranges {
+            models.push(HostedModel {
+                id: r.model_id,
+                layer_start: r.layer_start,
+                layer_end: r.layer_end,
+                n_layers: r.n_layers,
+                ms_per_layer: r.ms_per_layer,
+            });
         }
         load.requests_per_minute = inner.metrics.summary().requests_per_minute;
         LocalInfo {
@@ -437,6 +481,31 @@ fn local_info(node: Weak<Inner>, hardware: HardwareSummary) -> crate::net::Local
             load,
         }
     })
+}
+
+/// The pipeline and range-host settings a config implies.
+pub fn pipeline_config(config: &Config) -> (PipelineConfig, HostConfig) {
+    let data = config.data_dir_path();
+    let engine = engine_config(config);
+    (
+        PipelineConfig {
+            models_dir: data.join("models"),
+            ranges_dir: data.join("ranges"),
+            dtype: crate::pipeline::wire::parse_dtype(&config.activation_dtype)
+                .unwrap_or(crate::pipeline::activation::Dtype::F16),
+            batch_size: config.batch_size,
+            context_size: config.context_size,
+            backends_dir: engine.backends_dir.clone(),
+        },
+        HostConfig {
+            threads: engine.threads,
+            context_size: config.context_size,
+            batch_size: config.batch_size,
+            max_sessions: config.pipeline_max_sessions as usize,
+            session_ttl: Duration::from_secs(config.pipeline_session_ttl_secs as u64),
+            gpu_layers: config.gpu_layers,
+        },
+    )
 }
 
 /// The engine settings a config implies.

@@ -2,6 +2,7 @@
 //! reassembled model generates exactly what the original does.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use swarmllm_node::infer::{Engine, EngineConfig, Event, GenerateRequest, SamplingParams};
 use swarmllm_node::shard::{self, gguf::Gguf};
@@ -182,9 +183,9 @@ fn assert_split_is_exact(source: &Path, shards: u32, prompt: &str) {
         shard::assemble(&dir, &manifest, first, last, &out).expect("assemble");
         out
     };
-    let whole = RangeModel::load(&range_file(0, shards - 1), 0).expect("whole");
-    let parts: Vec<RangeModel> = (0..shards)
-        .map(|i| RangeModel::load(&range_file(i, i), 0).expect("part"))
+    let whole = Arc::new(RangeModel::load(&range_file(0, shards - 1), 0).expect("whole"));
+    let parts: Vec<Arc<RangeModel>> = (0..shards)
+        .map(|i| Arc::new(RangeModel::load(&range_file(i, i), 0).expect("part")))
         .collect();
     let layers: Vec<u32> = manifest
         .shards
@@ -192,17 +193,20 @@ fn assert_split_is_exact(source: &Path, shards: u32, prompt: &str) {
         .map(|s| s.layer_end - s.layer_start)
         .collect();
     assert_eq!(
-        parts.iter().map(RangeModel::n_layer).collect::<Vec<_>>(),
+        parts.iter().map(|p| p.n_layer()).collect::<Vec<_>>(),
         layers
     );
 
-    let mut whole_s = whole.session(2048, 1, false).expect("session");
-    let mut chain: Vec<RangeSession<'_>> = parts
+    let mut whole_s = whole.session(2048, 512, 1, false).expect("session");
+    let mut chain: Vec<RangeSession> = parts
         .iter()
         .enumerate()
-        .map(|(i, m)| m.session(2048, 1, i + 1 < parts.len()).expect("session"))
+        .map(|(i, m)| {
+            m.session(2048, 512, 1, i + 1 < parts.len())
+                .expect("session")
+        })
         .collect();
-    let run_chain = |chain: &mut Vec<RangeSession<'_>>, tokens: &[i32], pos: i32| {
+    let run_chain = |chain: &mut Vec<RangeSession>, tokens: &[i32], pos: i32| {
         let mut out = chain[0]
             .forward(RangeInput::Tokens(tokens), pos)
             .expect("first");

@@ -7,7 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use serde_json::Value;
+use swarmllm_node::identity::Identity;
+use swarmllm_node::net::{LocalInfo, NetConfig, Network};
 
 /// The swarmllm binary under test.
 pub fn bin() -> &'static str {
@@ -66,6 +70,7 @@ pub struct TestNode {
     pub port: u16,
     pub p2p_port: u16,
     extra_args: Vec<String>,
+    extra_env: Vec<(String, String)>,
     pub base: String,
     pub key: String,
     with_model: bool,
@@ -89,7 +94,19 @@ impl TestNode {
 
     /// Starts a node with extra `serve` arguments (e.g. `--bootstrap CODE`).
     pub fn start_full(with_model: bool, extra: &[&str]) -> Self {
+        Self::start_custom(with_model, extra, &[], |_| {})
+    }
+
+    /// Starts a node with extra `serve` arguments and environment variables, after
+    /// `prepare` has filled its (still empty) data dir.
+    pub fn start_custom(
+        with_model: bool,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        prepare: impl FnOnce(&Path),
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
+        prepare(dir.path());
         let port = free_port();
         let mut node = TestNode {
             child: None,
@@ -97,6 +114,10 @@ impl TestNode {
             port,
             p2p_port: free_port(),
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            extra_env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             base: format!("http://127.0.0.1:{port}"),
             key: String::new(),
             with_model,
@@ -132,6 +153,7 @@ impl TestNode {
             .env("SWARMLLM_ANNOUNCE_INTERVAL_SECS", "2")
             .env("SWARMLLM_SECRET_STORE", "file")
             .env_remove("SWARMLLM_API_KEY")
+            .envs(self.extra_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(log);
         if self.with_model {
@@ -257,4 +279,55 @@ impl Drop for TestNode {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The node's invite code (`swarm://…`).
+pub fn network_code(node: &TestNode) -> String {
+    let (ok, out, err) = cli(node.dir(), node.port, &["network", "code"]);
+    assert!(ok, "network code: {err}");
+    let code = out.trim().to_string();
+    assert!(code.starts_with("swarm://"), "{code}");
+    code
+}
+
+/// The entry for `node_id` in a peers listing.
+pub fn peer<'a>(peers: &'a Value, node_id: &str) -> Option<&'a Value> {
+    peers["peers"]
+        .as_array()?
+        .iter()
+        .find(|p| p["node_id"] == node_id)
+}
+
+/// The node's id.
+pub fn node_id(node: &TestNode) -> String {
+    node.get("/api/identity/nickname").1["node_id"]
+        .as_str()
+        .expect("node id")
+        .to_string()
+}
+
+/// An in-process peer built from the library, used to send what a well-behaved
+/// node never would.
+pub fn rogue_peer(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> (Network, Identity) {
+    let identity = Identity::generate();
+    let store = swarmllm_node::store::Store::open(&dir.join("rogue.db")).expect("store");
+    let config = NetConfig {
+        listen_host: "127.0.0.1".into(),
+        port: 0,
+        mdns: false,
+        bootstrap: vec![],
+        network_name: "swarmllm".into(),
+        announce_interval: Duration::from_secs(3600),
+        region: "EU".into(),
+    };
+    let net = rt
+        .block_on(Network::start(
+            &identity,
+            store,
+            config,
+            Arc::new(LocalInfo::default),
+            tokio_util::sync::CancellationToken::new(),
+        ))
+        .expect("rogue network");
+    (net, identity)
 }

@@ -35,6 +35,20 @@ impl ApiError {
         self
     }
 
+    /// Adds the keys of `extra` (an object) to the details, keeping existing ones.
+    pub fn with_details_merged(mut self, extra: Value) -> Self {
+        match (&mut self.details, extra) {
+            (Some(Value::Object(map)), Value::Object(more)) => {
+                for (k, v) in more {
+                    map.entry(k).or_insert(v);
+                }
+            }
+            (details @ None, extra) => *details = Some(extra),
+            _ => {}
+        }
+        self
+    }
+
     /// 400: malformed JSON.
     pub fn invalid_json(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "INVALID_JSON", message)

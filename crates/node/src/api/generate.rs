@@ -145,27 +145,103 @@ fn range(field: &str, v: Option<f64>, lo: f64, hi: f64) -> Result<Option<f64>, A
     }
 }
 
-/// Resolves the requested model id against the loaded one: 503 when none is loaded,
-/// 404 for an unknown id. An empty id means the loaded model.
-pub(crate) fn resolve_model(node: &Node, requested: Option<&str>) -> Result<String, ApiError> {
-    let engine = node.engine().ok_or_else(ApiError::no_model)?;
-    let id = &engine.info().id;
-    match requested {
-        None | Some("") => Ok(id.clone()),
-        Some(r) if r == id || r.eq_ignore_ascii_case(id) => Ok(id.clone()),
-        Some(r) => Err(ApiError::new(
+/// Where a request runs.
+#[derive(Debug, Clone)]
+pub(crate) struct Target {
+    /// The model id.
+    pub(crate) id: String,
+    /// On this node's engine (else through the pipeline).
+    pub(crate) local: bool,
+}
+
+/// Resolves the requested model: the locally loaded model, else a sharded model a
+/// chain of nodes can serve. An empty id means the local model, else the first
+/// servable one. 404 for a model nobody holds, 503 naming the missing layers for one
+/// the reachable nodes cannot cover, 503 when there is nothing at all.
+pub(crate) async fn resolve_model(
+    node: &Node,
+    requested: Option<&str>,
+) -> Result<Target, ApiError> {
+    let local = node.engine().map(|e| e.info().id.clone());
+    let pipeline = node.pipeline();
+    let requested = requested.filter(|r| !r.is_empty());
+    if let Some(id) = &local
+        && requested.is_none_or(|r| r == id || r.eq_ignore_ascii_case(id))
+    {
+        return Ok(Target {
+            id: id.clone(),
+            local: true,
+        });
+    }
+    let known = pipeline.network_models().await;
+    if local.is_none() && known.is_empty() {
+        return Err(ApiError::no_model());
+    }
+    let Some(r) = requested else {
+        for m in &known {
+            if pipeline.can_serve(&m.id).await {
+                return Ok(Target {
+                    id: m.id.clone(),
+                    local: false,
+                });
+            }
+        }
+        return Err(ApiError::no_model());
+    };
+    if !crate::pipeline::is_model_id(r) || !known.iter().any(|m| m.id == r) {
+        let available: Vec<String> = local
+            .into_iter()
+            .chain(known.into_iter().map(|m| m.id))
+            .collect();
+        return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "MODEL_NOT_FOUND",
-            format!("model '{r}' is not served by this node (available: {id})"),
+            format!(
+                "model '{r}' is not served by this node or its peers (available: {})",
+                if available.is_empty() {
+                    "none".to_string()
+                } else {
+                    available.join(", ")
+                }
+            ),
         )
-        .with_details(json!({ "model": r, "available": [id] }))),
+        .with_details(json!({ "model": r, "available": available })));
+    }
+    match pipeline.plan(r, &Default::default()).await {
+        Ok(_) => Ok(Target {
+            id: r.to_string(),
+            local: false,
+        }),
+        Err(e) => Err(no_route(&e.to_string(), &e.missing)),
     }
 }
 
-/// Renders chat turns with the loaded model's template.
-pub(crate) fn render_chat(node: &Node, turns: &[ChatTurn]) -> Result<String, ApiError> {
-    let engine = node.engine().ok_or_else(ApiError::no_model)?;
-    engine.render_chat(turns).map_err(|e| {
+fn no_route(message: &str, missing: &[(u32, u32)]) -> ApiError {
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "NO_ROUTE", message.to_string()).with_details(
+        json!({
+            "missing_layers": missing.iter().map(|(a, b)| json!({"start": a, "end": b})).collect::<Vec<_>>(),
+        }),
+    )
+}
+
+/// Renders chat turns with the target model's template.
+pub(crate) async fn render_chat(
+    node: &Node,
+    target: &Target,
+    turns: &[ChatTurn],
+) -> Result<String, ApiError> {
+    let rendered = if target.local {
+        let engine = node.engine().ok_or_else(ApiError::no_model)?;
+        engine.render_chat(turns)
+    } else {
+        let vocab = node
+            .pipeline()
+            .vocab(&target.id)
+            .await
+            .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "NO_TOKENIZER", e))?;
+        crate::infer::render_chat(&vocab, turns)
+    };
+    rendered.map_err(|e| {
         ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "INVALID_PARAMETER",
@@ -207,15 +283,16 @@ pub(crate) async fn start(
     node: &Node,
     endpoint: &'static str,
     id: String,
-    model: String,
+    target: Target,
     prompt: String,
     params: SamplingParams,
 ) -> Result<Generation, ApiError> {
     let started = Instant::now();
-    let engine = node.engine().ok_or_else(ApiError::no_model)?;
-    let mut events = engine
-        .submit(GenerateRequest { prompt, params })
-        .map_err(|e| match e {
+    let model = target.id.clone();
+    let request = GenerateRequest { prompt, params };
+    let mut events = if target.local {
+        let engine = node.engine().ok_or_else(ApiError::no_model)?;
+        let events = engine.submit(request).map_err(|e| match e {
             SubmitError::QueueFull(n) => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "OVERLOADED",
@@ -228,7 +305,11 @@ pub(crate) async fn start(
                 other.to_string(),
             ),
         })?;
-    node.metrics().set_queue_depth(engine.queue_depth());
+        node.metrics().set_queue_depth(engine.queue_depth());
+        events
+    } else {
+        node.pipeline().submit(&target.id, request)
+    };
     match events.recv().await {
         Some(Event::Started { prompt_tokens, .. }) => Ok(Generation {
             id,
@@ -265,6 +346,10 @@ fn generate_error(e: GenerateError) -> ApiError {
         )
         .with_details(json!({ "prompt_tokens": prompt_tokens, "context_size": context_size })),
         GenerateError::EmptyPrompt => ApiError::invalid_parameter("prompt", "is empty"),
+        GenerateError::NoRoute { message, missing } => no_route(&message, &missing),
+        GenerateError::Pipeline(message) => {
+            ApiError::new(StatusCode::BAD_GATEWAY, "PIPELINE_FAILED", message)
+        }
         other => ApiError::internal("inference", other),
     }
 }
@@ -328,7 +413,10 @@ impl Generation {
                         total_ms,
                     });
                 }
-                Piece::Failed(e) => return Err(e),
+                // The client gets the tokens produced before the failure.
+                Piece::Failed(e) => {
+                    return Err(e.with_details_merged(json!({ "partial_text": text })));
+                }
             }
         }
         Err(ApiError::internal(

@@ -8,6 +8,7 @@ mod admin;
 mod error;
 mod extract;
 mod generate;
+mod models;
 mod net;
 mod openai;
 mod v1;
@@ -110,7 +111,10 @@ pub fn router(node: Node) -> Router {
             "/api/admin/models/{id}/metadata",
             get(admin::model_metadata),
         )
-        .route("/api/admin/ws", get(ws::upgrade));
+        .route("/api/admin/ws", get(ws::upgrade))
+        .route("/api/admin/models", get(models::list))
+        .route("/api/admin/models/{id}/status", get(models::status))
+        .route("/api/v1/layers", get(models::layers));
 
     let protected = Router::new()
         .route("/v1/chat/completions", post(openai::chat_completions))
@@ -122,6 +126,7 @@ pub fn router(node: Node) -> Router {
         .route("/api/admin/config/reload", post(admin::reload_config))
         .route("/api/admin/join-network", post(net::join_network))
         .route("/api/v1/network/discover", post(net::discover))
+        .route("/api/admin/rescan-shards", post(models::rescan))
         .route(
             "/api/identity/nickname",
             axum::routing::put(admin::put_nickname).delete(admin::delete_nickname),

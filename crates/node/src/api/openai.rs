@@ -52,6 +52,27 @@ pub(crate) async fn list_models(State(state): State<AppState>) -> Json<Value> {
         })
         .into_iter()
         .collect();
+    // Sharded models a chain of nodes (this one included) can serve right now.
+    let mut data = data;
+    let pipeline = state.node.pipeline();
+    for m in pipeline.network_models().await {
+        if data.iter().any(|d| d["id"] == m.id.as_str()) || !pipeline.can_serve(&m.id).await {
+            continue;
+        }
+        let holders: std::collections::BTreeSet<&str> =
+            m.holders.iter().map(|h| h.node_id.as_str()).collect();
+        data.push(json!({
+            "id": m.id,
+            "object": "model",
+            "created": state.node.started_at().timestamp(),
+            "owned_by": "swarmllm-network",
+            "meta": {
+                "n_layers": m.n_layers,
+                "split": true,
+                "holders": holders.len(),
+            }
+        }));
+    }
     Json(json!({ "object": "list", "data": data }))
 }
 
@@ -157,10 +178,10 @@ pub(crate) async fn chat_completions(
     let req: ChatRequest = from_value(&body)?;
     let sampling: SamplingFields = from_value(&body)?;
     let node = &state.node;
-    let model = generate::resolve_model(node, req.model.as_deref())?;
+    let model = generate::resolve_model(node, req.model.as_deref()).await?;
     check_n(req.n)?;
     let params = sampling.into_params(defaults(&state))?;
-    let prompt = generate::render_chat(node, &turns(req.messages)?)?;
+    let prompt = generate::render_chat(node, &model, &turns(req.messages)?).await?;
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     let generation =
         generate::start(node, "/v1/chat/completions", id, model, prompt, params).await?;
@@ -291,7 +312,7 @@ pub(crate) async fn completions(
     let req: CompletionRequest = from_value(&body)?;
     let sampling: SamplingFields = from_value(&body)?;
     let node = &state.node;
-    let model = generate::resolve_model(node, req.model.as_deref())?;
+    let model = generate::resolve_model(node, req.model.as_deref()).await?;
     check_n(req.n)?;
     let prompt = match req.prompt {
         PromptField::One(p) => p,

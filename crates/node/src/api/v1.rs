@@ -35,7 +35,7 @@ pub(crate) async fn inference(
     let req: InferenceRequest = from_value(&body)?;
     let sampling: SamplingFields = from_value(&body)?;
     let node = &state.node;
-    let model = generate::resolve_model(node, req.model.as_deref())?;
+    let model = generate::resolve_model(node, req.model.as_deref()).await?;
     if req.prompt.is_empty() {
         return Err(ApiError::invalid_parameter("prompt", "must not be empty"));
     }
@@ -60,7 +60,7 @@ pub(crate) async fn inference(
             role: "user".into(),
             content: req.prompt,
         });
-        generate::render_chat(node, &turns)?
+        generate::render_chat(node, &model, &turns).await?
     };
     let id = format!("inf_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
     let generation = generate::start(node, "/api/v1/inference", id, model, prompt, params).await?;

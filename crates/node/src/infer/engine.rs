@@ -287,7 +287,7 @@ fn run_job(model: &LlamaModel, ctx: &mut LlamaContext<'_>, batch: &mut LlamaBatc
     let prompt_ms = started.elapsed().as_millis() as u64;
 
     let params = &request.params;
-    let mut sampler = build_sampler(model, params);
+    let mut sampler = build_sampler(model.n_vocab(), params);
     let mut stop = StopMatcher::new(params.stop.clone());
     let mut utf8 = encoding_rs::UTF_8.new_decoder();
     let mut piece = Vec::with_capacity(32);
@@ -391,11 +391,13 @@ pub(crate) fn decode_prompt(
     Ok(())
 }
 
-fn build_sampler(model: &LlamaModel, p: &SamplingParams) -> LlamaSampler {
+/// llama.cpp's sampler chain for `p` (also used by the last hop of a pipeline, so
+/// split and local generation sample alike).
+pub(crate) fn build_sampler(n_vocab: i32, p: &SamplingParams) -> LlamaSampler {
     let mut chain = Vec::with_capacity(6);
     if p.repeat_penalty != 1.0 {
         chain.push(LlamaSampler::penalties(
-            model.n_vocab(),
+            n_vocab,
             p.repeat_last_n,
             p.repeat_penalty,
             0.0,

@@ -14,6 +14,7 @@
 use std::ffi::{CStr, CString, c_void};
 use std::path::Path;
 use std::ptr::NonNull;
+use std::sync::Arc;
 
 use llama_cpp_sys_2 as sys;
 
@@ -141,15 +142,24 @@ impl RangeModel {
         self.n_layer
     }
 
+    /// Vocabulary size (1 for a range that never sees tokens).
+    pub fn n_vocab(&self) -> usize {
+        self.n_vocab
+    }
+
     /// Starts a session (its own KV cache). `emit_hidden` selects the output: the
     /// range's last hidden states (for ranges that do not end the model) or the
-    /// logits of the last row.
+    /// logits of the last row. `batch` is the most rows one [`RangeSession::forward`]
+    /// takes (≤ 512); keep it equal to the whole-model engine's batch size, since
+    /// llama.cpp's results depend on how rows are batched.
     pub fn session(
-        &self,
+        self: &Arc<Self>,
         n_ctx: u32,
+        batch: u32,
         threads: u32,
         emit_hidden: bool,
-    ) -> Result<RangeSession<'_>, LayerError> {
+    ) -> Result<RangeSession, LayerError> {
+        let batch = batch.clamp(1, 512);
         let mut capture = Box::new(Capture {
             name: CString::new(format!("l_out-{}", self.n_layer.saturating_sub(1)))
                 .map_err(|_| LayerError::Context)?,
@@ -159,21 +169,22 @@ impl RangeModel {
         // SAFETY: plain struct of defaults returned by value.
         let mut params = unsafe { sys::llama_context_default_params() };
         params.n_ctx = n_ctx;
-        params.n_batch = 512;
-        params.n_ubatch = 512;
+        params.n_batch = batch;
+        params.n_ubatch = batch;
         params.n_threads = threads.max(1) as i32;
         params.n_threads_batch = threads.max(1) as i32;
         if emit_hidden {
             params.cb_eval = Some(eval_callback);
             params.cb_eval_user_data = (&mut *capture as *mut Capture).cast::<c_void>();
         }
-        // SAFETY: the model is valid for the session's lifetime ('_ borrow); the
-        // callback's user data is the boxed Capture, which the session owns and drops
-        // only after freeing the context.
+        // SAFETY: the session holds an Arc of the model, so the model outlives the
+        // context; the callback's user data is the boxed Capture, which the session
+        // owns and drops only after freeing the context.
         let ctx = unsafe { sys::llama_init_from_model(self.raw.as_ptr(), params) };
         let ctx = NonNull::new(ctx).ok_or(LayerError::Context)?;
         Ok(RangeSession {
-            model: self,
+            model: Arc::clone(self),
+            batch: batch as usize,
             ctx,
             capture,
             emit_hidden,
@@ -221,7 +232,11 @@ unsafe extern "C" fn eval_callback(t: *mut sys::ggml_tensor, ask: bool, user: *m
             nbytes,
         );
     }
-    true
+    // Stop the graph here: what follows (final norm, output head) is for the logits,
+    // which a range that emits hidden states never reads. On a first range the head
+    // is the full-vocabulary (often tied) embedding matrix, the costliest matmul of
+    // the whole range. ggml skips the rest of the graph when the callback says no.
+    false
 }
 
 /// Input to a range.
@@ -243,14 +258,15 @@ pub enum RangeOutput {
 }
 
 /// One sequence's KV cache on a range.
-pub struct RangeSession<'m> {
-    model: &'m RangeModel,
+pub struct RangeSession {
+    model: Arc<RangeModel>,
+    batch: usize,
     ctx: NonNull<sys::llama_context>,
     capture: Box<Capture>,
     emit_hidden: bool,
 }
 
-impl std::fmt::Debug for RangeSession<'_> {
+impl std::fmt::Debug for RangeSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RangeSession")
             .field("emit_hidden", &self.emit_hidden)
@@ -258,7 +274,7 @@ impl std::fmt::Debug for RangeSession<'_> {
     }
 }
 
-impl Drop for RangeSession<'_> {
+impl Drop for RangeSession {
     fn drop(&mut self) {
         // SAFETY: `ctx` came from llama_init_from_model and is freed once, before the
         // boxed Capture its callback points to (fields drop after this body).
@@ -266,7 +282,7 @@ impl Drop for RangeSession<'_> {
     }
 }
 
-impl RangeSession<'_> {
+impl RangeSession {
     /// Runs `input` at positions `pos0..`, extending the KV cache.
     pub fn forward(&mut self, input: RangeInput<'_>, pos0: i32) -> Result<RangeOutput, LayerError> {
         let n_embd = self.model.n_embd;
@@ -280,8 +296,21 @@ impl RangeSession<'_> {
                 )));
             }
         };
-        if n == 0 || n > 512 {
-            return Err(LayerError::Input(format!("{n} tokens (1..=512 per call)")));
+        if n == 0 || n > self.batch {
+            return Err(LayerError::Input(format!(
+                "{n} rows (1..={} per call)",
+                self.batch
+            )));
+        }
+        if let RangeInput::Tokens(t) = input
+            && let Some(bad) = t
+                .iter()
+                .find(|&&t| t < 0 || t as usize >= self.model.n_vocab)
+        {
+            // llama.cpp aborts the process on an out-of-range token id.
+            return Err(LayerError::Input(format!(
+                "token id {bad} is outside the vocabulary"
+            )));
         }
         let hidden_in = matches!(input, RangeInput::Hidden(_));
         self.capture.data.clear();
@@ -332,6 +361,11 @@ impl RangeSession<'_> {
             std::slice::from_raw_parts(p, self.model.n_vocab).to_vec()
         };
         Ok(RangeOutput::Logits(logits))
+    }
+
+    /// The model this session runs.
+    pub fn model(&self) -> &Arc<RangeModel> {
+        &self.model
     }
 
     /// Forgets everything from position `pos` on (rollback; 0 clears the session).

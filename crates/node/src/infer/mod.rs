@@ -29,6 +29,8 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 pub use engine::{DeviceInfo, backend_devices};
+pub(crate) use engine::{backend, build_sampler};
+pub(crate) use stop::{Pushed, StopMatcher};
 
 /// How to load a model.
 #[derive(Debug, Clone)]
@@ -252,6 +254,17 @@ pub enum GenerateError {
     /// llama.cpp failed while decoding.
     #[error("inference failed: {0}")]
     Decode(String),
+    /// No chain of reachable nodes covers the model's layers.
+    #[error("{message}")]
+    NoRoute {
+        /// What is missing, in words.
+        message: String,
+        /// Layer ranges `[start, end)` nobody reachable holds.
+        missing: Vec<(u32, u32)>,
+    },
+    /// The pipeline failed and could not be re-routed.
+    #[error("split inference failed: {0}")]
+    Pipeline(String),
 }
 
 /// Submitting a job failed.
@@ -282,6 +295,27 @@ pub(crate) struct Job {
     request: GenerateRequest,
     events: mpsc::Sender<Event>,
     enqueued: Instant,
+}
+
+/// Renders chat turns into a prompt with `model`'s own chat template (ChatML when
+/// the GGUF has none).
+pub fn render_chat(model: &LlamaModel, turns: &[ChatTurn]) -> Result<String, ChatTemplateError> {
+    let messages = turns
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            LlamaChatMessage::new(t.role.clone(), t.content.clone())
+                .map_err(|_| ChatTemplateError::Nul(i))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let template = match model.chat_template(None) {
+        Ok(t) => t,
+        Err(_) => llama_cpp_2::model::LlamaChatTemplate::new("chatml")
+            .map_err(|e| ChatTemplateError::Apply(e.to_string()))?,
+    };
+    model
+        .apply_chat_template(&template, &messages, true)
+        .map_err(|e| ChatTemplateError::Apply(e.to_string()))
 }
 
 /// Cloneable handle to the engine thread that owns the loaded model.
@@ -325,22 +359,7 @@ impl Engine {
     /// Renders chat turns into a prompt with the model's own chat template
     /// (ChatML when the GGUF has none).
     pub fn render_chat(&self, turns: &[ChatTurn]) -> Result<String, ChatTemplateError> {
-        let messages = turns
-            .iter()
-            .enumerate()
-            .map(|(i, t)| {
-                LlamaChatMessage::new(t.role.clone(), t.content.clone())
-                    .map_err(|_| ChatTemplateError::Nul(i))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let template = match self.model.chat_template(None) {
-            Ok(t) => t,
-            Err(_) => llama_cpp_2::model::LlamaChatTemplate::new("chatml")
-                .map_err(|e| ChatTemplateError::Apply(e.to_string()))?,
-        };
-        self.model
-            .apply_chat_template(&template, &messages, true)
-            .map_err(|e| ChatTemplateError::Apply(e.to_string()))
+        render_chat(&self.model, turns)
     }
 
     /// Queues a generation. Events arrive on the returned receiver; dropping it

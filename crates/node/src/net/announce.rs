@@ -27,6 +27,9 @@ pub struct HostedModel {
     pub layer_end: u32,
     /// Layers in the whole model.
     pub n_layers: u32,
+    /// Measured decode compute per layer and token (ms), once known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ms_per_layer: Option<f64>,
 }
 
 /// A short hardware summary.

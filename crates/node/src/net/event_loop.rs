@@ -489,6 +489,39 @@ impl EventLoop {
                     },
                 );
             }
+            Request::Activation(bytes) => {
+                let Some(handler) = self.shared.steps.get() else {
+                    let _ = self.swarm.behaviour_mut().rpc.send_response(
+                        channel,
+                        Response::Error {
+                            code: 404,
+                            message: "this node runs no pipeline".into(),
+                        },
+                    );
+                    return;
+                };
+                let step = super::InboundStep {
+                    from: node_id_of(&peer).unwrap_or_default(),
+                    bytes,
+                    responder: super::Responder {
+                        channel,
+                        commands: self.loopback.clone(),
+                    },
+                };
+                if let Err(e) = handler.try_send(step) {
+                    let step = match e {
+                        mpsc::error::TrySendError::Full(s)
+                        | mpsc::error::TrySendError::Closed(s) => s,
+                    };
+                    let _ = self.swarm.behaviour_mut().rpc.send_response(
+                        step.responder.channel,
+                        Response::Error {
+                            code: 503,
+                            message: "too many pipeline steps in flight".into(),
+                        },
+                    );
+                }
+            }
             // Raw is a send-side test hook; the codec never decodes one.
             Request::Raw(_) => {
                 let response = Response::Error {

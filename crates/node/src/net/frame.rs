@@ -19,7 +19,9 @@ pub const MAX_FRAME: usize = 16 * 1024 * 1024;
 
 const KIND_ECHO: u8 = 0x01;
 const KIND_GET_PEERS: u8 = 0x02;
+const KIND_ACTIVATION: u8 = 0x10;
 const KIND_PEERS: u8 = 0x82;
+const KIND_ACTIVATION_RESULT: u8 = 0x90;
 const KIND_ERROR: u8 = 0x7f;
 
 /// A peer as shared in peer exchange.
@@ -38,6 +40,9 @@ pub enum Request {
     Echo(Vec<u8>),
     /// Answer with the peers you know.
     GetPeers,
+    /// One pipeline step (`pipeline::wire::StepRequest` bytes), answered with
+    /// [`Response::Activation`] or an error.
+    Activation(Vec<u8>),
     /// Bytes written to the stream exactly as given, unframed (tests of malformed
     /// input; never sent by the node itself).
     #[doc(hidden)]
@@ -53,6 +58,8 @@ pub enum Response {
     Echo(Vec<u8>),
     /// Known peers.
     Peers(Vec<PeerHint>),
+    /// The sealed result of a pipeline step (`pipeline::wire::StepResult` bytes).
+    Activation(Vec<u8>),
     /// The request was refused.
     Error {
         /// HTTP-like status (400 malformed, 404 unknown kind, 500 internal).
@@ -124,6 +131,7 @@ pub fn decode_request(kind: u8, payload: Vec<u8>) -> Request {
         KIND_ECHO => Request::Echo(payload),
         KIND_GET_PEERS if payload.is_empty() => Request::GetPeers,
         KIND_GET_PEERS => Request::Invalid("GetPeers carries no payload".into()),
+        KIND_ACTIVATION => Request::Activation(payload),
         other => Request::Invalid(format!("unknown request kind 0x{other:02x}")),
     }
 }
@@ -158,6 +166,7 @@ impl libp2p::request_response::Codec for FrameCodec {
         let (kind, payload) = read_frame(io).await?.map_err(invalid_data)?;
         match kind {
             KIND_ECHO => Ok(Response::Echo(payload)),
+            KIND_ACTIVATION_RESULT => Ok(Response::Activation(payload)),
             KIND_PEERS => serde_json::from_slice(&payload)
                 .map(Response::Peers)
                 .map_err(|e| invalid_data(e.to_string())),
@@ -183,6 +192,7 @@ impl libp2p::request_response::Codec for FrameCodec {
         match req {
             Request::Echo(bytes) => write_frame(io, KIND_ECHO, &bytes).await,
             Request::GetPeers => write_frame(io, KIND_GET_PEERS, &[]).await,
+            Request::Activation(bytes) => write_frame(io, KIND_ACTIVATION, &bytes).await,
             Request::Raw(bytes) => {
                 io.write_all(&bytes).await?;
                 io.flush().await
@@ -205,6 +215,7 @@ impl libp2p::request_response::Codec for FrameCodec {
     {
         match res {
             Response::Echo(bytes) => write_frame(io, KIND_ECHO, &bytes).await,
+            Response::Activation(bytes) => write_frame(io, KIND_ACTIVATION_RESULT, &bytes).await,
             Response::Peers(peers) => {
                 let body = serde_json::to_vec(&peers).map_err(|e| invalid_data(e.to_string()))?;
                 write_frame(io, KIND_PEERS, &body).await
@@ -230,7 +241,11 @@ mod tests {
     #[test]
     fn requests_round_trip() {
         let mut codec = FrameCodec;
-        for req in [Request::Echo(vec![1, 2, 3]), Request::GetPeers] {
+        for req in [
+            Request::Echo(vec![1, 2, 3]),
+            Request::GetPeers,
+            Request::Activation(vec![4; 70]),
+        ] {
             let mut buf = Vec::new();
             block_on(codec.write_request(&PROTOCOL, &mut buf, req.clone())).expect("write");
             let got = block_on(codec.read_request(&PROTOCOL, &mut buf.as_slice())).expect("read");
@@ -243,6 +258,7 @@ mod tests {
         let mut codec = FrameCodec;
         for res in [
             Response::Echo(vec![9; 100]),
+            Response::Activation(vec![1, 2]),
             Response::Peers(vec![PeerHint {
                 node_id: "ab".into(),
                 addrs: vec!["/ip4/127.0.0.1/tcp/1".into()],

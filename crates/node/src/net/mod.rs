@@ -21,7 +21,7 @@ pub mod invite;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use libp2p::swarm::NetworkBehaviour;
@@ -138,6 +138,39 @@ pub(crate) struct Shared {
     pub(crate) connected: RwLock<HashMap<PeerId, ConnectedPeer>>,
     pub(crate) listen_addrs: RwLock<Vec<Multiaddr>>,
     pub(crate) counters: Counters,
+    /// Where inbound pipeline steps go (set once by the node's pipeline).
+    pub(crate) steps: OnceLock<mpsc::Sender<InboundStep>>,
+}
+
+/// A pipeline step another node sent us; answer it through [`Responder::send`].
+#[derive(Debug)]
+pub struct InboundStep {
+    /// The sender's node id (authenticated by the transport).
+    pub from: String,
+    /// The request bytes.
+    pub bytes: Vec<u8>,
+    /// Where the answer goes.
+    pub responder: Responder,
+}
+
+/// Answers one inbound request.
+#[derive(Debug)]
+pub struct Responder {
+    channel: request_response::ResponseChannel<Response>,
+    commands: mpsc::Sender<Command>,
+}
+
+impl Responder {
+    /// Sends the response (dropped silently if the requester has gone).
+    pub async fn send(self, response: Response) {
+        let _ = self
+            .commands
+            .send(Command::Respond {
+                channel: self.channel,
+                response,
+            })
+            .await;
+    }
 }
 
 impl Shared {
@@ -487,6 +520,24 @@ impl Network {
         })
         .await?;
         rx.await.map_err(|_| NetError::Stopped)?
+    }
+
+    /// Counts a malformed frame from `node_id` against it (trust score).
+    pub fn report_bad_frame(&self, node_id: &str) {
+        self.shared
+            .counters
+            .bad_frames
+            .fetch_add(1, Ordering::Relaxed);
+        let dir = self.directory.clone();
+        let node_id = node_id.to_string();
+        tokio::task::spawn_blocking(move || {
+            let _ = dir.misbehaved(&node_id);
+        });
+    }
+
+    /// Routes inbound pipeline steps to `handler`; only the first call takes effect.
+    pub fn set_step_handler(&self, handler: mpsc::Sender<InboundStep>) {
+        let _ = self.shared.steps.set(handler);
     }
 
     /// Announces now (e.g. after a nickname change).

@@ -9,9 +9,12 @@
 //!   (per 32 values: f16 scale + 32 × i8, like ggml's Q8_0)
 //! ```
 //!
-//! The session key comes from X25519 between the requester's and the hop's
-//! ephemeral keys, run through BLAKE3 `derive_key` with the session id, so each
-//! session and each hop has its own key and a frame cannot be replayed into another.
+//! The key of a hop-to-hop link comes from X25519 between the two nodes' identity
+//! keys (Ed25519 in Montgomery form, so a node id is all a peer needs), run through
+//! BLAKE3 `derive_key` with the session id: each session and each link has its own
+//! key, and a frame cannot be replayed into another session. (The transport below
+//! is noise-encrypted with ephemeral keys as well.) Small messages (token ids, a
+//! step's result) are sealed the same way by [`seal_message`].
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
@@ -255,6 +258,40 @@ pub fn seal(
     let mut frame = head.to_vec();
     frame.extend_from_slice(&body);
     Ok(frame)
+}
+
+/// Seals a small message (token ids, a step result) under `key`; `aad` is
+/// authenticated but not encrypted.
+pub fn seal_message(
+    key: &SessionKey,
+    seq: u64,
+    dir: Direction,
+    aad: &[u8],
+    plain: &[u8],
+) -> Vec<u8> {
+    key.cipher()
+        .encrypt(
+            Nonce::from_slice(&nonce(seq, dir)),
+            Payload { msg: plain, aad },
+        )
+        // ChaCha20-Poly1305 only fails for messages over 256 GiB.
+        .unwrap_or_default()
+}
+
+/// Opens a message sealed by [`seal_message`].
+pub fn open_message(
+    key: &SessionKey,
+    seq: u64,
+    dir: Direction,
+    aad: &[u8],
+    sealed: &[u8],
+) -> Result<Vec<u8>, FrameError> {
+    key.cipher()
+        .decrypt(
+            Nonce::from_slice(&nonce(seq, dir)),
+            Payload { msg: sealed, aad },
+        )
+        .map_err(|_| FrameError::Forged)
 }
 
 /// Opens a frame: checks the header, authenticates, decodes.

@@ -1,4 +1,682 @@
-//! Split inference across peers. So far: the activation wire format
-//! ([`activation`]); chaining, routing and failover come next.
+//! Split inference across peers.
+//!
+//! ```text
+//!  requester                 hop 1 (layers 0..10)      hop 2 (10..20)       hop 3 (20..30, head)
+//!  tokens ──sealed──▶ embed + layers ──f16 frame──▶ layers ──f16 frame──▶ layers + sample
+//!     ▲                                                                          │
+//!     └──────────── sealed token, back along the open requests ◀─────────────────┘
+//! ```
+//!
+//! - [`host`]: the thread that owns this node's loaded layer ranges and the KV cache
+//!   of every session passing through them;
+//! - [`wire`] and [`activation`]: the bytes of a step, sealed per link;
+//! - [`route`]: the cheapest chain of holders, with a standby per span;
+//! - [`generate`]: the requester's side — tokenize, run the chain step by step,
+//!   detokenize and stop like the local engine, and on a hop's death re-route and
+//!   replay the session so the client sees the same tokens.
+//!
+//! A node serves steps for others and requests them for its own clients through the
+//! same [`Pipeline::execute`]: compute the local range, forward the rest.
 
 pub mod activation;
+mod generate;
+pub mod host;
+pub mod route;
+pub mod wire;
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::model::params::LlamaModelParams;
+use tokio::sync::mpsc;
+
+use self::activation::{Direction, Dtype, Header, SessionKey};
+use self::host::{RangeHost, RangeInfo, Step, StepInput, StepOutput};
+use self::route::{Holder, NoRoute, Plan};
+use self::wire::{Envelope, InputKind, StepFailure};
+use crate::identity::{self, Identity};
+use crate::net::frame::{Request, Response};
+use crate::net::{InboundStep, Network};
+use crate::shard::library::{self, LocalModel};
+
+/// Steps from other nodes processed at once (more wait in the handler's queue).
+const INBOUND_QUEUE: usize = 64;
+
+/// Pipeline settings.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    /// `<data>/models`.
+    pub models_dir: PathBuf,
+    /// `<data>/ranges` (assembled range files).
+    pub ranges_dir: PathBuf,
+    /// How hidden states travel.
+    pub dtype: Dtype,
+    /// Rows per step (the engine's batch size).
+    pub batch_size: u32,
+    /// Longest session in tokens.
+    pub context_size: u32,
+    /// Folder of ggml backend modules (`gpu` builds).
+    pub backends_dir: Option<PathBuf>,
+}
+
+/// Cloneable handle to this node's part in split inference.
+#[derive(Clone)]
+pub struct Pipeline {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: PipelineConfig,
+    host: RangeHost,
+    node_id: String,
+    x25519: x25519_dalek::StaticSecret,
+    network: OnceLock<Network>,
+    vocabs: Mutex<HashMap<String, Arc<LlamaModel>>>,
+    local: Mutex<Vec<LocalModel>>,
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("node_id", &self.inner.node_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A model the network (or this node) can serve.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NetworkModel {
+    /// Model id.
+    pub id: String,
+    /// Layers.
+    pub n_layers: u32,
+    /// Nodes holding some of it (this one included).
+    pub holders: Vec<Holder>,
+}
+
+impl Pipeline {
+    /// Starts the range host.
+    pub fn start(
+        config: PipelineConfig,
+        host: host::HostConfig,
+        identity: Identity,
+    ) -> std::io::Result<Self> {
+        let host = RangeHost::start(host)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                node_id: identity.node_id(),
+                x25519: identity.x25519_secret(),
+                config,
+                host,
+                network: OnceLock::new(),
+                vocabs: Mutex::new(HashMap::new()),
+                local: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
+    /// The range host.
+    pub fn host(&self) -> &RangeHost {
+        &self.inner.host
+    }
+
+    /// Serves other nodes' steps arriving on `network`, and uses it for ours.
+    pub fn attach(&self, network: Network) {
+        let (tx, mut rx) = mpsc::channel::<InboundStep>(INBOUND_QUEUE);
+        network.set_step_handler(tx);
+        let _ = self.inner.network.set(network);
+        let this = self.clone();
+        tokio::spawn(async move {
+            while let Some(step) = rx.recv().await {
+                let this = this.clone();
+                tokio::spawn(async move { this.serve_inbound(step).await });
+            }
+        });
+    }
+
+    /// Rescans the models directory and loads every contiguous run of intact
+    /// shards as one layer range (replacing what was loaded). Damaged shards are
+    /// reported and left out.
+    pub async fn load_held(&self) -> Vec<LocalModel> {
+        let cfg = self.inner.config.clone();
+        let models = tokio::task::spawn_blocking(move || library::scan(&cfg.models_dir))
+            .await
+            .unwrap_or_default();
+        for loaded in self.inner.host.ranges() {
+            self.inner
+                .host
+                .unload(&loaded.model_id, loaded.layer_start, loaded.layer_end)
+                .await;
+        }
+        for model in &models {
+            for bad in &model.corrupt {
+                tracing::warn!(model = %model.manifest.model_id, shard = bad,
+                    "shard file does not match its BLAKE3 hash; not loading it");
+            }
+            for (first, last) in model.runs() {
+                if let Err(e) = self.load_run(model, first, last).await {
+                    tracing::warn!(model = %model.manifest.model_id, first, last, error = %e,
+                        "could not load a shard run");
+                }
+            }
+        }
+        *self.inner.local.lock().unwrap_or_else(|p| p.into_inner()) = models.clone();
+        models
+    }
+
+    async fn load_run(&self, model: &LocalModel, first: u32, last: u32) -> Result<(), String> {
+        let m = &model.manifest;
+        let (a, b) = (&m.shards[first as usize], &m.shards[last as usize]);
+        let ranges_dir = self.inner.config.ranges_dir.clone();
+        let model_clone = model.clone();
+        let path = tokio::task::spawn_blocking(move || {
+            library::range_file(&model_clone, &ranges_dir, first, last)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        let info = RangeInfo {
+            model_id: m.model_id.clone(),
+            first_shard: first,
+            last_shard: last,
+            layer_start: a.layer_start,
+            layer_end: b.layer_end,
+            n_layers: m.n_layers,
+            has_embedding: first == 0,
+            has_head: last as usize + 1 == m.shards.len(),
+            path,
+            ms_per_layer: None,
+        };
+        self.inner
+            .host
+            .load(info)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    /// The models in this node's models directory, as last scanned.
+    pub fn local_models(&self) -> Vec<LocalModel> {
+        self.inner
+            .local
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Everyone who can run part of `model_id`: this node's ranges and those that
+    /// connected peers announce.
+    pub async fn holders(&self, model_id: &str) -> Vec<Holder> {
+        let mut out: Vec<Holder> = self
+            .inner
+            .host
+            .ranges()
+            .into_iter()
+            .filter(|r| r.model_id == model_id)
+            .map(|r| Holder {
+                node_id: self.inner.node_id.clone(),
+                local: true,
+                layer_start: r.layer_start,
+                layer_end: r.layer_end,
+                rtt_ms: Some(0.0),
+                ms_per_layer: r.ms_per_layer,
+                queue_depth: 0,
+            })
+            .collect();
+        for (node_id, models, rtt, queue) in self.peer_models().await {
+            for m in models.into_iter().filter(|m| m.id == model_id) {
+                out.push(Holder {
+                    node_id: node_id.clone(),
+                    local: false,
+                    layer_start: m.layer_start,
+                    layer_end: m.layer_end,
+                    rtt_ms: rtt,
+                    ms_per_layer: m.ms_per_layer,
+                    queue_depth: queue,
+                });
+            }
+        }
+        out
+    }
+
+    /// (node id, announced models, rtt, queue depth) of every connected peer.
+    async fn peer_models(
+        &self,
+    ) -> Vec<(
+        String,
+        Vec<crate::net::announce::HostedModel>,
+        Option<f64>,
+        u32,
+    )> {
+        let Some(network) = self.inner.network.get() else {
+            return Vec::new();
+        };
+        let connected: HashMap<String, Option<f64>> = network
+            .connected()
+            .into_iter()
+            .map(|p| (p.node_id, p.latency_ms))
+            .collect();
+        let dir = network.directory().clone();
+        let records = tokio::task::spawn_blocking(move || dir.list(1000))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
+        records
+            .into_iter()
+            .filter_map(|r| {
+                let rtt = connected.get(&r.node_id)?;
+                let models = serde_json::from_value(r.models).unwrap_or_default();
+                let queue = r.load["queue_depth"].as_u64().unwrap_or(0) as u32;
+                Some((r.node_id, models, rtt.or(r.latency_ms), queue))
+            })
+            .collect()
+    }
+
+    /// Every model this node or a connected peer holds some of, with its holders.
+    pub async fn network_models(&self) -> Vec<NetworkModel> {
+        let mut n_layers: HashMap<String, u32> = HashMap::new();
+        for r in self.inner.host.ranges() {
+            n_layers.insert(r.model_id, r.n_layers);
+        }
+        for m in self.local_models() {
+            n_layers.insert(m.manifest.model_id, m.manifest.n_layers);
+        }
+        for (_, models, _, _) in self.peer_models().await {
+            for m in models {
+                n_layers.entry(m.id).or_insert(m.n_layers);
+            }
+        }
+        let mut out = Vec::new();
+        for (id, n) in n_layers {
+            let holders = self.holders(&id).await;
+            out.push(NetworkModel {
+                id,
+                n_layers: n,
+                holders,
+            });
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
+    }
+
+    /// Plans a chain for `model_id` without `exclude`d nodes.
+    pub async fn plan(&self, model_id: &str, exclude: &HashSet<String>) -> Result<Plan, NoRoute> {
+        let holders = self.holders(model_id).await;
+        let n_layers = self.n_layers(model_id, &holders).await;
+        route::plan(n_layers, &holders, exclude)
+    }
+
+    async fn n_layers(&self, model_id: &str, _holders: &[Holder]) -> u32 {
+        if let Some(m) = self
+            .local_models()
+            .into_iter()
+            .find(|m| m.manifest.model_id == model_id)
+        {
+            return m.manifest.n_layers;
+        }
+        for (_, models, _, _) in self.peer_models().await {
+            if let Some(m) = models.into_iter().find(|m| m.id == model_id) {
+                return m.n_layers;
+            }
+        }
+        0
+    }
+
+    /// Whether this node can act as requester for `model_id`: it has the model's
+    /// header (for the tokenizer) and a chain covers every layer.
+    pub async fn can_serve(&self, model_id: &str) -> bool {
+        self.model_dir(model_id).is_some() && self.plan(model_id, &HashSet::new()).await.is_ok()
+    }
+
+    fn model_dir(&self, model_id: &str) -> Option<PathBuf> {
+        let dir = self.inner.config.models_dir.join(model_id);
+        (is_model_id(model_id) && dir.join("gguf_header.bin").is_file()).then_some(dir)
+    }
+
+    /// The model's vocabulary (tokenizer and chat template), loaded once.
+    pub async fn vocab(&self, model_id: &str) -> Result<Arc<LlamaModel>, String> {
+        if let Some(v) = self
+            .inner
+            .vocabs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(model_id)
+        {
+            return Ok(Arc::clone(v));
+        }
+        let dir = self.model_dir(model_id).ok_or_else(|| {
+            format!(
+                "this node has no copy of model '{model_id}''s header (import or add the model)"
+            )
+        })?;
+        let ranges = self.inner.config.ranges_dir.clone();
+        let id = model_id.to_string();
+        let backends = self.inner.config.backends_dir.clone();
+        let model = tokio::task::spawn_blocking(move || -> Result<LlamaModel, String> {
+            let path = library::vocab_file(&dir, &id, &ranges).map_err(|e| e.to_string())?;
+            let backend = crate::infer::backend(backends.as_deref()).map_err(|e| e.to_string())?;
+            LlamaModel::load_from_file(
+                backend,
+                &path,
+                &LlamaModelParams::default().with_vocab_only(true),
+            )
+            .map_err(|e| format!("loading the vocabulary of {id}: {e}"))
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        let model = Arc::new(model);
+        self.inner
+            .vocabs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(model_id.to_string(), Arc::clone(&model));
+        Ok(model)
+    }
+
+    fn link_key(&self, peer: &str, session: &[u8; 16]) -> Result<SessionKey, StepFailure> {
+        let public = identity::x25519_public(peer).ok_or_else(|| StepFailure {
+            failed_hop: Some(peer.to_string()),
+            message: format!("{peer} is not a valid node id"),
+        })?;
+        Ok(SessionKey::agree(&self.inner.x25519, &public, session))
+    }
+
+    fn own_failure(&self, message: impl Into<String>) -> StepFailure {
+        StepFailure {
+            failed_hop: Some(self.inner.node_id.clone()),
+            message: message.into(),
+        }
+    }
+
+    /// Runs this node's hop of `env` (it must be `route[0]`) on `input`, forwards
+    /// the output to the next hop, and returns the sealed result for the requester.
+    async fn execute(&self, env: Envelope, input: StepInput) -> Result<Vec<u8>, StepFailure> {
+        let me = &env.route[0];
+        if me.node_id != self.inner.node_id {
+            return Err(StepFailure {
+                failed_hop: None,
+                message: "step addressed to another node".into(),
+            });
+        }
+        let session = env
+            .session_bytes()
+            .map_err(|e| self.own_failure(e.to_string()))?;
+        if env.close {
+            self.inner.host.close(session);
+        } else {
+            let out = self
+                .inner
+                .host
+                .step(Step {
+                    session,
+                    seq: env.seq,
+                    model_id: me.model_id.clone(),
+                    layer_start: me.layer_start,
+                    layer_end: me.layer_end,
+                    pos: env.pos,
+                    input,
+                    sample: env.sample.clone(),
+                    prime: env.prime.clone(),
+                })
+                .await
+                .map_err(|e| self.own_failure(e.to_string()))?;
+            match out {
+                StepOutput::Hidden(h) => return self.forward(env, session, h).await,
+                StepOutput::Token(t) if env.route.len() == 1 => {
+                    return self.seal_result(&env, session, t);
+                }
+                StepOutput::Token(_) => {
+                    return Err(self.own_failure("a range with the head is not the last hop"));
+                }
+            }
+        }
+        // A close travels down the whole chain.
+        if env.route.len() > 1 {
+            let mut next = env.clone();
+            next.route.remove(0);
+            let to = next.route[0].node_id.clone();
+            return self.send(&to, wire::encode_request(&next, &[])).await;
+        }
+        self.seal_result(&env, session, None)
+    }
+
+    async fn forward(
+        &self,
+        env: Envelope,
+        session: [u8; 16],
+        hidden: Vec<f32>,
+    ) -> Result<Vec<u8>, StepFailure> {
+        if env.route.len() < 2 {
+            return Err(self.own_failure("the route ends before the model's head"));
+        }
+        let mut next = env;
+        next.route.remove(0);
+        next.input = InputKind::Hidden;
+        let to = next.route[0].node_id.clone();
+        let frame = self.seal_hidden(&next, session, &to, &hidden)?;
+        self.send(&to, wire::encode_request(&next, &frame)).await
+    }
+
+    fn seal_hidden(
+        &self,
+        env: &Envelope,
+        session: [u8; 16],
+        to: &str,
+        hidden: &[f32],
+    ) -> Result<Vec<u8>, StepFailure> {
+        let n_tokens = env.n_tokens;
+        let n_embd = hidden.len() / n_tokens.max(1) as usize;
+        let key = self.link_key(to, &session)?;
+        let dtype = env.dtype().map_err(|e| self.own_failure(e.to_string()))?;
+        activation::seal(
+            &key,
+            Header {
+                dtype,
+                session,
+                start_pos: env.pos,
+                n_tokens,
+                n_embd: n_embd as u32,
+                seq: env.seq,
+            },
+            Direction::Forward,
+            hidden,
+        )
+        .map_err(|e| self.own_failure(e.to_string()))
+    }
+
+    fn seal_result(
+        &self,
+        env: &Envelope,
+        session: [u8; 16],
+        token: Option<i32>,
+    ) -> Result<Vec<u8>, StepFailure> {
+        let key = self.link_key(&env.requester, &session)?;
+        let plain = token.map(|t| t.to_le_bytes().to_vec()).unwrap_or_default();
+        Ok(activation::seal_message(
+            &key,
+            env.seq,
+            Direction::Backward,
+            &result_aad(env),
+            &plain,
+        ))
+    }
+
+    /// Sends a step to `to`; a transport failure blames `to`.
+    async fn send(&self, to: &str, bytes: Vec<u8>) -> Result<Vec<u8>, StepFailure> {
+        let network = self.inner.network.get().ok_or_else(|| StepFailure {
+            failed_hop: Some(to.to_string()),
+            message: "this node has no P2P network".into(),
+        })?;
+        match network.request(to, Request::Activation(bytes)).await {
+            Ok(Response::Activation(result)) => Ok(result),
+            Ok(Response::Error { message, .. }) => {
+                Err(serde_json::from_str(&message).unwrap_or(StepFailure {
+                    failed_hop: Some(to.to_string()),
+                    message,
+                }))
+            }
+            Ok(other) => Err(StepFailure {
+                failed_hop: Some(to.to_string()),
+                message: format!("unexpected answer {other:?}"),
+            }),
+            Err(e) => Err(StepFailure {
+                failed_hop: Some(to.to_string()),
+                message: format!("hop {} unreachable: {e}", short(to)),
+            }),
+        }
+    }
+
+    async fn serve_inbound(&self, step: InboundStep) {
+        let InboundStep {
+            from,
+            bytes,
+            responder,
+        } = step;
+        let response = match self.open_inbound(&from, &bytes) {
+            Err(reason) => {
+                tracing::warn!(peer = %short(&from), %reason, "malformed pipeline step");
+                if let Some(network) = self.inner.network.get() {
+                    network.report_bad_frame(&from);
+                }
+                Response::Error {
+                    code: 400,
+                    message: failure_json(&StepFailure {
+                        failed_hop: None,
+                        message: reason,
+                    }),
+                }
+            }
+            Ok((env, input)) => match self.execute(env, input).await {
+                Ok(result) => Response::Activation(result),
+                Err(failure) => Response::Error {
+                    code: 502,
+                    message: failure_json(&failure),
+                },
+            },
+        };
+        responder.send(response).await;
+    }
+
+    /// Decodes a step from `from` and opens its body.
+    fn open_inbound(&self, from: &str, bytes: &[u8]) -> Result<(Envelope, StepInput), String> {
+        let (env, body) = wire::decode_request(bytes).map_err(|e| e.to_string())?;
+        let session = env.session_bytes().map_err(|e| e.to_string())?;
+        let key = self.link_key(from, &session).map_err(|e| e.message)?;
+        if env.close {
+            return Ok((env, StepInput::Tokens(Vec::new())));
+        }
+        let input = match env.input {
+            InputKind::Tokens => {
+                let plain = activation::open_message(
+                    &key,
+                    env.seq,
+                    Direction::Forward,
+                    &step_aad(&env),
+                    body,
+                )
+                .map_err(|e| e.to_string())?;
+                let tokens = wire::bytes_to_tokens(&plain).map_err(|e| e.to_string())?;
+                if tokens.len() != env.n_tokens as usize {
+                    return Err(format!(
+                        "{} token ids for {} rows",
+                        tokens.len(),
+                        env.n_tokens
+                    ));
+                }
+                StepInput::Tokens(tokens)
+            }
+            InputKind::Hidden => {
+                let (header, values) =
+                    activation::open(&key, body, Direction::Forward).map_err(|e| e.to_string())?;
+                if header.session != session
+                    || header.seq != env.seq
+                    || header.start_pos != env.pos
+                    || header.n_tokens != env.n_tokens
+                {
+                    return Err("the activation header does not match the envelope".into());
+                }
+                StepInput::Hidden(values)
+            }
+        };
+        Ok((env, input))
+    }
+
+    /// Runs one step of a route as the requester and opens the result.
+    async fn request_step(
+        &self,
+        env: Envelope,
+        input: StepInput,
+    ) -> Result<Option<i32>, StepFailure> {
+        let session = env
+            .session_bytes()
+            .map_err(|e| self.own_failure(e.to_string()))?;
+        let first = env.route[0].node_id.clone();
+        let last = env.route[env.route.len() - 1].node_id.clone();
+        let result = if first == self.inner.node_id {
+            self.execute(env.clone(), input).await?
+        } else {
+            let key = self.link_key(&first, &session)?;
+            let body = match &input {
+                StepInput::Tokens(t) => activation::seal_message(
+                    &key,
+                    env.seq,
+                    Direction::Forward,
+                    &step_aad(&env),
+                    &wire::tokens_to_bytes(t),
+                ),
+                StepInput::Hidden(h) => self.seal_hidden(&env, session, &first, h)?,
+            };
+            self.send(&first, wire::encode_request(&env, &body)).await?
+        };
+        let key = self.link_key(&last, &session)?;
+        let plain = activation::open_message(
+            &key,
+            env.seq,
+            Direction::Backward,
+            &result_aad(&env),
+            &result,
+        )
+        .map_err(|_| StepFailure {
+            failed_hop: Some(last.clone()),
+            message: "the step result failed authentication".into(),
+        })?;
+        match plain.len() {
+            0 => Ok(None),
+            4 => Ok(Some(i32::from_le_bytes([
+                plain[0], plain[1], plain[2], plain[3],
+            ]))),
+            n => Err(StepFailure {
+                failed_hop: Some(last),
+                message: format!("a {n}-byte step result"),
+            }),
+        }
+    }
+}
+
+fn step_aad(env: &Envelope) -> Vec<u8> {
+    format!(
+        "step:{}:{}:{}:{}",
+        env.session, env.seq, env.pos, env.n_tokens
+    )
+    .into_bytes()
+}
+
+fn result_aad(env: &Envelope) -> Vec<u8> {
+    format!("result:{}:{}", env.session, env.seq).into_bytes()
+}
+
+fn failure_json(f: &StepFailure) -> String {
+    serde_json::to_string(f).unwrap_or_else(|_| f.message.clone())
+}
+
+fn short(node_id: &str) -> &str {
+    node_id.get(..12).unwrap_or(node_id)
+}
+
+/// Model ids are directory names: no separators, no leading dot.
+pub fn is_model_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 128 && !id.contains(['/', '\\']) && !id.starts_with('.')
+}

@@ -17,6 +17,7 @@
 //! uses (e.g. `rope_freqs`) travel with every shard.
 
 pub mod gguf;
+pub mod library;
 
 use std::path::{Path, PathBuf};
 

@@ -1,0 +1,303 @@
+//! Split inference across separate node processes on loopback: SmolLM2 in three
+//! shards held by three nodes gives exactly the whole model's greedy output, a
+//! killed hop is replaced by its standby mid-stream without the client noticing,
+//! a model nobody can cover gets 503 naming the missing layers, and malformed
+//! activation frames are refused without harm.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::time::Duration;
+
+use common::{TestNode, cli, model_path, network_code, node_id, rogue_peer, wait_for};
+use serde_json::{Value, json};
+use swarmllm_node::net::frame::{Request, Response};
+
+const DEADLINE: Duration = Duration::from_secs(90);
+
+const PROMPTS: &[&str] = &[
+    "Write a short poem about the sea.",
+    "Explain in a few sentences why the sky is blue.",
+    "List five fruits and say one thing about each.",
+];
+const STORY: &str = "Tell me a long story about a lighthouse keeper and a storm.";
+
+/// Imports the test model as 3 shards into a scratch data dir; returns the dir.
+fn import_library() -> tempfile::TempDir {
+    let lib = tempfile::tempdir().expect("tempdir");
+    let model = model_path();
+    let (ok, out, err) = cli(
+        lib.path(),
+        1,
+        &[
+            "models",
+            "import",
+            model.to_str().expect("utf-8 path"),
+            "--shards",
+            "3",
+            "--id",
+            "smol",
+        ],
+    );
+    assert!(ok, "import failed: {out}{err}");
+    lib
+}
+
+/// Gives `data_dir` the model's manifest and header and the shards `held`.
+fn give_shards(lib: &Path, data_dir: &Path, held: &[u32]) {
+    let from = lib.join("models/smol");
+    let to = data_dir.join("models/smol");
+    std::fs::create_dir_all(&to).expect("mkdir");
+    for f in ["manifest.json", "gguf_header.bin"] {
+        std::fs::copy(from.join(f), to.join(f)).expect("copy");
+    }
+    for i in held {
+        let f = format!("shard-{i:03}.gguf");
+        std::fs::copy(from.join(&f), to.join(&f)).expect("copy shard");
+    }
+}
+
+fn chat(node: &TestNode, model: Option<&str>, prompt: &str, max_tokens: u32) -> (u16, Value) {
+    let mut body = json!({
+        "messages": [{ "role": "user", "content": prompt }],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    });
+    if let Some(m) = model {
+        body["model"] = json!(m);
+    }
+    node.post("/v1/chat/completions", &body)
+}
+
+fn content(v: &Value) -> String {
+    v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no content in {v}"))
+        .to_string()
+}
+
+/// Waits until `node` can serve `smol` through holders of `holders` distinct nodes.
+fn wait_servable(node: &TestNode, holders: u64) {
+    wait_for(
+        &format!("smol servable via {holders} holders"),
+        DEADLINE,
+        || {
+            let (_, models) = node.get("/v1/models");
+            models["data"]
+                .as_array()?
+                .iter()
+                .find(|m| m["id"] == "smol" && m["meta"]["holders"].as_u64() == Some(holders))
+                .map(|_| ())
+        },
+    );
+}
+
+#[test]
+fn three_way_split_matches_local_greedy_output_and_survives_a_killed_hop() {
+    // What the whole model says, on one node.
+    let (reference, story_reference) = {
+        let whole = TestNode::start();
+        let answers: Vec<(String, Value)> = PROMPTS
+            .iter()
+            .map(|p| {
+                let (status, v) = chat(&whole, None, p, 64);
+                assert_eq!(status, 200, "{v}");
+                (content(&v), v["usage"]["completion_tokens"].clone())
+            })
+            .collect();
+        let (status, story) = chat(&whole, None, STORY, 160);
+        assert_eq!(status, 200, "{story}");
+        (answers, content(&story))
+    };
+
+    let lib = import_library();
+    // f32 activations: the exact wire format (f16, the default, rounds hidden states).
+    let a = TestNode::start_custom(false, &[], &[("SWARMLLM_ACTIVATION_DTYPE", "f32")], |d| {
+        give_shards(lib.path(), d, &[0])
+    });
+    let code = network_code(&a);
+    let b = TestNode::start_custom(false, &["--bootstrap", &code], &[], |d| {
+        give_shards(lib.path(), d, &[1])
+    });
+    let c = TestNode::start_custom(false, &["--bootstrap", &code], &[], |d| {
+        give_shards(lib.path(), d, &[2])
+    });
+    wait_servable(&a, 3);
+
+    // Each node runs only its own layers.
+    for (node, range) in [(&a, (0, 10)), (&b, (10, 20)), (&c, (20, 30))] {
+        let (_, layers) = node.get("/api/v1/layers");
+        assert_eq!(layers["my_layer_count"], 10, "{layers}");
+        assert_eq!(layers["ranges"][0]["layer_start"], range.0);
+        assert_eq!(layers["ranges"][0]["layer_end"], range.1);
+    }
+
+    for (prompt, (text, tokens)) in PROMPTS.iter().zip(&reference) {
+        let (status, v) = chat(&a, Some("smol"), prompt, 64);
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(&content(&v), text, "prompt {prompt:?}");
+        assert_eq!(&v["usage"]["completion_tokens"], tokens);
+    }
+
+    // A standby for the middle span, then kill -9 whichever middle node is in use
+    // while a long answer streams.
+    let mut d = TestNode::start_custom(false, &["--bootstrap", &code], &[], |dir| {
+        give_shards(lib.path(), dir, &[1])
+    });
+    wait_servable(&a, 4);
+    let mut b = b;
+    let b_id = node_id(&b);
+    let response = a
+        .http()
+        .post(a.url("/v1/chat/completions"))
+        .bearer_auth(&a.key)
+        .json(&json!({
+            "model": "smol",
+            "messages": [{ "role": "user", "content": STORY }],
+            "max_tokens": 160,
+            "temperature": 0,
+            "stream": true,
+        }))
+        .send()
+        .expect("stream");
+    assert_eq!(response.status().as_u16(), 200);
+    let mut lines = BufReader::new(response).lines();
+    let mut text = String::new();
+    let mut events = 0;
+    let mut killed = None;
+    let mut finish = Value::Null;
+    while let Some(Ok(line)) = lines.next() {
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            break;
+        }
+        let v: Value = serde_json::from_str(data).expect("chunk json");
+        if let Some(t) = v["choices"][0]["delta"]["content"].as_str() {
+            text.push_str(t);
+            events += 1;
+        }
+        if !v["choices"][0]["finish_reason"].is_null() {
+            finish = v["choices"][0]["finish_reason"].clone();
+        }
+        if events == 8 && killed.is_none() {
+            let in_use = |n: &TestNode| n.get("/api/v1/layers").1["sessions"].as_u64() > Some(0);
+            let victim = if in_use(&b) {
+                &mut b
+            } else {
+                assert!(in_use(&d), "neither middle node has a session");
+                &mut d
+            };
+            killed = Some(node_id(victim));
+            victim.kill();
+        }
+    }
+    assert!(killed.is_some(), "the stream ended before the kill");
+    assert_eq!(
+        text, story_reference,
+        "the re-routed stream changed the text"
+    );
+    assert!(!finish.is_null());
+    assert!(
+        a.log().contains("re-routing"),
+        "no re-route happened: {}",
+        a.log()
+    );
+
+    // With both middle nodes gone there is no route: 503 naming layers 10-19.
+    if killed.as_deref() == Some(b_id.as_str()) {
+        d.kill();
+    } else {
+        b.kill();
+    }
+    let (status, v) = wait_for("A to notice the middle span is gone", DEADLINE, || {
+        let (status, v) = chat(&a, Some("smol"), "Hi", 4);
+        (status == 503).then_some((status, v))
+    });
+    assert_eq!(status, 503);
+    assert_eq!(v["error"]["code"], "NO_ROUTE", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("10-19"),
+        "{v}"
+    );
+    assert_eq!(
+        v["error"]["details"]["missing_layers"],
+        json!([{ "start": 10, "end": 20 }])
+    );
+}
+
+#[test]
+fn unknown_models_404_and_malformed_activation_frames_are_refused() {
+    let lib = import_library();
+    let a = TestNode::start_custom(false, &[], &[], |d| give_shards(lib.path(), d, &[0]));
+    let (status, v) = chat(&a, Some("no-such-model"), "Hi", 4);
+    assert_eq!(status, 404, "{v}");
+    assert_eq!(v["error"]["code"], "MODEL_NOT_FOUND");
+    // Alone with shard 0, layers 10-29 are missing.
+    let (status, v) = chat(&a, Some("smol"), "Hi", 4);
+    assert_eq!(status, 503, "{v}");
+    assert_eq!(
+        v["error"]["details"]["missing_layers"],
+        json!([{ "start": 10, "end": 30 }])
+    );
+
+    let a_id = node_id(&a);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (rogue, _) = rogue_peer(&rt, tmp.path());
+    rt.block_on(rogue.add_seed_and_dial(&network_code(&a), "test"))
+        .expect("rogue joins");
+    let envelope = |route_to: &str, input: &str| {
+        json!({
+            "session": "00112233445566778899aabbccddeeff",
+            "seq": 1,
+            "requester": route_to,
+            "route": [{ "node_id": route_to, "model_id": "smol", "layer_start": 0, "layer_end": 10 }],
+            "pos": 0,
+            "n_tokens": 2,
+            "input": input,
+            "dtype": "f16",
+        })
+    };
+    let frame = |env: &Value, body: &[u8]| {
+        let head = serde_json::to_vec(env).expect("json");
+        let mut out = (head.len() as u32).to_be_bytes().to_vec();
+        out.extend_from_slice(&head);
+        out.extend_from_slice(body);
+        out
+    };
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("empty", vec![]),
+        ("garbage", vec![0xAB; 300]),
+        ("envelope length past the end", vec![0, 0, 0xff, 0xff, b'{']),
+        ("not json", frame(&json!("x"), &[])),
+        (
+            "tokens sealed with the wrong key",
+            frame(&envelope(&a_id, "tokens"), &[7; 24]),
+        ),
+        (
+            "hidden states sealed with the wrong key",
+            frame(&envelope(&a_id, "hidden"), &[1; 40 + 2 * 576 * 2 + 16]),
+        ),
+    ];
+    for (what, bytes) in cases {
+        match rt.block_on(rogue.request(&a_id, Request::Activation(bytes))) {
+            Ok(Response::Error { code, message }) => {
+                assert_eq!(code, 400, "{what}: {message}");
+            }
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+    // Still serving, and the frames counted against the sender.
+    assert_eq!(a.get("/health/live").0, 200);
+    let (_, stats) = a.get("/api/admin/stats");
+    assert!(
+        stats["p2p"]["counters"]["bad_frames"].as_u64() >= Some(6),
+        "{stats}"
+    );
+}

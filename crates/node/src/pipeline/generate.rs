@@ -1,0 +1,341 @@
+//! The requester's side of split inference: one generation through a chain.
+//!
+//! It behaves like the local engine (same tokenizer, same sampler chain at the last
+//! hop, same prompt batching, same stop handling), emitting the same [`Event`]s, so
+//! the HTTP layer cannot tell the two apart. Every step it has run is remembered;
+//! when a hop fails, its node is left out, a new chain is planned (a span's standby
+//! usually takes over), and the remembered steps are replayed there in the same
+//! batches — which rebuilds every KV cache bit for bit — before the failed step is
+//! retried. The client sees no gap, repeat or change.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Instant;
+
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::token::LlamaToken;
+use tokio::sync::mpsc;
+
+use super::Pipeline;
+use super::host::StepInput;
+use super::route::Plan;
+use super::wire::{Envelope, Hop, InputKind, SampleSpec, StepFailure};
+use crate::infer::{
+    Event, FinishReason, GenerateError, GenerateRequest, SamplingParams, Timing, Usage,
+};
+
+/// Re-routes one generation may make before giving up.
+const MAX_REROUTES: usize = 4;
+
+/// The chain a generation runs on and what it has sent through it.
+struct Run {
+    model_id: String,
+    hops: Vec<Hop>,
+    session: [u8; 16],
+    seq: u64,
+    /// Every step so far: (tokens, first position).
+    history: Vec<(Vec<i32>, u32)>,
+    /// Nodes that failed during this generation.
+    excluded: HashSet<String>,
+    reroutes: usize,
+}
+
+impl Run {
+    fn new(model_id: &str, plan: &Plan) -> Self {
+        Run {
+            model_id: model_id.to_string(),
+            hops: plan.hops(model_id),
+            session: rand::random(),
+            seq: 0,
+            history: Vec::new(),
+            excluded: HashSet::new(),
+            reroutes: 0,
+        }
+    }
+
+    fn envelope(&mut self, pipeline: &Pipeline, pos: u32, rows: usize) -> Envelope {
+        self.seq += 1;
+        Envelope {
+            session: hex::encode(self.session),
+            seq: self.seq,
+            requester: pipeline.inner.node_id.clone(),
+            route: self.hops.clone(),
+            pos,
+            n_tokens: rows as u32,
+            input: InputKind::Tokens,
+            dtype: dtype_name(pipeline.inner.config.dtype).into(),
+            sample: None,
+            prime: Vec::new(),
+            close: false,
+        }
+    }
+}
+
+fn dtype_name(d: super::activation::Dtype) -> &'static str {
+    match d {
+        super::activation::Dtype::F32 => "f32",
+        super::activation::Dtype::F16 => "f16",
+        super::activation::Dtype::Q8 => "q8",
+    }
+}
+
+impl Pipeline {
+    /// Starts a generation of `model_id` through the network. Events arrive as from
+    /// the local engine; dropping the receiver cancels it.
+    pub fn submit(&self, model_id: &str, request: GenerateRequest) -> mpsc::Receiver<Event> {
+        let (tx, rx) = mpsc::channel(256);
+        let this = self.clone();
+        let model_id = model_id.to_string();
+        tokio::spawn(async move {
+            if let Err(e) = this.generate(&model_id, request, &tx).await {
+                let _ = tx.send(Event::Failed(e)).await;
+            }
+        });
+        rx
+    }
+
+    async fn generate(
+        &self,
+        model_id: &str,
+        request: GenerateRequest,
+        events: &mpsc::Sender<Event>,
+    ) -> Result<(), GenerateError> {
+        let started = Instant::now();
+        let vocab = self
+            .vocab(model_id)
+            .await
+            .map_err(GenerateError::Pipeline)?;
+        // Exactly as the local engine tokenizes.
+        let tokens: Vec<i32> = vocab
+            .vocab()
+            .tokenize(request.prompt.as_bytes(), true, true)
+            .into_iter()
+            .map(|t| t.0)
+            .collect();
+        let n_ctx = self.inner.config.context_size;
+        if tokens.is_empty() {
+            return Err(GenerateError::EmptyPrompt);
+        }
+        if tokens.len() as u32 >= n_ctx {
+            return Err(GenerateError::ContextExceeded {
+                prompt_tokens: tokens.len() as u32,
+                context_size: n_ctx,
+            });
+        }
+        let plan =
+            self.plan(model_id, &HashSet::new())
+                .await
+                .map_err(|e| GenerateError::NoRoute {
+                    message: e.to_string(),
+                    missing: e.missing.clone(),
+                })?;
+        tracing::info!(
+            model = model_id,
+            route = %plan.spans.iter().map(|s| format!("{}[{}..{}]", super::short(&s.primary.node_id), s.primary.layer_start, s.primary.layer_end)).collect::<Vec<_>>().join(" → "),
+            "pipeline route"
+        );
+        let prompt_tokens = tokens.len() as u32;
+        if events
+            .send(Event::Started {
+                prompt_tokens,
+                queue_ms: 0,
+            })
+            .await
+            .is_err()
+        {
+            return Ok(());
+        }
+        let mut run = Run::new(model_id, &plan);
+        let outcome = self
+            .decode_loop(&mut run, &vocab, &tokens, &request.params, events, started)
+            .await;
+        // End the sessions along the chain in the background.
+        let this = self.clone();
+        let mut close = run.envelope(self, 0, 0);
+        close.close = true;
+        tokio::spawn(async move {
+            let _ = this
+                .request_step(close, StepInput::Tokens(Vec::new()))
+                .await;
+        });
+        outcome
+    }
+
+    async fn decode_loop(
+        &self,
+        run: &mut Run,
+        vocab: &Arc<LlamaModel>,
+        tokens: &[i32],
+        params: &SamplingParams,
+        events: &mpsc::Sender<Event>,
+        started: Instant,
+    ) -> Result<(), GenerateError> {
+        let spec = SampleSpec {
+            temperature: params.temperature,
+            top_p: params.top_p,
+            top_k: params.top_k,
+            min_p: params.min_p,
+            repeat_penalty: params.repeat_penalty,
+            repeat_last_n: params.repeat_last_n,
+            seed: params.seed.unwrap_or_else(rand::random),
+        };
+        let batch = self.inner.config.batch_size.clamp(1, 512) as usize;
+        let n_ctx = self.inner.config.context_size;
+        let mut generated: Vec<i32> = Vec::new();
+
+        let chunks: Vec<&[i32]> = tokens.chunks(batch).collect();
+        let mut next = None;
+        for (i, chunk) in chunks.iter().enumerate() {
+            let last = i + 1 == chunks.len();
+            next = self
+                .step(
+                    run,
+                    chunk.to_vec(),
+                    (i * batch) as u32,
+                    last.then(|| spec.clone()),
+                    &generated,
+                )
+                .await?;
+        }
+        let prompt_ms = started.elapsed().as_millis() as u64;
+
+        let mut stop = crate::infer::StopMatcher::new(params.stop.clone());
+        let mut utf8 = encoding_rs::UTF_8.new_decoder();
+        let mut piece = Vec::with_capacity(32);
+        let mut text = String::with_capacity(64);
+        let mut n_cur = tokens.len() as u32;
+        let finish_reason = loop {
+            if generated.len() as u32 >= params.max_tokens {
+                break FinishReason::Length;
+            }
+            if events.is_closed() {
+                return Ok(()); // the client went away
+            }
+            let token = next
+                .ok_or_else(|| GenerateError::Pipeline("the last hop returned no token".into()))?;
+            if !params.ignore_eos && vocab.vocab().is_eog(LlamaToken(token)) {
+                break FinishReason::Stop;
+            }
+            generated.push(token);
+            piece.clear();
+            vocab
+                .vocab()
+                .token_to_piece_into(LlamaToken(token), &mut piece, false, None);
+            text.clear();
+            text.reserve(
+                utf8.max_utf8_buffer_length(piece.len())
+                    .unwrap_or(piece.len() * 3),
+            );
+            let _ = utf8.decode_to_string(&piece, &mut text, false);
+            match stop.push(&text) {
+                crate::infer::Pushed::Emit(out) => {
+                    if !out.is_empty() && events.send(Event::Token(out)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                crate::infer::Pushed::Stop(out) => {
+                    if !out.is_empty() && events.send(Event::Token(out)).await.is_err() {
+                        return Ok(());
+                    }
+                    break FinishReason::Stop;
+                }
+            }
+            if n_cur >= n_ctx {
+                break FinishReason::Length;
+            }
+            next = self
+                .step(run, vec![token], n_cur, Some(spec.clone()), &generated)
+                .await?;
+            n_cur += 1;
+        };
+        let rest = stop.finish();
+        if !rest.is_empty() && events.send(Event::Token(rest)).await.is_err() {
+            return Ok(());
+        }
+        let completion = generated.len() as u32;
+        let prompt_tokens = tokens.len() as u32;
+        let _ = events
+            .send(Event::Done {
+                finish_reason,
+                usage: Usage {
+                    prompt_tokens,
+                    completion_tokens: completion,
+                    total_tokens: prompt_tokens + completion,
+                },
+                timing: Timing {
+                    queue_ms: 0,
+                    inference_ms: started.elapsed().as_millis() as u64,
+                    prompt_ms,
+                },
+            })
+            .await;
+        Ok(())
+    }
+
+    /// Runs one step, re-routing and replaying as often as needed.
+    async fn step(
+        &self,
+        run: &mut Run,
+        tokens: Vec<i32>,
+        pos: u32,
+        sample: Option<SampleSpec>,
+        generated: &[i32],
+    ) -> Result<Option<i32>, GenerateError> {
+        let mut replay_needed = false;
+        loop {
+            let attempt = async {
+                if replay_needed {
+                    for (t, p) in run.history.clone() {
+                        let env = run.envelope(self, p, t.len());
+                        self.request_step(env, StepInput::Tokens(t)).await?;
+                    }
+                }
+                let mut env = run.envelope(self, pos, tokens.len());
+                env.sample = sample.clone();
+                if replay_needed && sample.is_some() {
+                    env.prime = generated.to_vec();
+                }
+                self.request_step(env, StepInput::Tokens(tokens.clone()))
+                    .await
+            };
+            match attempt.await {
+                Ok(token) => {
+                    run.history.push((tokens, pos));
+                    return Ok(token);
+                }
+                Err(failure) => {
+                    self.reroute(run, failure).await?;
+                    replay_needed = true;
+                }
+            }
+        }
+    }
+
+    /// Leaves the failed node out and plans a new chain with a fresh session.
+    async fn reroute(&self, run: &mut Run, failure: StepFailure) -> Result<(), GenerateError> {
+        let Some(bad) = failure.failed_hop.clone() else {
+            return Err(GenerateError::Pipeline(failure.message));
+        };
+        run.reroutes += 1;
+        if run.reroutes > MAX_REROUTES {
+            return Err(GenerateError::Pipeline(format!(
+                "gave up after {MAX_REROUTES} re-routes: {}",
+                failure.message
+            )));
+        }
+        tracing::warn!(hop = %super::short(&bad), reason = %failure.message,
+            "pipeline hop failed; re-routing");
+        run.excluded.insert(bad);
+        let plan =
+            self.plan(&run.model_id, &run.excluded)
+                .await
+                .map_err(|e| GenerateError::NoRoute {
+                    message: format!("{e} (after {}: {})", "a hop failed", failure.message),
+                    missing: e.missing.clone(),
+                })?;
+        run.hops = plan.hops(&run.model_id);
+        run.session = rand::random();
+        run.seq = 0;
+        Ok(())
+    }
+}

@@ -1,0 +1,538 @@
+//! The range host: one OS thread that owns the loaded layer ranges and every
+//! pipeline session's KV cache on this node.
+//!
+//! ```text
+//!  Pipeline (async) ──HostJob──▶ host thread ──owns──▶ RangeModel per loaded range
+//!        ▲                          │                  RangeSession per session id
+//!        └────── oneshot reply ◀────┘                  (TTL, limit, rollback)
+//! ```
+//!
+//! llama.cpp contexts are not `Send`, so sessions live and die on this thread. A
+//! step at a position before the session's end rolls the cache back first (replay
+//! after a re-route, or a client resuming); a step past the end is refused.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
+use llama_cpp_2::token::data::LlamaTokenData;
+use llama_cpp_2::token::data_array::LlamaTokenDataArray;
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+use super::wire::SampleSpec;
+use crate::infer::SamplingParams;
+use crate::infer::layers::{RangeInput, RangeModel, RangeOutput, RangeSession};
+
+/// Settings of the host.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    /// Threads per step.
+    pub threads: u32,
+    /// KV cache size of a session, in tokens.
+    pub context_size: u32,
+    /// Most rows per step (the engine's batch size, for identical results).
+    pub batch_size: u32,
+    /// Sessions kept at once.
+    pub max_sessions: usize,
+    /// Idle time after which a session is dropped.
+    pub session_ttl: Duration,
+    /// Layers offloaded to a GPU backend.
+    pub gpu_layers: u32,
+}
+
+/// A layer range this node can run.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RangeInfo {
+    /// Model id.
+    pub model_id: String,
+    /// First shard of the run.
+    pub first_shard: u32,
+    /// Last shard of the run.
+    pub last_shard: u32,
+    /// First layer.
+    pub layer_start: u32,
+    /// One past the last layer.
+    pub layer_end: u32,
+    /// Layers in the whole model.
+    pub n_layers: u32,
+    /// The run starts the model (token input).
+    pub has_embedding: bool,
+    /// The run ends the model (logits out).
+    pub has_head: bool,
+    /// The assembled range GGUF.
+    pub path: PathBuf,
+    /// Measured compute per layer and token while decoding, in milliseconds.
+    pub ms_per_layer: Option<f64>,
+}
+
+/// What a step feeds in.
+#[derive(Debug, Clone)]
+pub enum StepInput {
+    /// Token ids (first range).
+    Tokens(Vec<i32>),
+    /// Hidden states, `rows × n_embd`.
+    Hidden(Vec<f32>),
+}
+
+/// What a step produced.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepOutput {
+    /// Hidden states for the next hop.
+    Hidden(Vec<f32>),
+    /// The sampled token (a range with the head), or `None` when no sampling was
+    /// asked for.
+    Token(Option<i32>),
+}
+
+/// One step of one session on one range.
+#[derive(Debug, Clone)]
+pub struct Step {
+    /// Session id.
+    pub session: [u8; 16],
+    /// Step counter (must grow within a session).
+    pub seq: u64,
+    /// Model id.
+    pub model_id: String,
+    /// First layer of the range.
+    pub layer_start: u32,
+    /// One past its last layer.
+    pub layer_end: u32,
+    /// Position of the first row.
+    pub pos: u32,
+    /// The rows.
+    pub input: StepInput,
+    /// Sample with this, if the range has the head.
+    pub sample: Option<SampleSpec>,
+    /// Tokens the sampler accepts first.
+    pub prime: Vec<i32>,
+}
+
+/// A step or a load failed.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+#[non_exhaustive]
+pub enum HostError {
+    /// The range is not loaded here.
+    #[error("layers {layer_start}..{layer_end} of {model_id} are not loaded on this node")]
+    NotHeld {
+        /// Model.
+        model_id: String,
+        /// First layer.
+        layer_start: u32,
+        /// One past the last.
+        layer_end: u32,
+    },
+    /// All session slots are in use.
+    #[error("all {0} pipeline sessions are in use")]
+    Busy(usize),
+    /// A step that skips positions, repeats a `seq`, or has the wrong size.
+    #[error("{0}")]
+    BadStep(String),
+    /// llama.cpp failed.
+    #[error("{0}")]
+    Compute(String),
+    /// The host thread has stopped.
+    #[error("the range host has stopped")]
+    Stopped,
+}
+
+enum Job {
+    Load(RangeInfo, oneshot::Sender<Result<usize, HostError>>),
+    Unload(String, u32, u32, oneshot::Sender<bool>),
+    Step(Box<Step>, oneshot::Sender<Result<StepOutput, HostError>>),
+    Close([u8; 16]),
+}
+
+/// Cloneable handle to the host thread.
+#[derive(Clone)]
+pub struct RangeHost {
+    jobs: std::sync::mpsc::Sender<Job>,
+    ranges: Arc<RwLock<Vec<RangeInfo>>>,
+    sessions: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl std::fmt::Debug for RangeHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RangeHost")
+            .field("ranges", &self.ranges().len())
+            .finish()
+    }
+}
+
+impl RangeHost {
+    /// Starts the host thread.
+    pub fn start(config: HostConfig) -> std::io::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let ranges = Arc::new(RwLock::new(Vec::new()));
+        let sessions = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (thread_ranges, thread_sessions) = (Arc::clone(&ranges), Arc::clone(&sessions));
+        std::thread::Builder::new()
+            .name("swarmllm-ranges".into())
+            .spawn(move || {
+                // Built on the thread: sessions (llama.cpp contexts) never leave it.
+                Thread {
+                    config,
+                    models: Vec::new(),
+                    sessions: HashMap::new(),
+                    ranges: thread_ranges,
+                    session_count: thread_sessions,
+                    steps: 0,
+                }
+                .run(rx)
+            })?;
+        Ok(Self {
+            jobs: tx,
+            ranges,
+            sessions,
+        })
+    }
+
+    /// The loaded ranges.
+    pub fn ranges(&self) -> Vec<RangeInfo> {
+        self.ranges
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Live sessions.
+    pub fn session_count(&self) -> usize {
+        self.sessions.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Loads a range GGUF; returns its hidden size.
+    pub async fn load(&self, info: RangeInfo) -> Result<usize, HostError> {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(Job::Load(info, tx))
+            .map_err(|_| HostError::Stopped)?;
+        rx.await.map_err(|_| HostError::Stopped)?
+    }
+
+    /// Unloads a range (its sessions end); whether it was loaded.
+    pub async fn unload(&self, model_id: &str, layer_start: u32, layer_end: u32) -> bool {
+        let (tx, rx) = oneshot::channel();
+        if self
+            .jobs
+            .send(Job::Unload(model_id.into(), layer_start, layer_end, tx))
+            .is_err()
+        {
+            return false;
+        }
+        rx.await.unwrap_or(false)
+    }
+
+    /// Runs one step.
+    pub async fn step(&self, step: Step) -> Result<StepOutput, HostError> {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(Job::Step(Box::new(step), tx))
+            .map_err(|_| HostError::Stopped)?;
+        rx.await.map_err(|_| HostError::Stopped)?
+    }
+
+    /// Ends a session now.
+    pub fn close(&self, session: [u8; 16]) {
+        let _ = self.jobs.send(Job::Close(session));
+    }
+}
+
+struct Loaded {
+    info: RangeInfo,
+    model: Arc<RangeModel>,
+}
+
+struct Session {
+    range: (String, u32, u32),
+    kv: RangeSession,
+    sampler: Option<LlamaSampler>,
+    next_pos: u32,
+    last_seq: u64,
+    last_used: Instant,
+}
+
+struct Thread {
+    config: HostConfig,
+    models: Vec<Loaded>,
+    sessions: HashMap<[u8; 16], Session>,
+    ranges: Arc<RwLock<Vec<RangeInfo>>>,
+    session_count: Arc<std::sync::atomic::AtomicUsize>,
+    steps: u64,
+}
+
+impl Thread {
+    fn run(mut self, jobs: std::sync::mpsc::Receiver<Job>) {
+        loop {
+            match jobs.recv_timeout(Duration::from_secs(1)) {
+                Ok(Job::Load(info, reply)) => {
+                    let _ = reply.send(self.load(info));
+                }
+                Ok(Job::Unload(model, a, b, reply)) => {
+                    let _ = reply.send(self.unload(&model, a, b));
+                }
+                Ok(Job::Step(step, reply)) => {
+                    // A panic in llama-cpp-2 must not take every session down.
+                    let out =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step(*step)))
+                            .unwrap_or_else(|_| Err(HostError::Compute("internal error".into())));
+                    let _ = reply.send(out);
+                }
+                Ok(Job::Close(id)) => {
+                    self.sessions.remove(&id);
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+            self.expire();
+        }
+    }
+
+    fn publish(&self) {
+        *self.ranges.write().unwrap_or_else(|p| p.into_inner()) =
+            self.models.iter().map(|m| m.info.clone()).collect();
+        self.session_count
+            .store(self.sessions.len(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn expire(&mut self) {
+        let ttl = self.config.session_ttl;
+        let before = self.sessions.len();
+        self.sessions.retain(|_, s| s.last_used.elapsed() < ttl);
+        if self.sessions.len() != before {
+            tracing::debug!(
+                expired = before - self.sessions.len(),
+                "pipeline sessions expired"
+            );
+            self.publish();
+        }
+    }
+
+    fn load(&mut self, info: RangeInfo) -> Result<usize, HostError> {
+        let model = RangeModel::load(&info.path, self.config.gpu_layers)
+            .map_err(|e| HostError::Compute(e.to_string()))?;
+        if model.n_layer() != info.layer_end - info.layer_start {
+            return Err(HostError::Compute(format!(
+                "{} has {} layers, expected {}",
+                info.path.display(),
+                model.n_layer(),
+                info.layer_end - info.layer_start
+            )));
+        }
+        let n_embd = model.n_embd();
+        self.unload(&info.model_id, info.layer_start, info.layer_end);
+        tracing::info!(
+            model = %info.model_id,
+            layers = %format!("{}..{}", info.layer_start, info.layer_end),
+            shards = %format!("{}..={}", info.first_shard, info.last_shard),
+            "layer range loaded"
+        );
+        self.models.push(Loaded {
+            info,
+            model: Arc::new(model),
+        });
+        self.publish();
+        Ok(n_embd)
+    }
+
+    fn unload(&mut self, model_id: &str, a: u32, b: u32) -> bool {
+        let key = (model_id.to_string(), a, b);
+        self.sessions.retain(|_, s| s.range != key);
+        let before = self.models.len();
+        self.models.retain(|m| {
+            !(m.info.model_id == model_id && m.info.layer_start == a && m.info.layer_end == b)
+        });
+        let removed = self.models.len() != before;
+        self.publish();
+        removed
+    }
+
+    fn step(&mut self, step: Step) -> Result<StepOutput, HostError> {
+        let key = (step.model_id.clone(), step.layer_start, step.layer_end);
+        let loaded = self
+            .models
+            .iter()
+            .find(|m| {
+                m.info.model_id == key.0 && m.info.layer_start == key.1 && m.info.layer_end == key.2
+            })
+            .ok_or_else(|| HostError::NotHeld {
+                model_id: key.0.clone(),
+                layer_start: key.1,
+                layer_end: key.2,
+            })?;
+        let (model, has_head, has_embedding, n_layers) = (
+            Arc::clone(&loaded.model),
+            loaded.info.has_head,
+            loaded.info.has_embedding,
+            loaded.info.layer_end - loaded.info.layer_start,
+        );
+        match (&step.input, has_embedding) {
+            (StepInput::Tokens(_), false) => {
+                return Err(HostError::BadStep(
+                    "token input to a range without the embedding".into(),
+                ));
+            }
+            (StepInput::Hidden(_), true) => {
+                return Err(HostError::BadStep(
+                    "hidden-state input to the first range".into(),
+                ));
+            }
+            _ => {}
+        }
+
+        if !self.sessions.contains_key(&step.session) {
+            if self.sessions.len() >= self.config.max_sessions {
+                return Err(HostError::Busy(self.config.max_sessions));
+            }
+            if step.pos != 0 {
+                return Err(HostError::BadStep(format!(
+                    "unknown session starting at position {} (expired?)",
+                    step.pos
+                )));
+            }
+            let kv = model
+                .session(
+                    self.config.context_size,
+                    self.config.batch_size,
+                    self.config.threads,
+                    !has_head,
+                )
+                .map_err(|e| HostError::Compute(e.to_string()))?;
+            self.sessions.insert(
+                step.session,
+                Session {
+                    range: key.clone(),
+                    kv,
+                    sampler: None,
+                    next_pos: 0,
+                    last_seq: 0,
+                    last_used: Instant::now(),
+                },
+            );
+            self.publish();
+        }
+        let Some(session) = self.sessions.get_mut(&step.session) else {
+            return Err(HostError::Compute("session vanished".into()));
+        };
+        if session.range != key {
+            return Err(HostError::BadStep(
+                "the session belongs to another range".into(),
+            ));
+        }
+        if step.seq <= session.last_seq {
+            return Err(HostError::BadStep(format!(
+                "step {} repeats or precedes step {}",
+                step.seq, session.last_seq
+            )));
+        }
+        if step.pos > session.next_pos {
+            return Err(HostError::BadStep(format!(
+                "step at position {} skips past the session's end {}",
+                step.pos, session.next_pos
+            )));
+        }
+        if step.pos < session.next_pos {
+            session.kv.truncate(step.pos as i32);
+            session.next_pos = step.pos;
+        }
+        let rows = match &step.input {
+            StepInput::Tokens(t) => t.len(),
+            StepInput::Hidden(h) => h.len() / model.n_embd().max(1),
+        };
+        if step.pos as usize + rows > self.config.context_size as usize {
+            return Err(HostError::BadStep(format!(
+                "position {} is past the {}-token session window",
+                step.pos as usize + rows,
+                self.config.context_size
+            )));
+        }
+        let started = Instant::now();
+        let input = match &step.input {
+            StepInput::Tokens(t) => RangeInput::Tokens(t),
+            StepInput::Hidden(h) => RangeInput::Hidden(h),
+        };
+        let out = session
+            .kv
+            .forward(input, step.pos as i32)
+            .map_err(|e| match e {
+                crate::infer::layers::LayerError::Input(m) => HostError::BadStep(m),
+                other => HostError::Compute(other.to_string()),
+            })?;
+        session.last_seq = step.seq;
+        session.next_pos = step.pos + rows as u32;
+        session.last_used = Instant::now();
+        let elapsed = started.elapsed();
+        let output = match out {
+            RangeOutput::Hidden(h) => StepOutput::Hidden(h),
+            RangeOutput::Logits(logits) => match &step.sample {
+                None => StepOutput::Token(None),
+                Some(spec) => {
+                    let sampler = session.sampler.get_or_insert_with(|| {
+                        let mut s = crate::infer::build_sampler(
+                            model.n_vocab() as i32,
+                            &sampling_params(spec),
+                        );
+                        for &t in &step.prime {
+                            s.accept(LlamaToken(t));
+                        }
+                        s
+                    });
+                    StepOutput::Token(Some(sample(sampler, &logits)))
+                }
+            },
+        };
+        if rows == 1 {
+            self.record_speed(&key, elapsed, n_layers);
+        }
+        Ok(output)
+    }
+
+    /// Keeps an exponential average of decode time per layer, which routing reads.
+    fn record_speed(&mut self, key: &(String, u32, u32), elapsed: Duration, layers: u32) {
+        let ms = elapsed.as_secs_f64() * 1000.0 / layers.max(1) as f64;
+        if let Some(m) = self.models.iter_mut().find(|m| {
+            m.info.model_id == key.0 && m.info.layer_start == key.1 && m.info.layer_end == key.2
+        }) {
+            m.info.ms_per_layer = Some(match m.info.ms_per_layer {
+                Some(prev) => prev * 0.9 + ms * 0.1,
+                None => ms,
+            });
+        }
+        // Publishing on every token would churn the lock; every 32nd is plenty.
+        self.steps += 1;
+        if self.steps % 32 == 1 {
+            self.publish();
+        }
+    }
+}
+
+fn sampling_params(spec: &SampleSpec) -> SamplingParams {
+    SamplingParams {
+        temperature: spec.temperature,
+        top_p: spec.top_p,
+        top_k: spec.top_k,
+        min_p: spec.min_p,
+        repeat_penalty: spec.repeat_penalty,
+        repeat_last_n: spec.repeat_last_n,
+        seed: Some(spec.seed),
+        ..SamplingParams::default()
+    }
+}
+
+/// Samples one token from `logits` and lets the sampler accept it (what
+/// `llama_sampler_sample` does for a context's logits).
+fn sample(sampler: &mut LlamaSampler, logits: &[f32]) -> i32 {
+    let mut data = LlamaTokenDataArray::from_iter(
+        logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| LlamaTokenData::new(LlamaToken(i as i32), l, 0.0)),
+        false,
+    );
+    data.apply_sampler(sampler);
+    let token = data.selected_token().unwrap_or(LlamaToken(0));
+    sampler.accept(token);
+    token.0
+}

@@ -1,0 +1,266 @@
+//! Choosing the chain of holders that covers every layer of a model.
+//!
+//! A holder offers one contiguous layer range. The cost of using it is the round
+//! trip to it (zero for this node), plus its measured compute per layer times its
+//! layers, plus a penalty per queued job. The cheapest chain from layer 0 to the
+//! last layer is a shortest path over layer boundaries (ranges only go forward, so
+//! one pass in order of start layer is enough). Each chosen span also gets a
+//! standby: the cheapest other holder of exactly that span.
+
+use std::collections::{BTreeSet, HashSet};
+
+use serde::Serialize;
+
+use super::wire::Hop;
+
+/// Compute per layer assumed for a holder that has not reported one (ms).
+const DEFAULT_MS_PER_LAYER: f64 = 0.5;
+/// Round trip assumed for a peer with no ping yet (ms).
+const DEFAULT_RTT_MS: f64 = 5.0;
+/// Cost of each job waiting at a holder (ms).
+const QUEUE_PENALTY_MS: f64 = 20.0;
+
+/// Someone who can run a layer range.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Holder {
+    /// Node id.
+    pub node_id: String,
+    /// This node itself.
+    pub local: bool,
+    /// First layer.
+    pub layer_start: u32,
+    /// One past the last.
+    pub layer_end: u32,
+    /// Measured round trip.
+    pub rtt_ms: Option<f64>,
+    /// Measured compute per layer.
+    pub ms_per_layer: Option<f64>,
+    /// Jobs waiting there.
+    pub queue_depth: u32,
+}
+
+impl Holder {
+    /// The estimated cost of one decode step through this holder, in ms.
+    pub fn cost(&self) -> f64 {
+        let rtt = if self.local {
+            0.0
+        } else {
+            self.rtt_ms.unwrap_or(DEFAULT_RTT_MS)
+        };
+        let layers = (self.layer_end - self.layer_start) as f64;
+        rtt + layers * self.ms_per_layer.unwrap_or(DEFAULT_MS_PER_LAYER)
+            + self.queue_depth as f64 * QUEUE_PENALTY_MS
+    }
+}
+
+/// One span of a plan.
+#[derive(Debug, Clone, Serialize)]
+pub struct Span {
+    /// Who runs it.
+    pub primary: Holder,
+    /// Who takes over if the primary fails.
+    pub standby: Option<Holder>,
+}
+
+/// A chain covering the model.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    /// The spans in layer order.
+    pub spans: Vec<Span>,
+    /// Estimated cost of a decode step (ms).
+    pub cost_ms: f64,
+}
+
+impl Plan {
+    /// The route as hops of model `model_id`.
+    pub fn hops(&self, model_id: &str) -> Vec<Hop> {
+        self.spans
+            .iter()
+            .map(|s| Hop {
+                node_id: s.primary.node_id.clone(),
+                model_id: model_id.to_string(),
+                layer_start: s.primary.layer_start,
+                layer_end: s.primary.layer_end,
+            })
+            .collect()
+    }
+}
+
+/// No chain covers the model.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{}", describe(.missing, *.n_layers))]
+pub struct NoRoute {
+    /// Layers in the model.
+    pub n_layers: u32,
+    /// Layer ranges `[start, end)` no reachable holder runs (empty when every layer
+    /// is held but the holders' ranges do not line up into a chain).
+    pub missing: Vec<(u32, u32)>,
+}
+
+fn describe(missing: &[(u32, u32)], n_layers: u32) -> String {
+    if missing.is_empty() {
+        return format!(
+            "the reachable holders' layer ranges do not join into a chain over all {n_layers} layers"
+        );
+    }
+    let list: Vec<String> = missing
+        .iter()
+        .map(|(a, b)| {
+            if b - a == 1 {
+                format!("{a}")
+            } else {
+                format!("{a}-{}", b - 1)
+            }
+        })
+        .collect();
+    format!(
+        "no reachable node holds layers {} of {n_layers}",
+        list.join(", ")
+    )
+}
+
+/// Plans the cheapest chain over `n_layers`, leaving out `exclude`d nodes.
+pub fn plan(n_layers: u32, holders: &[Holder], exclude: &HashSet<String>) -> Result<Plan, NoRoute> {
+    let usable: Vec<&Holder> = holders
+        .iter()
+        .filter(|h| !exclude.contains(&h.node_id))
+        .filter(|h| h.layer_start < h.layer_end && h.layer_end <= n_layers)
+        .collect();
+    let n = n_layers as usize;
+    // best[l] = (cost to reach boundary l, index of the holder that got there)
+    let mut best: Vec<Option<(f64, usize)>> = vec![None; n + 1];
+    let mut order: Vec<usize> = (0..usable.len()).collect();
+    order.sort_by_key(|&i| usable[i].layer_start);
+    let mut reached = vec![false; n + 1];
+    reached[0] = true;
+    let mut cost_at = vec![f64::INFINITY; n + 1];
+    cost_at[0] = 0.0;
+    for &i in &order {
+        let h = usable[i];
+        let (a, b) = (h.layer_start as usize, h.layer_end as usize);
+        if !reached[a] {
+            continue;
+        }
+        let c = cost_at[a] + h.cost();
+        if c < cost_at[b] {
+            cost_at[b] = c;
+            best[b] = Some((c, i));
+            reached[b] = true;
+        }
+    }
+    if !reached[n] {
+        let mut held = BTreeSet::new();
+        for h in &usable {
+            held.extend(h.layer_start..h.layer_end);
+        }
+        return Err(NoRoute {
+            n_layers,
+            missing: gaps(n_layers, &held),
+        });
+    }
+    let mut spans = Vec::new();
+    let mut at = n;
+    while at > 0 {
+        let Some((_, i)) = best[at] else { break };
+        let primary = usable[i].clone();
+        let standby = usable
+            .iter()
+            .filter(|h| {
+                h.node_id != primary.node_id
+                    && h.layer_start == primary.layer_start
+                    && h.layer_end == primary.layer_end
+            })
+            .min_by(|x, y| x.cost().total_cmp(&y.cost()))
+            .map(|h| (*h).clone());
+        at = primary.layer_start as usize;
+        spans.push(Span { primary, standby });
+    }
+    spans.reverse();
+    Ok(Plan {
+        spans,
+        cost_ms: cost_at[n],
+    })
+}
+
+fn gaps(n_layers: u32, held: &BTreeSet<u32>) -> Vec<(u32, u32)> {
+    let mut out = Vec::new();
+    let mut start = None;
+    for l in 0..n_layers {
+        match (held.contains(&l), start) {
+            (false, None) => start = Some(l),
+            (true, Some(s)) => {
+                out.push((s, l));
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(s) = start {
+        out.push((s, n_layers));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(id: &str, a: u32, b: u32, rtt: f64) -> Holder {
+        Holder {
+            node_id: id.into(),
+            local: id == "me",
+            layer_start: a,
+            layer_end: b,
+            rtt_ms: Some(rtt),
+            ms_per_layer: Some(0.1),
+            queue_depth: 0,
+        }
+    }
+
+    #[test]
+    fn picks_the_cheapest_chain_and_a_standby() {
+        let holders = vec![
+            h("me", 0, 10, 0.0),
+            h("b", 10, 20, 3.0),
+            h("c", 10, 20, 1.0),
+            h("d", 20, 30, 1.0),
+            h("e", 0, 30, 50.0),
+        ];
+        let p = plan(30, &holders, &HashSet::new()).expect("route");
+        let ids: Vec<&str> = p.spans.iter().map(|s| s.primary.node_id.as_str()).collect();
+        assert_eq!(ids, ["me", "c", "d"]);
+        assert_eq!(
+            p.spans[1].standby.as_ref().map(|s| s.node_id.as_str()),
+            Some("b")
+        );
+        // Without c, the standby takes its place.
+        let p = plan(30, &holders, &HashSet::from(["c".to_string()])).expect("route");
+        assert_eq!(p.spans[1].primary.node_id, "b");
+        // A whole-model holder nearby wins over three hops far away.
+        let holders = vec![
+            h("a", 0, 10, 40.0),
+            h("b", 10, 30, 40.0),
+            h("me", 0, 30, 0.0),
+        ];
+        let p = plan(30, &holders, &HashSet::new()).expect("route");
+        assert_eq!(p.spans.len(), 1);
+    }
+
+    #[test]
+    fn missing_layers_are_named() {
+        let holders = vec![h("me", 0, 10, 0.0), h("d", 20, 30, 1.0)];
+        let e = plan(30, &holders, &HashSet::new()).expect_err("no route");
+        assert_eq!(e.missing, vec![(10, 20)]);
+        assert_eq!(e.to_string(), "no reachable node holds layers 10-19 of 30");
+        let e = plan(30, &holders, &HashSet::from(["d".to_string()])).expect_err("no route");
+        assert_eq!(e.missing, vec![(10, 30)]);
+        // Every layer held, but the ranges do not join.
+        let e = plan(
+            30,
+            &[h("a", 0, 15, 1.0), h("b", 10, 30, 1.0)],
+            &HashSet::new(),
+        )
+        .expect_err("no chain");
+        assert!(e.missing.is_empty());
+    }
+}

@@ -1,0 +1,283 @@
+//! The bytes of one pipeline step on `/swarmllm/rpc/1` (request kind 0x10).
+//!
+//! ```text
+//! request  = u32 BE envelope length | envelope (JSON) | body
+//!   body   = activation frame (hidden states, see `activation`)      input "hidden"
+//!          | sealed message of the token ids as i32 LE               input "tokens"
+//! result   = sealed message: i32 LE sampled token, or empty          (response 0x90)
+//! error    = rpc error frame whose message is a JSON [`StepFailure`]
+//! ```
+//!
+//! The envelope carries the route still ahead (the recipient first), so each hop
+//! forwards its output straight to the next one; the result travels back along the
+//! chain of open requests, sealed end to end between the last hop and the requester.
+//! Every body is sealed for its link (sender → recipient) with the step's `seq` as
+//! nonce; hops refuse a `seq` they have already seen in a session.
+
+use serde::{Deserialize, Serialize};
+
+use super::activation::Dtype;
+
+/// Largest envelope accepted.
+const MAX_ENVELOPE: usize = 64 * 1024;
+/// Most hops a route may have.
+pub const MAX_HOPS: usize = 32;
+
+/// One hop of a route: who runs which layers of which model.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Hash)]
+pub struct Hop {
+    /// The node's id.
+    pub node_id: String,
+    /// The model.
+    pub model_id: String,
+    /// First layer the hop runs.
+    pub layer_start: u32,
+    /// One past its last layer.
+    pub layer_end: u32,
+}
+
+/// Sampling the last hop applies (llama.cpp's sampler chain, as the local engine).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SampleSpec {
+    /// 0 selects greedy decoding.
+    pub temperature: f32,
+    /// Nucleus threshold.
+    pub top_p: f32,
+    /// Top-k (0 = off).
+    pub top_k: i32,
+    /// Min-p (0 = off).
+    pub min_p: f32,
+    /// Repeat penalty (1 = off).
+    pub repeat_penalty: f32,
+    /// Tokens the penalty looks back over.
+    pub repeat_last_n: i32,
+    /// RNG seed (the requester always picks one, so a re-routed session continues
+    /// with a known seed).
+    pub seed: u32,
+}
+
+/// What the body holds.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum InputKind {
+    /// Token ids (to the first hop).
+    Tokens,
+    /// Hidden states (to every later hop).
+    Hidden,
+}
+
+/// The clear part of a step request.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Envelope {
+    /// Session id, 32 hex characters.
+    pub session: String,
+    /// Step counter within the session (strictly increasing; the nonce).
+    pub seq: u64,
+    /// The node that started the session and receives the result.
+    pub requester: String,
+    /// The hops still ahead, the recipient first.
+    pub route: Vec<Hop>,
+    /// Position of the first row.
+    pub pos: u32,
+    /// Rows in this step.
+    pub n_tokens: u32,
+    /// What the body holds.
+    pub input: InputKind,
+    /// How hidden states travel onwards (`f16`, `f32`, `q8`).
+    pub dtype: String,
+    /// Sample a token at the last hop (absent while replaying or on prompt
+    /// chunks before the last).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample: Option<SampleSpec>,
+    /// Tokens the last hop's sampler accepts before sampling (a re-routed session's
+    /// earlier output, for repeat penalties).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prime: Vec<i32>,
+    /// End the session on every hop (no rows, empty body).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub close: bool,
+}
+
+/// Why a step failed, as sent back along the chain.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, thiserror::Error)]
+#[error("{message}")]
+pub struct StepFailure {
+    /// The hop that failed or could not be reached, if one is to blame.
+    #[serde(default)]
+    pub failed_hop: Option<String>,
+    /// What went wrong.
+    pub message: String,
+}
+
+/// A step request could not be decoded.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[non_exhaustive]
+pub enum WireError {
+    /// Too short, too long or not the format.
+    #[error("malformed step request: {0}")]
+    Malformed(String),
+}
+
+impl Envelope {
+    /// The session id as bytes.
+    pub fn session_bytes(&self) -> Result<[u8; 16], WireError> {
+        let mut out = [0u8; 16];
+        hex::decode_to_slice(&self.session, &mut out)
+            .map_err(|_| WireError::Malformed("session is not 32 hex characters".into()))?;
+        Ok(out)
+    }
+
+    /// The dtype for onward hidden states.
+    pub fn dtype(&self) -> Result<Dtype, WireError> {
+        parse_dtype(&self.dtype)
+            .ok_or_else(|| WireError::Malformed(format!("unknown dtype {:?}", self.dtype)))
+    }
+
+    fn check(&self) -> Result<(), WireError> {
+        if self.route.is_empty() || self.route.len() > MAX_HOPS {
+            return Err(WireError::Malformed(format!(
+                "a route of {} hops",
+                self.route.len()
+            )));
+        }
+        if (self.n_tokens == 0 && !self.close) || self.n_tokens > 512 {
+            return Err(WireError::Malformed(format!(
+                "{} rows (1..=512)",
+                self.n_tokens
+            )));
+        }
+        if self.route.iter().any(|h| h.layer_start >= h.layer_end) {
+            return Err(WireError::Malformed("a hop with no layers".into()));
+        }
+        if self.prime.len() > 1 << 16 {
+            return Err(WireError::Malformed("prime is too long".into()));
+        }
+        self.session_bytes()?;
+        self.dtype()?;
+        Ok(())
+    }
+}
+
+/// `f16` → [`Dtype::F16`], etc.
+pub fn parse_dtype(s: &str) -> Option<Dtype> {
+    match s {
+        "f16" => Some(Dtype::F16),
+        "f32" => Some(Dtype::F32),
+        "q8" => Some(Dtype::Q8),
+        _ => None,
+    }
+}
+
+/// Encodes a step request.
+pub fn encode_request(envelope: &Envelope, body: &[u8]) -> Vec<u8> {
+    let head = serde_json::to_vec(envelope).unwrap_or_default();
+    let mut out = Vec::with_capacity(4 + head.len() + body.len());
+    out.extend_from_slice(&(head.len() as u32).to_be_bytes());
+    out.extend_from_slice(&head);
+    out.extend_from_slice(body);
+    out
+}
+
+/// Decodes and checks a step request; the body is returned unopened.
+pub fn decode_request(bytes: &[u8]) -> Result<(Envelope, &[u8]), WireError> {
+    if bytes.len() < 4 {
+        return Err(WireError::Malformed(format!("{} bytes", bytes.len())));
+    }
+    let len = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
+    if len > MAX_ENVELOPE || len > bytes.len() - 4 {
+        return Err(WireError::Malformed(format!(
+            "an envelope of {len} bytes in a {}-byte request",
+            bytes.len()
+        )));
+    }
+    let envelope: Envelope = serde_json::from_slice(&bytes[4..4 + len])
+        .map_err(|e| WireError::Malformed(format!("envelope: {e}")))?;
+    envelope.check()?;
+    Ok((envelope, &bytes[4 + len..]))
+}
+
+/// Token ids as bytes.
+pub fn tokens_to_bytes(tokens: &[i32]) -> Vec<u8> {
+    tokens.iter().flat_map(|t| t.to_le_bytes()).collect()
+}
+
+/// Bytes as token ids.
+pub fn bytes_to_tokens(bytes: &[u8]) -> Result<Vec<i32>, WireError> {
+    if !bytes.len().is_multiple_of(4) {
+        return Err(WireError::Malformed(format!(
+            "{} bytes of token ids",
+            bytes.len()
+        )));
+    }
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn envelope() -> Envelope {
+        Envelope {
+            session: "00112233445566778899aabbccddeeff".into(),
+            seq: 3,
+            requester: "r".into(),
+            route: vec![Hop {
+                node_id: "a".into(),
+                model_id: "m".into(),
+                layer_start: 0,
+                layer_end: 10,
+            }],
+            pos: 0,
+            n_tokens: 2,
+            input: InputKind::Tokens,
+            dtype: "f16".into(),
+            sample: None,
+            prime: vec![],
+            close: false,
+        }
+    }
+
+    #[test]
+    fn requests_round_trip() {
+        let env = envelope();
+        let bytes = encode_request(&env, &[1, 2, 3]);
+        let (got, body) = decode_request(&bytes).expect("decodes");
+        assert_eq!(got, env);
+        assert_eq!(body, &[1, 2, 3]);
+        assert_eq!(
+            bytes_to_tokens(&tokens_to_bytes(&[5, -1])).expect("ok"),
+            vec![5, -1]
+        );
+    }
+
+    #[test]
+    fn malformed_requests_are_errors() {
+        let good = encode_request(&envelope(), &[]);
+        let mut huge = good.clone();
+        huge[..4].copy_from_slice(&u32::MAX.to_be_bytes());
+        let mut no_route = envelope();
+        no_route.route.clear();
+        let mut bad_session = envelope();
+        bad_session.session = "xyz".into();
+        let mut zero_rows = envelope();
+        zero_rows.n_tokens = 0;
+        let mut bad_dtype = envelope();
+        bad_dtype.dtype = "f8".into();
+        for bytes in [
+            vec![],
+            vec![0, 0],
+            huge,
+            b"\0\0\0\x02{}".to_vec(),
+            encode_request(&no_route, &[]),
+            encode_request(&bad_session, &[]),
+            encode_request(&zero_rows, &[]),
+            encode_request(&bad_dtype, &[]),
+        ] {
+            assert!(decode_request(&bytes).is_err(), "{bytes:?}");
+        }
+        assert!(bytes_to_tokens(&[1, 2, 3]).is_err());
+    }
+}
