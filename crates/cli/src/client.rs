@@ -105,6 +105,15 @@ impl Client {
             .await?)
     }
 
+    /// DELETE → JSON.
+    pub(crate) async fn delete(&self, path: &str) -> anyhow::Result<Value> {
+        Ok(self
+            .send(reqwest::Method::DELETE, path, None)
+            .await?
+            .json()
+            .await?)
+    }
+
     /// Whether anything answers at the node's address.
     pub(crate) async fn is_running(&self) -> bool {
         self.http

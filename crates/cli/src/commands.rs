@@ -469,3 +469,109 @@ pub(crate) fn models_import(
     }
     Ok(())
 }
+
+/// `swarmllm models add ID [--shards 0,1]`: asks the node to acquire the model,
+/// then shows one progress bar per shard until every download has ended.
+pub(crate) async fn models_add(
+    client: &crate::client::Client,
+    id: &str,
+    shards: Option<&[u32]>,
+    wait: bool,
+) -> anyhow::Result<()> {
+    let body = match shards {
+        Some(s) => json!({ "shards": s }),
+        None => json!({}),
+    };
+    let v = client
+        .post(&format!("/api/admin/models/{id}/add"), &body)
+        .await?;
+    let downloads = v["downloads"].as_array().cloned().unwrap_or_default();
+    let ids: Vec<String> = downloads
+        .iter()
+        .filter(|d| matches!(d["status"].as_str(), Some("queued" | "downloading")))
+        .filter_map(|d| d["id"].as_str().map(str::to_string))
+        .collect();
+    println!(
+        "{id}: {} shard(s) requested, {} to download",
+        downloads.len(),
+        ids.len()
+    );
+    if !wait || ids.is_empty() {
+        return Ok(());
+    }
+    let bars = indicatif::MultiProgress::new();
+    let style = ProgressStyle::with_template(
+        "shard {prefix:>3} {bar:30.cyan/blue} {bytes:>9}/{total_bytes:9} {bytes_per_sec:>11} {msg}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    let mut shown: std::collections::HashMap<String, ProgressBar> = Default::default();
+    let mut failed = Vec::new();
+    loop {
+        let list = client.get("/api/admin/downloads").await?;
+        let mut running = 0;
+        for d in list["downloads"].as_array().into_iter().flatten() {
+            let Some(did) = d["id"].as_str() else {
+                continue;
+            };
+            if !ids.iter().any(|i| i == did) {
+                continue;
+            }
+            let bar = shown.entry(did.to_string()).or_insert_with(|| {
+                let b = bars.add(ProgressBar::new(d["bytes_total"].as_u64().unwrap_or(0)));
+                b.set_style(style.clone());
+                b.set_prefix(d["shard_index"].to_string());
+                b
+            });
+            bar.set_position(d["bytes_done"].as_u64().unwrap_or(0));
+            match d["status"].as_str() {
+                Some("done") => bar.finish_with_message("verified"),
+                Some("failed") | Some("cancelled") => {
+                    let why = d["error"].as_str().unwrap_or("cancelled").to_string();
+                    bar.abandon_with_message(why.clone());
+                    if !failed.iter().any(|(i, _)| i == did) {
+                        failed.push((did.to_string(), why));
+                    }
+                }
+                _ => running += 1,
+            }
+        }
+        if running == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    if !failed.is_empty() {
+        return Err(anyhow!(
+            "{} download(s) failed: {}",
+            failed.len(),
+            failed
+                .iter()
+                .map(|(_, w)| w.as_str())
+                .collect::<Vec<_>>()
+                .join("; ")
+        ));
+    }
+    println!("{id}: all requested shards downloaded and verified");
+    Ok(())
+}
+
+/// `swarmllm models rm ID [--shard N]`
+pub(crate) async fn models_rm(
+    client: &crate::client::Client,
+    id: &str,
+    shard: Option<u32>,
+) -> anyhow::Result<()> {
+    match shard {
+        Some(i) => {
+            client
+                .delete(&format!("/api/admin/models/{id}/shards/{i}"))
+                .await?;
+            println!("removed shard {i} of {id}");
+        }
+        None => {
+            client.delete(&format!("/api/admin/models/{id}")).await?;
+            println!("removed {id}");
+        }
+    }
+    Ok(())
+}

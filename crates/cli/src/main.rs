@@ -108,6 +108,26 @@ enum ModelsCommand {
         #[arg(long)]
         id: Option<String>,
     },
+    /// Acquire a model from the network: its manifest, then its shards (P2P from
+    /// the best holder, BLAKE3-verified, resumable), with progress bars.
+    Add {
+        /// Model id as peers announce it.
+        id: String,
+        /// Only these shard indices (comma-separated; default all).
+        #[arg(long, value_delimiter = ',')]
+        shards: Option<Vec<u32>>,
+        /// Return at once instead of waiting for the downloads.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Remove a model from the running node (or one shard of it).
+    Rm {
+        /// Model id.
+        id: String,
+        /// Only this shard.
+        #[arg(long)]
+        shard: Option<u32>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -196,12 +216,36 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Models {
             command: ModelsCommand::Import { path, shards, id },
-        } => commands::models_import(
-            &load_config(&cli.config_source(Map::new()))?,
-            path,
-            *shards,
-            id.as_deref(),
-        ),
+        } => {
+            let source = cli.config_source(Map::new());
+            commands::models_import(&load_config(&source)?, path, *shards, id.as_deref())?;
+            // A node running on this data dir picks the new shards up at once.
+            let client = client::Client::connect(&source)?;
+            if client.is_running().await {
+                client
+                    .post("/api/admin/rescan-shards", &serde_json::json!({}))
+                    .await?;
+                println!("the running node rescanned its shards");
+            }
+            Ok(())
+        }
+        Command::Models {
+            command:
+                ModelsCommand::Add {
+                    id,
+                    shards,
+                    no_wait,
+                },
+        } => {
+            let client = client::Client::connect(&cli.config_source(Map::new()))?;
+            commands::models_add(&client, id, shards.as_deref(), !*no_wait).await
+        }
+        Command::Models {
+            command: ModelsCommand::Rm { id, shard },
+        } => {
+            let client = client::Client::connect(&cli.config_source(Map::new()))?;
+            commands::models_rm(&client, id, *shard).await
+        }
         Command::ApiKey => commands::api_key(&cli.config_source(Map::new())),
         Command::Peers { json } => {
             commands::peers(

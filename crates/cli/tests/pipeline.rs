@@ -301,3 +301,150 @@ fn unknown_models_404_and_malformed_activation_frames_are_refused() {
         "{stats}"
     );
 }
+
+fn model_status(node: &TestNode) -> Value {
+    node.get("/api/admin/models/smol/status").1
+}
+
+fn wait_all_held(node: &TestNode, what: &str) -> Value {
+    wait_for(what, DEADLINE, || {
+        let v = model_status(node);
+        (v["held_shards"] == json!([0, 1, 2]) && v["shards"][1]["corrupt"] == false).then_some(v)
+    })
+}
+
+#[test]
+fn shards_travel_between_peers_verified_resumable_and_repaired() {
+    let lib = import_library();
+    let manifest =
+        swarmllm_node::shard::read_manifest(&lib.path().join("models/smol")).expect("manifest");
+    let a = TestNode::start_custom(false, &[], &[], |d| give_shards(lib.path(), d, &[0, 1, 2]));
+    let code = network_code(&a);
+    // B has nothing but the first MiB of shard 1 from an interrupted download.
+    let b = TestNode::start_custom(false, &["--bootstrap", &code], &[], |d| {
+        let dir = d.join("models/smol");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let shard = std::fs::read(lib.path().join("models/smol/shard-001.gguf")).expect("read");
+        std::fs::write(dir.join("shard-001.gguf.part"), &shard[..1 << 20]).expect("write");
+    });
+    wait_for("B to see A's model", DEADLINE, || {
+        let (_, v) = b.get("/api/admin/models");
+        v["models"]
+            .as_array()?
+            .iter()
+            .find(|m| m["id"] == "smol" && m["holders"].as_u64() >= Some(1))
+            .map(|_| ())
+    });
+
+    // The CLI acquires the whole model with progress bars and waits for it.
+    let (ok, out, err) = cli(b.dir(), b.port, &["models", "add", "smol"]);
+    assert!(ok, "models add: {out}{err}");
+    assert!(out.contains("downloaded and verified"), "{out}");
+    let status = wait_all_held(&b, "B to hold all shards");
+    assert_eq!(status["complete"], true);
+    let (_, downloads) = b.get("/api/admin/downloads");
+    let shard1 = downloads["downloads"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .find(|d| d["shard_index"] == 1)
+        .expect("shard 1 download")
+        .clone();
+    assert_eq!(shard1["resumed_from"], 1 << 20, "{shard1}");
+    assert_eq!(shard1["status"], "done");
+    let (_, layers) = b.get("/api/v1/layers");
+    assert_eq!(layers["my_layer_count"], 30);
+    // The downloaded model answers exactly as the original holder.
+    let (_, from_a) = chat(&a, Some("smol"), PROMPTS[1], 24);
+    let (_, from_b) = chat(&b, Some("smol"), PROMPTS[1], 24);
+    assert_eq!(content(&from_a), content(&from_b));
+
+    // A damaged shard is caught by its hash on rescan and fetched again.
+    let victim = b.dir().join("models/smol/shard-001.gguf");
+    let mut bytes = std::fs::read(&victim).expect("read");
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    std::fs::write(&victim, bytes).expect("write");
+    let (status, _) = b.post("/api/admin/rescan-shards", &json!({}));
+    assert_eq!(status, 200);
+    wait_all_held(&b, "the damaged shard to be fetched again");
+    assert_eq!(
+        swarmllm_node::shard::hash_file(&victim)
+            .expect("hash")
+            .blake3,
+        manifest.shards[1].file.blake3
+    );
+    assert!(b.log().contains("does not match its BLAKE3"));
+
+    // Locked shards cannot be deleted; unlocked ones can, and come back on request.
+    let put = |path: &str, body: Value| b.call(reqwest::Method::PUT, path, &body);
+    assert_eq!(
+        put(
+            "/api/admin/models/smol/shards/2/lock",
+            json!({ "locked": true })
+        )
+        .0,
+        200
+    );
+    let (status, v) = b.call(
+        reqwest::Method::DELETE,
+        "/api/admin/models/smol/shards/2",
+        &Value::Null,
+    );
+    assert_eq!(status, 409, "{v}");
+    assert_eq!(
+        put(
+            "/api/admin/models/smol/shards/2/lock",
+            json!({ "locked": false })
+        )
+        .0,
+        200
+    );
+    let (ok, out, err) = cli(b.dir(), b.port, &["models", "rm", "smol", "--shard", "2"]);
+    assert!(ok, "rm shard: {out}{err}");
+    assert_eq!(b.get("/api/v1/layers").1["my_layer_count"], 20);
+    let (status, v) = b.post("/api/admin/models/smol/shards/2/download", &json!({}));
+    assert_eq!(
+        (status, v["status"].as_str()),
+        (200, Some("downloading")),
+        "{v}"
+    );
+    wait_all_held(&b, "shard 2 to come back");
+    let (status, v) = b.post("/api/admin/models/smol/shards/2/download", &json!({}));
+    assert_eq!(
+        (status, v["status"].as_str()),
+        (200, Some("already_local")),
+        "{v}"
+    );
+
+    // Unload and load keep the files and change what runs.
+    let (_, v) = b.post("/api/admin/models/smol/shards/0/unload", &json!({}));
+    assert_eq!(v["remaining_loaded"], json!([1, 2]), "{v}");
+    assert_eq!(b.get("/api/v1/layers").1["my_layer_count"], 20);
+    let (_, v) = b.post("/api/admin/models/smol/shards/0/load", &json!({}));
+    assert_eq!(v["loaded_shards"], json!([0, 1, 2]), "{v}");
+    let (_, storage) = b.get("/api/admin/shard-storage");
+    assert_eq!(
+        storage["models"][0]["shards_on_disk"],
+        json!([0, 1, 2]),
+        "{storage}"
+    );
+
+    // Bad requests are clear errors.
+    assert_eq!(
+        b.post("/api/admin/models/smol/shards/9/download", &json!({}))
+            .0,
+        400
+    );
+    assert_eq!(
+        b.post("/api/admin/downloads/nope/cancel", &json!({})).0,
+        404
+    );
+    assert_eq!(b.post("/api/admin/models/ghost/add", &json!({})).0, 400);
+
+    // Removing the model deletes its files.
+    let (ok, out, err) = cli(b.dir(), b.port, &["models", "rm", "smol"]);
+    assert!(ok, "rm: {out}{err}");
+    assert!(!b.dir().join("models/smol").exists());
+    assert_eq!(b.get("/api/v1/layers").1["my_layer_count"], 0);
+}

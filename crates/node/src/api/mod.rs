@@ -114,7 +114,9 @@ pub fn router(node: Node) -> Router {
         .route("/api/admin/ws", get(ws::upgrade))
         .route("/api/admin/models", get(models::list))
         .route("/api/admin/models/{id}/status", get(models::status))
-        .route("/api/v1/layers", get(models::layers));
+        .route("/api/v1/layers", get(models::layers))
+        .route("/api/admin/shard-storage", get(models::storage))
+        .route("/api/admin/downloads", get(models::downloads));
 
     let protected = Router::new()
         .route("/v1/chat/completions", post(openai::chat_completions))
@@ -127,6 +129,36 @@ pub fn router(node: Node) -> Router {
         .route("/api/admin/join-network", post(net::join_network))
         .route("/api/v1/network/discover", post(net::discover))
         .route("/api/admin/rescan-shards", post(models::rescan))
+        .route("/api/admin/models/{id}/add", post(models::add))
+        .route(
+            "/api/admin/models/{id}",
+            axum::routing::delete(models::remove),
+        )
+        .route("/api/admin/models/{id}/unload", post(models::unload_model))
+        .route(
+            "/api/admin/models/{id}/shards/{index}",
+            axum::routing::delete(models::remove_shard),
+        )
+        .route(
+            "/api/admin/models/{id}/shards/{index}/download",
+            post(models::download),
+        )
+        .route(
+            "/api/admin/models/{id}/shards/{index}/load",
+            post(models::load_shard),
+        )
+        .route(
+            "/api/admin/models/{id}/shards/{index}/unload",
+            post(models::unload_shard),
+        )
+        .route(
+            "/api/admin/models/{id}/shards/{index}/lock",
+            axum::routing::put(models::lock_shard),
+        )
+        .route(
+            "/api/admin/downloads/{id}/cancel",
+            post(models::cancel_download),
+        )
         .route(
             "/api/identity/nickname",
             axum::routing::put(admin::put_nickname).delete(admin::delete_nickname),

@@ -5,12 +5,16 @@ use std::collections::BTreeSet;
 
 use axum::Json;
 use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::AppState;
 use super::error::ApiError;
+use super::extract::{ApiJson, from_value};
 use crate::pipeline::NetworkModel;
 use crate::pipeline::host::RangeInfo;
+use crate::pipeline::transfer::TransferError;
 use crate::shard::library::LocalModel;
 
 fn file_mb(path: &std::path::Path) -> f64 {
@@ -196,4 +200,371 @@ pub(crate) async fn rescan(State(state): State<AppState>) -> Json<Value> {
     state.node.announce_soon().await;
     let ids: Vec<String> = models.into_iter().map(|m| m.manifest.model_id).collect();
     Json(json!({ "status": "ok", "models_updated": ids, "count": ids.len() }))
+}
+
+fn check_id(id: &str) -> Result<(), ApiError> {
+    if crate::pipeline::is_model_id(id) {
+        Ok(())
+    } else {
+        Err(ApiError::invalid_field("id", "not a model id"))
+    }
+}
+
+fn local_model(state: &AppState, id: &str) -> Result<LocalModel, ApiError> {
+    check_id(id)?;
+    state
+        .node
+        .pipeline()
+        .local_models()
+        .into_iter()
+        .find(|m| m.manifest.model_id == id)
+        .ok_or_else(|| ApiError::not_found(format!("model '{id}' is not on this node")))
+}
+
+fn transfer_error(e: TransferError) -> ApiError {
+    match e {
+        TransferError::Invalid(m) => ApiError::invalid_field("shard", m),
+        TransferError::NoHolder(m) => ApiError::new(StatusCode::BAD_REQUEST, "NO_SOURCE", m),
+        TransferError::NoNetwork => {
+            ApiError::new(StatusCode::BAD_REQUEST, "NO_SOURCE", e.to_string())
+        }
+        other => ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "TRANSFER_FAILED",
+            other.to_string(),
+        ),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddBody {
+    /// Shard indices to fetch; all when absent.
+    shards: Option<Vec<u32>>,
+}
+
+/// `POST /api/admin/models/{id}/add`: fetch the manifest and header from a
+/// holder, then download the shards asked for (all by default).
+pub(crate) async fn add(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    check_id(&id)?;
+    // The body is optional: none means every shard.
+    let body: AddBody = if body.iter().all(u8::is_ascii_whitespace) {
+        AddBody::default()
+    } else {
+        let v: Value =
+            serde_json::from_slice(&body).map_err(|e| ApiError::invalid_json(e.to_string()))?;
+        from_value(&v)?
+    };
+    let pipeline = state.node.pipeline();
+    let manifest = pipeline
+        .ensure_manifest(&id)
+        .await
+        .map_err(transfer_error)?;
+    let wanted: Vec<u32> = body
+        .shards
+        .unwrap_or_else(|| manifest.shards.iter().map(|s| s.index).collect());
+    let mut downloads = Vec::new();
+    for i in wanted {
+        downloads.push(
+            pipeline
+                .download_shard(&id, i)
+                .await
+                .map_err(transfer_error)?,
+        );
+    }
+    let pending = downloads.iter().filter(|d| d.active()).count();
+    Ok(Json(json!({
+        "status": if pending == 0 { "complete" } else { "acquiring" },
+        "model_id": id,
+        "total_shards": manifest.shards.len(),
+        "downloads": downloads,
+    })))
+}
+
+/// `POST /api/admin/models/{id}/shards/{index}/download`
+pub(crate) async fn download(
+    State(state): State<AppState>,
+    Path((id, index)): Path<(String, u32)>,
+) -> Result<Json<Value>, ApiError> {
+    check_id(&id)?;
+    let d = state
+        .node
+        .pipeline()
+        .download_shard(&id, index)
+        .await
+        .map_err(transfer_error)?;
+    if !d.active() {
+        return Ok(Json(
+            json!({ "status": "already_local", "model_id": id, "shard_index": index }),
+        ));
+    }
+    Ok(Json(json!({
+        "status": "downloading",
+        "source": "p2p",
+        "peer": d.peer,
+        "download_id": d.id,
+        "model_id": id,
+        "shard_index": index,
+        "bytes_total": d.bytes_total,
+    })))
+}
+
+/// `GET /api/admin/downloads`
+pub(crate) async fn downloads(State(state): State<AppState>) -> Json<Value> {
+    let list: Vec<Value> = state
+        .node
+        .pipeline()
+        .downloads()
+        .into_iter()
+        .map(|d| {
+            let mut v = serde_json::to_value(&d).unwrap_or_default();
+            v["progress_pct"] = json!(d.progress_pct());
+            v
+        })
+        .collect();
+    let active = list
+        .iter()
+        .filter(|d| matches!(d["status"].as_str(), Some("queued" | "downloading")))
+        .count();
+    Json(json!({ "downloads": list, "active": active }))
+}
+
+/// `POST /api/admin/downloads/{id}/cancel` (a download id or a model id).
+pub(crate) async fn cancel_download(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let n = state.node.pipeline().cancel_downloads(&id);
+    if n == 0 {
+        return Err(ApiError::not_found(format!("no running download '{id}'")));
+    }
+    Ok(Json(json!({ "status": "cancelled", "cancelled": n })))
+}
+
+/// `DELETE /api/admin/models/{id}`
+pub(crate) async fn remove(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    check_id(&id)?;
+    let removed = state
+        .node
+        .pipeline()
+        .remove_model(&id)
+        .await
+        .map_err(|e| ApiError::internal("removing the model", e))?;
+    if !removed {
+        return Err(ApiError::not_found(format!(
+            "model '{id}' is not on this node"
+        )));
+    }
+    set_locks(&state, &id, None).await?;
+    state.node.announce_soon().await;
+    Ok(Json(json!({ "status": "removed", "model_id": id })))
+}
+
+/// `DELETE /api/admin/models/{id}/shards/{index}`
+pub(crate) async fn remove_shard(
+    State(state): State<AppState>,
+    Path((id, index)): Path<(String, u32)>,
+) -> Result<Json<Value>, ApiError> {
+    local_model(&state, &id)?;
+    if locks(&state, &id).await?.contains(&index) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "SHARD_LOCKED",
+            format!("shard {index} of '{id}' is locked; unlock it first"),
+        ));
+    }
+    let removed = state
+        .node
+        .pipeline()
+        .remove_shard(&id, index)
+        .await
+        .map_err(|e| ApiError::internal("removing the shard", e))?;
+    if !removed {
+        return Err(ApiError::not_found(format!(
+            "shard {index} of '{id}' is not on this node"
+        )));
+    }
+    state.node.announce_soon().await;
+    Ok(Json(
+        json!({ "status": "removed", "model_id": id, "shard_index": index }),
+    ))
+}
+
+/// `POST /api/admin/models/{id}/shards/{index}/load`
+pub(crate) async fn load_shard(
+    State(state): State<AppState>,
+    Path((id, index)): Path<(String, u32)>,
+) -> Result<Json<Value>, ApiError> {
+    let model = local_model(&state, &id)?;
+    if !model.held.contains(&index) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "SHARD_NOT_LOCAL",
+            format!("shard {index} of '{id}' is not on disk; download it first"),
+        ));
+    }
+    let loaded = state.node.pipeline().set_loaded(&id, &[index], true).await;
+    state.node.announce_soon().await;
+    Ok(Json(
+        json!({ "status": "loaded", "model_id": id, "shard_index": index, "loaded_shards": loaded }),
+    ))
+}
+
+/// `POST /api/admin/models/{id}/shards/{index}/unload`
+pub(crate) async fn unload_shard(
+    State(state): State<AppState>,
+    Path((id, index)): Path<(String, u32)>,
+) -> Result<Json<Value>, ApiError> {
+    let model = local_model(&state, &id)?;
+    if index as usize >= model.manifest.shards.len() {
+        return Err(ApiError::invalid_field(
+            "index",
+            format!("the model has {} shards", model.manifest.shards.len()),
+        ));
+    }
+    let remaining = state.node.pipeline().set_loaded(&id, &[index], false).await;
+    state.node.announce_soon().await;
+    Ok(Json(
+        json!({ "status": "unloaded", "model_id": id, "shard_index": index, "remaining_loaded": remaining }),
+    ))
+}
+
+/// `POST /api/admin/models/{id}/unload`
+pub(crate) async fn unload_model(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let model = local_model(&state, &id)?;
+    let pipeline = state.node.pipeline();
+    let before: Vec<RangeInfo> = pipeline
+        .host()
+        .ranges()
+        .into_iter()
+        .filter(|r| r.model_id == id)
+        .collect();
+    let freed: f64 = before.iter().map(|r| file_mb(&r.path)).sum();
+    let all: Vec<u32> = model.manifest.shards.iter().map(|s| s.index).collect();
+    pipeline.set_loaded(&id, &all, false).await;
+    state.node.announce_soon().await;
+    Ok(Json(json!({
+        "status": "unloaded",
+        "model_id": id,
+        "model_name": model.manifest.model_id,
+        "segments_removed": before.len(),
+        "estimated_freed_mb": round1(freed),
+    })))
+}
+
+const LOCKS_KEY: &str = "shard_locks";
+
+async fn all_locks(
+    state: &AppState,
+) -> Result<std::collections::BTreeMap<String, BTreeSet<u32>>, ApiError> {
+    let store = state.node.store().clone();
+    let raw = tokio::task::spawn_blocking(move || store.setting(LOCKS_KEY))
+        .await
+        .map_err(|e| ApiError::internal("reading locks", e))?
+        .map_err(|e| ApiError::internal("reading locks", e))?;
+    Ok(raw
+        .and_then(|r| serde_json::from_str(&r).ok())
+        .unwrap_or_default())
+}
+
+async fn locks(state: &AppState, id: &str) -> Result<BTreeSet<u32>, ApiError> {
+    Ok(all_locks(state).await?.remove(id).unwrap_or_default())
+}
+
+async fn set_locks(state: &AppState, id: &str, set: Option<BTreeSet<u32>>) -> Result<(), ApiError> {
+    let mut all = all_locks(state).await?;
+    match set {
+        Some(s) if !s.is_empty() => {
+            all.insert(id.to_string(), s);
+        }
+        _ => {
+            all.remove(id);
+        }
+    }
+    let text = serde_json::to_string(&all).map_err(|e| ApiError::internal("writing locks", e))?;
+    let store = state.node.store().clone();
+    tokio::task::spawn_blocking(move || store.set_setting(LOCKS_KEY, Some(&text)))
+        .await
+        .map_err(|e| ApiError::internal("writing locks", e))?
+        .map_err(|e| ApiError::internal("writing locks", e))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LockBody {
+    locked: bool,
+}
+
+/// `PUT /api/admin/models/{id}/shards/{index}/lock` with `{"locked": bool}`.
+pub(crate) async fn lock_shard(
+    State(state): State<AppState>,
+    Path((id, index)): Path<(String, u32)>,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Json<Value>, ApiError> {
+    let model = local_model(&state, &id)?;
+    if index as usize >= model.manifest.shards.len() {
+        return Err(ApiError::invalid_field(
+            "index",
+            format!("the model has {} shards", model.manifest.shards.len()),
+        ));
+    }
+    let body: LockBody = from_value(&body)?;
+    let mut set = locks(&state, &id).await?;
+    if body.locked {
+        set.insert(index);
+    } else {
+        set.remove(&index);
+    }
+    let locked: Vec<u32> = set.iter().copied().collect();
+    set_locks(&state, &id, Some(set)).await?;
+    Ok(Json(
+        json!({ "status": "ok", "model_id": id, "shard_index": index, "locked": body.locked, "locked_shards": locked }),
+    ))
+}
+
+/// `GET /api/admin/shard-storage`
+pub(crate) async fn storage(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let pipeline = state.node.pipeline();
+    let ranges = pipeline.host().ranges();
+    let all_locks = all_locks(&state).await?;
+    let gpu_layers = state.node.config().gpu_layers;
+    let mut total_disk = 0u64;
+    let mut models = Vec::new();
+    for m in pipeline.local_models() {
+        let disk: u64 = m
+            .manifest
+            .shards
+            .iter()
+            .filter(|s| m.held.contains(&s.index))
+            .map(|s| s.file.bytes)
+            .sum::<u64>()
+            + m.manifest.header.bytes;
+        total_disk += disk;
+        let v = model_json(Some(&m), None, &ranges, gpu_layers);
+        models.push(json!({
+            "model_id": m.manifest.model_id,
+            "disk_mb": round1(disk as f64 / 1_048_576.0),
+            "shards_on_disk": m.held,
+            "corrupt_shards": m.corrupt,
+            "loaded_shards": pipeline.loaded_shards(&m.manifest.model_id),
+            "locked_shards": all_locks.get(&m.manifest.model_id).cloned().unwrap_or_default(),
+            "ram_mb": v["ram_estimate_mb"],
+            "vram_mb": v["vram_estimate_mb"],
+        }));
+    }
+    Ok(Json(json!({
+        "models": models,
+        "total_disk_mb": round1(total_disk as f64 / 1_048_576.0),
+        "models_dir": state.node.data_dir().join("models"),
+    })))
 }

@@ -489,7 +489,7 @@ impl EventLoop {
                     },
                 );
             }
-            Request::Activation(bytes) => {
+            request @ (Request::Activation(_) | Request::Fetch(_)) => {
                 let Some(handler) = self.shared.steps.get() else {
                     let _ = self.swarm.behaviour_mut().rpc.send_response(
                         channel,
@@ -502,7 +502,7 @@ impl EventLoop {
                 };
                 let step = super::InboundStep {
                     from: node_id_of(&peer).unwrap_or_default(),
-                    bytes,
+                    request,
                     responder: super::Responder {
                         channel,
                         commands: self.loopback.clone(),
@@ -517,7 +517,7 @@ impl EventLoop {
                         step.responder.channel,
                         Response::Error {
                             code: 503,
-                            message: "too many pipeline steps in flight".into(),
+                            message: "too many requests in flight".into(),
                         },
                     );
                 }

@@ -20,6 +20,8 @@ pub const MAX_FRAME: usize = 16 * 1024 * 1024;
 const KIND_ECHO: u8 = 0x01;
 const KIND_GET_PEERS: u8 = 0x02;
 const KIND_ACTIVATION: u8 = 0x10;
+const KIND_FETCH: u8 = 0x11;
+const KIND_CHUNK: u8 = 0x91;
 const KIND_PEERS: u8 = 0x82;
 const KIND_ACTIVATION_RESULT: u8 = 0x90;
 const KIND_ERROR: u8 = 0x7f;
@@ -43,6 +45,8 @@ pub enum Request {
     /// One pipeline step (`pipeline::wire::StepRequest` bytes), answered with
     /// [`Response::Activation`] or an error.
     Activation(Vec<u8>),
+    /// A piece of a model file this peer holds, answered with [`Response::Chunk`].
+    Fetch(FetchRequest),
     /// Bytes written to the stream exactly as given, unframed (tests of malformed
     /// input; never sent by the node itself).
     #[doc(hidden)]
@@ -60,6 +64,8 @@ pub enum Response {
     Peers(Vec<PeerHint>),
     /// The sealed result of a pipeline step (`pipeline::wire::StepResult` bytes).
     Activation(Vec<u8>),
+    /// The bytes asked for by [`Request::Fetch`] (fewer at the end of the file).
+    Chunk(Vec<u8>),
     /// The request was refused.
     Error {
         /// HTTP-like status (400 malformed, 404 unknown kind, 500 internal).
@@ -68,6 +74,22 @@ pub enum Response {
         message: String,
     },
 }
+
+/// Which bytes of which model file to send.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FetchRequest {
+    /// Model id.
+    pub model_id: String,
+    /// `manifest.json`, `gguf_header.bin` or a shard file named in the manifest.
+    pub file: String,
+    /// First byte.
+    pub offset: u64,
+    /// Bytes wanted (at most [`MAX_CHUNK`]).
+    pub len: u32,
+}
+
+/// Largest chunk a fetch may ask for.
+pub const MAX_CHUNK: u32 = 4 * 1024 * 1024;
 
 #[derive(Serialize, Deserialize)]
 struct ErrorBody {
@@ -132,6 +154,11 @@ pub fn decode_request(kind: u8, payload: Vec<u8>) -> Request {
         KIND_GET_PEERS if payload.is_empty() => Request::GetPeers,
         KIND_GET_PEERS => Request::Invalid("GetPeers carries no payload".into()),
         KIND_ACTIVATION => Request::Activation(payload),
+        KIND_FETCH => match serde_json::from_slice::<FetchRequest>(&payload) {
+            Ok(f) if f.len <= MAX_CHUNK => Request::Fetch(f),
+            Ok(f) => Request::Invalid(format!("a fetch of {} bytes (max {MAX_CHUNK})", f.len)),
+            Err(e) => Request::Invalid(format!("malformed fetch: {e}")),
+        },
         other => Request::Invalid(format!("unknown request kind 0x{other:02x}")),
     }
 }
@@ -167,6 +194,7 @@ impl libp2p::request_response::Codec for FrameCodec {
         match kind {
             KIND_ECHO => Ok(Response::Echo(payload)),
             KIND_ACTIVATION_RESULT => Ok(Response::Activation(payload)),
+            KIND_CHUNK => Ok(Response::Chunk(payload)),
             KIND_PEERS => serde_json::from_slice(&payload)
                 .map(Response::Peers)
                 .map_err(|e| invalid_data(e.to_string())),
@@ -193,6 +221,10 @@ impl libp2p::request_response::Codec for FrameCodec {
             Request::Echo(bytes) => write_frame(io, KIND_ECHO, &bytes).await,
             Request::GetPeers => write_frame(io, KIND_GET_PEERS, &[]).await,
             Request::Activation(bytes) => write_frame(io, KIND_ACTIVATION, &bytes).await,
+            Request::Fetch(f) => {
+                let body = serde_json::to_vec(&f).map_err(|e| invalid_data(e.to_string()))?;
+                write_frame(io, KIND_FETCH, &body).await
+            }
             Request::Raw(bytes) => {
                 io.write_all(&bytes).await?;
                 io.flush().await
@@ -216,6 +248,7 @@ impl libp2p::request_response::Codec for FrameCodec {
         match res {
             Response::Echo(bytes) => write_frame(io, KIND_ECHO, &bytes).await,
             Response::Activation(bytes) => write_frame(io, KIND_ACTIVATION_RESULT, &bytes).await,
+            Response::Chunk(bytes) => write_frame(io, KIND_CHUNK, &bytes).await,
             Response::Peers(peers) => {
                 let body = serde_json::to_vec(&peers).map_err(|e| invalid_data(e.to_string()))?;
                 write_frame(io, KIND_PEERS, &body).await
@@ -245,6 +278,12 @@ mod tests {
             Request::Echo(vec![1, 2, 3]),
             Request::GetPeers,
             Request::Activation(vec![4; 70]),
+            Request::Fetch(FetchRequest {
+                model_id: "m".into(),
+                file: "shard-000.gguf".into(),
+                offset: 5,
+                len: 10,
+            }),
         ] {
             let mut buf = Vec::new();
             block_on(codec.write_request(&PROTOCOL, &mut buf, req.clone())).expect("write");

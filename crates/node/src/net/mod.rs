@@ -142,13 +142,14 @@ pub(crate) struct Shared {
     pub(crate) steps: OnceLock<mpsc::Sender<InboundStep>>,
 }
 
-/// A pipeline step another node sent us; answer it through [`Responder::send`].
+/// A request another node sent that the node (not the P2P layer) answers:
+/// a pipeline step or a model-file fetch. Answer it through [`Responder::send`].
 #[derive(Debug)]
 pub struct InboundStep {
     /// The sender's node id (authenticated by the transport).
     pub from: String,
-    /// The request bytes.
-    pub bytes: Vec<u8>,
+    /// The request ([`Request::Activation`] or [`Request::Fetch`]).
+    pub request: Request,
     /// Where the answer goes.
     pub responder: Responder,
 }

@@ -22,6 +22,7 @@ pub mod activation;
 mod generate;
 pub mod host;
 pub mod route;
+pub mod transfer;
 pub mod wire;
 
 use std::collections::{HashMap, HashSet};
@@ -75,6 +76,14 @@ struct Inner {
     network: OnceLock<Network>,
     vocabs: Mutex<HashMap<String, Arc<LlamaModel>>>,
     local: Mutex<Vec<LocalModel>>,
+    downloads: transfer::Downloads,
+    /// Serialises [`Pipeline::load_held`].
+    reload: tokio::sync::Mutex<()>,
+    /// Shards held but kept out of memory (`shards/{i}/unload`), by model.
+    unloaded: Mutex<HashMap<String, HashSet<u32>>>,
+    /// Shards found damaged, to fetch again once a network is attached.
+    repairs: mpsc::UnboundedSender<(String, u32)>,
+    repairs_rx: Mutex<Option<mpsc::UnboundedReceiver<(String, u32)>>>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -104,6 +113,7 @@ impl Pipeline {
         identity: Identity,
     ) -> std::io::Result<Self> {
         let host = RangeHost::start(host)?;
+        let (repairs, repairs_rx) = mpsc::unbounded_channel();
         Ok(Self {
             inner: Arc::new(Inner {
                 node_id: identity.node_id(),
@@ -113,6 +123,11 @@ impl Pipeline {
                 network: OnceLock::new(),
                 vocabs: Mutex::new(HashMap::new()),
                 local: Mutex::new(Vec::new()),
+                downloads: transfer::Downloads::default(),
+                unloaded: Mutex::new(HashMap::new()),
+                reload: tokio::sync::Mutex::new(()),
+                repairs,
+                repairs_rx: Mutex::new(Some(repairs_rx)),
             }),
         })
     }
@@ -127,11 +142,46 @@ impl Pipeline {
         let (tx, mut rx) = mpsc::channel::<InboundStep>(INBOUND_QUEUE);
         network.set_step_handler(tx);
         let _ = self.inner.network.set(network);
+        // Damaged shards are fetched again from holders.
+        let repairs = self
+            .inner
+            .repairs_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(mut repairs) = repairs {
+            let this = self.clone();
+            tokio::spawn(async move {
+                while let Some((model, index)) = repairs.recv().await {
+                    if let Err(e) = this.download_shard(&model, index).await {
+                        tracing::warn!(%model, shard = index, error = %e, "could not re-fetch a damaged shard");
+                    }
+                }
+            });
+        }
         let this = self.clone();
         tokio::spawn(async move {
             while let Some(step) = rx.recv().await {
                 let this = this.clone();
-                tokio::spawn(async move { this.serve_inbound(step).await });
+                tokio::spawn(async move {
+                    match step.request {
+                        Request::Fetch(fetch) => {
+                            let response = this.serve_fetch(&step.from, fetch).await;
+                            step.responder.send(response).await;
+                        }
+                        Request::Activation(bytes) => {
+                            this.serve_inbound(step.from, bytes, step.responder).await;
+                        }
+                        _ => {
+                            step.responder
+                                .send(Response::Error {
+                                    code: 400,
+                                    message: "unexpected request".into(),
+                                })
+                                .await;
+                        }
+                    }
+                });
             }
         });
     }
@@ -141,25 +191,61 @@ impl Pipeline {
     /// reported and left out.
     pub async fn load_held(&self) -> Vec<LocalModel> {
         let cfg = self.inner.config.clone();
+        // One reload at a time (downloads finishing together would interleave).
+        let _one_at_a_time = self.inner.reload.lock().await;
         let models = tokio::task::spawn_blocking(move || library::scan(&cfg.models_dir))
             .await
             .unwrap_or_default();
-        for loaded in self.inner.host.ranges() {
-            self.inner
-                .host
-                .unload(&loaded.model_id, loaded.layer_start, loaded.layer_end)
-                .await;
-        }
+        let mut wanted: Vec<(&LocalModel, u32, u32)> = Vec::new();
         for model in &models {
-            for bad in &model.corrupt {
+            for &bad in &model.corrupt {
                 tracing::warn!(model = %model.manifest.model_id, shard = bad,
-                    "shard file does not match its BLAKE3 hash; not loading it");
-            }
-            for (first, last) in model.runs() {
-                if let Err(e) = self.load_run(model, first, last).await {
-                    tracing::warn!(model = %model.manifest.model_id, first, last, error = %e,
-                        "could not load a shard run");
+                    "shard file does not match its BLAKE3 hash; discarding it and fetching it again");
+                if let Some(s) = model.manifest.shards.get(bad as usize) {
+                    let _ = std::fs::remove_file(model.dir.join(&s.file.file));
                 }
+                let _ = self
+                    .inner
+                    .repairs
+                    .send((model.manifest.model_id.clone(), bad));
+            }
+            let skip = self
+                .inner
+                .unloaded
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&model.manifest.model_id)
+                .cloned()
+                .unwrap_or_default();
+            for (first, last) in model.runs_without(&skip) {
+                wanted.push((model, first, last));
+            }
+        }
+        // Only what changed is unloaded or loaded, so sessions on unchanged ranges
+        // live on.
+        let loaded = self.inner.host.ranges();
+        for r in &loaded {
+            if !wanted.iter().any(|(m, a, b)| {
+                m.manifest.model_id == r.model_id && *a == r.first_shard && *b == r.last_shard
+            }) {
+                self.inner
+                    .host
+                    .unload(&r.model_id, r.layer_start, r.layer_end)
+                    .await;
+            }
+        }
+        for (model, first, last) in wanted {
+            let present = loaded.iter().any(|r| {
+                r.model_id == model.manifest.model_id
+                    && r.first_shard == first
+                    && r.last_shard == last
+            });
+            if present {
+                continue;
+            }
+            if let Err(e) = self.load_run(model, first, last).await {
+                tracing::warn!(model = %model.manifest.model_id, first, last, error = %e,
+                    "could not load a shard run");
             }
         }
         *self.inner.local.lock().unwrap_or_else(|p| p.into_inner()) = models.clone();
@@ -195,6 +281,95 @@ impl Pipeline {
             .await
             .map(|_| ())
             .map_err(|e| e.to_string())
+    }
+
+    /// Keeps shards `indices` of `model_id` out of memory (`load = false`) or lets
+    /// them back in, then reloads the ranges. Returns the shards loaded afterwards.
+    pub async fn set_loaded(&self, model_id: &str, indices: &[u32], load: bool) -> Vec<u32> {
+        {
+            let mut unloaded = self
+                .inner
+                .unloaded
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let set = unloaded.entry(model_id.to_string()).or_default();
+            for i in indices {
+                if load {
+                    set.remove(i);
+                } else {
+                    set.insert(*i);
+                }
+            }
+        }
+        self.load_held().await;
+        self.loaded_shards(model_id)
+    }
+
+    /// Shards of `model_id` currently loaded.
+    pub fn loaded_shards(&self, model_id: &str) -> Vec<u32> {
+        let mut out: Vec<u32> = self
+            .inner
+            .host
+            .ranges()
+            .into_iter()
+            .filter(|r| r.model_id == model_id)
+            .flat_map(|r| r.first_shard..=r.last_shard)
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// Removes `model_id` from this node: unloads it, cancels its downloads and
+    /// deletes its directory. Whether it was there.
+    pub async fn remove_model(&self, model_id: &str) -> std::io::Result<bool> {
+        let dir = self.inner.config.models_dir.join(model_id);
+        if !is_model_id(model_id) || !dir.is_dir() {
+            return Ok(false);
+        }
+        self.cancel_downloads(model_id);
+        for r in self
+            .inner
+            .host
+            .ranges()
+            .into_iter()
+            .filter(|r| r.model_id == model_id)
+        {
+            self.inner
+                .host
+                .unload(model_id, r.layer_start, r.layer_end)
+                .await;
+        }
+        tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir))
+            .await
+            .map_err(std::io::Error::other)??;
+        self.inner
+            .vocabs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(model_id);
+        self.load_held().await;
+        Ok(true)
+    }
+
+    /// Deletes one shard file of `model_id`. Whether it was there.
+    pub async fn remove_shard(&self, model_id: &str, index: u32) -> std::io::Result<bool> {
+        let Some(model) = self
+            .local_models()
+            .into_iter()
+            .find(|m| m.manifest.model_id == model_id)
+        else {
+            return Ok(false);
+        };
+        let Some(entry) = model.manifest.shards.get(index as usize) else {
+            return Ok(false);
+        };
+        let path = model.dir.join(&entry.file.file);
+        if !path.is_file() {
+            return Ok(false);
+        }
+        std::fs::remove_file(&path)?;
+        self.load_held().await;
+        Ok(true)
     }
 
     /// The models in this node's models directory, as last scanned.
@@ -529,12 +704,7 @@ impl Pipeline {
         }
     }
 
-    async fn serve_inbound(&self, step: InboundStep) {
-        let InboundStep {
-            from,
-            bytes,
-            responder,
-        } = step;
+    async fn serve_inbound(&self, from: String, bytes: Vec<u8>, responder: crate::net::Responder) {
         let response = match self.open_inbound(&from, &bytes) {
             Err(reason) => {
                 tracing::warn!(peer = %short(&from), %reason, "malformed pipeline step");

@@ -23,8 +23,13 @@ pub struct LocalModel {
 impl LocalModel {
     /// Maximal runs of consecutive held shards, as `(first, last)`.
     pub fn runs(&self) -> Vec<(u32, u32)> {
+        self.runs_without(&Default::default())
+    }
+
+    /// Maximal runs of consecutive held shards not in `skip`.
+    pub fn runs_without(&self, skip: &std::collections::HashSet<u32>) -> Vec<(u32, u32)> {
         let mut out: Vec<(u32, u32)> = Vec::new();
-        for &i in &self.held {
+        for &i in self.held.iter().filter(|i| !skip.contains(i)) {
             match out.last_mut() {
                 Some((_, last)) if *last + 1 == i => *last = i,
                 _ => out.push((i, i)),

@@ -1,0 +1,605 @@
+//! Model files between peers.
+//!
+//! Serving: a peer asks for a byte range of `manifest.json`, `gguf_header.bin` or a
+//! shard file this node holds intact ([`Request::Fetch`], at most 4 MiB a time).
+//!
+//! Downloading: a model's manifest and header come first (from any holder; they
+//! name every shard's size and BLAKE3), then each wanted shard from the best holder
+//! (same LAN first, then round trip, then trust). Bytes go to `<shard>.part`, so an
+//! interrupted download resumes where it stopped; the finished file must match the
+//! manifest's BLAKE3 or it is thrown away and fetched from the next holder. A
+//! verified shard is renamed into place and loaded, and the node re-announces.
+
+use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use super::{Pipeline, is_model_id, short};
+use crate::net::frame::{FetchRequest, MAX_CHUNK, Request, Response};
+use crate::shard::{self, Manifest, ShardEntry};
+
+/// How long a download waits for a holder to appear before failing.
+const HOLDER_WAIT: Duration = Duration::from_secs(60);
+/// Attempts per chunk before moving to the next holder.
+const CHUNK_RETRIES: usize = 3;
+
+/// A download's state, as `GET /api/admin/downloads` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DownloadStatus {
+    /// Download id.
+    pub id: String,
+    /// Model id.
+    pub model_id: String,
+    /// Shard index.
+    pub shard_index: u32,
+    /// File name.
+    pub file: String,
+    /// `queued`, `downloading`, `done`, `failed` or `cancelled`.
+    pub status: &'static str,
+    /// Where from (`p2p`).
+    pub source: &'static str,
+    /// The holder it is coming from.
+    pub peer: Option<String>,
+    /// File size.
+    pub bytes_total: u64,
+    /// Bytes on disk so far.
+    pub bytes_done: u64,
+    /// Bytes that were already there from an interrupted download.
+    pub resumed_from: u64,
+    /// Average speed since it started (bytes/s).
+    pub speed_bps: f64,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// Files that failed BLAKE3 verification and were discarded.
+    pub rejected: u32,
+}
+
+impl DownloadStatus {
+    /// Whether it is still running.
+    pub fn active(&self) -> bool {
+        matches!(self.status, "queued" | "downloading")
+    }
+
+    /// Progress 0–100.
+    pub fn progress_pct(&self) -> f64 {
+        (self.bytes_done as f64 * 1000.0 / self.bytes_total.max(1) as f64).round() / 10.0
+    }
+}
+
+/// The download registry.
+#[derive(Debug, Default)]
+pub(super) struct Downloads {
+    entries: Mutex<HashMap<String, (DownloadStatus, CancellationToken)>>,
+}
+
+impl Downloads {
+    fn update(&self, id: &str, f: impl FnOnce(&mut DownloadStatus)) {
+        if let Some((s, _)) = self
+            .entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(id)
+        {
+            f(s);
+        }
+    }
+}
+
+/// A transfer request failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransferError {
+    /// Not a model id or shard of the model.
+    #[error("{0}")]
+    Invalid(String),
+    /// No connected peer holds what is needed.
+    #[error("{0}")]
+    NoHolder(String),
+    /// The node has no P2P network.
+    #[error("this node has no P2P network")]
+    NoNetwork,
+    /// A peer or the disk failed.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Where a manifest's shard lives locally.
+fn shard_path(dir: &Path, s: &ShardEntry) -> PathBuf {
+    dir.join(&s.file.file)
+}
+
+impl Pipeline {
+    /// Every download this node has run (most recent first).
+    pub fn downloads(&self) -> Vec<DownloadStatus> {
+        let mut list: Vec<DownloadStatus> = self
+            .inner
+            .downloads
+            .entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|(s, _)| s.clone())
+            .collect();
+        list.sort_by(|a, b| b.id.cmp(&a.id));
+        list
+    }
+
+    /// Cancels the running downloads of `id_or_model` (a download id or a model
+    /// id); returns how many.
+    pub fn cancel_downloads(&self, id_or_model: &str) -> usize {
+        let entries = self
+            .inner
+            .downloads
+            .entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut n = 0;
+        for (s, cancel) in entries.values() {
+            if s.active() && (s.id == id_or_model || s.model_id == id_or_model) {
+                cancel.cancel();
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Answers a peer's fetch of a file this node holds intact.
+    pub(super) async fn serve_fetch(&self, from: &str, f: FetchRequest) -> Response {
+        let not_found = |message: String| Response::Error { code: 404, message };
+        if !is_model_id(&f.model_id) {
+            return not_found("no such model".into());
+        }
+        let Some(local) = self
+            .local_models()
+            .into_iter()
+            .find(|m| m.manifest.model_id == f.model_id)
+        else {
+            return not_found(format!("model {} is not held here", f.model_id));
+        };
+        let servable = f.file == "manifest.json"
+            || f.file == "gguf_header.bin"
+            || local
+                .manifest
+                .shards
+                .iter()
+                .any(|s| s.file.file == f.file && local.held.contains(&s.index));
+        if !servable {
+            return not_found(format!("{} of {} is not held here", f.file, f.model_id));
+        }
+        let path = local.dir.join(&f.file);
+        tracing::debug!(peer = %short(from), file = %f.file, offset = f.offset, "serving a model file chunk");
+        let read = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+            let mut file = std::fs::File::open(&path)?;
+            file.seek(SeekFrom::Start(f.offset))?;
+            let mut buf = Vec::with_capacity(f.len.min(MAX_CHUNK) as usize);
+            file.take(f.len.min(MAX_CHUNK) as u64)
+                .read_to_end(&mut buf)?;
+            Ok(buf)
+        })
+        .await;
+        match read {
+            Ok(Ok(bytes)) => Response::Chunk(bytes),
+            _ => Response::Error {
+                code: 500,
+                message: "could not read the file".into(),
+            },
+        }
+    }
+
+    /// Fetches a whole small file (manifest, header) from `peer`.
+    async fn fetch_whole(
+        &self,
+        peer: &str,
+        model_id: &str,
+        file: &str,
+    ) -> Result<Vec<u8>, TransferError> {
+        let network = self.inner.network.get().ok_or(TransferError::NoNetwork)?;
+        let mut out = Vec::new();
+        loop {
+            let request = Request::Fetch(FetchRequest {
+                model_id: model_id.into(),
+                file: file.into(),
+                offset: out.len() as u64,
+                len: MAX_CHUNK,
+            });
+            match network.request(peer, request).await {
+                Ok(Response::Chunk(bytes)) => {
+                    let done = bytes.len() < MAX_CHUNK as usize;
+                    out.extend_from_slice(&bytes);
+                    if done {
+                        return Ok(out);
+                    }
+                    if out.len() > 256 << 20 {
+                        return Err(TransferError::Failed(format!(
+                            "{file} is implausibly large"
+                        )));
+                    }
+                }
+                Ok(Response::Error { message, .. }) => return Err(TransferError::Failed(message)),
+                Ok(other) => return Err(TransferError::Failed(format!("unexpected {other:?}"))),
+                Err(e) => return Err(TransferError::Failed(e.to_string())),
+            }
+        }
+    }
+
+    /// Nodes that announce a range covering layers `a..b` of `model_id`, best first:
+    /// same LAN (private or loopback address), then round trip, then trust.
+    async fn holders_ranked(&self, model_id: &str, a: u32, b: u32) -> Vec<String> {
+        let Some(network) = self.inner.network.get() else {
+            return Vec::new();
+        };
+        let addr: HashMap<String, String> = network
+            .connected()
+            .into_iter()
+            .map(|p| (p.node_id, p.address))
+            .collect();
+        let dir = network.directory().clone();
+        let trust: HashMap<String, i64> = tokio::task::spawn_blocking(move || dir.list(1000))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|r| (r.node_id, r.trust_score))
+            .collect();
+        let mut ranked: Vec<(f64, String)> = self
+            .holders(model_id)
+            .await
+            .into_iter()
+            .filter(|h| !h.local && h.layer_start <= a && h.layer_end >= b)
+            .map(|h| {
+                let lan = addr.get(&h.node_id).is_some_and(|a| is_lan(a));
+                let score = if lan { 0.0 } else { 1000.0 } + h.rtt_ms.unwrap_or(50.0)
+                    - *trust.get(&h.node_id).unwrap_or(&50) as f64 / 10.0;
+                (score, h.node_id)
+            })
+            .collect();
+        ranked.sort_by(|x, y| x.0.total_cmp(&y.0));
+        ranked.dedup_by(|x, y| x.1 == y.1);
+        ranked.into_iter().map(|(_, id)| id).collect()
+    }
+
+    /// Makes sure the model's manifest and header are here, fetching them from a
+    /// holder if not. Returns the manifest.
+    pub async fn ensure_manifest(&self, model_id: &str) -> Result<Manifest, TransferError> {
+        if !is_model_id(model_id) {
+            return Err(TransferError::Invalid(format!(
+                "'{model_id}' is not a model id"
+            )));
+        }
+        let dir = self.inner.config.models_dir.join(model_id);
+        if dir.join("gguf_header.bin").is_file()
+            && let Ok(m) = shard::read_manifest(&dir)
+        {
+            return Ok(m);
+        }
+        let holders = self.holders_ranked(model_id, 0, 0).await;
+        if holders.is_empty() {
+            return Err(TransferError::NoHolder(format!(
+                "no connected peer holds model '{model_id}'"
+            )));
+        }
+        let mut last = String::new();
+        for peer in holders {
+            let fetched = async {
+                let manifest_bytes = self.fetch_whole(&peer, model_id, "manifest.json").await?;
+                let manifest: Manifest = serde_json::from_slice(&manifest_bytes)
+                    .map_err(|e| TransferError::Failed(format!("bad manifest: {e}")))?;
+                if manifest.model_id != model_id || manifest.format != shard::FORMAT {
+                    return Err(TransferError::Failed(
+                        "the manifest is for another model".into(),
+                    ));
+                }
+                let header = self.fetch_whole(&peer, model_id, "gguf_header.bin").await?;
+                if blake3::hash(&header).to_hex().as_str() != manifest.header.blake3 {
+                    return Err(TransferError::Failed(
+                        "the header does not match the manifest".into(),
+                    ));
+                }
+                Ok((manifest, manifest_bytes, header))
+            };
+            match fetched.await {
+                Ok((manifest, manifest_bytes, header)) => {
+                    let dir2 = dir.clone();
+                    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                        std::fs::create_dir_all(&dir2)?;
+                        crate::fsutil::write_atomic(&dir2.join("gguf_header.bin"), &header)?;
+                        // The manifest last: its presence marks the directory usable.
+                        crate::fsutil::write_atomic(&dir2.join("manifest.json"), &manifest_bytes)
+                    })
+                    .await
+                    .map_err(|e| TransferError::Failed(e.to_string()))?
+                    .map_err(|e| TransferError::Failed(e.to_string()))?;
+                    tracing::info!(model = model_id, peer = %short(&peer), "model manifest fetched");
+                    self.load_held().await;
+                    return Ok(manifest);
+                }
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(TransferError::Failed(format!(
+            "could not fetch the manifest: {last}"
+        )))
+    }
+
+    /// Starts downloading shard `index` of `model_id` (the manifest must be here).
+    /// Returns the download's status; `already_local` when the shard is held.
+    pub async fn download_shard(
+        &self,
+        model_id: &str,
+        index: u32,
+    ) -> Result<DownloadStatus, TransferError> {
+        let manifest = self.ensure_manifest(model_id).await?;
+        let entry = manifest
+            .shards
+            .iter()
+            .find(|s| s.index == index)
+            .cloned()
+            .ok_or_else(|| {
+                TransferError::Invalid(format!(
+                    "model '{model_id}' has shards 0..{}",
+                    manifest.shards.len()
+                ))
+            })?;
+        // Checked on disk, not in the last scan: a repair may be asked for while a
+        // scan is still running.
+        let (path, expected) = (
+            shard_path(&self.inner.config.models_dir.join(model_id), &entry),
+            entry.file.clone(),
+        );
+        let held = tokio::task::spawn_blocking(move || {
+            shard::hash_file(&path)
+                .map(|h| h.blake3 == expected.blake3 && h.bytes == expected.bytes)
+                .unwrap_or(false)
+        })
+        .await
+        .unwrap_or(false);
+        let mut status = DownloadStatus {
+            id: format!(
+                "{}-{model_id}-{index}",
+                chrono::Utc::now().format("%Y%m%d%H%M%S%3f")
+            ),
+            model_id: model_id.to_string(),
+            shard_index: index,
+            file: entry.file.file.clone(),
+            status: "queued",
+            source: "p2p",
+            peer: None,
+            bytes_total: entry.file.bytes,
+            bytes_done: 0,
+            resumed_from: 0,
+            speed_bps: 0.0,
+            error: None,
+            rejected: 0,
+        };
+        if held {
+            status.status = "done";
+            status.bytes_done = entry.file.bytes;
+            return Ok(status);
+        }
+        {
+            let entries = self
+                .inner
+                .downloads
+                .entries
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if let Some((s, _)) = entries
+                .values()
+                .find(|(s, _)| s.active() && s.model_id == model_id && s.shard_index == index)
+            {
+                return Ok(s.clone());
+            }
+        }
+        let holders = self
+            .holders_ranked(model_id, entry.layer_start, entry.layer_end)
+            .await;
+        status.peer = holders.first().cloned();
+        let cancel = CancellationToken::new();
+        self.inner
+            .downloads
+            .entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(status.id.clone(), (status.clone(), cancel.clone()));
+        let this = self.clone();
+        let id = status.id.clone();
+        let model = model_id.to_string();
+        tokio::spawn(async move {
+            let outcome = this.run_download(&id, &model, &entry, &cancel).await;
+            this.inner.downloads.update(&id, |s| match &outcome {
+                Ok(()) => s.status = "done",
+                Err(_) if cancel.is_cancelled() => s.status = "cancelled",
+                Err(e) => {
+                    s.status = "failed";
+                    s.error = Some(e.to_string());
+                }
+            });
+            match outcome {
+                Ok(()) => {
+                    this.load_held().await;
+                    if let Some(n) = this.inner.network.get() {
+                        n.announce_now().await;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(model = %model, shard = entry.index, error = %e, "shard download failed")
+                }
+            }
+        });
+        Ok(status)
+    }
+
+    async fn run_download(
+        &self,
+        id: &str,
+        model_id: &str,
+        entry: &ShardEntry,
+        cancel: &CancellationToken,
+    ) -> Result<(), TransferError> {
+        let network = self
+            .inner
+            .network
+            .get()
+            .ok_or(TransferError::NoNetwork)?
+            .clone();
+        let dir = self.inner.config.models_dir.join(model_id);
+        let final_path = shard_path(&dir, entry);
+        let part = dir.join(format!("{}.part", entry.file.file));
+        let started = Instant::now();
+        let deadline = started + HOLDER_WAIT;
+        let mut tried: Vec<String> = Vec::new();
+        loop {
+            if cancel.is_cancelled() {
+                return Err(TransferError::Failed("cancelled".into()));
+            }
+            let holders = self
+                .holders_ranked(model_id, entry.layer_start, entry.layer_end)
+                .await;
+            let Some(peer) = holders.into_iter().find(|h| !tried.contains(h)) else {
+                if Instant::now() > deadline {
+                    return Err(TransferError::NoHolder(format!(
+                        "no connected peer holds shard {} of {model_id}",
+                        entry.index
+                    )));
+                }
+                tokio::select! {
+                    () = cancel.cancelled() => {}
+                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+                if tried.len() > 8 {
+                    tried.clear();
+                }
+                continue;
+            };
+            tried.push(peer.clone());
+            self.inner.downloads.update(id, |s| {
+                s.status = "downloading";
+                s.peer = Some(peer.clone());
+            });
+            match self
+                .fetch_to_part(id, &network, &peer, model_id, entry, &part, cancel, started)
+                .await
+            {
+                Ok(()) => {}
+                Err(e) => {
+                    tracing::warn!(peer = %short(&peer), error = %e, "shard fetch failed; trying another holder");
+                    continue;
+                }
+            }
+            // Verify the whole file against the manifest before it becomes a shard.
+            let (part2, expected) = (part.clone(), entry.file.clone());
+            let ok = tokio::task::spawn_blocking(move || {
+                shard::hash_file(&part2)
+                    .map(|h| h.blake3 == expected.blake3 && h.bytes == expected.bytes)
+                    .unwrap_or(false)
+            })
+            .await
+            .unwrap_or(false);
+            if !ok {
+                tracing::warn!(peer = %short(&peer), file = %entry.file.file,
+                    "downloaded shard does not match its BLAKE3; discarding it");
+                let _ = std::fs::remove_file(&part);
+                self.inner.downloads.update(id, |s| {
+                    s.rejected += 1;
+                    s.bytes_done = 0;
+                });
+                continue;
+            }
+            std::fs::rename(&part, &final_path)
+                .map_err(|e| TransferError::Failed(e.to_string()))?;
+            tracing::info!(model = model_id, shard = entry.index, peer = %short(&peer),
+                secs = started.elapsed().as_secs_f64(), "shard downloaded and verified");
+            return Ok(());
+        }
+    }
+
+    /// Appends the rest of the shard from `peer` to `part`.
+    #[allow(clippy::too_many_arguments)]
+    async fn fetch_to_part(
+        &self,
+        id: &str,
+        network: &crate::net::Network,
+        peer: &str,
+        model_id: &str,
+        entry: &ShardEntry,
+        part: &Path,
+        cancel: &CancellationToken,
+        started: Instant,
+    ) -> Result<(), TransferError> {
+        let io = |e: std::io::Error| TransferError::Failed(e.to_string());
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(part)
+            .map_err(io)?;
+        let mut offset = file.metadata().map_err(io)?.len();
+        if offset > entry.file.bytes {
+            file.set_len(0).map_err(io)?;
+            offset = 0;
+        }
+        let resumed = offset;
+        self.inner.downloads.update(id, |s| {
+            s.resumed_from = s.resumed_from.max(resumed);
+            s.bytes_done = offset;
+        });
+        while offset < entry.file.bytes {
+            if cancel.is_cancelled() {
+                return Err(TransferError::Failed("cancelled".into()));
+            }
+            let len = (entry.file.bytes - offset).min(MAX_CHUNK as u64) as u32;
+            let mut attempt = 0;
+            let bytes = loop {
+                let request = Request::Fetch(FetchRequest {
+                    model_id: model_id.into(),
+                    file: entry.file.file.clone(),
+                    offset,
+                    len,
+                });
+                let r = tokio::select! {
+                    () = cancel.cancelled() => return Err(TransferError::Failed("cancelled".into())),
+                    r = network.request(peer, request) => r,
+                };
+                match r {
+                    Ok(Response::Chunk(b)) if !b.is_empty() && b.len() <= len as usize => break b,
+                    Ok(Response::Error { message, .. }) => {
+                        return Err(TransferError::Failed(message));
+                    }
+                    other if attempt + 1 >= CHUNK_RETRIES => {
+                        return Err(TransferError::Failed(format!(
+                            "chunk at {offset}: {other:?}"
+                        )));
+                    }
+                    _ => attempt += 1,
+                }
+            };
+            file.write_all(&bytes).map_err(io)?;
+            offset += bytes.len() as u64;
+            let secs = started.elapsed().as_secs_f64().max(1e-3);
+            self.inner.downloads.update(id, |s| {
+                s.bytes_done = offset;
+                s.speed_bps = (offset - s.resumed_from) as f64 / secs;
+            });
+        }
+        file.sync_all().map_err(io)?;
+        Ok(())
+    }
+}
+
+/// Whether a multiaddr is on this machine or a private network.
+fn is_lan(addr: &str) -> bool {
+    let ip = addr
+        .split('/')
+        .nth(2)
+        .and_then(|s| s.parse::<std::net::IpAddr>().ok());
+    match ip {
+        Some(std::net::IpAddr::V4(v4)) => v4.is_loopback() || v4.is_private() || v4.is_link_local(),
+        Some(std::net::IpAddr::V6(v6)) => v6.is_loopback() || (v6.segments()[0] & 0xfe00) == 0xfc00,
+        None => false,
+    }
+}
