@@ -448,3 +448,67 @@ fn shards_travel_between_peers_verified_resumable_and_repaired() {
     assert!(!b.dir().join("models/smol").exists());
     assert_eq!(b.get("/api/v1/layers").1["my_layer_count"], 0);
 }
+
+#[test]
+fn encrypted_pipeline_embeds_and_samples_on_the_requester() {
+    let lib = import_library();
+    let f32_env = [("SWARMLLM_ACTIVATION_DTYPE", "f32")];
+    let mut a = TestNode::start_custom(false, &[], &f32_env, |d| {
+        give_shards(lib.path(), d, &[0, 2])
+    });
+    let code = network_code(&a);
+    let _b = TestNode::start_custom(false, &["--bootstrap", &code], &[], |d| {
+        give_shards(lib.path(), d, &[1])
+    });
+    let c = TestNode::start_custom(false, &["--bootstrap", &code], &[], |d| {
+        give_shards(lib.path(), d, &[2])
+    });
+    wait_servable(&a, 3);
+    let path = "/api/admin/models/smol/encrypted-pipeline";
+    let (_, v) = a.get(path);
+    assert_eq!(
+        (&v["enabled"], &v["ready"], &v["source"]),
+        (&json!(false), &json!(true), &json!("global")),
+        "{v}"
+    );
+
+    // A keeps shard 2 on disk but out of memory: its last span must come from C.
+    let (_, v) = a.post("/api/admin/models/smol/shards/2/unload", &json!({}));
+    assert_eq!(v["remaining_loaded"], json!([0]), "{v}");
+    let (status, via_c) = chat(&a, Some("smol"), PROMPTS[0], 24);
+    assert_eq!(status, 200, "{via_c}");
+
+    // Encrypted: C may not sample for A, so with A's last span unloaded there is
+    // no route…
+    let (status, v) = a.call(reqwest::Method::PUT, path, &json!({ "enabled": true }));
+    assert_eq!((status, &v["enabled"]), (200, &json!(true)), "{v}");
+    let (status, v) = chat(&a, Some("smol"), PROMPTS[0], 24);
+    assert_eq!(status, 503, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("encrypted pipeline"),
+        "{v}"
+    );
+    // …and with it loaded again A embeds and samples itself: C sees no step.
+    let (_, v) = a.post("/api/admin/models/smol/shards/2/load", &json!({}));
+    assert_eq!(v["loaded_shards"], json!([0, 2]), "{v}");
+    let c_steps = c.get("/api/v1/layers").1["steps_served"].clone();
+    let (status, encrypted) = chat(&a, Some("smol"), PROMPTS[0], 24);
+    assert_eq!(status, 200, "{encrypted}");
+    assert_eq!(content(&encrypted), content(&via_c));
+    assert_eq!(c.get("/api/v1/layers").1["steps_served"], c_steps);
+
+    // The setting survives a restart; a node without the ends cannot enable it.
+    a.restart();
+    let (_, v) = a.get(path);
+    assert_eq!(
+        (&v["enabled"], &v["source"]),
+        (&json!(true), &json!("model")),
+        "{v}"
+    );
+    let (status, v) = c.call(reqwest::Method::PUT, path, &json!({ "enabled": true }));
+    assert_eq!(status, 409, "{v}");
+    assert_eq!(v["error"]["code"], "NOT_READY");
+}

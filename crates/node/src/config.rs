@@ -78,6 +78,10 @@ pub struct Config {
     pub pipeline_max_sessions: u32,
     /// Seconds an idle pipeline session lives. Default 300.
     pub pipeline_session_ttl_secs: u32,
+    /// Encrypted pipeline for every model without its own setting: this node
+    /// embeds and samples itself, so prompts and outputs never leave it (needs its
+    /// first and last shard). Default false.
+    pub encrypted_pipeline: bool,
 }
 
 impl Default for Config {
@@ -113,6 +117,7 @@ impl Default for Config {
             activation_dtype: "f16".into(),
             pipeline_max_sessions: 16,
             pipeline_session_ttl_secs: 300,
+            encrypted_pipeline: false,
         }
     }
 }

@@ -111,6 +111,8 @@ struct Inner {
     pipeline: Pipeline,
     network: OnceLock<Network>,
     nickname: RwLock<Option<String>>,
+    /// Per-model encrypted-pipeline settings (model id → on/off).
+    encrypted: RwLock<std::collections::BTreeMap<String, bool>>,
     metrics: Metrics,
     started: Instant,
     started_at: chrono::DateTime<chrono::Utc>,
@@ -182,6 +184,12 @@ impl Node {
             let store = store.clone();
             blocking(move || store.setting("nickname")).await??
         };
+        let encrypted = {
+            let store = store.clone();
+            blocking(move || store.setting(ENCRYPTED_KEY)).await??
+        }
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_default();
         let (pipeline_config, host_config) = pipeline_config(&config);
         let pipeline = Pipeline::start(pipeline_config, host_config, identity.clone())
             .map_err(|e| StartError::Task(format!("starting the range host: {e}")))?;
@@ -199,12 +207,33 @@ impl Node {
                 pipeline,
                 network: OnceLock::new(),
                 nickname: RwLock::new(nickname),
+                encrypted: RwLock::new(encrypted),
                 metrics,
                 started: Instant::now(),
                 started_at: chrono::Utc::now(),
                 shutdown: CancellationToken::new(),
             }),
         };
+        let weak = Arc::downgrade(&node.inner);
+        node.inner
+            .pipeline
+            .set_encryption_policy(Arc::new(move |model: &str| {
+                weak.upgrade().is_some_and(|inner| {
+                    let own = inner
+                        .encrypted
+                        .read()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get(model)
+                        .copied();
+                    own.unwrap_or_else(|| {
+                        inner
+                            .config
+                            .read()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .encrypted_pipeline
+                    })
+                })
+            }));
         if config.p2p_enabled {
             let hardware = blocking(hardware_summary).await?;
             let network = Network::start(
@@ -352,6 +381,45 @@ impl Node {
         Ok(())
     }
 
+    /// The encrypted-pipeline setting of `model_id`: `(enabled, its own setting)`;
+    /// without its own setting the global `encrypted_pipeline` applies.
+    pub fn encrypted_pipeline(&self, model_id: &str) -> (bool, Option<bool>) {
+        let own = self
+            .inner
+            .encrypted
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(model_id)
+            .copied();
+        (self.inner.pipeline.encrypted(model_id), own)
+    }
+
+    /// Sets (persisted) the encrypted-pipeline setting of `model_id`.
+    pub async fn set_encrypted_pipeline(&self, model_id: &str, on: bool) -> Result<(), StoreError> {
+        let text = {
+            let mut map = self
+                .inner
+                .encrypted
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            map.insert(model_id.to_string(), on);
+            serde_json::to_string(&map).unwrap_or_default()
+        };
+        let store = self.inner.store.clone();
+        let saved = text.clone();
+        tokio::task::spawn_blocking(move || store.set_setting(ENCRYPTED_KEY, Some(&saved)))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))??;
+        // Memory follows the database, never the other way round.
+        *self
+            .inner
+            .encrypted
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = serde_json::from_str(&text).unwrap_or_default();
+        Ok(())
+    }
+
     /// Announces this node's state to peers now (after its models changed).
     pub async fn announce_soon(&self) {
         if let Some(network) = self.network() {
@@ -408,6 +476,9 @@ impl Node {
         }
     }
 }
+
+/// Settings key of the per-model encrypted-pipeline map.
+const ENCRYPTED_KEY: &str = "encrypted_pipeline";
 
 /// The P2P settings a config implies.
 pub fn net_config(config: &Config) -> NetConfig {

@@ -116,7 +116,11 @@ pub fn router(node: Node) -> Router {
         .route("/api/admin/models/{id}/status", get(models::status))
         .route("/api/v1/layers", get(models::layers))
         .route("/api/admin/shard-storage", get(models::storage))
-        .route("/api/admin/downloads", get(models::downloads));
+        .route("/api/admin/downloads", get(models::downloads))
+        .route(
+            "/api/admin/models/{id}/encrypted-pipeline",
+            get(models::get_encrypted),
+        );
 
     let protected = Router::new()
         .route("/v1/chat/completions", post(openai::chat_completions))
@@ -158,6 +162,10 @@ pub fn router(node: Node) -> Router {
         .route(
             "/api/admin/downloads/{id}/cancel",
             post(models::cancel_download),
+        )
+        .route(
+            "/api/admin/models/{id}/encrypted-pipeline",
+            axum::routing::put(models::put_encrypted),
         )
         .route(
             "/api/identity/nickname",

@@ -191,6 +191,7 @@ pub(crate) async fn layers(State(state): State<AppState>) -> Json<Value> {
         "my_layer_count": layers.len(),
         "ranges": ranges,
         "sessions": host.session_count(),
+        "steps_served": host.steps_served(),
     }))
 }
 
@@ -567,4 +568,75 @@ pub(crate) async fn storage(State(state): State<AppState>) -> Result<Json<Value>
         "total_disk_mb": round1(total_disk as f64 / 1_048_576.0),
         "models_dir": state.node.data_dir().join("models"),
     })))
+}
+
+fn encrypted_json(state: &AppState, id: &str) -> Value {
+    let (enabled, own) = state.node.encrypted_pipeline(id);
+    let (first, last, shards) = state.node.pipeline().holds_ends(id);
+    json!({
+        "model_id": id,
+        "enabled": enabled,
+        "source": if own.is_some() { "model" } else { "global" },
+        "ready": first && last,
+        "holds_first_shard": first,
+        "holds_last_shard": last,
+        "total_shards": shards,
+        "overhead_note": "This node embeds the prompt and samples every token itself, so \
+            token ids and logits never leave it; peers see only sealed hidden states. \
+            It costs one extra hop per token (the chain returns here for the last \
+            layers) and the memory of the first and last shards.",
+    })
+}
+
+/// `GET /api/admin/models/{id}/encrypted-pipeline`
+pub(crate) async fn get_encrypted(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    check_id(&id)?;
+    Ok(Json(encrypted_json(&state, &id)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EncryptedBody {
+    enabled: bool,
+}
+
+/// `PUT /api/admin/models/{id}/encrypted-pipeline` with `{"enabled": bool}`.
+/// Enabling needs the first and last shard on this node (409 otherwise).
+pub(crate) async fn put_encrypted(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Json<Value>, ApiError> {
+    check_id(&id)?;
+    let body: EncryptedBody = from_value(&body)?;
+    let (first, last, shards) = state.node.pipeline().holds_ends(&id);
+    if body.enabled && !(first && last) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "NOT_READY",
+            format!(
+                "the encrypted pipeline needs this node to hold the first and the last shard of '{id}' \
+                 (first: {}, last: {})",
+                if first { "held" } else { "missing" },
+                if last { "held" } else { "missing" }
+            ),
+        )
+        .with_details(json!({ "holds_first_shard": first, "holds_last_shard": last })));
+    }
+    state
+        .node
+        .set_encrypted_pipeline(&id, body.enabled)
+        .await
+        .map_err(|e| ApiError::internal("saving the setting", e))?;
+    let mut v = encrypted_json(&state, &id);
+    if body.enabled && shards == 2 {
+        v["warning"] = json!(
+            "with two shards this node holds the whole model: requests never leave it, so \
+             the pipeline gains nothing from other nodes"
+        );
+    }
+    Ok(Json(v))
 }

@@ -152,6 +152,7 @@ pub struct RangeHost {
     jobs: std::sync::mpsc::Sender<Job>,
     ranges: Arc<RwLock<Vec<RangeInfo>>>,
     sessions: Arc<std::sync::atomic::AtomicUsize>,
+    steps_served: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for RangeHost {
@@ -168,7 +169,12 @@ impl RangeHost {
         let (tx, rx) = std::sync::mpsc::channel();
         let ranges = Arc::new(RwLock::new(Vec::new()));
         let sessions = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let (thread_ranges, thread_sessions) = (Arc::clone(&ranges), Arc::clone(&sessions));
+        let steps_served = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (thread_ranges, thread_sessions, thread_steps) = (
+            Arc::clone(&ranges),
+            Arc::clone(&sessions),
+            Arc::clone(&steps_served),
+        );
         std::thread::Builder::new()
             .name("swarmllm-ranges".into())
             .spawn(move || {
@@ -180,6 +186,7 @@ impl RangeHost {
                     ranges: thread_ranges,
                     session_count: thread_sessions,
                     steps: 0,
+                    steps_served: thread_steps,
                 }
                 .run(rx)
             })?;
@@ -187,6 +194,7 @@ impl RangeHost {
             jobs: tx,
             ranges,
             sessions,
+            steps_served,
         })
     }
 
@@ -196,6 +204,11 @@ impl RangeHost {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Steps run since start (every session, every range).
+    pub fn steps_served(&self) -> u64 {
+        self.steps_served.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Live sessions.
@@ -245,8 +258,12 @@ struct Loaded {
     model: Arc<RangeModel>,
 }
 
+type SessionKey = ([u8; 16], u32, u32);
+
 struct Session {
-    range: (String, u32, u32),
+    model_id: String,
+    layer_start: u32,
+    layer_end: u32,
     kv: RangeSession,
     sampler: Option<LlamaSampler>,
     next_pos: u32,
@@ -257,10 +274,13 @@ struct Session {
 struct Thread {
     config: HostConfig,
     models: Vec<Loaded>,
-    sessions: HashMap<[u8; 16], Session>,
+    /// Keyed by session id and range: a route may pass one node twice (the
+    /// encrypted pipeline runs the first and last span on the requester).
+    sessions: HashMap<SessionKey, Session>,
     ranges: Arc<RwLock<Vec<RangeInfo>>>,
     session_count: Arc<std::sync::atomic::AtomicUsize>,
     steps: u64,
+    steps_served: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Thread {
@@ -281,7 +301,8 @@ impl Thread {
                     let _ = reply.send(out);
                 }
                 Ok(Job::Close(id)) => {
-                    self.sessions.remove(&id);
+                    self.sessions.retain(|k, _| k.0 != id);
+                    self.publish();
                 }
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
@@ -338,8 +359,8 @@ impl Thread {
     }
 
     fn unload(&mut self, model_id: &str, a: u32, b: u32) -> bool {
-        let key = (model_id.to_string(), a, b);
-        self.sessions.retain(|_, s| s.range != key);
+        self.sessions
+            .retain(|_, s| !(s.model_id == model_id && s.layer_start == a && s.layer_end == b));
         let before = self.models.len();
         self.models.retain(|m| {
             !(m.info.model_id == model_id && m.info.layer_start == a && m.info.layer_end == b)
@@ -382,7 +403,8 @@ impl Thread {
             _ => {}
         }
 
-        if !self.sessions.contains_key(&step.session) {
+        let skey: SessionKey = (step.session, step.layer_start, step.layer_end);
+        if !self.sessions.contains_key(&skey) {
             if self.sessions.len() >= self.config.max_sessions {
                 return Err(HostError::Busy(self.config.max_sessions));
             }
@@ -401,9 +423,11 @@ impl Thread {
                 )
                 .map_err(|e| HostError::Compute(e.to_string()))?;
             self.sessions.insert(
-                step.session,
+                skey,
                 Session {
-                    range: key.clone(),
+                    model_id: key.0.clone(),
+                    layer_start: key.1,
+                    layer_end: key.2,
                     kv,
                     sampler: None,
                     next_pos: 0,
@@ -413,12 +437,12 @@ impl Thread {
             );
             self.publish();
         }
-        let Some(session) = self.sessions.get_mut(&step.session) else {
+        let Some(session) = self.sessions.get_mut(&skey) else {
             return Err(HostError::Compute("session vanished".into()));
         };
-        if session.range != key {
+        if session.model_id != key.0 {
             return Err(HostError::BadStep(
-                "the session belongs to another range".into(),
+                "the session belongs to another model".into(),
             ));
         }
         if step.seq <= session.last_seq {
@@ -461,6 +485,8 @@ impl Thread {
                 other => HostError::Compute(other.to_string()),
             })?;
         session.last_seq = step.seq;
+        self.steps_served
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         session.next_pos = step.pos + rows as u32;
         session.last_used = Instant::now();
         let elapsed = started.elapsed();

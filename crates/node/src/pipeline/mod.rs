@@ -45,6 +45,9 @@ use crate::shard::library::{self, LocalModel};
 /// Steps from other nodes processed at once (more wait in the handler's queue).
 const INBOUND_QUEUE: usize = 64;
 
+/// Whether the encrypted pipeline is on for a model.
+pub type EncryptionPolicy = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
 /// Pipeline settings.
 #[derive(Debug, Clone)]
 pub struct PipelineConfig {
@@ -77,6 +80,8 @@ struct Inner {
     vocabs: Mutex<HashMap<String, Arc<LlamaModel>>>,
     local: Mutex<Vec<LocalModel>>,
     downloads: transfer::Downloads,
+    /// Per-model encrypted-pipeline decision.
+    encryption: OnceLock<EncryptionPolicy>,
     /// Serialises [`Pipeline::load_held`].
     reload: tokio::sync::Mutex<()>,
     /// Shards held but kept out of memory (`shards/{i}/unload`), by model.
@@ -126,6 +131,7 @@ impl Pipeline {
                 downloads: transfer::Downloads::default(),
                 unloaded: Mutex::new(HashMap::new()),
                 reload: tokio::sync::Mutex::new(()),
+                encryption: OnceLock::new(),
                 repairs,
                 repairs_rx: Mutex::new(Some(repairs_rx)),
             }),
@@ -477,11 +483,39 @@ impl Pipeline {
         out
     }
 
+    /// Decides per model whether the encrypted pipeline is on (set by the node,
+    /// which keeps the per-model settings and the global default).
+    pub fn set_encryption_policy(&self, policy: EncryptionPolicy) {
+        let _ = self.inner.encryption.set(policy);
+    }
+
+    /// Whether requests for `model_id` must embed and sample on this node.
+    pub fn encrypted(&self, model_id: &str) -> bool {
+        self.inner.encryption.get().is_some_and(|p| p(model_id))
+    }
+
+    /// Whether this node holds (on disk, intact) the first and the last shard of
+    /// `model_id`, as the encrypted pipeline needs; and the shard count.
+    pub fn holds_ends(&self, model_id: &str) -> (bool, bool, usize) {
+        self.local_models()
+            .into_iter()
+            .find(|m| m.manifest.model_id == model_id)
+            .map(|m| {
+                let n = m.manifest.shards.len();
+                (
+                    m.held.contains(&0),
+                    n > 0 && m.held.contains(&(n as u32 - 1)),
+                    n,
+                )
+            })
+            .unwrap_or((false, false, 0))
+    }
+
     /// Plans a chain for `model_id` without `exclude`d nodes.
     pub async fn plan(&self, model_id: &str, exclude: &HashSet<String>) -> Result<Plan, NoRoute> {
         let holders = self.holders(model_id).await;
         let n_layers = self.n_layers(model_id, &holders).await;
-        route::plan(n_layers, &holders, exclude)
+        route::plan(n_layers, &holders, exclude, self.encrypted(model_id))
     }
 
     async fn n_layers(&self, model_id: &str, _holders: &[Holder]) -> u32 {

@@ -88,8 +88,10 @@ impl Plan {
 
 /// No chain covers the model.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("{}", describe(.missing, *.n_layers))]
+#[error("{}", describe(.missing, *.n_layers, *.local_ends))]
 pub struct NoRoute {
+    /// The route had to keep the first and last spans on this node.
+    pub local_ends: bool,
     /// Layers in the model.
     pub n_layers: u32,
     /// Layer ranges `[start, end)` no reachable holder runs (empty when every layer
@@ -97,7 +99,14 @@ pub struct NoRoute {
     pub missing: Vec<(u32, u32)>,
 }
 
-fn describe(missing: &[(u32, u32)], n_layers: u32) -> String {
+fn describe(missing: &[(u32, u32)], n_layers: u32, local_ends: bool) -> String {
+    if local_ends {
+        return format!(
+            "the encrypted pipeline needs this node to run the first and last layers itself \
+             and reachable nodes for the rest; not covered: {}",
+            describe(missing, n_layers, false)
+        );
+    }
     if missing.is_empty() {
         return format!(
             "the reachable holders' layer ranges do not join into a chain over all {n_layers} layers"
@@ -119,12 +128,20 @@ fn describe(missing: &[(u32, u32)], n_layers: u32) -> String {
     )
 }
 
-/// Plans the cheapest chain over `n_layers`, leaving out `exclude`d nodes.
-pub fn plan(n_layers: u32, holders: &[Holder], exclude: &HashSet<String>) -> Result<Plan, NoRoute> {
+/// Plans the cheapest chain over `n_layers`, leaving out `exclude`d nodes. With
+/// `local_ends` (the encrypted pipeline) the spans that embed (layer 0) and sample
+/// (the last layer) must be this node's, so tokens and logits never leave it.
+pub fn plan(
+    n_layers: u32,
+    holders: &[Holder],
+    exclude: &HashSet<String>,
+    local_ends: bool,
+) -> Result<Plan, NoRoute> {
     let usable: Vec<&Holder> = holders
         .iter()
         .filter(|h| !exclude.contains(&h.node_id))
         .filter(|h| h.layer_start < h.layer_end && h.layer_end <= n_layers)
+        .filter(|h| !local_ends || h.local || (h.layer_start > 0 && h.layer_end < n_layers))
         .collect();
     let n = n_layers as usize;
     // best[l] = (cost to reach boundary l, index of the holder that got there)
@@ -154,6 +171,7 @@ pub fn plan(n_layers: u32, holders: &[Holder], exclude: &HashSet<String>) -> Res
             held.extend(h.layer_start..h.layer_end);
         }
         return Err(NoRoute {
+            local_ends,
             n_layers,
             missing: gaps(n_layers, &held),
         });
@@ -226,7 +244,7 @@ mod tests {
             h("d", 20, 30, 1.0),
             h("e", 0, 30, 50.0),
         ];
-        let p = plan(30, &holders, &HashSet::new()).expect("route");
+        let p = plan(30, &holders, &HashSet::new(), false).expect("route");
         let ids: Vec<&str> = p.spans.iter().map(|s| s.primary.node_id.as_str()).collect();
         assert_eq!(ids, ["me", "c", "d"]);
         assert_eq!(
@@ -234,7 +252,7 @@ mod tests {
             Some("b")
         );
         // Without c, the standby takes its place.
-        let p = plan(30, &holders, &HashSet::from(["c".to_string()])).expect("route");
+        let p = plan(30, &holders, &HashSet::from(["c".to_string()]), false).expect("route");
         assert_eq!(p.spans[1].primary.node_id, "b");
         // A whole-model holder nearby wins over three hops far away.
         let holders = vec![
@@ -242,17 +260,17 @@ mod tests {
             h("b", 10, 30, 40.0),
             h("me", 0, 30, 0.0),
         ];
-        let p = plan(30, &holders, &HashSet::new()).expect("route");
+        let p = plan(30, &holders, &HashSet::new(), false).expect("route");
         assert_eq!(p.spans.len(), 1);
     }
 
     #[test]
     fn missing_layers_are_named() {
         let holders = vec![h("me", 0, 10, 0.0), h("d", 20, 30, 1.0)];
-        let e = plan(30, &holders, &HashSet::new()).expect_err("no route");
+        let e = plan(30, &holders, &HashSet::new(), false).expect_err("no route");
         assert_eq!(e.missing, vec![(10, 20)]);
         assert_eq!(e.to_string(), "no reachable node holds layers 10-19 of 30");
-        let e = plan(30, &holders, &HashSet::from(["d".to_string()])).expect_err("no route");
+        let e = plan(30, &holders, &HashSet::from(["d".to_string()]), false).expect_err("no route");
         assert_eq!(e.missing, vec![(10, 30)]);
         // Every layer held, but the ranges do not join.
         let e = plan(
@@ -262,5 +280,22 @@ mod tests {
         )
         .expect_err("no chain");
         assert!(e.missing.is_empty());
+    }
+
+    #[test]
+    fn the_encrypted_pipeline_keeps_both_ends_local() {
+        let holders = vec![
+            h("a", 0, 10, 1.0),
+            h("me", 0, 10, 0.0),
+            h("b", 10, 20, 1.0),
+            h("c", 20, 30, 1.0),
+            h("me", 20, 30, 0.0),
+        ];
+        let p = plan(30, &holders, &HashSet::new(), true).expect("route");
+        let ids: Vec<&str> = p.spans.iter().map(|s| s.primary.node_id.as_str()).collect();
+        assert_eq!(ids, ["me", "b", "me"]);
+        // Without the last span locally there is no encrypted route.
+        let e = plan(30, &holders[..4], &HashSet::new(), true).expect_err("no route");
+        assert_eq!(e.missing, vec![(20, 30)]);
     }
 }
