@@ -277,6 +277,7 @@ mod tests {
             30,
             &[h("a", 0, 15, 1.0), h("b", 10, 30, 1.0)],
             &HashSet::new(),
+            false,
         )
         .expect_err("no chain");
         assert!(e.missing.is_empty());
