@@ -5,6 +5,7 @@
 //! `error: ...` line on stderr and exit status 1.
 
 mod bench;
+mod bench_pipeline;
 mod chat;
 mod client;
 mod commands;
@@ -67,6 +68,8 @@ enum Command {
     BenchSplit(bench::BenchSplitArgs),
     /// Measure P2P request-response round trips to another node (16 KiB, 1 MiB).
     BenchNet(bench::BenchNetArgs),
+    /// Measure the whole model on one node vs split over 2 and 3 node processes.
+    BenchPipeline(bench_pipeline::BenchPipelineArgs),
     /// Print this machine's node API key (for `Authorization: Bearer ...`).
     ApiKey,
     /// List the peers a running node knows (latency, trust, models).
@@ -194,6 +197,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(cli.config_source(Map::new()), args).await,
         Command::BenchNet(args) => bench::run_net(args).await,
         Command::BenchSplit(args) => bench::run_split(args).await,
+        Command::BenchPipeline(args) => bench_pipeline::run(args).await,
         Command::Chat(args) => {
             chat::run(
                 &client::Client::connect(&cli.config_source(Map::new()))?,

@@ -192,6 +192,7 @@ pub(crate) async fn layers(State(state): State<AppState>) -> Json<Value> {
         "ranges": ranges,
         "sessions": host.session_count(),
         "steps_served": host.steps_served(),
+        "wire_bytes_sent": state.node.pipeline().wire_bytes(),
     }))
 }
 

@@ -82,6 +82,8 @@ struct Inner {
     downloads: transfer::Downloads,
     /// Per-model encrypted-pipeline decision.
     encryption: OnceLock<EncryptionPolicy>,
+    /// Bytes of pipeline requests this node sent plus the responses it got.
+    wire_bytes: std::sync::atomic::AtomicU64,
     /// Serialises [`Pipeline::load_held`].
     reload: tokio::sync::Mutex<()>,
     /// Shards held but kept out of memory (`shards/{i}/unload`), by model.
@@ -132,10 +134,18 @@ impl Pipeline {
                 unloaded: Mutex::new(HashMap::new()),
                 reload: tokio::sync::Mutex::new(()),
                 encryption: OnceLock::new(),
+                wire_bytes: std::sync::atomic::AtomicU64::new(0),
                 repairs,
                 repairs_rx: Mutex::new(Some(repairs_rx)),
             }),
         })
+    }
+
+    /// Bytes of pipeline steps this node sent, with the answers it received.
+    pub fn wire_bytes(&self) -> u64 {
+        self.inner
+            .wire_bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The range host.
@@ -719,7 +729,16 @@ impl Pipeline {
             failed_hop: Some(to.to_string()),
             message: "this node has no P2P network".into(),
         })?;
-        match network.request(to, Request::Activation(bytes)).await {
+        let sent = bytes.len() as u64;
+        let answer = network.request(to, Request::Activation(bytes)).await;
+        let received = match &answer {
+            Ok(Response::Activation(r)) => r.len() as u64,
+            _ => 0,
+        };
+        self.inner
+            .wire_bytes
+            .fetch_add(sent + received, std::sync::atomic::Ordering::Relaxed);
+        match answer {
             Ok(Response::Activation(result)) => Ok(result),
             Ok(Response::Error { message, .. }) => {
                 Err(serde_json::from_str(&message).unwrap_or(StepFailure {
