@@ -285,6 +285,33 @@ fn qwen2_split_is_exact() {
     write_tiny_qwen2(&path);
     let prompt = "<|im_start|>user\nName three rivers.<|im_end|>\n<|im_start|>assistant\n";
     assert_split_is_exact(&path, 2, prompt);
+
+    // An architecture the splitter does not know is refused with a clear message.
+    let mut g = Gguf::read(&path).expect("read");
+    for (k, v) in g.kv.iter_mut() {
+        if k == "general.architecture" {
+            *v = swarmllm_node::shard::gguf::Value::Str("rwkv7".into());
+        }
+        if let Some(rest) = k.strip_prefix("qwen2.") {
+            *k = format!("rwkv7.{rest}");
+        }
+    }
+    let other = dir.path().join("rwkv7.gguf");
+    let tensors: Vec<_> = g
+        .tensors
+        .iter()
+        .map(|t| {
+            swarmllm_node::shard::gguf::TensorSource::from_file(
+                t.name.clone(),
+                t,
+                &path,
+                g.data_offset,
+            )
+        })
+        .collect();
+    swarmllm_node::shard::gguf::write(&other, &g.kv, g.alignment, &tensors).expect("write");
+    let err = shard::import(&other, dir.path(), "x", 2, |_, _| {}).expect_err("refused");
+    assert!(err.to_string().contains("'rwkv7' cannot be split"), "{err}");
 }
 
 fn write_tiny_qwen2(path: &Path) {

@@ -179,6 +179,13 @@ pub fn import(
             "--shards must be between 1 and the model's {n_layers} layers"
         )));
     }
+    if shards > 1 && !SPLIT_ARCHITECTURES.contains(&arch.as_str()) {
+        return Err(ShardError::Invalid(format!(
+            "architecture '{arch}' cannot be split yet (supported: {}); import it with --shards 1 \
+             to serve it whole",
+            SPLIT_ARCHITECTURES.join(", ")
+        )));
+    }
     if model_id.is_empty() || model_id.contains(['/', '\\']) || model_id.starts_with('.') {
         return Err(ShardError::Invalid(format!(
             "'{model_id}' is not a usable model id"
