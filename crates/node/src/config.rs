@@ -78,6 +78,8 @@ pub struct Config {
     pub pipeline_max_sessions: u32,
     /// Seconds an idle pipeline session lives. Default 300.
     pub pipeline_session_ttl_secs: u32,
+    /// KV cache memory all pipeline sessions may take together (MiB). Default 4096.
+    pub pipeline_max_session_mb: u32,
     /// Encrypted pipeline for every model without its own setting: this node
     /// embeds and samples itself, so prompts and outputs never leave it (needs its
     /// first and last shard). Default false.
@@ -117,6 +119,7 @@ impl Default for Config {
             activation_dtype: "f16".into(),
             pipeline_max_sessions: 16,
             pipeline_session_ttl_secs: 300,
+            pipeline_max_session_mb: 4096,
             encrypted_pipeline: false,
         }
     }
@@ -148,6 +151,7 @@ const RESTART_FIELDS: &[&str] = &[
     "secret_store",
     "serve_shards",
     "pipeline_max_sessions",
+    "pipeline_max_session_mb",
 ];
 
 /// A configuration value that is malformed or out of range.

@@ -573,6 +573,7 @@ pub fn pipeline_config(config: &Config) -> (PipelineConfig, HostConfig) {
             context_size: config.context_size,
             batch_size: config.batch_size,
             max_sessions: config.pipeline_max_sessions as usize,
+            max_session_bytes: u64::from(config.pipeline_max_session_mb) << 20,
             session_ttl: Duration::from_secs(config.pipeline_session_ttl_secs as u64),
             gpu_layers: config.gpu_layers,
         },

@@ -45,6 +45,7 @@ pub struct RangeModel {
     n_embd: usize,
     n_layer: u32,
     n_vocab: usize,
+    kv_bytes_per_token: u64,
 }
 
 // SAFETY: a loaded llama_model is immutable and llama.cpp allows using it from any
@@ -94,11 +95,22 @@ impl RangeModel {
                 sys::llama_vocab_n_tokens(vocab),
             )
         };
+        // SAFETY: as above.
+        let (n_head, n_head_kv) = unsafe {
+            (
+                sys::llama_model_n_head(raw.as_ptr()).max(1) as u64,
+                sys::llama_model_n_head_kv(raw.as_ptr()).max(1) as u64,
+            )
+        };
+        let head_dim =
+            meta_u64(raw, "attention.key_length").unwrap_or(n_embd.max(0) as u64 / n_head);
         Ok(Self {
             raw,
             n_embd: n_embd.max(0) as usize,
             n_layer: n_layer.max(0) as u32,
             n_vocab: n_vocab.max(0) as usize,
+            // K and V, f16, every layer.
+            kv_bytes_per_token: 2 * 2 * u64::from(n_layer.max(0) as u32) * n_head_kv * head_dim,
         })
     }
 
@@ -140,6 +152,11 @@ impl RangeModel {
     /// Layers in this range.
     pub fn n_layer(&self) -> u32 {
         self.n_layer
+    }
+
+    /// KV cache bytes one token of one session takes (f16 K and V, every layer).
+    pub fn kv_bytes_per_token(&self) -> u64 {
+        self.kv_bytes_per_token
     }
 
     /// Vocabulary size (1 for a range that never sees tokens).
@@ -190,6 +207,50 @@ impl RangeModel {
             emit_hidden,
         })
     }
+}
+
+/// `<arch>.<key>` from the model's metadata as a number.
+fn meta_u64(model: NonNull<sys::llama_model>, key: &str) -> Option<u64> {
+    let mut buf = [0u8; 128];
+    let arch_key = CString::new("general.architecture").ok()?;
+    // SAFETY: the key is NUL-terminated; the buffer's length is passed, and
+    // llama.cpp NUL-terminates what it writes (a negative result means absent).
+    let n = unsafe {
+        sys::llama_model_meta_val_str(
+            model.as_ptr(),
+            arch_key.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if n < 0 {
+        return None;
+    }
+    let arch = CStr::from_bytes_until_nul(&buf)
+        .ok()?
+        .to_str()
+        .ok()?
+        .to_string();
+    let full = CString::new(format!("{arch}.{key}")).ok()?;
+    let mut out = [0u8; 64];
+    // SAFETY: as above.
+    let n = unsafe {
+        sys::llama_model_meta_val_str(
+            model.as_ptr(),
+            full.as_ptr(),
+            out.as_mut_ptr().cast(),
+            out.len(),
+        )
+    };
+    if n < 0 {
+        return None;
+    }
+    CStr::from_bytes_until_nul(&out)
+        .ok()?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
 }
 
 /// What the eval callback collects.

@@ -38,6 +38,8 @@ pub struct HostConfig {
     pub batch_size: u32,
     /// Sessions kept at once.
     pub max_sessions: usize,
+    /// KV cache memory all sessions may take together, in bytes.
+    pub max_session_bytes: u64,
     /// Idle time after which a session is dropped.
     pub session_ttl: Duration,
     /// Layers offloaded to a GPU backend.
@@ -125,8 +127,10 @@ pub enum HostError {
         /// One past the last.
         layer_end: u32,
     },
-    /// All session slots are in use.
-    #[error("all {0} pipeline sessions are in use")]
+    /// All session slots or the session memory budget are in use.
+    #[error(
+        "no room for another pipeline session ({0} live; see pipeline_max_sessions and pipeline_max_session_mb)"
+    )]
     Busy(usize),
     /// A step that skips positions, repeats a `seq`, or has the wrong size.
     #[error("{0}")]
@@ -261,6 +265,8 @@ struct Loaded {
 type SessionKey = ([u8; 16], u32, u32);
 
 struct Session {
+    /// KV cache memory reserved for it.
+    kv_bytes: u64,
     model_id: String,
     layer_start: u32,
     layer_end: u32,
@@ -404,9 +410,33 @@ impl Thread {
         }
 
         let skey: SessionKey = (step.session, step.layer_start, step.layer_end);
+        let created = !self.sessions.contains_key(&skey);
+        let out = self.run_step(step, skey, &key, model, has_head, n_layers);
+        if created && out.is_err() {
+            // A session whose first step failed holds nothing worth keeping.
+            self.sessions.remove(&skey);
+            self.publish();
+        }
+        out
+    }
+
+    fn run_step(
+        &mut self,
+        step: Step,
+        skey: SessionKey,
+        key: &(String, u32, u32),
+        model: Arc<RangeModel>,
+        has_head: bool,
+        n_layers: u32,
+    ) -> Result<StepOutput, HostError> {
         if !self.sessions.contains_key(&skey) {
             if self.sessions.len() >= self.config.max_sessions {
                 return Err(HostError::Busy(self.config.max_sessions));
+            }
+            let need = model.kv_bytes_per_token() * u64::from(self.config.context_size);
+            let used: u64 = self.sessions.values().map(|s| s.kv_bytes).sum();
+            if used + need > self.config.max_session_bytes {
+                return Err(HostError::Busy(self.sessions.len()));
             }
             if step.pos != 0 {
                 return Err(HostError::BadStep(format!(
@@ -428,6 +458,7 @@ impl Thread {
                     model_id: key.0.clone(),
                     layer_start: key.1,
                     layer_end: key.2,
+                    kv_bytes: need,
                     kv,
                     sampler: None,
                     next_pos: 0,
