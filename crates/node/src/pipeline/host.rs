@@ -541,7 +541,7 @@ impl Thread {
             },
         };
         if rows == 1 {
-            self.record_speed(&key, elapsed, n_layers);
+            self.record_speed(key, elapsed, n_layers);
         }
         Ok(output)
     }
