@@ -575,3 +575,33 @@ pub(crate) async fn models_rm(
     }
     Ok(())
 }
+
+/// `swarmllm pool status [--json]`
+pub(crate) async fn pool_status(client: &Client, raw: bool) -> anyhow::Result<()> {
+    let v = client.get("/api/pool/state").await?;
+    if raw {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    if v["in_pool"] != true {
+        println!("not in a pool (create one with `swarmllm pool create --name NAME`)");
+        return Ok(());
+    }
+    println!(
+        "pool {} ({}), this device is the {}; {} active invite code(s); members keep {}%",
+        v["name"].as_str().unwrap_or("?"),
+        v["pool_id"].as_str().unwrap_or("?"),
+        v["role"].as_str().unwrap_or("?"),
+        v["active_codes"],
+        v["credit_split_pct"]
+    );
+    for m in v["members"].as_array().into_iter().flatten() {
+        println!(
+            "  {:<8} {:.16}…  {}",
+            m["role"].as_str().unwrap_or("?"),
+            m["node_id"].as_str().unwrap_or("?"),
+            m["device_name"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
+}

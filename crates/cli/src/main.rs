@@ -57,6 +57,11 @@ enum Command {
         #[command(subcommand)]
         command: ModelsCommand,
     },
+    /// Device pools: link your own devices under one owner.
+    Pool {
+        #[command(subcommand)]
+        command: PoolCommand,
+    },
     /// Read or change the configuration (of the running node, else the config file).
     Config {
         #[command(subcommand)]
@@ -131,6 +136,29 @@ enum ModelsCommand {
         #[arg(long)]
         shard: Option<u32>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum PoolCommand {
+    /// Create a pool owned by this device.
+    Create {
+        /// Pool name.
+        #[arg(long)]
+        name: String,
+        /// This device's name in the pool (default: the node's nickname).
+        #[arg(long)]
+        device_name: Option<String>,
+    },
+    /// Print a one-time 8-character invite code (24 h, owner only).
+    InviteCode,
+    /// Show the pool and its devices.
+    Status {
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Leave the pool (the owner leaving dissolves it).
+    Leave,
 }
 
 #[derive(Debug, Subcommand)]
@@ -249,6 +277,35 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let client = client::Client::connect(&cli.config_source(Map::new()))?;
             commands::models_rm(&client, id, *shard).await
+        }
+        Command::Pool { command } => {
+            let client = client::Client::connect(&cli.config_source(Map::new()))?;
+            match command {
+                PoolCommand::Create { name, device_name } => {
+                    let mut body = json!({ "name": name });
+                    if let Some(d) = device_name {
+                        body["device_name"] = json!(d);
+                    }
+                    let v = client.post("/api/pool/create", &body).await?;
+                    println!(
+                        "created pool {} ({})",
+                        v["name"].as_str().unwrap_or("?"),
+                        v["pool_id"].as_str().unwrap_or("?")
+                    );
+                    Ok(())
+                }
+                PoolCommand::InviteCode => {
+                    let v = client.post("/api/pool/generate-code", &json!({})).await?;
+                    println!("{}", v["code"].as_str().unwrap_or("?"));
+                    Ok(())
+                }
+                PoolCommand::Status { json } => commands::pool_status(&client, *json).await,
+                PoolCommand::Leave => {
+                    client.post("/api/pool/leave", &json!({})).await?;
+                    println!("left the pool");
+                    Ok(())
+                }
+            }
         }
         Command::ApiKey => commands::api_key(&cli.config_source(Map::new())),
         Command::Peers { json } => {

@@ -84,6 +84,8 @@ pub struct Config {
     /// embeds and samples itself, so prompts and outputs never leave it (needs its
     /// first and last shard). Default false.
     pub encrypted_pipeline: bool,
+    /// Devices a pool this node owns may have. Default 10.
+    pub pool_max_devices: u32,
 }
 
 impl Default for Config {
@@ -121,6 +123,7 @@ impl Default for Config {
             pipeline_session_ttl_secs: 300,
             pipeline_max_session_mb: 4096,
             encrypted_pipeline: false,
+            pool_max_devices: 10,
         }
     }
 }
@@ -152,6 +155,7 @@ const RESTART_FIELDS: &[&str] = &[
     "serve_shards",
     "pipeline_max_sessions",
     "pipeline_max_session_mb",
+    "pool_max_devices",
 ];
 
 /// A configuration value that is malformed or out of range.

@@ -5,8 +5,10 @@
 //! `swarmllm` CLI, the desktop app and the tests all start the same [`Node`] and serve
 //! its HTTP API with [`api::serve`].
 //!
-//! Modules by domain: [`config`], [`store`], [`secrets`], [`identity`], [`infer`],
-//! [`api`], [`metrics`], [`hardware`].
+//! Modules by domain: [`config`], [`store`], [`secrets`], [`identity`], [`infer`]
+//! (local llama.cpp), [`net`] (libp2p), [`shard`] (layer shards on disk),
+//! [`pipeline`] (split inference across peers), [`pool`] (device pools), [`api`],
+//! [`metrics`], [`hardware`].
 #![deny(missing_docs)]
 
 pub mod api;
@@ -21,6 +23,7 @@ pub mod net;
 pub mod node;
 pub mod paths;
 pub mod pipeline;
+pub mod pool;
 pub mod secrets;
 pub mod shard;
 pub mod store;

@@ -109,6 +109,7 @@ struct Inner {
     api_key: Zeroizing<String>,
     engine: Option<Engine>,
     pipeline: Pipeline,
+    pools: crate::pool::Pools,
     network: OnceLock<Network>,
     nickname: RwLock<Option<String>>,
     /// Per-model encrypted-pipeline settings (model id → on/off).
@@ -194,6 +195,8 @@ impl Node {
         let pipeline = Pipeline::start(pipeline_config, host_config, identity.clone())
             .map_err(|e| StartError::Task(format!("starting the range host: {e}")))?;
 
+        let pools =
+            crate::pool::Pools::new(store.clone(), identity.node_id(), config.pool_max_devices);
         let node = Node {
             inner: Arc::new(Inner {
                 config: RwLock::new(config.clone()),
@@ -205,6 +208,7 @@ impl Node {
                 api_key,
                 engine,
                 pipeline,
+                pools,
                 network: OnceLock::new(),
                 nickname: RwLock::new(nickname),
                 encrypted: RwLock::new(encrypted),
@@ -258,6 +262,11 @@ impl Node {
             }
         }
         Ok(node)
+    }
+
+    /// This node's device-pool records.
+    pub fn pools(&self) -> &crate::pool::Pools {
+        &self.inner.pools
     }
 
     /// Split inference: this node's layer ranges and the requester side.

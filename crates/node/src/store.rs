@@ -76,6 +76,39 @@ const MIGRATIONS: &[&str] = &[
         created_at     INTEGER NOT NULL
     );
     CREATE INDEX swarm_sync_log_created ON swarm_sync_log(created_at);",
+    // 3: device pools (this node's pool, its members, invite-code hashes, the
+    // hourly operation log).
+    "CREATE TABLE pools (
+        id               TEXT PRIMARY KEY,
+        name             TEXT NOT NULL,
+        owner_node_id    TEXT NOT NULL,
+        role             TEXT NOT NULL CHECK (role IN ('owner', 'member')),
+        credit_split_pct INTEGER NOT NULL DEFAULT 20,
+        max_devices      INTEGER NOT NULL DEFAULT 10,
+        created_at       INTEGER NOT NULL
+    );
+    CREATE TABLE pool_members (
+        pool_id        TEXT NOT NULL,
+        node_id        TEXT NOT NULL,
+        device_name    TEXT,
+        role           TEXT NOT NULL,
+        joined_at      INTEGER NOT NULL,
+        acceptance_sig TEXT,
+        PRIMARY KEY (pool_id, node_id)
+    );
+    CREATE TABLE pool_codes (
+        code_hash  TEXT PRIMARY KEY,
+        pool_id    TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        used_at    INTEGER,
+        used_by    TEXT
+    );
+    CREATE TABLE pool_ops (
+        node_id TEXT NOT NULL,
+        at      INTEGER NOT NULL
+    );
+    CREATE INDEX pool_ops_at ON pool_ops(node_id, at);",
 ];
 
 /// A database failure.

@@ -11,6 +11,7 @@ mod generate;
 mod models;
 mod net;
 mod openai;
+mod pool;
 mod v1;
 mod ws;
 
@@ -115,6 +116,7 @@ pub fn router(node: Node) -> Router {
         .route("/api/admin/models", get(models::list))
         .route("/api/admin/models/{id}/status", get(models::status))
         .route("/api/v1/layers", get(models::layers))
+        .route("/api/pool/state", get(pool::state))
         .route("/api/admin/shard-storage", get(models::storage))
         .route("/api/admin/downloads", get(models::downloads))
         .route(
@@ -133,6 +135,9 @@ pub fn router(node: Node) -> Router {
         .route("/api/admin/join-network", post(net::join_network))
         .route("/api/v1/network/discover", post(net::discover))
         .route("/api/admin/rescan-shards", post(models::rescan))
+        .route("/api/pool/create", post(pool::create))
+        .route("/api/pool/generate-code", post(pool::generate_code))
+        .route("/api/pool/leave", post(pool::leave))
         .route("/api/admin/models/{id}/add", post(models::add))
         .route(
             "/api/admin/models/{id}",

@@ -1,0 +1,505 @@
+//! Device pools ("My Devices"): a user's own devices linked under one owner.
+//!
+//! This is the owner's local side: creating a pool, one-time invite codes, the
+//! member list and the rate limit on pool operations, all in SQLite. Codes are 8
+//! characters from a 32-character alphabet without 0/O/1/I, drawn from the OS
+//! CSPRNG; only their BLAKE3 hash is stored (and, once joining over gossip lands,
+//! sent), each works once and for 24 hours, and at most 5 are active per pool.
+//! [`Pools::redeem`] is the owner's check of a join request's code hash.
+
+use std::sync::Arc;
+
+use rand::Rng;
+use rusqlite::{OptionalExtension, params};
+use serde::Serialize;
+
+use crate::store::{Store, StoreError};
+
+/// The invite-code alphabet: A–Z and 2–9 without the look-alikes 0, O, 1 and I.
+pub const CODE_ALPHABET: &[u8; 32] = b"ABCDEFGHJKLMNPQRSTUVWXYZ23456789";
+/// Characters in a code.
+pub const CODE_LEN: usize = 8;
+/// How long a code works.
+pub const CODE_TTL_SECS: i64 = 24 * 3600;
+/// Active (unused, unexpired) codes a pool may have.
+pub const MAX_ACTIVE_CODES: usize = 5;
+/// Pool operations a node may make per hour.
+pub const OPS_PER_HOUR: usize = 10;
+/// Devices per pool unless configured otherwise.
+pub const DEFAULT_MAX_DEVICES: u32 = 10;
+
+/// Unix seconds; tests substitute their own.
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+/// A pool operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PoolError {
+    /// This node is already in a pool.
+    #[error("this device is already in pool '{0}'; leave it first")]
+    AlreadyInPool(String),
+    /// This node is in no pool.
+    #[error("this device is not in a pool")]
+    NotInPool,
+    /// Only the owner may do this.
+    #[error("only the pool's owner can do this")]
+    NotOwner,
+    /// The pool has its maximum of active codes.
+    #[error(
+        "the pool already has {MAX_ACTIVE_CODES} active invite codes; use or let one expire first"
+    )]
+    TooManyCodes,
+    /// More than [`OPS_PER_HOUR`] operations in the last hour.
+    #[error("too many pool operations; try again in {retry_after} s")]
+    RateLimited {
+        /// Seconds until the next operation is allowed.
+        retry_after: i64,
+    },
+    /// A name or code that is not acceptable.
+    #[error("{0}")]
+    Invalid(String),
+    /// A code that no pool of this node issued.
+    #[error("unknown invite code")]
+    UnknownCode,
+    /// A code that was already used.
+    #[error("this invite code was already used")]
+    CodeUsed,
+    /// A code past its 24 hours.
+    #[error("this invite code has expired")]
+    CodeExpired,
+    /// The pool has its maximum of devices.
+    #[error("the pool is full ({0} devices)")]
+    Full(u32),
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<rusqlite::Error> for PoolError {
+    fn from(e: rusqlite::Error) -> Self {
+        PoolError::Store(StoreError::Sqlite(e))
+    }
+}
+
+/// One device of a pool.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Member {
+    /// Node id.
+    pub node_id: String,
+    /// Its device name.
+    pub device_name: Option<String>,
+    /// `owner` or `member`.
+    pub role: String,
+    /// Unix seconds.
+    pub joined_at: i64,
+}
+
+/// `GET /api/pool/state`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PoolState {
+    /// Whether this node is in a pool.
+    pub in_pool: bool,
+    /// Pool id.
+    pub pool_id: Option<String>,
+    /// Pool name.
+    pub name: Option<String>,
+    /// The owner's node id.
+    pub owner_node_id: Option<String>,
+    /// This node's role (`owner`, `member`).
+    pub role: Option<String>,
+    /// Percentage of earnings members keep (0–50).
+    pub credit_split_pct: Option<u32>,
+    /// Devices allowed.
+    pub max_devices: Option<u32>,
+    /// The devices.
+    pub members: Vec<Member>,
+    /// Unused, unexpired invite codes (their count; the codes are never stored).
+    pub active_codes: usize,
+}
+
+/// Cloneable handle to this node's pool records.
+#[derive(Clone)]
+pub struct Pools {
+    store: Store,
+    node_id: String,
+    clock: Clock,
+    max_devices: u32,
+}
+
+impl std::fmt::Debug for Pools {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pools")
+            .field("node_id", &self.node_id)
+            .finish()
+    }
+}
+
+/// The BLAKE3 hash (hex) of a code, as stored and sent.
+pub fn code_hash(code: &str) -> String {
+    blake3::hash(code.as_bytes()).to_hex().to_string()
+}
+
+/// Normalises a typed code (trims, upper-cases, drops spaces and dashes) and
+/// checks its length and alphabet.
+pub fn parse_code(input: &str) -> Result<String, PoolError> {
+    let code: String = input
+        .chars()
+        .filter(|c| !c.is_whitespace() && *c != '-')
+        .map(|c| c.to_ascii_uppercase())
+        .collect();
+    if code.len() != CODE_LEN || !code.bytes().all(|b| CODE_ALPHABET.contains(&b)) {
+        return Err(PoolError::Invalid(format!(
+            "an invite code is {CODE_LEN} characters from A–Z and 2–9 (no 0, O, 1 or I)"
+        )));
+    }
+    Ok(code)
+}
+
+fn new_code() -> String {
+    let mut rng = rand::rngs::OsRng;
+    (0..CODE_LEN)
+        .map(|_| CODE_ALPHABET[rng.gen_range(0..CODE_ALPHABET.len())] as char)
+        .collect()
+}
+
+impl Pools {
+    /// Pool records of node `node_id` in `store`, on the system clock.
+    pub fn new(store: Store, node_id: String, max_devices: u32) -> Self {
+        Self::with_clock(
+            store,
+            node_id,
+            max_devices,
+            Arc::new(|| chrono::Utc::now().timestamp()),
+        )
+    }
+
+    /// The same with an injected clock (tests).
+    pub fn with_clock(store: Store, node_id: String, max_devices: u32, clock: Clock) -> Self {
+        Self {
+            store,
+            node_id,
+            clock,
+            max_devices: max_devices.max(1),
+        }
+    }
+
+    fn now(&self) -> i64 {
+        (self.clock)()
+    }
+
+    /// Counts one operation against the hourly limit (in the same transaction as
+    /// the operation, so a refused operation costs nothing else).
+    fn take_op(&self, tx: &rusqlite::Transaction<'_>) -> Result<(), PoolError> {
+        let now = self.now();
+        tx.execute("DELETE FROM pool_ops WHERE at <= ?1", [now - 3600])?;
+        let (count, oldest): (i64, Option<i64>) = tx.query_row(
+            "SELECT COUNT(*), MIN(at) FROM pool_ops WHERE node_id = ?1",
+            [&self.node_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        if count as usize >= OPS_PER_HOUR {
+            return Err(PoolError::RateLimited {
+                retry_after: (oldest.unwrap_or(now) + 3600 - now).max(1),
+            });
+        }
+        tx.execute(
+            "INSERT INTO pool_ops (node_id, at) VALUES (?1, ?2)",
+            params![self.node_id, now],
+        )?;
+        Ok(())
+    }
+
+    fn current(
+        conn: &rusqlite::Connection,
+    ) -> rusqlite::Result<Option<(String, String, String, String, u32, u32)>> {
+        conn.query_row(
+            "SELECT id, name, owner_node_id, role, credit_split_pct, max_devices FROM pools LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+        )
+        .optional()
+    }
+
+    /// Creates a pool owned by this node.
+    pub fn create(&self, name: &str, device_name: Option<&str>) -> Result<PoolState, PoolError> {
+        let name = name.trim();
+        if name.is_empty() || name.chars().count() > 64 {
+            return Err(PoolError::Invalid(
+                "the pool name must be 1–64 characters".into(),
+            ));
+        }
+        let now = self.now();
+        self.store.with_conn(|conn| -> rusqlite::Result<Result<(), PoolError>> {
+            let tx = conn.transaction()?;
+            if let Some((_, existing, ..)) = Self::current(&tx)? {
+                return Ok(Err(PoolError::AlreadyInPool(existing)));
+            }
+            if let Err(e) = self.take_op(&tx) {
+                return Ok(Err(e));
+            }
+            let id = uuid::Uuid::new_v4().to_string();
+            tx.execute(
+                "INSERT INTO pools (id, name, owner_node_id, role, credit_split_pct, max_devices, created_at)
+                 VALUES (?1, ?2, ?3, 'owner', 20, ?4, ?5)",
+                params![id, name, self.node_id, self.max_devices, now],
+            )?;
+            tx.execute(
+                "INSERT INTO pool_members (pool_id, node_id, device_name, role, joined_at)
+                 VALUES (?1, ?2, ?3, 'owner', ?4)",
+                params![id, self.node_id, device_name, now],
+            )?;
+            tx.commit()?;
+            Ok(Ok(()))
+        })??;
+        self.state()
+    }
+
+    /// Issues a one-time invite code (owner only). Returns the code and when it
+    /// expires; only its hash is kept.
+    pub fn generate_code(&self) -> Result<(String, i64), PoolError> {
+        let now = self.now();
+        let code = new_code();
+        let hash = code_hash(&code);
+        let expires = now + CODE_TTL_SECS;
+        self.store.with_conn(|conn| -> rusqlite::Result<Result<(), PoolError>> {
+            let tx = conn.transaction()?;
+            let Some((pool_id, _, _, role, ..)) = Self::current(&tx)? else {
+                return Ok(Err(PoolError::NotInPool));
+            };
+            if role != "owner" {
+                return Ok(Err(PoolError::NotOwner));
+            }
+            let active: i64 = tx.query_row(
+                "SELECT COUNT(*) FROM pool_codes WHERE pool_id = ?1 AND used_at IS NULL AND expires_at > ?2",
+                params![pool_id, now],
+                |r| r.get(0),
+            )?;
+            if active as usize >= MAX_ACTIVE_CODES {
+                return Ok(Err(PoolError::TooManyCodes));
+            }
+            if let Err(e) = self.take_op(&tx) {
+                return Ok(Err(e));
+            }
+            tx.execute(
+                "INSERT INTO pool_codes (code_hash, pool_id, created_at, expires_at) VALUES (?1, ?2, ?3, ?4)",
+                params![hash, pool_id, now, expires],
+            )?;
+            tx.commit()?;
+            Ok(Ok(()))
+        })??;
+        Ok((code, expires))
+    }
+
+    /// The owner's check of a join request: the code hash must be one of this
+    /// pool's, unused and unexpired, and the pool not full. Marks it used and adds
+    /// the device, in one transaction.
+    pub fn redeem(
+        &self,
+        hash: &str,
+        node_id: &str,
+        device_name: Option<&str>,
+    ) -> Result<String, PoolError> {
+        let now = self.now();
+        self.store.with_conn(|conn| -> rusqlite::Result<Result<String, PoolError>> {
+            let tx = conn.transaction()?;
+            let Some((pool_id, _, _, role, _, max_devices)) = Self::current(&tx)? else {
+                return Ok(Err(PoolError::NotInPool));
+            };
+            if role != "owner" {
+                return Ok(Err(PoolError::NotOwner));
+            }
+            let code: Option<(i64, Option<i64>)> = tx
+                .query_row(
+                    "SELECT expires_at, used_at FROM pool_codes WHERE code_hash = ?1 AND pool_id = ?2",
+                    params![hash, pool_id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            match code {
+                None => return Ok(Err(PoolError::UnknownCode)),
+                Some((_, Some(_))) => return Ok(Err(PoolError::CodeUsed)),
+                Some((expires, None)) if expires <= now => return Ok(Err(PoolError::CodeExpired)),
+                Some(_) => {}
+            }
+            let members: i64 = tx.query_row(
+                "SELECT COUNT(*) FROM pool_members WHERE pool_id = ?1",
+                [&pool_id],
+                |r| r.get(0),
+            )?;
+            if members as u32 >= max_devices {
+                return Ok(Err(PoolError::Full(max_devices)));
+            }
+            tx.execute(
+                "UPDATE pool_codes SET used_at = ?1, used_by = ?2 WHERE code_hash = ?3",
+                params![now, node_id, hash],
+            )?;
+            tx.execute(
+                "INSERT OR REPLACE INTO pool_members (pool_id, node_id, device_name, role, joined_at)
+                 VALUES (?1, ?2, ?3, 'member', ?4)",
+                params![pool_id, node_id, device_name, now],
+            )?;
+            tx.commit()?;
+            Ok(Ok(pool_id))
+        })?
+    }
+
+    /// Leaves the pool; the owner leaving dissolves it.
+    pub fn leave(&self) -> Result<(), PoolError> {
+        self.store
+            .with_conn(|conn| -> rusqlite::Result<Result<(), PoolError>> {
+                let tx = conn.transaction()?;
+                let Some((pool_id, ..)) = Self::current(&tx)? else {
+                    return Ok(Err(PoolError::NotInPool));
+                };
+                if let Err(e) = self.take_op(&tx) {
+                    return Ok(Err(e));
+                }
+                for table in ["pool_codes", "pool_members"] {
+                    tx.execute(
+                        &format!("DELETE FROM {table} WHERE pool_id = ?1"),
+                        [&pool_id],
+                    )?;
+                }
+                tx.execute("DELETE FROM pools WHERE id = ?1", [&pool_id])?;
+                tx.commit()?;
+                Ok(Ok(()))
+            })?
+    }
+
+    /// This node's pool state.
+    pub fn state(&self) -> Result<PoolState, PoolError> {
+        let now = self.now();
+        Ok(self.store.with_conn(|conn| {
+            let Some((pool_id, name, owner, role, split, max)) = Self::current(conn)? else {
+                return Ok(PoolState {
+                    in_pool: false,
+                    pool_id: None,
+                    name: None,
+                    owner_node_id: None,
+                    role: None,
+                    credit_split_pct: None,
+                    max_devices: None,
+                    members: Vec::new(),
+                    active_codes: 0,
+                });
+            };
+            let mut stmt = conn.prepare(
+                "SELECT node_id, device_name, role, joined_at FROM pool_members
+                 WHERE pool_id = ?1 ORDER BY role DESC, joined_at",
+            )?;
+            let members = stmt
+                .query_map([&pool_id], |r| {
+                    Ok(Member {
+                        node_id: r.get(0)?,
+                        device_name: r.get(1)?,
+                        role: r.get(2)?,
+                        joined_at: r.get(3)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let active: i64 = conn.query_row(
+                "SELECT COUNT(*) FROM pool_codes WHERE pool_id = ?1 AND used_at IS NULL AND expires_at > ?2",
+                params![pool_id, now],
+                |r| r.get(0),
+            )?;
+            Ok(PoolState {
+                in_pool: true,
+                pool_id: Some(pool_id),
+                name: Some(name),
+                owner_node_id: Some(owner),
+                role: Some(role),
+                credit_split_pct: Some(split),
+                max_devices: Some(max),
+                members,
+                active_codes: active as usize,
+            })
+        })?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicI64, Ordering};
+
+    fn pools(max_devices: u32) -> (Pools, Arc<AtomicI64>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("node.db")).expect("store");
+        let t = Arc::new(AtomicI64::new(1_800_000_000));
+        let clock = Arc::clone(&t);
+        let p = Pools::with_clock(
+            store,
+            "owner".into(),
+            max_devices,
+            Arc::new(move || clock.load(Ordering::Relaxed)),
+        );
+        (p, t, dir)
+    }
+
+    #[test]
+    fn codes_use_the_alphabet_work_once_and_expire() {
+        let (p, t, _d) = pools(10);
+        assert!(matches!(p.generate_code(), Err(PoolError::NotInPool)));
+        let state = p.create("My Devices", Some("laptop")).expect("create");
+        assert_eq!(state.role.as_deref(), Some("owner"));
+        assert!(matches!(
+            p.create("again", None),
+            Err(PoolError::AlreadyInPool(_))
+        ));
+        let (code, expires) = p.generate_code().expect("code");
+        assert_eq!(code.len(), 8);
+        assert!(code.bytes().all(|b| CODE_ALPHABET.contains(&b)));
+        assert!(!code.contains(['0', 'O', '1', 'I']));
+        assert_eq!(expires - t.load(Ordering::Relaxed), CODE_TTL_SECS);
+        assert_eq!(parse_code(&code.to_lowercase()).expect("parses"), code);
+        assert!(parse_code("ABCD0123").is_err());
+
+        p.redeem(&code_hash(&code), "desktop", Some("desktop"))
+            .expect("first use");
+        assert!(matches!(
+            p.redeem(&code_hash(&code), "other", None),
+            Err(PoolError::CodeUsed)
+        ));
+        assert!(matches!(
+            p.redeem(&code_hash("ZZZZZZZZ"), "x", None),
+            Err(PoolError::UnknownCode)
+        ));
+        let (late, _) = p.generate_code().expect("code");
+        t.fetch_add(CODE_TTL_SECS, Ordering::Relaxed);
+        assert!(matches!(
+            p.redeem(&code_hash(&late), "x", None),
+            Err(PoolError::CodeExpired)
+        ));
+        assert_eq!(p.state().expect("state").members.len(), 2);
+    }
+
+    #[test]
+    fn five_active_codes_ten_devices_and_ten_operations_an_hour() {
+        let (p, t, _d) = pools(3);
+        p.create("pool", None).expect("create");
+        let codes: Vec<String> = (0..5).map(|_| p.generate_code().expect("code").0).collect();
+        assert!(matches!(p.generate_code(), Err(PoolError::TooManyCodes)));
+        p.redeem(&code_hash(&codes[0]), "a", None).expect("a joins");
+        p.redeem(&code_hash(&codes[1]), "b", None).expect("b joins");
+        assert!(matches!(
+            p.redeem(&code_hash(&codes[2]), "c", None),
+            Err(PoolError::Full(3))
+        ));
+        // 1 create + 5 codes so far; 4 more operations fit in the hour.
+        for _ in 0..2 {
+            p.generate_code().expect("code");
+        }
+        t.fetch_add(10, Ordering::Relaxed);
+        assert!(matches!(p.generate_code(), Err(PoolError::TooManyCodes)));
+        p.leave().expect("leave");
+        p.create("again", None).expect("create");
+        match p.generate_code() {
+            Err(PoolError::RateLimited { retry_after }) => {
+                assert!(retry_after > 0 && retry_after <= 3600)
+            }
+            other => panic!("{other:?}"),
+        }
+        t.fetch_add(3600, Ordering::Relaxed);
+        p.generate_code().expect("allowed again an hour later");
+    }
+}
