@@ -117,6 +117,10 @@ pub struct PoolState {
     pub active_codes: usize,
 }
 
+/// This node's pool row: id, name, owner node id, this node's role, credit split,
+/// device limit.
+type PoolRow = (String, String, String, String, u32, u32);
+
 /// Cloneable handle to this node's pool records.
 #[derive(Clone)]
 pub struct Pools {
@@ -209,9 +213,7 @@ impl Pools {
         Ok(())
     }
 
-    fn current(
-        conn: &rusqlite::Connection,
-    ) -> rusqlite::Result<Option<(String, String, String, String, u32, u32)>> {
+    fn current(conn: &rusqlite::Connection) -> rusqlite::Result<Option<PoolRow>> {
         conn.query_row(
             "SELECT id, name, owner_node_id, role, credit_split_pct, max_devices FROM pools LIMIT 1",
             [],
