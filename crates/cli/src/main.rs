@@ -151,6 +151,14 @@ enum PoolCommand {
     },
     /// Print a one-time 8-character invite code (24 h, owner only).
     InviteCode,
+    /// Join a pool with an invite code from its owner.
+    Join {
+        /// The 8-character code.
+        code: String,
+        /// This device's name in the pool.
+        #[arg(long)]
+        device_name: Option<String>,
+    },
     /// Show the pool and its devices.
     Status {
         /// Print the raw JSON.
@@ -297,6 +305,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 PoolCommand::InviteCode => {
                     let v = client.post("/api/pool/generate-code", &json!({})).await?;
                     println!("{}", v["code"].as_str().unwrap_or("?"));
+                    Ok(())
+                }
+                PoolCommand::Join { code, device_name } => {
+                    let mut body = json!({ "code": code });
+                    if let Some(d) = device_name {
+                        body["device_name"] = json!(d);
+                    }
+                    let v = client.post("/api/pool/join", &body).await?;
+                    println!(
+                        "joined pool {} (owner {:.16}…)",
+                        v["name"].as_str().unwrap_or("?"),
+                        v["owner_node_id"].as_str().unwrap_or("?")
+                    );
                     Ok(())
                 }
                 PoolCommand::Status { json } => commands::pool_status(&client, *json).await,

@@ -1,11 +1,15 @@
-//! Device pools on a real node process: what works so far is the owner's side
-//! (create, one-time invite codes with their limits, state, leave), driven through
-//! the CLI and the HTTP API.
+//! Device pools on real node processes, driven through the CLI and the HTTP API:
+//! the owner's side (create, one-time invite codes with their limits, state,
+//! leave) and devices joining by code over gossip.
 
 mod common;
 
-use common::{TestNode, cli};
+use std::time::Duration;
+
+use common::{TestNode, cli, network_code, node_id, wait_for};
 use serde_json::{Value, json};
+
+const DEADLINE: Duration = Duration::from_secs(45);
 
 #[test]
 fn owner_creates_a_pool_and_issues_at_most_five_codes() {
@@ -95,4 +99,100 @@ fn owner_creates_a_pool_and_issues_at_most_five_codes() {
     assert_eq!(node.get("/api/pool/state").1["in_pool"], false);
     let (status, _) = node.post("/api/pool/generate-code", &json!({}));
     assert_eq!(status, 404);
+}
+
+#[test]
+fn devices_join_by_code_over_gossip_once_and_see_each_other() {
+    let a = TestNode::start_without_model();
+    let invite = network_code(&a);
+    let b = TestNode::start_full(false, &["--bootstrap", &invite]);
+    let c = TestNode::start_full(false, &["--bootstrap", &invite]);
+    wait_for("A to see both devices", DEADLINE, || {
+        let (_, v) = a.get("/api/admin/network-code");
+        (v["connected_peers"].as_u64()? >= 2).then_some(())
+    });
+    let (a_id, b_id) = (node_id(&a), node_id(&b));
+    let (ok, _, err) = cli(
+        a.dir(),
+        a.port,
+        &[
+            "pool",
+            "create",
+            "--name",
+            "Home",
+            "--device-name",
+            "desktop",
+        ],
+    );
+    assert!(ok, "{err}");
+    let code = |n: &TestNode| {
+        let (ok, out, err) = cli(n.dir(), n.port, &["pool", "invite-code"]);
+        assert!(ok, "{err}");
+        out.trim().to_string()
+    };
+    let (first, second) = (code(&a), code(&a));
+
+    // B joins with the CLI; the owner records its signed acceptance.
+    let (ok, out, err) = cli(
+        b.dir(),
+        b.port,
+        &[
+            "pool",
+            "join",
+            &first.to_lowercase(),
+            "--device-name",
+            "laptop",
+        ],
+    );
+    assert!(ok, "join: {out}{err}");
+    assert!(out.contains("joined pool Home"), "{out}");
+    let (_, state) = b.get("/api/pool/state");
+    assert_eq!(
+        (&state["role"], &state["owner_node_id"]),
+        (&json!("member"), &json!(a_id)),
+        "{state}"
+    );
+    wait_for("A to record B's acceptance", DEADLINE, || {
+        let (_, s) = a.get("/api/pool/state");
+        s["members"]
+            .as_array()?
+            .iter()
+            .find(|m| m["node_id"] == b_id.as_str() && m["accepted"] == true)
+            .map(|_| ())
+    });
+
+    // The code worked once; a wrong code finds no owner; a malformed one is 400.
+    let (status, v) = c.post("/api/pool/join", &json!({ "code": first }));
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (410, Some("CODE_USED")),
+        "{v}"
+    );
+    let (status, v) = c.post("/api/pool/join", &json!({ "code": "ZZZZZZZZ" }));
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (404, Some("UNKNOWN_CODE")),
+        "{v}"
+    );
+    assert_eq!(
+        c.post("/api/pool/join", &json!({ "code": "AB0O1I" })).0,
+        400
+    );
+
+    // C joins with the second code; B learns of C from the owner's signed state.
+    let (status, v) = c.post(
+        "/api/pool/join",
+        &json!({ "code": second, "device_name": "tablet" }),
+    );
+    assert_eq!(status, 200, "{v}");
+    wait_for("B to see all three devices", DEADLINE, || {
+        let (_, s) = b.get("/api/pool/state");
+        (s["members"].as_array()?.len() == 3).then_some(())
+    });
+    let (status, v) = c.post("/api/pool/join", &json!({ "code": code(&a) }));
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (409, Some("ALREADY_IN_POOL")),
+        "{v}"
+    );
 }

@@ -249,6 +249,9 @@ impl Node {
             )
             .await?;
             node.inner.pipeline.attach(network.clone());
+            node.inner
+                .pools
+                .attach(network.clone(), node.inner.identity.clone());
             let _ = node.inner.network.set(network);
         }
         if config.serve_shards {

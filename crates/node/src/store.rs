@@ -93,6 +93,7 @@ const MIGRATIONS: &[&str] = &[
         device_name    TEXT,
         role           TEXT NOT NULL,
         joined_at      INTEGER NOT NULL,
+        invitation_id  TEXT,
         acceptance_sig TEXT,
         PRIMARY KEY (pool_id, node_id)
     );

@@ -138,6 +138,7 @@ pub fn router(node: Node) -> Router {
         .route("/api/pool/create", post(pool::create))
         .route("/api/pool/generate-code", post(pool::generate_code))
         .route("/api/pool/leave", post(pool::leave))
+        .route("/api/pool/join", post(pool::join))
         .route("/api/admin/models/{id}/add", post(models::add))
         .route(
             "/api/admin/models/{id}",

@@ -1,5 +1,5 @@
-//! Device pools (`/api/pool/*`). So far the owner's local side: create, invite
-//! codes, state, leave; joining over gossip comes next.
+//! Device pools (`/api/pool/*`): create, invite codes, join by code over gossip,
+//! state, leave.
 
 use axum::Json;
 use axum::extract::State;
@@ -78,4 +78,29 @@ pub(crate) async fn leave(State(state): State<AppState>) -> Result<Json<Value>, 
     let pools = state.node.pools().clone();
     blocking(move || pools.leave()).await?;
     Ok(Json(json!({ "status": "left" })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JoinBody {
+    code: String,
+    device_name: Option<String>,
+}
+
+/// `POST /api/pool/join` with `{"code": "A3F7K2M9"}`: waits for the owner's
+/// answer (404 `UNKNOWN_CODE` when no owner recognises the code in time, 410 for a
+/// used or expired code, 409 for a full pool).
+pub(crate) async fn join(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Json<Value>, ApiError> {
+    let body: JoinBody = from_value(&body)?;
+    let device = body.device_name.or_else(|| state.node.nickname());
+    let s = state
+        .node
+        .pools()
+        .join(&body.code, device)
+        .await
+        .map_err(pool_error)?;
+    Ok(Json(serde_json::to_value(s).unwrap_or_default()))
 }

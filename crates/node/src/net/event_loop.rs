@@ -172,6 +172,17 @@ impl EventLoop {
                 let topic = gossipsub::IdentTopic::new(announce::TOPIC);
                 let _ = self.swarm.behaviour_mut().gossipsub.publish(topic, data);
             }
+            Command::PublishPool(data, reply) => {
+                let topic = gossipsub::IdentTopic::new(super::POOL_TOPIC);
+                let result = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .publish(topic, data)
+                    .map(|_| ())
+                    .map_err(|e| NetError::Request(format!("publishing: {e}")));
+                let _ = reply.send(result);
+            }
         }
     }
 
@@ -379,6 +390,13 @@ impl EventLoop {
                         self.dial(addr, Some(peer), "mdns", None);
                     }
                 }
+            }
+            BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            }) if message.topic == gossipsub::IdentTopic::new(super::POOL_TOPIC).hash() => {
+                self.on_pool_message(propagation_source, message_id, message);
             }
             BehaviourEvent::Gossipsub(gossipsub::Event::Message {
                 propagation_source,
@@ -598,6 +616,30 @@ impl EventLoop {
                 started.elapsed().as_millis() as u64,
             )
         });
+    }
+
+    /// Pool messages are relayed if small and from a known author; their meaning
+    /// is checked by the pool module.
+    fn on_pool_message(
+        &mut self,
+        source: PeerId,
+        id: gossipsub::MessageId,
+        message: gossipsub::Message,
+    ) {
+        let author = message.source.and_then(|p| node_id_of(&p));
+        let acceptance = if author.is_some() && message.data.len() <= 64 * 1024 {
+            gossipsub::MessageAcceptance::Accept
+        } else {
+            gossipsub::MessageAcceptance::Reject
+        };
+        let _ = self
+            .swarm
+            .behaviour_mut()
+            .gossipsub
+            .report_message_validation_result(&id, &source, acceptance);
+        if let (Some(author), Some(handler)) = (author, self.shared.pool_messages.get()) {
+            let _ = handler.try_send((author, message.data));
+        }
     }
 
     fn on_announcement(

@@ -140,7 +140,12 @@ pub(crate) struct Shared {
     pub(crate) counters: Counters,
     /// Where inbound pipeline steps go (set once by the node's pipeline).
     pub(crate) steps: OnceLock<mpsc::Sender<InboundStep>>,
+    /// Where pool messages go: (author node id, bytes).
+    pub(crate) pool_messages: OnceLock<mpsc::Sender<(String, Vec<u8>)>>,
 }
+
+/// The gossip topic of device-pool messages.
+pub const POOL_TOPIC: &str = "swarmllm/pool/1";
 
 /// A request another node sent that the node (not the P2P layer) answers:
 /// a pipeline step or a model-file fetch. Answer it through [`Responder::send`].
@@ -208,6 +213,7 @@ pub(crate) enum Command {
     },
     Redial(Vec<(String, String, Vec<String>)>),
     PublishRaw(Vec<u8>),
+    PublishPool(Vec<u8>, oneshot::Sender<Result<(), NetError>>),
 }
 
 /// The composed behaviour.
@@ -536,6 +542,19 @@ impl Network {
         });
     }
 
+    /// Routes device-pool gossip (author node id, bytes) to `handler`; only the
+    /// first call takes effect.
+    pub fn set_pool_handler(&self, handler: mpsc::Sender<(String, Vec<u8>)>) {
+        let _ = self.shared.pool_messages.set(handler);
+    }
+
+    /// Publishes a device-pool message (signed by this node as gossip author).
+    pub async fn publish_pool(&self, data: Vec<u8>) -> Result<(), NetError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::PublishPool(data, reply)).await?;
+        rx.await.map_err(|_| NetError::Stopped)?
+    }
+
     /// Routes inbound pipeline steps to `handler`; only the first call takes effect.
     pub fn set_step_handler(&self, handler: mpsc::Sender<InboundStep>) {
         let _ = self.shared.steps.set(handler);
@@ -588,6 +607,7 @@ fn build_behaviour(
         gossip_config,
     )?;
     gossipsub.subscribe(&gossipsub::IdentTopic::new(announce::TOPIC))?;
+    gossipsub.subscribe(&gossipsub::IdentTopic::new(POOL_TOPIC))?;
 
     let mut kad = kad::Behaviour::with_config(
         peer_id,

@@ -7,7 +7,10 @@
 //! sent), each works once and for 24 hours, and at most 5 are active per pool.
 //! [`Pools::redeem`] is the owner's check of a join request's code hash.
 
-use std::sync::Arc;
+mod gossip;
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
 
 use rand::Rng;
 use rusqlite::{OptionalExtension, params};
@@ -92,6 +95,9 @@ pub struct Member {
     pub role: String,
     /// Unix seconds.
     pub joined_at: i64,
+    /// The device has signed its acceptance (an invited device that has not
+    /// yet is listed with `false`).
+    pub accepted: bool,
 }
 
 /// `GET /api/pool/state`.
@@ -128,6 +134,18 @@ pub struct Pools {
     node_id: String,
     clock: Clock,
     max_devices: u32,
+    net: Arc<OnceLock<gossip::PoolNet>>,
+}
+
+/// What the owner tells a device whose code it redeemed.
+#[derive(Debug, Clone)]
+pub struct Invitation {
+    /// Pool id.
+    pub pool_id: String,
+    /// Pool name.
+    pub pool_name: String,
+    /// The invitation the device signs to accept.
+    pub invitation_id: String,
 }
 
 impl std::fmt::Debug for Pools {
@@ -184,6 +202,7 @@ impl Pools {
             node_id,
             clock,
             max_devices: max_devices.max(1),
+            net: Arc::new(OnceLock::new()),
         }
     }
 
@@ -300,11 +319,12 @@ impl Pools {
         hash: &str,
         node_id: &str,
         device_name: Option<&str>,
-    ) -> Result<String, PoolError> {
+    ) -> Result<Invitation, PoolError> {
         let now = self.now();
-        self.store.with_conn(|conn| -> rusqlite::Result<Result<String, PoolError>> {
+        let invitation_id = uuid::Uuid::new_v4().to_string();
+        self.store.with_conn(|conn| -> rusqlite::Result<Result<Invitation, PoolError>> {
             let tx = conn.transaction()?;
-            let Some((pool_id, _, _, role, _, max_devices)) = Self::current(&tx)? else {
+            let Some((pool_id, pool_name, _, role, _, max_devices)) = Self::current(&tx)? else {
                 return Ok(Err(PoolError::NotInPool));
             };
             if role != "owner" {
@@ -336,13 +356,124 @@ impl Pools {
                 params![now, node_id, hash],
             )?;
             tx.execute(
-                "INSERT OR REPLACE INTO pool_members (pool_id, node_id, device_name, role, joined_at)
-                 VALUES (?1, ?2, ?3, 'member', ?4)",
-                params![pool_id, node_id, device_name, now],
+                "INSERT OR REPLACE INTO pool_members
+                 (pool_id, node_id, device_name, role, joined_at, invitation_id)
+                 VALUES (?1, ?2, ?3, 'member', ?4, ?5)",
+                params![pool_id, node_id, device_name, now, invitation_id],
             )?;
             tx.commit()?;
-            Ok(Ok(pool_id))
+            Ok(Ok(Invitation {
+                pool_id,
+                pool_name,
+                invitation_id,
+            }))
         })?
+    }
+
+    /// Refuses a join while this node is in a pool; counts the attempt against the
+    /// hourly limit (so guessing codes costs the guesser).
+    fn check_can_join(&self) -> Result<(), PoolError> {
+        self.store
+            .with_conn(|conn| -> rusqlite::Result<Result<(), PoolError>> {
+                let tx = conn.transaction()?;
+                if let Some((_, name, ..)) = Self::current(&tx)? {
+                    return Ok(Err(PoolError::AlreadyInPool(name)));
+                }
+                if let Err(e) = self.take_op(&tx) {
+                    return Ok(Err(e));
+                }
+                tx.commit()?;
+                Ok(Ok(()))
+            })?
+    }
+
+    /// The owner records a device's signed acceptance of its invitation; whether
+    /// it was new.
+    fn record_acceptance(
+        &self,
+        pool_id: &str,
+        node_id: &str,
+        invitation_id: &str,
+        signature: &str,
+    ) -> Result<bool, PoolError> {
+        Ok(self.store.with_conn(|conn| {
+            conn.execute(
+                "UPDATE pool_members SET acceptance_sig = ?1
+                 WHERE pool_id = ?2 AND node_id = ?3 AND invitation_id = ?4 AND acceptance_sig IS NULL",
+                params![signature, pool_id, node_id, invitation_id],
+            )
+        })? == 1)
+    }
+
+    /// Signed acceptances by node: (invitation id, signature).
+    fn acceptances(&self) -> Result<HashMap<String, (String, String)>, PoolError> {
+        Ok(self.store.with_conn(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT node_id, invitation_id, acceptance_sig FROM pool_members
+                 WHERE acceptance_sig IS NOT NULL AND invitation_id IS NOT NULL",
+            )?;
+            stmt.query_map([], |r| Ok((r.get(0)?, (r.get(1)?, r.get(2)?))))?
+                .collect::<rusqlite::Result<HashMap<_, _>>>()
+        })?)
+    }
+
+    /// A device that accepted an invitation records its pool.
+    fn enter_as_member(
+        &self,
+        pool_id: &str,
+        name: &str,
+        owner: &str,
+        device_name: Option<&str>,
+    ) -> Result<PoolState, PoolError> {
+        let now = self.now();
+        self.store
+            .with_conn(|conn| -> rusqlite::Result<Result<(), PoolError>> {
+                let tx = conn.transaction()?;
+                if let Some((_, existing, ..)) = Self::current(&tx)? {
+                    return Ok(Err(PoolError::AlreadyInPool(existing)));
+                }
+                tx.execute(
+                    "INSERT INTO pools (id, name, owner_node_id, role, max_devices, created_at)
+                     VALUES (?1, ?2, ?3, 'member', ?4, ?5)",
+                    params![pool_id, name, owner, self.max_devices, now],
+                )?;
+                tx.execute(
+                    "INSERT INTO pool_members (pool_id, node_id, role, joined_at) VALUES (?1, ?2, 'owner', ?3)",
+                    params![pool_id, owner, now],
+                )?;
+                tx.execute(
+                    "INSERT INTO pool_members (pool_id, node_id, device_name, role, joined_at)
+                     VALUES (?1, ?2, ?3, 'member', ?4)",
+                    params![pool_id, self.node_id, device_name, now],
+                )?;
+                tx.commit()?;
+                Ok(Ok(()))
+            })??;
+        self.state()
+    }
+
+    /// A member takes the owner's (verified) member list.
+    fn apply_state(&self, pool_id: &str, owner: &str, members: &[Member]) -> Result<(), PoolError> {
+        self.store.with_conn(|conn| -> rusqlite::Result<()> {
+            let tx = conn.transaction()?;
+            let mine = Self::current(&tx)?;
+            let Some((id, _, my_owner, role, ..)) = mine else {
+                return Ok(());
+            };
+            if id != pool_id || my_owner != owner || role != "member" {
+                return Ok(());
+            }
+            tx.execute("DELETE FROM pool_members WHERE pool_id = ?1", [pool_id])?;
+            for m in members {
+                tx.execute(
+                    "INSERT INTO pool_members (pool_id, node_id, device_name, role, joined_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![pool_id, m.node_id, m.device_name, m.role, m.joined_at],
+                )?;
+            }
+            tx.commit()
+        })?;
+        Ok(())
     }
 
     /// Leaves the pool; the owner leaving dissolves it.
@@ -386,8 +517,9 @@ impl Pools {
                 });
             };
             let mut stmt = conn.prepare(
-                "SELECT node_id, device_name, role, joined_at FROM pool_members
-                 WHERE pool_id = ?1 ORDER BY role DESC, joined_at",
+                "SELECT node_id, device_name, role, joined_at,
+                        role = 'owner' OR acceptance_sig IS NOT NULL OR invitation_id IS NULL
+                 FROM pool_members WHERE pool_id = ?1 ORDER BY role DESC, joined_at",
             )?;
             let members = stmt
                 .query_map([&pool_id], |r| {
@@ -396,6 +528,7 @@ impl Pools {
                         device_name: r.get(1)?,
                         role: r.get(2)?,
                         joined_at: r.get(3)?,
+                        accepted: r.get(4)?,
                     })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;

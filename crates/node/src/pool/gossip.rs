@@ -1,0 +1,475 @@
+//! Joining a pool over gossip (`swarmllm/pool/1`).
+//!
+//! ```text
+//! member                                   everyone            owner
+//!   JoinRequest {code_hash, node_id} ───────────▶ ─────────────▶ redeem(code_hash)
+//!   (opens the verdict with its key) ◀── Verdict {owner, sealed} ◀── sealed for the member
+//!   Acceptance {pool, invitation, signature} ──▶ ─────────────▶ verify, record
+//!   (checks every signature)         ◀── State {body, owner signature} ◀──
+//! ```
+//!
+//! Gossip authors are authenticated by gossipsub's own Ed25519 message signatures;
+//! a message whose claimed node is not its author is dropped. Only the code's
+//! BLAKE3 hash travels. The verdict is sealed (X25519 owner↔member + ChaCha20-
+//! Poly1305), so observers cannot tell who was invited or to which pool. The
+//! member signs its acceptance; the owner signs the pool state, which lists each
+//! member's acceptance signature, and members accept a state only when all verify.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Member, PoolError, PoolState, Pools, code_hash, parse_code};
+use crate::identity::{self, Identity};
+use crate::net::Network;
+use crate::pipeline::activation::{self, Direction, SessionKey};
+
+/// How long a member waits for an owner's verdict.
+const VERDICT_WAIT: Duration = Duration::from_secs(10);
+const ACCEPT_TAG: &str = "swarmllm pool accept v1";
+const STATE_TAG: &str = "swarmllm pool state v1";
+
+/// A message on the pool topic.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Message {
+    JoinRequest {
+        code_hash: String,
+        node_id: String,
+        device_name: Option<String>,
+    },
+    Verdict {
+        owner_node_id: String,
+        /// Base64 of the sealed [`Verdict`].
+        sealed: String,
+    },
+    Acceptance {
+        pool_id: String,
+        owner_node_id: String,
+        invitation_id: String,
+        node_id: String,
+        /// Hex Ed25519 signature.
+        signature: String,
+    },
+    State {
+        /// JSON of [`StateBody`].
+        body: String,
+        /// Hex Ed25519 signature by the owner over the tag and `body`.
+        signature: String,
+    },
+}
+
+/// What an owner answers a join request with (sealed for the member).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+enum Verdict {
+    Invited {
+        code_hash: String,
+        pool_id: String,
+        pool_name: String,
+        invitation_id: String,
+    },
+    Refused {
+        code_hash: String,
+        /// `used`, `expired` or `full`.
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StateBody {
+    pool_id: String,
+    name: String,
+    owner_node_id: String,
+    members: Vec<SignedMember>,
+    issued_at: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SignedMember {
+    node_id: String,
+    device_name: Option<String>,
+    role: String,
+    joined_at: i64,
+    acceptance_invitation: Option<String>,
+    acceptance_sig: Option<String>,
+}
+
+fn accept_message(pool_id: &str, owner: &str, node_id: &str, invitation_id: &str) -> Vec<u8> {
+    format!("{ACCEPT_TAG}\n{pool_id}\n{owner}\n{node_id}\n{invitation_id}").into_bytes()
+}
+
+fn verify_hex(node_id: &str, message: &[u8], sig_hex: &str) -> bool {
+    let mut bytes = [0u8; 64];
+    hex::decode_to_slice(sig_hex, &mut bytes).is_ok()
+        && identity::verify(
+            node_id,
+            message,
+            &ed25519_dalek::Signature::from_bytes(&bytes),
+        )
+}
+
+fn verdict_key(identity: &Identity, peer: &str, code_hash: &str) -> Option<SessionKey> {
+    let public = identity::x25519_public(peer)?;
+    let mut session = [0u8; 16];
+    hex::decode_to_slice(code_hash.get(..32)?, &mut session).ok()?;
+    Some(SessionKey::agree(
+        &identity.x25519_secret(),
+        &public,
+        &session,
+    ))
+}
+
+/// Code hash → where the (owner, verdict) for it goes.
+type Waiting = HashMap<String, oneshot::Sender<(String, Verdict)>>;
+
+/// The network side of a node's pools.
+#[derive(Clone)]
+pub(super) struct PoolNet {
+    pools: Pools,
+    identity: Identity,
+    network: Network,
+    /// Code hashes this node is waiting on, with where to deliver the verdict.
+    pending: Arc<Mutex<Waiting>>,
+}
+
+impl Pools {
+    /// Starts answering pool gossip on `network` (owners redeem codes, members
+    /// take verdicts and pool states).
+    pub fn attach(&self, network: Network, identity: Identity) {
+        let (tx, mut rx) = mpsc::channel(256);
+        network.set_pool_handler(tx);
+        let net = PoolNet {
+            pools: self.clone(),
+            identity,
+            network,
+            pending: Arc::new(Mutex::new(HashMap::new())),
+        };
+        let _ = self.net.set(net.clone());
+        tokio::spawn(async move {
+            while let Some((author, bytes)) = rx.recv().await {
+                let net = net.clone();
+                tokio::spawn(async move { net.on_message(&author, &bytes).await });
+            }
+        });
+    }
+
+    /// Joins a pool with an invite code: sends the code's hash, waits for the
+    /// owner's verdict, accepts. Wrong codes get [`PoolError::UnknownCode`] once no
+    /// owner has answered in time.
+    pub async fn join(
+        &self,
+        code: &str,
+        device_name: Option<String>,
+    ) -> Result<PoolState, PoolError> {
+        let code = parse_code(code)?;
+        let net = self
+            .net
+            .get()
+            .cloned()
+            .ok_or_else(|| PoolError::Invalid("this node has no P2P network".into()))?;
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.check_can_join())
+            .await
+            .map_err(|e| PoolError::Invalid(e.to_string()))??;
+        let hash = code_hash(&code);
+        let (tx, rx) = oneshot::channel();
+        net.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(hash.clone(), tx);
+        let request = Message::JoinRequest {
+            code_hash: hash.clone(),
+            node_id: self.node_id.clone(),
+            device_name: device_name.clone(),
+        };
+        let outcome = async {
+            net.publish(&request).await?;
+            tokio::time::timeout(VERDICT_WAIT, rx)
+                .await
+                .map_err(|_| PoolError::UnknownCode)?
+                .map_err(|_| PoolError::UnknownCode)
+        }
+        .await;
+        net.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&hash);
+        let (owner, verdict) = outcome?;
+        match verdict {
+            Verdict::Refused { reason, .. } => Err(match reason.as_str() {
+                "used" => PoolError::CodeUsed,
+                "expired" => PoolError::CodeExpired,
+                "full" => PoolError::Full(0),
+                other => PoolError::Invalid(format!("the owner refused: {other}")),
+            }),
+            Verdict::Invited {
+                pool_id,
+                pool_name,
+                invitation_id,
+                ..
+            } => {
+                let signature = hex::encode(
+                    net.identity
+                        .sign(&accept_message(
+                            &pool_id,
+                            &owner,
+                            &self.node_id,
+                            &invitation_id,
+                        ))
+                        .to_bytes(),
+                );
+                let this = self.clone();
+                let (p, n, o, d) = (pool_id.clone(), pool_name, owner.clone(), device_name);
+                let state = tokio::task::spawn_blocking(move || {
+                    this.enter_as_member(&p, &n, &o, d.as_deref())
+                })
+                .await
+                .map_err(|e| PoolError::Invalid(e.to_string()))??;
+                net.publish(&Message::Acceptance {
+                    pool_id,
+                    owner_node_id: owner,
+                    invitation_id,
+                    node_id: self.node_id.clone(),
+                    signature,
+                })
+                .await?;
+                Ok(state)
+            }
+        }
+    }
+}
+
+impl PoolNet {
+    /// Publishes, retrying briefly while the gossip mesh forms.
+    async fn publish(&self, message: &Message) -> Result<(), PoolError> {
+        let bytes = serde_json::to_vec(message).map_err(|e| PoolError::Invalid(e.to_string()))?;
+        let mut last = String::new();
+        for _ in 0..20 {
+            match self.network.publish_pool(bytes.clone()).await {
+                Ok(()) => return Ok(()),
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        Err(PoolError::Invalid(format!(
+            "no peer to send the pool message to: {last}"
+        )))
+    }
+
+    async fn on_message(&self, author: &str, bytes: &[u8]) {
+        let Ok(message) = serde_json::from_slice::<Message>(bytes) else {
+            tracing::debug!(author = %&author[..author.len().min(12)], "unreadable pool message");
+            return;
+        };
+        match message {
+            Message::JoinRequest {
+                code_hash,
+                node_id,
+                device_name,
+            } if node_id == author => self.on_join_request(code_hash, node_id, device_name).await,
+            Message::Verdict {
+                owner_node_id,
+                sealed,
+            } if owner_node_id == author => self.on_verdict(&owner_node_id, &sealed),
+            Message::Acceptance {
+                pool_id,
+                owner_node_id,
+                invitation_id,
+                node_id,
+                signature,
+            } if node_id == author && owner_node_id == self.pools.node_id => {
+                let ok = verify_hex(
+                    &node_id,
+                    &accept_message(&pool_id, &owner_node_id, &node_id, &invitation_id),
+                    &signature,
+                );
+                if !ok {
+                    tracing::warn!(node = %node_id, "pool acceptance with a bad signature; ignored");
+                    return;
+                }
+                let pools = self.pools.clone();
+                let recorded = tokio::task::spawn_blocking(move || {
+                    pools.record_acceptance(&pool_id, &node_id, &invitation_id, &signature)
+                })
+                .await;
+                if matches!(recorded, Ok(Ok(true))) {
+                    self.publish_state().await;
+                }
+            }
+            Message::State { body, signature } => self.on_state(author, &body, &signature).await,
+            _ => tracing::debug!("pool message whose claimed sender is not its author; ignored"),
+        }
+    }
+
+    async fn on_join_request(&self, hash: String, node_id: String, device: Option<String>) {
+        let pools = self.pools.clone();
+        let (h, n) = (hash.clone(), node_id.clone());
+        let result =
+            tokio::task::spawn_blocking(move || pools.redeem(&h, &n, device.as_deref())).await;
+        let verdict = match result {
+            Ok(Ok(invitation)) => Verdict::Invited {
+                code_hash: hash.clone(),
+                pool_id: invitation.pool_id,
+                pool_name: invitation.pool_name,
+                invitation_id: invitation.invitation_id,
+            },
+            Ok(Err(PoolError::CodeUsed)) => refused(&hash, "used"),
+            Ok(Err(PoolError::CodeExpired)) => refused(&hash, "expired"),
+            Ok(Err(PoolError::Full(_))) => refused(&hash, "full"),
+            // Not one of this node's codes (or no pool here): someone else's business.
+            _ => return,
+        };
+        let Some(key) = verdict_key(&self.identity, &node_id, &hash) else {
+            return;
+        };
+        let plain = serde_json::to_vec(&verdict).unwrap_or_default();
+        let sealed =
+            activation::seal_message(&key, 0, Direction::Backward, hash.as_bytes(), &plain);
+        let _ = self
+            .publish(&Message::Verdict {
+                owner_node_id: self.pools.node_id.clone(),
+                sealed: base64::engine::general_purpose::STANDARD.encode(sealed),
+            })
+            .await;
+    }
+
+    /// Tries to open a verdict for each code this node is waiting on.
+    fn on_verdict(&self, owner: &str, sealed: &str) {
+        let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(sealed) else {
+            return;
+        };
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let hashes: Vec<String> = pending.keys().cloned().collect();
+        for hash in hashes {
+            let Some(key) = verdict_key(&self.identity, owner, &hash) else {
+                continue;
+            };
+            let Ok(plain) =
+                activation::open_message(&key, 0, Direction::Backward, hash.as_bytes(), &bytes)
+            else {
+                continue;
+            };
+            let Ok(verdict) = serde_json::from_slice::<Verdict>(&plain) else {
+                continue;
+            };
+            let matches = match &verdict {
+                Verdict::Invited { code_hash, .. } | Verdict::Refused { code_hash, .. } => {
+                    *code_hash == hash
+                }
+            };
+            if matches && let Some(tx) = pending.remove(&hash) {
+                let _ = tx.send((owner.to_string(), verdict));
+            }
+            return;
+        }
+    }
+
+    /// The owner announces the pool's members with their acceptance signatures.
+    async fn publish_state(&self) {
+        let pools = self.pools.clone();
+        let Ok(Ok(Some(body))) = tokio::task::spawn_blocking(move || pools.signed_members()).await
+        else {
+            return;
+        };
+        let Ok(body) = serde_json::to_string(&body) else {
+            return;
+        };
+        let signature = hex::encode(
+            self.identity
+                .sign(format!("{STATE_TAG}\n{body}").as_bytes())
+                .to_bytes(),
+        );
+        let _ = self.publish(&Message::State { body, signature }).await;
+    }
+
+    async fn on_state(&self, author: &str, body: &str, signature: &str) {
+        let Ok(state) = serde_json::from_str::<StateBody>(body) else {
+            return;
+        };
+        if state.owner_node_id != author
+            || !verify_hex(author, format!("{STATE_TAG}\n{body}").as_bytes(), signature)
+        {
+            tracing::warn!("pool state with a bad owner signature; ignored");
+            return;
+        }
+        // Every member but the owner must have signed its own acceptance.
+        let valid = state.members.iter().all(|m| {
+            m.role == "owner" && m.node_id == state.owner_node_id
+                || match (&m.acceptance_invitation, &m.acceptance_sig) {
+                    (Some(inv), Some(sig)) => verify_hex(
+                        &m.node_id,
+                        &accept_message(&state.pool_id, &state.owner_node_id, &m.node_id, inv),
+                        sig,
+                    ),
+                    _ => false,
+                }
+        });
+        if !valid {
+            tracing::warn!(pool = %state.pool_id, "pool state with a member lacking a valid acceptance; ignored");
+            return;
+        }
+        let pools = self.pools.clone();
+        let members: Vec<Member> = state
+            .members
+            .iter()
+            .map(|m| Member {
+                node_id: m.node_id.clone(),
+                device_name: m.device_name.clone(),
+                role: m.role.clone(),
+                joined_at: m.joined_at,
+                accepted: true,
+            })
+            .collect();
+        let _ = tokio::task::spawn_blocking(move || {
+            pools.apply_state(&state.pool_id, &state.owner_node_id, &members)
+        })
+        .await;
+    }
+}
+
+fn refused(hash: &str, reason: &str) -> Verdict {
+    Verdict::Refused {
+        code_hash: hash.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+impl Pools {
+    /// The owner's state document, or `None` when this node owns no pool.
+    fn signed_members(&self) -> Result<Option<StateBody>, PoolError> {
+        let state = self.state()?;
+        if state.role.as_deref() != Some("owner") {
+            return Ok(None);
+        }
+        let sigs = self.acceptances()?;
+        Ok(Some(StateBody {
+            pool_id: state.pool_id.unwrap_or_default(),
+            name: state.name.unwrap_or_default(),
+            owner_node_id: state.owner_node_id.unwrap_or_default(),
+            issued_at: (self.clock)(),
+            members: state
+                .members
+                .into_iter()
+                .filter_map(|m| {
+                    let sig = sigs.get(&m.node_id).cloned();
+                    if m.role != "owner" && sig.is_none() {
+                        return None; // invited but not yet accepted
+                    }
+                    Some(SignedMember {
+                        node_id: m.node_id,
+                        device_name: m.device_name,
+                        role: m.role,
+                        joined_at: m.joined_at,
+                        acceptance_invitation: sig.as_ref().map(|s| s.0.clone()),
+                        acceptance_sig: sig.map(|s| s.1),
+                    })
+                })
+                .collect(),
+        }))
+    }
+}
