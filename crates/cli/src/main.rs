@@ -167,6 +167,11 @@ enum PoolCommand {
     },
     /// Leave the pool (the owner leaving dissolves it).
     Leave,
+    /// Remove a device from the pool (owner only).
+    Remove {
+        /// The device's node id.
+        node_id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -321,6 +326,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     Ok(())
                 }
                 PoolCommand::Status { json } => commands::pool_status(&client, *json).await,
+                PoolCommand::Remove { node_id } => {
+                    client
+                        .post("/api/pool/remove", &json!({ "node_id": node_id }))
+                        .await?;
+                    println!("removed {node_id:.16}… from the pool");
+                    Ok(())
+                }
                 PoolCommand::Leave => {
                     client.post("/api/pool/leave", &json!({})).await?;
                     println!("left the pool");

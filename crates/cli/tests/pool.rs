@@ -195,4 +195,18 @@ fn devices_join_by_code_over_gossip_once_and_see_each_other() {
         (409, Some("ALREADY_IN_POOL")),
         "{v}"
     );
+
+    // The owner removes B: B leaves the pool on the signed notice, C sees it go.
+    let (ok, _, err) = cli(a.dir(), a.port, &["pool", "remove", &b_id]);
+    assert!(ok, "{err}");
+    wait_for("B to be out of the pool", DEADLINE, || {
+        (b.get("/api/pool/state").1["in_pool"] == false).then_some(())
+    });
+    wait_for("C to see two devices", DEADLINE, || {
+        let (_, s) = c.get("/api/pool/state");
+        (s["members"].as_array()?.len() == 2).then_some(())
+    });
+    // Only the owner removes.
+    let (status, _) = c.post("/api/pool/remove", &json!({ "node_id": a_id }));
+    assert_eq!(status, 403);
 }

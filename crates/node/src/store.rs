@@ -109,7 +109,11 @@ const MIGRATIONS: &[&str] = &[
         node_id TEXT NOT NULL,
         at      INTEGER NOT NULL
     );
-    CREATE INDEX pool_ops_at ON pool_ops(node_id, at);",
+    CREATE INDEX pool_ops_at ON pool_ops(node_id, at);
+    CREATE TABLE pool_seen_notices (
+        nonce   TEXT PRIMARY KEY,
+        seen_at INTEGER NOT NULL
+    );",
 ];
 
 /// A database failure.

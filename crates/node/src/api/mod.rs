@@ -139,6 +139,7 @@ pub fn router(node: Node) -> Router {
         .route("/api/pool/generate-code", post(pool::generate_code))
         .route("/api/pool/leave", post(pool::leave))
         .route("/api/pool/join", post(pool::join))
+        .route("/api/pool/remove", post(pool::remove))
         .route("/api/admin/models/{id}/add", post(models::add))
         .route(
             "/api/admin/models/{id}",

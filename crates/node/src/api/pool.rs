@@ -104,3 +104,25 @@ pub(crate) async fn join(
         .map_err(pool_error)?;
     Ok(Json(serde_json::to_value(s).unwrap_or_default()))
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RemoveBody {
+    node_id: String,
+}
+
+/// `POST /api/pool/remove` with `{"node_id": "…"}` (owner only): removes the
+/// device and gossips a signed removal notice.
+pub(crate) async fn remove(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Json<Value>, ApiError> {
+    let body: RemoveBody = from_value(&body)?;
+    let s = state
+        .node
+        .pools()
+        .remove(&body.node_id)
+        .await
+        .map_err(pool_error)?;
+    Ok(Json(serde_json::to_value(s).unwrap_or_default()))
+}

@@ -32,6 +32,7 @@ use crate::pipeline::activation::{self, Direction, SessionKey};
 const VERDICT_WAIT: Duration = Duration::from_secs(10);
 const ACCEPT_TAG: &str = "swarmllm pool accept v1";
 const STATE_TAG: &str = "swarmllm pool state v1";
+const REMOVAL_TAG: &str = "swarmllm pool removal v1";
 
 /// A message on the pool topic.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -61,6 +62,22 @@ enum Message {
         /// Hex Ed25519 signature by the owner over the tag and `body`.
         signature: String,
     },
+    Removal {
+        /// JSON of [`RemovalBody`].
+        body: String,
+        /// Hex Ed25519 signature by the owner over the tag and `body`.
+        signature: String,
+    },
+}
+
+/// A removal notice: a fresh nonce and a timestamp make a replay detectable.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RemovalBody {
+    pool_id: String,
+    owner_node_id: String,
+    node_id: String,
+    nonce: String,
+    issued_at: i64,
 }
 
 /// What an owner answers a join request with (sealed for the member).
@@ -302,6 +319,9 @@ impl PoolNet {
                 }
             }
             Message::State { body, signature } => self.on_state(author, &body, &signature).await,
+            Message::Removal { body, signature } => {
+                self.on_removal(author, &body, &signature).await
+            }
             _ => tracing::debug!("pool message whose claimed sender is not its author; ignored"),
         }
     }
@@ -387,6 +407,65 @@ impl PoolNet {
         let _ = self.publish(&Message::State { body, signature }).await;
     }
 
+    async fn on_removal(&self, author: &str, body: &str, signature: &str) {
+        let Ok(notice) = serde_json::from_str::<RemovalBody>(body) else {
+            return;
+        };
+        if notice.owner_node_id != author
+            || !verify_hex(
+                author,
+                format!("{REMOVAL_TAG}\n{body}").as_bytes(),
+                signature,
+            )
+        {
+            tracing::warn!("pool removal notice with a bad owner signature; ignored");
+            return;
+        }
+        let pools = self.pools.clone();
+        let applied = tokio::task::spawn_blocking(move || {
+            pools.apply_removal(
+                &notice.pool_id,
+                &notice.owner_node_id,
+                &notice.node_id,
+                &notice.nonce,
+                notice.issued_at,
+            )
+        })
+        .await;
+        match applied {
+            Ok(Ok(true)) => tracing::info!("applied a pool removal notice"),
+            Ok(Ok(false)) => {
+                tracing::debug!("pool removal notice ignored (stale, replayed or not ours)")
+            }
+            _ => {}
+        }
+    }
+
+    /// The owner tells the pool that `node_id` was removed, then re-publishes the
+    /// member list.
+    pub(super) async fn announce_removal(
+        &self,
+        pool_id: &str,
+        node_id: &str,
+    ) -> Result<(), PoolError> {
+        let body = serde_json::to_string(&RemovalBody {
+            pool_id: pool_id.to_string(),
+            owner_node_id: self.pools.node_id.clone(),
+            node_id: node_id.to_string(),
+            nonce: hex::encode(rand::random::<[u8; 16]>()),
+            issued_at: (self.pools.clock)(),
+        })
+        .map_err(|e| PoolError::Invalid(e.to_string()))?;
+        let signature = hex::encode(
+            self.identity
+                .sign(format!("{REMOVAL_TAG}\n{body}").as_bytes())
+                .to_bytes(),
+        );
+        self.publish(&Message::Removal { body, signature }).await?;
+        self.publish_state().await;
+        Ok(())
+    }
+
     async fn on_state(&self, author: &str, body: &str, signature: &str) {
         let Ok(state) = serde_json::from_str::<StateBody>(body) else {
             return;
@@ -440,6 +519,19 @@ fn refused(hash: &str, reason: &str) -> Verdict {
 }
 
 impl Pools {
+    /// Removes a device (owner only) and tells the pool with a signed notice.
+    pub async fn remove(&self, node_id: &str) -> Result<PoolState, PoolError> {
+        let this = self.clone();
+        let n = node_id.to_string();
+        let pool_id = tokio::task::spawn_blocking(move || this.remove_member(&n))
+            .await
+            .map_err(|e| PoolError::Invalid(e.to_string()))??;
+        if let Some(net) = self.net.get() {
+            net.announce_removal(&pool_id, node_id).await?;
+        }
+        self.state()
+    }
+
     /// The owner's state document, or `None` when this node owns no pool.
     fn signed_members(&self) -> Result<Option<StateBody>, PoolError> {
         let state = self.state()?;

@@ -452,6 +452,96 @@ impl Pools {
         self.state()
     }
 
+    /// The owner removes a device: deletes it from the member list and returns the
+    /// pool id (the caller publishes the signed notice).
+    pub fn remove_member(&self, node_id: &str) -> Result<String, PoolError> {
+        self.store
+            .with_conn(|conn| -> rusqlite::Result<Result<String, PoolError>> {
+                let tx = conn.transaction()?;
+                let Some((pool_id, _, _, role, ..)) = Self::current(&tx)? else {
+                    return Ok(Err(PoolError::NotInPool));
+                };
+                if role != "owner" {
+                    return Ok(Err(PoolError::NotOwner));
+                }
+                if node_id == self.node_id {
+                    return Ok(Err(PoolError::Invalid(
+                        "the owner cannot remove itself; leave to dissolve the pool".into(),
+                    )));
+                }
+                if let Err(e) = self.take_op(&tx) {
+                    return Ok(Err(e));
+                }
+                let n = tx.execute(
+                    "DELETE FROM pool_members WHERE pool_id = ?1 AND node_id = ?2",
+                    params![pool_id, node_id],
+                )?;
+                if n == 0 {
+                    return Ok(Err(PoolError::Invalid(format!(
+                        "{node_id} is not a member of this pool"
+                    ))));
+                }
+                tx.commit()?;
+                Ok(Ok(pool_id))
+            })?
+    }
+
+    /// Applies an owner's (signature-checked) removal notice: refused when stale
+    /// (more than 5 minutes off) or already seen (a replay); otherwise the device
+    /// leaves the member list, and a removed device leaves the pool. Returns
+    /// whether it was applied.
+    pub fn apply_removal(
+        &self,
+        pool_id: &str,
+        owner: &str,
+        removed: &str,
+        nonce: &str,
+        issued_at: i64,
+    ) -> Result<bool, PoolError> {
+        let now = self.now();
+        if (now - issued_at).abs() > 300 || nonce.len() < 16 {
+            return Ok(false);
+        }
+        Ok(self.store.with_conn(|conn| -> rusqlite::Result<bool> {
+            let tx = conn.transaction()?;
+            tx.execute(
+                "DELETE FROM pool_seen_notices WHERE seen_at < ?1",
+                [now - 3600],
+            )?;
+            let fresh = tx.execute(
+                "INSERT OR IGNORE INTO pool_seen_notices (nonce, seen_at) VALUES (?1, ?2)",
+                params![nonce, now],
+            )? == 1;
+            if !fresh {
+                return Ok(false);
+            }
+            let Some((id, _, my_owner, ..)) = Self::current(&tx)? else {
+                tx.commit()?;
+                return Ok(false);
+            };
+            if id != pool_id || my_owner != owner {
+                tx.commit()?;
+                return Ok(false);
+            }
+            if removed == self.node_id {
+                for table in ["pool_codes", "pool_members"] {
+                    tx.execute(
+                        &format!("DELETE FROM {table} WHERE pool_id = ?1"),
+                        [pool_id],
+                    )?;
+                }
+                tx.execute("DELETE FROM pools WHERE id = ?1", [pool_id])?;
+            } else {
+                tx.execute(
+                    "DELETE FROM pool_members WHERE pool_id = ?1 AND node_id = ?2",
+                    params![pool_id, removed],
+                )?;
+            }
+            tx.commit()?;
+            Ok(true)
+        })?)
+    }
+
     /// A member takes the owner's (verified) member list.
     fn apply_state(&self, pool_id: &str, owner: &str, members: &[Member]) -> Result<(), PoolError> {
         self.store.with_conn(|conn| -> rusqlite::Result<()> {
@@ -606,6 +696,42 @@ mod tests {
             Err(PoolError::CodeExpired)
         ));
         assert_eq!(p.state().expect("state").members.len(), 2);
+    }
+
+    #[test]
+    fn removal_notices_apply_once_and_only_fresh() {
+        let (p, t, _d) = pools(10);
+        let state = p.create("pool", None).expect("create");
+        let pool_id = state.pool_id.expect("id");
+        // The owner's own records: a member to remove.
+        let (code, _) = p.generate_code().expect("code");
+        p.redeem(&code_hash(&code), "m", None).expect("joins");
+        let now = t.load(Ordering::Relaxed);
+        assert!(
+            p.apply_removal(&pool_id, "owner", "m", "00112233445566778899", now)
+                .expect("applies")
+        );
+        assert_eq!(p.state().expect("state").members.len(), 1);
+        // The same notice again is a replay.
+        assert!(
+            !p.apply_removal(&pool_id, "owner", "m", "00112233445566778899", now)
+                .expect("ok")
+        );
+        // A stale one, or one for another pool or owner, does nothing.
+        assert!(
+            !p.apply_removal(&pool_id, "owner", "m", "aaaaaaaaaaaaaaaaaaaa", now - 1000)
+                .expect("ok")
+        );
+        assert!(
+            !p.apply_removal("other", "owner", "m", "bbbbbbbbbbbbbbbbbbbb", now)
+                .expect("ok")
+        );
+        // A notice naming this node takes it out of the pool.
+        assert!(
+            p.apply_removal(&pool_id, "owner", "owner", "cccccccccccccccccccc", now)
+                .expect("ok")
+        );
+        assert!(!p.state().expect("state").in_pool);
     }
 
     #[test]
