@@ -256,6 +256,7 @@ pub(crate) async fn run_net(args: &BenchNetArgs) -> anyhow::Result<()> {
         &identity,
         store,
         NetConfig {
+            offline: false,
             listen_host: "127.0.0.1".into(),
             port: 0,
             mdns: false,

@@ -512,3 +512,98 @@ fn encrypted_pipeline_embeds_and_samples_on_the_requester() {
     assert_eq!(status, 409, "{v}");
     assert_eq!(v["error"]["code"], "NOT_READY");
 }
+
+fn steps_served(node: &TestNode) -> u64 {
+    node.get("/api/v1/layers").1["steps_served"]
+        .as_u64()
+        .expect("steps_served")
+}
+
+#[test]
+fn private_mode_routes_only_through_pool_devices() {
+    let lib = import_library();
+    let a = TestNode::start_custom(false, &[], &[], |d| give_shards(lib.path(), d, &[0]));
+    let code = network_code(&a);
+    let start = |held: &'static [u32]| {
+        let lib = lib.path().to_path_buf();
+        TestNode::start_custom(false, &["--bootstrap", &code], &[], move |d| {
+            give_shards(&lib, d, held)
+        })
+    };
+    let (b, c) = (start(&[1]), start(&[2]));
+    // D is not in the pool and holds layers 10-29 in one range: the cheaper route.
+    let d = start(&[1, 2]);
+    wait_servable(&a, 4);
+
+    // A owns a pool; B and C join it with codes.
+    assert_eq!(
+        a.post("/api/pool/create", &json!({ "name": "Home" })).0,
+        200
+    );
+    for member in [&b, &c] {
+        let (_, v) = a.post("/api/pool/generate-code", &json!({}));
+        let (status, v) = member.post("/api/pool/join", &json!({ "code": v["code"] }));
+        assert_eq!(status, 200, "{v}");
+    }
+    let c_id = node_id(&c);
+    wait_for("A to list both devices as accepted", DEADLINE, || {
+        let (_, s) = a.get("/api/pool/state");
+        let accepted = s["members"]
+            .as_array()?
+            .iter()
+            .filter(|m| m["accepted"] == true)
+            .count();
+        (accepted == 3).then_some(())
+    });
+
+    // Private mode on: the answer comes through B and C; D sees no step.
+    let (status, v) = a.call(
+        reqwest::Method::PUT,
+        "/api/pool/private-mode",
+        &json!({ "enabled": true }),
+    );
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["coverage"]["models"][0]["coverage_pct"], 100.0, "{v}");
+    let d_before = steps_served(&d);
+    let b_before = steps_served(&b);
+    let (status, v) = chat(&a, Some("smol"), PROMPTS[2], 16);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        steps_served(&d),
+        d_before,
+        "a non-pool node received activations"
+    );
+    assert!(steps_served(&b) > b_before);
+
+    // Without C in the pool, layers 20-29 are missing: a clear 503, not a leak.
+    let (status, _) = a.post("/api/pool/remove", &json!({ "node_id": c_id }));
+    assert_eq!(status, 200);
+    let (_, cov) = a.get("/api/pool/coverage");
+    assert_eq!(cov["models"][0]["missing"], json!([2]), "{cov}");
+    let (status, v) = chat(&a, Some("smol"), PROMPTS[2], 16);
+    assert_eq!(status, 503, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("private mode"),
+        "{v}"
+    );
+    assert_eq!(
+        v["error"]["details"]["missing_layers"],
+        json!([{ "start": 20, "end": 30 }])
+    );
+    assert_eq!(steps_served(&d), d_before);
+
+    // Private mode off: any holder may serve again (D, here). The setting persists.
+    let (status, _) = a.call(
+        reqwest::Method::PUT,
+        "/api/pool/private-mode",
+        &json!({ "enabled": false }),
+    );
+    assert_eq!(status, 200);
+    let (status, v) = chat(&a, Some("smol"), PROMPTS[2], 16);
+    assert_eq!(status, 200, "{v}");
+    assert!(steps_served(&d) > d_before);
+    assert_eq!(a.get("/api/pool/private-mode").1["enabled"], false);
+}

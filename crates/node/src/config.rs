@@ -86,6 +86,8 @@ pub struct Config {
     pub encrypted_pipeline: bool,
     /// Devices a pool this node owns may have. Default 10.
     pub pool_max_devices: u32,
+    /// Disk space models may take (MiB); 0 means no limit. Default 0.
+    pub disk_budget_mb: u64,
 }
 
 impl Default for Config {
@@ -124,6 +126,7 @@ impl Default for Config {
             pipeline_max_session_mb: 4096,
             encrypted_pipeline: false,
             pool_max_devices: 10,
+            disk_budget_mb: 0,
         }
     }
 }

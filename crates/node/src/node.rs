@@ -112,6 +112,8 @@ struct Inner {
     pools: crate::pool::Pools,
     network: OnceLock<Network>,
     nickname: RwLock<Option<String>>,
+    /// Private mode (persisted).
+    private_mode: RwLock<crate::pool::PrivateMode>,
     /// Per-model encrypted-pipeline settings (model id → on/off).
     encrypted: RwLock<std::collections::BTreeMap<String, bool>>,
     metrics: Metrics,
@@ -191,6 +193,12 @@ impl Node {
         }
         .and_then(|s| serde_json::from_str(&s).ok())
         .unwrap_or_default();
+        let private_mode: crate::pool::PrivateMode = {
+            let store = store.clone();
+            blocking(move || store.setting(PRIVATE_MODE_KEY)).await??
+        }
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_default();
         let (pipeline_config, host_config) = pipeline_config(&config);
         let pipeline = Pipeline::start(pipeline_config, host_config, identity.clone())
             .map_err(|e| StartError::Task(format!("starting the range host: {e}")))?;
@@ -212,6 +220,7 @@ impl Node {
                 network: OnceLock::new(),
                 nickname: RwLock::new(nickname),
                 encrypted: RwLock::new(encrypted),
+                private_mode: RwLock::new(private_mode),
                 metrics,
                 started: Instant::now(),
                 started_at: chrono::Utc::now(),
@@ -238,12 +247,38 @@ impl Node {
                     })
                 })
             }));
+        let weak = Arc::downgrade(&node.inner);
+        node.inner.pipeline.set_peer_policy(Arc::new(move || {
+            let inner = weak.upgrade()?;
+            let mode = *inner.private_mode.read().unwrap_or_else(|p| p.into_inner());
+            if !mode.enabled {
+                return None;
+            }
+            // Only devices that accepted their invitation count.
+            let members = inner
+                .pools
+                .state()
+                .map(|s| {
+                    s.members
+                        .into_iter()
+                        .filter(|m| m.accepted)
+                        .map(|m| m.node_id)
+                        .collect()
+                })
+                .unwrap_or_default();
+            Some((members, mode.allow_lan))
+        }));
         if config.p2p_enabled {
             let hardware = blocking(hardware_summary).await?;
+            let mut net = net_config(&config);
+            if node.private_mode().offline_mode {
+                net.offline = true;
+                net.mdns = true;
+            }
             let network = Network::start(
                 &node.inner.identity,
                 node.inner.store.clone(),
-                net_config(&config),
+                net,
                 local_info(Arc::downgrade(&node.inner), hardware),
                 node.inner.shutdown.clone(),
             )
@@ -432,6 +467,37 @@ impl Node {
         Ok(())
     }
 
+    /// Private mode as set.
+    pub fn private_mode(&self) -> crate::pool::PrivateMode {
+        *self
+            .inner
+            .private_mode
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sets (persisted) private mode. Whether the network must restart for
+    /// `offline_mode` to take effect.
+    pub async fn set_private_mode(
+        &self,
+        mode: crate::pool::PrivateMode,
+    ) -> Result<bool, StoreError> {
+        let text = serde_json::to_string(&mode).unwrap_or_default();
+        let store = self.inner.store.clone();
+        tokio::task::spawn_blocking(move || store.set_setting(PRIVATE_MODE_KEY, Some(&text)))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))??;
+        let before = std::mem::replace(
+            &mut *self
+                .inner
+                .private_mode
+                .write()
+                .unwrap_or_else(|p| p.into_inner()),
+            mode,
+        );
+        Ok(before.offline_mode != mode.offline_mode)
+    }
+
     /// Announces this node's state to peers now (after its models changed).
     pub async fn announce_soon(&self) {
         if let Some(network) = self.network() {
@@ -489,6 +555,9 @@ impl Node {
     }
 }
 
+/// Settings key of private mode.
+const PRIVATE_MODE_KEY: &str = "private_mode";
+
 /// Settings key of the per-model encrypted-pipeline map.
 const ENCRYPTED_KEY: &str = "encrypted_pipeline";
 
@@ -502,6 +571,7 @@ pub fn net_config(config: &Config) -> NetConfig {
         network_name: config.network_name.clone(),
         announce_interval: Duration::from_secs(config.announce_interval_secs as u64),
         region: crate::net::detect_region(&config.region),
+        offline: false,
     }
 }
 

@@ -312,6 +312,7 @@ pub fn rogue_peer(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> (Netwo
     let identity = Identity::generate();
     let store = swarmllm_node::store::Store::open(&dir.join("rogue.db")).expect("store");
     let config = NetConfig {
+        offline: false,
         listen_host: "127.0.0.1".into(),
         port: 0,
         mdns: false,

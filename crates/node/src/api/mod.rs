@@ -117,6 +117,8 @@ pub fn router(node: Node) -> Router {
         .route("/api/admin/models/{id}/status", get(models::status))
         .route("/api/v1/layers", get(models::layers))
         .route("/api/pool/state", get(pool::state))
+        .route("/api/pool/private-mode", get(pool::get_private_mode))
+        .route("/api/pool/coverage", get(pool::get_coverage))
         .route("/api/admin/shard-storage", get(models::storage))
         .route("/api/admin/downloads", get(models::downloads))
         .route(
@@ -140,6 +142,10 @@ pub fn router(node: Node) -> Router {
         .route("/api/pool/leave", post(pool::leave))
         .route("/api/pool/join", post(pool::join))
         .route("/api/pool/remove", post(pool::remove))
+        .route(
+            "/api/pool/private-mode",
+            axum::routing::put(pool::put_private_mode),
+        )
         .route("/api/admin/models/{id}/add", post(models::add))
         .route(
             "/api/admin/models/{id}",

@@ -126,3 +126,120 @@ pub(crate) async fn remove(
         .map_err(pool_error)?;
     Ok(Json(serde_json::to_value(s).unwrap_or_default()))
 }
+
+/// Per-model coverage by this node and its pool's devices.
+async fn coverage(state: &AppState) -> Value {
+    let pipeline = state.node.pipeline();
+    let pools = state.node.pools().clone();
+    let me = state.node.node_id();
+    let members: std::collections::HashSet<String> =
+        tokio::task::spawn_blocking(move || pools.state())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .map(|s| {
+                s.members
+                    .into_iter()
+                    .filter(|m| m.accepted)
+                    .map(|m| m.node_id)
+                    .collect()
+            })
+            .unwrap_or_default();
+    let mut models = Vec::new();
+    let mut disk_used: u64 = 0;
+    for m in pipeline.local_models() {
+        disk_used += m
+            .manifest
+            .shards
+            .iter()
+            .filter(|s| m.held.contains(&s.index))
+            .map(|s| s.file.bytes)
+            .sum::<u64>();
+        let holders = pipeline.holders(&m.manifest.model_id).await;
+        let in_pool = |a: u32, b: u32| {
+            holders.iter().any(|h| {
+                (h.local || h.node_id == me || members.contains(&h.node_id))
+                    && h.layer_start <= a
+                    && h.layer_end >= b
+            })
+        };
+        let mut missing = Vec::new();
+        let mut missing_bytes = 0u64;
+        for s in &m.manifest.shards {
+            if !(m.held.contains(&s.index) || in_pool(s.layer_start, s.layer_end)) {
+                missing.push(s.index);
+                missing_bytes += s.file.bytes;
+            }
+        }
+        let total = m.manifest.shards.len();
+        let pool_shards = total - missing.len();
+        models.push(json!({
+            "model_id": m.manifest.model_id,
+            "total_shards": total,
+            "pool_shards": pool_shards,
+            "coverage_pct": (pool_shards as f64 * 1000.0 / total.max(1) as f64).round() / 10.0,
+            "missing": missing,
+            "est_download_mb": (missing_bytes as f64 / 1_048_576.0 * 10.0).round() / 10.0,
+        }));
+    }
+    json!({
+        "models": models,
+        "disk_budget_mb": state.node.config().disk_budget_mb,
+        "disk_used_mb": (disk_used as f64 / 1_048_576.0 * 10.0).round() / 10.0,
+    })
+}
+
+/// `GET /api/pool/coverage`
+pub(crate) async fn get_coverage(State(state): State<AppState>) -> Json<Value> {
+    Json(coverage(&state).await)
+}
+
+fn private_mode_json(mode: crate::pool::PrivateMode, coverage: Value) -> Value {
+    json!({
+        "enabled": mode.enabled,
+        "allow_lan": mode.allow_lan,
+        "offline_mode": mode.offline_mode,
+        "coverage": coverage,
+    })
+}
+
+/// `GET /api/pool/private-mode`
+pub(crate) async fn get_private_mode(State(state): State<AppState>) -> Json<Value> {
+    Json(private_mode_json(
+        state.node.private_mode(),
+        coverage(&state).await,
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PrivateModeBody {
+    enabled: bool,
+    allow_lan: Option<bool>,
+    offline_mode: Option<bool>,
+}
+
+/// `PUT /api/pool/private-mode` with `{"enabled": true}` (and optionally
+/// `allow_lan`, `offline_mode`); answers with the coverage summary.
+pub(crate) async fn put_private_mode(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Json<Value>, ApiError> {
+    let body: PrivateModeBody = from_value(&body)?;
+    let before = state.node.private_mode();
+    let mode = crate::pool::PrivateMode {
+        enabled: body.enabled,
+        allow_lan: body.allow_lan.unwrap_or(before.allow_lan),
+        offline_mode: body.offline_mode.unwrap_or(before.offline_mode),
+    };
+    let restart = state
+        .node
+        .set_private_mode(mode)
+        .await
+        .map_err(|e| ApiError::internal("saving private mode", e))?;
+    let mut v = private_mode_json(mode, coverage(&state).await);
+    if restart {
+        v["restart_required"] = json!(["offline_mode"]);
+    }
+    Ok(Json(v))
+}

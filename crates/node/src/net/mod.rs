@@ -58,6 +58,9 @@ pub struct NetConfig {
     pub announce_interval: Duration,
     /// Region code.
     pub region: String,
+    /// Offline (air-gapped LAN) mode: no bootstrap entries or saved seeds are
+    /// dialled; peers come from mDNS only.
+    pub offline: bool,
 }
 
 /// What the node currently is, for its announcements.
@@ -332,6 +335,10 @@ impl Network {
             shutdown,
         ));
 
+        if network.config.offline {
+            tracing::info!("offline mode: finding peers by mDNS only");
+            return Ok(network);
+        }
         // Dial the configured bootstrap entries and every saved seed.
         for entry in network.config.bootstrap.clone() {
             if let Err(e) = network.add_seed_and_dial(&entry, "bootstrap").await {

@@ -48,6 +48,11 @@ const INBOUND_QUEUE: usize = 64;
 /// Whether the encrypted pipeline is on for a model.
 pub type EncryptionPolicy = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
+/// Which peers a route may use: `None` for any; `Some((node ids, allow_lan))` in
+/// private mode (the pool's devices, plus peers on the LAN when allowed). Called
+/// on the blocking pool (it may read the database).
+pub type PeerPolicy = Arc<dyn Fn() -> Option<(HashSet<String>, bool)> + Send + Sync>;
+
 /// Pipeline settings.
 #[derive(Debug, Clone)]
 pub struct PipelineConfig {
@@ -82,6 +87,8 @@ struct Inner {
     downloads: transfer::Downloads,
     /// Per-model encrypted-pipeline decision.
     encryption: OnceLock<EncryptionPolicy>,
+    /// Private mode's restriction of routes.
+    peers_allowed: OnceLock<PeerPolicy>,
     /// Bytes of pipeline requests this node sent plus the responses it got.
     wire_bytes: std::sync::atomic::AtomicU64,
     /// Serialises [`Pipeline::load_held`].
@@ -134,6 +141,7 @@ impl Pipeline {
                 unloaded: Mutex::new(HashMap::new()),
                 reload: tokio::sync::Mutex::new(()),
                 encryption: OnceLock::new(),
+                peers_allowed: OnceLock::new(),
                 wire_bytes: std::sync::atomic::AtomicU64::new(0),
                 repairs,
                 repairs_rx: Mutex::new(Some(repairs_rx)),
@@ -499,6 +507,11 @@ impl Pipeline {
         let _ = self.inner.encryption.set(policy);
     }
 
+    /// Restricts routes to some peers (private mode), set by the node.
+    pub fn set_peer_policy(&self, policy: PeerPolicy) {
+        let _ = self.inner.peers_allowed.set(policy);
+    }
+
     /// Whether requests for `model_id` must embed and sample on this node.
     pub fn encrypted(&self, model_id: &str) -> bool {
         self.inner.encryption.get().is_some_and(|p| p(model_id))
@@ -525,7 +538,46 @@ impl Pipeline {
     pub async fn plan(&self, model_id: &str, exclude: &HashSet<String>) -> Result<Plan, NoRoute> {
         let holders = self.holders(model_id).await;
         let n_layers = self.n_layers(model_id, &holders).await;
-        route::plan(n_layers, &holders, exclude, self.encrypted(model_id))
+        let allowed = match self.inner.peers_allowed.get() {
+            Some(policy) => {
+                let policy = Arc::clone(policy);
+                tokio::task::spawn_blocking(move || policy())
+                    .await
+                    .ok()
+                    .flatten()
+            }
+            None => None,
+        };
+        let Some((members, allow_lan)) = allowed else {
+            return route::plan(n_layers, &holders, exclude, self.encrypted(model_id));
+        };
+        // Private mode: only this node, pool devices and (if allowed) LAN peers.
+        let addresses: HashMap<String, String> = self
+            .inner
+            .network
+            .get()
+            .map(|n| {
+                n.connected()
+                    .into_iter()
+                    .map(|p| (p.node_id, p.address))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let holders: Vec<Holder> = holders
+            .into_iter()
+            .filter(|h| {
+                h.local
+                    || members.contains(&h.node_id)
+                    || (allow_lan
+                        && addresses
+                            .get(&h.node_id)
+                            .is_some_and(|a| transfer::is_lan(a)))
+            })
+            .collect();
+        route::plan(n_layers, &holders, exclude, self.encrypted(model_id)).map_err(|mut e| {
+            e.private_mode = true;
+            e
+        })
     }
 
     async fn n_layers(&self, model_id: &str, _holders: &[Holder]) -> u32 {

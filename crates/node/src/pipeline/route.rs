@@ -88,8 +88,10 @@ impl Plan {
 
 /// No chain covers the model.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("{}", describe(.missing, *.n_layers, *.local_ends))]
+#[error("{}{}", if *.private_mode { "private mode: " } else { "" }, describe(.missing, *.n_layers, *.local_ends))]
 pub struct NoRoute {
+    /// Only pool devices (and maybe LAN peers) were allowed.
+    pub private_mode: bool,
     /// The route had to keep the first and last spans on this node.
     pub local_ends: bool,
     /// Layers in the model.
@@ -171,6 +173,7 @@ pub fn plan(
             held.extend(h.layer_start..h.layer_end);
         }
         return Err(NoRoute {
+            private_mode: false,
             local_ends,
             n_layers,
             missing: gaps(n_layers, &held),

@@ -592,7 +592,7 @@ impl Pipeline {
 }
 
 /// Whether a multiaddr is on this machine or a private network.
-fn is_lan(addr: &str) -> bool {
+pub(crate) fn is_lan(addr: &str) -> bool {
     let ip = addr
         .split('/')
         .nth(2)

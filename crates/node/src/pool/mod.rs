@@ -100,6 +100,19 @@ pub struct Member {
     pub accepted: bool,
 }
 
+/// Private mode: prompts are served only through this node and its pool's
+/// devices (plus LAN peers with `allow_lan`); `offline_mode` also keeps the node
+/// off the wider network (mDNS only, from the next start).
+#[derive(Debug, Clone, Copy, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct PrivateMode {
+    /// Routes use pool devices only.
+    pub enabled: bool,
+    /// Peers on the same LAN count as pool devices.
+    pub allow_lan: bool,
+    /// No bootstrap, no saved seeds: mDNS discovery only.
+    pub offline_mode: bool,
+}
+
 /// `GET /api/pool/state`.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct PoolState {
