@@ -89,6 +89,39 @@ fn owner_creates_a_pool_and_issues_at_most_five_codes() {
         );
     }
 
+    // Owner settings, with their ranges.
+    let put = |path: &str, body: Value| node.call(reqwest::Method::PUT, path, &body).0;
+    assert_eq!(put("/api/pool/credit-split", json!({ "pct": 30 })), 200);
+    assert_eq!(put("/api/pool/credit-split", json!({ "pct": 51 })), 400);
+    let me = state["members"][0]["node_id"].clone();
+    assert_eq!(
+        put(
+            "/api/pool/contribution",
+            json!({ "node_id": me, "level": 75 })
+        ),
+        200
+    );
+    assert_eq!(
+        put(
+            "/api/pool/contribution",
+            json!({ "node_id": me, "level": 101 })
+        ),
+        400
+    );
+    assert_eq!(
+        put(
+            "/api/pool/contribution",
+            json!({ "node_id": "nobody", "level": 5 })
+        ),
+        400
+    );
+    let (status, _) = node.post("/api/pool/device-name", &json!({ "name": "Gaming PC" }));
+    assert_eq!(status, 200);
+    let (_, state) = node.get("/api/pool/state");
+    assert_eq!(state["credit_split_pct"], 30);
+    assert_eq!(state["members"][0]["contribution"], 75);
+    assert_eq!(state["members"][0]["device_name"], "Gaming PC");
+
     let (ok, out, _) = cli(node.dir(), node.port, &["pool", "status"]);
     assert!(
         ok && out.contains("My Devices") && out.contains("5 active"),

@@ -95,6 +95,7 @@ const MIGRATIONS: &[&str] = &[
         joined_at      INTEGER NOT NULL,
         invitation_id  TEXT,
         acceptance_sig TEXT,
+        contribution   INTEGER,
         PRIMARY KEY (pool_id, node_id)
     );
     CREATE TABLE pool_codes (

@@ -142,6 +142,15 @@ pub fn router(node: Node) -> Router {
         .route("/api/pool/leave", post(pool::leave))
         .route("/api/pool/join", post(pool::join))
         .route("/api/pool/remove", post(pool::remove))
+        .route("/api/pool/device-name", post(pool::device_name))
+        .route(
+            "/api/pool/credit-split",
+            axum::routing::put(pool::put_credit_split),
+        )
+        .route(
+            "/api/pool/contribution",
+            axum::routing::put(pool::put_contribution),
+        )
         .route(
             "/api/pool/private-mode",
             axum::routing::put(pool::put_private_mode),

@@ -243,3 +243,56 @@ pub(crate) async fn put_private_mode(
     }
     Ok(Json(v))
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SplitBody {
+    pct: u32,
+}
+
+/// `PUT /api/pool/credit-split` with `{"pct": 20}` (0–50, owner only).
+pub(crate) async fn put_credit_split(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Json<Value>, ApiError> {
+    let body: SplitBody = from_value(&body)?;
+    let pools = state.node.pools().clone();
+    let s = blocking(move || pools.set_credit_split(body.pct)).await?;
+    Ok(Json(serde_json::to_value(s).unwrap_or_default()))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ContributionBody {
+    node_id: String,
+    level: u32,
+}
+
+/// `PUT /api/pool/contribution` with `{"node_id": "…", "level": 75}` (0–100,
+/// owner only).
+pub(crate) async fn put_contribution(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Json<Value>, ApiError> {
+    let body: ContributionBody = from_value(&body)?;
+    let pools = state.node.pools().clone();
+    let s = blocking(move || pools.set_contribution(&body.node_id, body.level)).await?;
+    Ok(Json(serde_json::to_value(s).unwrap_or_default()))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeviceNameBody {
+    name: String,
+}
+
+/// `POST /api/pool/device-name` with `{"name": "Gaming PC"}`.
+pub(crate) async fn device_name(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Json<Value>, ApiError> {
+    let body: DeviceNameBody = from_value(&body)?;
+    let pools = state.node.pools().clone();
+    let s = blocking(move || pools.set_device_name(&body.name)).await?;
+    Ok(Json(serde_json::to_value(s).unwrap_or_default()))
+}

@@ -502,6 +502,7 @@ impl PoolNet {
                 role: m.role.clone(),
                 joined_at: m.joined_at,
                 accepted: true,
+                contribution: None,
             })
             .collect();
         let _ = tokio::task::spawn_blocking(move || {

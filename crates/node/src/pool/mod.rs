@@ -98,6 +98,8 @@ pub struct Member {
     /// The device has signed its acceptance (an invited device that has not
     /// yet is listed with `false`).
     pub accepted: bool,
+    /// The owner's contribution-level override (0–100), if set.
+    pub contribution: Option<u32>,
 }
 
 /// Private mode: prompts are served only through this node and its pool's
@@ -555,6 +557,93 @@ impl Pools {
         })?)
     }
 
+    /// Sets the share of earnings members keep, 0–50 % (owner only).
+    pub fn set_credit_split(&self, pct: u32) -> Result<PoolState, PoolError> {
+        if pct > 50 {
+            return Err(PoolError::Invalid("pct must be between 0 and 50".into()));
+        }
+        self.owner_update(|tx, pool_id| {
+            tx.execute(
+                "UPDATE pools SET credit_split_pct = ?1 WHERE id = ?2",
+                params![pct, pool_id],
+            )
+            .map(|_| true)
+        })
+    }
+
+    /// Sets a member's contribution level, 0–100 (owner only).
+    pub fn set_contribution(&self, node_id: &str, level: u32) -> Result<PoolState, PoolError> {
+        if level > 100 {
+            return Err(PoolError::Invalid("level must be between 0 and 100".into()));
+        }
+        let node = node_id.to_string();
+        self.owner_update(move |tx, pool_id| {
+            Ok(tx.execute(
+                "UPDATE pool_members SET contribution = ?1 WHERE pool_id = ?2 AND node_id = ?3",
+                params![level, pool_id, node],
+            )? == 1)
+        })
+        .and_then(|s| {
+            if s.members.iter().any(|m| m.node_id == node_id) {
+                Ok(s)
+            } else {
+                Err(PoolError::Invalid(format!(
+                    "{node_id} is not a member of this pool"
+                )))
+            }
+        })
+    }
+
+    /// Sets this device's name in its pool record.
+    pub fn set_device_name(&self, name: &str) -> Result<PoolState, PoolError> {
+        let name = name.trim().to_string();
+        if name.is_empty() || name.chars().count() > 64 {
+            return Err(PoolError::Invalid(
+                "the device name must be 1–64 characters".into(),
+            ));
+        }
+        let me = self.node_id.clone();
+        self.store
+            .with_conn(|conn| -> rusqlite::Result<Result<(), PoolError>> {
+                let tx = conn.transaction()?;
+                let Some((pool_id, ..)) = Self::current(&tx)? else {
+                    return Ok(Err(PoolError::NotInPool));
+                };
+                tx.execute(
+                    "UPDATE pool_members SET device_name = ?1 WHERE pool_id = ?2 AND node_id = ?3",
+                    params![name, pool_id, me],
+                )?;
+                tx.commit()?;
+                Ok(Ok(()))
+            })??;
+        self.state()
+    }
+
+    /// Runs an owner-only change in a transaction that also counts as a pool
+    /// operation.
+    fn owner_update(
+        &self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>, &str) -> rusqlite::Result<bool>,
+    ) -> Result<PoolState, PoolError> {
+        self.store
+            .with_conn(|conn| -> rusqlite::Result<Result<(), PoolError>> {
+                let tx = conn.transaction()?;
+                let Some((pool_id, _, _, role, ..)) = Self::current(&tx)? else {
+                    return Ok(Err(PoolError::NotInPool));
+                };
+                if role != "owner" {
+                    return Ok(Err(PoolError::NotOwner));
+                }
+                if let Err(e) = self.take_op(&tx) {
+                    return Ok(Err(e));
+                }
+                f(&tx, &pool_id)?;
+                tx.commit()?;
+                Ok(Ok(()))
+            })??;
+        self.state()
+    }
+
     /// A member takes the owner's (verified) member list.
     fn apply_state(&self, pool_id: &str, owner: &str, members: &[Member]) -> Result<(), PoolError> {
         self.store.with_conn(|conn| -> rusqlite::Result<()> {
@@ -621,7 +710,8 @@ impl Pools {
             };
             let mut stmt = conn.prepare(
                 "SELECT node_id, device_name, role, joined_at,
-                        role = 'owner' OR acceptance_sig IS NOT NULL OR invitation_id IS NULL
+                        role = 'owner' OR acceptance_sig IS NOT NULL OR invitation_id IS NULL,
+                        contribution
                  FROM pool_members WHERE pool_id = ?1 ORDER BY role DESC, joined_at",
             )?;
             let members = stmt
@@ -632,6 +722,7 @@ impl Pools {
                         role: r.get(2)?,
                         joined_at: r.get(3)?,
                         accepted: r.get(4)?,
+                        contribution: r.get(5)?,
                     })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
