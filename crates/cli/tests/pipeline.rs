@@ -607,3 +607,65 @@ fn private_mode_routes_only_through_pool_devices() {
     assert!(steps_served(&d) > d_before);
     assert_eq!(a.get("/api/pool/private-mode").1["enabled"], false);
 }
+
+#[test]
+fn pinned_shards_are_fetched_by_their_device_and_kept() {
+    let lib = import_library();
+    let a = TestNode::start_custom(false, &[], &[], |d| give_shards(lib.path(), d, &[0, 1, 2]));
+    let b = TestNode::start_full(false, &["--bootstrap", &network_code(&a)]);
+    assert_eq!(
+        a.post("/api/pool/create", &json!({ "name": "Home" })).0,
+        200
+    );
+    let (_, v) = a.post("/api/pool/generate-code", &json!({}));
+    let (status, v) = b.post("/api/pool/join", &json!({ "code": v["code"] }));
+    assert_eq!(status, 200, "{v}");
+    let b_id = node_id(&b);
+    wait_for("B's acceptance", DEADLINE, || {
+        let (_, s) = a.get("/api/pool/state");
+        (s["members"]
+            .as_array()?
+            .iter()
+            .filter(|m| m["accepted"] == true)
+            .count()
+            == 2)
+            .then_some(())
+    });
+    wait_servable(&a, 1);
+
+    // Only the owner pins; the pin reaches B, which fetches shard 1.
+    let pin = json!({ "model_id": "smol", "target_node_id": b_id, "shard_indices": [1] });
+    assert_eq!(b.post("/api/pool/pin", &pin).0, 403);
+    let (status, v) = a.post("/api/pool/pin", &pin);
+    assert_eq!(status, 200, "{v}");
+    wait_for("B to fetch its pinned shard", DEADLINE, || {
+        let (_, s) = b.get("/api/admin/models/smol/status");
+        (s["held_shards"] == json!([1])).then_some(())
+    });
+    let (_, pins) = b.get("/api/pool/pins");
+    assert_eq!(pins["pins"][0]["shard_indices"], json!([1]), "{pins}");
+
+    // A pinned shard is never deleted; unpinned, it can be.
+    let (status, v) = b.call(
+        reqwest::Method::DELETE,
+        "/api/admin/models/smol/shards/1",
+        &Value::Null,
+    );
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (409, Some("SHARD_PINNED")),
+        "{v}"
+    );
+    let (status, _) = a.call(reqwest::Method::DELETE, "/api/pool/pin", &pin);
+    assert_eq!(status, 200);
+    wait_for("B to learn of the unpin", DEADLINE, || {
+        let (_, p) = b.get("/api/pool/pins");
+        (p["pins"] == json!([])).then_some(())
+    });
+    let (status, v) = b.call(
+        reqwest::Method::DELETE,
+        "/api/admin/models/smol/shards/1",
+        &Value::Null,
+    );
+    assert_eq!(status, 200, "{v}");
+}

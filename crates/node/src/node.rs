@@ -287,6 +287,41 @@ impl Node {
             node.inner
                 .pools
                 .attach(network.clone(), node.inner.identity.clone());
+            // Shards pinned to this device are fetched (pinned ones come first:
+            // they are asked for as soon as the pin arrives).
+            let (pinned_tx, mut pinned) =
+                tokio::sync::mpsc::unbounded_channel::<crate::pool::Pin>();
+            node.inner.pools.on_pinned(pinned_tx);
+            let pipeline = node.inner.pipeline.clone();
+            tokio::spawn(async move {
+                while let Some(pin) = pinned.recv().await {
+                    // The pin may arrive before the holders' announcements: keep
+                    // asking for a minute.
+                    let mut tries = 0;
+                    let manifest = loop {
+                        match pipeline.ensure_manifest(&pin.model_id).await {
+                            Ok(m) => break Some(m),
+                            Err(crate::pipeline::transfer::TransferError::NoHolder(_))
+                                if tries < 60 =>
+                            {
+                                tries += 1;
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                            }
+                            Err(e) => {
+                                tracing::warn!(model = %pin.model_id, error = %e, "cannot fetch a pinned model");
+                                break None;
+                            }
+                        }
+                    };
+                    let Some(manifest) = manifest else { continue };
+                    for s in manifest.shards.iter().filter(|s| pin.covers(s.index)) {
+                        if let Err(e) = pipeline.download_shard(&pin.model_id, s.index).await {
+                            tracing::warn!(model = %pin.model_id, shard = s.index, error = %e,
+                                "cannot fetch a pinned shard");
+                        }
+                    }
+                }
+            });
             let _ = node.inner.network.set(network);
         }
         if config.serve_shards {

@@ -111,6 +111,14 @@ const MIGRATIONS: &[&str] = &[
         at      INTEGER NOT NULL
     );
     CREATE INDEX pool_ops_at ON pool_ops(node_id, at);
+    CREATE TABLE pool_pins (
+        pool_id        TEXT NOT NULL,
+        model_id       TEXT NOT NULL,
+        target_node_id TEXT NOT NULL,
+        shard_indices  TEXT NOT NULL DEFAULT '[]',
+        created_at     INTEGER NOT NULL,
+        PRIMARY KEY (pool_id, model_id, target_node_id)
+    );
     CREATE TABLE pool_seen_notices (
         nonce   TEXT PRIMARY KEY,
         seen_at INTEGER NOT NULL

@@ -119,6 +119,7 @@ pub fn router(node: Node) -> Router {
         .route("/api/pool/state", get(pool::state))
         .route("/api/pool/private-mode", get(pool::get_private_mode))
         .route("/api/pool/coverage", get(pool::get_coverage))
+        .route("/api/pool/pins", get(pool::pins))
         .route("/api/admin/shard-storage", get(models::storage))
         .route("/api/admin/downloads", get(models::downloads))
         .route(
@@ -143,6 +144,10 @@ pub fn router(node: Node) -> Router {
         .route("/api/pool/join", post(pool::join))
         .route("/api/pool/remove", post(pool::remove))
         .route("/api/pool/device-name", post(pool::device_name))
+        .route(
+            "/api/pool/pin",
+            post(pool::add_pin).delete(pool::remove_pin),
+        )
         .route(
             "/api/pool/credit-split",
             axum::routing::put(pool::put_credit_split),

@@ -353,6 +353,7 @@ pub(crate) async fn remove(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     check_id(&id)?;
+    pinned_guard(&state, &id, None).await?;
     let removed = state
         .node
         .pipeline()
@@ -375,6 +376,7 @@ pub(crate) async fn remove_shard(
     Path((id, index)): Path<(String, u32)>,
 ) -> Result<Json<Value>, ApiError> {
     local_model(&state, &id)?;
+    pinned_guard(&state, &id, Some(index)).await?;
     if locks(&state, &id).await?.contains(&index) {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -462,6 +464,30 @@ pub(crate) async fn unload_model(
         "segments_removed": before.len(),
         "estimated_freed_mb": round1(freed),
     })))
+}
+
+/// 409 when the pool pinned this shard (or, for `None`, any shard of the model)
+/// to this device: pinned shards are never deleted.
+async fn pinned_guard(state: &AppState, id: &str, index: Option<u32>) -> Result<(), ApiError> {
+    let pools = state.node.pools().clone();
+    let model = id.to_string();
+    let pinned = tokio::task::spawn_blocking(move || pools.pinned_here(&model))
+        .await
+        .map_err(|e| ApiError::internal("reading pins", e))?
+        .map_err(|e| ApiError::internal("reading pins", e))?;
+    let hit = match (&pinned, index) {
+        (None, _) => false,
+        (Some(list), Some(i)) => list.is_empty() || list.contains(&i),
+        (Some(_), None) => true,
+    };
+    if hit {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "SHARD_PINNED",
+            format!("the pool's owner pinned {id} to this device; unpin it first"),
+        ));
+    }
+    Ok(())
 }
 
 const LOCKS_KEY: &str = "shard_locks";

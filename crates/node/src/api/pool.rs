@@ -296,3 +296,57 @@ pub(crate) async fn device_name(
     let s = blocking(move || pools.set_device_name(&body.name)).await?;
     Ok(Json(serde_json::to_value(s).unwrap_or_default()))
 }
+
+/// `GET /api/pool/pins`
+pub(crate) async fn pins(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let pools = state.node.pools().clone();
+    let pins = blocking(move || pools.pins()).await?;
+    Ok(Json(json!({ "pins": pins })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PinBody {
+    model_id: String,
+    target_node_id: String,
+    #[serde(default)]
+    shard_indices: Vec<u32>,
+}
+
+async fn change_pin(state: &AppState, body: Value, add: bool) -> Result<Json<Value>, ApiError> {
+    let body: PinBody = from_value(&body)?;
+    if !crate::pipeline::is_model_id(&body.model_id) {
+        return Err(ApiError::invalid_field("model_id", "not a model id"));
+    }
+    let pins = state
+        .node
+        .pools()
+        .pin(
+            crate::pool::Pin {
+                model_id: body.model_id,
+                target_node_id: body.target_node_id,
+                shard_indices: body.shard_indices,
+            },
+            add,
+        )
+        .await
+        .map_err(pool_error)?;
+    Ok(Json(json!({ "status": "ok", "pins": pins })))
+}
+
+/// `POST /api/pool/pin` with `{"model_id", "target_node_id", "shard_indices"?}`
+/// (owner only; empty or absent indices pin every shard).
+pub(crate) async fn add_pin(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Json<Value>, ApiError> {
+    change_pin(&state, body, true).await
+}
+
+/// `DELETE /api/pool/pin` with the same body.
+pub(crate) async fn remove_pin(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Json<Value>, ApiError> {
+    change_pin(&state, body, false).await
+}

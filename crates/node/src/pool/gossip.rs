@@ -33,6 +33,7 @@ const VERDICT_WAIT: Duration = Duration::from_secs(10);
 const ACCEPT_TAG: &str = "swarmllm pool accept v1";
 const STATE_TAG: &str = "swarmllm pool state v1";
 const REMOVAL_TAG: &str = "swarmllm pool removal v1";
+const PINS_TAG: &str = "swarmllm pool pins v1";
 
 /// A message on the pool topic.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -68,6 +69,21 @@ enum Message {
         /// Hex Ed25519 signature by the owner over the tag and `body`.
         signature: String,
     },
+    Pins {
+        /// JSON of [`PinsBody`].
+        body: String,
+        /// Hex Ed25519 signature by the owner over the tag and `body`.
+        signature: String,
+    },
+}
+
+/// The owner's complete pin list.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct PinsBody {
+    pool_id: String,
+    owner_node_id: String,
+    pins: Vec<super::Pin>,
+    issued_at: i64,
 }
 
 /// A removal notice: a fresh nonce and a timestamp make a replay detectable.
@@ -322,6 +338,7 @@ impl PoolNet {
             Message::Removal { body, signature } => {
                 self.on_removal(author, &body, &signature).await
             }
+            Message::Pins { body, signature } => self.on_pins(author, &body, &signature).await,
             _ => tracing::debug!("pool message whose claimed sender is not its author; ignored"),
         }
     }
@@ -405,6 +422,48 @@ impl PoolNet {
                 .to_bytes(),
         );
         let _ = self.publish(&Message::State { body, signature }).await;
+    }
+
+    async fn on_pins(&self, author: &str, body: &str, signature: &str) {
+        let Ok(list) = serde_json::from_str::<PinsBody>(body) else {
+            return;
+        };
+        if list.owner_node_id != author
+            || !verify_hex(author, format!("{PINS_TAG}\n{body}").as_bytes(), signature)
+        {
+            tracing::warn!("pool pin list with a bad owner signature; ignored");
+            return;
+        }
+        let pools = self.pools.clone();
+        let pins = list.pins.clone();
+        let applied = tokio::task::spawn_blocking(move || {
+            pools.apply_pins(&list.pool_id, &list.owner_node_id, &list.pins)
+        })
+        .await;
+        if matches!(applied, Ok(Ok(true))) {
+            self.pools.notify_pins(&pins);
+        }
+    }
+
+    /// The owner publishes the whole pin list, signed.
+    pub(super) async fn publish_pins(
+        &self,
+        pool_id: &str,
+        pins: Vec<super::Pin>,
+    ) -> Result<(), PoolError> {
+        let body = serde_json::to_string(&PinsBody {
+            pool_id: pool_id.to_string(),
+            owner_node_id: self.pools.node_id.clone(),
+            pins,
+            issued_at: (self.pools.clock)(),
+        })
+        .map_err(|e| PoolError::Invalid(e.to_string()))?;
+        let signature = hex::encode(
+            self.identity
+                .sign(format!("{PINS_TAG}\n{body}").as_bytes())
+                .to_bytes(),
+        );
+        self.publish(&Message::Pins { body, signature }).await
     }
 
     async fn on_removal(&self, author: &str, body: &str, signature: &str) {
@@ -520,6 +579,23 @@ fn refused(hash: &str, reason: &str) -> Verdict {
 }
 
 impl Pools {
+    /// Adds or removes a pin (owner only) and sends the pool the signed pin list;
+    /// a pin on the owner itself takes effect here at once.
+    pub async fn pin(&self, pin: super::Pin, add: bool) -> Result<Vec<super::Pin>, PoolError> {
+        let this = self.clone();
+        let p = pin.clone();
+        let (pool_id, pins) = tokio::task::spawn_blocking(move || this.change_pin(&p, add))
+            .await
+            .map_err(|e| PoolError::Invalid(e.to_string()))??;
+        if add {
+            self.notify_pins(std::slice::from_ref(&pin));
+        }
+        if let Some(net) = self.net.get() {
+            net.publish_pins(&pool_id, pins.clone()).await?;
+        }
+        Ok(pins)
+    }
+
     /// Removes a device (owner only) and tells the pool with a signed notice.
     pub async fn remove(&self, node_id: &str) -> Result<PoolState, PoolError> {
         let this = self.clone();

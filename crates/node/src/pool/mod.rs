@@ -115,6 +115,25 @@ pub struct PrivateMode {
     pub offline_mode: bool,
 }
 
+/// A shard pin: the owner assigns a model (or some of its shards) to a device,
+/// which fetches them and never deletes them while pinned.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Pin {
+    /// Model id.
+    pub model_id: String,
+    /// The device that holds it.
+    pub target_node_id: String,
+    /// Shards pinned; empty means all.
+    pub shard_indices: Vec<u32>,
+}
+
+impl Pin {
+    /// Whether shard `index` is pinned.
+    pub fn covers(&self, index: u32) -> bool {
+        self.shard_indices.is_empty() || self.shard_indices.contains(&index)
+    }
+}
+
 /// `GET /api/pool/state`.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct PoolState {
@@ -150,6 +169,7 @@ pub struct Pools {
     clock: Clock,
     max_devices: u32,
     net: Arc<OnceLock<gossip::PoolNet>>,
+    pinned: Arc<OnceLock<tokio::sync::mpsc::UnboundedSender<Pin>>>,
 }
 
 /// What the owner tells a device whose code it redeemed.
@@ -218,6 +238,7 @@ impl Pools {
             clock,
             max_devices: max_devices.max(1),
             net: Arc::new(OnceLock::new()),
+            pinned: Arc::new(OnceLock::new()),
         }
     }
 
@@ -642,6 +663,135 @@ impl Pools {
                 Ok(Ok(()))
             })??;
         self.state()
+    }
+
+    /// The pool's pins.
+    pub fn pins(&self) -> Result<Vec<Pin>, PoolError> {
+        Ok(self.store.with_conn(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT model_id, target_node_id, shard_indices FROM pool_pins
+                 WHERE pool_id = (SELECT id FROM pools LIMIT 1) ORDER BY model_id, target_node_id",
+            )?;
+            stmt.query_map([], |r| {
+                let indices: String = r.get(2)?;
+                Ok(Pin {
+                    model_id: r.get(0)?,
+                    target_node_id: r.get(1)?,
+                    shard_indices: serde_json::from_str(&indices).unwrap_or_default(),
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()
+        })?)
+    }
+
+    /// Shards of `model_id` pinned to this device (`Some(empty)` = all of them).
+    pub fn pinned_here(&self, model_id: &str) -> Result<Option<Vec<u32>>, PoolError> {
+        let mut out: Option<Vec<u32>> = None;
+        for pin in self.pins()? {
+            if pin.model_id == model_id && pin.target_node_id == self.node_id {
+                if pin.shard_indices.is_empty() {
+                    return Ok(Some(Vec::new()));
+                }
+                out.get_or_insert_with(Vec::new).extend(pin.shard_indices);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Adds (`pin = true`) or removes a pin (owner only); the target must be a
+    /// device of the pool. Returns the pool id and the new pin list.
+    fn change_pin(&self, pin: &Pin, add: bool) -> Result<(String, Vec<Pin>), PoolError> {
+        let now = self.now();
+        let indices = serde_json::to_string(&pin.shard_indices).unwrap_or_else(|_| "[]".into());
+        let pool_id = self
+            .store
+            .with_conn(|conn| -> rusqlite::Result<Result<String, PoolError>> {
+                let tx = conn.transaction()?;
+                let Some((pool_id, _, _, role, ..)) = Self::current(&tx)? else {
+                    return Ok(Err(PoolError::NotInPool));
+                };
+                if role != "owner" {
+                    return Ok(Err(PoolError::NotOwner));
+                }
+                let member: i64 = tx.query_row(
+                    "SELECT COUNT(*) FROM pool_members WHERE pool_id = ?1 AND node_id = ?2",
+                    params![pool_id, pin.target_node_id],
+                    |r| r.get(0),
+                )?;
+                if member == 0 {
+                    return Ok(Err(PoolError::Invalid(format!(
+                        "{} is not a device of this pool",
+                        pin.target_node_id
+                    ))));
+                }
+                if let Err(e) = self.take_op(&tx) {
+                    return Ok(Err(e));
+                }
+                if add {
+                    tx.execute(
+                        "INSERT OR REPLACE INTO pool_pins
+                         (pool_id, model_id, target_node_id, shard_indices, created_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5)",
+                        params![pool_id, pin.model_id, pin.target_node_id, indices, now],
+                    )?;
+                } else {
+                    let n = tx.execute(
+                        "DELETE FROM pool_pins WHERE pool_id = ?1 AND model_id = ?2 AND target_node_id = ?3",
+                        params![pool_id, pin.model_id, pin.target_node_id],
+                    )?;
+                    if n == 0 {
+                        return Ok(Err(PoolError::Invalid("no such pin".into())));
+                    }
+                }
+                tx.commit()?;
+                Ok(Ok(pool_id))
+            })??;
+        Ok((pool_id, self.pins()?))
+    }
+
+    /// A member takes the owner's (verified) pin list.
+    fn apply_pins(&self, pool_id: &str, owner: &str, pins: &[Pin]) -> Result<bool, PoolError> {
+        let now = self.now();
+        Ok(self.store.with_conn(|conn| -> rusqlite::Result<bool> {
+            let tx = conn.transaction()?;
+            let Some((id, _, my_owner, role, ..)) = Self::current(&tx)? else {
+                return Ok(false);
+            };
+            if id != pool_id || my_owner != owner || role != "member" {
+                return Ok(false);
+            }
+            tx.execute("DELETE FROM pool_pins WHERE pool_id = ?1", [pool_id])?;
+            for p in pins {
+                tx.execute(
+                    "INSERT OR REPLACE INTO pool_pins
+                     (pool_id, model_id, target_node_id, shard_indices, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![
+                        pool_id,
+                        p.model_id,
+                        p.target_node_id,
+                        serde_json::to_string(&p.shard_indices).unwrap_or_else(|_| "[]".into()),
+                        now
+                    ],
+                )?;
+            }
+            tx.commit()?;
+            Ok(true)
+        })?)
+    }
+
+    /// Where pins that target this device are reported (the node fetches the
+    /// shards); set once by the node.
+    pub fn on_pinned(&self, tx: tokio::sync::mpsc::UnboundedSender<Pin>) {
+        let _ = self.pinned.set(tx);
+    }
+
+    fn notify_pins(&self, pins: &[Pin]) {
+        if let Some(tx) = self.pinned.get() {
+            for p in pins.iter().filter(|p| p.target_node_id == self.node_id) {
+                let _ = tx.send(p.clone());
+            }
+        }
     }
 
     /// A member takes the owner's (verified) member list.
