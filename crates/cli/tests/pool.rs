@@ -242,4 +242,29 @@ fn devices_join_by_code_over_gossip_once_and_see_each_other() {
     // Only the owner removes.
     let (status, _) = c.post("/api/pool/remove", &json!({ "node_id": a_id }));
     assert_eq!(status, 403);
+
+    // Invited back by node id: only B can read the invitation; B accepts it.
+    let (status, v) = a.post("/api/pool/invite", &json!({ "node_id": b_id }));
+    assert_eq!(status, 200, "{v}");
+    let invitation = wait_for("B to receive the invitation", DEADLINE, || {
+        let (_, v) = b.get("/api/pool/invitations");
+        v["invitations"].as_array()?.first().cloned()
+    });
+    assert_eq!(invitation["pool_name"], "Home");
+    assert_eq!(c.get("/api/pool/invitations").1["invitations"], json!([]));
+    let (status, v) = b.post(
+        "/api/pool/accept",
+        &json!({ "invitation_id": invitation["invitation_id"] }),
+    );
+    assert_eq!((status, &v["role"]), (200, &json!("member")), "{v}");
+    wait_for("A to record B's acceptance again", DEADLINE, || {
+        let (_, s) = a.get("/api/pool/state");
+        s["members"]
+            .as_array()?
+            .iter()
+            .find(|m| m["node_id"] == b_id.as_str() && m["accepted"] == true)
+            .map(|_| ())
+    });
+    let (status, _) = b.post("/api/pool/accept", &json!({ "invitation_id": "nope" }));
+    assert_eq!(status, 400);
 }

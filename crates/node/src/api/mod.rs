@@ -120,6 +120,7 @@ pub fn router(node: Node) -> Router {
         .route("/api/pool/private-mode", get(pool::get_private_mode))
         .route("/api/pool/coverage", get(pool::get_coverage))
         .route("/api/pool/pins", get(pool::pins))
+        .route("/api/pool/invitations", get(pool::invitations))
         .route("/api/admin/shard-storage", get(models::storage))
         .route("/api/admin/downloads", get(models::downloads))
         .route(
@@ -144,6 +145,8 @@ pub fn router(node: Node) -> Router {
         .route("/api/pool/join", post(pool::join))
         .route("/api/pool/remove", post(pool::remove))
         .route("/api/pool/device-name", post(pool::device_name))
+        .route("/api/pool/invite", post(pool::invite))
+        .route("/api/pool/accept", post(pool::accept))
         .route(
             "/api/pool/pin",
             post(pool::add_pin).delete(pool::remove_pin),

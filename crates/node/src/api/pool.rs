@@ -350,3 +350,52 @@ pub(crate) async fn remove_pin(
 ) -> Result<Json<Value>, ApiError> {
     change_pin(&state, body, false).await
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InviteBody {
+    node_id: String,
+}
+
+/// `POST /api/pool/invite` with `{"node_id": "…"}` (owner only).
+pub(crate) async fn invite(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Json<Value>, ApiError> {
+    let body: InviteBody = from_value(&body)?;
+    let s = state
+        .node
+        .pools()
+        .invite_node(&body.node_id)
+        .await
+        .map_err(pool_error)?;
+    Ok(Json(serde_json::to_value(s).unwrap_or_default()))
+}
+
+/// `GET /api/pool/invitations`: invitations this device received.
+pub(crate) async fn invitations(State(state): State<AppState>) -> Json<Value> {
+    Json(json!({ "invitations": state.node.pools().invitations() }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AcceptBody {
+    invitation_id: String,
+    device_name: Option<String>,
+}
+
+/// `POST /api/pool/accept` with `{"invitation_id": "…"}`.
+pub(crate) async fn accept(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Json<Value>, ApiError> {
+    let body: AcceptBody = from_value(&body)?;
+    let device = body.device_name.or_else(|| state.node.nickname());
+    let s = state
+        .node
+        .pools()
+        .accept(&body.invitation_id, device)
+        .await
+        .map_err(pool_error)?;
+    Ok(Json(serde_json::to_value(s).unwrap_or_default()))
+}

@@ -34,6 +34,7 @@ const ACCEPT_TAG: &str = "swarmllm pool accept v1";
 const STATE_TAG: &str = "swarmllm pool state v1";
 const REMOVAL_TAG: &str = "swarmllm pool removal v1";
 const PINS_TAG: &str = "swarmllm pool pins v1";
+const INVITE_CONTEXT: &str = "swarmllm pool invite v1";
 
 /// A message on the pool topic.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -69,12 +70,53 @@ enum Message {
         /// Hex Ed25519 signature by the owner over the tag and `body`.
         signature: String,
     },
+    Invite {
+        owner_node_id: String,
+        /// Nonce of the seal (random per invitation).
+        seq: u64,
+        /// Base64 of the sealed [`InviteBody`] (only the invitee can open it).
+        sealed: String,
+    },
     Pins {
         /// JSON of [`PinsBody`].
         body: String,
         /// Hex Ed25519 signature by the owner over the tag and `body`.
         signature: String,
     },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct InviteBody {
+    pool_id: String,
+    pool_name: String,
+    invitation_id: String,
+    node_id: String,
+}
+
+/// An invitation this device received and has not answered.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReceivedInvitation {
+    /// Invitation id (accept with it).
+    pub invitation_id: String,
+    /// Pool id.
+    pub pool_id: String,
+    /// Pool name.
+    pub pool_name: String,
+    /// The owner.
+    pub owner_node_id: String,
+    /// Unix seconds.
+    pub received_at: i64,
+}
+
+fn invite_key(identity: &Identity, peer: &str, owner: &str) -> Option<SessionKey> {
+    let public = identity::x25519_public(peer)?;
+    let mut session = [0u8; 16];
+    session.copy_from_slice(&blake3::derive_key(INVITE_CONTEXT, owner.as_bytes())[..16]);
+    Some(SessionKey::agree(
+        &identity.x25519_secret(),
+        &public,
+        &session,
+    ))
 }
 
 /// The owner's complete pin list.
@@ -168,6 +210,8 @@ pub(super) struct PoolNet {
     network: Network,
     /// Code hashes this node is waiting on, with where to deliver the verdict.
     pending: Arc<Mutex<Waiting>>,
+    /// Invitations by node id this device received.
+    received: Arc<Mutex<Vec<ReceivedInvitation>>>,
 }
 
 impl Pools {
@@ -181,6 +225,7 @@ impl Pools {
             identity,
             network,
             pending: Arc::new(Mutex::new(HashMap::new())),
+            received: Arc::new(Mutex::new(Vec::new())),
         };
         let _ = self.net.set(net.clone());
         tokio::spawn(async move {
@@ -339,6 +384,11 @@ impl PoolNet {
                 self.on_removal(author, &body, &signature).await
             }
             Message::Pins { body, signature } => self.on_pins(author, &body, &signature).await,
+            Message::Invite {
+                owner_node_id,
+                seq,
+                sealed,
+            } if owner_node_id == author => self.on_invite(&owner_node_id, seq, &sealed),
             _ => tracing::debug!("pool message whose claimed sender is not its author; ignored"),
         }
     }
@@ -422,6 +472,41 @@ impl PoolNet {
                 .to_bytes(),
         );
         let _ = self.publish(&Message::State { body, signature }).await;
+    }
+
+    fn on_invite(&self, owner: &str, seq: u64, sealed: &str) {
+        let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(sealed) else {
+            return;
+        };
+        let Some(key) = invite_key(&self.identity, owner, owner) else {
+            return;
+        };
+        // Not for this device: it cannot be opened here, which is the point.
+        let Ok(plain) =
+            activation::open_message(&key, seq, Direction::Backward, owner.as_bytes(), &bytes)
+        else {
+            return;
+        };
+        let Ok(body) = serde_json::from_slice::<InviteBody>(&plain) else {
+            return;
+        };
+        if body.node_id != self.pools.node_id {
+            return;
+        }
+        let mut received = self.received.lock().unwrap_or_else(|p| p.into_inner());
+        if !received
+            .iter()
+            .any(|r| r.invitation_id == body.invitation_id)
+        {
+            tracing::info!(pool = %body.pool_name, "pool invitation received");
+            received.push(ReceivedInvitation {
+                invitation_id: body.invitation_id,
+                pool_id: body.pool_id,
+                pool_name: body.pool_name,
+                owner_node_id: owner.to_string(),
+                received_at: (self.pools.clock)(),
+            });
+        }
     }
 
     async fn on_pins(&self, author: &str, body: &str, signature: &str) {
@@ -579,6 +664,114 @@ fn refused(hash: &str, reason: &str) -> Verdict {
 }
 
 impl Pools {
+    /// Invites a device by node id (owner only); the invitation travels sealed for
+    /// that device, which lists it until it accepts.
+    pub async fn invite_node(&self, node_id: &str) -> Result<PoolState, PoolError> {
+        let this = self.clone();
+        let n = node_id.to_string();
+        let invitation = tokio::task::spawn_blocking(move || this.invite(&n))
+            .await
+            .map_err(|e| PoolError::Invalid(e.to_string()))??;
+        let net = self
+            .net
+            .get()
+            .ok_or_else(|| PoolError::Invalid("this node has no P2P network".into()))?;
+        let key = invite_key(&net.identity, node_id, &self.node_id)
+            .ok_or_else(|| PoolError::Invalid(format!("'{node_id}' is not a node id")))?;
+        let seq: u64 = rand::random();
+        let plain = serde_json::to_vec(&InviteBody {
+            pool_id: invitation.pool_id,
+            pool_name: invitation.pool_name,
+            invitation_id: invitation.invitation_id,
+            node_id: node_id.to_string(),
+        })
+        .map_err(|e| PoolError::Invalid(e.to_string()))?;
+        let sealed = activation::seal_message(
+            &key,
+            seq,
+            Direction::Backward,
+            self.node_id.as_bytes(),
+            &plain,
+        );
+        net.publish(&Message::Invite {
+            owner_node_id: self.node_id.clone(),
+            seq,
+            sealed: base64::engine::general_purpose::STANDARD.encode(sealed),
+        })
+        .await?;
+        self.state()
+    }
+
+    /// Invitations this device received and has not answered.
+    pub fn invitations(&self) -> Vec<ReceivedInvitation> {
+        self.net
+            .get()
+            .map(|n| n.received.lock().unwrap_or_else(|p| p.into_inner()).clone())
+            .unwrap_or_default()
+    }
+
+    /// Accepts a received invitation: signs it, records the pool, tells the owner.
+    pub async fn accept(
+        &self,
+        invitation_id: &str,
+        device_name: Option<String>,
+    ) -> Result<PoolState, PoolError> {
+        let net = self
+            .net
+            .get()
+            .cloned()
+            .ok_or_else(|| PoolError::Invalid("this node has no P2P network".into()))?;
+        let invitation = net
+            .received
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|r| r.invitation_id == invitation_id)
+            .cloned()
+            .ok_or_else(|| {
+                PoolError::Invalid(format!("no pending invitation '{invitation_id}'"))
+            })?;
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.check_can_join())
+            .await
+            .map_err(|e| PoolError::Invalid(e.to_string()))??;
+        let signature = hex::encode(
+            net.identity
+                .sign(&accept_message(
+                    &invitation.pool_id,
+                    &invitation.owner_node_id,
+                    &self.node_id,
+                    &invitation.invitation_id,
+                ))
+                .to_bytes(),
+        );
+        let this = self.clone();
+        let inv = invitation.clone();
+        let state = tokio::task::spawn_blocking(move || {
+            this.enter_as_member(
+                &inv.pool_id,
+                &inv.pool_name,
+                &inv.owner_node_id,
+                device_name.as_deref(),
+            )
+        })
+        .await
+        .map_err(|e| PoolError::Invalid(e.to_string()))??;
+        net.publish(&Message::Acceptance {
+            pool_id: invitation.pool_id,
+            owner_node_id: invitation.owner_node_id,
+            invitation_id: invitation.invitation_id.clone(),
+            node_id: self.node_id.clone(),
+            signature,
+        })
+        .await?;
+        net.received
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|r| r.invitation_id != invitation.invitation_id);
+        Ok(state)
+    }
+
     /// Adds or removes a pin (owner only) and sends the pool the signed pin list;
     /// a pin on the owner itself takes effect here at once.
     pub async fn pin(&self, pin: super::Pin, add: bool) -> Result<Vec<super::Pin>, PoolError> {

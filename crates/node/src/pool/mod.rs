@@ -9,6 +9,8 @@
 
 mod gossip;
 
+pub use gossip::ReceivedInvitation;
+
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 
@@ -404,6 +406,55 @@ impl Pools {
                 invitation_id,
             }))
         })?
+    }
+
+    /// Invites a device by node id (owner only): the device is listed, not yet
+    /// accepted, until it signs the invitation.
+    pub fn invite(&self, node_id: &str) -> Result<Invitation, PoolError> {
+        if crate::identity::x25519_public(node_id).is_none() {
+            return Err(PoolError::Invalid(format!("'{node_id}' is not a node id")));
+        }
+        let now = self.now();
+        let invitation_id = uuid::Uuid::new_v4().to_string();
+        self.store
+            .with_conn(|conn| -> rusqlite::Result<Result<Invitation, PoolError>> {
+                let tx = conn.transaction()?;
+                let Some((pool_id, pool_name, _, role, _, max_devices)) = Self::current(&tx)?
+                else {
+                    return Ok(Err(PoolError::NotInPool));
+                };
+                if role != "owner" {
+                    return Ok(Err(PoolError::NotOwner));
+                }
+                if node_id == self.node_id {
+                    return Ok(Err(PoolError::Invalid(
+                        "the owner is already in the pool".into(),
+                    )));
+                }
+                let members: i64 = tx.query_row(
+                    "SELECT COUNT(*) FROM pool_members WHERE pool_id = ?1 AND node_id != ?2",
+                    params![pool_id, node_id],
+                    |r| r.get(0),
+                )?;
+                if members as u32 >= max_devices {
+                    return Ok(Err(PoolError::Full(max_devices)));
+                }
+                if let Err(e) = self.take_op(&tx) {
+                    return Ok(Err(e));
+                }
+                tx.execute(
+                    "INSERT OR REPLACE INTO pool_members
+                     (pool_id, node_id, role, joined_at, invitation_id)
+                     VALUES (?1, ?2, 'member', ?3, ?4)",
+                    params![pool_id, node_id, now, invitation_id],
+                )?;
+                tx.commit()?;
+                Ok(Ok(Invitation {
+                    pool_id,
+                    pool_name,
+                    invitation_id,
+                }))
+            })?
     }
 
     /// Refuses a join while this node is in a pool; counts the attempt against the
