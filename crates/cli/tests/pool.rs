@@ -267,4 +267,24 @@ fn devices_join_by_code_over_gossip_once_and_see_each_other() {
     });
     let (status, _) = b.post("/api/pool/accept", &json!({ "invitation_id": "nope" }));
     assert_eq!(status, 400);
+
+    // Online status and per-device stats come from each device's announcements.
+    let state = wait_for("A to see C online with stats", DEADLINE, || {
+        let (_, s) = a.get("/api/pool/state");
+        let c_entry = s["members"]
+            .as_array()?
+            .iter()
+            .find(|m| m["device_name"] == "tablet")?
+            .clone();
+        (c_entry["online"] == true && c_entry["stats"]["uptime_secs"].as_u64()? > 0).then_some(s)
+    });
+    assert!(state["combined_vram_gb"].is_number(), "{state}");
+    let (_, board) = a.get("/api/pool/leaderboard");
+    let ranks: Vec<u64> = board["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .filter_map(|m| m["rank"].as_u64())
+        .collect();
+    assert_eq!(ranks, vec![1, 2, 3], "{board}");
 }

@@ -657,6 +657,8 @@ fn local_info(node: Weak<Inner>, hardware: HardwareSummary) -> crate::net::Local
             });
         }
         load.requests_per_minute = inner.metrics.summary().requests_per_minute;
+        load.steps_served = inner.pipeline.host().steps_served();
+        load.uptime_secs = inner.started.elapsed().as_secs();
         LocalInfo {
             nickname: inner
                 .nickname

@@ -121,6 +121,7 @@ pub fn router(node: Node) -> Router {
         .route("/api/pool/coverage", get(pool::get_coverage))
         .route("/api/pool/pins", get(pool::pins))
         .route("/api/pool/invitations", get(pool::invitations))
+        .route("/api/pool/leaderboard", get(pool::leaderboard))
         .route("/api/admin/shard-storage", get(models::storage))
         .route("/api/admin/downloads", get(models::downloads))
         .route(

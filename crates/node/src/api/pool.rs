@@ -40,11 +40,99 @@ async fn blocking<T: Send + 'static>(
         .map_err(pool_error)
 }
 
-/// `GET /api/pool/state`
-pub(crate) async fn state(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+/// The pool state with each device's online status and stats (from its signed
+/// announcements; this node's own from itself).
+async fn state_with_stats(state: &AppState) -> Result<Value, ApiError> {
     let pools = state.node.pools().clone();
     let s = blocking(move || pools.state()).await?;
-    Ok(Json(serde_json::to_value(s).unwrap_or_default()))
+    let mut v = serde_json::to_value(&s).unwrap_or_default();
+    let me = state.node.node_id();
+    let (records, connected) = match state.node.network() {
+        Some(net) => {
+            let dir = net.directory().clone();
+            let records = tokio::task::spawn_blocking(move || dir.list(1000))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default();
+            let connected: std::collections::HashSet<String> =
+                net.connected().into_iter().map(|p| p.node_id).collect();
+            (records, connected)
+        }
+        None => (Vec::new(), Default::default()),
+    };
+    let hw = tokio::task::spawn_blocking(crate::hardware::snapshot)
+        .await
+        .map_err(|e| ApiError::internal("reading the hardware", e))?;
+    let mut total_vram = 0.0;
+    if let Some(members) = v["members"].as_array_mut() {
+        for m in members.iter_mut() {
+            let id = m["node_id"].as_str().unwrap_or_default().to_string();
+            let stats = if id == me {
+                let vram: u64 = hw.gpus.iter().map(|g| g.memory_total).sum();
+                let ranges = state.node.pipeline().host().ranges();
+                json!({
+                    "online": true,
+                    "last_seen_at": chrono::Utc::now().timestamp(),
+                    "vram_gb": (vram as f64 / (1u64 << 30) as f64 * 10.0).round() / 10.0,
+                    "shards_hosted": ranges.iter().map(|r| r.last_shard - r.first_shard + 1).sum::<u32>(),
+                    "forwards_served": state.node.pipeline().host().steps_served(),
+                    "uptime_secs": state.node.uptime().as_secs(),
+                    "models": ranges.iter().map(|r| r.model_id.clone()).collect::<std::collections::BTreeSet<_>>(),
+                })
+            } else if let Some(r) = records.iter().find(|r| r.node_id == id) {
+                let models: Vec<crate::net::announce::HostedModel> =
+                    serde_json::from_value(r.models.clone()).unwrap_or_default();
+                json!({
+                    "online": connected.contains(&id),
+                    "last_seen_at": r.last_seen_at,
+                    "vram_gb": r.hardware["vram_gb"].as_f64().unwrap_or(0.0),
+                    "layers_hosted": models.iter().map(|m| m.layer_end - m.layer_start).sum::<u32>(),
+                    "forwards_served": r.load["steps_served"].as_u64().unwrap_or(0),
+                    "uptime_secs": r.load["uptime_secs"].as_u64().unwrap_or(0),
+                    "models": models.iter().map(|m| m.id.clone()).collect::<std::collections::BTreeSet<_>>(),
+                })
+            } else {
+                json!({ "online": false, "last_seen_at": null })
+            };
+            total_vram += stats["vram_gb"].as_f64().unwrap_or(0.0);
+            m["stats"] = stats.clone();
+            m["online"] = stats["online"].clone();
+        }
+    }
+    v["combined_vram_gb"] = json!((total_vram * 10.0).round() / 10.0);
+    Ok(v)
+}
+
+/// `GET /api/pool/state`
+pub(crate) async fn state(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(state_with_stats(&state).await?))
+}
+
+/// `GET /api/pool/leaderboard`: the pool's devices ranked by forwards served.
+pub(crate) async fn leaderboard(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let v = state_with_stats(&state).await?;
+    let mut rows: Vec<Value> = v["members"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|m| {
+            json!({
+                "node_id": m["node_id"],
+                "device_name": m["device_name"],
+                "role": m["role"],
+                "online": m["online"],
+                "forwards_served": m["stats"]["forwards_served"].as_u64().unwrap_or(0),
+                "contribution": m["contribution"],
+            })
+        })
+        .collect();
+    rows.sort_by_key(|r| std::cmp::Reverse(r["forwards_served"].as_u64().unwrap_or(0)));
+    for (i, r) in rows.iter_mut().enumerate() {
+        r["rank"] = json!(i + 1);
+    }
+    Ok(Json(json!({ "pool_id": v["pool_id"], "members": rows })))
 }
 
 #[derive(Debug, Deserialize)]

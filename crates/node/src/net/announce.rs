@@ -54,6 +54,12 @@ pub struct Load {
     pub queue_depth: u32,
     /// Requests served in the last minute.
     pub requests_per_minute: f64,
+    /// Pipeline steps run for others and itself since start ("forwards served").
+    #[serde(default)]
+    pub steps_served: u64,
+    /// Seconds since the node started.
+    #[serde(default)]
+    pub uptime_secs: u64,
 }
 
 /// What a node says about itself.
