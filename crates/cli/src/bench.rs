@@ -175,6 +175,56 @@ pub(crate) async fn run(mut source: ConfigSource, args: &BenchArgs) -> anyhow::R
     Ok(())
 }
 
+/// A streamed generation as the client saw it.
+pub(crate) struct TimedStream {
+    /// When the request was sent.
+    pub(crate) sent: Instant,
+    /// When each chunk carrying text arrived.
+    pub(crate) arrivals: Vec<Instant>,
+    /// The final `usage` object.
+    pub(crate) usage: Value,
+}
+
+/// POSTs a streaming request (`/v1/completions` or `/v1/chat/completions`) and
+/// times every chunk that carries text.
+pub(crate) async fn timed_stream(
+    http: &reqwest::Client,
+    url: &str,
+    api_key: &str,
+    body: &Value,
+) -> anyhow::Result<TimedStream> {
+    let sent = Instant::now();
+    let resp = http
+        .post(url)
+        .bearer_auth(api_key)
+        .json(body)
+        .send()
+        .await?
+        .error_for_status()?;
+    let mut arrivals = Vec::new();
+    let mut usage = Value::Null;
+    read_sse(resp, |data| {
+        let v: Value = serde_json::from_str(data)?;
+        if !v["usage"].is_null() {
+            usage = v["usage"].clone();
+        }
+        let choice = &v["choices"][0];
+        let text = choice["text"]
+            .as_str()
+            .or(choice["delta"]["content"].as_str());
+        if text.is_some_and(|t| !t.is_empty()) {
+            arrivals.push(Instant::now());
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(TimedStream {
+        sent,
+        arrivals,
+        usage,
+    })
+}
+
 /// One streamed greedy generation through the API, timed on the client: prompt
 /// speed from time-to-first-token, decode speed from first to last token.
 async fn api_run(
@@ -193,41 +243,18 @@ async fn api_run(
         "stream": true,
         "stream_options": { "include_usage": true },
     });
-    let t0 = Instant::now();
-    let resp = http
-        .post(url)
-        .bearer_auth(api_key)
-        .json(&body)
-        .send()
-        .await?
-        .error_for_status()?;
-    let mut first: Option<Instant> = None;
-    let mut last = t0;
-    let mut generated = 0u64;
-    read_sse(resp, |data| {
-        let v: Value = serde_json::from_str(data)?;
-        if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
-            generated = n;
-        }
-        if v["choices"][0]["text"]
-            .as_str()
-            .is_some_and(|t| !t.is_empty())
-        {
-            let now = Instant::now();
-            first.get_or_insert(now);
-            last = now;
-        }
-        Ok(())
-    })
-    .await?;
-    let first = first.ok_or_else(|| anyhow!("the API streamed no text"))?;
+    let run = timed_stream(http, url, api_key, &body).await?;
+    let (Some(&first), Some(&last)) = (run.arrivals.first(), run.arrivals.last()) else {
+        return Err(anyhow!("the API streamed no text"));
+    };
+    let generated = run.usage["completion_tokens"].as_u64().unwrap_or(0);
     if generated != tokens as u64 {
         return Err(anyhow!(
             "the API generated {generated} tokens, expected {tokens}"
         ));
     }
     Ok(Sample {
-        prompt_tps: prompt_tokens as f64 / first.duration_since(t0).as_secs_f64(),
+        prompt_tps: prompt_tokens as f64 / first.duration_since(run.sent).as_secs_f64(),
         decode_tps: (tokens - 1) as f64 / last.duration_since(first).as_secs_f64(),
     })
 }

@@ -18,8 +18,6 @@ use anyhow::{Context, anyhow};
 use clap::Args;
 use serde_json::{Value, json};
 
-use crate::client::read_sse;
-
 #[derive(Debug, Args)]
 pub(crate) struct BenchPipelineArgs {
     /// The GGUF model.
@@ -152,30 +150,14 @@ async fn one_run(
         "stream": true,
         "stream_options": { "include_usage": true },
     });
-    let t0 = Instant::now();
-    let resp = http
-        .post(format!("{}/v1/chat/completions", node.api))
-        .bearer_auth(&node.key)
-        .json(&body)
-        .send()
-        .await?
-        .error_for_status()?;
-    let mut times: Vec<Instant> = Vec::new();
-    let mut usage = Value::Null;
-    read_sse(resp, |data| {
-        let v: Value = serde_json::from_str(data)?;
-        if !v["usage"].is_null() {
-            usage = v["usage"].clone();
-        }
-        if v["choices"][0]["delta"]["content"]
-            .as_str()
-            .is_some_and(|t| !t.is_empty())
-        {
-            times.push(Instant::now());
-        }
-        Ok(())
-    })
+    let run = crate::bench::timed_stream(
+        http,
+        &format!("{}/v1/chat/completions", node.api),
+        &node.key,
+        &body,
+    )
     .await?;
+    let (t0, times, usage) = (run.sent, run.arrivals, run.usage);
     let (first, last) = match (times.first(), times.last()) {
         (Some(f), Some(l)) if times.len() > 1 => (*f, *l),
         _ => return Err(anyhow!("the stream carried too few tokens")),

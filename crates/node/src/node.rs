@@ -255,17 +255,7 @@ impl Node {
                 return None;
             }
             // Only devices that accepted their invitation count.
-            let members = inner
-                .pools
-                .state()
-                .map(|s| {
-                    s.members
-                        .into_iter()
-                        .filter(|m| m.accepted)
-                        .map(|m| m.node_id)
-                        .collect()
-                })
-                .unwrap_or_default();
+            let members = inner.pools.accepted_members().unwrap_or_default();
             Some((members, mode.allow_lan))
         }));
         if config.p2p_enabled {

@@ -223,6 +223,17 @@ fn local_model(state: &AppState, id: &str) -> Result<LocalModel, ApiError> {
         .ok_or_else(|| ApiError::not_found(format!("model '{id}' is not on this node")))
 }
 
+fn check_index(model: &LocalModel, index: u32) -> Result<(), ApiError> {
+    let n = model.manifest.shards.len();
+    if index as usize >= n {
+        return Err(ApiError::invalid_field(
+            "index",
+            format!("the model has {n} shards"),
+        ));
+    }
+    Ok(())
+}
+
 fn transfer_error(e: TransferError) -> ApiError {
     match e {
         TransferError::Invalid(m) => ApiError::invalid_field("shard", m),
@@ -427,12 +438,7 @@ pub(crate) async fn unload_shard(
     Path((id, index)): Path<(String, u32)>,
 ) -> Result<Json<Value>, ApiError> {
     let model = local_model(&state, &id)?;
-    if index as usize >= model.manifest.shards.len() {
-        return Err(ApiError::invalid_field(
-            "index",
-            format!("the model has {} shards", model.manifest.shards.len()),
-        ));
-    }
+    check_index(&model, index)?;
     let remaining = state.node.pipeline().set_loaded(&id, &[index], false).await;
     state.node.announce_soon().await;
     Ok(Json(
@@ -540,12 +546,7 @@ pub(crate) async fn lock_shard(
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Json<Value>, ApiError> {
     let model = local_model(&state, &id)?;
-    if index as usize >= model.manifest.shards.len() {
-        return Err(ApiError::invalid_field(
-            "index",
-            format!("the model has {} shards", model.manifest.shards.len()),
-        ));
-    }
+    check_index(&model, index)?;
     let body: LockBody = from_value(&body)?;
     let mut set = locks(&state, &id).await?;
     if body.locked {

@@ -221,17 +221,10 @@ async fn coverage(state: &AppState) -> Value {
     let pools = state.node.pools().clone();
     let me = state.node.node_id();
     let members: std::collections::HashSet<String> =
-        tokio::task::spawn_blocking(move || pools.state())
+        tokio::task::spawn_blocking(move || pools.accepted_members())
             .await
             .ok()
             .and_then(Result::ok)
-            .map(|s| {
-                s.members
-                    .into_iter()
-                    .filter(|m| m.accepted)
-                    .map(|m| m.node_id)
-                    .collect()
-            })
             .unwrap_or_default();
     let mut models = Vec::new();
     let mut disk_used: u64 = 0;

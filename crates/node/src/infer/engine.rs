@@ -16,7 +16,7 @@ use llama_cpp_2::sampling::LlamaSampler;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use super::stop::{Pushed, StopMatcher};
+use super::stop::{Pushed, TextOut, prompt_tokens};
 use super::{
     Engine, EngineConfig, Event, FinishReason, GenerateError, Job, LoadModelError, ModelInfo,
     SamplingParams, Timing, Usage,
@@ -255,19 +255,11 @@ fn run_job(model: &LlamaModel, ctx: &mut LlamaContext<'_>, batch: &mut LlamaBatc
         let _ = events.blocking_send(Event::Failed(e));
     };
 
-    let tokens = model
-        .vocab()
-        .tokenize(request.prompt.as_bytes(), true, true);
     let n_ctx = ctx.n_ctx();
-    if tokens.is_empty() {
-        return fail(GenerateError::EmptyPrompt);
-    }
-    if tokens.len() as u32 >= n_ctx {
-        return fail(GenerateError::ContextExceeded {
-            prompt_tokens: tokens.len() as u32,
-            context_size: n_ctx,
-        });
-    }
+    let tokens = match prompt_tokens(model, &request.prompt, n_ctx) {
+        Ok(t) => t,
+        Err(e) => return fail(e),
+    };
     let prompt_tokens = tokens.len() as u32;
     if events
         .blocking_send(Event::Started {
@@ -288,10 +280,7 @@ fn run_job(model: &LlamaModel, ctx: &mut LlamaContext<'_>, batch: &mut LlamaBatc
 
     let params = &request.params;
     let mut sampler = build_sampler(model.n_vocab(), params);
-    let mut stop = StopMatcher::new(params.stop.clone());
-    let mut utf8 = encoding_rs::UTF_8.new_decoder();
-    let mut piece = Vec::with_capacity(32);
-    let mut text = String::with_capacity(64);
+    let mut out = TextOut::new(params.stop.clone());
     let mut n_cur = tokens.len() as i32;
     let mut generated: u32 = 0;
     let mut logits_index = batch.n_tokens() - 1;
@@ -309,24 +298,14 @@ fn run_job(model: &LlamaModel, ctx: &mut LlamaContext<'_>, batch: &mut LlamaBatc
         }
         generated += 1;
 
-        piece.clear();
-        model
-            .vocab()
-            .token_to_piece_into(token, &mut piece, false, None);
-        text.clear();
-        text.reserve(
-            utf8.max_utf8_buffer_length(piece.len())
-                .unwrap_or(piece.len() * 3),
-        );
-        let _ = utf8.decode_to_string(&piece, &mut text, false);
-        match stop.push(&text) {
-            Pushed::Emit(out) => {
-                if !out.is_empty() && events.blocking_send(Event::Token(out)).is_err() {
+        match out.push(model, token) {
+            Pushed::Emit(text) => {
+                if !text.is_empty() && events.blocking_send(Event::Token(text)).is_err() {
                     return;
                 }
             }
-            Pushed::Stop(out) => {
-                if !out.is_empty() && events.blocking_send(Event::Token(out)).is_err() {
+            Pushed::Stop(text) => {
+                if !text.is_empty() && events.blocking_send(Event::Token(text)).is_err() {
                     return;
                 }
                 break FinishReason::Stop;
@@ -347,9 +326,7 @@ fn run_job(model: &LlamaModel, ctx: &mut LlamaContext<'_>, batch: &mut LlamaBatc
         logits_index = 0;
     };
 
-    // Text held back as a possible stop-sequence start is real output after all
-    // (after a match the matcher holds nothing).
-    let rest = stop.finish();
+    let rest = out.finish();
     if !rest.is_empty() && events.blocking_send(Event::Token(rest)).is_err() {
         return;
     }

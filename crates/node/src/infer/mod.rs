@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 
 pub use engine::{DeviceInfo, backend_devices};
 pub(crate) use engine::{backend, build_sampler};
-pub(crate) use stop::{Pushed, StopMatcher};
+pub(crate) use stop::{Pushed, TextOut, prompt_tokens};
 
 /// How to load a model.
 #[derive(Debug, Clone)]

@@ -4,6 +4,78 @@
 //! shows whether it is; everything else is released at once, so streaming stays
 //! token-by-token and no stop sequence text ever reaches the client.
 
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::token::LlamaToken;
+
+use super::GenerateError;
+
+/// Tokenizes a prompt the way every generation path does (special tokens parsed,
+/// BOS added when the model wants it) and checks it fits in `n_ctx`.
+pub(crate) fn prompt_tokens(
+    model: &LlamaModel,
+    prompt: &str,
+    n_ctx: u32,
+) -> Result<Vec<LlamaToken>, GenerateError> {
+    let tokens = model.vocab().tokenize(prompt.as_bytes(), true, true);
+    if tokens.is_empty() {
+        return Err(GenerateError::EmptyPrompt);
+    }
+    if tokens.len() as u32 >= n_ctx {
+        return Err(GenerateError::ContextExceeded {
+            prompt_tokens: tokens.len() as u32,
+            context_size: n_ctx,
+        });
+    }
+    Ok(tokens)
+}
+
+/// Sampled tokens → text for the client: detokenizes (UTF-8 sequences split
+/// across tokens are completed by the next token) and applies the stop sequences.
+/// The local engine and the pipeline's requester both use it, so they emit the
+/// same text for the same tokens.
+#[derive(Debug)]
+pub(crate) struct TextOut {
+    stop: StopMatcher,
+    utf8: encoding_rs::Decoder,
+    piece: Vec<u8>,
+    text: String,
+}
+
+impl TextOut {
+    pub(crate) fn new(stops: Vec<String>) -> Self {
+        Self {
+            stop: StopMatcher::new(stops),
+            utf8: encoding_rs::UTF_8.new_decoder(),
+            piece: Vec::with_capacity(32),
+            text: String::with_capacity(64),
+        }
+    }
+
+    /// Adds one generated token.
+    pub(crate) fn push(&mut self, model: &LlamaModel, token: LlamaToken) -> Pushed {
+        self.piece.clear();
+        model
+            .vocab()
+            .token_to_piece_into(token, &mut self.piece, false, None);
+        self.text.clear();
+        self.text.reserve(
+            self.utf8
+                .max_utf8_buffer_length(self.piece.len())
+                .unwrap_or(self.piece.len() * 3),
+        );
+        let _ = self
+            .utf8
+            .decode_to_string(&self.piece, &mut self.text, false);
+        self.stop.push(&self.text)
+    }
+
+    /// Text held back as a possible stop-sequence start, which is real output
+    /// after all (after a match nothing is held).
+    pub(crate) fn finish(&mut self) -> String {
+        self.stop.finish()
+    }
+}
+
 /// Incremental stop-sequence matcher.
 #[derive(Debug, Default)]
 pub(crate) struct StopMatcher {

@@ -106,22 +106,11 @@ impl Pipeline {
             .await
             .map_err(GenerateError::Pipeline)?;
         // Exactly as the local engine tokenizes.
-        let tokens: Vec<i32> = vocab
-            .vocab()
-            .tokenize(request.prompt.as_bytes(), true, true)
-            .into_iter()
-            .map(|t| t.0)
-            .collect();
-        let n_ctx = self.inner.config.context_size;
-        if tokens.is_empty() {
-            return Err(GenerateError::EmptyPrompt);
-        }
-        if tokens.len() as u32 >= n_ctx {
-            return Err(GenerateError::ContextExceeded {
-                prompt_tokens: tokens.len() as u32,
-                context_size: n_ctx,
-            });
-        }
+        let tokens: Vec<i32> =
+            crate::infer::prompt_tokens(&vocab, &request.prompt, self.inner.config.context_size)?
+                .into_iter()
+                .map(|t| t.0)
+                .collect();
         let plan =
             self.plan(model_id, &HashSet::new())
                 .await
@@ -199,10 +188,7 @@ impl Pipeline {
         }
         let prompt_ms = started.elapsed().as_millis() as u64;
 
-        let mut stop = crate::infer::StopMatcher::new(params.stop.clone());
-        let mut utf8 = encoding_rs::UTF_8.new_decoder();
-        let mut piece = Vec::with_capacity(32);
-        let mut text = String::with_capacity(64);
+        let mut out = crate::infer::TextOut::new(params.stop.clone());
         let mut n_cur = tokens.len() as u32;
         let finish_reason = loop {
             if generated.len() as u32 >= params.max_tokens {
@@ -217,24 +203,14 @@ impl Pipeline {
                 break FinishReason::Stop;
             }
             generated.push(token);
-            piece.clear();
-            vocab
-                .vocab()
-                .token_to_piece_into(LlamaToken(token), &mut piece, false, None);
-            text.clear();
-            text.reserve(
-                utf8.max_utf8_buffer_length(piece.len())
-                    .unwrap_or(piece.len() * 3),
-            );
-            let _ = utf8.decode_to_string(&piece, &mut text, false);
-            match stop.push(&text) {
-                crate::infer::Pushed::Emit(out) => {
-                    if !out.is_empty() && events.send(Event::Token(out)).await.is_err() {
+            match out.push(vocab, LlamaToken(token)) {
+                crate::infer::Pushed::Emit(text) => {
+                    if !text.is_empty() && events.send(Event::Token(text)).await.is_err() {
                         return Ok(());
                     }
                 }
-                crate::infer::Pushed::Stop(out) => {
-                    if !out.is_empty() && events.send(Event::Token(out)).await.is_err() {
+                crate::infer::Pushed::Stop(text) => {
+                    if !text.is_empty() && events.send(Event::Token(text)).await.is_err() {
                         return Ok(());
                     }
                     break FinishReason::Stop;
@@ -248,7 +224,7 @@ impl Pipeline {
                 .await?;
             n_cur += 1;
         };
-        let rest = stop.finish();
+        let rest = out.finish();
         if !rest.is_empty() && events.send(Event::Token(rest)).await.is_err() {
             return Ok(());
         }

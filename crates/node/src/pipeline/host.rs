@@ -71,6 +71,13 @@ pub struct RangeInfo {
     pub ms_per_layer: Option<f64>,
 }
 
+impl RangeInfo {
+    /// Whether this is layers `a..b` of `model_id`.
+    fn is(&self, model_id: &str, a: u32, b: u32) -> bool {
+        self.model_id == model_id && self.layer_start == a && self.layer_end == b
+    }
+}
+
 /// What a step feeds in.
 #[derive(Debug, Clone)]
 pub enum StepInput {
@@ -189,7 +196,6 @@ impl RangeHost {
                     sessions: HashMap::new(),
                     ranges: thread_ranges,
                     session_count: thread_sessions,
-                    steps: 0,
                     steps_served: thread_steps,
                 }
                 .run(rx)
@@ -285,7 +291,6 @@ struct Thread {
     sessions: HashMap<SessionKey, Session>,
     ranges: Arc<RwLock<Vec<RangeInfo>>>,
     session_count: Arc<std::sync::atomic::AtomicUsize>,
-    steps: u64,
     steps_served: Arc<std::sync::atomic::AtomicU64>,
 }
 
@@ -368,9 +373,7 @@ impl Thread {
         self.sessions
             .retain(|_, s| !(s.model_id == model_id && s.layer_start == a && s.layer_end == b));
         let before = self.models.len();
-        self.models.retain(|m| {
-            !(m.info.model_id == model_id && m.info.layer_start == a && m.info.layer_end == b)
-        });
+        self.models.retain(|m| !m.info.is(model_id, a, b));
         let removed = self.models.len() != before;
         self.publish();
         removed
@@ -381,9 +384,7 @@ impl Thread {
         let loaded = self
             .models
             .iter()
-            .find(|m| {
-                m.info.model_id == key.0 && m.info.layer_start == key.1 && m.info.layer_end == key.2
-            })
+            .find(|m| m.info.is(&key.0, key.1, key.2))
             .ok_or_else(|| HostError::NotHeld {
                 model_id: key.0.clone(),
                 layer_start: key.1,
@@ -549,17 +550,18 @@ impl Thread {
     /// Keeps an exponential average of decode time per layer, which routing reads.
     fn record_speed(&mut self, key: &(String, u32, u32), elapsed: Duration, layers: u32) {
         let ms = elapsed.as_secs_f64() * 1000.0 / layers.max(1) as f64;
-        if let Some(m) = self.models.iter_mut().find(|m| {
-            m.info.model_id == key.0 && m.info.layer_start == key.1 && m.info.layer_end == key.2
-        }) {
+        if let Some(m) = self
+            .models
+            .iter_mut()
+            .find(|m| m.info.is(&key.0, key.1, key.2))
+        {
             m.info.ms_per_layer = Some(match m.info.ms_per_layer {
                 Some(prev) => prev * 0.9 + ms * 0.1,
                 None => ms,
             });
         }
         // Publishing on every token would churn the lock; every 32nd is plenty.
-        self.steps += 1;
-        if self.steps % 32 == 1 {
+        if self.steps_served.load(std::sync::atomic::Ordering::Relaxed) % 32 == 1 {
             self.publish();
         }
     }

@@ -108,6 +108,18 @@ impl std::fmt::Debug for Pipeline {
     }
 }
 
+/// A connected peer as its announcements describe it.
+#[derive(Debug, Clone)]
+struct PeerView {
+    node_id: String,
+    models: Vec<crate::net::announce::HostedModel>,
+    rtt_ms: Option<f64>,
+    queue_depth: u32,
+    trust: i64,
+    /// The address of the live connection.
+    address: String,
+}
+
 /// A model the network (or this node) can serve.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct NetworkModel {
@@ -408,7 +420,12 @@ impl Pipeline {
     /// Everyone who can run part of `model_id`: this node's ranges and those that
     /// connected peers announce.
     pub async fn holders(&self, model_id: &str) -> Vec<Holder> {
-        let mut out: Vec<Holder> = self
+        self.holders_in(model_id, &self.peers().await)
+    }
+
+    /// [`Pipeline::holders`] over an already-read peer list.
+    fn holders_in(&self, model_id: &str, peers: &[PeerView]) -> Vec<Holder> {
+        let local = self
             .inner
             .host
             .ranges()
@@ -422,40 +439,34 @@ impl Pipeline {
                 rtt_ms: Some(0.0),
                 ms_per_layer: r.ms_per_layer,
                 queue_depth: 0,
-            })
-            .collect();
-        for (node_id, models, rtt, queue) in self.peer_models().await {
-            for m in models.into_iter().filter(|m| m.id == model_id) {
-                out.push(Holder {
-                    node_id: node_id.clone(),
+            });
+        let remote = peers.iter().flat_map(|p| {
+            p.models
+                .iter()
+                .filter(|m| m.id == model_id)
+                .map(|m| Holder {
+                    node_id: p.node_id.clone(),
                     local: false,
                     layer_start: m.layer_start,
                     layer_end: m.layer_end,
-                    rtt_ms: rtt,
+                    rtt_ms: p.rtt_ms,
                     ms_per_layer: m.ms_per_layer,
-                    queue_depth: queue,
-                });
-            }
-        }
-        out
+                    queue_depth: p.queue_depth,
+                })
+        });
+        local.chain(remote).collect()
     }
 
-    /// (node id, announced models, rtt, queue depth) of every connected peer.
-    async fn peer_models(
-        &self,
-    ) -> Vec<(
-        String,
-        Vec<crate::net::announce::HostedModel>,
-        Option<f64>,
-        u32,
-    )> {
+    /// Every connected peer with what it announced: one directory read, shared
+    /// by everything one decision needs (holders, layer count, trust, address).
+    async fn peers(&self) -> Vec<PeerView> {
         let Some(network) = self.inner.network.get() else {
             return Vec::new();
         };
-        let connected: HashMap<String, Option<f64>> = network
+        let connected: HashMap<String, (Option<f64>, String)> = network
             .connected()
             .into_iter()
-            .map(|p| (p.node_id, p.latency_ms))
+            .map(|p| (p.node_id, (p.latency_ms, p.address)))
             .collect();
         let dir = network.directory().clone();
         let records = tokio::task::spawn_blocking(move || dir.list(1000))
@@ -466,16 +477,22 @@ impl Pipeline {
         records
             .into_iter()
             .filter_map(|r| {
-                let rtt = connected.get(&r.node_id)?;
-                let models = serde_json::from_value(r.models).unwrap_or_default();
-                let queue = r.load["queue_depth"].as_u64().unwrap_or(0) as u32;
-                Some((r.node_id, models, rtt.or(r.latency_ms), queue))
+                let (rtt, address) = connected.get(&r.node_id)?.clone();
+                Some(PeerView {
+                    models: serde_json::from_value(r.models).unwrap_or_default(),
+                    rtt_ms: rtt.or(r.latency_ms),
+                    queue_depth: r.load["queue_depth"].as_u64().unwrap_or(0) as u32,
+                    trust: r.trust_score,
+                    address,
+                    node_id: r.node_id,
+                })
             })
             .collect()
     }
 
     /// Every model this node or a connected peer holds some of, with its holders.
     pub async fn network_models(&self) -> Vec<NetworkModel> {
+        let peers = self.peers().await;
         let mut n_layers: HashMap<String, u32> = HashMap::new();
         for r in self.inner.host.ranges() {
             n_layers.insert(r.model_id, r.n_layers);
@@ -483,20 +500,17 @@ impl Pipeline {
         for m in self.local_models() {
             n_layers.insert(m.manifest.model_id, m.manifest.n_layers);
         }
-        for (_, models, _, _) in self.peer_models().await {
-            for m in models {
-                n_layers.entry(m.id).or_insert(m.n_layers);
-            }
+        for m in peers.iter().flat_map(|p| &p.models) {
+            n_layers.entry(m.id.clone()).or_insert(m.n_layers);
         }
-        let mut out = Vec::new();
-        for (id, n) in n_layers {
-            let holders = self.holders(&id).await;
-            out.push(NetworkModel {
+        let mut out: Vec<NetworkModel> = n_layers
+            .into_iter()
+            .map(|(id, n)| NetworkModel {
+                holders: self.holders_in(&id, &peers),
                 id,
                 n_layers: n,
-                holders,
-            });
-        }
+            })
+            .collect();
         out.sort_by(|a, b| a.id.cmp(&b.id));
         out
     }
@@ -536,8 +550,9 @@ impl Pipeline {
 
     /// Plans a chain for `model_id` without `exclude`d nodes.
     pub async fn plan(&self, model_id: &str, exclude: &HashSet<String>) -> Result<Plan, NoRoute> {
-        let holders = self.holders(model_id).await;
-        let n_layers = self.n_layers(model_id, &holders).await;
+        let peers = self.peers().await;
+        let holders = self.holders_in(model_id, &peers);
+        let n_layers = self.n_layers_in(model_id, &peers);
         let allowed = match self.inner.peers_allowed.get() {
             Some(policy) => {
                 let policy = Arc::clone(policy);
@@ -552,26 +567,15 @@ impl Pipeline {
             return route::plan(n_layers, &holders, exclude, self.encrypted(model_id));
         };
         // Private mode: only this node, pool devices and (if allowed) LAN peers.
-        let addresses: HashMap<String, String> = self
-            .inner
-            .network
-            .get()
-            .map(|n| {
-                n.connected()
-                    .into_iter()
-                    .map(|p| (p.node_id, p.address))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let on_lan = |id: &str| {
+            peers
+                .iter()
+                .any(|p| p.node_id == id && transfer::is_lan(&p.address))
+        };
         let holders: Vec<Holder> = holders
             .into_iter()
             .filter(|h| {
-                h.local
-                    || members.contains(&h.node_id)
-                    || (allow_lan
-                        && addresses
-                            .get(&h.node_id)
-                            .is_some_and(|a| transfer::is_lan(a)))
+                h.local || members.contains(&h.node_id) || (allow_lan && on_lan(&h.node_id))
             })
             .collect();
         route::plan(n_layers, &holders, exclude, self.encrypted(model_id)).map_err(|mut e| {
@@ -580,20 +584,20 @@ impl Pipeline {
         })
     }
 
-    async fn n_layers(&self, model_id: &str, _holders: &[Holder]) -> u32 {
-        if let Some(m) = self
-            .local_models()
+    /// The model's layer count: from its manifest here, else from an announcement.
+    fn n_layers_in(&self, model_id: &str, peers: &[PeerView]) -> u32 {
+        self.local_models()
             .into_iter()
             .find(|m| m.manifest.model_id == model_id)
-        {
-            return m.manifest.n_layers;
-        }
-        for (_, models, _, _) in self.peer_models().await {
-            if let Some(m) = models.into_iter().find(|m| m.id == model_id) {
-                return m.n_layers;
-            }
-        }
-        0
+            .map(|m| m.manifest.n_layers)
+            .or_else(|| {
+                peers
+                    .iter()
+                    .flat_map(|p| &p.models)
+                    .find(|m| m.id == model_id)
+                    .map(|m| m.n_layers)
+            })
+            .unwrap_or(0)
     }
 
     /// Whether this node can act as requester for `model_id`: it has the model's

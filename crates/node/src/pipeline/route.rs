@@ -146,28 +146,23 @@ pub fn plan(
         .filter(|h| !local_ends || h.local || (h.layer_start > 0 && h.layer_end < n_layers))
         .collect();
     let n = n_layers as usize;
-    // best[l] = (cost to reach boundary l, index of the holder that got there)
-    let mut best: Vec<Option<(f64, usize)>> = vec![None; n + 1];
+    // cost_at[l]: cheapest way to reach layer boundary l; via[l]: the holder that
+    // gets there. Ranges only go forward, so one pass in start order suffices.
+    let mut cost_at = vec![f64::INFINITY; n + 1];
+    let mut via: Vec<Option<usize>> = vec![None; n + 1];
+    cost_at[0] = 0.0;
     let mut order: Vec<usize> = (0..usable.len()).collect();
     order.sort_by_key(|&i| usable[i].layer_start);
-    let mut reached = vec![false; n + 1];
-    reached[0] = true;
-    let mut cost_at = vec![f64::INFINITY; n + 1];
-    cost_at[0] = 0.0;
     for &i in &order {
         let h = usable[i];
         let (a, b) = (h.layer_start as usize, h.layer_end as usize);
-        if !reached[a] {
-            continue;
-        }
         let c = cost_at[a] + h.cost();
         if c < cost_at[b] {
             cost_at[b] = c;
-            best[b] = Some((c, i));
-            reached[b] = true;
+            via[b] = Some(i);
         }
     }
-    if !reached[n] {
+    if !cost_at[n].is_finite() {
         let mut held = BTreeSet::new();
         for h in &usable {
             held.extend(h.layer_start..h.layer_end);
@@ -182,7 +177,7 @@ pub fn plan(
     let mut spans = Vec::new();
     let mut at = n;
     while at > 0 {
-        let Some((_, i)) = best[at] else { break };
+        let Some(i) = via[at] else { break };
         let primary = usable[i].clone();
         let standby = usable
             .iter()

@@ -230,33 +230,16 @@ impl Pipeline {
     /// Nodes that announce a range covering layers `a..b` of `model_id`, best first:
     /// same LAN (private or loopback address), then round trip, then trust.
     async fn holders_ranked(&self, model_id: &str, a: u32, b: u32) -> Vec<String> {
-        let Some(network) = self.inner.network.get() else {
-            return Vec::new();
-        };
-        let addr: HashMap<String, String> = network
-            .connected()
-            .into_iter()
-            .map(|p| (p.node_id, p.address))
-            .collect();
-        let dir = network.directory().clone();
-        let trust: HashMap<String, i64> = tokio::task::spawn_blocking(move || dir.list(1000))
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or_default()
-            .into_iter()
-            .map(|r| (r.node_id, r.trust_score))
-            .collect();
+        let peers = self.peers().await;
         let mut ranked: Vec<(f64, String)> = self
-            .holders(model_id)
-            .await
+            .holders_in(model_id, &peers)
             .into_iter()
             .filter(|h| !h.local && h.layer_start <= a && h.layer_end >= b)
-            .map(|h| {
-                let lan = addr.get(&h.node_id).is_some_and(|a| is_lan(a));
-                let score = if lan { 0.0 } else { 1000.0 } + h.rtt_ms.unwrap_or(50.0)
-                    - *trust.get(&h.node_id).unwrap_or(&50) as f64 / 10.0;
-                (score, h.node_id)
+            .filter_map(|h| {
+                let peer = peers.iter().find(|p| p.node_id == h.node_id)?;
+                let lan = if is_lan(&peer.address) { 0.0 } else { 1000.0 };
+                let score = lan + h.rtt_ms.unwrap_or(50.0) - peer.trust as f64 / 10.0;
+                Some((score, h.node_id))
             })
             .collect();
         ranked.sort_by(|x, y| x.0.total_cmp(&y.0));

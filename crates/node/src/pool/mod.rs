@@ -270,6 +270,32 @@ impl Pools {
         Ok(())
     }
 
+    /// Runs `f` in one transaction: committed when it returns `Ok`, rolled back
+    /// when it returns an error (so a refused operation changes nothing).
+    fn transact<T>(
+        &self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, PoolError>,
+    ) -> Result<T, PoolError> {
+        self.store
+            .with_conn(|conn| -> rusqlite::Result<Result<T, PoolError>> {
+                let tx = conn.transaction()?;
+                let out = f(&tx);
+                if out.is_ok() {
+                    tx.commit()?;
+                }
+                Ok(out)
+            })?
+    }
+
+    /// This node's pool, which it must own.
+    fn owned_pool(conn: &rusqlite::Connection) -> Result<PoolRow, PoolError> {
+        let row = Self::current(conn)?.ok_or(PoolError::NotInPool)?;
+        if row.3 != "owner" {
+            return Err(PoolError::NotOwner);
+        }
+        Ok(row)
+    }
+
     fn current(conn: &rusqlite::Connection) -> rusqlite::Result<Option<PoolRow>> {
         conn.query_row(
             "SELECT id, name, owner_node_id, role, credit_split_pct, max_devices FROM pools LIMIT 1",
@@ -288,14 +314,11 @@ impl Pools {
             ));
         }
         let now = self.now();
-        self.store.with_conn(|conn| -> rusqlite::Result<Result<(), PoolError>> {
-            let tx = conn.transaction()?;
-            if let Some((_, existing, ..)) = Self::current(&tx)? {
-                return Ok(Err(PoolError::AlreadyInPool(existing)));
+        self.transact(|tx| {
+            if let Some((_, existing, ..)) = Self::current(tx)? {
+                return Err(PoolError::AlreadyInPool(existing));
             }
-            if let Err(e) = self.take_op(&tx) {
-                return Ok(Err(e));
-            }
+            self.take_op(tx)?;
             let id = uuid::Uuid::new_v4().to_string();
             tx.execute(
                 "INSERT INTO pools (id, name, owner_node_id, role, credit_split_pct, max_devices, created_at)
@@ -307,9 +330,8 @@ impl Pools {
                  VALUES (?1, ?2, ?3, 'owner', ?4)",
                 params![id, self.node_id, device_name, now],
             )?;
-            tx.commit()?;
-            Ok(Ok(()))
-        })??;
+                        Ok(())
+        })?;
         self.state()
     }
 
@@ -320,32 +342,23 @@ impl Pools {
         let code = new_code();
         let hash = code_hash(&code);
         let expires = now + CODE_TTL_SECS;
-        self.store.with_conn(|conn| -> rusqlite::Result<Result<(), PoolError>> {
-            let tx = conn.transaction()?;
-            let Some((pool_id, _, _, role, ..)) = Self::current(&tx)? else {
-                return Ok(Err(PoolError::NotInPool));
-            };
-            if role != "owner" {
-                return Ok(Err(PoolError::NotOwner));
-            }
+        self.transact(|tx| {
+            let (pool_id, ..) = Self::owned_pool(tx)?;
             let active: i64 = tx.query_row(
                 "SELECT COUNT(*) FROM pool_codes WHERE pool_id = ?1 AND used_at IS NULL AND expires_at > ?2",
                 params![pool_id, now],
                 |r| r.get(0),
             )?;
             if active as usize >= MAX_ACTIVE_CODES {
-                return Ok(Err(PoolError::TooManyCodes));
+                return Err(PoolError::TooManyCodes);
             }
-            if let Err(e) = self.take_op(&tx) {
-                return Ok(Err(e));
-            }
+            self.take_op(tx)?;
             tx.execute(
                 "INSERT INTO pool_codes (code_hash, pool_id, created_at, expires_at) VALUES (?1, ?2, ?3, ?4)",
                 params![hash, pool_id, now, expires],
             )?;
-            tx.commit()?;
-            Ok(Ok(()))
-        })??;
+                        Ok(())
+        })?;
         Ok((code, expires))
     }
 
@@ -360,14 +373,8 @@ impl Pools {
     ) -> Result<Invitation, PoolError> {
         let now = self.now();
         let invitation_id = uuid::Uuid::new_v4().to_string();
-        self.store.with_conn(|conn| -> rusqlite::Result<Result<Invitation, PoolError>> {
-            let tx = conn.transaction()?;
-            let Some((pool_id, pool_name, _, role, _, max_devices)) = Self::current(&tx)? else {
-                return Ok(Err(PoolError::NotInPool));
-            };
-            if role != "owner" {
-                return Ok(Err(PoolError::NotOwner));
-            }
+        self.transact(|tx| {
+            let (pool_id, pool_name, _, _, _, max_devices) = Self::owned_pool(tx)?;
             let code: Option<(i64, Option<i64>)> = tx
                 .query_row(
                     "SELECT expires_at, used_at FROM pool_codes WHERE code_hash = ?1 AND pool_id = ?2",
@@ -376,9 +383,9 @@ impl Pools {
                 )
                 .optional()?;
             match code {
-                None => return Ok(Err(PoolError::UnknownCode)),
-                Some((_, Some(_))) => return Ok(Err(PoolError::CodeUsed)),
-                Some((expires, None)) if expires <= now => return Ok(Err(PoolError::CodeExpired)),
+                None => return Err(PoolError::UnknownCode),
+                Some((_, Some(_))) => return Err(PoolError::CodeUsed),
+                Some((expires, None)) if expires <= now => return Err(PoolError::CodeExpired),
                 Some(_) => {}
             }
             let members: i64 = tx.query_row(
@@ -387,7 +394,7 @@ impl Pools {
                 |r| r.get(0),
             )?;
             if members as u32 >= max_devices {
-                return Ok(Err(PoolError::Full(max_devices)));
+                return Err(PoolError::Full(max_devices));
             }
             tx.execute(
                 "UPDATE pool_codes SET used_at = ?1, used_by = ?2 WHERE code_hash = ?3",
@@ -399,13 +406,12 @@ impl Pools {
                  VALUES (?1, ?2, ?3, 'member', ?4, ?5)",
                 params![pool_id, node_id, device_name, now, invitation_id],
             )?;
-            tx.commit()?;
-            Ok(Ok(Invitation {
+                        Ok(Invitation {
                 pool_id,
                 pool_name,
                 invitation_id,
-            }))
-        })?
+            })
+        })
     }
 
     /// Invites a device by node id (owner only): the device is listed, not yet
@@ -416,62 +422,46 @@ impl Pools {
         }
         let now = self.now();
         let invitation_id = uuid::Uuid::new_v4().to_string();
-        self.store
-            .with_conn(|conn| -> rusqlite::Result<Result<Invitation, PoolError>> {
-                let tx = conn.transaction()?;
-                let Some((pool_id, pool_name, _, role, _, max_devices)) = Self::current(&tx)?
-                else {
-                    return Ok(Err(PoolError::NotInPool));
-                };
-                if role != "owner" {
-                    return Ok(Err(PoolError::NotOwner));
-                }
-                if node_id == self.node_id {
-                    return Ok(Err(PoolError::Invalid(
-                        "the owner is already in the pool".into(),
-                    )));
-                }
-                let members: i64 = tx.query_row(
-                    "SELECT COUNT(*) FROM pool_members WHERE pool_id = ?1 AND node_id != ?2",
-                    params![pool_id, node_id],
-                    |r| r.get(0),
-                )?;
-                if members as u32 >= max_devices {
-                    return Ok(Err(PoolError::Full(max_devices)));
-                }
-                if let Err(e) = self.take_op(&tx) {
-                    return Ok(Err(e));
-                }
-                tx.execute(
-                    "INSERT OR REPLACE INTO pool_members
+        self.transact(|tx| {
+            let (pool_id, pool_name, _, _, _, max_devices) = Self::owned_pool(tx)?;
+            if node_id == self.node_id {
+                return Err(PoolError::Invalid(
+                    "the owner is already in the pool".into(),
+                ));
+            }
+            let members: i64 = tx.query_row(
+                "SELECT COUNT(*) FROM pool_members WHERE pool_id = ?1 AND node_id != ?2",
+                params![pool_id, node_id],
+                |r| r.get(0),
+            )?;
+            if members as u32 >= max_devices {
+                return Err(PoolError::Full(max_devices));
+            }
+            self.take_op(tx)?;
+            tx.execute(
+                "INSERT OR REPLACE INTO pool_members
                      (pool_id, node_id, role, joined_at, invitation_id)
                      VALUES (?1, ?2, 'member', ?3, ?4)",
-                    params![pool_id, node_id, now, invitation_id],
-                )?;
-                tx.commit()?;
-                Ok(Ok(Invitation {
-                    pool_id,
-                    pool_name,
-                    invitation_id,
-                }))
-            })?
+                params![pool_id, node_id, now, invitation_id],
+            )?;
+            Ok(Invitation {
+                pool_id,
+                pool_name,
+                invitation_id,
+            })
+        })
     }
 
     /// Refuses a join while this node is in a pool; counts the attempt against the
     /// hourly limit (so guessing codes costs the guesser).
     fn check_can_join(&self) -> Result<(), PoolError> {
-        self.store
-            .with_conn(|conn| -> rusqlite::Result<Result<(), PoolError>> {
-                let tx = conn.transaction()?;
-                if let Some((_, name, ..)) = Self::current(&tx)? {
-                    return Ok(Err(PoolError::AlreadyInPool(name)));
-                }
-                if let Err(e) = self.take_op(&tx) {
-                    return Ok(Err(e));
-                }
-                tx.commit()?;
-                Ok(Ok(()))
-            })?
+        self.transact(|tx| {
+            if let Some((_, name, ..)) = Self::current(tx)? {
+                return Err(PoolError::AlreadyInPool(name));
+            }
+            self.take_op(tx)?;
+            Ok(())
+        })
     }
 
     /// The owner records a device's signed acceptance of its invitation; whether
@@ -513,11 +503,9 @@ impl Pools {
         device_name: Option<&str>,
     ) -> Result<PoolState, PoolError> {
         let now = self.now();
-        self.store
-            .with_conn(|conn| -> rusqlite::Result<Result<(), PoolError>> {
-                let tx = conn.transaction()?;
-                if let Some((_, existing, ..)) = Self::current(&tx)? {
-                    return Ok(Err(PoolError::AlreadyInPool(existing)));
+        self.transact(|tx| {
+                if let Some((_, existing, ..)) = Self::current(tx)? {
+                    return Err(PoolError::AlreadyInPool(existing));
                 }
                 tx.execute(
                     "INSERT INTO pools (id, name, owner_node_id, role, max_devices, created_at)
@@ -533,44 +521,33 @@ impl Pools {
                      VALUES (?1, ?2, ?3, 'member', ?4)",
                     params![pool_id, self.node_id, device_name, now],
                 )?;
-                tx.commit()?;
-                Ok(Ok(()))
-            })??;
+                                Ok(())
+            })?;
         self.state()
     }
 
     /// The owner removes a device: deletes it from the member list and returns the
     /// pool id (the caller publishes the signed notice).
     pub fn remove_member(&self, node_id: &str) -> Result<String, PoolError> {
-        self.store
-            .with_conn(|conn| -> rusqlite::Result<Result<String, PoolError>> {
-                let tx = conn.transaction()?;
-                let Some((pool_id, _, _, role, ..)) = Self::current(&tx)? else {
-                    return Ok(Err(PoolError::NotInPool));
-                };
-                if role != "owner" {
-                    return Ok(Err(PoolError::NotOwner));
-                }
-                if node_id == self.node_id {
-                    return Ok(Err(PoolError::Invalid(
-                        "the owner cannot remove itself; leave to dissolve the pool".into(),
-                    )));
-                }
-                if let Err(e) = self.take_op(&tx) {
-                    return Ok(Err(e));
-                }
-                let n = tx.execute(
-                    "DELETE FROM pool_members WHERE pool_id = ?1 AND node_id = ?2",
-                    params![pool_id, node_id],
-                )?;
-                if n == 0 {
-                    return Ok(Err(PoolError::Invalid(format!(
-                        "{node_id} is not a member of this pool"
-                    ))));
-                }
-                tx.commit()?;
-                Ok(Ok(pool_id))
-            })?
+        self.transact(|tx| {
+            let (pool_id, ..) = Self::owned_pool(tx)?;
+            if node_id == self.node_id {
+                return Err(PoolError::Invalid(
+                    "the owner cannot remove itself; leave to dissolve the pool".into(),
+                ));
+            }
+            self.take_op(tx)?;
+            let n = tx.execute(
+                "DELETE FROM pool_members WHERE pool_id = ?1 AND node_id = ?2",
+                params![pool_id, node_id],
+            )?;
+            if n == 0 {
+                return Err(PoolError::Invalid(format!(
+                    "{node_id} is not a member of this pool"
+                )));
+            }
+            Ok(pool_id)
+        })
     }
 
     /// Applies an owner's (signature-checked) removal notice: refused when stale
@@ -589,8 +566,7 @@ impl Pools {
         if (now - issued_at).abs() > 300 || nonce.len() < 16 {
             return Ok(false);
         }
-        Ok(self.store.with_conn(|conn| -> rusqlite::Result<bool> {
-            let tx = conn.transaction()?;
+        self.transact(|tx| {
             tx.execute(
                 "DELETE FROM pool_seen_notices WHERE seen_at < ?1",
                 [now - 3600],
@@ -602,31 +578,23 @@ impl Pools {
             if !fresh {
                 return Ok(false);
             }
-            let Some((id, _, my_owner, ..)) = Self::current(&tx)? else {
-                tx.commit()?;
+            // The nonce is remembered whatever the notice turns out to concern.
+            let Some((id, _, my_owner, ..)) = Self::current(tx)? else {
                 return Ok(false);
             };
             if id != pool_id || my_owner != owner {
-                tx.commit()?;
                 return Ok(false);
             }
             if removed == self.node_id {
-                for table in ["pool_codes", "pool_members"] {
-                    tx.execute(
-                        &format!("DELETE FROM {table} WHERE pool_id = ?1"),
-                        [pool_id],
-                    )?;
-                }
-                tx.execute("DELETE FROM pools WHERE id = ?1", [pool_id])?;
+                drop_pool(tx, pool_id)?;
             } else {
                 tx.execute(
                     "DELETE FROM pool_members WHERE pool_id = ?1 AND node_id = ?2",
                     params![pool_id, removed],
                 )?;
             }
-            tx.commit()?;
             Ok(true)
-        })?)
+        })
     }
 
     /// Sets the share of earnings members keep, 0–50 % (owner only).
@@ -675,19 +643,16 @@ impl Pools {
             ));
         }
         let me = self.node_id.clone();
-        self.store
-            .with_conn(|conn| -> rusqlite::Result<Result<(), PoolError>> {
-                let tx = conn.transaction()?;
-                let Some((pool_id, ..)) = Self::current(&tx)? else {
-                    return Ok(Err(PoolError::NotInPool));
-                };
-                tx.execute(
-                    "UPDATE pool_members SET device_name = ?1 WHERE pool_id = ?2 AND node_id = ?3",
-                    params![name, pool_id, me],
-                )?;
-                tx.commit()?;
-                Ok(Ok(()))
-            })??;
+        self.transact(|tx| {
+            let Some((pool_id, ..)) = Self::current(tx)? else {
+                return Err(PoolError::NotInPool);
+            };
+            tx.execute(
+                "UPDATE pool_members SET device_name = ?1 WHERE pool_id = ?2 AND node_id = ?3",
+                params![name, pool_id, me],
+            )?;
+            Ok(())
+        })?;
         self.state()
     }
 
@@ -697,22 +662,12 @@ impl Pools {
         &self,
         f: impl FnOnce(&rusqlite::Transaction<'_>, &str) -> rusqlite::Result<bool>,
     ) -> Result<PoolState, PoolError> {
-        self.store
-            .with_conn(|conn| -> rusqlite::Result<Result<(), PoolError>> {
-                let tx = conn.transaction()?;
-                let Some((pool_id, _, _, role, ..)) = Self::current(&tx)? else {
-                    return Ok(Err(PoolError::NotInPool));
-                };
-                if role != "owner" {
-                    return Ok(Err(PoolError::NotOwner));
-                }
-                if let Err(e) = self.take_op(&tx) {
-                    return Ok(Err(e));
-                }
-                f(&tx, &pool_id)?;
-                tx.commit()?;
-                Ok(Ok(()))
-            })??;
+        self.transact(|tx| {
+            let (pool_id, ..) = Self::owned_pool(tx)?;
+            self.take_op(tx)?;
+            f(tx, &pool_id)?;
+            Ok(())
+        })?;
         self.state()
     }
 
@@ -754,30 +709,20 @@ impl Pools {
     fn change_pin(&self, pin: &Pin, add: bool) -> Result<(String, Vec<Pin>), PoolError> {
         let now = self.now();
         let indices = serde_json::to_string(&pin.shard_indices).unwrap_or_else(|_| "[]".into());
-        let pool_id = self
-            .store
-            .with_conn(|conn| -> rusqlite::Result<Result<String, PoolError>> {
-                let tx = conn.transaction()?;
-                let Some((pool_id, _, _, role, ..)) = Self::current(&tx)? else {
-                    return Ok(Err(PoolError::NotInPool));
-                };
-                if role != "owner" {
-                    return Ok(Err(PoolError::NotOwner));
-                }
+        let pool_id = self.transact(|tx| {
+                let (pool_id, ..) = Self::owned_pool(tx)?;
                 let member: i64 = tx.query_row(
                     "SELECT COUNT(*) FROM pool_members WHERE pool_id = ?1 AND node_id = ?2",
                     params![pool_id, pin.target_node_id],
                     |r| r.get(0),
                 )?;
                 if member == 0 {
-                    return Ok(Err(PoolError::Invalid(format!(
+                    return Err(PoolError::Invalid(format!(
                         "{} is not a device of this pool",
                         pin.target_node_id
-                    ))));
+                    )));
                 }
-                if let Err(e) = self.take_op(&tx) {
-                    return Ok(Err(e));
-                }
+                self.take_op(tx)?;
                 if add {
                     tx.execute(
                         "INSERT OR REPLACE INTO pool_pins
@@ -791,21 +736,19 @@ impl Pools {
                         params![pool_id, pin.model_id, pin.target_node_id],
                     )?;
                     if n == 0 {
-                        return Ok(Err(PoolError::Invalid("no such pin".into())));
+                        return Err(PoolError::Invalid("no such pin".into()));
                     }
                 }
-                tx.commit()?;
-                Ok(Ok(pool_id))
-            })??;
+                                Ok(pool_id)
+            })?;
         Ok((pool_id, self.pins()?))
     }
 
     /// A member takes the owner's (verified) pin list.
     fn apply_pins(&self, pool_id: &str, owner: &str, pins: &[Pin]) -> Result<bool, PoolError> {
         let now = self.now();
-        Ok(self.store.with_conn(|conn| -> rusqlite::Result<bool> {
-            let tx = conn.transaction()?;
-            let Some((id, _, my_owner, role, ..)) = Self::current(&tx)? else {
+        self.transact(|tx| {
+            let Some((id, _, my_owner, role, ..)) = Self::current(tx)? else {
                 return Ok(false);
             };
             if id != pool_id || my_owner != owner || role != "member" {
@@ -826,9 +769,8 @@ impl Pools {
                     ],
                 )?;
             }
-            tx.commit()?;
             Ok(true)
-        })?)
+        })
     }
 
     /// Where pins that target this device are reported (the node fetches the
@@ -847,10 +789,8 @@ impl Pools {
 
     /// A member takes the owner's (verified) member list.
     fn apply_state(&self, pool_id: &str, owner: &str, members: &[Member]) -> Result<(), PoolError> {
-        self.store.with_conn(|conn| -> rusqlite::Result<()> {
-            let tx = conn.transaction()?;
-            let mine = Self::current(&tx)?;
-            let Some((id, _, my_owner, role, ..)) = mine else {
+        self.transact(|tx| {
+            let Some((id, _, my_owner, role, ..)) = Self::current(tx)? else {
                 return Ok(());
             };
             if id != pool_id || my_owner != owner || role != "member" {
@@ -864,32 +804,31 @@ impl Pools {
                     params![pool_id, m.node_id, m.device_name, m.role, m.joined_at],
                 )?;
             }
-            tx.commit()
-        })?;
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Leaves the pool; the owner leaving dissolves it.
     pub fn leave(&self) -> Result<(), PoolError> {
-        self.store
-            .with_conn(|conn| -> rusqlite::Result<Result<(), PoolError>> {
-                let tx = conn.transaction()?;
-                let Some((pool_id, ..)) = Self::current(&tx)? else {
-                    return Ok(Err(PoolError::NotInPool));
-                };
-                if let Err(e) = self.take_op(&tx) {
-                    return Ok(Err(e));
-                }
-                for table in ["pool_codes", "pool_members"] {
-                    tx.execute(
-                        &format!("DELETE FROM {table} WHERE pool_id = ?1"),
-                        [&pool_id],
-                    )?;
-                }
-                tx.execute("DELETE FROM pools WHERE id = ?1", [&pool_id])?;
-                tx.commit()?;
-                Ok(Ok(()))
-            })?
+        self.transact(|tx| {
+            let Some((pool_id, ..)) = Self::current(tx)? else {
+                return Err(PoolError::NotInPool);
+            };
+            self.take_op(tx)?;
+            drop_pool(tx, &pool_id)
+        })
+    }
+
+    /// Node ids of the devices that accepted their invitation (the owner
+    /// included): the devices private mode may route through.
+    pub fn accepted_members(&self) -> Result<std::collections::HashSet<String>, PoolError> {
+        Ok(self
+            .state()?
+            .members
+            .into_iter()
+            .filter(|m| m.accepted)
+            .map(|m| m.node_id)
+            .collect())
     }
 
     /// This node's pool state.
@@ -945,6 +884,18 @@ impl Pools {
             })
         })?)
     }
+}
+
+/// Deletes every record of pool `pool_id` (leaving, dissolving, being removed).
+fn drop_pool(tx: &rusqlite::Transaction<'_>, pool_id: &str) -> Result<(), PoolError> {
+    for table in ["pool_codes", "pool_members", "pool_pins"] {
+        tx.execute(
+            &format!("DELETE FROM {table} WHERE pool_id = ?1"),
+            [pool_id],
+        )?;
+    }
+    tx.execute("DELETE FROM pools WHERE id = ?1", [pool_id])?;
+    Ok(())
 }
 
 #[cfg(test)]
