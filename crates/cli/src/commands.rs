@@ -605,3 +605,86 @@ pub(crate) async fn pool_status(client: &Client, raw: bool) -> anyhow::Result<()
     }
     Ok(())
 }
+
+/// `swarmllm credits balance`.
+pub(crate) async fn credits_balance(
+    client: &Client,
+    verify: bool,
+    raw: bool,
+) -> anyhow::Result<()> {
+    let path = if verify {
+        "/api/admin/credits?verify=true"
+    } else {
+        "/api/admin/credits"
+    };
+    let v = client.get(path).await?;
+    if raw {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "balance {} credits (earned {}, spent {}; {} entries), tier {}",
+        v["balance"],
+        v["earned"],
+        v["spent"],
+        v["entries"],
+        v["tier"].as_str().unwrap_or("?")
+    );
+    if v["pending_pool_forwards"].as_f64().unwrap_or(0.0) > 0.0 {
+        println!(
+            "{} credits waiting to be forwarded to the pool owner",
+            v["pending_pool_forwards"]
+        );
+    }
+    if let Some(check) = v.get("verification") {
+        if check["signatures_valid"] == true && check["totals_match"] == true {
+            println!(
+                "ledger verified: {} entries, every signature valid, totals match",
+                check["entries"]
+            );
+        } else {
+            anyhow::bail!("the ledger does not verify: {check}");
+        }
+    }
+    Ok(())
+}
+
+/// `swarmllm credits history`.
+pub(crate) async fn credits_history(client: &Client, limit: usize) -> anyhow::Result<()> {
+    let v = client
+        .get(&format!("/api/v1/wallet/transactions?limit={limit}"))
+        .await?;
+    for t in v["transactions"].as_array().into_iter().flatten() {
+        let other = t["to"].as_str().or(t["from"].as_str()).unwrap_or("?");
+        println!(
+            "{}  {:<12} {:>14}  {:.16}…",
+            t["timestamp"].as_str().unwrap_or("?"),
+            t["type"].as_str().unwrap_or("?"),
+            t["amount"],
+            other
+        );
+    }
+    println!("{} entries in all", v["total"]);
+    Ok(())
+}
+
+/// `swarmllm credits leaderboard`.
+pub(crate) async fn credits_leaderboard(client: &Client) -> anyhow::Result<()> {
+    let v = client.get("/api/identity/leaderboard").await?;
+    for r in v["leaderboard"].as_array().into_iter().flatten() {
+        println!(
+            "{:>3}. {:.16}… {:<16} {:>14} {}{}",
+            r["rank"],
+            r["node_id"].as_str().unwrap_or("?"),
+            r["nickname"].as_str().unwrap_or(""),
+            r["balance"],
+            r["tier"].as_str().unwrap_or("?"),
+            if r["is_self"] == true {
+                "  (this node)"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(())
+}

@@ -62,6 +62,11 @@ enum Command {
         #[command(subcommand)]
         command: PoolCommand,
     },
+    /// Credits: balance and tier, transfers, history, the network leaderboard.
+    Credits {
+        #[command(subcommand)]
+        command: CreditsCommand,
+    },
     /// Read or change the configuration (of the running node, else the config file).
     Config {
         #[command(subcommand)]
@@ -172,6 +177,37 @@ enum PoolCommand {
         /// The device's node id.
         node_id: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum CreditsCommand {
+    /// Show the balance and tier.
+    Balance {
+        /// Re-check every entry's signatures and the cached totals.
+        #[arg(long)]
+        verify: bool,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send credits to another node (it countersigns the transfer).
+    Send {
+        /// The recipient's node id.
+        to: String,
+        /// Credits to send.
+        amount: f64,
+        /// A note for the recipient.
+        #[arg(long)]
+        memo: Option<String>,
+    },
+    /// List ledger entries, newest first.
+    History {
+        /// How many.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// The network-wide leaderboard (from signed balance announcements).
+    Leaderboard,
 }
 
 #[derive(Debug, Subcommand)]
@@ -338,6 +374,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     println!("left the pool");
                     Ok(())
                 }
+            }
+        }
+        Command::Credits { command } => {
+            let client = client::Client::connect(&cli.config_source(Map::new()))?;
+            match command {
+                CreditsCommand::Balance { verify, json } => {
+                    commands::credits_balance(&client, *verify, *json).await
+                }
+                CreditsCommand::Send { to, amount, memo } => {
+                    let v = client
+                        .post(
+                            "/api/v1/wallet/send",
+                            &json!({ "to": to, "amount": amount, "memo": memo }),
+                        )
+                        .await?;
+                    println!(
+                        "sent {} credits to {:.16}… ({}, {})",
+                        v["amount"],
+                        to,
+                        v["transaction_id"].as_str().unwrap_or("?"),
+                        v["status"].as_str().unwrap_or("?")
+                    );
+                    Ok(())
+                }
+                CreditsCommand::History { limit } => {
+                    commands::credits_history(&client, *limit).await
+                }
+                CreditsCommand::Leaderboard => commands::credits_leaderboard(&client).await,
             }
         }
         Command::ApiKey => commands::api_key(&cli.config_source(Map::new())),

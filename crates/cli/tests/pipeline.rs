@@ -7,10 +7,9 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::time::Duration;
 
-use common::{TestNode, cli, model_path, network_code, node_id, rogue_peer, wait_for};
+use common::{TestNode, cli, give_shards, network_code, node_id, rogue_peer, wait_for};
 use serde_json::{Value, json};
 use swarmllm_node::net::frame::{Request, Response};
 
@@ -23,39 +22,9 @@ const PROMPTS: &[&str] = &[
 ];
 const STORY: &str = "Tell me a long story about a lighthouse keeper and a storm.";
 
-/// Imports the test model as 3 shards into a scratch data dir; returns the dir.
+/// The test model as 3 shards with id `smol`.
 fn import_library() -> tempfile::TempDir {
-    let lib = tempfile::tempdir().expect("tempdir");
-    let model = model_path();
-    let (ok, out, err) = cli(
-        lib.path(),
-        1,
-        &[
-            "models",
-            "import",
-            model.to_str().expect("utf-8 path"),
-            "--shards",
-            "3",
-            "--id",
-            "smol",
-        ],
-    );
-    assert!(ok, "import failed: {out}{err}");
-    lib
-}
-
-/// Gives `data_dir` the model's manifest and header and the shards `held`.
-fn give_shards(lib: &Path, data_dir: &Path, held: &[u32]) {
-    let from = lib.join("models/smol");
-    let to = data_dir.join("models/smol");
-    std::fs::create_dir_all(&to).expect("mkdir");
-    for f in ["manifest.json", "gguf_header.bin"] {
-        std::fs::copy(from.join(f), to.join(f)).expect("copy");
-    }
-    for i in held {
-        let f = format!("shard-{i:03}.gguf");
-        std::fs::copy(from.join(&f), to.join(&f)).expect("copy shard");
-    }
+    common::import_shards(3)
 }
 
 fn chat(node: &TestNode, model: Option<&str>, prompt: &str, max_tokens: u32) -> (u16, Value) {

@@ -88,6 +88,11 @@ pub struct Config {
     pub pool_max_devices: u32,
     /// Disk space models may take (MiB); 0 means no limit. Default 0.
     pub disk_budget_mb: u64,
+    /// Credits earned per layer × token this node runs for another node (and
+    /// paid per layer × token another node runs for it). Default 0.0001.
+    pub credit_rate_layer_token: f64,
+    /// Credits earned per token this node samples for another node. Default 0.01.
+    pub credit_rate_token: f64,
 }
 
 impl Default for Config {
@@ -127,6 +132,8 @@ impl Default for Config {
             encrypted_pipeline: false,
             pool_max_devices: 10,
             disk_budget_mb: 0,
+            credit_rate_layer_token: 0.0001,
+            credit_rate_token: 0.01,
         }
     }
 }
@@ -256,6 +263,14 @@ impl Config {
                 "activation_dtype",
                 "must be \"f16\", \"f32\" or \"q8\"",
             ));
+        }
+        for (field, rate) in [
+            ("credit_rate_layer_token", self.credit_rate_layer_token),
+            ("credit_rate_token", self.credit_rate_token),
+        ] {
+            if !(rate.is_finite() && (0.0..=1000.0).contains(&rate)) {
+                return Err(ConfigError::new(field, "must be between 0 and 1000"));
+            }
         }
         if self.pipeline_max_sessions == 0 {
             return Err(ConfigError::new(

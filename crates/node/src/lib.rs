@@ -7,12 +7,14 @@
 //!
 //! Modules by domain: [`config`], [`store`], [`secrets`], [`identity`], [`infer`]
 //! (local llama.cpp), [`net`] (libp2p), [`shard`] (layer shards on disk),
-//! [`pipeline`] (split inference across peers), [`pool`] (device pools), [`api`],
+//! [`pipeline`] (split inference across peers), [`pool`] (device pools),
+//! [`credits`] (the signed credit ledger), [`api`],
 //! [`metrics`], [`hardware`].
 #![deny(missing_docs)]
 
 pub mod api;
 pub mod config;
+pub mod credits;
 mod fsutil;
 pub mod hardware;
 pub mod identity;

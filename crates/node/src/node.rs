@@ -110,6 +110,7 @@ struct Inner {
     engine: Option<Engine>,
     pipeline: Pipeline,
     pools: crate::pool::Pools,
+    credits: crate::credits::Credits,
     network: OnceLock<Network>,
     nickname: RwLock<Option<String>>,
     /// Private mode (persisted).
@@ -205,6 +206,11 @@ impl Node {
 
         let pools =
             crate::pool::Pools::new(store.clone(), identity.node_id(), config.pool_max_devices);
+        let ledger = crate::credits::Ledger::new(store.clone(), identity.node_id());
+        let credits = {
+            let (identity, pools) = (identity.clone(), pools.clone());
+            blocking(move || crate::credits::Credits::new(ledger, identity, pools)).await?
+        };
         let node = Node {
             inner: Arc::new(Inner {
                 config: RwLock::new(config.clone()),
@@ -217,6 +223,7 @@ impl Node {
                 engine,
                 pipeline,
                 pools,
+                credits,
                 network: OnceLock::new(),
                 nickname: RwLock::new(nickname),
                 encrypted: RwLock::new(encrypted),
@@ -248,6 +255,17 @@ impl Node {
                 })
             }));
         let weak = Arc::downgrade(&node.inner);
+        node.inner.credits.set_rates(Arc::new(move || {
+            let Some(inner) = weak.upgrade() else {
+                return crate::credits::Rates::default();
+            };
+            let c = inner.config.read().unwrap_or_else(|p| p.into_inner());
+            crate::credits::Rates::from_credits(c.credit_rate_layer_token, c.credit_rate_token)
+        }));
+        node.inner
+            .pipeline
+            .set_accounting(Arc::new(node.inner.credits.clone()));
+        let weak = Arc::downgrade(&node.inner);
         node.inner.pipeline.set_peer_policy(Arc::new(move || {
             let inner = weak.upgrade()?;
             let mode = *inner.private_mode.read().unwrap_or_else(|p| p.into_inner());
@@ -274,6 +292,7 @@ impl Node {
             )
             .await?;
             node.inner.pipeline.attach(network.clone());
+            node.inner.credits.attach(network.clone());
             node.inner
                 .pools
                 .attach(network.clone(), node.inner.identity.clone());
@@ -325,6 +344,11 @@ impl Node {
             }
         }
         Ok(node)
+    }
+
+    /// This node's credits (ledger, receipts, transfers).
+    pub fn credits(&self) -> &crate::credits::Credits {
+        &self.inner.credits
     }
 
     /// This node's device-pool records.
@@ -649,6 +673,7 @@ fn local_info(node: Weak<Inner>, hardware: HardwareSummary) -> crate::net::Local
         load.requests_per_minute = inner.metrics.summary().requests_per_minute;
         load.steps_served = inner.pipeline.host().steps_served();
         load.uptime_secs = inner.started.elapsed().as_secs();
+        load.credits = Some(inner.credits.summary());
         LocalInfo {
             nickname: inner
                 .nickname

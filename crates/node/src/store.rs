@@ -123,6 +123,33 @@ const MIGRATIONS: &[&str] = &[
         nonce   TEXT PRIMARY KEY,
         seen_at INTEGER NOT NULL
     );",
+    // 4: the credit ledger (dual-signed entries, this node's cached totals,
+    // forwards waiting for the pool owner) and per-pool rate overrides.
+    "CREATE TABLE credit_entries (
+        id         TEXT PRIMARY KEY,
+        kind       TEXT NOT NULL CHECK (kind IN ('receipt', 'transfer', 'pool_forward')),
+        payer      TEXT NOT NULL,
+        payee      TEXT NOT NULL,
+        amount     INTEGER NOT NULL CHECK (amount >= 0),
+        created_at INTEGER NOT NULL,
+        body       TEXT NOT NULL,
+        payer_sig  TEXT NOT NULL,
+        payee_sig  TEXT NOT NULL
+    );
+    CREATE INDEX credit_entries_created ON credit_entries(created_at);
+    CREATE TABLE credit_totals (
+        node_id TEXT PRIMARY KEY,
+        earned  INTEGER NOT NULL DEFAULT 0,
+        spent   INTEGER NOT NULL DEFAULT 0,
+        entries INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE credit_pending_forwards (
+        id         TEXT PRIMARY KEY,
+        owner      TEXT NOT NULL,
+        entry      TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    ALTER TABLE pools ADD COLUMN rates TEXT;",
 ];
 
 /// A database failure.

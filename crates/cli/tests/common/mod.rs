@@ -231,6 +231,24 @@ impl TestNode {
         (status, r.json().unwrap_or(Value::Null))
     }
 
+    /// GET with the API key → (status, JSON body).
+    pub fn get_auth(&self, path: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .get(self.url(path))
+            .bearer_auth(&self.key)
+            .send()
+            .expect("GET");
+        let status = r.status().as_u16();
+        (status, r.json().unwrap_or(Value::Null))
+    }
+
+    /// Drops the extra environment variables it was started with (from the
+    /// next start).
+    pub fn clear_env(&mut self) {
+        self.extra_env.clear();
+    }
+
     /// A request with the API key and a JSON body → (status, JSON body).
     pub fn call(&self, method: reqwest::Method, path: &str, body: &Value) -> (u16, Value) {
         let r = self
@@ -331,4 +349,40 @@ pub fn rogue_peer(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> (Netwo
         ))
         .expect("rogue network");
     (net, identity)
+}
+
+/// Imports the test model as `shards` shards with id `smol` into a scratch data
+/// dir; returns the dir.
+pub fn import_shards(shards: u32) -> tempfile::TempDir {
+    let lib = tempfile::tempdir().expect("tempdir");
+    let model = model_path();
+    let (ok, out, err) = cli(
+        lib.path(),
+        1,
+        &[
+            "models",
+            "import",
+            model.to_str().expect("utf-8 path"),
+            "--shards",
+            &shards.to_string(),
+            "--id",
+            "smol",
+        ],
+    );
+    assert!(ok, "import failed: {out}{err}");
+    lib
+}
+
+/// Gives `data_dir` the model's manifest and header and the shards `held`.
+pub fn give_shards(lib: &Path, data_dir: &Path, held: &[u32]) {
+    let from = lib.join("models/smol");
+    let to = data_dir.join("models/smol");
+    std::fs::create_dir_all(&to).expect("mkdir");
+    for f in ["manifest.json", "gguf_header.bin"] {
+        std::fs::copy(from.join(f), to.join(f)).expect("copy");
+    }
+    for i in held {
+        let f = format!("shard-{i:03}.gguf");
+        std::fs::copy(from.join(&f), to.join(&f)).expect("copy shard");
+    }
 }

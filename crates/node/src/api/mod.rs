@@ -5,6 +5,7 @@
 //! status routes are public; inference and every write need the bearer API key.
 
 mod admin;
+mod credits;
 mod error;
 mod extract;
 mod generate;
@@ -122,6 +123,9 @@ pub fn router(node: Node) -> Router {
         .route("/api/pool/pins", get(pool::pins))
         .route("/api/pool/invitations", get(pool::invitations))
         .route("/api/pool/leaderboard", get(pool::leaderboard))
+        .route("/api/admin/credits", get(credits::admin_credits))
+        .route("/api/identity/leaderboard", get(credits::leaderboard))
+        .route("/api/admin/pools/{id}/rates", get(credits::get_pool_rates))
         .route("/api/admin/shard-storage", get(models::storage))
         .route("/api/admin/downloads", get(models::downloads))
         .route(
@@ -148,6 +152,16 @@ pub fn router(node: Node) -> Router {
         .route("/api/pool/device-name", post(pool::device_name))
         .route("/api/pool/invite", post(pool::invite))
         .route("/api/pool/accept", post(pool::accept))
+        .route(
+            "/api/admin/pools/{id}/rates",
+            axum::routing::put(credits::put_pool_rates),
+        )
+        .route("/api/v1/wallet/balance", get(credits::wallet_balance))
+        .route("/api/v1/wallet/send", post(credits::wallet_send))
+        .route(
+            "/api/v1/wallet/transactions",
+            get(credits::wallet_transactions),
+        )
         .route(
             "/api/pool/pin",
             post(pool::add_pin).delete(pool::remove_pin),

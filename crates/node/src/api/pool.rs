@@ -12,7 +12,7 @@ use super::error::ApiError;
 use super::extract::{ApiJson, from_value};
 use crate::pool::PoolError;
 
-fn pool_error(e: PoolError) -> ApiError {
+pub(super) fn pool_error(e: PoolError) -> ApiError {
     let msg = e.to_string();
     match e {
         PoolError::AlreadyInPool(_) => ApiError::new(StatusCode::CONFLICT, "ALREADY_IN_POOL", msg),
@@ -27,6 +27,7 @@ fn pool_error(e: PoolError) -> ApiError {
         PoolError::CodeUsed => ApiError::new(StatusCode::GONE, "CODE_USED", msg),
         PoolError::CodeExpired => ApiError::new(StatusCode::GONE, "CODE_EXPIRED", msg),
         PoolError::Full(_) => ApiError::new(StatusCode::CONFLICT, "POOL_FULL", msg),
+        PoolError::UnknownPool(_) => ApiError::new(StatusCode::NOT_FOUND, "POOL_NOT_FOUND", msg),
         other => ApiError::internal("pool", other),
     }
 }
@@ -339,6 +340,8 @@ pub(crate) async fn put_credit_split(
     let body: SplitBody = from_value(&body)?;
     let pools = state.node.pools().clone();
     let s = blocking(move || pools.set_credit_split(body.pct)).await?;
+    // Members forward by the split they know: tell them.
+    state.node.pools().publish_settings().await;
     Ok(Json(serde_json::to_value(s).unwrap_or_default()))
 }
 

@@ -60,6 +60,23 @@ pub struct Load {
     /// Seconds since the node started.
     #[serde(default)]
     pub uptime_secs: u64,
+    /// The node's credit totals (signed with the announcement): tiers and the
+    /// network leaderboard are computed from these.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credits: Option<CreditSummary>,
+}
+
+/// A node's credit totals in micro-credits.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CreditSummary {
+    /// `earned − spent`.
+    pub balance: i64,
+    /// Received.
+    pub earned: i64,
+    /// Paid.
+    pub spent: i64,
+    /// Ledger entries.
+    pub entries: i64,
 }
 
 /// What a node says about itself.

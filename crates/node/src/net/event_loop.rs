@@ -507,13 +507,17 @@ impl EventLoop {
                     },
                 );
             }
-            request @ (Request::Activation(_) | Request::Fetch(_)) => {
-                let Some(handler) = self.shared.steps.get() else {
+            request @ (Request::Activation(_) | Request::Fetch(_) | Request::Credit(_)) => {
+                let handler = match request {
+                    Request::Credit(_) => self.shared.credits.get(),
+                    _ => self.shared.steps.get(),
+                };
+                let Some(handler) = handler else {
                     let _ = self.swarm.behaviour_mut().rpc.send_response(
                         channel,
                         Response::Error {
                             code: 404,
-                            message: "this node runs no pipeline".into(),
+                            message: "this node does not serve that request".into(),
                         },
                     );
                     return;

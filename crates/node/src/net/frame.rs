@@ -21,6 +21,8 @@ const KIND_ECHO: u8 = 0x01;
 const KIND_GET_PEERS: u8 = 0x02;
 const KIND_ACTIVATION: u8 = 0x10;
 const KIND_FETCH: u8 = 0x11;
+const KIND_CREDIT: u8 = 0x12;
+const KIND_CREDIT_REPLY: u8 = 0x92;
 const KIND_CHUNK: u8 = 0x91;
 const KIND_PEERS: u8 = 0x82;
 const KIND_ACTIVATION_RESULT: u8 = 0x90;
@@ -47,6 +49,9 @@ pub enum Request {
     Activation(Vec<u8>),
     /// A piece of a model file this peer holds, answered with [`Response::Chunk`].
     Fetch(FetchRequest),
+    /// A credit-ledger message (`credits` JSON), answered with
+    /// [`Response::Credit`] or an error.
+    Credit(Vec<u8>),
     /// Bytes written to the stream exactly as given, unframed (tests of malformed
     /// input; never sent by the node itself).
     #[doc(hidden)]
@@ -66,6 +71,8 @@ pub enum Response {
     Activation(Vec<u8>),
     /// The bytes asked for by [`Request::Fetch`] (fewer at the end of the file).
     Chunk(Vec<u8>),
+    /// The answer to [`Request::Credit`].
+    Credit(Vec<u8>),
     /// The request was refused.
     Error {
         /// HTTP-like status (400 malformed, 404 unknown kind, 500 internal).
@@ -154,6 +161,7 @@ pub fn decode_request(kind: u8, payload: Vec<u8>) -> Request {
         KIND_GET_PEERS if payload.is_empty() => Request::GetPeers,
         KIND_GET_PEERS => Request::Invalid("GetPeers carries no payload".into()),
         KIND_ACTIVATION => Request::Activation(payload),
+        KIND_CREDIT => Request::Credit(payload),
         KIND_FETCH => match serde_json::from_slice::<FetchRequest>(&payload) {
             Ok(f) if f.len <= MAX_CHUNK => Request::Fetch(f),
             Ok(f) => Request::Invalid(format!("a fetch of {} bytes (max {MAX_CHUNK})", f.len)),
@@ -195,6 +203,7 @@ impl libp2p::request_response::Codec for FrameCodec {
             KIND_ECHO => Ok(Response::Echo(payload)),
             KIND_ACTIVATION_RESULT => Ok(Response::Activation(payload)),
             KIND_CHUNK => Ok(Response::Chunk(payload)),
+            KIND_CREDIT_REPLY => Ok(Response::Credit(payload)),
             KIND_PEERS => serde_json::from_slice(&payload)
                 .map(Response::Peers)
                 .map_err(|e| invalid_data(e.to_string())),
@@ -221,6 +230,7 @@ impl libp2p::request_response::Codec for FrameCodec {
             Request::Echo(bytes) => write_frame(io, KIND_ECHO, &bytes).await,
             Request::GetPeers => write_frame(io, KIND_GET_PEERS, &[]).await,
             Request::Activation(bytes) => write_frame(io, KIND_ACTIVATION, &bytes).await,
+            Request::Credit(bytes) => write_frame(io, KIND_CREDIT, &bytes).await,
             Request::Fetch(f) => {
                 let body = serde_json::to_vec(&f).map_err(|e| invalid_data(e.to_string()))?;
                 write_frame(io, KIND_FETCH, &body).await
@@ -249,6 +259,7 @@ impl libp2p::request_response::Codec for FrameCodec {
             Response::Echo(bytes) => write_frame(io, KIND_ECHO, &bytes).await,
             Response::Activation(bytes) => write_frame(io, KIND_ACTIVATION_RESULT, &bytes).await,
             Response::Chunk(bytes) => write_frame(io, KIND_CHUNK, &bytes).await,
+            Response::Credit(bytes) => write_frame(io, KIND_CREDIT_REPLY, &bytes).await,
             Response::Peers(peers) => {
                 let body = serde_json::to_vec(&peers).map_err(|e| invalid_data(e.to_string()))?;
                 write_frame(io, KIND_PEERS, &body).await

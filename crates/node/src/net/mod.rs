@@ -143,6 +143,8 @@ pub(crate) struct Shared {
     pub(crate) counters: Counters,
     /// Where inbound pipeline steps go (set once by the node's pipeline).
     pub(crate) steps: OnceLock<mpsc::Sender<InboundStep>>,
+    /// Where inbound credit-ledger messages go (set once by the node's credits).
+    pub(crate) credits: OnceLock<mpsc::Sender<InboundStep>>,
     /// Where pool messages go: (author node id, bytes).
     pub(crate) pool_messages: OnceLock<mpsc::Sender<(String, Vec<u8>)>>,
 }
@@ -252,6 +254,11 @@ impl std::fmt::Debug for Network {
             .field("peer_id", &self.peer_id)
             .finish()
     }
+}
+
+/// The first 12 characters of a node id, for logs.
+pub fn short_id(node_id: &str) -> &str {
+    node_id.get(..12).unwrap_or(node_id)
 }
 
 /// The libp2p peer id of a hex node id.
@@ -560,6 +567,12 @@ impl Network {
         let (reply, rx) = oneshot::channel();
         self.send(Command::PublishPool(data, reply)).await?;
         rx.await.map_err(|_| NetError::Stopped)?
+    }
+
+    /// Routes inbound credit-ledger messages to `handler`; only the first call
+    /// takes effect.
+    pub fn set_credit_handler(&self, handler: mpsc::Sender<InboundStep>) {
+        let _ = self.shared.credits.set(handler);
     }
 
     /// Routes inbound pipeline steps to `handler`; only the first call takes effect.

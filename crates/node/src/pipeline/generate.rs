@@ -38,6 +38,8 @@ struct Run {
     /// Nodes that failed during this generation.
     excluded: HashSet<String>,
     reroutes: usize,
+    /// Work sent through each other node, per session: what receipts may claim.
+    work: std::collections::BTreeMap<(String, String), crate::credits::Work>,
 }
 
 impl Run {
@@ -50,6 +52,26 @@ impl Run {
             history: Vec::new(),
             excluded: HashSet::new(),
             reroutes: 0,
+            work: Default::default(),
+        }
+    }
+
+    /// Counts a step about to be sent against every hop of its route.
+    fn tally(&mut self, env: &Envelope) {
+        let last = env.route.len().saturating_sub(1);
+        for (i, hop) in env.route.iter().enumerate() {
+            let w = self
+                .work
+                .entry((env.session.clone(), hop.node_id.clone()))
+                .or_insert_with(|| crate::credits::Work {
+                    model_id: hop.model_id.clone(),
+                    session: env.session.clone(),
+                    layer_tokens: 0,
+                    tokens_generated: 0,
+                });
+            let layers = u64::from(hop.layer_end.saturating_sub(hop.layer_start));
+            w.layer_tokens += layers * u64::from(env.n_tokens);
+            w.tokens_generated += u64::from(i == last && env.sample.is_some());
         }
     }
 
@@ -138,6 +160,16 @@ impl Pipeline {
         let outcome = self
             .decode_loop(&mut run, &vocab, &tokens, &request.params, events, started)
             .await;
+        if let Some(accounting) = self.accounting() {
+            let me = &self.inner.node_id;
+            accounting.requested(
+                std::mem::take(&mut run.work)
+                    .into_iter()
+                    .filter(|((_, node), _)| node != me)
+                    .map(|((_, node), w)| (node, w))
+                    .collect(),
+            );
+        }
         // End the sessions along the chain in the background.
         let this = self.clone();
         let mut close = run.envelope(self, 0, 0);
@@ -263,6 +295,7 @@ impl Pipeline {
                 if replay_needed {
                     for (t, p) in run.history.clone() {
                         let env = run.envelope(self, p, t.len());
+                        run.tally(&env);
                         self.request_step(env, StepInput::Tokens(t)).await?;
                     }
                 }
@@ -271,6 +304,7 @@ impl Pipeline {
                 if replay_needed && sample.is_some() {
                     env.prime = generated.to_vec();
                 }
+                run.tally(&env);
                 self.request_step(env, StepInput::Tokens(tokens.clone()))
                     .await
             };

@@ -53,6 +53,24 @@ pub type EncryptionPolicy = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 /// on the blocking pool (it may read the database).
 pub type PeerPolicy = Arc<dyn Fn() -> Option<(HashSet<String>, bool)> + Send + Sync>;
 
+/// Who is told about pipeline work (the credit ledger), so the pipeline itself
+/// knows nothing of credits.
+pub trait Accounting: Send + Sync {
+    /// This node ran `layer_tokens` layer × token rows of `model_id` for
+    /// `requester` in `session` (hex), sampling a token if `sampled`.
+    fn served(
+        &self,
+        requester: &str,
+        session: &str,
+        model_id: &str,
+        layer_tokens: u64,
+        sampled: bool,
+    );
+    /// A generation this node requested has ended: per other node, the work sent
+    /// through it in each session (an upper bound: failed attempts count).
+    fn requested(&self, work: Vec<(String, crate::credits::Work)>);
+}
+
 /// Pipeline settings.
 #[derive(Debug, Clone)]
 pub struct PipelineConfig {
@@ -89,6 +107,7 @@ struct Inner {
     encryption: OnceLock<EncryptionPolicy>,
     /// Private mode's restriction of routes.
     peers_allowed: OnceLock<PeerPolicy>,
+    accounting: OnceLock<Arc<dyn Accounting>>,
     /// Bytes of pipeline requests this node sent plus the responses it got.
     wire_bytes: std::sync::atomic::AtomicU64,
     /// Serialises [`Pipeline::load_held`].
@@ -154,6 +173,7 @@ impl Pipeline {
                 reload: tokio::sync::Mutex::new(()),
                 encryption: OnceLock::new(),
                 peers_allowed: OnceLock::new(),
+                accounting: OnceLock::new(),
                 wire_bytes: std::sync::atomic::AtomicU64::new(0),
                 repairs,
                 repairs_rx: Mutex::new(Some(repairs_rx)),
@@ -521,6 +541,15 @@ impl Pipeline {
         let _ = self.inner.encryption.set(policy);
     }
 
+    /// Reports work served and requested to `accounting` (set by the node).
+    pub fn set_accounting(&self, accounting: Arc<dyn Accounting>) {
+        let _ = self.inner.accounting.set(accounting);
+    }
+
+    fn accounting(&self) -> Option<&Arc<dyn Accounting>> {
+        self.inner.accounting.get()
+    }
+
     /// Restricts routes to some peers (private mode), set by the node.
     pub fn set_peer_policy(&self, policy: PeerPolicy) {
         let _ = self.inner.peers_allowed.set(policy);
@@ -698,6 +727,16 @@ impl Pipeline {
                 })
                 .await
                 .map_err(|e| self.own_failure(e.to_string()))?;
+            if let Some(accounting) = self.accounting() {
+                let layers = u64::from(me.layer_end.saturating_sub(me.layer_start));
+                accounting.served(
+                    &env.requester,
+                    &env.session,
+                    &me.model_id,
+                    layers * u64::from(env.n_tokens),
+                    env.sample.is_some() && env.route.len() == 1,
+                );
+            }
             match out {
                 StepOutput::Hidden(h) => return self.forward(env, session, h).await,
                 StepOutput::Token(t) if env.route.len() == 1 => {
@@ -951,9 +990,7 @@ fn failure_json(f: &StepFailure) -> String {
     serde_json::to_string(f).unwrap_or_else(|_| f.message.clone())
 }
 
-fn short(node_id: &str) -> &str {
-    node_id.get(..12).unwrap_or(node_id)
-}
+use crate::net::short_id as short;
 
 /// Model ids are directory names: no separators, no leading dot.
 pub fn is_model_id(id: &str) -> bool {

@@ -162,6 +162,12 @@ struct StateBody {
     owner_node_id: String,
     members: Vec<SignedMember>,
     issued_at: i64,
+    /// Share of earnings members keep (absent from older owners).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    credit_split_pct: Option<u32>,
+    /// The pool's rate overrides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rates: Option<crate::credits::Rates>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -649,8 +655,9 @@ impl PoolNet {
                 contribution: None,
             })
             .collect();
+        let settings = state.credit_split_pct.map(|split| (split, state.rates));
         let _ = tokio::task::spawn_blocking(move || {
-            pools.apply_state(&state.pool_id, &state.owner_node_id, &members)
+            pools.apply_state(&state.pool_id, &state.owner_node_id, &members, settings)
         })
         .await;
     }
@@ -802,6 +809,14 @@ impl Pools {
         self.state()
     }
 
+    /// Tells the pool's devices the current settings (credit split, rates): the
+    /// owner republishes its signed state.
+    pub async fn publish_settings(&self) {
+        if let Some(net) = self.net.get() {
+            net.publish_state().await;
+        }
+    }
+
     /// The owner's state document, or `None` when this node owns no pool.
     fn signed_members(&self) -> Result<Option<StateBody>, PoolError> {
         let state = self.state()?;
@@ -809,7 +824,10 @@ impl Pools {
             return Ok(None);
         }
         let sigs = self.acceptances()?;
+        let (_, rates) = self.rates()?;
         Ok(Some(StateBody {
+            credit_split_pct: state.credit_split_pct,
+            rates,
             pool_id: state.pool_id.unwrap_or_default(),
             name: state.name.unwrap_or_default(),
             owner_node_id: state.owner_node_id.unwrap_or_default(),

@@ -72,6 +72,9 @@ pub enum PoolError {
     /// A code past its 24 hours.
     #[error("this invite code has expired")]
     CodeExpired,
+    /// No pool of this node has that id.
+    #[error("no pool '{0}' on this device")]
+    UnknownPool(String),
     /// The pool has its maximum of devices.
     #[error("the pool is full ({0} devices)")]
     Full(u32),
@@ -611,6 +614,50 @@ impl Pools {
         })
     }
 
+    /// The current pool's id and its rate overrides, if any.
+    pub fn rates(&self) -> Result<(Option<String>, Option<crate::credits::Rates>), PoolError> {
+        Ok(self.store.with_conn(|conn| {
+            conn.query_row("SELECT id, rates FROM pools LIMIT 1", [], |r| {
+                let rates: Option<String> = r.get(1)?;
+                Ok((
+                    Some(r.get(0)?),
+                    rates.and_then(|t| serde_json::from_str(&t).ok()),
+                ))
+            })
+            .optional()
+            .map(Option::unwrap_or_default)
+        })?)
+    }
+
+    /// Sets (or with `None` clears) the rate overrides of pool `pool_id`
+    /// (owner only); they apply to work between the pool's devices.
+    pub fn set_rates(
+        &self,
+        pool_id: &str,
+        rates: Option<crate::credits::Rates>,
+    ) -> Result<PoolState, PoolError> {
+        let pool_id = pool_id.to_string();
+        let text = rates.map(|r| serde_json::to_string(&r).unwrap_or_default());
+        self.transact(|tx| {
+            let Some((id, _, owner, ..)) = Self::current(tx)? else {
+                return Err(PoolError::NotInPool);
+            };
+            if id != pool_id {
+                return Err(PoolError::UnknownPool(pool_id.clone()));
+            }
+            if owner != self.node_id {
+                return Err(PoolError::NotOwner);
+            }
+            self.take_op(tx)?;
+            tx.execute(
+                "UPDATE pools SET rates = ?1 WHERE id = ?2",
+                params![text, pool_id],
+            )?;
+            Ok(())
+        })?;
+        self.state()
+    }
+
     /// Sets a member's contribution level, 0–100 (owner only).
     pub fn set_contribution(&self, node_id: &str, level: u32) -> Result<PoolState, PoolError> {
         if level > 100 {
@@ -788,13 +835,29 @@ impl Pools {
     }
 
     /// A member takes the owner's (verified) member list.
-    fn apply_state(&self, pool_id: &str, owner: &str, members: &[Member]) -> Result<(), PoolError> {
+    fn apply_state(
+        &self,
+        pool_id: &str,
+        owner: &str,
+        members: &[Member],
+        settings: Option<(u32, Option<crate::credits::Rates>)>,
+    ) -> Result<(), PoolError> {
         self.transact(|tx| {
             let Some((id, _, my_owner, role, ..)) = Self::current(tx)? else {
                 return Ok(());
             };
             if id != pool_id || my_owner != owner || role != "member" {
                 return Ok(());
+            }
+            if let Some((split, rates)) = settings {
+                tx.execute(
+                    "UPDATE pools SET credit_split_pct = ?1, rates = ?2 WHERE id = ?3",
+                    params![
+                        split.min(50),
+                        rates.map(|r| serde_json::to_string(&r).unwrap_or_default()),
+                        pool_id
+                    ],
+                )?;
             }
             tx.execute("DELETE FROM pool_members WHERE pool_id = ?1", [pool_id])?;
             for m in members {
