@@ -288,3 +288,138 @@ fn devices_join_by_code_over_gossip_once_and_see_each_other() {
         .collect();
     assert_eq!(ranks, vec![1, 2, 3], "{board}");
 }
+
+#[test]
+fn expired_codes_a_full_pool_and_too_many_attempts_are_refused() {
+    // The owner's pool clock is shifted by the seconds in this file.
+    let clock = tempfile::NamedTempFile::new().expect("clock file");
+    std::fs::write(clock.path(), "0").expect("write clock");
+    let owner = TestNode::start_custom(
+        false,
+        &[],
+        &[
+            (
+                "SWARMLLM_TEST_CLOCK_OFFSET_FILE",
+                clock.path().to_str().expect("utf-8"),
+            ),
+            ("SWARMLLM_POOL_MAX_DEVICES", "2"),
+        ],
+        |_| {},
+    );
+    let invite = network_code(&owner);
+    let b = TestNode::start_full(false, &["--bootstrap", &invite]);
+    let c = TestNode::start_full(false, &["--bootstrap", &invite]);
+    wait_for("the owner to see both devices", DEADLINE, || {
+        let (_, v) = owner.get("/api/admin/network-code");
+        (v["connected_peers"].as_u64()? >= 2).then_some(())
+    });
+    assert_eq!(
+        owner.post("/api/pool/create", &json!({ "name": "Home" })).0,
+        200
+    );
+    let code = |n: &TestNode| {
+        let (status, v) = n.post("/api/pool/generate-code", &json!({}));
+        assert_eq!(status, 200, "{v}");
+        v["code"].as_str().expect("code").to_string()
+    };
+    let (stale, fresh_b, fresh_c) = (code(&owner), code(&owner), code(&owner));
+
+    // 25 hours later (by the owner's clock) the first code no longer works...
+    std::fs::write(clock.path(), (25 * 3600).to_string()).expect("write clock");
+    let (status, v) = b.post("/api/pool/join", &json!({ "code": stale }));
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (410, Some("CODE_EXPIRED")),
+        "{v}"
+    );
+    // ...and neither do the others: every code lives 24 hours.
+    let (status, v) = b.post("/api/pool/join", &json!({ "code": fresh_b }));
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (410, Some("CODE_EXPIRED")),
+        "{v}"
+    );
+    std::fs::write(clock.path(), "0").expect("write clock");
+
+    // With room for two devices (the owner and one more), the second joiner is refused.
+    let (status, v) = b.post("/api/pool/join", &json!({ "code": fresh_c }));
+    assert_eq!(status, 200, "{v}");
+    let (status, v) = c.post("/api/pool/join", &json!({ "code": code(&owner) }));
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (409, Some("POOL_FULL")),
+        "{v}"
+    );
+
+    // Bad attempts cost the sender: its eleventh pool operation within the hour is 429.
+    let mut statuses = Vec::new();
+    for _ in 0..10 {
+        let (status, v) = c.post("/api/pool/join", &json!({ "code": stale }));
+        statuses.push(status);
+        if status == 429 {
+            assert!(
+                v["error"]["details"]["retry_after"].as_u64().is_some(),
+                "{v}"
+            );
+            break;
+        }
+    }
+    // C's join refused as full was its first operation: nine more are answered (full),
+    // the eleventh is not.
+    let mut expected = vec![409; 9];
+    expected.push(429);
+    assert_eq!(statuses, expected);
+}
+
+#[test]
+fn offline_mode_dials_nobody_after_a_restart() {
+    let a = TestNode::start_without_model();
+    let mut b = TestNode::start_full(false, &["--bootstrap", &network_code(&a)]);
+    let a_id = node_id(&a);
+    let connected = |n: &TestNode| {
+        n.get("/api/admin/peers").1["peers"]
+            .as_array()
+            .is_some_and(|p| {
+                p.iter()
+                    .any(|p| p["node_id"] == a_id.as_str() && p["is_active"] == true)
+            })
+    };
+    wait_for("B to connect to A", DEADLINE, || {
+        connected(&b).then_some(())
+    });
+    let p2p = |n: &TestNode| n.get("/api/admin/stats").1["p2p"].clone();
+
+    let (status, v) = b.call(
+        reqwest::Method::PUT,
+        "/api/pool/private-mode",
+        &json!({ "enabled": true, "offline_mode": true }),
+    );
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["restart_required"], json!(["offline_mode"]), "{v}");
+    // Restarted without --bootstrap, B would redial its saved seed (A); offline, it
+    // dials nobody: no bootstrap, seeds, DHT walks, peer exchange or redials.
+    b.restart_plain();
+    let stats = wait_for("three maintenance rounds", DEADLINE, || {
+        let s = p2p(&b);
+        (s["counters"]["maintenance_rounds"].as_u64()? >= 3).then_some(s)
+    });
+    assert_eq!(stats["offline"], true, "{stats}");
+    assert_eq!(stats["counters"]["dials_started"], 0, "{stats}");
+    assert!(b.log().contains("offline mode: finding peers by mDNS only"));
+    let (status, v) = b.post("/api/v1/network/discover", &json!({}));
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(p2p(&b)["counters"]["dials_started"], 0);
+
+    // Back online, the same restart redials the saved seed.
+    let (status, _) = b.call(
+        reqwest::Method::PUT,
+        "/api/pool/private-mode",
+        &json!({ "enabled": false, "offline_mode": false }),
+    );
+    assert_eq!(status, 200);
+    b.restart_plain();
+    wait_for("B to redial A", DEADLINE, || {
+        (p2p(&b)["offline"] == false && connected(&b)).then_some(())
+    });
+    assert!(p2p(&b)["counters"]["dials_started"].as_u64() > Some(0));
+}

@@ -204,8 +204,12 @@ impl Node {
         let pipeline = Pipeline::start(pipeline_config, host_config, identity.clone())
             .map_err(|e| StartError::Task(format!("starting the range host: {e}")))?;
 
-        let pools =
-            crate::pool::Pools::new(store.clone(), identity.node_id(), config.pool_max_devices);
+        let pools = crate::pool::Pools::with_clock(
+            store.clone(),
+            identity.node_id(),
+            config.pool_max_devices,
+            pool_clock(),
+        );
         let ledger = crate::credits::Ledger::new(store.clone(), identity.node_id());
         let credits = {
             let (identity, pools) = (identity.clone(), pools.clone());
@@ -279,10 +283,8 @@ impl Node {
         if config.p2p_enabled {
             let hardware = blocking(hardware_summary).await?;
             let mut net = net_config(&config);
-            if node.private_mode().offline_mode {
-                net.offline = true;
-                net.mdns = true;
-            }
+            // Offline mode: discovery by mDNS only (when `mdns` is on, the default).
+            net.offline = node.private_mode().offline_mode;
             let network = Network::start(
                 &node.inner.identity,
                 node.inner.store.clone(),
@@ -751,6 +753,21 @@ pub fn model_id_from_path(path: &Path) -> String {
     name.strip_suffix(".gguf")
         .unwrap_or(&name)
         .to_ascii_lowercase()
+}
+
+/// The clock of pool operations: wall time, shifted by the number of seconds in
+/// the file `SWARMLLM_TEST_CLOCK_OFFSET_FILE` names when that is set (a test hook,
+/// so end-to-end tests can let invite codes expire).
+fn pool_clock() -> crate::pool::Clock {
+    let offset_file = std::env::var_os("SWARMLLM_TEST_CLOCK_OFFSET_FILE").map(PathBuf::from);
+    Arc::new(move || {
+        let offset = offset_file
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .and_then(|t| t.trim().parse::<i64>().ok())
+            .unwrap_or(0);
+        chrono::Utc::now().timestamp() + offset
+    })
 }
 
 async fn blocking<T: Send + 'static>(

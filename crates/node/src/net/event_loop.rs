@@ -141,6 +141,9 @@ impl EventLoop {
                     .send_response(channel, response);
             }
             Command::AnnounceNow => self.announce(),
+            Command::Discover { reply } if self.config.offline => {
+                let _ = reply.send(0); // offline: mDNS is the only discovery
+            }
             Command::Discover { reply } => {
                 let kad = &mut self.swarm.behaviour_mut().kad;
                 let _ = kad.bootstrap();
@@ -151,6 +154,7 @@ impl EventLoop {
                 }
                 let _ = reply.send(peers.len());
             }
+            Command::Redial(_) if self.config.offline => {}
             Command::Redial(due) => {
                 for (node_id, peer_id, addrs) in due {
                     let Ok(peer) = peer_id.parse::<PeerId>() else {
@@ -163,6 +167,7 @@ impl EventLoop {
                         addrs.iter().filter_map(|a| a.parse().ok()).collect();
                     let opts = DialOpts::peer_id(peer).addresses(addrs).build();
                     if self.swarm.dial(opts).is_ok() {
+                        self.count_dial();
                         self.dial_via.entry(peer).or_insert("redial");
                         self.db("redial", move |d| d.redial_started(&node_id));
                     }
@@ -219,6 +224,7 @@ impl EventLoop {
         let id = opts.connection_id();
         match self.swarm.dial(opts) {
             Ok(()) => {
+                self.count_dial();
                 self.pending_dials.insert(id, (reply, via));
             }
             Err(e) => {
@@ -229,7 +235,17 @@ impl EventLoop {
         }
     }
 
+    fn count_dial(&self) {
+        self.shared
+            .counters
+            .dials_started
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     fn ask_for_peers(&mut self, peer: PeerId) {
+        if self.config.offline {
+            return; // no peer exchange: peers come from mDNS only
+        }
         let id = self
             .swarm
             .behaviour_mut()
@@ -350,7 +366,9 @@ impl EventLoop {
 
     fn on_behaviour(&mut self, event: BehaviourEvent) {
         match event {
-            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })
+                if !self.config.offline =>
+            {
                 for addr in &info.listen_addrs {
                     self.swarm
                         .behaviour_mut()
@@ -747,6 +765,10 @@ impl EventLoop {
     }
 
     fn maintain(&mut self) {
+        self.shared
+            .counters
+            .maintenance_rounds
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let connected: Vec<String> = self
             .shared
             .connected
@@ -758,12 +780,14 @@ impl EventLoop {
         let stale = (self.config.announce_interval.as_secs() as i64 * 3).max(15);
         let dir = self.directory.clone();
         let loopback = self.loopback.clone();
+        let offline = self.config.offline;
         tokio::task::spawn_blocking(move || {
             if let Err(e) = dir.expire(&connected, stale) {
                 tracing::warn!(error = %e, "peer directory: expiry failed");
             }
             if let Ok(due) = dir.due_for_redial(8)
                 && !due.is_empty()
+                && !offline
             {
                 let _ = loopback.blocking_send(Command::Redial(due));
             }

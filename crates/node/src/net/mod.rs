@@ -133,6 +133,10 @@ pub(crate) struct Counters {
     pub(crate) announcements_accepted: AtomicU64,
     pub(crate) announcements_rejected: AtomicU64,
     pub(crate) requests_served: AtomicU64,
+    /// Outgoing dials started (bootstrap, seeds, redials, discovery).
+    pub(crate) dials_started: AtomicU64,
+    /// Directory maintenance rounds run (every 2 s).
+    pub(crate) maintenance_rounds: AtomicU64,
 }
 
 /// State the event loop writes and handles read.
@@ -230,7 +234,8 @@ pub(crate) struct Behaviour {
     kad: kad::Behaviour<kad::store::MemoryStore>,
     gossipsub: gossipsub::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
-    relay: relay::Behaviour,
+    /// Relaying for others; off in offline mode.
+    relay: Toggle<relay::Behaviour>,
     relay_client: relay::client::Behaviour,
     dcutr: dcutr::Behaviour,
     autonat: autonat::Behaviour,
@@ -301,7 +306,9 @@ impl Network {
             .with_quic()
             .with_relay_client(noise::Config::new, yamux::Config::default)
             .map_err(|e| setup(&e))?
-            .with_behaviour(|key, relay_client| build_behaviour(key, relay_client, use_mdns))
+            .with_behaviour(|key, relay_client| {
+                build_behaviour(key, relay_client, use_mdns, config.offline)
+            })
             .map_err(|e| setup(&e))?
             .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
             .build();
@@ -429,7 +436,15 @@ impl Network {
             "announcements_accepted": c.announcements_accepted.load(Ordering::Relaxed),
             "announcements_rejected": c.announcements_rejected.load(Ordering::Relaxed),
             "requests_served": c.requests_served.load(Ordering::Relaxed),
+            "dials_started": c.dials_started.load(Ordering::Relaxed),
+            "maintenance_rounds": c.maintenance_rounds.load(Ordering::Relaxed),
         })
+    }
+
+    /// Whether the node runs in offline mode (mDNS discovery only: no bootstrap,
+    /// seeds, DHT, peer exchange, redials or relaying).
+    pub fn offline(&self) -> bool {
+        self.config.offline
     }
 
     /// An invite code carrying this node's reachable addresses.
@@ -613,6 +628,7 @@ fn build_behaviour(
     key: &libp2p::identity::Keypair,
     relay_client: relay::client::Behaviour,
     use_mdns: bool,
+    offline: bool,
 ) -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
     let peer_id = key.public().to_peer_id();
     let gossip_config = gossipsub::ConfigBuilder::default()
@@ -661,7 +677,9 @@ fn build_behaviour(
         kad,
         gossipsub,
         mdns: Toggle::from(mdns),
-        relay: relay::Behaviour::new(peer_id, relay::Config::default()),
+        relay: Toggle::from(
+            (!offline).then(|| relay::Behaviour::new(peer_id, relay::Config::default())),
+        ),
         relay_client,
         dcutr: dcutr::Behaviour::new(peer_id),
         autonat: autonat::Behaviour::new(peer_id, autonat::Config::default()),
