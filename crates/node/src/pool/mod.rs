@@ -1054,6 +1054,27 @@ mod tests {
     }
 
     #[test]
+    fn the_eleventh_device_is_refused_by_default() {
+        let (p, t, _d) = pools(DEFAULT_MAX_DEVICES);
+        p.create("pool", None).expect("create");
+        // The owner plus nine devices; codes a few at a time (5 active, 10 ops an hour).
+        let mut joined = 0;
+        while joined < 9 {
+            t.fetch_add(3600, Ordering::Relaxed);
+            let code = p.generate_code().expect("code").0;
+            p.redeem(&code_hash(&code), &format!("dev{joined}"), None)
+                .expect("joins");
+            joined += 1;
+        }
+        assert_eq!(p.state().expect("state").members.len(), 10);
+        let code = p.generate_code().expect("code").0;
+        assert!(matches!(
+            p.redeem(&code_hash(&code), "eleventh", None),
+            Err(PoolError::Full(10))
+        ));
+    }
+
+    #[test]
     fn five_active_codes_ten_devices_and_ten_operations_an_hour() {
         let (p, t, _d) = pools(3);
         p.create("pool", None).expect("create");
