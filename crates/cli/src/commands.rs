@@ -344,6 +344,22 @@ pub(crate) fn api_key(source: &ConfigSource) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `swarmllm ui`: the web UI's address with the API key in the fragment (which a
+/// browser never sends to the server; the page keeps it in its local storage).
+pub(crate) fn ui_url(source: &ConfigSource) -> anyhow::Result<()> {
+    let config = crate::load_config(source)?;
+    let data_dir = config.data_dir_path();
+    let key = swarmllm_node::identity::read_api_key(&data_dir, &config.secret_store)?
+        .ok_or_else(|| anyhow!("no API key yet: start the node once with `swarmllm serve`"))?;
+    let host = if config.api_host == "0.0.0.0" {
+        "127.0.0.1"
+    } else {
+        config.api_host.as_str()
+    };
+    println!("http://{host}:{}/#key={}", config.api_port, key.as_str());
+    Ok(())
+}
+
 /// `swarmllm peers`
 pub(crate) async fn peers(client: &Client, raw: bool) -> anyhow::Result<()> {
     let v = client.get("/api/admin/peers").await?;

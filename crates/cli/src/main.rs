@@ -82,6 +82,8 @@ enum Command {
     BenchPipeline(bench_pipeline::BenchPipelineArgs),
     /// Print this machine's node API key (for `Authorization: Bearer ...`).
     ApiKey,
+    /// Print the web UI's address, with the API key for the browser.
+    Ui,
     /// List the peers a running node knows (latency, trust, models).
     Peers {
         /// Print the raw JSON.
@@ -405,6 +407,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::ApiKey => commands::api_key(&cli.config_source(Map::new())),
+        Command::Ui => commands::ui_url(&cli.config_source(Map::new())),
         Command::Peers { json } => {
             commands::peers(
                 &client::Client::connect(&cli.config_source(Map::new()))?,

@@ -709,3 +709,99 @@ fn metrics_expose_requests_tokens_latency_and_model() {
     let (_, ver) = node.get("/api/admin/version");
     assert_eq!(ver["version"], env!("CARGO_PKG_VERSION"));
 }
+
+#[test]
+fn the_node_serves_the_web_ui_and_renders_and_reads_invite_qr_codes() {
+    let node = TestNode::start_without_model();
+    let r = node.http().get(node.url("/")).send().expect("GET /");
+    assert_eq!(r.status().as_u16(), 200);
+    let csp = r
+        .headers()
+        .get("content-security-policy")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    assert!(csp.contains("default-src 'self'"), "{csp}");
+    assert!(
+        r.text()
+            .expect("html")
+            .contains("<script type=\"module\" src=\"app.js\">")
+    );
+    for (file, mime) in [
+        ("app.js", "text/javascript"),
+        ("client.js", "text/javascript"),
+        ("style.css", "text/css"),
+    ] {
+        let r = node
+            .http()
+            .get(node.url(&format!("/{file}")))
+            .send()
+            .expect("GET");
+        assert_eq!(r.status().as_u16(), 200, "{file}");
+        let ct = r.headers()["content-type"]
+            .to_str()
+            .expect("ct")
+            .to_string();
+        assert!(ct.starts_with(mime), "{file}: {ct}");
+    }
+    let (status, v) = node.get("/secrets.enc");
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (404, Some("NOT_FOUND")),
+        "{v}"
+    );
+
+    // The CLI prints the UI's address with the key in the fragment.
+    let (ok, out, err) = common::cli(node.dir(), node.port, &["ui"]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        out.trim(),
+        format!("http://127.0.0.1:{}/#key={}", node.port, node.key)
+    );
+
+    // QR: rendered for a valid code; pictures without one are refused clearly.
+    let (status, v) = node.post("/api/pool/qr", &json!({ "code": "a3f7k2m9" }));
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["code"], "A3F7K2M9");
+    assert!(v["svg"].as_str().expect("svg").contains("<svg"));
+    assert_eq!(
+        node.post("/api/pool/qr", &json!({ "code": "AB0O1I" })).0,
+        400
+    );
+    let scan = |body: Vec<u8>| {
+        let r = node
+            .http()
+            .post(node.url("/api/pool/scan-qr"))
+            .bearer_auth(&node.key)
+            .header("content-type", "image/png")
+            .body(body)
+            .send()
+            .expect("scan");
+        let status = r.status().as_u16();
+        (status, r.json::<Value>().unwrap_or(Value::Null))
+    };
+    let (status, v) = scan(b"not a picture".to_vec());
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (400, Some("INVALID_IMAGE")),
+        "{v}"
+    );
+    // The app icon is a picture without a QR code.
+    let blank = std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../icons/32x32.png"),
+    )
+    .expect("icon");
+    let (status, v) = scan(blank);
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (422, Some("NO_QR_CODE")),
+        "{v}"
+    );
+    let unauthenticated = node
+        .http()
+        .post(node.url("/api/pool/scan-qr"))
+        .body(vec![0u8; 4])
+        .send()
+        .expect("scan");
+    assert_eq!(unauthenticated.status().as_u16(), 401);
+}

@@ -26,6 +26,7 @@ pub mod node;
 pub mod paths;
 pub mod pipeline;
 pub mod pool;
+pub mod qr;
 pub mod secrets;
 pub mod shard;
 pub mod store;

@@ -114,7 +114,8 @@ struct Inner {
     network: OnceLock<Network>,
     nickname: RwLock<Option<String>>,
     /// Private mode (persisted).
-    private_mode: RwLock<crate::pool::PrivateMode>,
+    /// Private mode (persisted); a watch so the desktop tray follows changes.
+    private_mode: tokio::sync::watch::Sender<crate::pool::PrivateMode>,
     /// Per-model encrypted-pipeline settings (model id → on/off).
     encrypted: RwLock<std::collections::BTreeMap<String, bool>>,
     metrics: Metrics,
@@ -231,7 +232,7 @@ impl Node {
                 network: OnceLock::new(),
                 nickname: RwLock::new(nickname),
                 encrypted: RwLock::new(encrypted),
-                private_mode: RwLock::new(private_mode),
+                private_mode: tokio::sync::watch::Sender::new(private_mode),
                 metrics,
                 started: Instant::now(),
                 started_at: chrono::Utc::now(),
@@ -272,7 +273,7 @@ impl Node {
         let weak = Arc::downgrade(&node.inner);
         node.inner.pipeline.set_peer_policy(Arc::new(move || {
             let inner = weak.upgrade()?;
-            let mode = *inner.private_mode.read().unwrap_or_else(|p| p.into_inner());
+            let mode = *inner.private_mode.borrow();
             if !mode.enabled {
                 return None;
             }
@@ -520,11 +521,7 @@ impl Node {
 
     /// Private mode as set.
     pub fn private_mode(&self) -> crate::pool::PrivateMode {
-        *self
-            .inner
-            .private_mode
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
+        *self.inner.private_mode.borrow()
     }
 
     /// Sets (persisted) private mode. Whether the network must restart for
@@ -538,15 +535,14 @@ impl Node {
         tokio::task::spawn_blocking(move || store.set_setting(PRIVATE_MODE_KEY, Some(&text)))
             .await
             .map_err(|e| StoreError::Task(e.to_string()))??;
-        let before = std::mem::replace(
-            &mut *self
-                .inner
-                .private_mode
-                .write()
-                .unwrap_or_else(|p| p.into_inner()),
-            mode,
-        );
+        let before = self.inner.private_mode.send_replace(mode);
         Ok(before.offline_mode != mode.offline_mode)
+    }
+
+    /// Follows private mode: the receiver sees every change, whoever makes it
+    /// (API, CLI, desktop tray).
+    pub fn watch_private_mode(&self) -> tokio::sync::watch::Receiver<crate::pool::PrivateMode> {
+        self.inner.private_mode.subscribe()
     }
 
     /// Announces this node's state to peers now (after its models changed).

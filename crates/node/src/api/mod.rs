@@ -13,6 +13,7 @@ mod models;
 mod net;
 mod openai;
 mod pool;
+mod ui;
 mod v1;
 mod ws;
 
@@ -90,6 +91,8 @@ pub fn router(node: Node) -> Router {
     };
 
     let public = Router::new()
+        .route("/", get(ui::index))
+        .route("/{file}", get(ui::asset))
         .route("/health", get(health))
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
@@ -152,6 +155,8 @@ pub fn router(node: Node) -> Router {
         .route("/api/pool/device-name", post(pool::device_name))
         .route("/api/pool/invite", post(pool::invite))
         .route("/api/pool/accept", post(pool::accept))
+        .route("/api/pool/qr", post(pool::qr))
+        .route("/api/pool/scan-qr", post(pool::scan_qr))
         .route(
             "/api/admin/pools/{id}/rates",
             axum::routing::put(credits::put_pool_rates),

@@ -483,3 +483,42 @@ pub(crate) async fn accept(
         .map_err(pool_error)?;
     Ok(Json(serde_json::to_value(s).unwrap_or_default()))
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QrBody {
+    code: String,
+}
+
+/// `POST /api/pool/qr` with `{"code": "A3F7K2M9"}` → `{"code", "svg"}`: the invite
+/// code as an SVG QR code (for the pool page).
+pub(crate) async fn qr(ApiJson(body): ApiJson<Value>) -> Result<Json<Value>, ApiError> {
+    let body: QrBody = from_value(&body)?;
+    let code = crate::pool::parse_code(&body.code).map_err(pool_error)?;
+    let svg = crate::qr::svg(&code).map_err(|e| ApiError::internal("qr", e))?;
+    Ok(Json(json!({ "code": code, "svg": svg })))
+}
+
+/// `POST /api/pool/scan-qr` with a PNG or JPEG picture as the body → `{"code"}`:
+/// the invite code in the picture (a photo, a screenshot, a camera frame).
+pub(crate) async fn scan_qr(body: axum::body::Bytes) -> Result<Json<Value>, ApiError> {
+    let text = tokio::task::spawn_blocking(move || crate::qr::decode(&body))
+        .await
+        .map_err(|e| ApiError::internal("qr", e))?
+        .map_err(|e| match e {
+            crate::qr::QrError::NotFound => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "NO_QR_CODE",
+                e.to_string(),
+            ),
+            other => ApiError::new(StatusCode::BAD_REQUEST, "INVALID_IMAGE", other.to_string()),
+        })?;
+    let code = crate::pool::parse_code(&text).map_err(|_| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "NOT_AN_INVITE_CODE",
+            "the QR code does not hold a pool invite code",
+        )
+    })?;
+    Ok(Json(json!({ "code": code })))
+}

@@ -1,7 +1,7 @@
 //! `GET /api/admin/ws`: live updates for dashboards.
 //!
-//! Every 2 s a `stats_update` (peer count, queue, request counters, credits when they
-//! exist); a `peer_list` snapshot on connect and whenever the set of connected peers
+//! Every 2 s a `stats_update` (peer count, queue, request counters, credits, private
+//! mode); a `peer_list` snapshot on connect and whenever the set of connected peers
 //! changes. Messages are JSON: `{"type": "...", "data": {...}, "timestamp": "..."}`.
 //! Browsers cannot send a bearer header on a WebSocket, so the route is read-only
 //! and checks the `Origin` header against the same allow-list as CORS.
@@ -55,8 +55,11 @@ fn stats(state: &AppState) -> Value {
         "queue_depth": node.engine().map(|e| e.queue_depth()).unwrap_or(0),
         "model": node.engine().map(|e| e.info().id.clone()),
         "inference": node.metrics().summary(),
-        // The credit ledger does not exist yet.
-        "credits": null,
+        "credits": {
+            "balance": crate::credits::to_credits(node.credits().summary().balance),
+            "entries": node.credits().summary().entries,
+        },
+        "private_mode": node.private_mode().enabled,
     })
 }
 

@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""The desktop app, launched for real under Xvfb and driven through tauri-driver
+(WebKitWebDriver): the same UI checks as the browser test, inside the app (its
+requests go through Tauri commands), plus the app's own life cycle: the localhost
+API answers while the app runs, closing the window keeps the node running, and a
+shutdown ends the app. Prints start-up time and idle memory, then
+`N passed, N failed`. Run it under `xvfb-run -a dbus-run-session --`."""
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+from webdriver import (Results, Session, free_port, http, node_env, rss_mb, target_dir,
+                       test_model, ui_checks, wait_for, api_key)
+
+
+def app_pid(binary):
+    out = subprocess.run(["pgrep", "-f", "-x", f"{binary}.*"], capture_output=True, text=True)
+    pids = [int(p) for p in out.stdout.split()]
+    return pids[0] if pids else None
+
+
+def main():
+    out_dir = os.environ.get("E2E_OUT", tempfile.mkdtemp(prefix="swarmllm-e2e-"))
+    os.makedirs(out_dir, exist_ok=True)
+    app = os.path.join(target_dir(), "debug", "swarmllm-desktop")
+    data = tempfile.mkdtemp(prefix="swarmllm-desktop-")
+    port = free_port()
+    env = node_env(data)
+    env["SWARMLLM_API_PORT"] = str(port)
+    env["SWARMLLM_MODEL"] = test_model()
+    driver_port = free_port()
+    driver = subprocess.Popen(
+        ["tauri-driver", "--port", str(driver_port), "--native-port", str(free_port())],
+        env=env, stdout=subprocess.DEVNULL, stderr=open(os.path.join(out_dir, "tauri-driver.log"), "w"))
+    r = Results()
+    session = None
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for("tauri-driver", lambda: http("GET", f"http://127.0.0.1:{driver_port}/status")[0] == 200)
+        started = time.monotonic()
+        session = Session(f"http://127.0.0.1:{driver_port}", {"alwaysMatch": {
+            "tauri:options": {"application": app},
+        }}, timeout=180)
+        wait_for("a usable dashboard", lambda: session.js("return document.body.dataset.ready") == "true"
+                 and session.js("return document.querySelector('#node-id') !== null"), timeout=120)
+        startup = time.monotonic() - started
+        key = api_key(data, port)
+
+        def in_app():
+            assert session.js("return Boolean(window.__TAURI__ && window.__TAURI__.core)"), "not inside the app"
+            status, v = http("GET", f"{base}/api/admin/stats")
+            assert status == 200 and v["node_id"], v
+        r.check("the app hosts the node and still binds the localhost API", in_app)
+        ui_checks(r, session, base, key, out_dir, in_app=True)
+
+        pid = app_pid(app)
+        # Idle: let the UI settle on the dashboard, then read the resident set.
+        session.js("location.hash = '#/dashboard'")
+        wait_for("the dashboard again", lambda: session.js("return document.body.dataset.page") == "dashboard")
+        idle = rss_mb(pid) if pid else 0.0
+        web = 0.0
+        if pid:
+            kids = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+            web = sum(rss_mb(int(k)) for k in kids if os.path.exists(f"/proc/{k}"))
+        print(f"start-up to a usable dashboard: {startup:.1f} s; idle memory: app process "
+              f"{idle:.0f} MB RSS (node + model + UI process) + WebKit helpers {web:.0f} MB", flush=True)
+
+        def close_keeps_node():
+            # As the title bar's close button does: a close request, which the app
+            # answers by hiding the window to the tray.
+            session.js("window.__TAURI__.window.getCurrentWindow().close()")
+            wait_for("the window to hide", lambda: session.js("return document.visibilityState") == "hidden",
+                     timeout=20)
+            assert http("GET", f"{base}/health")[0] == 200
+            assert pid is None or os.path.exists(f"/proc/{pid}")
+        r.check("closing the window keeps the node running", close_keeps_node)
+
+        def shutdown_quits():
+            status, v = http("POST", f"{base}/api/admin/shutdown", {}, headers={"Authorization": f"Bearer {key}"})
+            assert status == 200, v
+            wait_for("the app to exit", lambda: pid is None or not os.path.exists(f"/proc/{pid}")
+                     or open(f"/proc/{pid}/status").read().find("State:\tZ") >= 0, timeout=30)
+        r.check("a graceful shutdown ends the app", shutdown_quits)
+    finally:
+        if session:
+            session.quit()
+        driver.terminate()
+        try:
+            driver.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            driver.kill()
+        subprocess.run(["pkill", "-f", app], check=False)
+        shutil.rmtree(data, ignore_errors=True)
+    print(f"screenshots in {out_dir}")
+    return r.summary()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""A minimal W3C WebDriver client and test helpers (standard library only).
+
+Drives chromedriver (the browser test) and tauri-driver/WebKitWebDriver (the
+desktop test) the same way. Every wait polls a condition with a deadline.
+"""
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+ELEMENT = "element-6066-11e4-a52e-4f735466cecf"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(method, url, body=None, headers=None, raw=None, timeout=120):
+    """Returns (status, parsed JSON or text)."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    if body is not None and raw is None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            status, text = r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        status, text = e.code, e.read().decode()
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, text
+
+
+def wait_for(what, fn, timeout=60, interval=0.2):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            value = fn()
+            if value:
+                return value
+        except Exception as e:  # noqa: BLE001 - keep polling, report the last error
+            last = e
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}" + (f" (last error: {last})" if last else ""))
+
+
+class Session:
+    def __init__(self, driver_url, capabilities, timeout=90):
+        self.base = driver_url
+        status, v = http("POST", f"{driver_url}/session", {"capabilities": capabilities}, timeout=timeout)
+        if status != 200:
+            raise RuntimeError(f"cannot start a WebDriver session: {status} {v}")
+        self.id = v["value"]["sessionId"]
+
+    def cmd(self, method, path, body=None):
+        status, v = http(method, f"{self.base}/session/{self.id}{path}", body)
+        if status != 200:
+            raise RuntimeError(f"{method} {path}: {status} {v}")
+        return v["value"]
+
+    def go(self, url):
+        self.cmd("POST", "/url", {"url": url})
+
+    def find(self, css):
+        return self.cmd("POST", "/element", {"using": "css selector", "value": css})[ELEMENT]
+
+    def text(self, css):
+        return self.cmd("GET", f"/element/{self.find(css)}/text")
+
+    def click(self, css):
+        self.cmd("POST", f"/element/{self.find(css)}/click", {})
+
+    def type(self, css, text):
+        self.cmd("POST", f"/element/{self.find(css)}/value", {"text": text})
+
+    def js(self, script, *args):
+        return self.cmd("POST", "/execute/sync", {"script": script, "args": list(args)})
+
+    def screenshot(self, css, path=None):
+        png = base64.b64decode(self.cmd("GET", f"/element/{self.find(css)}/screenshot"))
+        if path:
+            with open(path, "wb") as f:
+                f.write(png)
+        return png
+
+    def page_screenshot(self, path):
+        with open(path, "wb") as f:
+            f.write(base64.b64decode(self.cmd("GET", "/screenshot")))
+
+    def quit(self):
+        try:
+            http("DELETE", f"{self.base}/session/{self.id}", timeout=20)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+class Results:
+    def __init__(self):
+        self.passed, self.failed = 0, 0
+
+    def check(self, name, fn):
+        try:
+            fn()
+            self.passed += 1
+            print(f"ok   {name}", flush=True)
+        except Exception as e:  # noqa: BLE001
+            self.failed += 1
+            print(f"FAIL {name}: {e}", flush=True)
+
+    def summary(self):
+        print(f"{self.passed} passed, {self.failed} failed", flush=True)
+        return 0 if self.failed == 0 else 1
+
+
+def repo_root():
+    return os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
+
+def target_dir():
+    return os.environ.get("CARGO_TARGET_DIR") or os.path.join(repo_root(), "target")
+
+
+def test_model():
+    cache = os.environ.get("SWARMLLM_CACHE_DIR") or os.path.expanduser("~/.cache/swarmllm")
+    return os.path.join(cache, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def node_env(data_dir):
+    env = dict(os.environ)
+    env.update({
+        "SWARMLLM_P2P_HOST": "127.0.0.1",
+        "SWARMLLM_MDNS": "false",
+        "SWARMLLM_SECRET_STORE": "file",
+        "SWARMLLM_THREADS": "1",
+        "SWARMLLM_P2P_PORT": str(free_port()),
+        "SWARMLLM_DATA_DIR": data_dir,
+    })
+    env.pop("SWARMLLM_API_KEY", None)
+    return env
+
+
+def api_key(data_dir, port):
+    cli = os.path.join(target_dir(), "debug", "swarmllm")
+    out = subprocess.run([cli, "--data-dir", data_dir, "--api-port", str(port), "api-key"],
+                         check=True, capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+def rss_mb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def ui_checks(r, s, base, key, out_dir, in_app):
+    """The checks both the browser and the desktop test run on the same UI."""
+    auth = {"Authorization": f"Bearer {key}"}
+    node_id = http("GET", f"{base}/health")[1]["node_id"]
+
+    def dashboard():
+        wait_for("the dashboard", lambda: s.js("return document.body.dataset.ready") == "true")
+        shown = wait_for("the node id", lambda: s.text("#node-id"))
+        assert shown == node_id, f"{shown!r} != {node_id!r}"
+        s.page_screenshot(os.path.join(out_dir, "dashboard.png"))
+
+    def chat():
+        s.js("location.hash = '#/chat'")
+        wait_for("the chat page", lambda: s.js("return document.body.dataset.page") == "chat")
+        wait_for("a model in the picker", lambda: s.js("return document.querySelector('#chat-model').options.length") > 0)
+        s.type("#chat-input", "Say hello in one short sentence.")
+        s.click("#chat-send")
+        # Streamed: text appears before the reply is done.
+        wait_for("streamed text", lambda: len(s.js("return document.querySelector('#chat-output')?.textContent || ''")) > 0)
+        wait_for("the end of the reply", lambda: s.js("return document.querySelector('#chat-output').dataset.done") == "true", timeout=120)
+        reply = s.js("return document.querySelector('#chat-output').textContent")
+        assert len(reply.strip()) > 0, "empty reply"
+        s.page_screenshot(os.path.join(out_dir, "chat.png"))
+
+    def private_mode():
+        for wanted in (True, False):
+            s.click("#private-mode")
+            wait_for(f"private mode {wanted}", lambda: http("GET", f"{base}/api/pool/private-mode")[1]["enabled"] is wanted)
+
+    def qr_invite():
+        s.js("location.hash = '#/pool'")
+        wait_for("the pool page", lambda: s.js("return document.querySelector('#pool-create') !== null"))
+        s.type("#pool-name", "Home")
+        s.click("#pool-create")
+        wait_for("the owner view", lambda: s.js("return document.querySelector('#gen-code') !== null"))
+        s.click("#gen-code")
+        code = wait_for("an invite code", lambda: s.text("#pool-code"))
+        assert len(code) == 8, code
+        wait_for("the QR code", lambda: s.js("return document.querySelector('#pool-qr svg') !== null"))
+        png = s.screenshot("#pool-qr", os.path.join(out_dir, "invite-qr.png"))
+        status, v = http("POST", f"{base}/api/pool/scan-qr", raw=png, headers={**auth, "Content-Type": "image/png"})
+        assert status == 200 and v["code"] == code, f"{status} {v} (shown {code})"
+        s.page_screenshot(os.path.join(out_dir, "pool.png"))
+
+    def bad_code():
+        s.click("#leave")
+        wait_for("the join form", lambda: s.js("return document.querySelector('#join-code') !== null"))
+        s.type("#join-code", "AB0O1I")
+        s.click("#join-btn")
+        msg = wait_for("an error message", lambda: s.js(
+            "const p = document.querySelector('#pool-message'); return p.className === 'error' && p.textContent"))
+        assert "code" in msg.lower(), msg
+
+    r.check("dashboard shows the node id", dashboard)
+    r.check("a chat message gets a streamed reply", chat)
+    r.check("the private-mode switch changes GET /api/pool/private-mode", private_mode)
+    r.check("the invite QR code decodes back to the code", qr_invite)
+    r.check("a malformed code gives a clear message", bad_code)

@@ -1,0 +1,382 @@
+// The SwarmLLM UI: seven pages over the node's API (see client.js). No framework:
+// each page is a function that renders into <main> and may return a cleanup.
+
+import * as client from "./client.js";
+
+const $ = (sel, root = document) => root.querySelector(sel);
+const main = () => $("#page");
+
+function esc(v) {
+  return String(v ?? "").replace(/[&<>"']/g, (c) =>
+    ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
+}
+
+function toast(text, bad = false) {
+  const t = $("#toast");
+  t.textContent = text;
+  t.className = bad ? "error" : "";
+  t.hidden = false;
+  clearTimeout(toast.timer);
+  toast.timer = setTimeout(() => (t.hidden = true), 4000);
+}
+
+function duration(s) {
+  const h = Math.floor(s / 3600), m = Math.floor((s % 3600) / 60);
+  return h ? `${h} h ${m} min` : m ? `${m} min ${s % 60} s` : `${s} s`;
+}
+
+const card = (label, value, id = "") =>
+  `<div class="card"><div class="label">${esc(label)}</div><div class="value"${id ? ` id="${id}"` : ""}>${esc(value)}</div></div>`;
+
+/** Pages whose backend needs the API key say so instead of failing silently. */
+function needKey() {
+  if (client.hasKey()) return false;
+  main().insertAdjacentHTML("afterbegin",
+    `<p class="error">This page needs the node's API key: run <code>swarmllm api-key</code> and paste it in <a href="#/settings">Settings</a>.</p>`);
+  return true;
+}
+
+// ---- dashboard -----------------------------------------------------------------
+
+async function dashboard() {
+  const [stats, nick] = await Promise.all([client.get("/api/admin/stats"), client.get("/api/identity/nickname")]);
+  const hw = stats.hardware || {};
+  const gpus = (hw.gpus || []).map((g) => g.name).join(", ") || "none";
+  main().innerHTML = `<h1>Dashboard</h1>
+    <div class="grid">
+      ${card("Node id", stats.node_id, "node-id")}
+      ${card("Nickname", nick.nickname || "—")}
+      ${card("Uptime", duration(stats.uptime_seconds), "uptime")}
+      ${card("Peers", stats.peer_count, "peer-count")}
+      ${card("Model", stats.model?.id || "none (split models via peers)")}
+      ${card("Requests", stats.inference?.requests_total ?? 0, "requests")}
+      ${card("Credits", "…", "credits")}
+      ${card("Secrets", stats.secret_store === "keychain" ? "OS keychain" : "encrypted file")}
+    </div>
+    <h2>Hardware</h2>
+    <p id="hardware">${esc(hw.cpu_model)} · ${esc(hw.cpu_threads)} threads ·
+      ${esc((hw.ram_total / 2 ** 30).toFixed(1))} GiB RAM · GPUs: ${esc(gpus)} · ${esc(hw.os)} ${esc(hw.arch)}</p>
+    <p class="muted" id="live">Waiting for live updates…</p>`;
+  const ws = client.socket((m) => {
+    if (m.type !== "stats_update") return;
+    const d = m.data;
+    $("#uptime").textContent = duration(d.uptime_seconds);
+    $("#peer-count").textContent = d.peer_count;
+    $("#requests").textContent = d.inference?.requests_total ?? 0;
+    if (d.credits) $("#credits").textContent = d.credits.balance.toFixed(4);
+    $("#live").textContent = "Live · updated " + new Date(m.timestamp).toLocaleTimeString();
+  });
+  return () => ws.close();
+}
+
+// ---- peers -------------------------------------------------------------------------
+
+async function peers() {
+  const v = await client.get("/api/admin/peers");
+  const rows = (v.peers || []).map((p) => `<tr>
+      <td><span class="dot ${p.is_active ? "on" : ""}"></span></td>
+      <td class="mono">${esc(p.node_id.slice(0, 16))}…</td><td>${esc(p.nickname || "")}</td>
+      <td>${esc(p.region || "")}</td><td>${p.latency_ms != null ? p.latency_ms.toFixed(1) + " ms" : "—"}</td>
+      <td>${esc(p.trust_score)}</td>
+      <td>${esc((p.models || []).map((m) => `${m.id} [${m.layer_start}–${m.layer_end})`).join(", "))}</td></tr>`);
+  main().innerHTML = `<h1>Peers</h1>
+    <table><tr><th></th><th>Node</th><th>Nickname</th><th>Region</th><th>Latency</th><th>Trust</th><th>Models</th></tr>
+    ${rows.join("") || `<tr><td colspan="7" class="muted">No peers yet. Join a network with <code>swarmllm network join CODE</code>.</td></tr>`}</table>`;
+}
+
+// ---- models --------------------------------------------------------------------------
+
+async function models() {
+  const [list, coverage, downloads] = await Promise.all([
+    client.get("/api/admin/models"),
+    client.get("/api/pool/coverage"),
+    client.get("/api/admin/downloads"),
+  ]);
+  const cov = Object.fromEntries((coverage.models || []).map((m) => [m.model_id, m]));
+  const items = (list.models || []).map((m) => {
+    const c = cov[m.id];
+    const shards = (m.shards || []).map((s) => `<tr>
+        <td>${s.index}</td><td>[${s.layer_start}–${s.layer_end})</td>
+        <td>${s.held ? (s.loaded ? "loaded" : "on disk") : "—"}</td>
+        <td>${esc(s.holders ?? 0)}</td>
+        <td>${s.held ? `<button class="secondary" data-act="${s.loaded ? "unload" : "load"}" data-model="${esc(m.id)}" data-shard="${s.index}">${s.loaded ? "Unload" : "Load"}</button>`
+                     : `<button class="secondary" data-act="download" data-model="${esc(m.id)}" data-shard="${s.index}">Download</button>`}</td></tr>`);
+    return `<h2>${esc(m.id)} <span class="muted">${esc(m.architecture || "")} · ${esc(m.n_layers)} layers</span></h2>
+      <div class="row"><div class="bar"><span data-pct="${c ? c.coverage_pct : 0}"></span></div>
+        <span class="muted">pool coverage ${c ? c.coverage_pct.toFixed(0) : 0}%</span></div>
+      <table><tr><th>Shard</th><th>Layers</th><th>Here</th><th>Holders</th><th></th></tr>${shards.join("")}</table>`;
+  });
+  const dl = (downloads.downloads || []).map((d) =>
+    `<tr><td>${esc(d.model_id)} #${esc(d.shard_index)}</td><td><div class="bar"><span data-pct="${(100 * (d.bytes_done || 0)) / (d.bytes_total || 1)}"></span></div></td><td>${esc(d.status)}</td></tr>`);
+  main().innerHTML = `<h1>Models</h1>${items.join("") || `<p class="muted">No sharded models yet: <code>swarmllm models import FILE.gguf --shards 3</code>.</p>`}
+    <h2>Downloads</h2><table>${dl.join("") || `<tr><td class="muted">None.</td></tr>`}</table>`;
+  for (const s of main().querySelectorAll("[data-pct]")) s.style.width = Math.min(100, +s.dataset.pct) + "%";
+  main().addEventListener("click", async (e) => {
+    const b = e.target.closest("button[data-act]");
+    if (!b || needKey()) return;
+    b.disabled = true;
+    try {
+      await client.post(`/api/admin/models/${encodeURIComponent(b.dataset.model)}/shards/${b.dataset.shard}/${b.dataset.act}`);
+      toast(`${b.dataset.act}: shard ${b.dataset.shard}`);
+      route();
+    } catch (err) {
+      toast(err.message, true);
+      b.disabled = false;
+    }
+  });
+}
+
+// ---- chat ------------------------------------------------------------------------------
+
+async function chat() {
+  const list = await client.get("/v1/models");
+  const options = (list.data || []).map((m) => `<option>${esc(m.id)}</option>`).join("");
+  main().innerHTML = `<h1>Chat</h1>
+    <div class="row"><label>Model <select id="chat-model">${options}</select></label></div>
+    <div id="chat-log"></div>
+    <textarea id="chat-input" placeholder="Ask something…"></textarea>
+    <div class="row"><button id="chat-send">Send</button><button id="chat-stop" class="secondary" disabled>Stop</button>
+      <span class="muted" id="chat-status"></span></div>`;
+  if (!options) $("#chat-status").textContent = "No model is available yet.";
+  const history = [];
+  let controller = null;
+  const send = async () => {
+    const text = $("#chat-input").value.trim();
+    if (!text || controller || needKey()) return;
+    $("#chat-input").value = "";
+    history.push({ role: "user", content: text });
+    $("#chat-log").insertAdjacentHTML("beforeend", `<div class="msg user">${esc(text)}</div>`);
+    const out = document.createElement("div");
+    out.className = "msg assistant";
+    out.id = "chat-output";
+    $("#chat-output")?.removeAttribute("id");
+    $("#chat-log").append(out);
+    controller = new AbortController();
+    $("#chat-send").disabled = true;
+    $("#chat-stop").disabled = false;
+    $("#chat-status").textContent = "Generating…";
+    const started = performance.now();
+    let tokens = 0;
+    try {
+      await client.stream("/v1/chat/completions",
+        { model: $("#chat-model").value, messages: history, max_tokens: 256 },
+        (ev) => {
+          const delta = ev.choices?.[0]?.delta?.content;
+          if (delta) { out.textContent += delta; tokens++; }
+        }, controller.signal);
+      $("#chat-status").textContent = `${tokens} chunks in ${((performance.now() - started) / 1000).toFixed(1)} s`;
+      out.dataset.done = "true";
+    } catch (err) {
+      $("#chat-status").textContent = err.name === "AbortError" ? "Stopped." : err.message;
+      out.dataset.done = "true";
+    }
+    history.push({ role: "assistant", content: out.textContent });
+    controller = null;
+    $("#chat-send").disabled = false;
+    $("#chat-stop").disabled = true;
+  };
+  $("#chat-send").onclick = send;
+  $("#chat-stop").onclick = () => controller?.abort();
+  $("#chat-input").onkeydown = (e) => { if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); send(); } };
+  return () => controller?.abort();
+}
+
+// ---- pool ------------------------------------------------------------------------------
+
+async function pool() {
+  const s = await client.get("/api/pool/state");
+  const members = (s.members || []).map((m) => `<tr>
+      <td><span class="dot ${m.online ? "on" : ""}"></span> ${m.online ? "online" : "offline"}</td>
+      <td>${esc(m.device_name || "")}</td><td class="mono">${esc(m.node_id.slice(0, 16))}…</td><td>${esc(m.role)}</td>
+      <td>${esc(m.stats?.forwards_served ?? 0)}</td></tr>`).join("");
+  main().innerHTML = `<h1>My devices</h1>
+    ${s.in_pool ? `<p>Pool <b>${esc(s.name)}</b> · this device is the <b>${esc(s.role)}</b> · members keep ${esc(s.credit_split_pct)}% of their credits · ${esc(s.combined_vram_gb ?? 0)} GB VRAM in all</p>
+      <table><tr><th>Status</th><th>Device</th><th>Node</th><th>Role</th><th>Forwards</th></tr>${members}</table>
+      ${s.role === "owner" ? `<h2>Invite a device</h2><div class="row"><button id="gen-code">New invite code</button></div>
+        <div id="invite" hidden><div class="code" id="pool-code"></div><div id="pool-qr"></div>
+        <p class="muted">One use, valid 24 hours. Type it on the other device or scan the QR code.</p></div>` : ""}
+      <div class="row"><button id="leave" class="secondary">Leave pool</button></div>`
+    : `<h2>Create a pool</h2><div class="row"><input id="pool-name" placeholder="My Devices"><button id="pool-create">Create</button></div>
+       <h2>Join a pool</h2>
+       <div class="row"><input id="join-code" placeholder="8-character code" maxlength="12" autocomplete="off">
+         <button id="join-btn">Join</button></div>
+       <div class="row"><label class="secondary">Read a QR picture <input type="file" id="join-file" accept="image/*"></label>
+         <button id="join-camera" class="secondary">Scan with camera</button></div>
+       <video id="camera" hidden playsinline></video>`}
+    <p id="pool-message" role="alert"></p>
+    <h2>Private mode</h2><p class="muted" id="coverage">…</p>`;
+  const msg = (text, bad = false) => { const p = $("#pool-message"); p.textContent = text; p.className = bad ? "error" : "ok"; };
+  const act = (f) => async () => { if (needKey()) return; try { await f(); } catch (e) { msg(e.message, true); } };
+  const pm = await client.get("/api/pool/private-mode");
+  $("#coverage").textContent = (pm.enabled ? "On: prompts only go to your devices. " : "Off. ") +
+    (pm.coverage?.models || []).map((m) => `${m.model_id}: ${m.coverage_pct.toFixed(0)}% of shards on your devices`).join("; ");
+  if ($("#pool-create")) $("#pool-create").onclick = act(async () => {
+    await client.post("/api/pool/create", { name: $("#pool-name").value || "My Devices" });
+    route();
+  });
+  if ($("#gen-code")) $("#gen-code").onclick = act(async () => {
+    const { code } = await client.post("/api/pool/generate-code");
+    const { svg } = await client.post("/api/pool/qr", { code });
+    $("#pool-code").textContent = code;
+    $("#pool-qr").innerHTML = svg;
+    $("#invite").hidden = false;
+  });
+  if ($("#leave")) $("#leave").onclick = act(async () => { await client.post("/api/pool/leave"); route(); });
+  const join = async (code) => {
+    msg("Asking the pool's owner…");
+    const st = await client.post("/api/pool/join", { code });
+    msg(`Joined ${st.name}.`);
+    setTimeout(route, 800);
+  };
+  if ($("#join-btn")) {
+    $("#join-btn").onclick = act(() => join($("#join-code").value));
+    $("#join-code").onkeydown = (e) => { if (e.key === "Enter") $("#join-btn").click(); };
+    $("#join-file").onchange = act(async () => {
+      const file = $("#join-file").files[0];
+      if (!file) return;
+      const { code } = await client.upload("/api/pool/scan-qr", file);
+      $("#join-code").value = code;
+      msg(`Read ${code} from the picture; joining…`);
+      await join(code);
+    });
+    $("#join-camera").onclick = act(() => scanCamera(join, msg));
+  }
+  return () => stopCamera();
+}
+
+let cameraStream = null;
+function stopCamera() {
+  cameraStream?.getTracks().forEach((t) => t.stop());
+  cameraStream = null;
+}
+
+async function scanCamera(join, msg) {
+  if (!navigator.mediaDevices?.getUserMedia) {
+    msg("This window cannot use a camera; type the code or read a picture of it.", true);
+    return;
+  }
+  cameraStream = await navigator.mediaDevices.getUserMedia({ video: { facingMode: "environment" } });
+  const video = $("#camera");
+  video.srcObject = cameraStream;
+  video.hidden = false;
+  await video.play();
+  msg("Point the camera at the QR code…");
+  const canvas = document.createElement("canvas");
+  while (cameraStream) {
+    await new Promise((r) => setTimeout(r, 500));
+    canvas.width = video.videoWidth;
+    canvas.height = video.videoHeight;
+    canvas.getContext("2d").drawImage(video, 0, 0);
+    const blob = await new Promise((r) => canvas.toBlob(r, "image/jpeg", 0.85));
+    try {
+      const { code } = await client.upload("/api/pool/scan-qr", blob);
+      stopCamera();
+      video.hidden = true;
+      $("#join-code").value = code;
+      await join(code);
+      return;
+    } catch (e) {
+      if (e.code !== "NO_QR_CODE") throw e;
+    }
+  }
+}
+
+// ---- credits ---------------------------------------------------------------------------
+
+async function credits() {
+  const c = await client.get("/api/admin/credits");
+  const board = await client.get("/api/identity/leaderboard?limit=20");
+  let txs = null;
+  try { txs = await client.get("/api/v1/wallet/transactions?limit=20"); } catch { /* needs the key */ }
+  const rows = (txs?.transactions || []).map((t) => `<tr><td>${esc(new Date(t.timestamp).toLocaleString())}</td>
+    <td>${esc(t.type)}</td><td>${t.amount.toFixed(6)}</td><td class="mono">${esc((t.to || t.from || "").slice(0, 16))}…</td></tr>`).join("");
+  const lb = (board.leaderboard || []).map((r) => `<tr><td>${r.rank}</td><td class="mono">${esc(r.node_id.slice(0, 16))}…${r.is_self ? " (you)" : ""}</td>
+    <td>${esc(r.nickname || "")}</td><td>${r.balance.toFixed(4)}</td><td>${esc(r.tier)}</td></tr>`).join("");
+  main().innerHTML = `<h1>Credits</h1>
+    <div class="grid">${card("Balance", c.balance.toFixed(6), "balance")}${card("Earned", c.earned.toFixed(6))}
+      ${card("Spent", c.spent.toFixed(6))}${card("Tier", c.tier)}</div>
+    <p class="muted">You earn for layers and tokens you run for others and spend for what others run for you
+      (${c.rates.per_layer_token} per layer × token, ${c.rates.per_token} per generated token). Every entry is signed by both sides.</p>
+    <h2>Transactions</h2>${txs ? `<table><tr><th>When</th><th>Type</th><th>Amount</th><th>With</th></tr>${rows || `<tr><td class="muted" colspan="4">None yet.</td></tr>`}</table>` : `<p class="muted">Needs the API key (Settings).</p>`}
+    <h2>Network leaderboard</h2><table><tr><th>#</th><th>Node</th><th>Nickname</th><th>Balance</th><th>Tier</th></tr>${lb}</table>`;
+}
+
+// ---- settings --------------------------------------------------------------------------
+
+async function settings() {
+  const [config, stats] = await Promise.all([client.get("/api/admin/config"), client.get("/api/admin/stats")]);
+  const file = stats.secret_store !== "keychain";
+  main().innerHTML = `<h1>Settings</h1>
+    <h2>API key</h2>
+    <div class="row"><input id="api-key" class="mono" type="password" size="50" value="${esc(client.key())}" ${client.inApp ? "readonly" : ""}>
+      <button id="key-reveal" class="secondary">Reveal</button><button id="key-copy" class="secondary">Copy</button>
+      ${client.inApp ? "" : `<button id="key-save">Save</button>`}</div>
+    <p class="muted">Scripts use it as <code>Authorization: Bearer …</code>. ${client.inApp ? "" : "Print it with <code>swarmllm api-key</code>."}</p>
+    <h2>Secrets</h2>
+    <p id="secret-store" class="${file ? "error" : "ok"}">${file
+      ? "No OS keychain (Secret Service) was found: the identity and API key are kept in the encrypted file secrets.enc in the data dir."
+      : "The identity and API key are kept in the OS keychain."}</p>
+    <h2>Configuration</h2>
+    <div class="row"><select id="cfg-key">${Object.keys(config).sort().map((k) => `<option>${esc(k)}</option>`).join("")}</select>
+      <input id="cfg-value" size="40"><button id="cfg-save">Set</button></div>
+    <p class="muted" id="cfg-note"></p>
+    <table>${Object.entries(config).sort().map(([k, v]) => `<tr><td class="mono">${esc(k)}</td><td class="mono">${esc(JSON.stringify(v))}</td></tr>`).join("")}</table>`;
+  $("#key-reveal").onclick = () => { const i = $("#api-key"); i.type = i.type === "password" ? "text" : "password"; };
+  $("#key-copy").onclick = async () => { await navigator.clipboard?.writeText($("#api-key").value); toast("Copied"); };
+  if ($("#key-save")) $("#key-save").onclick = () => { client.setKey($("#api-key").value); toast("Saved in this browser"); };
+  const showValue = () => { $("#cfg-value").value = JSON.stringify(config[$("#cfg-key").value]); };
+  $("#cfg-key").onchange = showValue;
+  showValue();
+  $("#cfg-save").onclick = async () => {
+    if (needKey()) return;
+    let value;
+    try { value = JSON.parse($("#cfg-value").value); } catch { value = $("#cfg-value").value; }
+    try {
+      const r = await client.put("/api/admin/config", { [$("#cfg-key").value]: value });
+      $("#cfg-note").textContent = (r.restart_required || []).length ? "Saved; takes effect after a restart." : "Saved and applied.";
+    } catch (e) { $("#cfg-note").textContent = e.message; }
+  };
+}
+
+// ---- shell -------------------------------------------------------------------------------
+
+const pages = { dashboard, peers, models, chat, pool, credits, settings };
+let cleanup = null;
+
+async function route() {
+  const name = (location.hash.match(/^#\/(\w+)/) || [])[1] || "dashboard";
+  const page = pages[name] || dashboard;
+  for (const a of document.querySelectorAll("nav a")) a.classList.toggle("active", a.dataset.page === name);
+  if (typeof cleanup === "function") cleanup();
+  cleanup = null;
+  try {
+    cleanup = await page();
+  } catch (e) {
+    main().innerHTML = `<h1>${esc(name)}</h1><p class="error">${esc(e.message)}</p>`;
+  }
+  document.body.dataset.page = name;
+}
+
+async function syncPrivateMode() {
+  const box = $("#private-mode");
+  const show = (on) => { box.checked = on; };
+  show((await client.get("/api/pool/private-mode")).enabled);
+  client.app?.onPrivateMode((mode) => show(mode.enabled));
+  box.onchange = async () => {
+    try {
+      if (client.app) await client.app.setPrivateMode(box.checked);
+      else if (!needKey()) await client.put("/api/pool/private-mode", { enabled: box.checked });
+      toast(box.checked ? "Private mode on: prompts stay on your devices" : "Private mode off");
+    } catch (e) {
+      toast(e.message, true);
+      show(!box.checked);
+    }
+  };
+}
+
+window.addEventListener("hashchange", route);
+client.init().then(async () => {
+  await route();
+  await syncPrivateMode().catch(() => {});
+  document.body.dataset.ready = "true";
+}, (e) => { main().innerHTML = `<p class="error">Cannot reach the node: ${esc(e.message)}</p>`; });
