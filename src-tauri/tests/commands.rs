@@ -7,7 +7,7 @@ use swarmllm_desktop::{Shell, commands};
 use swarmllm_node::config::ConfigSource;
 
 use tauri::Manager;
-use tauri::test::{INVOKE_KEY, get_ipc_response, mock_builder, mock_context, noop_assets};
+use tauri::test::{INVOKE_KEY, get_ipc_response, mock_builder};
 
 fn shell(dir: &std::path::Path) -> Shell {
     let mut overrides = serde_json::Map::new();
@@ -34,7 +34,8 @@ fn invoke(
             cmd: cmd.into(),
             callback: tauri::ipc::CallbackFn(0),
             error: tauri::ipc::CallbackFn(1),
-            url: "http://tauri.localhost".parse().expect("url"),
+            // The app's own origin on Linux and macOS.
+            url: "tauri://localhost".parse().expect("url"),
             body: tauri::ipc::InvokeBody::Json(args),
             headers: Default::default(),
             invoke_key: INVOKE_KEY.to_string(),
@@ -56,7 +57,8 @@ fn commands_reach_the_node_in_process() {
             commands::node_request,
             commands::set_private_mode,
         ])
-        .build(mock_context(noop_assets()))
+        // The app's own context: its capabilities decide what the window may invoke.
+        .build(tauri::generate_context!())
         .expect("app");
     let webview = tauri::WebviewWindowBuilder::new(&app, "main", Default::default())
         .build()
@@ -92,7 +94,7 @@ fn commands_reach_the_node_in_process() {
     let r = invoke(
         &webview,
         "node_request",
-        json!({ "method": "POST", "path": "/api/pool/create", "body": { "name": "" } }),
+        json!({ "method": "POST", "path": "/api/pool/create", "body": { "name": "Other" } }),
     )
     .expect("request");
     assert_eq!(r["status"], 409, "{r}");
