@@ -216,7 +216,18 @@ def ui_checks(r, s, base, key, out_dir, in_app):
             "const p = document.querySelector('#pool-message'); return p.className === 'error' && p.textContent"))
         assert "code" in msg.lower(), msg
 
+    def every_page():
+        for page in ("peers", "models", "credits", "settings", "dashboard"):
+            s.js(f"location.hash = '#/{page}'")
+            wait_for(f"the {page} page", lambda: s.js("return document.body.dataset.page") == page
+                     and s.js("return document.querySelector('main h1') !== null"))
+            errors = s.js("return [...document.querySelectorAll('main .error')].map(e => e.id + ': ' + e.textContent)")
+            # Settings says, in red, when no OS keychain holds the secrets (as on CI).
+            errors = [e for e in errors if not e.startswith("secret-store")]
+            assert not errors, f"{page}: {errors}"
+
     r.check("dashboard shows the node id", dashboard)
+    r.check("every page renders without an error", every_page)
     r.check("a chat message gets a streamed reply", chat)
     r.check("the private-mode switch changes GET /api/pool/private-mode", private_mode)
     r.check("the invite QR code decodes back to the code", qr_invite)
