@@ -26,7 +26,8 @@ def app_pid(binary):
 def main():
     out_dir = os.environ.get("E2E_OUT", tempfile.mkdtemp(prefix="swarmllm-e2e-"))
     os.makedirs(out_dir, exist_ok=True)
-    app = os.path.join(target_dir(), "debug", "swarmllm-desktop")
+    # E2E_PROFILE=release measures the release build (what the .deb ships).
+    app = os.path.join(target_dir(), os.environ.get("E2E_PROFILE", "debug"), "swarmllm-desktop")
     data = tempfile.mkdtemp(prefix="swarmllm-desktop-")
     port = free_port()
     env = node_env(data)

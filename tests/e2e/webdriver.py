@@ -5,6 +5,7 @@ desktop test) the same way. Every wait polls a condition with a deadline.
 """
 
 import base64
+import http.client as http_client
 import json
 import os
 import socket
@@ -62,7 +63,16 @@ class Session:
         self.id = v["value"]["sessionId"]
 
     def cmd(self, method, path, body=None):
-        status, v = http(method, f"{self.base}/session/{self.id}{path}", body)
+        # tauri-driver sometimes drops a connection before answering; reads and
+        # scripts are safe to send again, clicks and typing are not.
+        retries = 0 if path.endswith(("/click", "/value")) else 2
+        for attempt in range(retries + 1):
+            try:
+                status, v = http(method, f"{self.base}/session/{self.id}{path}", body)
+                break
+            except (http_client.RemoteDisconnected, ConnectionResetError) as e:
+                if attempt == retries:
+                    raise RuntimeError(f"{method} {path}: {e}") from e
         if status != 200:
             raise RuntimeError(f"{method} {path}: {status} {v}")
         return v["value"]

@@ -281,44 +281,6 @@ impl Credits {
 
     // ---- the serving side -------------------------------------------------
 
-    /// This node ran `layer_tokens` layer × token rows (and sampled a token if
-    /// `sampled`) of `model_id` for `requester` in pipeline session `session`.
-    pub fn record_served(
-        &self,
-        requester: &str,
-        session: &str,
-        model_id: &str,
-        layer_tokens: u64,
-        sampled: bool,
-    ) {
-        if requester == self.inner.node_id {
-            return;
-        }
-        let mut served = lock(&self.inner.served);
-        if served.len() >= MAX_SERVED && !served.contains_key(session) {
-            served.retain(|_, s| s.at.elapsed() < SERVED_TTL);
-            if served.len() >= MAX_SERVED {
-                return; // unpaid work is forgotten rather than memory unbounded
-            }
-        }
-        let s = served.entry(session.to_string()).or_insert_with(|| Served {
-            requester: requester.to_string(),
-            work: Work {
-                model_id: model_id.to_string(),
-                session: session.to_string(),
-                layer_tokens: 0,
-                tokens_generated: 0,
-            },
-            at: Instant::now(),
-        });
-        if s.requester != requester || s.work.model_id != model_id {
-            return;
-        }
-        s.work.layer_tokens += layer_tokens;
-        s.work.tokens_generated += u64::from(sampled);
-        s.at = Instant::now();
-    }
-
     async fn handle(&self, from: &str, bytes: &[u8]) -> Response {
         let message: Message = match serde_json::from_slice(bytes) {
             Ok(m) => m,
@@ -774,6 +736,8 @@ impl Credits {
     }
 }
 
+/// Work served for others is remembered per session until its receipt; work
+/// requested is settled in the background.
 impl crate::pipeline::Accounting for Credits {
     fn served(
         &self,
@@ -783,7 +747,32 @@ impl crate::pipeline::Accounting for Credits {
         layer_tokens: u64,
         sampled: bool,
     ) {
-        self.record_served(requester, session, model_id, layer_tokens, sampled);
+        if requester == self.inner.node_id {
+            return;
+        }
+        let mut served = lock(&self.inner.served);
+        if served.len() >= MAX_SERVED && !served.contains_key(session) {
+            served.retain(|_, s| s.at.elapsed() < SERVED_TTL);
+            if served.len() >= MAX_SERVED {
+                return; // unpaid work is forgotten rather than memory unbounded
+            }
+        }
+        let s = served.entry(session.to_string()).or_insert_with(|| Served {
+            requester: requester.to_string(),
+            work: Work {
+                model_id: model_id.to_string(),
+                session: session.to_string(),
+                layer_tokens: 0,
+                tokens_generated: 0,
+            },
+            at: Instant::now(),
+        });
+        if s.requester != requester || s.work.model_id != model_id {
+            return;
+        }
+        s.work.layer_tokens += layer_tokens;
+        s.work.tokens_generated += u64::from(sampled);
+        s.at = Instant::now();
     }
 
     fn requested(&self, work: Vec<(String, Work)>) {
