@@ -176,6 +176,7 @@ def rss_mb(pid):
 def ui_checks(r, s, base, key, out_dir, in_app):
     """The checks both the browser and the desktop test run on the same UI."""
     auth = {"Authorization": f"Bearer {key}"}
+    state = {}
     node_id = http("GET", f"{base}/health")[1]["node_id"]
 
     def dashboard():
@@ -213,6 +214,7 @@ def ui_checks(r, s, base, key, out_dir, in_app):
         assert len(code) == 8, code
         wait_for("the QR code", lambda: s.js("return document.querySelector('#pool-qr svg') !== null"))
         png = s.screenshot("#pool-qr", os.path.join(out_dir, "invite-qr.png"))
+        state["code"] = code
         status, v = http("POST", f"{base}/api/pool/scan-qr", raw=png, headers={**auth, "Content-Type": "image/png"})
         assert status == 200 and v["code"] == code, f"{status} {v} (shown {code})"
         s.page_screenshot(os.path.join(out_dir, "pool.png"))
@@ -236,9 +238,17 @@ def ui_checks(r, s, base, key, out_dir, in_app):
             errors = [e for e in errors if not e.startswith("secret-store")]
             assert not errors, f"{page}: {errors}"
 
+    def join_from_picture():
+        # The join form reads a code from a picture file (the QR screenshot above).
+        s.type("#join-file", os.path.join(out_dir, "invite-qr.png"))
+        wait_for("the code read from the picture",
+                 lambda: s.js("return document.querySelector('#join-code').value") == state["code"])
+
     r.check("dashboard shows the node id", dashboard)
     r.check("every page renders without an error", every_page)
     r.check("a chat message gets a streamed reply", chat)
     r.check("the private-mode switch changes GET /api/pool/private-mode", private_mode)
     r.check("the invite QR code decodes back to the code", qr_invite)
     r.check("a malformed code gives a clear message", bad_code)
+    if not in_app:
+        r.check("a code is read from a picture of its QR code", join_from_picture)
