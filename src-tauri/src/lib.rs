@@ -16,7 +16,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use clap::Parser;
-use serde_json::{Map, Value, json};
+use serde_json::{Map, json};
 use swarmllm_node::config::ConfigSource;
 use swarmllm_node::{Node, NodeOptions};
 use tauri::{Emitter, Manager};
@@ -43,23 +43,13 @@ impl Args {
     /// Where the node's configuration comes from, as for `swarmllm serve`.
     pub fn config_source(&self) -> ConfigSource {
         let mut overrides = Map::new();
-        if let Some(dir) = &self.data_dir {
-            overrides.insert("data_dir".into(), json!(dir.to_string_lossy()));
-        }
         if let Some(port) = self.api_port {
             overrides.insert("api_port".into(), json!(port));
         }
         if let Some(model) = &self.model {
-            overrides.insert(
-                "model".into(),
-                Value::String(model.to_string_lossy().into()),
-            );
+            overrides.insert("model".into(), json!(model.to_string_lossy()));
         }
-        ConfigSource {
-            path: swarmllm_node::paths::config_file(self.config.clone(), self.data_dir.as_ref()),
-            overrides,
-            read_env: true,
-        }
+        ConfigSource::from_flags(self.config.clone(), self.data_dir.as_ref(), overrides)
     }
 }
 

@@ -232,20 +232,13 @@ impl Cli {
     /// The config source every subcommand shares: file, env, then these flags.
     fn config_source(&self, extra: Map<String, Value>) -> ConfigSource {
         let mut overrides = extra;
-        if let Some(dir) = &self.data_dir {
-            overrides.insert("data_dir".into(), json!(dir.to_string_lossy()));
-        }
         if let Some(port) = self.api_port {
             overrides.insert("api_port".into(), json!(port));
         }
         if let Some(format) = &self.log_format {
             overrides.insert("log_format".into(), json!(format));
         }
-        ConfigSource {
-            path: swarmllm_node::paths::config_file(self.config.clone(), self.data_dir.as_ref()),
-            overrides,
-            read_env: true,
-        }
+        ConfigSource::from_flags(self.config.clone(), self.data_dir.as_ref(), overrides)
     }
 }
 

@@ -396,6 +396,27 @@ pub struct ConfigSource {
 }
 
 impl ConfigSource {
+    /// The source a program's command line describes (the CLI and the desktop app
+    /// take the same flags): `--config` or `<data_dir>/config.toml` or the platform
+    /// file, the environment, then `overrides` plus the data dir.
+    pub fn from_flags(
+        config: Option<PathBuf>,
+        data_dir: Option<&PathBuf>,
+        mut overrides: Map<String, Value>,
+    ) -> Self {
+        if let Some(dir) = data_dir {
+            overrides.insert(
+                "data_dir".into(),
+                Value::String(dir.to_string_lossy().into()),
+            );
+        }
+        ConfigSource {
+            path: crate::paths::config_file(config, data_dir),
+            overrides,
+            read_env: true,
+        }
+    }
+
     /// Builds the config: defaults, then file, then environment, then overrides.
     pub fn load(&self) -> Result<Config, ConfigFileError> {
         let base = read_file(&self.path)?;

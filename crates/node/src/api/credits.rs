@@ -15,17 +15,16 @@ use super::error::ApiError;
 use super::extract::{ApiJson, from_value};
 use crate::credits::{Credits, LedgerError, Rates, SendError, from_credits, to_credits};
 
-fn ledger_error(e: LedgerError) -> ApiError {
-    ApiError::internal("credit ledger", e)
+impl From<LedgerError> for ApiError {
+    fn from(e: LedgerError) -> Self {
+        ApiError::internal("credit ledger", e)
+    }
 }
 
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, LedgerError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError::internal("credit ledger", e))?
-        .map_err(ledger_error)
+    super::blocking("credit ledger", f).await
 }
 
 fn rfc3339(unix: i64) -> String {
@@ -272,10 +271,7 @@ pub(crate) async fn get_pool_rates(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let pools = state.node.pools().clone();
-    let (pool_id, overrides) = tokio::task::spawn_blocking(move || pools.rates())
-        .await
-        .map_err(|e| ApiError::internal("pool", e))?
-        .map_err(super::pool::pool_error)?;
+    let (pool_id, overrides) = super::blocking("pool", move || pools.rates()).await?;
     if pool_id.as_deref() != Some(id.as_str()) {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -329,10 +325,7 @@ pub(crate) async fn put_pool_rates(
     };
     let pools = state.node.pools().clone();
     let pool_id = id.clone();
-    tokio::task::spawn_blocking(move || pools.set_rates(&pool_id, overrides))
-        .await
-        .map_err(|e| ApiError::internal("pool", e))?
-        .map_err(super::pool::pool_error)?;
+    super::blocking("pool", move || pools.set_rates(&pool_id, overrides)).await?;
     state.node.pools().publish_settings().await;
     Ok(Json(rates_view(&id, overrides, defaults)))
 }

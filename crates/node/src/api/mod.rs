@@ -289,6 +289,22 @@ async fn method_not_allowed(req: Request) -> ApiError {
     )
 }
 
+/// Runs a blocking domain call (SQLite, files) off the async runtime; its error
+/// renders through the domain's `From<…> for ApiError`.
+pub(crate) async fn blocking<T, E>(
+    context: &'static str,
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    E: Into<ApiError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(context, e))?
+        .map_err(Into::into)
+}
+
 fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
     ApiError::internal("request handler", "a handler panicked").into_response()
 }

@@ -12,33 +12,38 @@ use super::error::ApiError;
 use super::extract::{ApiJson, from_value};
 use crate::pool::PoolError;
 
-pub(super) fn pool_error(e: PoolError) -> ApiError {
-    let msg = e.to_string();
-    match e {
-        PoolError::AlreadyInPool(_) => ApiError::new(StatusCode::CONFLICT, "ALREADY_IN_POOL", msg),
-        PoolError::NotInPool => ApiError::new(StatusCode::NOT_FOUND, "NOT_IN_POOL", msg),
-        PoolError::NotOwner => ApiError::new(StatusCode::FORBIDDEN, "NOT_OWNER", msg),
-        PoolError::TooManyCodes => ApiError::new(StatusCode::CONFLICT, "TOO_MANY_CODES", msg)
-            .with_details(json!({ "max_active_codes": crate::pool::MAX_ACTIVE_CODES })),
-        PoolError::RateLimited { retry_after } => ApiError::rate_limited(retry_after.max(1) as u64)
-            .with_details_merged(json!({ "reason": msg })),
-        PoolError::Invalid(_) => ApiError::new(StatusCode::BAD_REQUEST, "INVALID_FIELD", msg),
-        PoolError::UnknownCode => ApiError::new(StatusCode::NOT_FOUND, "UNKNOWN_CODE", msg),
-        PoolError::CodeUsed => ApiError::new(StatusCode::GONE, "CODE_USED", msg),
-        PoolError::CodeExpired => ApiError::new(StatusCode::GONE, "CODE_EXPIRED", msg),
-        PoolError::Full(_) => ApiError::new(StatusCode::CONFLICT, "POOL_FULL", msg),
-        PoolError::UnknownPool(_) => ApiError::new(StatusCode::NOT_FOUND, "POOL_NOT_FOUND", msg),
-        other => ApiError::internal("pool", other),
+impl From<PoolError> for ApiError {
+    fn from(e: PoolError) -> Self {
+        let msg = e.to_string();
+        match e {
+            PoolError::AlreadyInPool(_) => {
+                ApiError::new(StatusCode::CONFLICT, "ALREADY_IN_POOL", msg)
+            }
+            PoolError::NotInPool => ApiError::new(StatusCode::NOT_FOUND, "NOT_IN_POOL", msg),
+            PoolError::NotOwner => ApiError::new(StatusCode::FORBIDDEN, "NOT_OWNER", msg),
+            PoolError::TooManyCodes => ApiError::new(StatusCode::CONFLICT, "TOO_MANY_CODES", msg)
+                .with_details(json!({ "max_active_codes": crate::pool::MAX_ACTIVE_CODES })),
+            PoolError::RateLimited { retry_after } => {
+                ApiError::rate_limited(retry_after.max(1) as u64)
+                    .with_details_merged(json!({ "reason": msg }))
+            }
+            PoolError::Invalid(_) => ApiError::new(StatusCode::BAD_REQUEST, "INVALID_FIELD", msg),
+            PoolError::UnknownCode => ApiError::new(StatusCode::NOT_FOUND, "UNKNOWN_CODE", msg),
+            PoolError::CodeUsed => ApiError::new(StatusCode::GONE, "CODE_USED", msg),
+            PoolError::CodeExpired => ApiError::new(StatusCode::GONE, "CODE_EXPIRED", msg),
+            PoolError::Full(_) => ApiError::new(StatusCode::CONFLICT, "POOL_FULL", msg),
+            PoolError::UnknownPool(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, "POOL_NOT_FOUND", msg)
+            }
+            other => ApiError::internal("pool", other),
+        }
     }
 }
 
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, PoolError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError::internal("pool", e))?
-        .map_err(pool_error)
+    super::blocking("pool", f).await
 }
 
 /// The pool state with each device's online status and stats (from its signed
@@ -50,12 +55,7 @@ async fn state_with_stats(state: &AppState) -> Result<Value, ApiError> {
     let me = state.node.node_id();
     let (records, connected) = match state.node.network() {
         Some(net) => {
-            let dir = net.directory().clone();
-            let records = tokio::task::spawn_blocking(move || dir.list(1000))
-                .await
-                .ok()
-                .and_then(Result::ok)
-                .unwrap_or_default();
+            let records = net.peer_records(1000).await;
             let connected: std::collections::HashSet<String> =
                 net.connected().into_iter().map(|p| p.node_id).collect();
             (records, connected)
@@ -185,12 +185,7 @@ pub(crate) async fn join(
 ) -> Result<Json<Value>, ApiError> {
     let body: JoinBody = from_value(&body)?;
     let device = body.device_name.or_else(|| state.node.nickname());
-    let s = state
-        .node
-        .pools()
-        .join(&body.code, device)
-        .await
-        .map_err(pool_error)?;
+    let s = state.node.pools().join(&body.code, device).await?;
     Ok(Json(serde_json::to_value(s).unwrap_or_default()))
 }
 
@@ -207,12 +202,7 @@ pub(crate) async fn remove(
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Json<Value>, ApiError> {
     let body: RemoveBody = from_value(&body)?;
-    let s = state
-        .node
-        .pools()
-        .remove(&body.node_id)
-        .await
-        .map_err(pool_error)?;
+    let s = state.node.pools().remove(&body.node_id).await?;
     Ok(Json(serde_json::to_value(s).unwrap_or_default()))
 }
 
@@ -413,8 +403,7 @@ async fn change_pin(state: &AppState, body: Value, add: bool) -> Result<Json<Val
             },
             add,
         )
-        .await
-        .map_err(pool_error)?;
+        .await?;
     Ok(Json(json!({ "status": "ok", "pins": pins })))
 }
 
@@ -447,12 +436,7 @@ pub(crate) async fn invite(
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Json<Value>, ApiError> {
     let body: InviteBody = from_value(&body)?;
-    let s = state
-        .node
-        .pools()
-        .invite_node(&body.node_id)
-        .await
-        .map_err(pool_error)?;
+    let s = state.node.pools().invite_node(&body.node_id).await?;
     Ok(Json(serde_json::to_value(s).unwrap_or_default()))
 }
 
@@ -479,8 +463,7 @@ pub(crate) async fn accept(
         .node
         .pools()
         .accept(&body.invitation_id, device)
-        .await
-        .map_err(pool_error)?;
+        .await?;
     Ok(Json(serde_json::to_value(s).unwrap_or_default()))
 }
 
@@ -494,7 +477,7 @@ struct QrBody {
 /// code as an SVG QR code (for the pool page).
 pub(crate) async fn qr(ApiJson(body): ApiJson<Value>) -> Result<Json<Value>, ApiError> {
     let body: QrBody = from_value(&body)?;
-    let code = crate::pool::parse_code(&body.code).map_err(pool_error)?;
+    let code = crate::pool::parse_code(&body.code)?;
     let svg = crate::qr::svg(&code).map_err(|e| ApiError::internal("qr", e))?;
     Ok(Json(json!({ "code": code, "svg": svg })))
 }

@@ -55,10 +55,7 @@ fn stats(state: &AppState) -> Value {
         "queue_depth": node.engine().map(|e| e.queue_depth()).unwrap_or(0),
         "model": node.engine().map(|e| e.info().id.clone()),
         "inference": node.metrics().summary(),
-        "credits": {
-            "balance": crate::credits::to_credits(node.credits().summary().balance),
-            "entries": node.credits().summary().entries,
-        },
+        "credits": credits_json(node.credits().summary()),
         "private_mode": node.private_mode().enabled,
     })
 }
@@ -114,4 +111,8 @@ async fn run(state: AppState, mut socket: WebSocket) {
             },
         }
     }
+}
+
+fn credits_json(c: crate::net::announce::CreditSummary) -> Value {
+    json!({ "balance": crate::credits::to_credits(c.balance), "entries": c.entries })
 }

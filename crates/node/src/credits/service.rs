@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::ledger::{Balance, Ledger, LedgerError};
-use super::{Body, Entry, EntryError, Kind, Party, Rates, Work, forward_id, forwarded_part};
+use super::{Body, Entry, Kind, Party, Rates, Work, forward_id, forwarded_part};
 use crate::identity::Identity;
 use crate::net::announce::CreditSummary;
 use crate::net::frame::{Request, Response};
@@ -176,13 +176,13 @@ impl Credits {
     /// The credits of the node with `identity`, over `ledger`.
     pub fn new(ledger: Ledger, identity: Identity, pools: Pools) -> Self {
         let totals = ledger.balance().unwrap_or_default();
-        match ledger.verify() {
-            Ok(v) if !v.totals_match || !v.invalid.is_empty() => tracing::error!(
-                invalid = v.invalid.len(),
-                totals_match = v.totals_match,
-                "the credit ledger does not verify"
+        // A cheap consistency check at start (sums in SQL); checking every
+        // signature is `GET /api/admin/credits?verify=true`.
+        match ledger.recomputed() {
+            Ok(sums) if sums != totals => tracing::error!(
+                ?sums, cached = ?totals, "the credit ledger's cached totals do not match its entries"
             ),
-            Err(e) => tracing::error!(error = %e, "cannot verify the credit ledger"),
+            Err(e) => tracing::error!(error = %e, "cannot check the credit ledger"),
             Ok(_) => {}
         }
         Credits {
@@ -260,6 +260,7 @@ impl Credits {
 
     /// The rates for work between this node and `peer`: the pool's overrides when
     /// both are devices of this node's pool, else this node's configured rates.
+    /// Reads the database: call it off the async runtime.
     pub fn rates_with(&self, peer: &str) -> Rates {
         let own = self.rates();
         let Ok((_, Some(pool_rates))) = self.inner.pools.rates() else {
@@ -292,7 +293,13 @@ impl Credits {
             }
         };
         match message {
-            Message::AskReceipt { session } => self.offer_receipt(from, &session),
+            Message::AskReceipt { session } => {
+                // Pricing reads the pool's rates from the database.
+                let (this, from) = (self.clone(), from.to_string());
+                blocking(move || this.offer_receipt(&from, &session))
+                    .await
+                    .unwrap_or_else(|e| refuse(500, e.to_string()))
+            }
             Message::Settle { entry } => self.on_settle(from, entry).await,
             Message::Propose { entry } => self.on_propose(from, entry).await,
         }
@@ -357,11 +364,13 @@ impl Credits {
     /// Stores a receipt this node earned; a pool member queues the owner's part
     /// in the same transaction and delivers it.
     async fn store_earning(&self, entry: Entry, body: &Body) -> Result<(), CreditsError> {
-        let forward = self.forward_for(&entry, body);
-        let ledger = self.inner.ledger.clone();
-        blocking(move || match &forward {
-            Some((id, owner, fwd)) => ledger.record_with_forward(&entry, Some((id, owner, fwd))),
-            None => ledger.record(&entry),
+        let (this, receipt) = (self.clone(), body.clone());
+        blocking(move || match this.forward_for(&entry, &receipt) {
+            Some((id, owner, fwd)) => this
+                .inner
+                .ledger
+                .record_with_forward(&entry, Some((&id, &owner, &fwd))),
+            None => this.inner.ledger.record(&entry),
         })
         .await??;
         tracing::info!(amount = super::to_credits(body.amount), payer = %crate::net::short_id(&body.payer),
@@ -422,8 +431,11 @@ impl Credits {
             Kind::Transfer => {}
             Kind::Receipt => return refuse(400, "receipts are offered by the hop, not proposed"),
             Kind::PoolForward => {
-                if let Err(message) = self.check_forward(&body) {
-                    return refuse(403, message);
+                let (this, forward) = (self.clone(), body.clone());
+                match blocking(move || this.check_forward(&forward)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(message)) => return refuse(403, message),
+                    Err(e) => return refuse(500, e.to_string()),
                 }
             }
         }
@@ -509,6 +521,11 @@ impl Credits {
         };
         let body = entry.verify_half(Party::Payee).map_err(|e| e.to_string())?;
         let claimed = body.work.clone().unwrap_or_default();
+        let (this, peer) = (self.clone(), node.to_string());
+        let my_price = blocking(move || this.rates_with(&peer))
+            .await
+            .map_err(|e| e.to_string())?
+            .price(&claimed);
         let fair = body.kind == Kind::Receipt
             && body.payer == self.inner.node_id
             && body.payee == node
@@ -516,7 +533,7 @@ impl Credits {
             && claimed.model_id == sent.model_id
             && claimed.layer_tokens <= sent.layer_tokens
             && claimed.tokens_generated <= sent.tokens_generated
-            && body.amount <= self.rates_with(node).price(&claimed);
+            && body.amount <= my_price;
         if !fair {
             return Err(format!(
                 "refusing a receipt for more than was sent ({} layer-tokens, {} tokens, {} µcredits)",
@@ -689,12 +706,7 @@ impl Credits {
             is_self: true,
         }];
         if let Some(net) = self.inner.network.get() {
-            let dir = net.directory().clone();
-            let records = blocking(move || dir.list(10_000))
-                .await
-                .ok()
-                .and_then(Result::ok)
-                .unwrap_or_default();
+            let records = net.peer_records(10_000).await;
             for r in records {
                 let Some(c) = r
                     .load
@@ -807,10 +819,4 @@ impl From<CallError> for String {
 
 fn reply(r: &Reply) -> Response {
     Response::Credit(serde_json::to_vec(r).unwrap_or_default())
-}
-
-impl From<EntryError> for CreditsError {
-    fn from(e: EntryError) -> Self {
-        CreditsError::Ledger(LedgerError::Entry(e))
-    }
 }

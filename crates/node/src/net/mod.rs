@@ -382,6 +382,17 @@ impl Network {
         &self.directory
     }
 
+    /// The directory's peers (at most `limit`), read off the async runtime; empty
+    /// when the read fails (callers show or route with what they have).
+    pub async fn peer_records(&self, limit: usize) -> Vec<directory::PeerRecord> {
+        let dir = self.directory.clone();
+        tokio::task::spawn_blocking(move || dir.list(limit))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default()
+    }
+
     /// The region this node announces.
     pub fn region(&self) -> &str {
         &self.config.region

@@ -39,7 +39,8 @@ struct Run {
     excluded: HashSet<String>,
     reroutes: usize,
     /// Work sent through each other node, per session: what receipts may claim.
-    work: std::collections::BTreeMap<(String, String), crate::credits::Work>,
+    /// (node, work) — a handful of entries, looked up without allocating per step.
+    work: Vec<(String, crate::credits::Work)>,
 }
 
 impl Run {
@@ -52,7 +53,7 @@ impl Run {
             history: Vec::new(),
             excluded: HashSet::new(),
             reroutes: 0,
-            work: Default::default(),
+            work: Vec::new(),
         }
     }
 
@@ -60,15 +61,23 @@ impl Run {
     fn tally(&mut self, env: &Envelope) {
         let last = env.route.len().saturating_sub(1);
         for (i, hop) in env.route.iter().enumerate() {
-            let w = self
+            let at = self
                 .work
-                .entry((env.session.clone(), hop.node_id.clone()))
-                .or_insert_with(|| crate::credits::Work {
-                    model_id: hop.model_id.clone(),
-                    session: env.session.clone(),
-                    layer_tokens: 0,
-                    tokens_generated: 0,
+                .iter()
+                .position(|(node, w)| *node == hop.node_id && w.session == env.session)
+                .unwrap_or_else(|| {
+                    self.work.push((
+                        hop.node_id.clone(),
+                        crate::credits::Work {
+                            model_id: hop.model_id.clone(),
+                            session: env.session.clone(),
+                            layer_tokens: 0,
+                            tokens_generated: 0,
+                        },
+                    ));
+                    self.work.len() - 1
                 });
+            let w = &mut self.work[at].1;
             let layers = u64::from(hop.layer_end.saturating_sub(hop.layer_start));
             w.layer_tokens += layers * u64::from(env.n_tokens);
             w.tokens_generated += u64::from(i == last && env.sample.is_some());
@@ -165,8 +174,7 @@ impl Pipeline {
             accounting.requested(
                 std::mem::take(&mut run.work)
                     .into_iter()
-                    .filter(|((_, node), _)| node != me)
-                    .map(|((_, node), w)| (node, w))
+                    .filter(|(node, _)| node != me)
                     .collect(),
             );
         }
@@ -191,15 +199,7 @@ impl Pipeline {
         events: &mpsc::Sender<Event>,
         started: Instant,
     ) -> Result<(), GenerateError> {
-        let spec = SampleSpec {
-            temperature: params.temperature,
-            top_p: params.top_p,
-            top_k: params.top_k,
-            min_p: params.min_p,
-            repeat_penalty: params.repeat_penalty,
-            repeat_last_n: params.repeat_last_n,
-            seed: params.seed.unwrap_or_else(rand::random),
-        };
+        let spec = SampleSpec::from_params(params);
         let batch = self.inner.config.batch_size.clamp(1, 512) as usize;
         let n_ctx = self.inner.config.context_size;
         let mut generated: Vec<i32> = Vec::new();

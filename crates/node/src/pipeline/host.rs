@@ -24,7 +24,6 @@ use serde::Serialize;
 use tokio::sync::oneshot;
 
 use super::wire::SampleSpec;
-use crate::infer::SamplingParams;
 use crate::infer::layers::{RangeInput, RangeModel, RangeOutput, RangeSession};
 
 /// Settings of the host.
@@ -528,10 +527,8 @@ impl Thread {
                 None => StepOutput::Token(None),
                 Some(spec) => {
                     let sampler = session.sampler.get_or_insert_with(|| {
-                        let mut s = crate::infer::build_sampler(
-                            model.n_vocab() as i32,
-                            &sampling_params(spec),
-                        );
+                        let mut s =
+                            crate::infer::build_sampler(model.n_vocab() as i32, &spec.to_params());
                         for &t in &step.prime {
                             s.accept(LlamaToken(t));
                         }
@@ -564,19 +561,6 @@ impl Thread {
         if self.steps_served.load(std::sync::atomic::Ordering::Relaxed) % 32 == 1 {
             self.publish();
         }
-    }
-}
-
-fn sampling_params(spec: &SampleSpec) -> SamplingParams {
-    SamplingParams {
-        temperature: spec.temperature,
-        top_p: spec.top_p,
-        top_k: spec.top_k,
-        min_p: spec.min_p,
-        repeat_penalty: spec.repeat_penalty,
-        repeat_last_n: spec.repeat_last_n,
-        seed: Some(spec.seed),
-        ..SamplingParams::default()
     }
 }
 

@@ -488,12 +488,7 @@ impl Pipeline {
             .into_iter()
             .map(|p| (p.node_id, (p.latency_ms, p.address)))
             .collect();
-        let dir = network.directory().clone();
-        let records = tokio::task::spawn_blocking(move || dir.list(1000))
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or_default();
+        let records = network.peer_records(1000).await;
         records
             .into_iter()
             .filter_map(|r| {

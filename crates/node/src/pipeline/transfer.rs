@@ -335,13 +335,7 @@ impl Pipeline {
             shard_path(&self.inner.config.models_dir.join(model_id), &entry),
             entry.file.clone(),
         );
-        let held = tokio::task::spawn_blocking(move || {
-            shard::hash_file(&path)
-                .map(|h| h.blake3 == expected.blake3 && h.bytes == expected.bytes)
-                .unwrap_or(false)
-        })
-        .await
-        .unwrap_or(false);
+        let held = matches_on_disk(path, expected).await;
         let mut status = DownloadStatus {
             id: format!(
                 "{}-{model_id}-{index}",
@@ -476,14 +470,7 @@ impl Pipeline {
                 }
             }
             // Verify the whole file against the manifest before it becomes a shard.
-            let (part2, expected) = (part.clone(), entry.file.clone());
-            let ok = tokio::task::spawn_blocking(move || {
-                shard::hash_file(&part2)
-                    .map(|h| h.blake3 == expected.blake3 && h.bytes == expected.bytes)
-                    .unwrap_or(false)
-            })
-            .await
-            .unwrap_or(false);
+            let ok = matches_on_disk(part.clone(), entry.file.clone()).await;
             if !ok {
                 tracing::warn!(peer = %short(&peer), file = %entry.file.file,
                     "downloaded shard does not match its BLAKE3; discarding it");
@@ -585,4 +572,12 @@ pub(crate) fn is_lan(addr: &str) -> bool {
         Some(std::net::IpAddr::V6(v6)) => v6.is_loopback() || (v6.segments()[0] & 0xfe00) == 0xfc00,
         None => false,
     }
+}
+
+/// Whether the file at `path` has `expected`'s size and BLAKE3, hashed off the
+/// async runtime.
+async fn matches_on_disk(path: PathBuf, expected: shard::FileEntry) -> bool {
+    tokio::task::spawn_blocking(move || expected.matches_file(&path))
+        .await
+        .unwrap_or(false)
 }

@@ -56,6 +56,36 @@ pub struct SampleSpec {
     pub seed: u32,
 }
 
+impl SampleSpec {
+    /// The sampling part of a generation's parameters, with a fixed seed (a random
+    /// one when the request named none).
+    pub fn from_params(p: &crate::infer::SamplingParams) -> Self {
+        SampleSpec {
+            temperature: p.temperature,
+            top_p: p.top_p,
+            top_k: p.top_k,
+            min_p: p.min_p,
+            repeat_penalty: p.repeat_penalty,
+            repeat_last_n: p.repeat_last_n,
+            seed: p.seed.unwrap_or_else(rand::random),
+        }
+    }
+
+    /// Back to parameters for llama.cpp's sampler chain (at the last hop).
+    pub fn to_params(&self) -> crate::infer::SamplingParams {
+        crate::infer::SamplingParams {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            seed: Some(self.seed),
+            ..crate::infer::SamplingParams::default()
+        }
+    }
+}
+
 /// What the body holds.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]

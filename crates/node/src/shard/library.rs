@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use super::gguf::Gguf;
-use super::{Manifest, ShardError, assemble, hash_file, read_manifest};
+use super::{Manifest, ShardError, assemble, read_manifest};
 
 /// A model directory and what it holds.
 #[derive(Debug, Clone)]
@@ -70,9 +70,10 @@ pub fn inspect(dir: &Path) -> Result<LocalModel, ShardError> {
         if !path.is_file() {
             continue;
         }
-        match hash_file(&path) {
-            Ok(h) if h.blake3 == s.file.blake3 && h.bytes == s.file.bytes => held.push(s.index),
-            _ => corrupt.push(s.index),
+        if s.file.matches_file(&path) {
+            held.push(s.index);
+        } else {
+            corrupt.push(s.index);
         }
     }
     Ok(LocalModel {

@@ -39,6 +39,14 @@ pub struct FileEntry {
     pub blake3: String,
 }
 
+impl FileEntry {
+    /// Whether the file at `path` has exactly this size and BLAKE3 (whatever its
+    /// name: a download's `.part` file is checked before it is renamed).
+    pub fn matches_file(&self, path: &Path) -> bool {
+        hash_file(path).is_ok_and(|h| h.blake3 == self.blake3 && h.bytes == self.bytes)
+    }
+}
+
 /// One shard.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ShardEntry {
