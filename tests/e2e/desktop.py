@@ -33,9 +33,9 @@ def main():
     env = node_env(data)
     env["SWARMLLM_API_PORT"] = str(port)
     env["SWARMLLM_MODEL"] = test_model()
-    driver_port = free_port()
+    driver_port, native_port = free_port(), free_port()
     driver = subprocess.Popen(
-        ["tauri-driver", "--port", str(driver_port), "--native-port", str(free_port())],
+        ["tauri-driver", "--port", str(driver_port), "--native-port", str(native_port)],
         env=env, stdout=subprocess.DEVNULL, stderr=open(os.path.join(out_dir, "tauri-driver.log"), "w"))
     r = Results()
     session = None
@@ -45,7 +45,7 @@ def main():
         started = time.monotonic()
         session = Session(f"http://127.0.0.1:{driver_port}", {"alwaysMatch": {
             "tauri:options": {"application": app},
-        }}, timeout=180)
+        }}, timeout=180, commands_url=f"http://127.0.0.1:{native_port}")
         wait_for("a usable dashboard", lambda: session.js("return document.body.dataset.ready") == "true"
                  and session.js("return document.querySelector('#node-id') !== null"), timeout=120)
         startup = time.monotonic() - started
