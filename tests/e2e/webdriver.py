@@ -231,6 +231,10 @@ def ui_checks(r, s, base, key, out_dir, in_app):
             # Settings says, in red, when no OS keychain holds the secrets (as on CI).
             errors = [e for e in errors if not e.startswith("secret-store")]
             assert not errors, f"{page}: {errors}"
+            if page == "settings":
+                # The tests keep secrets in the encrypted file; settings must say so.
+                note = s.text("#secret-store")
+                assert "encrypted file" in note, note
 
     def join_from_picture():
         # The join form reads a code from a picture file (the QR screenshot above).
