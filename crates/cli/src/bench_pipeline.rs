@@ -275,6 +275,23 @@ pub(crate) async fn run(args: &BenchPipelineArgs) -> anyhow::Result<()> {
             bytes[i] += wire_bytes(&http, nodes).await - before;
         }
     }
+    // Each sending node's own measure of its link: wait minus the answering
+    // node's time (warm-up included).
+    let mut links: Vec<Vec<(f64, f64)>> = Vec::new();
+    for (_, _, _, nodes) in &configs {
+        let mut per_node = Vec::new();
+        for node in nodes {
+            let v = get(&http, &format!("{}/api/v1/layers", node.api)).await?;
+            let l = &v["link_overhead"];
+            if l["samples"].as_u64().unwrap_or(0) > 0 {
+                per_node.push((
+                    l["p50_ms"].as_f64().unwrap_or(0.0),
+                    l["p99_ms"].as_f64().unwrap_or(0.0),
+                ));
+            }
+        }
+        links.push(per_node);
+    }
     let mut rows = Vec::new();
     for (i, (label, n, _, _)) in configs.iter().enumerate() {
         let r = &runs[i];
@@ -340,6 +357,18 @@ pub(crate) async fn run(args: &BenchPipelineArgs) -> anyhow::Result<()> {
     println!(
         "gap = time between streamed tokens; ms/hop = (gap - local gap) / network hops per token \
          (each hop's compute is part of local too, so this is the pipeline's own cost)"
+    );
+    for (row, per_node) in rows.iter().zip(&links).skip(1) {
+        let each: Vec<String> = per_node
+            .iter()
+            .enumerate()
+            .map(|(i, (p50, p99))| format!("node {i}→{}: p50 {p50:.3} p99 {p99:.3}", i + 1))
+            .collect();
+        println!("{}: link overhead ms {}", row.label, each.join(", "));
+    }
+    println!(
+        "link overhead = a node's wait for the next node's answer minus the time that node spent \
+         (network, framing, sealing and thread hand-offs of one round trip), measured per step"
     );
     Ok(())
 }

@@ -259,19 +259,41 @@ fn unknown_models_404_and_malformed_activation_frames_are_refused() {
             frame(&envelope(&a_id, "hidden"), &[1; 40 + 2 * 576 * 2 + 16]),
         ),
     ];
+    // Every case on one link: a refused step leaves the link usable.
+    let mut link = rt.block_on(rogue.open_link(&a_id)).expect("link");
     for (what, bytes) in cases {
-        match rt.block_on(rogue.request(&a_id, Request::Activation(bytes))) {
+        match rt.block_on(link.call(Request::Activation(bytes))) {
             Ok(Response::Error { code, message }) => {
                 assert_eq!(code, 400, "{what}: {message}");
             }
             other => panic!("{what}: {other:?}"),
         }
     }
+    // A frame of another version, and a request a link does not carry.
+    let mut wrong_version = 2u32.to_be_bytes().to_vec();
+    wrong_version.extend_from_slice(&[9, 0x10]);
+    for (what, request) in [
+        ("wrong version", Request::Raw(wrong_version)),
+        ("echo on a link", Request::Echo(vec![1, 2, 3])),
+    ] {
+        match rt.block_on(link.call(request)) {
+            Ok(Response::Error { code, message }) => assert_eq!(code, 400, "{what}: {message}"),
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+    // Steps do not travel as request-response messages.
+    match rt.block_on(rogue.request(&a_id, Request::Activation(vec![0; 8]))) {
+        Ok(Response::Error { code, message }) => {
+            assert_eq!(code, 400, "{message}");
+            assert!(message.contains("/swarmllm/step/1"), "{message}");
+        }
+        other => panic!("request-response step: {other:?}"),
+    }
     // Still serving, and the frames counted against the sender.
     assert_eq!(a.get("/health/live").0, 200);
     let (_, stats) = a.get("/api/admin/stats");
     assert!(
-        stats["p2p"]["counters"]["bad_frames"].as_u64() >= Some(6),
+        stats["p2p"]["counters"]["bad_frames"].as_u64() >= Some(8),
         "{stats}"
     );
 }

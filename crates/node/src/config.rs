@@ -80,6 +80,11 @@ pub struct Config {
     pub pipeline_session_ttl_secs: u32,
     /// KV cache memory all pipeline sessions may take together (MiB). Default 4096.
     pub pipeline_max_session_mb: u32,
+    /// After each pipeline step, milliseconds the range host keeps polling for the
+    /// session's next step instead of sleeping (a sleeping core wakes slowly and
+    /// runs the next step slower; polling costs one core while tokens flow).
+    /// 0 turns polling off. Default 50 (0–1000).
+    pub pipeline_poll_ms: u32,
     /// Encrypted pipeline for every model without its own setting: this node
     /// embeds and samples itself, so prompts and outputs never leave it (needs its
     /// first and last shard). Default false.
@@ -129,6 +134,7 @@ impl Default for Config {
             pipeline_max_sessions: 16,
             pipeline_session_ttl_secs: 300,
             pipeline_max_session_mb: 4096,
+            pipeline_poll_ms: 50,
             encrypted_pipeline: false,
             pool_max_devices: 10,
             disk_budget_mb: 0,
@@ -165,6 +171,7 @@ const RESTART_FIELDS: &[&str] = &[
     "serve_shards",
     "pipeline_max_sessions",
     "pipeline_max_session_mb",
+    "pipeline_poll_ms",
     "pool_max_devices",
 ];
 
@@ -276,6 +283,12 @@ impl Config {
             return Err(ConfigError::new(
                 "pipeline_max_sessions",
                 "must be at least 1",
+            ));
+        }
+        if self.pipeline_poll_ms > 1000 {
+            return Err(ConfigError::new(
+                "pipeline_poll_ms",
+                "must be between 0 and 1000",
             ));
         }
         if self.pipeline_session_ttl_secs == 0 {
@@ -515,6 +528,14 @@ mod tests {
             .patched(&obj(json!({"log_format": "xml"})))
             .unwrap_err();
         assert_eq!(err.field, "log_format");
+        let err = Config::default()
+            .patched(&obj(json!({"pipeline_poll_ms": 5000})))
+            .unwrap_err();
+        assert_eq!(err.field, "pipeline_poll_ms");
+        let ok = Config::default()
+            .patched(&obj(json!({"pipeline_poll_ms": 0})))
+            .unwrap();
+        assert_eq!(ok.pipeline_poll_ms, 0);
     }
 
     #[test]

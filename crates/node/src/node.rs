@@ -699,6 +699,7 @@ pub fn pipeline_config(config: &Config) -> (PipelineConfig, HostConfig) {
             batch_size: config.batch_size,
             context_size: config.context_size,
             backends_dir: engine.backends_dir.clone(),
+            link_idle: Duration::from_secs(config.pipeline_session_ttl_secs as u64),
         },
         HostConfig {
             threads: engine.threads,
@@ -708,6 +709,7 @@ pub fn pipeline_config(config: &Config) -> (PipelineConfig, HostConfig) {
             max_session_bytes: u64::from(config.pipeline_max_session_mb) << 20,
             session_ttl: Duration::from_secs(config.pipeline_session_ttl_secs as u64),
             gpu_layers: config.gpu_layers,
+            poll: Duration::from_millis(u64::from(config.pipeline_poll_ms)),
         },
     )
 }

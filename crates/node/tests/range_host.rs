@@ -29,6 +29,7 @@ fn host(
         max_session_bytes,
         session_ttl: ttl,
         gpu_layers: 0,
+        poll: Duration::from_millis(50),
     })
     .expect("host");
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -193,6 +193,7 @@ pub(crate) async fn layers(State(state): State<AppState>) -> Json<Value> {
         "sessions": host.session_count(),
         "steps_served": host.steps_served(),
         "wire_bytes_sent": state.node.pipeline().wire_bytes(),
+        "link_overhead": state.node.pipeline().link_latency(),
     }))
 }
 

@@ -148,9 +148,13 @@ async fn write_frame<T: AsyncWrite + Unpin + Send>(
             format!("frame of {len} bytes exceeds the {MAX_FRAME}-byte cap"),
         ));
     }
-    io.write_all(&(len as u32).to_be_bytes()).await?;
-    io.write_all(&[WIRE_VERSION, kind]).await?;
-    io.write_all(payload).await?;
+    // One write: on a multiplexed, encrypted stream every write becomes a frame
+    // (and with TCP_NODELAY a packet) of its own.
+    let mut frame = Vec::with_capacity(4 + len);
+    frame.extend_from_slice(&(len as u32).to_be_bytes());
+    frame.extend_from_slice(&[WIRE_VERSION, kind]);
+    frame.extend_from_slice(payload);
+    io.write_all(&frame).await?;
     io.flush().await
 }
 

@@ -9,8 +9,8 @@
 //!
 //! One composed [`Behaviour`]: TCP and QUIC transports, noise, yamux, identify, ping,
 //! Kademlia, signed gossipsub (node announcements), mDNS (switchable), relay server
-//! and client, DCUtR, AutoNAT, connection limits, and the request-response protocol
-//! of [`frame`]. The libp2p peer id is derived from the node's own Ed25519 identity,
+//! and client, DCUtR, AutoNAT, connection limits, the request-response protocol
+//! of [`frame`], and the long-lived pipeline streams of [`link`]. The libp2p peer id is derived from the node's own Ed25519 identity,
 //! so node id and peer id name the same key.
 
 pub mod announce;
@@ -18,6 +18,7 @@ pub mod directory;
 mod event_loop;
 pub mod frame;
 pub mod invite;
+pub mod link;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -157,12 +158,14 @@ pub(crate) struct Shared {
 pub const POOL_TOPIC: &str = "swarmllm/pool/1";
 
 /// A request another node sent that the node (not the P2P layer) answers:
-/// a pipeline step or a model-file fetch. Answer it through [`Responder::send`].
+/// a model-file fetch or a credit-ledger message (pipeline steps come on
+/// [`link`]s). Answer it through [`Responder::send`].
 #[derive(Debug)]
 pub struct InboundStep {
     /// The sender's node id (authenticated by the transport).
     pub from: String,
-    /// The request ([`Request::Activation`] or [`Request::Fetch`]).
+    /// The request ([`Request::Fetch`], [`Request::Credit`], or a stray
+    /// [`Request::Activation`] to refuse).
     pub request: Request,
     /// Where the answer goes.
     pub responder: Responder,
@@ -240,12 +243,15 @@ pub(crate) struct Behaviour {
     dcutr: dcutr::Behaviour,
     autonat: autonat::Behaviour,
     rpc: request_response::Behaviour<FrameCodec>,
+    links: libp2p_stream::Behaviour,
 }
 
 /// Handle to the P2P layer; clones share it.
 #[derive(Clone)]
 pub struct Network {
     commands: mpsc::Sender<Command>,
+    /// Opens and accepts pipeline links (outside the event loop).
+    links: libp2p_stream::Control,
     shared: Arc<Shared>,
     directory: Directory,
     config: Arc<NetConfig>,
@@ -326,11 +332,13 @@ impl Network {
         }
 
         let peer_id = *swarm.local_peer_id();
+        let links = swarm.behaviour().links.new_control();
         let directory = Directory::new(store);
         let shared = Arc::new(Shared::default());
         let (tx, rx) = mpsc::channel(256);
         let network = Network {
             commands: tx.clone(),
+            links,
             shared: Arc::clone(&shared),
             directory: directory.clone(),
             config: Arc::new(config),
@@ -569,6 +577,30 @@ impl Network {
         rx.await.map_err(|_| NetError::Stopped)?
     }
 
+    /// Opens a pipeline link to `node_id` (dialling it if need be).
+    pub async fn open_link(&self, node_id: &str) -> Result<link::Link, NetError> {
+        let peer = peer_id_of(node_id).ok_or_else(|| NetError::UnknownPeer(node_id.to_string()))?;
+        let mut control = self.links.clone();
+        let stream = tokio::time::timeout(
+            Duration::from_secs(15),
+            control.open_stream(peer, link::PROTOCOL),
+        )
+        .await
+        .map_err(|_| NetError::Request("opening a link timed out".into()))?
+        .map_err(|e| NetError::Request(e.to_string()))?;
+        Ok(link::Link::new(node_id.to_string(), stream))
+    }
+
+    /// The pipeline links other nodes open to this one; `None` after the first
+    /// call (one taker).
+    pub fn inbound_links(&self) -> Option<link::InboundLinks> {
+        self.links
+            .clone()
+            .accept(link::PROTOCOL)
+            .ok()
+            .map(link::InboundLinks::new)
+    }
+
     /// Counts a malformed frame from `node_id` against it (trust score).
     pub fn report_bad_frame(&self, node_id: &str) {
         self.shared
@@ -699,6 +731,7 @@ fn build_behaviour(
             [(frame::PROTOCOL, request_response::ProtocolSupport::Full)],
             request_response::Config::default().with_request_timeout(Duration::from_secs(30)),
         ),
+        links: libp2p_stream::Behaviour::new(),
     })
 }
 

@@ -150,14 +150,40 @@ impl std::fmt::Debug for SessionKey {
     }
 }
 
+/// The X25519 secret two nodes share (static keys on both sides), from which each
+/// session's key is derived. Kept per peer so a step costs a BLAKE3 derivation,
+/// not a Diffie-Hellman.
+#[derive(Clone)]
+pub struct LinkSecret(Zeroizing<[u8; 32]>);
+
+impl std::fmt::Debug for LinkSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LinkSecret(..)")
+    }
+}
+
+impl LinkSecret {
+    /// Our X25519 secret with their public key.
+    pub fn agree(ours: &StaticSecret, theirs: &PublicKey) -> Self {
+        LinkSecret(Zeroizing::new(*ours.diffie_hellman(theirs).as_bytes()))
+    }
+}
+
 impl SessionKey {
     /// Agrees a key: our X25519 secret, their public key, the session id.
     pub fn agree(ours: &StaticSecret, theirs: &PublicKey, session: &[u8; 16]) -> Self {
-        let shared = ours.diffie_hellman(theirs);
-        let mut material = Zeroizing::new(Vec::with_capacity(48));
-        material.extend_from_slice(shared.as_bytes());
-        material.extend_from_slice(session);
-        SessionKey(Zeroizing::new(blake3::derive_key(KEY_CONTEXT, &material)))
+        Self::derive(&LinkSecret::agree(ours, theirs), session)
+    }
+
+    /// The key of `session` on the link `secret`.
+    pub fn derive(secret: &LinkSecret, session: &[u8; 16]) -> Self {
+        let mut material = Zeroizing::new([0u8; 48]);
+        material[..32].copy_from_slice(secret.0.as_ref());
+        material[32..].copy_from_slice(session);
+        SessionKey(Zeroizing::new(blake3::derive_key(
+            KEY_CONTEXT,
+            material.as_ref(),
+        )))
     }
 
     fn cipher(&self) -> ChaCha20Poly1305 {

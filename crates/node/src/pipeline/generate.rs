@@ -23,6 +23,7 @@ use super::wire::{Envelope, Hop, InputKind, SampleSpec, StepFailure};
 use crate::infer::{
     Event, FinishReason, GenerateError, GenerateRequest, SamplingParams, Timing, Usage,
 };
+use crate::net::link::Link;
 
 /// Re-routes one generation may make before giving up.
 const MAX_REROUTES: usize = 4;
@@ -41,6 +42,8 @@ struct Run {
     /// Work sent through each other node, per session: what receipts may claim.
     /// (node, work) — a handful of entries, looked up without allocating per step.
     work: Vec<(String, crate::credits::Work)>,
+    /// The link to the chain's next node, kept from step to step.
+    link: Option<Link>,
 }
 
 impl Run {
@@ -54,6 +57,7 @@ impl Run {
             excluded: HashSet::new(),
             reroutes: 0,
             work: Vec::new(),
+            link: None,
         }
     }
 
@@ -182,9 +186,10 @@ impl Pipeline {
         let this = self.clone();
         let mut close = run.envelope(self, 0, 0);
         close.close = true;
+        let mut link = run.link.take();
         tokio::spawn(async move {
             let _ = this
-                .request_step(close, StepInput::Tokens(Vec::new()))
+                .request_step(close, StepInput::Tokens(Vec::new()), &mut link)
                 .await;
         });
         outcome
@@ -296,7 +301,8 @@ impl Pipeline {
                     for (t, p) in run.history.clone() {
                         let env = run.envelope(self, p, t.len());
                         run.tally(&env);
-                        self.request_step(env, StepInput::Tokens(t)).await?;
+                        self.request_step(env, StepInput::Tokens(t), &mut run.link)
+                            .await?;
                     }
                 }
                 let mut env = run.envelope(self, pos, tokens.len());
@@ -305,7 +311,7 @@ impl Pipeline {
                     env.prime = generated.to_vec();
                 }
                 run.tally(&env);
-                self.request_step(env, StepInput::Tokens(tokens.clone()))
+                self.request_step(env, StepInput::Tokens(tokens.clone()), &mut run.link)
                     .await
             };
             match attempt.await {

@@ -43,6 +43,12 @@ pub struct HostConfig {
     pub session_ttl: Duration,
     /// Layers offloaded to a GPU backend.
     pub gpu_layers: u32,
+    /// After a step, how long the thread keeps polling for the next one before
+    /// it sleeps (zero: sleep at once). Between two tokens a hop waits only for
+    /// the rest of the chain, and a core that went to sleep meanwhile wakes up
+    /// slowly and runs the next step slower (worst on virtual machines), which
+    /// costs more than the polling.
+    pub poll: Duration,
 }
 
 /// A layer range this node can run.
@@ -262,6 +268,25 @@ impl RangeHost {
     }
 }
 
+/// The next job: polled for without sleeping until `poll_until` (yielding the
+/// core to any other thread that wants it), then waited for up to a second.
+fn next_job(
+    jobs: &std::sync::mpsc::Receiver<Job>,
+    poll_until: Option<Instant>,
+) -> Result<Job, std::sync::mpsc::RecvTimeoutError> {
+    use std::sync::mpsc::{RecvTimeoutError, TryRecvError};
+    if let Some(until) = poll_until {
+        while Instant::now() < until {
+            match jobs.try_recv() {
+                Ok(job) => return Ok(job),
+                Err(TryRecvError::Disconnected) => return Err(RecvTimeoutError::Disconnected),
+                Err(TryRecvError::Empty) => std::thread::yield_now(),
+            }
+        }
+    }
+    jobs.recv_timeout(Duration::from_secs(1))
+}
+
 struct Loaded {
     info: RangeInfo,
     model: Arc<RangeModel>,
@@ -295,8 +320,14 @@ struct Thread {
 
 impl Thread {
     fn run(mut self, jobs: std::sync::mpsc::Receiver<Job>) {
+        // Poll (rather than sleep) until then: a step has just run.
+        let mut poll_until: Option<Instant> = None;
         loop {
-            match jobs.recv_timeout(Duration::from_secs(1)) {
+            let job = next_job(&jobs, poll_until);
+            if matches!(job, Ok(Job::Step(..))) && !self.config.poll.is_zero() {
+                poll_until = Some(Instant::now() + self.config.poll);
+            }
+            match job {
                 Ok(Job::Load(info, reply)) => {
                     let _ = reply.send(self.load(info));
                 }

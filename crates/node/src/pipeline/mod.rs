@@ -4,8 +4,11 @@
 //!  requester                 hop 1 (layers 0..10)      hop 2 (10..20)       hop 3 (20..30, head)
 //!  tokens ──sealed──▶ embed + layers ──f16 frame──▶ layers ──f16 frame──▶ layers + sample
 //!     ▲                                                                          │
-//!     └──────────── sealed token, back along the open requests ◀─────────────────┘
+//!     └──────────── sealed token, back along the open links ◀────────────────────┘
 //! ```
+//!
+//! Each arrow is a link (`net::link`): a stream kept open for the session, so a
+//! step costs one frame each way and no connection or stream set-up.
 //!
 //! - [`host`]: the thread that owns this node's loaded layer ranges and the KV cache
 //!   of every session passing through them;
@@ -21,6 +24,7 @@
 pub mod activation;
 mod generate;
 pub mod host;
+pub mod latency;
 pub mod route;
 pub mod transfer;
 pub mod wire;
@@ -33,17 +37,23 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::model::params::LlamaModelParams;
 use tokio::sync::mpsc;
 
-use self::activation::{Direction, Dtype, Header, SessionKey};
+use self::activation::{Direction, Dtype, Header, LinkSecret, SessionKey};
 use self::host::{RangeHost, RangeInfo, Step, StepInput, StepOutput};
 use self::route::{Holder, NoRoute, Plan};
 use self::wire::{Envelope, InputKind, StepFailure};
 use crate::identity::{self, Identity};
 use crate::net::frame::{Request, Response};
+use crate::net::link::{InboundLink, Link};
 use crate::net::{InboundStep, Network};
 use crate::shard::library::{self, LocalModel};
 
-/// Steps from other nodes processed at once (more wait in the handler's queue).
+/// Requests from other nodes processed at once (more wait in the handler's queue).
 const INBOUND_QUEUE: usize = 64;
+/// Links from other nodes served at once (each carries one session's steps at a
+/// time); more are refused.
+const MAX_INBOUND_LINKS: usize = 256;
+/// Peers whose link secret is kept (the cache starts over when it is full).
+const MAX_LINKS: usize = 4096;
 
 /// Whether the encrypted pipeline is on for a model.
 pub type EncryptionPolicy = Arc<dyn Fn(&str) -> bool + Send + Sync>;
@@ -86,6 +96,9 @@ pub struct PipelineConfig {
     pub context_size: u32,
     /// Folder of ggml backend modules (`gpu` builds).
     pub backends_dir: Option<PathBuf>,
+    /// A link from another node that carries no step for this long is closed
+    /// (the session TTL).
+    pub link_idle: std::time::Duration,
 }
 
 /// Cloneable handle to this node's part in split inference.
@@ -99,6 +112,8 @@ struct Inner {
     host: RangeHost,
     node_id: String,
     x25519: x25519_dalek::StaticSecret,
+    /// X25519 secret shared with each peer, by node id.
+    links: Mutex<HashMap<String, LinkSecret>>,
     network: OnceLock<Network>,
     vocabs: Mutex<HashMap<String, Arc<LlamaModel>>>,
     local: Mutex<Vec<LocalModel>>,
@@ -110,6 +125,8 @@ struct Inner {
     accounting: OnceLock<Arc<dyn Accounting>>,
     /// Bytes of pipeline requests this node sent plus the responses it got.
     wire_bytes: std::sync::atomic::AtomicU64,
+    /// The overhead of the links this node sends steps on.
+    link_latency: latency::LinkLatency,
     /// Serialises [`Pipeline::load_held`].
     reload: tokio::sync::Mutex<()>,
     /// Shards held but kept out of memory (`shards/{i}/unload`), by model.
@@ -163,6 +180,7 @@ impl Pipeline {
             inner: Arc::new(Inner {
                 node_id: identity.node_id(),
                 x25519: identity.x25519_secret(),
+                links: Mutex::new(HashMap::new()),
                 config,
                 host,
                 network: OnceLock::new(),
@@ -175,6 +193,7 @@ impl Pipeline {
                 peers_allowed: OnceLock::new(),
                 accounting: OnceLock::new(),
                 wire_bytes: std::sync::atomic::AtomicU64::new(0),
+                link_latency: latency::LinkLatency::default(),
                 repairs,
                 repairs_rx: Mutex::new(Some(repairs_rx)),
             }),
@@ -186,6 +205,12 @@ impl Pipeline {
         self.inner
             .wire_bytes
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The recent overhead of the links this node sent steps on (the wait for an
+    /// answer minus the time the answering node spent).
+    pub fn link_latency(&self) -> latency::LatencySummary {
+        self.inner.link_latency.summary()
     }
 
     /// The range host.
@@ -215,6 +240,24 @@ impl Pipeline {
                 }
             });
         }
+        // Pipeline steps arrive on links, one task per link.
+        if let Some(mut links) = self.inner.network.get().and_then(Network::inbound_links) {
+            let this = self.clone();
+            let slots = Arc::new(tokio::sync::Semaphore::new(MAX_INBOUND_LINKS));
+            tokio::spawn(async move {
+                while let Some(link) = links.next().await {
+                    let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                        tracing::warn!(peer = %short(&link.from), "too many pipeline links; refusing one");
+                        continue;
+                    };
+                    let this = this.clone();
+                    tokio::spawn(async move {
+                        this.serve_link(link).await;
+                        drop(slot);
+                    });
+                }
+            });
+        }
         let this = self.clone();
         tokio::spawn(async move {
             while let Some(step) = rx.recv().await {
@@ -225,8 +268,16 @@ impl Pipeline {
                             let response = this.serve_fetch(&step.from, fetch).await;
                             step.responder.send(response).await;
                         }
-                        Request::Activation(bytes) => {
-                            this.serve_inbound(step.from, bytes, step.responder).await;
+                        Request::Activation(_) => {
+                            step.responder
+                                .send(Response::Error {
+                                    code: 400,
+                                    message: format!(
+                                        "pipeline steps travel on {} links",
+                                        crate::net::link::PROTOCOL
+                                    ),
+                                })
+                                .await;
                         }
                         _ => {
                             step.responder
@@ -676,11 +727,30 @@ impl Pipeline {
     }
 
     fn link_key(&self, peer: &str, session: &[u8; 16]) -> Result<SessionKey, StepFailure> {
-        let public = identity::x25519_public(peer).ok_or_else(|| StepFailure {
-            failed_hop: Some(peer.to_string()),
-            message: format!("{peer} is not a valid node id"),
-        })?;
-        Ok(SessionKey::agree(&self.inner.x25519, &public, session))
+        let cached = self
+            .inner
+            .links
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(peer)
+            .cloned();
+        let secret = match cached {
+            Some(secret) => secret,
+            None => {
+                let public = identity::x25519_public(peer).ok_or_else(|| StepFailure {
+                    failed_hop: Some(peer.to_string()),
+                    message: format!("{peer} is not a valid node id"),
+                })?;
+                let secret = LinkSecret::agree(&self.inner.x25519, &public);
+                let mut links = self.inner.links.lock().unwrap_or_else(|p| p.into_inner());
+                if links.len() >= MAX_LINKS {
+                    links.clear();
+                }
+                links.insert(peer.to_string(), secret.clone());
+                secret
+            }
+        };
+        Ok(SessionKey::derive(&secret, session))
     }
 
     fn own_failure(&self, message: impl Into<String>) -> StepFailure {
@@ -691,8 +761,14 @@ impl Pipeline {
     }
 
     /// Runs this node's hop of `env` (it must be `route[0]`) on `input`, forwards
-    /// the output to the next hop, and returns the sealed result for the requester.
-    async fn execute(&self, env: Envelope, input: StepInput) -> Result<Vec<u8>, StepFailure> {
+    /// the output to the next hop over `next` (opened or replaced as needed), and
+    /// returns the sealed result for the requester.
+    async fn execute(
+        &self,
+        env: Envelope,
+        input: StepInput,
+        next: &mut Option<Link>,
+    ) -> Result<Vec<u8>, StepFailure> {
         let me = &env.route[0];
         if me.node_id != self.inner.node_id {
             return Err(StepFailure {
@@ -733,7 +809,7 @@ impl Pipeline {
                 );
             }
             match out {
-                StepOutput::Hidden(h) => return self.forward(env, session, h).await,
+                StepOutput::Hidden(h) => return self.forward(env, session, h, next).await,
                 StepOutput::Token(t) if env.route.len() == 1 => {
                     return self.seal_result(&env, session, t);
                 }
@@ -744,10 +820,12 @@ impl Pipeline {
         }
         // A close travels down the whole chain.
         if env.route.len() > 1 {
-            let mut next = env.clone();
-            next.route.remove(0);
-            let to = next.route[0].node_id.clone();
-            return self.send(&to, wire::encode_request(&next, &[])).await;
+            let mut close = env;
+            close.route.remove(0);
+            let to = close.route[0].node_id.clone();
+            return self
+                .send(&to, wire::encode_request(&close, &[]), next)
+                .await;
         }
         self.seal_result(&env, session, None)
     }
@@ -757,6 +835,7 @@ impl Pipeline {
         env: Envelope,
         session: [u8; 16],
         hidden: Vec<f32>,
+        link: &mut Option<Link>,
     ) -> Result<Vec<u8>, StepFailure> {
         if env.route.len() < 2 {
             return Err(self.own_failure("the route ends before the model's head"));
@@ -766,7 +845,8 @@ impl Pipeline {
         next.input = InputKind::Hidden;
         let to = next.route[0].node_id.clone();
         let frame = self.seal_hidden(&next, session, &to, &hidden)?;
-        self.send(&to, wire::encode_request(&next, &frame)).await
+        self.send(&to, wire::encode_request(&next, &frame), link)
+            .await
     }
 
     fn seal_hidden(
@@ -813,14 +893,34 @@ impl Pipeline {
         ))
     }
 
-    /// Sends a step to `to`; a transport failure blames `to`.
-    async fn send(&self, to: &str, bytes: Vec<u8>) -> Result<Vec<u8>, StepFailure> {
+    /// Sends a step to `to` over `link` (opened, or replaced when it leads
+    /// elsewhere); a transport failure blames `to` and drops the link.
+    async fn send(
+        &self,
+        to: &str,
+        bytes: Vec<u8>,
+        link: &mut Option<Link>,
+    ) -> Result<Vec<u8>, StepFailure> {
         let network = self.inner.network.get().ok_or_else(|| StepFailure {
             failed_hop: Some(to.to_string()),
             message: "this node has no P2P network".into(),
         })?;
         let sent = bytes.len() as u64;
-        let answer = network.request(to, Request::Activation(bytes)).await;
+        let open = match link.take() {
+            Some(l) if l.node_id() == to => Ok(l),
+            _ => network.open_link(to).await,
+        };
+        let started = std::time::Instant::now();
+        let answer = match open {
+            Ok(mut l) => {
+                let answer = l.call(Request::Activation(bytes)).await;
+                if answer.is_ok() {
+                    *link = Some(l);
+                }
+                answer
+            }
+            Err(e) => Err(e),
+        };
         let received = match &answer {
             Ok(Response::Activation(r)) => r.len() as u64,
             _ => 0,
@@ -829,7 +929,15 @@ impl Pipeline {
             .wire_bytes
             .fetch_add(sent + received, std::sync::atomic::Ordering::Relaxed);
         match answer {
-            Ok(Response::Activation(result)) => Ok(result),
+            Ok(Response::Activation(answer)) => {
+                let waited = started.elapsed();
+                let (spent, result) = wire::decode_answer(&answer).map_err(|e| StepFailure {
+                    failed_hop: Some(to.to_string()),
+                    message: e.to_string(),
+                })?;
+                self.inner.link_latency.record(waited, spent);
+                Ok(result.to_vec())
+            }
             Ok(Response::Error { message, .. }) => {
                 Err(serde_json::from_str(&message).unwrap_or(StepFailure {
                     failed_hop: Some(to.to_string()),
@@ -847,30 +955,50 @@ impl Pipeline {
         }
     }
 
-    async fn serve_inbound(&self, from: String, bytes: Vec<u8>, responder: crate::net::Responder) {
-        let response = match self.open_inbound(&from, &bytes) {
-            Err(reason) => {
-                tracing::warn!(peer = %short(&from), %reason, "malformed pipeline step");
-                if let Some(network) = self.inner.network.get() {
-                    network.report_bad_frame(&from);
-                }
-                Response::Error {
-                    code: 400,
-                    message: failure_json(&StepFailure {
-                        failed_hop: None,
-                        message: reason,
-                    }),
-                }
+    /// Answers the steps that arrive on `link` until it closes or idles out; the
+    /// link onward to the next hop lives as long.
+    async fn serve_link(&self, mut link: InboundLink) {
+        let mut next: Option<Link> = None;
+        while let Some(request) = link.next(self.inner.config.link_idle).await {
+            let response = match request {
+                Request::Activation(bytes) => self.answer_step(&link.from, &bytes, &mut next).await,
+                Request::Invalid(reason) => self.bad_step(&link.from, reason),
+                _ => self.bad_step(&link.from, "a link carries pipeline steps only".into()),
+            };
+            if link.respond(response).await.is_err() {
+                break;
             }
-            Ok((env, input)) => match self.execute(env, input).await {
-                Ok(result) => Response::Activation(result),
+        }
+    }
+
+    /// The answer to a malformed step, counted against its sender.
+    fn bad_step(&self, from: &str, reason: String) -> Response {
+        tracing::warn!(peer = %short(from), %reason, "malformed pipeline step");
+        if let Some(network) = self.inner.network.get() {
+            network.report_bad_frame(from);
+        }
+        Response::Error {
+            code: 400,
+            message: failure_json(&StepFailure {
+                failed_hop: None,
+                message: reason,
+            }),
+        }
+    }
+
+    /// Runs a step from `from` and returns the answer to send back.
+    async fn answer_step(&self, from: &str, bytes: &[u8], next: &mut Option<Link>) -> Response {
+        let started = std::time::Instant::now();
+        match self.open_inbound(from, bytes) {
+            Err(reason) => self.bad_step(from, reason),
+            Ok((env, input)) => match self.execute(env, input, next).await {
+                Ok(result) => Response::Activation(wire::encode_answer(started.elapsed(), &result)),
                 Err(failure) => Response::Error {
                     code: 502,
                     message: failure_json(&failure),
                 },
             },
-        };
-        responder.send(response).await;
+        }
     }
 
     /// Decodes a step from `from` and opens its body.
@@ -922,6 +1050,7 @@ impl Pipeline {
         &self,
         env: Envelope,
         input: StepInput,
+        link: &mut Option<Link>,
     ) -> Result<Option<i32>, StepFailure> {
         let session = env
             .session_bytes()
@@ -929,7 +1058,7 @@ impl Pipeline {
         let first = env.route[0].node_id.clone();
         let last = env.route[env.route.len() - 1].node_id.clone();
         let result = if first == self.inner.node_id {
-            self.execute(env.clone(), input).await?
+            self.execute(env.clone(), input, link).await?
         } else {
             let key = self.link_key(&first, &session)?;
             let body = match &input {
@@ -942,7 +1071,8 @@ impl Pipeline {
                 ),
                 StepInput::Hidden(h) => self.seal_hidden(&env, session, &first, h)?,
             };
-            self.send(&first, wire::encode_request(&env, &body)).await?
+            self.send(&first, wire::encode_request(&env, &body), link)
+                .await?
         };
         let key = self.link_key(&last, &session)?;
         let plain = activation::open_message(

@@ -1,16 +1,21 @@
-//! The bytes of one pipeline step on `/swarmllm/rpc/1` (request kind 0x10).
+//! The bytes of one pipeline step, carried on a link (`/swarmllm/step/1`, see
+//! `net::link`) in the frames of `net::frame` (request kind 0x10, answer 0x90).
 //!
 //! ```text
 //! request  = u32 BE envelope length | envelope (JSON) | body
 //!   body   = activation frame (hidden states, see `activation`)      input "hidden"
 //!          | sealed message of the token ids as i32 LE               input "tokens"
-//! result   = sealed message: i32 LE sampled token, or empty          (response 0x90)
-//! error    = rpc error frame whose message is a JSON [`StepFailure`]
+//! answer   = u32 LE µs the answering node spent | result
+//!   result = sealed message: i32 LE sampled token, or empty
+//! error    = error frame whose message is a JSON [`StepFailure`]
 //! ```
 //!
 //! The envelope carries the route still ahead (the recipient first), so each hop
 //! forwards its output straight to the next one; the result travels back along the
-//! chain of open requests, sealed end to end between the last hop and the requester.
+//! chain of open links, sealed end to end between the last hop and the requester.
+//! Each answer also says how long the answering node took (its compute and the rest
+//! of the chain behind it), so the sender can tell the link's own cost from the
+//! wait (unauthenticated, used for statistics only).
 //! Every body is sealed for its link (sender → recipient) with the step's `seq` as
 //! nonce; hops refuse a `seq` they have already seen in a session.
 
@@ -226,6 +231,29 @@ pub fn decode_request(bytes: &[u8]) -> Result<(Envelope, &[u8]), WireError> {
     Ok((envelope, &bytes[4 + len..]))
 }
 
+/// Encodes a step's answer: the time the answering node spent, then the result.
+pub fn encode_answer(spent: std::time::Duration, result: &[u8]) -> Vec<u8> {
+    let micros = u32::try_from(spent.as_micros()).unwrap_or(u32::MAX);
+    let mut out = Vec::with_capacity(4 + result.len());
+    out.extend_from_slice(&micros.to_le_bytes());
+    out.extend_from_slice(result);
+    out
+}
+
+/// Splits a step's answer into the time the answering node spent and the result.
+pub fn decode_answer(bytes: &[u8]) -> Result<(std::time::Duration, &[u8]), WireError> {
+    let Some((micros, result)) = bytes.split_first_chunk::<4>() else {
+        return Err(WireError::Malformed(format!(
+            "a {}-byte step answer",
+            bytes.len()
+        )));
+    };
+    Ok((
+        std::time::Duration::from_micros(u64::from(u32::from_le_bytes(*micros))),
+        result,
+    ))
+}
+
 /// Token ids as bytes.
 pub fn tokens_to_bytes(tokens: &[i32]) -> Vec<u8> {
     tokens.iter().flat_map(|t| t.to_le_bytes()).collect()
@@ -281,6 +309,19 @@ mod tests {
             bytes_to_tokens(&tokens_to_bytes(&[5, -1])).expect("ok"),
             vec![5, -1]
         );
+    }
+
+    #[test]
+    fn answers_carry_the_time_spent() {
+        let spent = std::time::Duration::from_micros(7_250);
+        let bytes = encode_answer(spent, &[9, 8, 7, 6]);
+        let (got, result) = decode_answer(&bytes).expect("decodes");
+        assert_eq!(got, spent);
+        assert_eq!(result, &[9, 8, 7, 6]);
+        assert!(decode_answer(&[1, 2, 3]).is_err());
+        let bytes = encode_answer(spent, &[]);
+        let (_, empty) = decode_answer(&bytes).expect("decodes");
+        assert!(empty.is_empty());
     }
 
     #[test]

@@ -1,0 +1,133 @@
+//! Pipeline steps on long-lived streams: `/swarmllm/step/1`.
+//!
+//! ```text
+//!  requester ══ link (one stream) ══▶ hop 1 ══ link ══▶ hop 2 ...
+//!            ◀── answer, same stream ──      ◀── answer ──
+//! ```
+//!
+//! A step is a request and its answer, framed exactly like the request-response
+//! protocol of [`frame`](super::frame), but all the steps of one session between
+//! two nodes share one stream, opened at the session's first step and closed when
+//! either side drops it. Per step that saves the substream negotiation and, above
+//! all, the passes through the swarm's event loop: the bytes go straight between
+//! the stream and the pipeline task that waits for them. Steps of a session are
+//! sequential, so a link carries one request at a time.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use libp2p::request_response::Codec;
+use libp2p::{PeerId, Stream, StreamProtocol};
+
+use super::frame::{FrameCodec, Request, Response};
+use super::{NetError, node_id_of};
+
+/// The protocol name.
+pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/swarmllm/step/1");
+
+/// Longest wait for the answer to one step (the peer's compute included).
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The sending end of a link: one session's steps to one peer.
+pub struct Link {
+    node_id: String,
+    stream: Stream,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link")
+            .field("node_id", &self.node_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Link {
+    pub(crate) fn new(node_id: String, stream: Stream) -> Self {
+        Self { node_id, stream }
+    }
+
+    /// The peer at the other end.
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// Sends `request` and waits for its answer. After an error the link is
+    /// unusable (a frame may be half written or half read): drop it.
+    pub async fn call(&mut self, request: Request) -> Result<Response, NetError> {
+        let exchange = async {
+            FrameCodec
+                .write_request(&PROTOCOL, &mut self.stream, request)
+                .await?;
+            FrameCodec.read_response(&PROTOCOL, &mut self.stream).await
+        };
+        match tokio::time::timeout(CALL_TIMEOUT, exchange).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(e)) => Err(NetError::Request(e.to_string())),
+            Err(_) => Err(NetError::Request(format!(
+                "no answer within {} s",
+                CALL_TIMEOUT.as_secs()
+            ))),
+        }
+    }
+}
+
+/// The receiving end of a link.
+pub struct InboundLink {
+    /// The sender's node id (authenticated by the transport).
+    pub from: String,
+    stream: Stream,
+}
+
+impl std::fmt::Debug for InboundLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InboundLink")
+            .field("from", &self.from)
+            .finish_non_exhaustive()
+    }
+}
+
+impl InboundLink {
+    /// The next request: `None` when the peer closed the link, it broke, or no
+    /// request came for `idle`. A frame that cannot be decoded arrives as
+    /// [`Request::Invalid`] (answer it; the link stays usable).
+    pub async fn next(&mut self, idle: Duration) -> Option<Request> {
+        tokio::time::timeout(idle, FrameCodec.read_request(&PROTOCOL, &mut self.stream))
+            .await
+            .ok()?
+            .ok()
+    }
+
+    /// Answers the last request.
+    pub async fn respond(&mut self, response: Response) -> std::io::Result<()> {
+        FrameCodec
+            .write_response(&PROTOCOL, &mut self.stream, response)
+            .await
+    }
+}
+
+/// Links other nodes open to this one.
+pub struct InboundLinks(libp2p_stream::IncomingStreams);
+
+impl std::fmt::Debug for InboundLinks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InboundLinks")
+    }
+}
+
+impl InboundLinks {
+    pub(crate) fn new(streams: libp2p_stream::IncomingStreams) -> Self {
+        Self(streams)
+    }
+
+    /// The next link; `None` once the network has stopped. Streams from peers
+    /// whose id is not an Ed25519 node id are dropped.
+    pub async fn next(&mut self) -> Option<InboundLink> {
+        loop {
+            let (peer, stream): (PeerId, Stream) = self.0.next().await?;
+            if let Some(from) = node_id_of(&peer) {
+                return Some(InboundLink { from, stream });
+            }
+        }
+    }
+}
