@@ -211,13 +211,7 @@ impl Ledger {
             conn.query_row(
                 "SELECT earned, spent, entries FROM credit_totals WHERE node_id = ?1",
                 [&self.node_id],
-                |r| {
-                    Ok(Balance {
-                        earned: r.get(0)?,
-                        spent: r.get(1)?,
-                        entries: r.get(2)?,
-                    })
-                },
+                balance_row,
             )
             .optional()
             .map(Option::unwrap_or_default)
@@ -234,13 +228,7 @@ impl Ledger {
                         COUNT(*)
                  FROM credit_entries",
                 [&self.node_id],
-                |r| {
-                    Ok(Balance {
-                        earned: r.get(0)?,
-                        spent: r.get(1)?,
-                        entries: r.get(2)?,
-                    })
-                },
+                balance_row,
             )
         })?)
     }
@@ -378,6 +366,15 @@ impl Ledger {
         })?;
         Ok(())
     }
+}
+
+/// A `(earned, spent, entries)` row as a [`Balance`].
+fn balance_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Balance> {
+    Ok(Balance {
+        earned: r.get(0)?,
+        spent: r.get(1)?,
+        entries: r.get(2)?,
+    })
 }
 
 #[cfg(test)]

@@ -263,31 +263,21 @@ impl Pipeline {
             while let Some(step) = rx.recv().await {
                 let this = this.clone();
                 tokio::spawn(async move {
-                    match step.request {
-                        Request::Fetch(fetch) => {
-                            let response = this.serve_fetch(&step.from, fetch).await;
-                            step.responder.send(response).await;
-                        }
-                        Request::Activation(_) => {
-                            step.responder
-                                .send(Response::Error {
-                                    code: 400,
-                                    message: format!(
-                                        "pipeline steps travel on {} links",
-                                        crate::net::link::PROTOCOL
-                                    ),
-                                })
-                                .await;
-                        }
-                        _ => {
-                            step.responder
-                                .send(Response::Error {
-                                    code: 400,
-                                    message: "unexpected request".into(),
-                                })
-                                .await;
-                        }
-                    }
+                    let response = match step.request {
+                        Request::Fetch(fetch) => this.serve_fetch(&step.from, fetch).await,
+                        Request::Activation(_) => Response::Error {
+                            code: 400,
+                            message: format!(
+                                "pipeline steps travel on {} links",
+                                crate::net::link::PROTOCOL
+                            ),
+                        },
+                        _ => Response::Error {
+                            code: 400,
+                            message: "unexpected request".into(),
+                        },
+                    };
+                    step.responder.send(response).await;
                 });
             }
         });
