@@ -291,6 +291,8 @@ pub(crate) async fn run_net(args: &BenchNetArgs) -> anyhow::Result<()> {
             network_name: "swarmllm".into(),
             announce_interval: std::time::Duration::from_secs(3600),
             region: String::new(),
+            ban_below_trust: 0,
+            cool_off: std::time::Duration::from_secs(600),
         },
         std::sync::Arc::new(LocalInfo::default),
         swarmllm_node::net::ShutdownToken::new(),

@@ -251,6 +251,80 @@ fn auth_is_enforced_on_inference_and_writes_only() {
 }
 
 #[test]
+fn every_write_route_refuses_a_request_without_the_key() {
+    use swarmllm_node::api::{Access, route_table};
+    let node = TestNode::start_without_model();
+    let http = node.http();
+    let table = route_table();
+    let writes = table.iter().filter(|r| r.access == Access::Write).count();
+    assert!(writes >= 40, "only {writes} write routes declared");
+    for route in &table {
+        let path = route
+            .path
+            .replace("{id}", "x")
+            .replace("{index}", "0")
+            .replace("{file}", "index.html");
+        let method = Method::from_bytes(route.method.as_str().as_bytes()).expect("method");
+        for auth in [None, Some("Bearer wrong-key")] {
+            let mut req = http
+                .request(method.clone(), node.url(&path))
+                .json(&json!({}));
+            if let Some(a) = auth {
+                req = req.header("Authorization", a);
+            }
+            let status = req.send().expect("send").status().as_u16();
+            match route.access {
+                Access::Write => assert_eq!(status, 401, "{method} {path} with {auth:?}"),
+                // A read may fail for its own reasons (no model, no such id), but
+                // never for want of a key.
+                Access::Read => assert_ne!(status, 401, "{method} {path} with {auth:?}"),
+            }
+        }
+    }
+    // The node is still serving after every route was called.
+    assert_eq!(node.get("/health/live").0, 200);
+}
+
+#[test]
+fn path_host_and_expensive_read_errors_are_json_and_refused() {
+    let node = TestNode::start_without_model();
+    // A path parameter of the wrong type is a JSON 400, not plain text.
+    let (status, v) = node.post("/api/admin/models/x/shards/-1/download", &json!({}));
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["code"], "INVALID_PATH", "{v}");
+    // Joining with an empty code is the caller's mistake.
+    for body in [json!({ "code": "" }), json!({ "code": "  " }), json!({})] {
+        let (status, v) = node.post("/api/admin/join-network", &body);
+        assert_eq!(status, 400, "{body}: {v}");
+        assert_eq!(v["error"]["details"]["field"], "code", "{v}");
+    }
+    // DNS rebinding: a hostile name that resolves here is refused; IP literals
+    // and localhost are not.
+    let http = node.http();
+    let host = |h: &str| {
+        http.get(node.url("/health"))
+            .header("Host", h)
+            .send()
+            .expect("send")
+            .status()
+            .as_u16()
+    };
+    assert_eq!(host("evil.example:8800"), 421);
+    assert_eq!(host(&format!("localhost:{}", node.port)), 200);
+    assert_eq!(host(&format!("127.0.0.1:{}", node.port)), 200);
+    // Re-verifying the whole ledger needs the key.
+    let r = http
+        .get(node.url("/api/admin/credits?verify=true"))
+        .send()
+        .expect("send");
+    assert_eq!(r.status().as_u16(), 401);
+    let (status, v) = node.get_auth("/api/admin/credits?verify=true");
+    assert_eq!(status, 200, "{v}");
+    assert!(v["verification"].is_object(), "{v}");
+    assert_eq!(node.get("/api/admin/credits").0, 200);
+}
+
+#[test]
 fn bad_inputs_get_clear_errors_and_the_node_keeps_serving() {
     let node = TestNode::start();
     let raw = |body: &str| {

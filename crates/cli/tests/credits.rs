@@ -49,7 +49,7 @@ fn balance(node: &TestNode) -> f64 {
 
 /// `GET /api/admin/credits?verify=true`, asserting the ledger verifies.
 fn verified(node: &TestNode) -> Value {
-    let (status, v) = node.get("/api/admin/credits?verify=true");
+    let (status, v) = node.get_auth("/api/admin/credits?verify=true");
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["verification"]["signatures_valid"], true, "{v}");
     assert_eq!(v["verification"]["totals_match"], true, "{v}");
@@ -270,6 +270,39 @@ fn a_split_request_leaves_the_same_signed_receipt_on_both_sides() {
         other => panic!("refused: {other:?}"),
     }
     assert!((balance(&a) - before - 0.000005).abs() < EPS);
+
+    // An unsolicited huge transfer is refused by its amount; a flood of small
+    // ones is cut off at ten a minute per peer, and only the accepted ones count.
+    let huge = transfer(&rogue_id, &a_id, "tx_huge", i64::MAX);
+    match credit_call(
+        &rt,
+        &rogue,
+        &a_id,
+        &json!({ "op": "propose", "entry": huge }),
+    ) {
+        Response::Error { code, message } => assert_eq!(code, 400, "{message}"),
+        other => panic!("a huge transfer was accepted: {other:?}"),
+    }
+    let (mut accepted, mut limited) = (0, 0);
+    for i in 0..12 {
+        let entry = transfer(&rogue_id, &a_id, &format!("tx_flood{i}"), 1);
+        match credit_call(
+            &rt,
+            &rogue,
+            &a_id,
+            &json!({ "op": "propose", "entry": entry }),
+        ) {
+            Response::Credit(_) => accepted += 1,
+            Response::Error { code: 429, .. } => limited += 1,
+            other => panic!("flood transfer {i}: {other:?}"),
+        }
+    }
+    assert_eq!(
+        (accepted, limited),
+        (9, 3),
+        "tx_ok was the first of the ten"
+    );
+    assert!((balance(&a) - before - 0.000014).abs() < EPS);
     verified(&a);
 }
 

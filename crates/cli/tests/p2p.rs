@@ -163,7 +163,8 @@ fn malformed_or_tampered_network_codes_get_400() {
 
 #[test]
 fn garbage_frames_and_forged_announcements_are_rejected_and_the_node_keeps_serving() {
-    let a = TestNode::start_without_model();
+    // Every case must reach the node: no ban however low the rogue's trust falls.
+    let a = TestNode::start_custom(false, &[], &[("SWARMLLM_PEER_BAN_TRUST", "0")], |_| {});
     let a_id = node_id(&a);
     let code = network_code(&a);
     let rt = tokio::runtime::Runtime::new().expect("runtime");

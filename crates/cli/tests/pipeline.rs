@@ -170,8 +170,10 @@ fn three_way_split_matches_local_greedy_output_and_survives_a_killed_hop() {
     }
     assert!(killed.is_some(), "the stream ended before the kill");
     assert_eq!(
-        text, story_reference,
-        "the re-routed stream changed the text"
+        text,
+        story_reference,
+        "the re-routed stream changed the text; requester's log:\n{}",
+        a.log()
     );
     assert!(!finish.is_null());
     assert!(
@@ -208,7 +210,10 @@ fn three_way_split_matches_local_greedy_output_and_survives_a_killed_hop() {
 #[test]
 fn unknown_models_404_and_malformed_activation_frames_are_refused() {
     let lib = import_library();
-    let a = TestNode::start_custom(false, &[], &[], |d| give_shards(lib.path(), d, &[0]));
+    // Every case must reach the node: no ban however low the rogue's trust falls.
+    let a = TestNode::start_custom(false, &[], &[("SWARMLLM_PEER_BAN_TRUST", "0")], |d| {
+        give_shards(lib.path(), d, &[0])
+    });
     let (status, v) = chat(&a, Some("no-such-model"), "Hi", 4);
     assert_eq!(status, 404, "{v}");
     assert_eq!(v["error"]["code"], "MODEL_NOT_FOUND");

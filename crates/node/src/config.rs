@@ -60,8 +60,21 @@ pub struct Config {
     pub max_body_bytes: u64,
     /// Authenticated requests per minute per API key; 0 disables. Default 600.
     pub rate_limit_per_minute: u32,
+    /// Requests per minute per client address on the public (read) routes; 0
+    /// disables. Default 3000.
+    pub public_rate_limit_per_minute: u32,
     /// Extra browser origins allowed by CORS besides the app's own. Default none.
     pub cors_origins: Vec<String>,
+    /// Host names the API answers besides IP addresses and `localhost` (a guard
+    /// against DNS rebinding: a page on a hostile name that resolves to this
+    /// machine gets 421). Default none.
+    pub allowed_hosts: Vec<String>,
+    /// A peer whose trust score (0–100; −10 per malformed message) falls below
+    /// this is disconnected and refused for `peer_cool_off_secs`; 0 never bans.
+    /// Default 10.
+    pub peer_ban_trust: u32,
+    /// Seconds a banned peer is refused. Default 600.
+    pub peer_cool_off_secs: u32,
     /// `human` or `json`. Default `human`.
     pub log_format: String,
     /// A tracing filter such as `info` or `swarmllm_node=debug`. Default `info`.
@@ -125,7 +138,11 @@ impl Default for Config {
             default_max_tokens: 256,
             max_body_bytes: 1024 * 1024,
             rate_limit_per_minute: 600,
+            public_rate_limit_per_minute: 3000,
             cors_origins: Vec::new(),
+            allowed_hosts: Vec::new(),
+            peer_ban_trust: 10,
+            peer_cool_off_secs: 600,
             log_format: "human".into(),
             log_level: "info".into(),
             secret_store: "auto".into(),

@@ -202,8 +202,13 @@ impl Node {
         .and_then(|s| serde_json::from_str(&s).ok())
         .unwrap_or_default();
         let (pipeline_config, host_config) = pipeline_config(&config);
-        let pipeline = Pipeline::start(pipeline_config, host_config, identity.clone())
-            .map_err(|e| StartError::Task(format!("starting the range host: {e}")))?;
+        let pipeline = Pipeline::start(
+            pipeline_config,
+            host_config,
+            identity.clone(),
+            store.clone(),
+        )
+        .map_err(|e| StartError::Task(format!("starting the range host: {e}")))?;
 
         let pools = crate::pool::Pools::with_clock(
             store.clone(),
@@ -619,6 +624,8 @@ pub fn net_config(config: &Config) -> NetConfig {
         announce_interval: Duration::from_secs(config.announce_interval_secs as u64),
         region: crate::net::detect_region(&config.region),
         offline: false,
+        ban_below_trust: i64::from(config.peer_ban_trust),
+        cool_off: Duration::from_secs(u64::from(config.peer_cool_off_secs)),
     }
 }
 
@@ -652,6 +659,7 @@ fn local_info(node: Weak<Inner>, hardware: HardwareSummary) -> crate::net::Local
                 layer_end: info.n_layers,
                 n_layers: info.n_layers,
                 ms_per_layer: None,
+                manifest_hash: None,
             });
             load.queue_depth = engine.queue_depth() as u32;
         }
@@ -661,6 +669,7 @@ fn local_info(node: Weak<Inner>, hardware: HardwareSummary) -> crate::net::Local
         }
         for r in ranges {
             models.push(HostedModel {
+                manifest_hash: inner.pipeline.manifest_hash(&r.model_id),
                 id: r.model_id,
                 layer_start: r.layer_start,
                 layer_end: r.layer_end,
@@ -757,7 +766,12 @@ pub fn model_id_from_path(path: &Path) -> String {
 /// the file `SWARMLLM_TEST_CLOCK_OFFSET_FILE` names when that is set (a test hook,
 /// so end-to-end tests can let invite codes expire).
 fn pool_clock() -> crate::pool::Clock {
-    let offset_file = std::env::var_os("SWARMLLM_TEST_CLOCK_OFFSET_FILE").map(PathBuf::from);
+    // Only builds with the `test-hooks` feature read the variable.
+    let offset_file = if cfg!(feature = "test-hooks") {
+        std::env::var_os("SWARMLLM_TEST_CLOCK_OFFSET_FILE").map(PathBuf::from)
+    } else {
+        None
+    };
     Arc::new(move || {
         let offset = offset_file
             .as_ref()

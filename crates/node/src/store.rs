@@ -150,6 +150,20 @@ const MIGRATIONS: &[&str] = &[
         created_at INTEGER NOT NULL
     );
     ALTER TABLE pools ADD COLUMN rates TEXT;",
+    // 5: the manifest hash first accepted for each model id; receipts whose
+    // settle has not reached the hop yet.
+    "CREATE TABLE manifest_pins (
+        model_id      TEXT PRIMARY KEY,
+        manifest_hash TEXT NOT NULL,
+        pinned_at     INTEGER NOT NULL
+    );
+    ALTER TABLE swarm_nodes ADD COLUMN banned_until INTEGER;
+    CREATE TABLE credit_pending_settles (
+        id         TEXT PRIMARY KEY,
+        node       TEXT NOT NULL,
+        entry      TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    );",
 ];
 
 /// A database failure.

@@ -53,6 +53,7 @@ fn host(
 
 fn step(session: u8, seq: u64, pos: u32, tokens: &[i32]) -> Step {
     Step {
+        peer: "requester".into(),
         session: [session; 16],
         seq,
         model_id: "m".into(),
@@ -142,7 +143,7 @@ fn session_memory_has_a_budget() {
         rt.block_on(host.step(step(2, 1, 0, &prompt))),
         Err(HostError::Busy(1))
     ));
-    host.close([1; 16]);
+    host.close([1; 16], "requester");
     let deadline = Instant::now() + Duration::from_secs(10);
     while host.session_count() > 0 {
         assert!(Instant::now() < deadline, "close did not free the session");
@@ -150,4 +151,58 @@ fn session_memory_has_a_budget() {
     }
     rt.block_on(host.step(step(2, 1, 0, &prompt)))
         .expect("room after close");
+}
+
+#[test]
+fn a_peer_cannot_use_another_peers_session_or_send_out_of_range_numbers() {
+    let (host, _dir) = host(8, u64::MAX, Duration::from_secs(300));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    let run = |s: Step| rt.block_on(host.step(s));
+    let prompt = [1, 504, 3158];
+    let StepOutput::Token(Some(t)) = run(step(1, 1, 0, &prompt)).expect("owner's prompt") else {
+        panic!("no token")
+    };
+
+    // Another peer can neither step nor close the session.
+    let mut stranger = step(1, 2, 3, &[t]);
+    stranger.peer = "stranger".into();
+    match run(stranger) {
+        Err(HostError::BadStep(m)) => assert!(m.contains("another peer"), "{m}"),
+        other => panic!("a stranger stepped the session: {other:?}"),
+    }
+    host.close([1; 16], "stranger");
+    // The owner's next step still finds its session (a close by a stranger would
+    // have dropped it, and position 3 of an unknown session is refused).
+    run(step(1, 3, 3, &[t])).expect("the owner's session survived");
+
+    // Sampling numbers a peer sends pass the HTTP API's validation.
+    let bad_specs: [(&str, fn(&mut SampleSpec)); 5] = [
+        ("repeat_last_n", |s| s.repeat_last_n = i32::MAX),
+        ("top_k", |s| s.top_k = i32::MAX),
+        ("temperature", |s| s.temperature = f32::NAN),
+        ("top_p", |s| s.top_p = f32::INFINITY),
+        ("repeat_penalty", |s| s.repeat_penalty = -1.0),
+    ];
+    for (i, (field, spoil)) in bad_specs.into_iter().enumerate() {
+        let mut s = step(10 + i as u8, 1, 0, &prompt);
+        if let Some(spec) = s.sample.as_mut() {
+            spoil(spec);
+        }
+        match run(s) {
+            Err(HostError::BadStep(m)) => assert!(m.contains(field), "{field}: {m}"),
+            other => panic!("{field} accepted: {other:?}"),
+        }
+    }
+    // Primed tokens: within the vocabulary and the context.
+    let mut s = step(20, 1, 0, &prompt);
+    s.prime = vec![-5];
+    assert!(matches!(run(s), Err(HostError::BadStep(_))));
+    let mut s = step(21, 1, 0, &prompt);
+    s.prime = vec![1; 513];
+    assert!(matches!(run(s), Err(HostError::BadStep(_))));
+    // None of the refused steps left a session behind: only the owner's.
+    assert_eq!(host.session_count(), 1);
 }

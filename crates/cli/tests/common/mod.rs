@@ -327,6 +327,15 @@ pub fn node_id(node: &TestNode) -> String {
 /// An in-process peer built from the library, used to send what a well-behaved
 /// node never would.
 pub fn rogue_peer(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> (Network, Identity) {
+    rogue_peer_announcing(rt, dir, Arc::new(LocalInfo::default))
+}
+
+/// A rogue peer whose announcements say what `info` returns (models it claims).
+pub fn rogue_peer_announcing(
+    rt: &tokio::runtime::Runtime,
+    dir: &std::path::Path,
+    info: swarmllm_node::net::LocalInfoFn,
+) -> (Network, Identity) {
     let identity = Identity::generate();
     let store = swarmllm_node::store::Store::open(&dir.join("rogue.db")).expect("store");
     let config = NetConfig {
@@ -338,13 +347,15 @@ pub fn rogue_peer(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> (Netwo
         network_name: "swarmllm".into(),
         announce_interval: Duration::from_secs(3600),
         region: "EU".into(),
+        ban_below_trust: 0,
+        cool_off: Duration::from_secs(600),
     };
     let net = rt
         .block_on(Network::start(
             &identity,
             store,
             config,
-            Arc::new(LocalInfo::default),
+            info,
             tokio_util::sync::CancellationToken::new(),
         ))
         .expect("rogue network");

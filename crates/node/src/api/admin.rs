@@ -218,7 +218,7 @@ pub(crate) async fn delete_nickname(
 /// `gguf_header.bin` (400 when the node has no header for it).
 pub(crate) async fn model_metadata(
     State(state): State<AppState>,
-    axum::extract::Path(id): axum::extract::Path<String>,
+    super::extract::Path(id): super::extract::Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     if id.is_empty() || id.contains(['/', '\\']) || id.starts_with('.') {
         return Err(ApiError::invalid_field("id", "not a model id"));
@@ -240,4 +240,25 @@ pub(crate) async fn model_metadata(
             )
         })?;
     Ok(Json(crate::shard::metadata_json(&id, &header)))
+}
+
+/// Node administration: stats, config, identity, shutdown. Each route is declared read (public) or write (needs the key) here.
+pub(super) fn routes() -> super::routes::Routes {
+    use axum::http::Method;
+    super::routes::Routes::default()
+        .read(Method::GET, "/api/admin/stats", stats)
+        .read(Method::GET, "/api/admin/version", version)
+        .read(Method::GET, "/api/admin/config", get_config)
+        .read(Method::GET, "/api/identity/nickname", get_nickname)
+        .read(
+            Method::GET,
+            "/api/admin/models/{id}/metadata",
+            model_metadata,
+        )
+        .write(Method::GET, "/api/admin/api-key", api_key)
+        .write(Method::POST, "/api/admin/shutdown", shutdown)
+        .write(Method::PUT, "/api/admin/config", put_config)
+        .write(Method::POST, "/api/admin/config/reload", reload_config)
+        .write(Method::PUT, "/api/identity/nickname", put_nickname)
+        .write(Method::DELETE, "/api/identity/nickname", delete_nickname)
 }

@@ -5,7 +5,9 @@
 use std::collections::HashMap;
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
+
+use super::extract::Path;
 use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -56,8 +58,13 @@ fn int_param(
 /// totals): balance, tier and rates.
 pub(crate) async fn admin_credits(
     State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
+    // Re-verifying every signature is expensive: only the key holder may ask.
+    if q.get("verify").is_some_and(|v| v == "true") && !super::extract::has_key(&state, &headers) {
+        return Err(ApiError::unauthorized());
+    }
     let credits = state.node.credits().clone();
     let ledger = credits.ledger().clone();
     let balance = blocking(move || ledger.balance()).await?;
@@ -328,4 +335,21 @@ pub(crate) async fn put_pool_rates(
     super::blocking("pool", move || pools.set_rates(&pool_id, overrides)).await?;
     state.node.pools().publish_settings().await;
     Ok(Json(rates_view(&id, overrides, defaults)))
+}
+
+/// Credits and the wallet. Each route is declared read (public) or write (needs the key) here.
+pub(super) fn routes() -> super::routes::Routes {
+    use axum::http::Method;
+    super::routes::Routes::default()
+        .read(Method::GET, "/api/admin/credits", admin_credits)
+        .read(Method::GET, "/api/identity/leaderboard", leaderboard)
+        .read(Method::GET, "/api/admin/pools/{id}/rates", get_pool_rates)
+        .write(Method::PUT, "/api/admin/pools/{id}/rates", put_pool_rates)
+        .write(Method::GET, "/api/v1/wallet/balance", wallet_balance)
+        .write(Method::POST, "/api/v1/wallet/send", wallet_send)
+        .write(
+            Method::GET,
+            "/api/v1/wallet/transactions",
+            wallet_transactions,
+        )
 }

@@ -46,6 +46,23 @@ impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
     }
 }
 
+/// Path parameters, like `axum::extract::Path` but rejected in the API's error
+/// shape: `…/shards/-1/download` is a 400 `INVALID_PATH` JSON body naming the
+/// parameter, never plain text.
+#[derive(Debug, axum::extract::FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub(crate) struct Path<T>(pub(crate) T);
+
+impl From<axum::extract::rejection::PathRejection> for ApiError {
+    fn from(e: axum::extract::rejection::PathRejection) -> Self {
+        ApiError::new(
+            axum::http::StatusCode::BAD_REQUEST,
+            "INVALID_PATH",
+            e.body_text(),
+        )
+    }
+}
+
 /// Parses a JSON body into `T`, mapping errors to the API's shape.
 pub(crate) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     use serde_json::error::Category;
@@ -124,10 +141,46 @@ pub(crate) async fn require_auth(
         return Err(ApiError::unauthorized());
     };
     let per_minute = state.node.config().rate_limit_per_minute;
-    if let Err(retry_after) = state.limiter.check(token, per_minute) {
+    if let Err(retry_after) = state.limiter.check(&format!("key:{token}"), per_minute) {
         return Err(ApiError::rate_limited(retry_after));
     }
     Ok(next.run(req).await)
+}
+
+/// Callers whose bucket is kept (keys and client addresses together).
+const MAX_BUCKETS: usize = 4096;
+
+/// Middleware of the public routes: `public_rate_limit_per_minute` requests a
+/// minute per client address (the API is meant for this machine and its LAN, so
+/// a client flooding status reads is refused rather than served).
+pub(crate) async fn limit_public(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let client = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip().to_string())
+        .unwrap_or_default();
+    let per_minute = state.node.config().public_rate_limit_per_minute;
+    if let Err(retry_after) = state.limiter.check(&format!("public:{client}"), per_minute) {
+        return Err(ApiError::rate_limited(retry_after));
+    }
+    Ok(next.run(req).await)
+}
+
+/// Whether the request carries the node's API key (for reads that cost more
+/// when asked for, such as `?verify=true`).
+pub(crate) fn has_key(state: &AppState, headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, token) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        })
+        .is_some_and(|t| state.node.api_key_matches(t))
 }
 
 /// Token buckets per API key: `per_minute` requests a minute, bursts up to
@@ -155,6 +208,14 @@ impl RateLimiter {
         let now = Instant::now();
         let rate = per_minute as f64 / 60.0;
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if buckets.len() >= MAX_BUCKETS && !buckets.contains_key(&id) {
+            // Full buckets refill within a minute: those idle that long are
+            // the same as new ones and can go.
+            buckets.retain(|_, b| now.duration_since(b.updated).as_secs() < 60);
+            if buckets.len() >= MAX_BUCKETS {
+                return Err(1);
+            }
+        }
         let bucket = buckets.entry(id).or_insert(Bucket {
             tokens: per_minute as f64,
             updated: now,

@@ -75,34 +75,16 @@ impl SamplingFields {
             }
             Some(n) => n.min(u32::MAX as i64) as u32,
         };
-        let temperature =
-            range("temperature", self.temperature, 0.0, 2.0)?.unwrap_or(d.temperature as f64);
-        let top_p = range("top_p", self.top_p, 0.0, 1.0)?.unwrap_or(d.top_p as f64);
-        if top_p <= 0.0 {
-            return Err(ApiError::invalid_parameter(
-                "top_p",
-                "must be greater than 0",
-            ));
-        }
-        let top_k = match self.top_k {
-            Some(k) if k < 0 => {
-                return Err(ApiError::invalid_parameter(
-                    "top_k",
-                    "must be 0 (off) or positive",
-                ));
-            }
-            Some(k) => k.min(i32::MAX as i64) as i32,
-            None => d.top_k,
-        };
-        let min_p = range("min_p", self.min_p, 0.0, 1.0)?.unwrap_or(0.05);
-        let repeat_penalty =
-            range("repeat_penalty", self.repeat_penalty, 0.0, 10.0)?.unwrap_or(1.0);
-        if repeat_penalty <= 0.0 {
-            return Err(ApiError::invalid_parameter(
-                "repeat_penalty",
-                "must be greater than 0",
-            ));
-        }
+        // Wide numbers are narrowed by clamping (an out-of-range value stays out of
+        // range), then checked by the same validation a pipeline step gets.
+        let narrow = |v: Option<f64>, default: f32| v.map_or(default, |x| x as f32);
+        let temperature = narrow(self.temperature, d.temperature);
+        let top_p = narrow(self.top_p, d.top_p);
+        let top_k = self.top_k.map_or(d.top_k, |k| {
+            k.clamp(i32::MIN as i64, i32::MAX as i64) as i32
+        });
+        let min_p = narrow(self.min_p, 0.05);
+        let repeat_penalty = narrow(self.repeat_penalty, 1.0);
         let seed = match self.seed {
             Some(s) if !(0..=u32::MAX as i64).contains(&s) => {
                 return Err(ApiError::invalid_parameter(
@@ -120,28 +102,22 @@ impl SamplingFields {
                 format!("at most {MAX_STOP_SEQUENCES} stop sequences"),
             ));
         }
-        Ok(SamplingParams {
-            temperature: temperature as f32,
-            top_p: top_p as f32,
+        let params = SamplingParams {
+            temperature,
+            top_p,
             top_k,
-            min_p: min_p as f32,
-            repeat_penalty: repeat_penalty as f32,
+            min_p,
+            repeat_penalty,
             repeat_last_n: 64,
             seed,
             max_tokens,
             stop,
             ignore_eos: self.ignore_eos.unwrap_or(false),
-        })
-    }
-}
-
-fn range(field: &str, v: Option<f64>, lo: f64, hi: f64) -> Result<Option<f64>, ApiError> {
-    match v {
-        Some(x) if !x.is_finite() || x < lo || x > hi => Err(ApiError::invalid_parameter(
-            field,
-            format!("must be between {lo} and {hi}"),
-        )),
-        other => Ok(other),
+        };
+        params
+            .validate(crate::infer::SamplingLimits::default())
+            .map_err(|e| ApiError::invalid_parameter(e.field, e.message))?;
+        Ok(params)
     }
 }
 

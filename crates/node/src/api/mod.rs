@@ -13,6 +13,7 @@ mod models;
 mod net;
 mod openai;
 mod pool;
+mod routes;
 mod ui;
 mod v1;
 mod ws;
@@ -24,7 +25,6 @@ use axum::Router;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::OnceCell;
@@ -32,6 +32,8 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 pub use error::ApiError;
+use routes::Routes;
+pub use routes::{Access, Route};
 
 use crate::Node;
 use crate::infer::DeviceInfo;
@@ -81,6 +83,26 @@ impl AppState {
     }
 }
 
+/// Every domain's routes.
+fn all_routes() -> Routes {
+    health_routes()
+        .merge(ui::routes())
+        .merge(openai::routes())
+        .merge(v1::routes())
+        .merge(admin::routes())
+        .merge(net::routes())
+        .merge(ws::routes())
+        .merge(models::routes())
+        .merge(pool::routes())
+        .merge(credits::routes())
+}
+
+/// Every route of the API with its method and access (read or write), as the
+/// domains declare them.
+pub fn route_table() -> Vec<Route> {
+    all_routes().table
+}
+
 /// Builds the HTTP app for `node`.
 pub fn router(node: Node) -> Router {
     let state = AppState {
@@ -90,149 +112,41 @@ pub fn router(node: Node) -> Router {
         gpus: Arc::default(),
     };
 
-    let public = Router::new()
-        .route("/", get(ui::index))
-        .route("/{file}", get(ui::asset))
-        .route("/health", get(health))
-        .route("/health/live", get(live))
-        .route("/health/ready", get(ready))
-        .route("/metrics", get(prometheus))
-        .route("/v1/models", get(openai::list_models))
-        .route("/api/v1/status", get(v1::status))
-        .route("/api/v1/health", get(v1::health))
-        .route("/api/v1/metrics", get(v1::metrics))
-        .route("/api/admin/stats", get(admin::stats))
-        .route("/api/admin/version", get(admin::version))
-        .route("/api/admin/config", get(admin::get_config))
-        .route("/api/identity/nickname", get(admin::get_nickname))
-        .route("/api/identity/peers", get(net::identity_peers))
-        .route("/api/admin/peers", get(net::admin_peers))
-        .route("/api/admin/network-map", get(net::network_map))
-        .route("/api/admin/network-code", get(net::network_code))
-        .route("/api/v1/peers", get(net::v1_peers))
-        .route("/api/v1/network", get(net::v1_network))
-        .route("/.well-known/swarmllm", get(net::well_known))
-        .route(
-            "/api/admin/models/{id}/metadata",
-            get(admin::model_metadata),
-        )
-        .route("/api/admin/ws", get(ws::upgrade))
-        .route("/api/admin/models", get(models::list))
-        .route("/api/admin/models/{id}/status", get(models::status))
-        .route("/api/v1/layers", get(models::layers))
-        .route("/api/pool/state", get(pool::state))
-        .route("/api/pool/private-mode", get(pool::get_private_mode))
-        .route("/api/pool/coverage", get(pool::get_coverage))
-        .route("/api/pool/pins", get(pool::pins))
-        .route("/api/pool/invitations", get(pool::invitations))
-        .route("/api/pool/leaderboard", get(pool::leaderboard))
-        .route("/api/admin/credits", get(credits::admin_credits))
-        .route("/api/identity/leaderboard", get(credits::leaderboard))
-        .route("/api/admin/pools/{id}/rates", get(credits::get_pool_rates))
-        .route("/api/admin/shard-storage", get(models::storage))
-        .route("/api/admin/downloads", get(models::downloads))
-        .route(
-            "/api/admin/models/{id}/encrypted-pipeline",
-            get(models::get_encrypted),
-        );
-
-    let protected = Router::new()
-        .route("/v1/chat/completions", post(openai::chat_completions))
-        .route("/v1/completions", post(openai::completions))
-        .route("/api/v1/inference", post(v1::inference))
-        .route("/api/admin/api-key", get(admin::api_key))
-        .route("/api/admin/shutdown", post(admin::shutdown))
-        .route("/api/admin/config", axum::routing::put(admin::put_config))
-        .route("/api/admin/config/reload", post(admin::reload_config))
-        .route("/api/admin/join-network", post(net::join_network))
-        .route("/api/v1/network/discover", post(net::discover))
-        .route("/api/admin/rescan-shards", post(models::rescan))
-        .route("/api/pool/create", post(pool::create))
-        .route("/api/pool/generate-code", post(pool::generate_code))
-        .route("/api/pool/leave", post(pool::leave))
-        .route("/api/pool/join", post(pool::join))
-        .route("/api/pool/remove", post(pool::remove))
-        .route("/api/pool/device-name", post(pool::device_name))
-        .route("/api/pool/invite", post(pool::invite))
-        .route("/api/pool/accept", post(pool::accept))
-        .route("/api/pool/qr", post(pool::qr))
-        .route("/api/pool/scan-qr", post(pool::scan_qr))
-        .route(
-            "/api/admin/pools/{id}/rates",
-            axum::routing::put(credits::put_pool_rates),
-        )
-        .route("/api/v1/wallet/balance", get(credits::wallet_balance))
-        .route("/api/v1/wallet/send", post(credits::wallet_send))
-        .route(
-            "/api/v1/wallet/transactions",
-            get(credits::wallet_transactions),
-        )
-        .route(
-            "/api/pool/pin",
-            post(pool::add_pin).delete(pool::remove_pin),
-        )
-        .route(
-            "/api/pool/credit-split",
-            axum::routing::put(pool::put_credit_split),
-        )
-        .route(
-            "/api/pool/contribution",
-            axum::routing::put(pool::put_contribution),
-        )
-        .route(
-            "/api/pool/private-mode",
-            axum::routing::put(pool::put_private_mode),
-        )
-        .route("/api/admin/models/{id}/add", post(models::add))
-        .route(
-            "/api/admin/models/{id}",
-            axum::routing::delete(models::remove),
-        )
-        .route("/api/admin/models/{id}/unload", post(models::unload_model))
-        .route(
-            "/api/admin/models/{id}/shards/{index}",
-            axum::routing::delete(models::remove_shard),
-        )
-        .route(
-            "/api/admin/models/{id}/shards/{index}/download",
-            post(models::download),
-        )
-        .route(
-            "/api/admin/models/{id}/shards/{index}/load",
-            post(models::load_shard),
-        )
-        .route(
-            "/api/admin/models/{id}/shards/{index}/unload",
-            post(models::unload_shard),
-        )
-        .route(
-            "/api/admin/models/{id}/shards/{index}/lock",
-            axum::routing::put(models::lock_shard),
-        )
-        .route(
-            "/api/admin/downloads/{id}/cancel",
-            post(models::cancel_download),
-        )
-        .route(
-            "/api/admin/models/{id}/encrypted-pipeline",
-            axum::routing::put(models::put_encrypted),
-        )
-        .route(
-            "/api/identity/nickname",
-            axum::routing::put(admin::put_nickname).delete(admin::delete_nickname),
-        )
+    let routes = all_routes();
+    let protected = routes
+        .write
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             extract::require_auth,
+        ));
+    let public = routes
+        .read
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            extract::limit_public,
         ));
 
     public
         .merge(protected)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            check_host,
+        ))
         .layer(cors(state.node.clone()))
         .layer(CatchPanicLayer::custom(panic_response))
         .with_state(state)
+}
+
+/// Health and Prometheus metrics. Each route is declared read (public) or write (needs the key) here.
+fn health_routes() -> Routes {
+    use axum::http::Method;
+    Routes::default()
+        .read(Method::GET, "/health", health)
+        .read(Method::GET, "/health/live", live)
+        .read(Method::GET, "/health/ready", ready)
+        .read(Method::GET, "/metrics", prometheus)
 }
 
 /// Serves the API on `listener` until the node's shutdown token is cancelled, then
@@ -271,6 +185,52 @@ pub(crate) fn origin_allowed(node: &Node, origin: &str) -> bool {
         format!("http://localhost:{}", config.api_port),
     ];
     own.iter().any(|o| o == origin) || config.cors_origins.iter().any(|o| o == origin)
+}
+
+/// Refuses requests whose `Host` is a name this node does not answer to (421):
+/// DNS rebinding points a hostile name at 127.0.0.1 so that a web page can read
+/// the API as its own origin. IP literals cannot be rebound, so they pass, as do
+/// `localhost` names and the configured `allowed_hosts`.
+async fn check_host(
+    State(state): State<AppState>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().host());
+    match host {
+        Some(host) if !host_allowed(&state.node.config().allowed_hosts, host) => ApiError::new(
+            StatusCode::MISDIRECTED_REQUEST,
+            "HOST_NOT_ALLOWED",
+            format!("this node does not answer to host {host:?} (see allowed_hosts)"),
+        )
+        .into_response(),
+        _ => next.run(req).await,
+    }
+}
+
+/// Whether a `Host` header value (name or address, with or without a port)
+/// names this node.
+pub(crate) fn host_allowed(allowed: &[String], host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        // [v6]:port
+        Some(rest) => rest.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(name, port)| {
+            if port.bytes().all(|b| b.is_ascii_digit()) {
+                name
+            } else {
+                host
+            }
+        }),
+    };
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    name.parse::<std::net::IpAddr>().is_ok()
+        || name == "localhost"
+        || name.ends_with(".localhost")
+        || allowed.iter().any(|a| a.eq_ignore_ascii_case(&name))
 }
 
 async fn not_found(req: Request) -> ApiError {
@@ -344,4 +304,32 @@ async fn prometheus(State(state): State<AppState>) -> Response {
         metrics.encode(),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_allowed;
+
+    #[test]
+    fn hosts_are_ip_literals_localhost_or_configured() {
+        let none: Vec<String> = Vec::new();
+        for ok in [
+            "127.0.0.1:8800",
+            "localhost:8800",
+            "localhost",
+            "[::1]:8800",
+            "tauri.localhost",
+            "192.168.1.5:8800",
+        ] {
+            assert!(host_allowed(&none, ok), "{ok}");
+        }
+        for bad in [
+            "evil.example:8800",
+            "evil.example",
+            "127.0.0.1.evil.example:80",
+        ] {
+            assert!(!host_allowed(&none, bad), "{bad}");
+        }
+        assert!(host_allowed(&["my-box.lan".to_string()], "My-Box.lan:8800"));
+    }
 }

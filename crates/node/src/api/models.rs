@@ -4,7 +4,9 @@
 use std::collections::BTreeSet;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
+
+use super::extract::Path;
 use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -98,6 +100,14 @@ fn model_json(
         "ram_estimate_mb": round1(loaded_mb * (1.0 - on_gpu)),
         "vram_estimate_mb": round1(loaded_mb * on_gpu),
         "holders": net.map(|m| m.holders.iter().map(|h| h.node_id.clone()).collect::<BTreeSet<_>>().len()).unwrap_or(0),
+        // The manifest accepted here, and every one holders announce: holders of
+        // another manifest are shown, never used.
+        "manifest_hash": local.map(|m| m.manifest_hash.clone()).or_else(|| net.and_then(|m| m.manifest_hash.clone())),
+        "manifest_hashes": net.map(|m| json!(m.manifest_hashes)).unwrap_or(json!({})),
+        "manifest_conflict": net.is_some_and(|m| {
+            m.manifest_hashes.len() > 1
+                || m.manifest_hashes.keys().any(|h| m.manifest_hash.as_ref().is_some_and(|p| p != h))
+        }),
         // A model imported here was chosen by the user; one only seen on the
         // network is merely discovered.
         "trust_level": if local.is_some() { "Pinned" } else { "Discovered" },
@@ -127,7 +137,9 @@ pub(crate) async fn list(State(state): State<AppState>) -> Json<Value> {
             )
         })
         .collect();
-    Json(json!({ "models": models, "total": models.len() }))
+    // Directories skipped at the last scan because their manifest breaks a rule.
+    let rejected = pipeline.rejected_models();
+    Json(json!({ "models": models, "total": models.len(), "rejected": rejected }))
 }
 
 /// `GET /api/admin/models/{id}/status`
@@ -242,6 +254,14 @@ fn transfer_error(e: TransferError) -> ApiError {
         TransferError::NoNetwork => {
             ApiError::new(StatusCode::BAD_REQUEST, "NO_SOURCE", e.to_string())
         }
+        // A holder served a manifest that breaks a rule: the upstream is at fault.
+        TransferError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "MANIFEST_CONFLICT", m),
+        TransferError::BadManifest(m) => ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "BAD_MANIFEST",
+            format!("the holders' manifest was refused: {m}"),
+        )
+        .with_details(json!({ "rule": m.rule })),
         other => ApiError::new(
             StatusCode::BAD_GATEWAY,
             "TRANSFER_FAILED",
@@ -668,4 +688,59 @@ pub(crate) async fn put_encrypted(
         );
     }
     Ok(Json(v))
+}
+
+/// Sharded models, shards and downloads. Each route is declared read (public) or write (needs the key) here.
+pub(super) fn routes() -> super::routes::Routes {
+    use axum::http::Method;
+    super::routes::Routes::default()
+        .read(Method::GET, "/api/admin/models", list)
+        .read(Method::GET, "/api/admin/models/{id}/status", status)
+        .read(Method::GET, "/api/v1/layers", layers)
+        .read(Method::GET, "/api/admin/shard-storage", storage)
+        .read(Method::GET, "/api/admin/downloads", downloads)
+        .read(
+            Method::GET,
+            "/api/admin/models/{id}/encrypted-pipeline",
+            get_encrypted,
+        )
+        .write(Method::POST, "/api/admin/rescan-shards", rescan)
+        .write(Method::POST, "/api/admin/models/{id}/add", add)
+        .write(Method::DELETE, "/api/admin/models/{id}", remove)
+        .write(Method::POST, "/api/admin/models/{id}/unload", unload_model)
+        .write(
+            Method::DELETE,
+            "/api/admin/models/{id}/shards/{index}",
+            remove_shard,
+        )
+        .write(
+            Method::POST,
+            "/api/admin/models/{id}/shards/{index}/download",
+            download,
+        )
+        .write(
+            Method::POST,
+            "/api/admin/models/{id}/shards/{index}/load",
+            load_shard,
+        )
+        .write(
+            Method::POST,
+            "/api/admin/models/{id}/shards/{index}/unload",
+            unload_shard,
+        )
+        .write(
+            Method::PUT,
+            "/api/admin/models/{id}/shards/{index}/lock",
+            lock_shard,
+        )
+        .write(
+            Method::POST,
+            "/api/admin/downloads/{id}/cancel",
+            cancel_download,
+        )
+        .write(
+            Method::PUT,
+            "/api/admin/models/{id}/encrypted-pipeline",
+            put_encrypted,
+        )
 }

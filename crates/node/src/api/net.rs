@@ -74,6 +74,7 @@ pub(crate) async fn admin_peers(State(state): State<AppState>) -> Result<Json<Va
                 "trust_score": p.trust_score,
                 "consecutive_failures": p.consecutive_failures,
                 "bad_frames": p.bad_frames,
+                "banned_until": p.banned_until,
                 "models": p.models,
                 "hardware": p.hardware,
                 "load": p.load,
@@ -363,10 +364,13 @@ pub(crate) async fn join_network(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<JoinBody>,
 ) -> Result<Json<Value>, ApiError> {
-    let net = network(&state)?;
-    let entry = body.code.or(body.address).ok_or_else(|| {
+    // The body is checked before anything else: an empty code is the caller's
+    // mistake (400) whatever state the network is in.
+    let given = |v: Option<String>| v.map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+    let entry = given(body.code).or(given(body.address)).ok_or_else(|| {
         ApiError::invalid_field("code", "give `code` (swarm://…) or `address` (a multiaddr)")
     })?;
+    let net = network(&state)?;
     let node_id = net
         .add_seed_and_dial(&entry, "invite")
         .await
@@ -392,4 +396,19 @@ fn net_error(e: NetError) -> ApiError {
         NetError::Dial(msg) => ApiError::new(StatusCode::BAD_GATEWAY, "PEER_UNREACHABLE", msg),
         other => ApiError::internal("p2p", other),
     }
+}
+
+/// The P2P network: peers, codes, joining. Each route is declared read (public) or write (needs the key) here.
+pub(super) fn routes() -> super::routes::Routes {
+    use axum::http::Method;
+    super::routes::Routes::default()
+        .read(Method::GET, "/api/identity/peers", identity_peers)
+        .read(Method::GET, "/api/admin/peers", admin_peers)
+        .read(Method::GET, "/api/admin/network-map", network_map)
+        .read(Method::GET, "/api/admin/network-code", network_code)
+        .read(Method::GET, "/api/v1/peers", v1_peers)
+        .read(Method::GET, "/api/v1/network", v1_network)
+        .read(Method::GET, "/.well-known/swarmllm", well_known)
+        .write(Method::POST, "/api/admin/join-network", join_network)
+        .write(Method::POST, "/api/v1/network/discover", discover)
 }

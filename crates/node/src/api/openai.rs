@@ -460,3 +460,12 @@ pub(crate) fn sse(
         .keep_alive(KeepAlive::default())
         .into_response()
 }
+
+/// The OpenAI-compatible API. Each route is declared read (public) or write (needs the key) here.
+pub(super) fn routes() -> super::routes::Routes {
+    use axum::http::Method;
+    super::routes::Routes::default()
+        .read(Method::GET, "/v1/models", list_models)
+        .write(Method::POST, "/v1/chat/completions", chat_completions)
+        .write(Method::POST, "/v1/completions", completions)
+}

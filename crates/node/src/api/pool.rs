@@ -505,3 +505,30 @@ pub(crate) async fn scan_qr(body: axum::body::Bytes) -> Result<Json<Value>, ApiE
     })?;
     Ok(Json(json!({ "code": code })))
 }
+
+/// Device pools. Each route is declared read (public) or write (needs the key) here.
+pub(super) fn routes() -> super::routes::Routes {
+    use axum::http::Method;
+    super::routes::Routes::default()
+        .read(Method::GET, "/api/pool/state", state)
+        .read(Method::GET, "/api/pool/private-mode", get_private_mode)
+        .read(Method::GET, "/api/pool/coverage", get_coverage)
+        .read(Method::GET, "/api/pool/pins", pins)
+        .read(Method::GET, "/api/pool/invitations", invitations)
+        .read(Method::GET, "/api/pool/leaderboard", leaderboard)
+        .write(Method::POST, "/api/pool/create", create)
+        .write(Method::POST, "/api/pool/generate-code", generate_code)
+        .write(Method::POST, "/api/pool/leave", leave)
+        .write(Method::POST, "/api/pool/join", join)
+        .write(Method::POST, "/api/pool/remove", remove)
+        .write(Method::POST, "/api/pool/device-name", device_name)
+        .write(Method::POST, "/api/pool/invite", invite)
+        .write(Method::POST, "/api/pool/accept", accept)
+        .write(Method::POST, "/api/pool/qr", qr)
+        .write(Method::POST, "/api/pool/scan-qr", scan_qr)
+        .write(Method::POST, "/api/pool/pin", add_pin)
+        .write(Method::DELETE, "/api/pool/pin", remove_pin)
+        .write(Method::PUT, "/api/pool/credit-split", put_credit_split)
+        .write(Method::PUT, "/api/pool/contribution", put_contribution)
+        .write(Method::PUT, "/api/pool/private-mode", put_private_mode)
+}

@@ -1,7 +1,7 @@
 //! The web UI (`ui/` at the repository root), compiled into the binary and served
 //! at `http://127.0.0.1:8800/` — the same files the desktop app shows.
 
-use axum::extract::Path;
+use super::extract::Path;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
@@ -69,4 +69,12 @@ pub(crate) async fn index() -> Result<Response, ApiError> {
 /// `GET /{file}` for the UI's scripts, styles and icon.
 pub(crate) async fn asset(Path(name): Path<String>) -> Result<Response, ApiError> {
     file(&name)
+}
+
+/// The web UI the node serves. Each route is declared read (public) or write (needs the key) here.
+pub(super) fn routes() -> super::routes::Routes {
+    use axum::http::Method;
+    super::routes::Routes::default()
+        .read(Method::GET, "/", index)
+        .read(Method::GET, "/{file}", asset)
 }

@@ -170,3 +170,13 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> Json<Value> {
         "inference": state.node.metrics().summary(),
     }))
 }
+
+/// The `/api/v1` status and inference API. Each route is declared read (public) or write (needs the key) here.
+pub(super) fn routes() -> super::routes::Routes {
+    use axum::http::Method;
+    super::routes::Routes::default()
+        .read(Method::GET, "/api/v1/status", status)
+        .read(Method::GET, "/api/v1/health", health)
+        .read(Method::GET, "/api/v1/metrics", metrics)
+        .write(Method::POST, "/api/v1/inference", inference)
+}

@@ -116,3 +116,9 @@ async fn run(state: AppState, mut socket: WebSocket) {
 fn credits_json(c: crate::net::announce::CreditSummary) -> Value {
     json!({ "balance": crate::credits::to_credits(c.balance), "entries": c.entries })
 }
+
+/// The admin WebSocket. Each route is declared read (public) or write (needs the key) here.
+pub(super) fn routes() -> super::routes::Routes {
+    use axum::http::Method;
+    super::routes::Routes::default().read(Method::GET, "/api/admin/ws", upgrade)
+}

@@ -17,6 +17,25 @@ use crate::store::{Store, StoreError};
 /// test can kill the process mid-write. Never set in production.
 const PAUSE_ENV: &str = "SWARMLLM_TEST_CREDIT_WRITE_PAUSE_MS";
 
+/// A message queued with an entry, delivered until its recipient confirms it.
+enum Queued<'a> {
+    /// A pool forward: (its id, the owner, the payer-signed forward).
+    Forward(&'a str, &'a str, &'a Entry),
+    /// The settle of the recorded receipt, to this hop.
+    Settle(&'a str),
+}
+
+/// What recording an entry did.
+enum Outcome {
+    Inserted,
+    /// The same entry was already recorded.
+    Duplicate,
+    /// Another entry with the same id was recorded.
+    Conflict,
+    /// The totals would overflow.
+    Overflow,
+}
+
 /// A ledger operation failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -30,6 +49,9 @@ pub enum LedgerError {
     /// An entry with the same id but different content is already recorded.
     #[error("credit entry {0} conflicts with a recorded entry of the same id")]
     Conflict(String),
+    /// Recording the entry would overflow this node's 64-bit totals.
+    #[error("credit entry {0} would overflow the ledger's totals")]
+    Overflow(String),
     /// The database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -105,8 +127,10 @@ pub struct Ledger {
 impl Ledger {
     /// The ledger of node `node_id`.
     pub fn new(store: Store, node_id: String) -> Self {
+        // Only builds with the `test-hooks` feature read the variable.
         let pause = std::env::var(PAUSE_ENV)
             .ok()
+            .filter(|_| cfg!(feature = "test-hooks"))
             .and_then(|v| v.parse::<u64>().ok())
             .filter(|ms| *ms > 0)
             .map(Duration::from_millis);
@@ -119,7 +143,51 @@ impl Ledger {
 
     /// Records a dual-signed entry; `Ok(false)` if it was already recorded.
     pub fn record(&self, entry: &Entry) -> Result<bool, LedgerError> {
-        self.record_with_forward(entry, None)
+        self.record_queued(entry, None)
+    }
+
+    /// Records a receipt this node paid and, in the same transaction, queues its
+    /// settle for `hop` until the hop confirms it ([`Ledger::settled`]): both
+    /// ledgers end up with the entry even if the first settle is lost.
+    pub fn record_settle(&self, entry: &Entry, hop: &str) -> Result<bool, LedgerError> {
+        self.record_queued(entry, Some(Queued::Settle(hop)))
+    }
+
+    /// Receipts whose settle has not been confirmed: (id, hop, entry). Settles
+    /// a hop has not taken within a week are given up (the receipt stays here).
+    pub fn pending_settles(&self) -> Result<Vec<(String, String, Entry)>, LedgerError> {
+        let week_ago = chrono::Utc::now().timestamp() - 7 * 24 * 3600;
+        self.store.with_conn(|conn| {
+            conn.execute(
+                "DELETE FROM credit_pending_settles WHERE created_at < ?1",
+                [week_ago],
+            )
+        })?;
+        self.queued("SELECT id, node, entry FROM credit_pending_settles ORDER BY created_at")
+    }
+
+    /// The hop confirmed (or refused for good) the settle of receipt `id`.
+    pub fn settled(&self, id: &str) -> Result<(), LedgerError> {
+        self.store.with_conn(|conn| {
+            conn.execute("DELETE FROM credit_pending_settles WHERE id = ?1", [id])
+        })?;
+        Ok(())
+    }
+
+    fn queued(&self, sql: &str) -> Result<Vec<(String, String, Entry)>, LedgerError> {
+        Ok(self
+            .store
+            .with_conn(|conn| {
+                let mut stmt = conn.prepare(sql)?;
+                stmt.query_map([], |r| {
+                    let text: String = r.get(2)?;
+                    Ok((r.get(0)?, r.get(1)?, text))
+                })?
+                .collect::<rusqlite::Result<Vec<(String, String, String)>>>()
+            })?
+            .into_iter()
+            .filter_map(|(id, to, text)| Some((id, to, serde_json::from_str(&text).ok()?)))
+            .collect())
     }
 
     /// Records `entry` and, in the same transaction, queues `forward` (its id,
@@ -129,61 +197,102 @@ impl Ledger {
         entry: &Entry,
         forward: Option<(&str, &str, &Entry)>,
     ) -> Result<bool, LedgerError> {
+        self.record_queued(
+            entry,
+            forward.map(|(id, owner, fwd)| Queued::Forward(id, owner, fwd)),
+        )
+    }
+
+    fn record_queued(&self, entry: &Entry, queue: Option<Queued<'_>>) -> Result<bool, LedgerError> {
         let body = entry.verify()?;
         if body.payer != self.node_id && body.payee != self.node_id {
             return Err(LedgerError::NotOurs(body.id));
         }
-        let inserted = self.store.with_conn(|conn| {
-            let tx = conn.transaction()?;
-            let existing: Option<String> = tx
-                .query_row(
-                    "SELECT body FROM credit_entries WHERE id = ?1",
-                    [&body.id],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            if let Some(existing) = existing {
-                return Ok(Some(existing == entry.body));
-            }
-            tx.execute(
-                "INSERT INTO credit_entries
-                   (id, kind, payer, payee, amount, created_at, body, payer_sig, payee_sig)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                params![
-                    body.id,
-                    body.kind.as_str(),
-                    body.payer,
-                    body.payee,
-                    body.amount,
-                    body.timestamp,
-                    entry.body,
-                    entry.payer_sig,
-                    entry.payee_sig
-                ],
-            )?;
-            if let Some(pause) = self.pause {
-                tracing::warn!(
-                    "credit write paused inside its transaction ({PAUSE_ENV}, a test hook)"
-                );
-                std::thread::sleep(pause);
-            }
-            let (earned, spent) = if body.payee == self.node_id {
-                (body.amount, 0)
-            } else {
-                (0, body.amount)
-            };
-            tx.execute(
-                "INSERT INTO credit_totals (node_id, earned, spent, entries) VALUES (?1, ?2, ?3, 1)
-                 ON CONFLICT(node_id) DO UPDATE SET earned = earned + ?2, spent = spent + ?3,
-                     entries = entries + 1",
-                params![self.node_id, earned, spent],
-            )?;
-            // A forward this entry settles is no longer pending.
-            tx.execute(
-                "DELETE FROM credit_pending_forwards WHERE id = ?1",
+        let outcome = self.store.with_conn(|conn| {
+            // A credit write must survive a power cut, not only a crash: FULL
+            // syncs the WAL at each commit (the rest of the store keeps NORMAL).
+            conn.pragma_update(None, "synchronous", "FULL")?;
+            let outcome = self.insert(conn, entry, &body, queue);
+            conn.pragma_update(None, "synchronous", "NORMAL")?;
+            outcome
+        })?;
+        match outcome {
+            Outcome::Inserted => Ok(true),
+            Outcome::Duplicate => Ok(false),
+            Outcome::Conflict => Err(LedgerError::Conflict(body.id)),
+            Outcome::Overflow => Err(LedgerError::Overflow(body.id)),
+        }
+    }
+
+    /// Inserts `entry` and updates the totals in one transaction; nothing is
+    /// written unless the outcome is [`Outcome::Inserted`].
+    fn insert(
+        &self,
+        conn: &mut rusqlite::Connection,
+        entry: &Entry,
+        body: &super::Body,
+        queue: Option<Queued<'_>>,
+    ) -> rusqlite::Result<Outcome> {
+        let tx = conn.transaction()?;
+        let existing: Option<String> = tx
+            .query_row(
+                "SELECT body FROM credit_entries WHERE id = ?1",
                 [&body.id],
-            )?;
-            if let Some((id, owner, fwd)) = forward {
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(existing) = existing {
+            return Ok(if existing == entry.body {
+                Outcome::Duplicate
+            } else {
+                Outcome::Conflict
+            });
+        }
+        tx.execute(
+            "INSERT INTO credit_entries
+               (id, kind, payer, payee, amount, created_at, body, payer_sig, payee_sig)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                body.id,
+                body.kind.as_str(),
+                body.payer,
+                body.payee,
+                body.amount,
+                body.timestamp,
+                entry.body,
+                entry.payer_sig,
+                entry.payee_sig
+            ],
+        )?;
+        if let Some(pause) = self.pause {
+            tracing::warn!("credit write paused inside its transaction ({PAUSE_ENV}, a test hook)");
+            std::thread::sleep(pause);
+        }
+        let (earned, spent) = if body.payee == self.node_id {
+            (body.amount, 0)
+        } else {
+            (0, body.amount)
+        };
+        // SQLite turns an overflowing integer sum into a float: the update runs
+        // only while both totals stay within 64 bits, and a refused one rolls
+        // the whole entry back.
+        let updated = tx.execute(
+            "INSERT INTO credit_totals (node_id, earned, spent, entries) VALUES (?1, ?2, ?3, 1)
+             ON CONFLICT(node_id) DO UPDATE SET earned = earned + ?2, spent = spent + ?3,
+                 entries = entries + 1
+             WHERE earned <= 9223372036854775807 - ?2 AND spent <= 9223372036854775807 - ?3",
+            params![self.node_id, earned, spent],
+        )?;
+        if updated != 1 {
+            return Ok(Outcome::Overflow);
+        }
+        // A forward this entry settles is no longer pending.
+        tx.execute(
+            "DELETE FROM credit_pending_forwards WHERE id = ?1",
+            [&body.id],
+        )?;
+        match queue {
+            Some(Queued::Forward(id, owner, fwd)) => {
                 tx.execute(
                     "INSERT OR IGNORE INTO credit_pending_forwards (id, owner, entry, created_at)
                      VALUES (?1, ?2, ?3, ?4)",
@@ -195,14 +304,22 @@ impl Ledger {
                     ],
                 )?;
             }
-            tx.commit()?;
-            Ok(None)
-        })?;
-        match inserted {
-            None => Ok(true),
-            Some(true) => Ok(false),
-            Some(false) => Err(LedgerError::Conflict(body.id)),
+            Some(Queued::Settle(hop)) => {
+                tx.execute(
+                    "INSERT OR IGNORE INTO credit_pending_settles (id, node, entry, created_at)
+                     VALUES (?1, ?2, ?3, ?4)",
+                    params![
+                        body.id,
+                        hop,
+                        serde_json::to_string(entry).unwrap_or_default(),
+                        chrono::Utc::now().timestamp()
+                    ],
+                )?;
+            }
+            None => {}
         }
+        tx.commit()?;
+        Ok(Outcome::Inserted)
     }
 
     /// This node's cached totals.
@@ -332,21 +449,7 @@ impl Ledger {
 
     /// Forwards waiting for the pool owner: (id, owner, payer-signed entry).
     pub fn pending_forwards(&self) -> Result<Vec<(String, String, Entry)>, LedgerError> {
-        Ok(self
-            .store
-            .with_conn(|conn| {
-                let mut stmt = conn.prepare(
-                    "SELECT id, owner, entry FROM credit_pending_forwards ORDER BY created_at",
-                )?;
-                stmt.query_map([], |r| {
-                    let text: String = r.get(2)?;
-                    Ok((r.get(0)?, r.get(1)?, text))
-                })?
-                .collect::<rusqlite::Result<Vec<(String, String, String)>>>()
-            })?
-            .into_iter()
-            .filter_map(|(id, owner, text)| Some((id, owner, serde_json::from_str(&text).ok()?)))
-            .collect())
+        self.queued("SELECT id, owner, entry FROM credit_pending_forwards ORDER BY created_at")
     }
 
     /// Micro-credits queued for the pool owner.
@@ -399,6 +502,67 @@ mod tests {
         let mut e = Entry::new(&body, a, Party::Payer);
         e.sign(b, Party::Payee);
         e
+    }
+
+    #[test]
+    fn amounts_are_bounded_and_totals_never_overflow() {
+        let (me, other) = (Identity::generate(), Identity::generate());
+        let store = Store::open_in_memory().expect("db");
+        let ledger = Ledger::new(store.clone(), me.node_id());
+        for bad in [0, -1, super::super::MAX_AMOUNT + 1, i64::MAX] {
+            assert!(
+                matches!(
+                    ledger.record(&transfer(&other, &me, &format!("bad{bad}"), bad)),
+                    Err(LedgerError::Entry(_))
+                ),
+                "{bad}"
+            );
+        }
+        // Totals one entry away from overflowing 64 bits refuse the entry, and
+        // write nothing.
+        store
+            .with_conn(|c| {
+                c.execute(
+                    "INSERT INTO credit_totals (node_id, earned, spent, entries)
+                     VALUES (?1, ?2, 0, 1)",
+                    params![me.node_id(), i64::MAX - 10],
+                )
+            })
+            .expect("seed totals");
+        assert!(matches!(
+            ledger.record(&transfer(&other, &me, "big", 11)),
+            Err(LedgerError::Overflow(_))
+        ));
+        let b = ledger.balance().expect("balance");
+        assert_eq!((b.earned, b.entries), (i64::MAX - 10, 1));
+        assert!(
+            ledger
+                .record(&transfer(&other, &me, "fits", 10))
+                .expect("fits")
+        );
+        assert_eq!(ledger.balance().expect("balance").earned, i64::MAX);
+    }
+
+    #[test]
+    fn a_paid_receipts_settle_stays_queued_until_confirmed() {
+        let (me, hop) = (Identity::generate(), Identity::generate());
+        let ledger = Ledger::new(Store::open_in_memory().expect("db"), me.node_id());
+        let receipt = transfer(&me, &hop, "r1", 40);
+        assert!(
+            ledger
+                .record_settle(&receipt, &hop.node_id())
+                .expect("recorded")
+        );
+        let pending = ledger.pending_settles().expect("pending");
+        assert_eq!(pending.len(), 1);
+        assert_eq!(
+            (pending[0].0.as_str(), pending[0].1.clone()),
+            ("r1", hop.node_id())
+        );
+        assert_eq!(pending[0].2, receipt);
+        ledger.settled("r1").expect("settled");
+        assert!(ledger.pending_settles().expect("pending").is_empty());
+        assert_eq!(ledger.balance().expect("balance").spent, 40);
     }
 
     #[test]

@@ -32,6 +32,10 @@ use crate::identity::{self, Identity};
 
 /// Micro-credits per credit.
 pub const MICRO: i64 = 1_000_000;
+/// The largest amount one entry may carry (a billion credits): far above any
+/// real payment, and low enough that no number of entries a ledger will ever
+/// hold can overflow its 64-bit totals unnoticed (totals are checked as well).
+pub const MAX_AMOUNT: i64 = 1_000_000_000 * MICRO;
 const SIGNING_TAG: &str = "swarmllm credit v1";
 
 /// Credits as a decimal for the API.
@@ -39,9 +43,10 @@ pub fn to_credits(micro: i64) -> f64 {
     micro as f64 / MICRO as f64
 }
 
-/// Decimal credits to micro-credits (`None` if negative, not finite or too large).
+/// Decimal credits to micro-credits (`None` if negative, not finite or above
+/// [`MAX_AMOUNT`]).
 pub fn from_credits(credits: f64) -> Option<i64> {
-    (credits.is_finite() && (0.0..=1e12).contains(&credits))
+    (credits.is_finite() && (0.0..=(MAX_AMOUNT / MICRO) as f64).contains(&credits))
         .then(|| (credits * MICRO as f64).round() as i64)
 }
 
@@ -132,7 +137,7 @@ pub struct Body {
     pub payer: String,
     /// Node id whose balance goes up.
     pub payee: String,
-    /// Micro-credits, ≥ 0.
+    /// Micro-credits, 1..=[`MAX_AMOUNT`].
     pub amount: i64,
     /// Unix seconds when made.
     pub timestamp: i64,
@@ -216,8 +221,11 @@ impl Entry {
     pub fn body(&self) -> Result<Body, EntryError> {
         let body: Body =
             serde_json::from_str(&self.body).map_err(|e| EntryError::Malformed(e.to_string()))?;
-        if body.amount < 0 {
-            return Err(EntryError::Invalid("a negative amount".into()));
+        if body.amount <= 0 || body.amount > MAX_AMOUNT {
+            return Err(EntryError::Invalid(format!(
+                "an amount of {} µcredits (1..={MAX_AMOUNT})",
+                body.amount
+            )));
         }
         if body.payer == body.payee {
             return Err(EntryError::Invalid("payer and payee are the same".into()));

@@ -139,7 +139,14 @@ struct Inner {
     offered: Mutex<HashMap<String, (String, Entry, Instant)>>,
     /// The last totals, for announcements (which cannot wait on the database).
     totals: Mutex<Balance>,
+    /// Unsolicited transfers accepted from each peer in its current minute.
+    transfers: Mutex<HashMap<String, (Instant, u32)>>,
 }
+
+/// Unsolicited transfers one peer may propose a minute.
+const TRANSFERS_PER_MINUTE: u32 = 10;
+/// Peers whose transfer count is tracked (windows older than a minute go first).
+const MAX_TRANSFER_WINDOWS: usize = 4096;
 
 impl std::fmt::Debug for Credits {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -196,6 +203,7 @@ impl Credits {
                 served: Mutex::new(HashMap::new()),
                 offered: Mutex::new(HashMap::new()),
                 totals: Mutex::new(totals),
+                transfers: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -236,6 +244,7 @@ impl Credits {
             loop {
                 tick.tick().await;
                 this.deliver_forwards().await;
+                this.deliver_settles().await;
             }
         });
     }
@@ -318,12 +327,16 @@ impl Credits {
             return refuse(404, "no unpaid work for that session");
         };
         let rates = self.rates_with(from);
+        let amount = rates.price(&served.work);
+        if amount <= 0 {
+            return refuse(404, "the work served for that session is free");
+        }
         let body = Body {
             kind: Kind::Receipt,
             id: hex::encode(rand::random::<[u8; 16]>()),
             payer: from.to_string(),
             payee: self.inner.node_id.clone(),
-            amount: rates.price(&served.work),
+            amount,
             timestamp: now(),
             memo: None,
             work: Some(served.work),
@@ -344,7 +357,22 @@ impl Credits {
         };
         let offered = lock(&self.inner.offered).remove(&id);
         let Some((requester, mine, _)) = offered else {
-            return refuse(404, format!("no receipt {id} was offered"));
+            // A settle sent again (its first answer was lost, or this node
+            // restarted): a receipt this node signed, countersigned by the payer
+            // that sends it, is stored once; storing it again is a no-op.
+            return match entry.verify() {
+                Ok(body)
+                    if body.kind == Kind::Receipt
+                        && body.payee == self.inner.node_id
+                        && body.payer == from =>
+                {
+                    match self.store_earning(entry, &body).await {
+                        Ok(()) => reply(&Reply::Stored),
+                        Err(e) => refuse(500, e.to_string()),
+                    }
+                }
+                _ => refuse(404, format!("no receipt {id} was offered")),
+            };
         };
         if requester != from || mine.body != entry.body || mine.payee_sig != entry.payee_sig {
             tracing::warn!(peer = %crate::net::short_id(from), receipt = %id,
@@ -442,6 +470,12 @@ impl Credits {
         if body.memo.as_ref().is_some_and(|m| m.len() > 256) {
             return refuse(400, "memo longer than 256 bytes");
         }
+        if body.kind == Kind::Transfer && !self.transfer_allowed(from) {
+            return refuse(
+                429,
+                format!("more than {TRANSFERS_PER_MINUTE} transfers a minute"),
+            );
+        }
         entry.sign(&self.inner.identity, Party::Payee);
         let ledger = self.inner.ledger.clone();
         let stored = entry.clone();
@@ -455,10 +489,32 @@ impl Credits {
             Ok(Err(LedgerError::Conflict(id))) => {
                 refuse(409, format!("entry {id} is already recorded differently"))
             }
-            Ok(Err(LedgerError::Entry(e))) => refuse(400, e.to_string()),
+            Ok(Err(e @ (LedgerError::Entry(_) | LedgerError::Overflow(_)))) => {
+                refuse(400, e.to_string())
+            }
             Ok(Err(e)) => refuse(500, e.to_string()),
             Err(e) => refuse(500, e.to_string()),
         }
+    }
+
+    /// Counts an unsolicited transfer from `peer`; false past the limit.
+    fn transfer_allowed(&self, peer: &str) -> bool {
+        let mut windows = lock(&self.inner.transfers);
+        let minute = Duration::from_secs(60);
+        if windows.len() >= MAX_TRANSFER_WINDOWS && !windows.contains_key(peer) {
+            windows.retain(|_, (start, _)| start.elapsed() < minute);
+            if windows.len() >= MAX_TRANSFER_WINDOWS {
+                return false;
+            }
+        }
+        let window = windows
+            .entry(peer.to_string())
+            .or_insert((Instant::now(), 0));
+        if window.0.elapsed() >= minute {
+            *window = (Instant::now(), 0);
+        }
+        window.1 += 1;
+        window.1 <= TRANSFERS_PER_MINUTE
     }
 
     /// An owner accepts a forward from an accepted member of its pool, carrying
@@ -542,15 +598,45 @@ impl Credits {
         }
         entry.sign(&self.inner.identity, Party::Payer);
         let ledger = self.inner.ledger.clone();
-        let stored = entry.clone();
-        blocking(move || ledger.record(&stored))
+        let (stored, hop) = (entry.clone(), node.to_string());
+        blocking(move || ledger.record_settle(&stored, &hop))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
         self.refresh_totals().await;
-        match self.call(node, &Message::Settle { entry }).await? {
-            Reply::Stored => Ok(()),
-            _ => Err("unexpected answer".into()),
+        self.deliver_settle(node, &body.id, entry).await
+    }
+
+    /// Sends the settle of receipt `id` to `hop`; a confirmed (or finally
+    /// refused) settle leaves the queue, an unreachable hop is tried again.
+    async fn deliver_settle(&self, hop: &str, id: &str, entry: Entry) -> Result<(), String> {
+        let outcome = self.call(hop, &Message::Settle { entry }).await;
+        let done = match &outcome {
+            Ok(Reply::Stored) | Err(CallError::Refused(_)) => true,
+            Ok(_) | Err(CallError::Unreachable(_)) => false,
+        };
+        if done {
+            let (ledger, id) = (self.inner.ledger.clone(), id.to_string());
+            let _ = blocking(move || ledger.settled(&id)).await;
+        }
+        match outcome {
+            Ok(Reply::Stored) => Ok(()),
+            Ok(_) => Err("unexpected answer".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Settles that did not reach their hop, sent again.
+    pub async fn deliver_settles(&self) {
+        let ledger = self.inner.ledger.clone();
+        let Ok(Ok(pending)) = blocking(move || ledger.pending_settles()).await else {
+            return;
+        };
+        for (id, hop, entry) in pending {
+            match self.deliver_settle(&hop, &id, entry).await {
+                Ok(()) => tracing::info!(receipt = %id, "a delayed settle reached its hop"),
+                Err(e) => tracing::debug!(receipt = %id, error = %e, "settle still pending"),
+            }
         }
     }
 

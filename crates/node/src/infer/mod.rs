@@ -133,6 +133,71 @@ pub struct SamplingParams {
     pub ignore_eos: bool,
 }
 
+/// A sampling parameter out of its range: which one and why.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct InvalidSampling {
+    /// The parameter's name in the API (`temperature`, `top_k`, …).
+    pub field: &'static str,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Where a generation runs, for the checks that depend on it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SamplingLimits {
+    /// The model's vocabulary size, when known (bounds `top_k`).
+    pub n_vocab: Option<u32>,
+    /// The context window, when known (bounds `repeat_last_n`).
+    pub n_ctx: Option<u32>,
+}
+
+impl SamplingParams {
+    /// The one range check of sampling parameters: the HTTP API runs it on every
+    /// request and a range host on every step a peer sends. Floats must be finite
+    /// and in range; `top_k` 0 or positive (and within the vocabulary when known);
+    /// `repeat_last_n` -1 (the whole context) to the context size.
+    pub fn validate(&self, limits: SamplingLimits) -> Result<(), InvalidSampling> {
+        let bad = |field: &'static str, message: String| InvalidSampling { field, message };
+        let within = |field: &'static str, v: f32, lo: f32, hi: f32| {
+            if v.is_finite() && (lo..=hi).contains(&v) {
+                Ok(())
+            } else {
+                Err(bad(field, format!("must be between {lo} and {hi}")))
+            }
+        };
+        within("temperature", self.temperature, 0.0, 2.0)?;
+        within("top_p", self.top_p, 0.0, 1.0)?;
+        if self.top_p <= 0.0 {
+            return Err(bad("top_p", "must be greater than 0".into()));
+        }
+        within("min_p", self.min_p, 0.0, 1.0)?;
+        within("repeat_penalty", self.repeat_penalty, 0.0, 10.0)?;
+        if self.repeat_penalty <= 0.0 {
+            return Err(bad("repeat_penalty", "must be greater than 0".into()));
+        }
+        if self.top_k < 0 {
+            return Err(bad("top_k", "must be 0 (off) or positive".into()));
+        }
+        if let Some(n_vocab) = limits.n_vocab
+            && self.top_k as u32 > n_vocab
+        {
+            return Err(bad(
+                "top_k",
+                format!("must be at most the vocabulary's {n_vocab} tokens"),
+            ));
+        }
+        let max_last_n = limits.n_ctx.map_or(1 << 20, |n| n as i32);
+        if self.repeat_last_n < -1 || self.repeat_last_n > max_last_n {
+            return Err(bad(
+                "repeat_last_n",
+                format!("must be between -1 and {max_last_n}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Default for SamplingParams {
     fn default() -> Self {
         Self {

@@ -30,6 +30,10 @@ pub struct HostedModel {
     /// Measured decode compute per layer and token (ms), once known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ms_per_layer: Option<f64>,
+    /// BLAKE3 of the manifest the ranges come from (absent for a model served
+    /// whole from its GGUF), so holders of different manifests are told apart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_hash: Option<String>,
 }
 
 /// A short hardware summary.

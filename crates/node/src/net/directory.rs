@@ -55,6 +55,8 @@ pub struct PeerRecord {
     pub last_sync_at: Option<i64>,
     /// Currently reachable.
     pub is_active: bool,
+    /// Unix seconds until which the peer is refused (its trust fell too low).
+    pub banned_until: Option<i64>,
 }
 
 /// One row of `swarm_seeds`.
@@ -246,13 +248,27 @@ impl Directory {
         })
     }
 
-    /// A malformed frame or forged announcement came from `node_id`.
-    pub fn misbehaved(&self, node_id: &str) -> Result<(), StoreError> {
+    /// A malformed frame or forged announcement came from `node_id`: its trust
+    /// drops by 10. Returns the new trust (`None` for an unknown peer).
+    pub fn misbehaved(&self, node_id: &str) -> Result<Option<i64>, StoreError> {
+        self.store.with_conn(|c| {
+            c.query_row(
+                "UPDATE swarm_nodes SET bad_frames = bad_frames + 1,
+                     trust_score = MAX(0, trust_score - 10) WHERE node_id = ?1
+                 RETURNING trust_score",
+                [node_id],
+                |r| r.get(0),
+            )
+            .optional()
+        })
+    }
+
+    /// `node_id` is refused until `until` (Unix seconds).
+    pub fn banned(&self, node_id: &str, until: i64) -> Result<(), StoreError> {
         self.store.with_conn(|c| {
             c.execute(
-                "UPDATE swarm_nodes SET bad_frames = bad_frames + 1,
-                     trust_score = MAX(0, trust_score - 10) WHERE node_id = ?1",
-                [node_id],
+                "UPDATE swarm_nodes SET banned_until = ?2, is_active = 0 WHERE node_id = ?1",
+                params![node_id, until],
             )
             .map(|_| ())
         })
@@ -325,7 +341,8 @@ impl Directory {
             let mut stmt = c.prepare_cached(
                 "SELECT node_id, peer_id, addresses, nickname, region, software_version, capabilities,
                         hardware, models, load, latency_ms, trust_score, consecutive_failures,
-                        bad_frames, discovered_via, discovered_at, last_seen_at, last_sync_at, is_active
+                        bad_frames, discovered_via, discovered_at, last_seen_at, last_sync_at, is_active,
+                        banned_until
                  FROM swarm_nodes ORDER BY is_active DESC, COALESCE(last_seen_at, 0) DESC LIMIT ?1",
             )?;
             let rows = stmt.query_map([limit as i64], |r| {
@@ -349,6 +366,7 @@ impl Directory {
                     last_seen_at: r.get(16)?,
                     last_sync_at: r.get(17)?,
                     is_active: r.get::<_, i64>(18)? != 0,
+                    banned_until: r.get(19)?,
                 })
             })?;
             rows.collect()
@@ -483,7 +501,8 @@ mod tests {
         assert_eq!(r.trust_score, 46);
         // Backed off: not due right now.
         assert!(dir.due_for_redial(10)?.is_empty());
-        dir.misbehaved("aa")?;
+        assert_eq!(dir.misbehaved("aa")?, Some(36));
+        assert_eq!(dir.misbehaved("nobody")?, None);
         assert_eq!(dir.list(10)?[0].bad_frames, 1);
         assert_eq!(dir.list(10)?[0].trust_score, 36);
         dir.connected("aa", "p1", &[], "inbound")?;

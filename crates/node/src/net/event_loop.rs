@@ -39,8 +39,23 @@ pub(super) struct EventLoop {
     pending_requests:
         HashMap<request_response::OutboundRequestId, (Reply<Response>, Option<Instant>)>,
     peer_exchange: HashSet<request_response::OutboundRequestId>,
+    /// Peer-exchange hints taken from each peer in its current minute.
+    hint_windows: HashMap<PeerId, (Instant, usize)>,
+    /// Peers refused until the instant (their trust fell below the threshold).
+    banned: HashMap<PeerId, Instant>,
+    /// When a malformed-input warning was last logged (at most one a second).
+    last_bad_log: Option<Instant>,
     seq: u64,
 }
+
+/// Peer-exchange hints used from one answer.
+const MAX_HINTS_PER_ANSWER: usize = 32;
+/// Peer-exchange hints used from one peer per minute.
+const MAX_HINTS_PER_MINUTE: usize = 32;
+/// Addresses used from one hint.
+const MAX_ADDRS_PER_HINT: usize = 8;
+/// Peers whose hint budget is tracked (older windows are dropped beyond it).
+const MAX_HINT_WINDOWS: usize = 4096;
 
 pub(super) fn spawn(event_loop: EventLoop) {
     tokio::spawn(event_loop.run());
@@ -71,6 +86,9 @@ impl EventLoop {
             shutdown,
             pending_dials: HashMap::new(),
             dial_via: HashMap::new(),
+            hint_windows: HashMap::new(),
+            banned: HashMap::new(),
+            last_bad_log: None,
             pending_requests: HashMap::new(),
             peer_exchange: HashSet::new(),
             // Start from the clock so a restarted node's announcements are newer.
@@ -141,6 +159,7 @@ impl EventLoop {
                     .send_response(channel, response);
             }
             Command::AnnounceNow => self.announce(),
+            Command::Ban(node_id) => self.ban(&node_id),
             Command::Discover { reply } if self.config.offline => {
                 let _ = reply.send(0); // offline: mDNS is the only discovery
             }
@@ -173,6 +192,7 @@ impl EventLoop {
                     }
                 }
             }
+            #[cfg(feature = "test-hooks")]
             Command::PublishRaw(data) => {
                 let topic = gossipsub::IdentTopic::new(announce::TOPIC);
                 let _ = self.swarm.behaviour_mut().gossipsub.publish(topic, data);
@@ -289,6 +309,13 @@ impl EventLoop {
                     }
                     return;
                 };
+                if self.is_banned(&peer_id) {
+                    let _ = self.swarm.disconnect_peer_id(peer_id);
+                    if let Some((Some(r), _)) = via_dial {
+                        let _ = r.send(Err(NetError::Dial("the peer is banned".into())));
+                    }
+                    return;
+                }
                 let via = via_dial
                     .as_ref()
                     .map(|(_, v)| *v)
@@ -353,6 +380,10 @@ impl EventLoop {
             } => {
                 if let Some((Some(r), _)) = self.pending_dials.remove(&connection_id) {
                     let _ = r.send(Err(NetError::Dial(error.to_string())));
+                }
+                // A failed dial is forgotten: nothing about it stays in memory.
+                if let Some(peer) = peer_id {
+                    self.dial_via.remove(&peer);
                 }
                 if let Some(node_id) = peer_id.as_ref().and_then(node_id_of) {
                     tracing::debug!(peer = %node_id, %error, "dial failed");
@@ -563,6 +594,7 @@ impl EventLoop {
                 }
             }
             // Raw is a send-side test hook; the codec never decodes one.
+            #[cfg(feature = "test-hooks")]
             Request::Raw(_) => {
                 let response = Response::Error {
                     code: 400,
@@ -589,10 +621,79 @@ impl EventLoop {
             .counters
             .bad_frames
             .fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(%peer, reason, "malformed input from peer");
-        if let Some(node_id) = node_id_of(&peer) {
-            self.db("penalty", move |d| d.misbehaved(&node_id));
+        // A flood of garbage must not become a flood of log lines.
+        if self
+            .last_bad_log
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+        {
+            self.last_bad_log = Some(Instant::now());
+            tracing::warn!(%peer, reason, "malformed input from peer");
+        } else {
+            tracing::debug!(%peer, reason, "malformed input from peer");
         }
+        if let Some(node_id) = node_id_of(&peer) {
+            super::penalise(
+                self.directory.clone(),
+                self.loopback.clone(),
+                self.config.ban_below_trust,
+                node_id,
+            );
+        }
+    }
+
+    /// Disconnects `node_id` and refuses it until the cooling-off period ends.
+    fn ban(&mut self, node_id: &str) {
+        let Some(peer) = peer_id_of(node_id) else {
+            return;
+        };
+        const MAX_BANNED: usize = 4096;
+        if self.banned.len() >= MAX_BANNED {
+            let now = Instant::now();
+            self.banned.retain(|_, until| *until > now);
+        }
+        if self.banned.len() < MAX_BANNED {
+            self.banned
+                .insert(peer, Instant::now() + self.config.cool_off);
+        }
+        tracing::warn!(peer = %node_id, secs = self.config.cool_off.as_secs(),
+            "peer trust fell below the threshold; disconnected and refused for a while");
+        let _ = self.swarm.disconnect_peer_id(peer);
+        let until = now_unix_plus(self.config.cool_off);
+        let node_id = node_id.to_string();
+        self.db("ban", move |d| d.banned(&node_id, until));
+    }
+
+    fn is_banned(&mut self, peer: &PeerId) -> bool {
+        match self.banned.get(peer) {
+            Some(until) if *until > Instant::now() => true,
+            Some(_) => {
+                self.banned.remove(peer);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Hints `peer` may still give this minute.
+    fn hint_budget(&mut self, peer: PeerId) -> usize {
+        match self.hint_windows.get(&peer) {
+            Some((start, used)) if start.elapsed() < Duration::from_secs(60) => {
+                MAX_HINTS_PER_MINUTE.saturating_sub(*used)
+            }
+            _ => MAX_HINTS_PER_MINUTE,
+        }
+    }
+
+    fn spend_hints(&mut self, peer: PeerId, n: usize) {
+        if self.hint_windows.len() >= MAX_HINT_WINDOWS {
+            self.hint_windows
+                .retain(|_, (start, _)| start.elapsed() < Duration::from_secs(60));
+        }
+        let window = self.hint_windows.entry(peer).or_insert((Instant::now(), 0));
+        if window.0.elapsed() >= Duration::from_secs(60) {
+            *window = (Instant::now(), 0);
+        }
+        window.1 += n;
     }
 
     fn on_peer_list(&mut self, from: PeerId, response: Response) {
@@ -602,6 +703,19 @@ impl EventLoop {
         };
         let me = self.identity.node_id();
         let from_id = node_id_of(&from).unwrap_or_default();
+        // At most 32 hints an answer and 32 a minute from one peer, 8 addresses
+        // each: a peer cannot flood the directory or make this node dial the world.
+        let budget = self.hint_budget(from);
+        let hints: Vec<_> = hints
+            .into_iter()
+            .filter(|h| h.node_id != me)
+            .take(MAX_HINTS_PER_ANSWER.min(budget))
+            .map(|mut h| {
+                h.addrs.truncate(MAX_ADDRS_PER_HINT);
+                h
+            })
+            .collect();
+        self.spend_hints(from, hints.len());
         let mut to_dial = Vec::new();
         for hint in hints.iter().filter(|h| h.node_id != me) {
             let Some(peer) = peer_id_of(&hint.node_id) else {
@@ -793,4 +907,9 @@ impl EventLoop {
             }
         });
     }
+}
+
+/// Unix seconds `d` from now.
+fn now_unix_plus(d: Duration) -> i64 {
+    chrono::Utc::now().timestamp() + i64::try_from(d.as_secs()).unwrap_or(i64::MAX / 2)
 }

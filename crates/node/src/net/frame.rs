@@ -54,7 +54,7 @@ pub enum Request {
     Credit(Vec<u8>),
     /// Bytes written to the stream exactly as given, unframed (tests of malformed
     /// input; never sent by the node itself).
-    #[doc(hidden)]
+    #[cfg(feature = "test-hooks")]
     Raw(Vec<u8>),
     /// A received request that could not be decoded (never sent).
     Invalid(String),
@@ -239,6 +239,7 @@ impl libp2p::request_response::Codec for FrameCodec {
                 let body = serde_json::to_vec(&f).map_err(|e| invalid_data(e.to_string()))?;
                 write_frame(io, KIND_FETCH, &body).await
             }
+            #[cfg(feature = "test-hooks")]
             Request::Raw(bytes) => {
                 io.write_all(&bytes).await?;
                 io.flush().await

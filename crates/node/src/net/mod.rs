@@ -62,6 +62,11 @@ pub struct NetConfig {
     /// Offline (air-gapped LAN) mode: no bootstrap entries or saved seeds are
     /// dialled; peers come from mDNS only.
     pub offline: bool,
+    /// A peer whose trust score falls below this is disconnected and refused for
+    /// [`NetConfig::cool_off`] (0 never bans).
+    pub ban_below_trust: i64,
+    /// How long a banned peer is refused.
+    pub cool_off: Duration,
 }
 
 /// What the node currently is, for its announcements.
@@ -154,6 +159,23 @@ pub(crate) struct Shared {
     pub(crate) pool_messages: OnceLock<mpsc::Sender<(String, Vec<u8>)>>,
 }
 
+/// Lowers `node_id`'s trust (off the async runtime) and bans it when the trust
+/// falls below `ban_below`.
+pub(crate) fn penalise(
+    directory: Directory,
+    commands: mpsc::Sender<Command>,
+    ban_below: i64,
+    node_id: String,
+) {
+    tokio::task::spawn_blocking(move || match directory.misbehaved(&node_id) {
+        Ok(Some(trust)) if trust < ban_below => {
+            let _ = commands.blocking_send(Command::Ban(node_id));
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "peer directory: penalty failed"),
+    });
+}
+
 /// The gossip topic of device-pool messages.
 pub const POOL_TOPIC: &str = "swarmllm/pool/1";
 
@@ -224,7 +246,10 @@ pub(crate) enum Command {
         reply: oneshot::Sender<usize>,
     },
     Redial(Vec<(String, String, Vec<String>)>),
+    #[cfg(feature = "test-hooks")]
     PublishRaw(Vec<u8>),
+    /// Disconnect a peer and refuse it for the cooling-off period.
+    Ban(String),
     PublishPool(Vec<u8>, oneshot::Sender<Result<(), NetError>>),
 }
 
@@ -601,17 +626,20 @@ impl Network {
             .map(link::InboundLinks::new)
     }
 
-    /// Counts a malformed frame from `node_id` against it (trust score).
+    /// Counts a malformed frame from `node_id` against it (trust score); a peer
+    /// whose trust falls below `ban_below_trust` is disconnected and refused for
+    /// the cooling-off period.
     pub fn report_bad_frame(&self, node_id: &str) {
         self.shared
             .counters
             .bad_frames
             .fetch_add(1, Ordering::Relaxed);
-        let dir = self.directory.clone();
-        let node_id = node_id.to_string();
-        tokio::task::spawn_blocking(move || {
-            let _ = dir.misbehaved(&node_id);
-        });
+        penalise(
+            self.directory.clone(),
+            self.commands.clone(),
+            self.config.ban_below_trust,
+            node_id.to_string(),
+        );
     }
 
     /// Routes device-pool gossip (author node id, bytes) to `handler`; only the
@@ -652,7 +680,7 @@ impl Network {
     }
 
     /// Publishes raw bytes on the announcement topic (tests of forged input).
-    #[doc(hidden)]
+    #[cfg(feature = "test-hooks")]
     pub async fn publish_raw(&self, data: Vec<u8>) -> Result<(), NetError> {
         self.send(Command::PublishRaw(data)).await
     }

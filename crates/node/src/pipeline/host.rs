@@ -105,6 +105,9 @@ pub enum StepOutput {
 /// One step of one session on one range.
 #[derive(Debug, Clone)]
 pub struct Step {
+    /// The authenticated peer that sent the step (this node's own id for its own
+    /// steps). A session belongs to the peer that opened it.
+    pub peer: String,
     /// Session id.
     pub session: [u8; 16],
     /// Step counter (must grow within a session).
@@ -159,7 +162,7 @@ enum Job {
     Load(RangeInfo, oneshot::Sender<Result<usize, HostError>>),
     Unload(String, u32, u32, oneshot::Sender<bool>),
     Step(Box<Step>, oneshot::Sender<Result<StepOutput, HostError>>),
-    Close([u8; 16]),
+    Close([u8; 16], String),
 }
 
 /// Cloneable handle to the host thread.
@@ -262,9 +265,10 @@ impl RangeHost {
         rx.await.map_err(|_| HostError::Stopped)?
     }
 
-    /// Ends a session now.
-    pub fn close(&self, session: [u8; 16]) {
-        let _ = self.jobs.send(Job::Close(session));
+    /// Ends a session now, if `peer` opened it (closing another peer's session
+    /// does nothing).
+    pub fn close(&self, session: [u8; 16], peer: &str) {
+        let _ = self.jobs.send(Job::Close(session, peer.to_string()));
     }
 }
 
@@ -306,6 +310,8 @@ struct Loaded {
 type SessionKey = ([u8; 16], u32, u32);
 
 struct Session {
+    /// The peer that opened it: the only one that may step or close it.
+    owner: String,
     /// KV cache memory reserved for it.
     kv_bytes: u64,
     model_id: String,
@@ -352,8 +358,8 @@ impl Thread {
                             .unwrap_or_else(|_| Err(HostError::Compute("internal error".into())));
                     let _ = reply.send(out);
                 }
-                Ok(Job::Close(id)) => {
-                    self.sessions.retain(|k, _| k.0 != id);
+                Ok(Job::Close(id, peer)) => {
+                    self.sessions.retain(|k, s| k.0 != id || s.owner != peer);
                     self.publish();
                 }
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
@@ -451,6 +457,11 @@ impl Thread {
             _ => {}
         }
 
+        // Only the range with the head samples (others hold a placeholder
+        // vocabulary); it checks what the sampler will be given.
+        if has_head {
+            check_sampling(&step, model.n_vocab(), self.config.context_size)?;
+        }
         let skey: SessionKey = (step.session, step.layer_start, step.layer_end);
         let created = !self.sessions.contains_key(&skey);
         let out = self.run_step(step, skey, &key, model, has_head, n_layers);
@@ -497,6 +508,7 @@ impl Thread {
             self.sessions.insert(
                 skey,
                 Session {
+                    owner: step.peer.clone(),
                     model_id: key.0.clone(),
                     layer_start: key.1,
                     layer_end: key.2,
@@ -513,6 +525,11 @@ impl Thread {
         let Some(session) = self.sessions.get_mut(&skey) else {
             return Err(HostError::Compute("session vanished".into()));
         };
+        if session.owner != step.peer {
+            return Err(HostError::BadStep(
+                "the session belongs to another peer".into(),
+            ));
+        }
         if session.model_id != key.0 {
             return Err(HostError::BadStep(
                 "the session belongs to another model".into(),
@@ -604,6 +621,32 @@ impl Thread {
             self.publish();
         }
     }
+}
+
+/// A peer's sampling spec and primed tokens pass the HTTP API's validation, with
+/// the vocabulary and context of the range that samples.
+fn check_sampling(step: &Step, n_vocab: usize, context: u32) -> Result<(), HostError> {
+    let n_vocab = u32::try_from(n_vocab).unwrap_or(u32::MAX);
+    if let Some(spec) = &step.sample {
+        spec.to_params()
+            .validate(crate::infer::SamplingLimits {
+                n_vocab: Some(n_vocab),
+                n_ctx: Some(context),
+            })
+            .map_err(|e| HostError::BadStep(format!("sample.{e}")))?;
+    }
+    if step.prime.len() > context as usize {
+        return Err(HostError::BadStep(format!(
+            "{} primed tokens for a {context}-token context",
+            step.prime.len()
+        )));
+    }
+    if let Some(bad) = step.prime.iter().find(|&&t| t < 0 || t as u32 >= n_vocab) {
+        return Err(HostError::BadStep(format!(
+            "primed token id {bad} is outside the vocabulary"
+        )));
+    }
+    Ok(())
 }
 
 /// Samples one token from `logits` and lets the sampler accept it (what

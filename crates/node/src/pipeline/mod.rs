@@ -25,6 +25,7 @@ pub mod activation;
 mod generate;
 pub mod host;
 pub mod latency;
+mod pins;
 pub mod route;
 pub mod transfer;
 pub mod wire;
@@ -45,6 +46,7 @@ use crate::identity::{self, Identity};
 use crate::net::frame::{Request, Response};
 use crate::net::link::{InboundLink, Link};
 use crate::net::{InboundStep, Network};
+use crate::shard::ModelDir;
 use crate::shard::library::{self, LocalModel};
 
 /// Requests from other nodes processed at once (more wait in the handler's queue).
@@ -117,6 +119,8 @@ struct Inner {
     network: OnceLock<Network>,
     vocabs: Mutex<HashMap<String, Arc<LlamaModel>>>,
     local: Mutex<Vec<LocalModel>>,
+    /// Model directories the last scan skipped (bad manifests), with why.
+    rejected: Mutex<Vec<library::RejectedModel>>,
     downloads: transfer::Downloads,
     /// Per-model encrypted-pipeline decision.
     encryption: OnceLock<EncryptionPolicy>,
@@ -127,6 +131,8 @@ struct Inner {
     wire_bytes: std::sync::atomic::AtomicU64,
     /// The overhead of the links this node sends steps on.
     link_latency: latency::LinkLatency,
+    /// The manifest hash accepted for each model id.
+    pins: pins::ManifestPins,
     /// Serialises [`Pipeline::load_held`].
     reload: tokio::sync::Mutex<()>,
     /// Shards held but kept out of memory (`shards/{i}/unload`), by model.
@@ -163,8 +169,14 @@ pub struct NetworkModel {
     pub id: String,
     /// Layers.
     pub n_layers: u32,
-    /// Nodes holding some of it (this one included).
+    /// Nodes holding some of it (this one included) with the manifest accepted
+    /// here (or any, when none is).
     pub holders: Vec<Holder>,
+    /// The manifest hash accepted here.
+    pub manifest_hash: Option<String>,
+    /// Every manifest hash announced for the id (this node's included), with
+    /// the nodes announcing it: more than one is a conflict.
+    pub manifest_hashes: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 impl Pipeline {
@@ -173,6 +185,7 @@ impl Pipeline {
         config: PipelineConfig,
         host: host::HostConfig,
         identity: Identity,
+        store: crate::store::Store,
     ) -> std::io::Result<Self> {
         let host = RangeHost::start(host)?;
         let (repairs, repairs_rx) = mpsc::unbounded_channel();
@@ -186,9 +199,11 @@ impl Pipeline {
                 network: OnceLock::new(),
                 vocabs: Mutex::new(HashMap::new()),
                 local: Mutex::new(Vec::new()),
+                rejected: Mutex::new(Vec::new()),
                 downloads: transfer::Downloads::default(),
                 unloaded: Mutex::new(HashMap::new()),
                 reload: tokio::sync::Mutex::new(()),
+                pins: pins::ManifestPins::new(store),
                 encryption: OnceLock::new(),
                 peers_allowed: OnceLock::new(),
                 accounting: OnceLock::new(),
@@ -290,16 +305,35 @@ impl Pipeline {
         let cfg = self.inner.config.clone();
         // One reload at a time (downloads finishing together would interleave).
         let _one_at_a_time = self.inner.reload.lock().await;
-        let models = tokio::task::spawn_blocking(move || library::scan(&cfg.models_dir))
-            .await
-            .unwrap_or_default();
+        let this = self.clone();
+        let scan = tokio::task::spawn_blocking(move || {
+            let scan = library::scan(&cfg.models_dir);
+            // The manifests on disk are the user's choice: they pin their ids.
+            if let Err(e) = this.inner.pins.reload() {
+                tracing::warn!(error = %e, "could not read the manifest pins");
+            }
+            for m in &scan.models {
+                if let Err(e) = this.inner.pins.set(&m.manifest.model_id, &m.manifest_hash) {
+                    tracing::warn!(model = %m.manifest.model_id, error = %e, "could not pin a manifest");
+                }
+            }
+            scan
+        })
+        .await
+        .unwrap_or_default();
+        let models = scan.models;
+        *self
+            .inner
+            .rejected
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = scan.rejected;
         let mut wanted: Vec<(&LocalModel, u32, u32)> = Vec::new();
         for model in &models {
             for &bad in &model.corrupt {
                 tracing::warn!(model = %model.manifest.model_id, shard = bad,
                     "shard file does not match its BLAKE3 hash; discarding it and fetching it again");
-                if let Some(s) = model.manifest.shards.get(bad as usize) {
-                    let _ = std::fs::remove_file(model.dir.join(&s.file.file));
+                if let Some(s) = model.manifest.shard(bad) {
+                    let _ = std::fs::remove_file(model.dir.shard(s));
                 }
                 let _ = self
                     .inner
@@ -351,7 +385,9 @@ impl Pipeline {
 
     async fn load_run(&self, model: &LocalModel, first: u32, last: u32) -> Result<(), String> {
         let m = &model.manifest;
-        let (a, b) = (&m.shards[first as usize], &m.shards[last as usize]);
+        let (Some(a), Some(b)) = (m.shard(first), m.shard(last)) else {
+            return Err(format!("shards {first}..={last} are not in the manifest"));
+        };
         let ranges_dir = self.inner.config.ranges_dir.clone();
         let model_clone = model.clone();
         let path = tokio::task::spawn_blocking(move || {
@@ -368,7 +404,7 @@ impl Pipeline {
             layer_end: b.layer_end,
             n_layers: m.n_layers,
             has_embedding: first == 0,
-            has_head: last as usize + 1 == m.shards.len(),
+            has_head: last + 1 == m.shard_count(),
             path,
             ms_per_layer: None,
         };
@@ -419,8 +455,11 @@ impl Pipeline {
     /// Removes `model_id` from this node: unloads it, cancels its downloads and
     /// deletes its directory. Whether it was there.
     pub async fn remove_model(&self, model_id: &str) -> std::io::Result<bool> {
-        let dir = self.inner.config.models_dir.join(model_id);
-        if !is_model_id(model_id) || !dir.is_dir() {
+        let Ok(dir) = ModelDir::new(&self.inner.config.models_dir, model_id) else {
+            return Ok(false);
+        };
+        let dir = dir.path().to_path_buf();
+        if !dir.is_dir() {
             return Ok(false);
         }
         self.cancel_downloads(model_id);
@@ -457,16 +496,30 @@ impl Pipeline {
         else {
             return Ok(false);
         };
-        let Some(entry) = model.manifest.shards.get(index as usize) else {
+        let Some(entry) = model.manifest.shard(index) else {
             return Ok(false);
         };
-        let path = model.dir.join(&entry.file.file);
+        let path = model.dir.shard(entry);
         if !path.is_file() {
             return Ok(false);
         }
         std::fs::remove_file(&path)?;
         self.load_held().await;
         Ok(true)
+    }
+
+    /// The manifest hash this node accepted for `model_id`, if any.
+    pub fn manifest_hash(&self, model_id: &str) -> Option<String> {
+        self.inner.pins.get(model_id)
+    }
+
+    /// Model directories the last scan skipped because their manifest is bad.
+    pub fn rejected_models(&self) -> Vec<library::RejectedModel> {
+        self.inner
+            .rejected
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The models in this node's models directory, as last scanned.
@@ -501,10 +554,19 @@ impl Pipeline {
                 ms_per_layer: r.ms_per_layer,
                 queue_depth: 0,
             });
-        let remote = peers.iter().flat_map(|p| {
+        // Holders of another manifest than the one accepted here are never used:
+        // their shards would not fit ours.
+        let pinned = self.inner.pins.get(model_id);
+        let remote = peers.iter().flat_map(move |p| {
+            let pinned = pinned.clone();
             p.models
                 .iter()
-                .filter(|m| m.id == model_id)
+                .filter(move |m| {
+                    m.id == model_id
+                        && (pinned.is_none()
+                            || m.manifest_hash.is_none()
+                            || m.manifest_hash == pinned)
+                })
                 .map(|m| Holder {
                     node_id: p.node_id.clone(),
                     local: false,
@@ -561,10 +623,37 @@ impl Pipeline {
         }
         let mut out: Vec<NetworkModel> = n_layers
             .into_iter()
-            .map(|(id, n)| NetworkModel {
-                holders: self.holders_in(&id, &peers),
-                id,
-                n_layers: n,
+            .map(|(id, n)| {
+                let manifest_hash = self.inner.pins.get(&id);
+                let mut manifest_hashes = std::collections::BTreeMap::<String, Vec<String>>::new();
+                if let Some(h) = &manifest_hash
+                    && self
+                        .local_models()
+                        .iter()
+                        .any(|m| m.manifest.model_id == id)
+                {
+                    manifest_hashes
+                        .entry(h.clone())
+                        .or_default()
+                        .push(self.inner.node_id.clone());
+                }
+                for p in &peers {
+                    for m in p.models.iter().filter(|m| m.id == id) {
+                        if let Some(h) = &m.manifest_hash {
+                            let nodes = manifest_hashes.entry(h.clone()).or_default();
+                            if !nodes.contains(&p.node_id) {
+                                nodes.push(p.node_id.clone());
+                            }
+                        }
+                    }
+                }
+                NetworkModel {
+                    holders: self.holders_in(&id, &peers),
+                    id,
+                    n_layers: n,
+                    manifest_hash,
+                    manifest_hashes,
+                }
             })
             .collect();
         out.sort_by(|a, b| a.id.cmp(&b.id));
@@ -603,11 +692,11 @@ impl Pipeline {
             .into_iter()
             .find(|m| m.manifest.model_id == model_id)
             .map(|m| {
-                let n = m.manifest.shards.len();
+                let n = m.manifest.shard_count();
                 (
                     m.held.contains(&0),
-                    n > 0 && m.held.contains(&(n as u32 - 1)),
-                    n,
+                    n > 0 && m.held.contains(&(n - 1)),
+                    n as usize,
                 )
             })
             .unwrap_or((false, false, 0))
@@ -671,9 +760,10 @@ impl Pipeline {
         self.model_dir(model_id).is_some() && self.plan(model_id, &HashSet::new()).await.is_ok()
     }
 
-    fn model_dir(&self, model_id: &str) -> Option<PathBuf> {
-        let dir = self.inner.config.models_dir.join(model_id);
-        (is_model_id(model_id) && dir.join("gguf_header.bin").is_file()).then_some(dir)
+    fn model_dir(&self, model_id: &str) -> Option<ModelDir> {
+        ModelDir::new(&self.inner.config.models_dir, model_id)
+            .ok()
+            .filter(|dir| dir.header().is_file())
     }
 
     /// The model's vocabulary (tokenizer and chat template), loaded once.
@@ -750,11 +840,13 @@ impl Pipeline {
         }
     }
 
-    /// Runs this node's hop of `env` (it must be `route[0]`) on `input`, forwards
-    /// the output to the next hop over `next` (opened or replaced as needed), and
-    /// returns the sealed result for the requester.
+    /// Runs this node's hop of `env` (it must be `route[0]`) on `input` for `from`
+    /// (the authenticated sender: the session's owner here), forwards the output
+    /// to the next hop over `next` (opened or replaced as needed), and returns the
+    /// sealed result for the requester.
     async fn execute(
         &self,
+        from: &str,
         env: Envelope,
         input: StepInput,
         next: &mut Option<Link>,
@@ -770,12 +862,13 @@ impl Pipeline {
             .session_bytes()
             .map_err(|e| self.own_failure(e.to_string()))?;
         if env.close {
-            self.inner.host.close(session);
+            self.inner.host.close(session, from);
         } else {
             let out = self
                 .inner
                 .host
                 .step(Step {
+                    peer: from.to_string(),
                     session,
                     seq: env.seq,
                     model_id: me.model_id.clone(),
@@ -981,7 +1074,7 @@ impl Pipeline {
         let started = std::time::Instant::now();
         match self.open_inbound(from, bytes) {
             Err(reason) => self.bad_step(from, reason),
-            Ok((env, input)) => match self.execute(env, input, next).await {
+            Ok((env, input)) => match self.execute(from, env, input, next).await {
                 Ok(result) => Response::Activation(wire::encode_answer(started.elapsed(), &result)),
                 Err(failure) => Response::Error {
                     code: 502,
@@ -1000,6 +1093,11 @@ impl Pipeline {
             return Ok((env, StepInput::Tokens(Vec::new())));
         }
         let input = match env.input {
+            // Token ids go to the first hop, and only the requester sends them: a
+            // peer cannot run a session in another node's name.
+            InputKind::Tokens if env.requester != from => {
+                return Err("token input from a peer that is not the session's requester".into());
+            }
             InputKind::Tokens => {
                 let plain = activation::open_message(
                     &key,
@@ -1048,7 +1146,8 @@ impl Pipeline {
         let first = env.route[0].node_id.clone();
         let last = env.route[env.route.len() - 1].node_id.clone();
         let result = if first == self.inner.node_id {
-            self.execute(env.clone(), input, link).await?
+            let me = self.inner.node_id.clone();
+            self.execute(&me, env.clone(), input, link).await?
         } else {
             let key = self.link_key(&first, &session)?;
             let body = match &input {
@@ -1107,7 +1206,4 @@ fn failure_json(f: &StepFailure) -> String {
 
 use crate::net::short_id as short;
 
-/// Model ids are directory names: no separators, no leading dot.
-pub fn is_model_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= 128 && !id.contains(['/', '\\']) && !id.starts_with('.')
-}
+pub use crate::shard::is_model_id;

@@ -21,7 +21,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Pipeline, is_model_id, short};
 use crate::net::frame::{FetchRequest, MAX_CHUNK, Request, Response};
-use crate::shard::{self, Manifest, ShardEntry};
+use crate::shard::gguf::Gguf;
+use crate::shard::manifest::{HEADER_FILE, MANIFEST_FILE, MAX_MANIFEST_BYTES};
+use crate::shard::{self, Manifest, ModelDir, ShardEntry};
 
 /// How long a download waits for a holder to appear before failing.
 const HOLDER_WAIT: Duration = Duration::from_secs(60);
@@ -106,11 +108,12 @@ pub enum TransferError {
     /// A peer or the disk failed.
     #[error("{0}")]
     Failed(String),
-}
-
-/// Where a manifest's shard lives locally.
-fn shard_path(dir: &Path, s: &ShardEntry) -> PathBuf {
-    dir.join(&s.file.file)
+    /// Every holder served a manifest that breaks a rule (the last one's).
+    #[error("{0}")]
+    BadManifest(#[from] shard::ManifestError),
+    /// The holders serve another manifest than the one this node accepted.
+    #[error("{0}")]
+    Conflict(String),
 }
 
 impl Pipeline {
@@ -151,8 +154,8 @@ impl Pipeline {
     /// Answers a peer's fetch of a file this node holds intact.
     pub(super) async fn serve_fetch(&self, from: &str, f: FetchRequest) -> Response {
         let not_found = |message: String| Response::Error { code: 404, message };
-        if !is_model_id(&f.model_id) {
-            return not_found("no such model".into());
+        if !is_model_id(&f.model_id) || !shard::manifest::is_plain_file_name(&f.file) {
+            return not_found("no such model file".into());
         }
         let Some(local) = self
             .local_models()
@@ -161,17 +164,17 @@ impl Pipeline {
         else {
             return not_found(format!("model {} is not held here", f.model_id));
         };
-        let servable = f.file == "manifest.json"
-            || f.file == "gguf_header.bin"
+        let servable = f.file == MANIFEST_FILE
+            || f.file == HEADER_FILE
             || local
                 .manifest
                 .shards
                 .iter()
                 .any(|s| s.file.file == f.file && local.held.contains(&s.index));
-        if !servable {
-            return not_found(format!("{} of {} is not held here", f.file, f.model_id));
-        }
-        let path = local.dir.join(&f.file);
+        let path = match local.dir.file(&f.file) {
+            Ok(path) if servable => path,
+            _ => return not_found(format!("{} of {} is not held here", f.file, f.model_id)),
+        };
         tracing::debug!(peer = %short(from), file = %f.file, offset = f.offset, "serving a model file chunk");
         let read = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
             let mut file = std::fs::File::open(&path)?;
@@ -191,12 +194,14 @@ impl Pipeline {
         }
     }
 
-    /// Fetches a whole small file (manifest, header) from `peer`.
+    /// Fetches a whole small file (manifest, header) of at most `max` bytes from
+    /// `peer`.
     async fn fetch_whole(
         &self,
         peer: &str,
         model_id: &str,
         file: &str,
+        max: u64,
     ) -> Result<Vec<u8>, TransferError> {
         let network = self.inner.network.get().ok_or(TransferError::NoNetwork)?;
         let mut out = Vec::new();
@@ -210,14 +215,14 @@ impl Pipeline {
             match network.request(peer, request).await {
                 Ok(Response::Chunk(bytes)) => {
                     let done = bytes.len() < MAX_CHUNK as usize;
+                    if (out.len() + bytes.len()) as u64 > max {
+                        return Err(TransferError::Failed(format!(
+                            "{file} is larger than {max} bytes"
+                        )));
+                    }
                     out.extend_from_slice(&bytes);
                     if done {
                         return Ok(out);
-                    }
-                    if out.len() > 256 << 20 {
-                        return Err(TransferError::Failed(format!(
-                            "{file} is implausibly large"
-                        )));
                     }
                 }
                 Ok(Response::Error { message, .. }) => return Err(TransferError::Failed(message)),
@@ -248,16 +253,12 @@ impl Pipeline {
     }
 
     /// Makes sure the model's manifest and header are here, fetching them from a
-    /// holder if not. Returns the manifest.
+    /// holder if not. Returns the manifest. What a peer sends passes
+    /// [`Manifest::validate`] and [`check_header`] before anything is written.
     pub async fn ensure_manifest(&self, model_id: &str) -> Result<Manifest, TransferError> {
-        if !is_model_id(model_id) {
-            return Err(TransferError::Invalid(format!(
-                "'{model_id}' is not a model id"
-            )));
-        }
-        let dir = self.inner.config.models_dir.join(model_id);
-        if dir.join("gguf_header.bin").is_file()
-            && let Ok(m) = shard::read_manifest(&dir)
+        let dir = ModelDir::new(&self.inner.config.models_dir, model_id)?;
+        if dir.header().is_file()
+            && let Ok(m) = shard::read_manifest(dir.path())
         {
             return Ok(m);
         }
@@ -267,33 +268,55 @@ impl Pipeline {
                 "no connected peer holds model '{model_id}'"
             )));
         }
-        let mut last = String::new();
+        let mut last = TransferError::Failed("no holder answered".into());
         for peer in holders {
             let fetched = async {
-                let manifest_bytes = self.fetch_whole(&peer, model_id, "manifest.json").await?;
-                let manifest: Manifest = serde_json::from_slice(&manifest_bytes)
-                    .map_err(|e| TransferError::Failed(format!("bad manifest: {e}")))?;
-                if manifest.model_id != model_id || manifest.format != shard::FORMAT {
+                let manifest_bytes = self
+                    .fetch_whole(&peer, model_id, MANIFEST_FILE, MAX_MANIFEST_BYTES)
+                    .await?;
+                let manifest = Manifest::from_json(&manifest_bytes)?;
+                if manifest.model_id != model_id {
                     return Err(TransferError::Failed(
                         "the manifest is for another model".into(),
                     ));
                 }
-                let header = self.fetch_whole(&peer, model_id, "gguf_header.bin").await?;
-                if blake3::hash(&header).to_hex().as_str() != manifest.header.blake3 {
-                    return Err(TransferError::Failed(
-                        "the header does not match the manifest".into(),
-                    ));
+                let hash = manifest.hash();
+                if let Some(pinned) = self.inner.pins.get(model_id)
+                    && pinned != hash
+                {
+                    return Err(TransferError::Conflict(format!(
+                        "the holder serves manifest {hash} for '{model_id}', but this node \
+                         accepted {pinned}"
+                    )));
                 }
+                let header = self
+                    .fetch_whole(&peer, model_id, HEADER_FILE, manifest.header.bytes)
+                    .await?;
+                check_header(&manifest, &header).map_err(TransferError::Failed)?;
                 Ok((manifest, manifest_bytes, header))
             };
             match fetched.await {
                 Ok((manifest, manifest_bytes, header)) => {
+                    // The first manifest accepted for an id stays its manifest.
+                    let pins_of = self.clone();
+                    let (id, hash) = (model_id.to_string(), manifest.hash());
+                    let pinned = tokio::task::spawn_blocking(move || {
+                        pins_of.inner.pins.pin_first(&id, &hash)
+                    })
+                    .await
+                    .map_err(|e| TransferError::Failed(e.to_string()))?
+                    .map_err(|e| TransferError::Failed(e.to_string()))?;
+                    if pinned != manifest.hash() {
+                        return Err(TransferError::Conflict(format!(
+                            "another manifest ({pinned}) was accepted for '{model_id}' meanwhile"
+                        )));
+                    }
                     let dir2 = dir.clone();
                     tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-                        std::fs::create_dir_all(&dir2)?;
-                        crate::fsutil::write_atomic(&dir2.join("gguf_header.bin"), &header)?;
+                        std::fs::create_dir_all(dir2.path())?;
+                        crate::fsutil::write_atomic(&dir2.header(), &header)?;
                         // The manifest last: its presence marks the directory usable.
-                        crate::fsutil::write_atomic(&dir2.join("manifest.json"), &manifest_bytes)
+                        crate::fsutil::write_atomic(&dir2.manifest(), &manifest_bytes)
                     })
                     .await
                     .map_err(|e| TransferError::Failed(e.to_string()))?
@@ -302,12 +325,20 @@ impl Pipeline {
                     self.load_held().await;
                     return Ok(manifest);
                 }
-                Err(e) => last = e.to_string(),
+                Err(e) => {
+                    tracing::warn!(model = model_id, peer = %short(&peer), error = %e,
+                        "a holder's manifest was refused");
+                    if let Some(n) = self.inner.network.get() {
+                        n.report_bad_frame(&peer);
+                    }
+                    last = e;
+                }
             }
         }
-        Err(TransferError::Failed(format!(
-            "could not fetch the manifest: {last}"
-        )))
+        Err(match last {
+            e @ (TransferError::BadManifest(_) | TransferError::Conflict(_)) => e,
+            other => TransferError::Failed(format!("could not fetch the manifest: {other}")),
+        })
     }
 
     /// Starts downloading shard `index` of `model_id` (the manifest must be here).
@@ -332,7 +363,7 @@ impl Pipeline {
         // Checked on disk, not in the last scan: a repair may be asked for while a
         // scan is still running.
         let (path, expected) = (
-            shard_path(&self.inner.config.models_dir.join(model_id), &entry),
+            ModelDir::new(&self.inner.config.models_dir, model_id)?.shard(&entry),
             entry.file.clone(),
         );
         let held = matches_on_disk(path, expected).await;
@@ -425,9 +456,9 @@ impl Pipeline {
             .get()
             .ok_or(TransferError::NoNetwork)?
             .clone();
-        let dir = self.inner.config.models_dir.join(model_id);
-        let final_path = shard_path(&dir, entry);
-        let part = dir.join(format!("{}.part", entry.file.file));
+        let dir = ModelDir::new(&self.inner.config.models_dir, model_id)?;
+        let final_path = dir.shard(entry);
+        let part = dir.part(entry);
         let started = Instant::now();
         let deadline = started + HOLDER_WAIT;
         let mut tried: Vec<String> = Vec::new();
@@ -559,6 +590,24 @@ impl Pipeline {
         file.sync_all().map_err(io)?;
         Ok(())
     }
+}
+
+/// Checks a header fetched from a peer against its (validated) manifest: the
+/// size and BLAKE3 the manifest names, a GGUF header that parses within bounds,
+/// and the same architecture and layer count.
+pub(crate) fn check_header(manifest: &Manifest, header: &[u8]) -> Result<(), String> {
+    if header.len() as u64 != manifest.header.bytes
+        || blake3::hash(header).to_hex().as_str() != manifest.header.blake3
+    {
+        return Err("the header does not match the manifest".into());
+    }
+    let g = Gguf::header_from_bytes(header).map_err(|e| format!("the header: {e}"))?;
+    if g.architecture() != Some(manifest.architecture.as_str())
+        || g.block_count() != Some(manifest.n_layers)
+    {
+        return Err("the header's architecture or layer count differs from the manifest's".into());
+    }
+    Ok(())
 }
 
 /// Whether a multiaddr is on this machine or a private network.

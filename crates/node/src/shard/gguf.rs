@@ -151,12 +151,13 @@ pub struct TensorInfo {
 impl TensorInfo {
     /// The layer a `blk.N.*` tensor belongs to.
     pub fn layer(&self) -> Option<u32> {
-        self.name
-            .strip_prefix("blk.")?
-            .split('.')
-            .next()?
-            .parse()
-            .ok()
+        self.layer_and_rest().map(|(l, _)| l)
+    }
+
+    /// `blk.N.rest` as `(N, "rest")`.
+    pub fn layer_and_rest(&self) -> Option<(u32, &str)> {
+        let (n, rest) = self.name.strip_prefix("blk.")?.split_once('.')?;
+        Some((n.parse().ok()?, rest))
     }
 }
 
@@ -175,12 +176,25 @@ pub struct Gguf {
     pub data_offset: u64,
 }
 
+/// Reads little-endian values, knowing how many bytes are left: no length read
+/// from the file is trusted further than the bytes that could back it.
 struct Reader<R> {
     r: R,
     pos: u64,
+    len: u64,
 }
 
+/// Bytes a metadata entry takes at least (key length, type, one byte of value).
+const MIN_KV_BYTES: u64 = 8 + 4 + 1;
+/// Bytes a tensor info takes at least (name length, dims, type, offset).
+const MIN_TENSOR_BYTES: u64 = 8 + 4 + 4 + 8;
+/// Largest alignment accepted (llama.cpp writes 32).
+const MAX_ALIGNMENT: u64 = 1 << 16;
+
 impl<R: Read> Reader<R> {
+    fn left(&self) -> u64 {
+        self.len.saturating_sub(self.pos)
+    }
     fn bytes<const N: usize>(&mut self) -> Result<[u8; N], GgufError> {
         let mut b = [0u8; N];
         self.r.read_exact(&mut b)?;
@@ -193,8 +207,19 @@ impl<R: Read> Reader<R> {
     fn u64(&mut self) -> Result<u64, GgufError> {
         Ok(u64::from_le_bytes(self.bytes()?))
     }
+    /// A count of items of at least `min_bytes` each, checked against the bytes left.
+    fn count(&mut self, what: &str, min_bytes: u64) -> Result<u64, GgufError> {
+        let n = self.u64()?;
+        if n > self.left() / min_bytes {
+            return Err(bad(format!(
+                "{n} {what} in {} bytes left of the file",
+                self.left()
+            )));
+        }
+        Ok(n)
+    }
     fn string(&mut self) -> Result<String, GgufError> {
-        let len = self.u64()?;
+        let len = self.count("string bytes", 1)?;
         if len > 1 << 24 {
             return Err(bad(format!("string of {len} bytes")));
         }
@@ -216,7 +241,7 @@ impl<R: Read> Reader<R> {
             8 => Value::Str(self.string()?),
             9 if depth == 0 => {
                 let item_ty = self.u32()?;
-                let n = self.u64()?;
+                let n = self.count("array items", 1)?;
                 if n > 1 << 26 {
                     return Err(bad(format!("array of {n} items")));
                 }
@@ -234,28 +259,45 @@ impl<R: Read> Reader<R> {
     }
 }
 
-fn align(x: u64, a: u64) -> u64 {
-    x.div_ceil(a) * a
+/// `x` rounded up to a multiple of `a` (a power of two), or `None` on overflow.
+fn align(x: u64, a: u64) -> Option<u64> {
+    x.checked_next_multiple_of(a)
+}
+
+fn aligned(x: u64, a: u64) -> Result<u64, GgufError> {
+    align(x, a).ok_or_else(|| bad("offset overflows"))
 }
 
 impl Gguf {
     /// Reads the header (metadata and tensor infos) of a GGUF file.
     pub fn read(path: &Path) -> Result<Gguf, GgufError> {
-        Self::read_inner(path, true)
+        let file = File::open(path)?;
+        let len = file.metadata()?.len();
+        Self::parse(BufReader::new(file), len, true)
     }
 
     /// Reads a header-only file (such as `gguf_header.bin`): tensor spans are 0.
     pub fn read_header(path: &Path) -> Result<Gguf, GgufError> {
-        Self::read_inner(path, false)
+        let file = File::open(path)?;
+        let len = file.metadata()?.len();
+        Self::parse(BufReader::new(file), len, false)
     }
 
-    fn read_inner(path: &Path, with_data: bool) -> Result<Gguf, GgufError> {
-        let file = File::open(path)?;
-        let file_len = file.metadata()?.len();
-        let mut r = Reader {
-            r: BufReader::new(file),
-            pos: 0,
-        };
+    /// Parses a header held in memory (as fetched from a peer): tensor spans are 0.
+    pub fn header_from_bytes(bytes: &[u8]) -> Result<Gguf, GgufError> {
+        Self::parse(bytes, bytes.len() as u64, false)
+    }
+
+    /// Parses a whole GGUF held in memory (tensor spans from its length).
+    pub fn from_bytes(bytes: &[u8]) -> Result<Gguf, GgufError> {
+        Self::parse(bytes, bytes.len() as u64, true)
+    }
+
+    /// Parses `len` bytes from `r`. Every count and length is checked against
+    /// the bytes left before anything is allocated from it, and every offset with
+    /// checked arithmetic.
+    fn parse<R: Read>(r: R, len: u64, with_data: bool) -> Result<Gguf, GgufError> {
+        let mut r = Reader { r, pos: 0, len };
         if &r.bytes::<4>()? != MAGIC {
             return Err(bad("missing GGUF magic"));
         }
@@ -268,11 +310,17 @@ impl Gguf {
         if n_tensors > 1 << 20 || n_kv > 1 << 20 {
             return Err(bad("implausible tensor or key count"));
         }
+        if n_kv > r.left() / MIN_KV_BYTES || n_tensors > r.left() / MIN_TENSOR_BYTES {
+            return Err(bad("more keys or tensors than the file has room for"));
+        }
         let mut kv = Vec::with_capacity(n_kv as usize);
         for _ in 0..n_kv {
             let key = r.string()?;
             let ty = r.u32()?;
             kv.push((key, r.value(ty, 0)?));
+        }
+        if n_tensors > r.left() / MIN_TENSOR_BYTES {
+            return Err(bad("more tensors than the file has room for"));
         }
         let mut tensors = Vec::with_capacity(n_tensors as usize);
         for _ in 0..n_tensors {
@@ -284,6 +332,15 @@ impl Gguf {
             let dims = (0..n_dims)
                 .map(|_| r.u64())
                 .collect::<Result<Vec<_>, _>>()?;
+            if dims
+                .iter()
+                .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+                .is_none()
+            {
+                return Err(bad(format!(
+                    "tensor {name} has more elements than fit 64 bits"
+                )));
+            }
             let ggml_type = r.u32()?;
             let offset = r.u64()?;
             tensors.push(TensorInfo {
@@ -294,12 +351,21 @@ impl Gguf {
                 span: 0,
             });
         }
-        let alignment = kv
-            .iter()
-            .find(|(k, _)| k == "general.alignment")
-            .and_then(|(_, v)| v.as_u64())
-            .unwrap_or(DEFAULT_ALIGNMENT);
-        let data_offset = align(r.pos, alignment);
+        let alignment = match kv.iter().find(|(k, _)| k == "general.alignment") {
+            None => DEFAULT_ALIGNMENT,
+            Some((_, v)) => v
+                .as_u64()
+                .filter(|a| a.is_power_of_two() && *a <= MAX_ALIGNMENT)
+                .ok_or_else(|| {
+                    bad(format!(
+                        "general.alignment must be a power of two up to {MAX_ALIGNMENT}"
+                    ))
+                })?,
+        };
+        let data_offset = aligned(r.pos, alignment)?;
+        if tensors.iter().any(|t| t.offset % alignment != 0) {
+            return Err(bad("a tensor offset is not aligned"));
+        }
         if !with_data {
             return Ok(Gguf {
                 version,
@@ -310,19 +376,24 @@ impl Gguf {
             });
         }
         // Spans from the sorted offsets; the last runs to the end of the file.
-        let data_len = file_len
+        let data_len = len
             .checked_sub(data_offset)
             .ok_or_else(|| bad("file ends before its data section"))?;
         let mut order: Vec<usize> = (0..tensors.len()).collect();
-        order.sort_by_key(|&i| tensors[i].offset);
+        order.sort_by_key(|&i| tensors.get(i).map_or(0, |t| t.offset));
+        let offsets: Vec<u64> = order
+            .iter()
+            .filter_map(|&i| tensors.get(i).map(|t| t.offset))
+            .collect();
         for (k, &i) in order.iter().enumerate() {
-            let end = order
-                .get(k + 1)
-                .map(|&j| tensors[j].offset)
-                .unwrap_or(data_len);
-            tensors[i].span = end
-                .checked_sub(tensors[i].offset)
-                .ok_or_else(|| bad("tensor offsets out of order"))?;
+            let end = offsets.get(k + 1).copied().unwrap_or(data_len);
+            let start = offsets.get(k).copied().unwrap_or(0);
+            let span = end
+                .checked_sub(start)
+                .ok_or_else(|| bad("a tensor lies past the end of the file"))?;
+            if let Some(t) = tensors.get_mut(i) {
+                t.span = span;
+            }
         }
         Ok(Gguf {
             version,
@@ -356,7 +427,7 @@ impl Gguf {
         let arch = self.architecture()?;
         self.get(&format!("{arch}.block_count"))?
             .as_u64()
-            .map(|v| v as u32)
+            .and_then(|v| u32::try_from(v).ok())
     }
 }
 
@@ -458,6 +529,9 @@ pub fn write(
         head.extend_from_slice(&v.type_code().to_le_bytes());
         write_value(&mut head, v)?;
     }
+    if !alignment.is_power_of_two() || alignment > MAX_ALIGNMENT {
+        return Err(bad(format!("alignment {alignment}")));
+    }
     let mut offset = 0u64;
     for t in tensors {
         write_string(&mut head, &t.name)?;
@@ -467,11 +541,19 @@ pub fn write(
         }
         head.extend_from_slice(&t.info.ggml_type.to_le_bytes());
         head.extend_from_slice(&offset.to_le_bytes());
-        offset = align(offset + t.info.span, alignment);
+        offset = aligned(
+            offset
+                .checked_add(t.info.span)
+                .ok_or_else(|| bad("offset overflows"))?,
+            alignment,
+        )?;
     }
     let head_len = head.len() as u64;
     w.write_all(&head)?;
-    w.write_all(&vec![0u8; (align(head_len, alignment) - head_len) as usize])?;
+    w.write_all(&vec![
+        0u8;
+        (aligned(head_len, alignment)? - head_len) as usize
+    ])?;
     let mut written = 0u64;
     let mut buf = vec![0u8; 1 << 20];
     for t in tensors {
@@ -479,7 +561,10 @@ pub fn write(
             TensorData::Inline(bytes) => w.write_all(bytes)?,
             TensorData::File { file, data_offset } => {
                 let mut src = File::open(file)?;
-                src.seek(SeekFrom::Start(data_offset + t.info.offset))?;
+                let at = data_offset
+                    .checked_add(t.info.offset)
+                    .ok_or_else(|| bad("offset overflows"))?;
+                src.seek(SeekFrom::Start(at))?;
                 let mut left = t.info.span;
                 while left > 0 {
                     let n = left.min(buf.len() as u64) as usize;
@@ -490,7 +575,7 @@ pub fn write(
             }
         }
         written += t.info.span;
-        let pad = align(written, alignment) - written;
+        let pad = aligned(written, alignment)? - written;
         w.write_all(&vec![0u8; pad as usize])?;
         written += pad;
     }

@@ -5,15 +5,17 @@
 use std::path::{Path, PathBuf};
 
 use super::gguf::Gguf;
-use super::{Manifest, ShardError, assemble, read_manifest};
+use super::{Manifest, ModelDir, ShardError, assemble, read_manifest};
 
 /// A model directory and what it holds.
 #[derive(Debug, Clone)]
 pub struct LocalModel {
     /// The directory.
-    pub dir: PathBuf,
+    pub dir: ModelDir,
     /// Its manifest.
     pub manifest: Manifest,
+    /// [`Manifest::hash`].
+    pub manifest_hash: String,
     /// Shards present with the right size and hash.
     pub held: Vec<u32>,
     /// Shards present but damaged (wrong size or hash).
@@ -39,34 +41,68 @@ impl LocalModel {
     }
 }
 
+/// A model directory that could not be used: its manifest is missing a rule
+/// (see `Manifest::validate`) or unreadable. Reported, never loaded.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RejectedModel {
+    /// The directory's name.
+    pub dir: String,
+    /// The rule it broke (`file_name`, `layer_ranges`, …), when one did.
+    pub rule: Option<&'static str>,
+    /// What is wrong.
+    pub error: String,
+}
+
+/// What a scan of the models directory found.
+#[derive(Debug, Clone, Default)]
+pub struct Scan {
+    /// Usable models, by id.
+    pub models: Vec<LocalModel>,
+    /// Directories that were skipped, with why.
+    pub rejected: Vec<RejectedModel>,
+}
+
 /// Reads every model directory under `models_dir`, hashing each present shard.
-/// Unreadable directories are skipped with a warning.
-pub fn scan(models_dir: &Path) -> Vec<LocalModel> {
+/// A directory whose manifest is bad is reported in [`Scan::rejected`] and skipped.
+pub fn scan(models_dir: &Path) -> Scan {
     let Ok(entries) = std::fs::read_dir(models_dir) else {
-        return Vec::new();
+        return Scan::default();
     };
-    let mut out = Vec::new();
+    let mut out = Scan::default();
     for entry in entries.flatten() {
         let dir = entry.path();
-        if !dir.join("manifest.json").is_file() {
+        if !dir.join(super::manifest::MANIFEST_FILE).is_file() {
             continue;
         }
         match inspect(&dir) {
-            Ok(m) => out.push(m),
-            Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "skipping model directory"),
+            Ok(m) => out.models.push(m),
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "skipping model directory");
+                out.rejected.push(RejectedModel {
+                    dir: entry.file_name().to_string_lossy().into_owned(),
+                    rule: match &e {
+                        ShardError::BadManifest(m) => Some(m.rule),
+                        _ => None,
+                    },
+                    error: e.to_string(),
+                });
+            }
         }
     }
-    out.sort_by(|a, b| a.manifest.model_id.cmp(&b.manifest.model_id));
+    out.models
+        .sort_by(|a, b| a.manifest.model_id.cmp(&b.manifest.model_id));
+    out.rejected.sort_by(|a, b| a.dir.cmp(&b.dir));
     out
 }
 
 /// Reads one model directory, hashing each present shard.
 pub fn inspect(dir: &Path) -> Result<LocalModel, ShardError> {
     let manifest = read_manifest(dir)?;
+    let dir = ModelDir::existing(dir.to_path_buf());
     let mut held = Vec::new();
     let mut corrupt = Vec::new();
     for s in &manifest.shards {
-        let path = dir.join(&s.file.file);
+        let path = dir.shard(s);
         if !path.is_file() {
             continue;
         }
@@ -77,7 +113,8 @@ pub fn inspect(dir: &Path) -> Result<LocalModel, ShardError> {
         }
     }
     Ok(LocalModel {
-        dir: dir.to_path_buf(),
+        dir,
+        manifest_hash: manifest.hash(),
         manifest,
         held,
         corrupt,
@@ -97,7 +134,7 @@ pub fn range_file(
         source,
     })?;
     let out = ranges_dir.join(format!("{}-{first}-{last}.gguf", model.manifest.model_id));
-    assemble(&model.dir, &model.manifest, first, last, &out)?;
+    assemble(model.dir.path(), &model.manifest, first, last, &out)?;
     Ok(out)
 }
 
@@ -106,7 +143,7 @@ pub fn range_file(
 /// tokenizes, applies the chat template and detokenizes with it without holding
 /// any layer.
 pub fn vocab_file(
-    model_dir: &Path,
+    model_dir: &ModelDir,
     model_id: &str,
     ranges_dir: &Path,
 ) -> Result<PathBuf, ShardError> {
@@ -114,7 +151,7 @@ pub fn vocab_file(
         path: ranges_dir.to_path_buf(),
         source,
     })?;
-    let header = Gguf::read_header(&model_dir.join("gguf_header.bin"))?;
+    let header = Gguf::read_header(&model_dir.header())?;
     let mut kv = header.kv.clone();
     kv.retain(|(k, _)| !k.starts_with("swarmllm.shard."));
     let out = ranges_dir.join(format!("{model_id}-vocab.gguf"));

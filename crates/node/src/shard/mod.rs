@@ -18,75 +18,14 @@
 
 pub mod gguf;
 pub mod library;
+pub mod manifest;
 
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
-
 use self::gguf::{Gguf, GgufError, TensorSource, Value};
-
-/// Manifest format tag.
-pub const FORMAT: &str = "swarmllm-shards/1";
-
-/// A file in a model directory.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct FileEntry {
-    /// File name inside the model directory.
-    pub file: String,
-    /// Size in bytes.
-    pub bytes: u64,
-    /// BLAKE3 of the whole file, hex.
-    pub blake3: String,
-}
-
-impl FileEntry {
-    /// Whether the file at `path` has exactly this size and BLAKE3 (whatever its
-    /// name: a download's `.part` file is checked before it is renamed).
-    pub fn matches_file(&self, path: &Path) -> bool {
-        hash_file(path).is_ok_and(|h| h.blake3 == self.blake3 && h.bytes == self.bytes)
-    }
-}
-
-/// One shard.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct ShardEntry {
-    /// Position in the chain, from 0.
-    pub index: u32,
-    /// First layer.
-    pub layer_start: u32,
-    /// One past the last layer.
-    pub layer_end: u32,
-    /// The file.
-    #[serde(flatten)]
-    pub file: FileEntry,
-    /// Tensors in it.
-    pub tensors: usize,
-    /// Holds the token embedding.
-    pub has_embedding: bool,
-    /// Holds the output norm and head.
-    pub has_head: bool,
-}
-
-/// `manifest.json`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Manifest {
-    /// [`FORMAT`].
-    pub format: String,
-    /// Model id.
-    pub model_id: String,
-    /// `general.architecture`.
-    pub architecture: String,
-    /// Transformer layers.
-    pub n_layers: u32,
-    /// The head reuses the token embedding (no `output.weight`).
-    pub tied_embeddings: bool,
-    /// The GGUF it was made from.
-    pub source: FileEntry,
-    /// The header file.
-    pub header: FileEntry,
-    /// The shards, in layer order.
-    pub shards: Vec<ShardEntry>,
-}
+pub use self::manifest::{
+    FORMAT, FileEntry, Manifest, ManifestError, ModelDir, ShardEntry, is_model_id, shard_file_name,
+};
 
 /// Importing, verifying or assembling shards failed.
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +56,9 @@ pub enum ShardError {
         /// What is wrong.
         message: String,
     },
+    /// The manifest breaks a rule (see [`Manifest::validate`]).
+    #[error(transparent)]
+    BadManifest(#[from] ManifestError),
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> ShardError + '_ {
@@ -182,6 +124,12 @@ pub fn import(
     let n_layers = g
         .block_count()
         .ok_or_else(|| ShardError::Invalid(format!("the GGUF has no {arch}.block_count")))?;
+    if n_layers > manifest::MAX_LAYERS {
+        return Err(ShardError::Invalid(format!(
+            "the GGUF declares {n_layers} layers (at most {})",
+            manifest::MAX_LAYERS
+        )));
+    }
     if shards == 0 || shards > n_layers {
         return Err(ShardError::Invalid(format!(
             "--shards must be between 1 and the model's {n_layers} layers"
@@ -194,12 +142,8 @@ pub fn import(
             SPLIT_ARCHITECTURES.join(", ")
         )));
     }
-    if model_id.is_empty() || model_id.contains(['/', '\\']) || model_id.starts_with('.') {
-        return Err(ShardError::Invalid(format!(
-            "'{model_id}' is not a usable model id"
-        )));
-    }
-    let final_dir = models_dir.join(model_id);
+    let final_dir = ModelDir::new(models_dir, model_id)?;
+    let final_dir = final_dir.path();
     if final_dir.exists() {
         return Err(ShardError::Exists(model_id.to_string()));
     }
@@ -220,7 +164,7 @@ pub fn import(
     );
     match result {
         Ok(manifest) => {
-            std::fs::rename(&work, &final_dir).map_err(io(&final_dir))?;
+            std::fs::rename(&work, final_dir).map_err(io(final_dir))?;
             Ok(manifest)
         }
         Err(e) => {
@@ -248,9 +192,16 @@ fn write_shards(
         .any(|t| t.name.starts_with("output.weight"));
 
     // The header: every byte before the tensor data.
-    let header_path = dir.join("gguf_header.bin");
+    let dir = ModelDir::existing(dir.to_path_buf());
+    let header_path = dir.header();
     {
         use std::io::Read;
+        if g.data_offset > manifest::MAX_HEADER_BYTES {
+            return Err(ShardError::Invalid(format!(
+                "a GGUF header of {} bytes",
+                g.data_offset
+            )));
+        }
         let mut head = vec![0u8; g.data_offset as usize];
         std::fs::File::open(source)
             .and_then(|mut f| f.read_exact(&mut head))
@@ -283,7 +234,7 @@ fn write_shards(
         set("swarmllm.shard.index", index);
         set("swarmllm.shard.layer_start", start);
         set("swarmllm.shard.layer_end", end);
-        let path = dir.join(format!("shard-{index:03}.gguf"));
+        let path = dir.path().join(shard_file_name(index));
         gguf::write(&path, &kv, g.alignment, &tensors)?;
         entries.push(ShardEntry {
             index,
@@ -306,43 +257,47 @@ fn write_shards(
         header: hash_file(&header_path)?,
         shards: entries,
     };
+    // What this node writes passes the same rules as what it reads.
+    manifest.validate()?;
     let text =
         serde_json::to_vec_pretty(&manifest).map_err(|e| ShardError::Invalid(e.to_string()))?;
-    let path = dir.join("manifest.json");
+    let path = dir.manifest();
     crate::fsutil::write_atomic(&path, &text).map_err(io(&path))?;
     Ok(manifest)
 }
 
-/// Reads `<dir>/manifest.json`.
+/// Reads and validates `<dir>/manifest.json`; the manifest's model id must be the
+/// directory's name.
 pub fn read_manifest(dir: &Path) -> Result<Manifest, ShardError> {
-    let path = dir.join("manifest.json");
-    let text = std::fs::read(&path).map_err(|e| ShardError::Manifest {
+    let path = ModelDir::existing(dir.to_path_buf()).manifest();
+    let unreadable = |message: String| ShardError::Manifest {
         path: path.clone(),
-        message: e.to_string(),
-    })?;
-    let m: Manifest = serde_json::from_slice(&text).map_err(|e| ShardError::Manifest {
-        path: path.clone(),
-        message: e.to_string(),
-    })?;
-    if m.format != FORMAT {
-        return Err(ShardError::Manifest {
-            path,
-            message: format!("unknown format {}", m.format),
-        });
+        message,
+    };
+    let len = std::fs::metadata(&path)
+        .map_err(|e| unreadable(e.to_string()))?
+        .len();
+    if len > manifest::MAX_MANIFEST_BYTES {
+        return Err(unreadable(format!("{len} bytes is too large")));
+    }
+    let text = std::fs::read(&path).map_err(|e| unreadable(e.to_string()))?;
+    let m = Manifest::from_json(&text)?;
+    if dir.file_name().and_then(|n| n.to_str()) != Some(m.model_id.as_str()) {
+        return Err(unreadable(format!(
+            "it is for model {:?}, not for the directory it is in",
+            m.model_id
+        )));
     }
     Ok(m)
 }
 
 /// Indices of shards whose file is missing or does not match its BLAKE3.
 pub fn verify(dir: &Path, manifest: &Manifest) -> Vec<u32> {
+    let dir = ModelDir::existing(dir.to_path_buf());
     manifest
         .shards
         .iter()
-        .filter(|s| {
-            hash_file(&dir.join(&s.file.file))
-                .map(|h| h.blake3 != s.file.blake3 || h.bytes != s.file.bytes)
-                .unwrap_or(true)
-        })
+        .filter(|s| !s.file.matches_file(&dir.shard(s)))
         .map(|s| s.index)
         .collect()
 }
@@ -363,35 +318,49 @@ pub fn assemble(
     last: u32,
     out: &Path,
 ) -> Result<(), ShardError> {
-    if first > last || last as usize >= manifest.shards.len() {
+    manifest.validate()?;
+    let run: Vec<&ShardEntry> = manifest
+        .shards
+        .iter()
+        .filter(|s| (first..=last).contains(&s.index))
+        .collect();
+    if first > last || run.len() != (last - first + 1) as usize {
         return Err(ShardError::Invalid(format!(
             "shards {first}..={last} are not a run of this {}-shard model",
             manifest.shards.len()
         )));
     }
-    let run: Vec<&ShardEntry> = manifest.shards[first as usize..=last as usize]
-        .iter()
-        .collect();
-    let paths: Vec<PathBuf> = run.iter().map(|s| dir.join(&s.file.file)).collect();
+    let dir = ModelDir::existing(dir.to_path_buf());
+    let paths: Vec<PathBuf> = run.iter().map(|s| dir.shard(s)).collect();
     let ggufs = paths
         .iter()
         .map(|p| Gguf::read(p))
         .collect::<Result<Vec<_>, _>>()?;
-    let layer_start = run[0].layer_start;
-    let layers = run[run.len() - 1].layer_end - layer_start;
-    let with_head = last as usize == manifest.shards.len() - 1;
+    let (Some(head_shard), Some(tail_shard)) = (run.first(), run.last()) else {
+        return Err(ShardError::Invalid("an empty run of shards".into()));
+    };
+    let layer_start = head_shard.layer_start;
+    let layer_end = tail_shard.layer_end;
+    let layers = layer_end - layer_start;
+    let with_head = last + 1 == manifest.shard_count();
     // A tied head *is* the token embedding, so the last shard keeps it.
     let with_embedding = first == 0 || (with_head && manifest.tied_embeddings);
 
     let mut tensors = Vec::new();
     let mut seen = std::collections::HashSet::new();
-    for (g, path) in ggufs.iter().zip(&paths) {
+    for ((g, path), s) in ggufs.iter().zip(&paths).zip(&run) {
         for t in &g.tensors {
-            let name = match t.layer() {
-                Some(l) => {
-                    let rest = &t.name[format!("blk.{l}.").len()..];
-                    format!("blk.{}.{rest}", l - layer_start)
+            let name = match t.layer_and_rest() {
+                // A shard holds only its own layers: a file that says otherwise
+                // (from a peer whose manifest hashes it) is refused, not renumbered
+                // into another range.
+                Some((l, _)) if !(s.layer_start..s.layer_end).contains(&l) => {
+                    return Err(ShardError::Invalid(format!(
+                        "shard {} holds tensor {} outside its layers {}..{}",
+                        s.index, t.name, s.layer_start, s.layer_end
+                    )));
                 }
+                Some((l, rest)) => format!("blk.{}.{rest}", l - layer_start),
                 None if is_embedding(&t.name) && !with_embedding => continue,
                 None => t.name.clone(),
             };
@@ -401,14 +370,23 @@ pub fn assemble(
             }
         }
     }
-    let mut kv = ggufs[0].kv.clone();
+    let Some(first_gguf) = ggufs.first() else {
+        return Err(ShardError::Invalid("an empty run of shards".into()));
+    };
+    let mut kv = first_gguf.kv.clone();
     kv.retain(|(k, _)| !k.starts_with("swarmllm.shard."));
     let arch = &manifest.architecture;
     let n_embd = kv
         .iter()
         .find(|(k, _)| *k == format!("{arch}.embedding_length"))
         .and_then(|(_, v)| v.as_u64())
-        .ok_or_else(|| ShardError::Invalid(format!("no {arch}.embedding_length")))?;
+        .filter(|&n| (1..=manifest::MAX_EMBEDDING).contains(&n))
+        .ok_or_else(|| {
+            ShardError::Invalid(format!(
+                "no {arch}.embedding_length within 1..={}",
+                manifest::MAX_EMBEDDING
+            ))
+        })?;
     if !with_embedding {
         tensors.push(TensorSource::f32(
             "token_embd.weight",
@@ -428,7 +406,7 @@ pub fn assemble(
     }
     set_u32(&mut kv, &format!("{arch}.block_count"), layers);
     keep_swa_pattern(&mut kv, arch, manifest.n_layers, layer_start, layers);
-    gguf::write(out, &kv, ggufs[0].alignment, &tensors)?;
+    gguf::write(out, &kv, first_gguf.alignment, &tensors)?;
     Ok(())
 }
 

@@ -1,0 +1,278 @@
+//! A rogue peer against a real node process: a libp2p peer built from the node's
+//! own protocol code that announces a model and serves manifests no honest node
+//! would write. The node must refuse each one with the rule it breaks, keep
+//! serving, leave every file outside its model folder alone, and count the
+//! attempt against the peer.
+
+mod common;
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use swarmllm_node::net::announce::HostedModel;
+use swarmllm_node::net::frame::{MAX_CHUNK, Request, Response};
+use swarmllm_node::net::{InboundStep, LocalInfo};
+
+use common::{TestNode, network_code, node_id, rogue_peer_announcing, wait_for};
+
+/// The files the rogue serves for model `evil`: (manifest, header).
+type Served = Arc<Mutex<(Vec<u8>, Vec<u8>)>>;
+
+/// Answers every fetch from `served`, chunk by chunk, as a holder would.
+fn serve_files(rx: tokio::sync::mpsc::Receiver<InboundStep>, served: Served) {
+    let mut rx = rx;
+    tokio::spawn(async move {
+        while let Some(step) = rx.recv().await {
+            let response = match step.request {
+                Request::Fetch(f) => {
+                    let (manifest, header) = served.lock().expect("lock").clone();
+                    let bytes = if f.file == "manifest.json" {
+                        manifest
+                    } else {
+                        header
+                    };
+                    let start = (f.offset as usize).min(bytes.len());
+                    let end = (start + f.len.min(MAX_CHUNK) as usize).min(bytes.len());
+                    Response::Chunk(bytes[start..end].to_vec())
+                }
+                _ => Response::Error {
+                    code: 400,
+                    message: "no".into(),
+                },
+            };
+            step.responder.send(response).await;
+        }
+    });
+}
+
+/// The real manifest of the test model, renamed `evil`, spoiled by `spoil`.
+fn spoiled(lib: &Path, spoil: impl Fn(&mut Value)) -> Vec<u8> {
+    let text = std::fs::read(lib.join("models/smol/manifest.json")).expect("manifest");
+    let mut m: Value = serde_json::from_slice(&text).expect("json");
+    m["model_id"] = json!("evil");
+    spoil(&mut m);
+    serde_json::to_vec(&m).expect("json")
+}
+
+#[test]
+fn a_peer_serving_hostile_manifests_changes_nothing_outside_the_model_folder() {
+    let lib = common::import_shards(3);
+    // Every case must reach the node: the ban is tested on its own below.
+    let node = TestNode::start_custom(false, &[], &[("SWARMLLM_PEER_BAN_TRUST", "0")], |_| {});
+    // Files a traversal would reach: beside the data dir's models folder and
+    // at an absolute path.
+    let victim = node.dir().join("victim.txt");
+    std::fs::write(&victim, "precious").expect("victim");
+    let outside = tempfile::tempdir().expect("tempdir");
+    let absolute = outside.path().join("victim.txt");
+    std::fs::write(&absolute, "precious too").expect("victim");
+
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // The manifest hash the rogue announces for `evil` (none at first).
+    let announced: Arc<Mutex<Option<String>>> = Arc::default();
+    let claims = {
+        let announced = Arc::clone(&announced);
+        Arc::new(move || LocalInfo {
+            models: vec![HostedModel {
+                id: "evil".into(),
+                layer_start: 0,
+                layer_end: 30,
+                n_layers: 30,
+                ms_per_layer: None,
+                manifest_hash: announced.lock().expect("lock").clone(),
+            }],
+            ..LocalInfo::default()
+        })
+    };
+    let (rogue, rogue_identity) = rogue_peer_announcing(&rt, tmp.path(), claims);
+    let rogue_id = rogue_identity.node_id();
+    let header = std::fs::read(lib.path().join("models/smol/gguf_header.bin")).expect("header");
+    let served: Served = Arc::new(Mutex::new((Vec::new(), header)));
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    rogue.set_step_handler(tx);
+    {
+        let _guard = rt.enter();
+        serve_files(rx, Arc::clone(&served));
+    }
+    rt.block_on(rogue.add_seed_and_dial(&network_code(&node), "test"))
+        .expect("rogue joins");
+    // The node learns of `evil` from the rogue's signed announcements.
+    wait_for(
+        "the rogue's model to be announced",
+        Duration::from_secs(60),
+        || {
+            rt.block_on(rogue.announce_now());
+            let (_, v) = node.get("/api/admin/models");
+            v["models"]
+                .as_array()?
+                .iter()
+                .any(|m| m["id"] == "evil")
+                .then_some(())
+        },
+    );
+    let trust_before = trust_of(&node, &rogue_id);
+
+    let victim_path = victim.to_str().expect("utf-8").to_string();
+    let absolute_path = absolute.to_str().expect("utf-8").to_string();
+    let cases: Vec<(&str, &str, Vec<u8>)> = vec![
+        (
+            "relative traversal",
+            "file_name",
+            spoiled(lib.path(), |m| {
+                m["shards"][1]["file"] = json!("../../victim.txt")
+            }),
+        ),
+        (
+            "absolute path",
+            "file_name",
+            spoiled(lib.path(), |m| {
+                m["shards"][1]["file"] = json!(absolute_path)
+            }),
+        ),
+        (
+            "absolute path to the data dir's file",
+            "file_name",
+            spoiled(lib.path(), |m| m["shards"][0]["file"] = json!(victim_path)),
+        ),
+        (
+            "Windows drive path",
+            "file_name",
+            spoiled(lib.path(), |m| {
+                m["shards"][2]["file"] = json!("C:\\victim.txt")
+            }),
+        ),
+        (
+            "another plain name",
+            "file_name",
+            spoiled(lib.path(), |m| m["shards"][2]["file"] = json!("node.db")),
+        ),
+        (
+            "declared index out of range",
+            "shard_index",
+            spoiled(lib.path(), |m| {
+                m["shards"][2]["index"] = json!(4_000_000_000u32)
+            }),
+        ),
+        (
+            "huge n_layers",
+            "layers",
+            spoiled(lib.path(), |m| m["n_layers"] = json!(u32::MAX)),
+        ),
+        (
+            "a gap in the layer ranges",
+            "layer_ranges",
+            spoiled(lib.path(), |m| m["shards"][1]["layer_start"] = json!(11)),
+        ),
+    ];
+    for (what, rule, manifest) in cases {
+        served.lock().expect("lock").0 = manifest;
+        let (status, v) = node.post("/api/admin/models/evil/add", &json!({}));
+        assert_eq!(status, 502, "{what}: {v}");
+        assert_eq!(v["error"]["code"], "BAD_MANIFEST", "{what}: {v}");
+        assert_eq!(v["error"]["details"]["rule"], rule, "{what}: {v}");
+        // Nothing outside the model folder changed, and nothing was kept.
+        assert_eq!(
+            std::fs::read_to_string(&victim).expect("victim"),
+            "precious"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&absolute).expect("victim"),
+            "precious too"
+        );
+        assert!(
+            !node.dir().join("models/evil/manifest.json").exists(),
+            "{what}: a refused manifest was stored"
+        );
+    }
+
+    // A valid manifest is accepted, and its hash pinned for the id: the same id
+    // with another manifest is refused later (after the model is removed here),
+    // and a holder announcing another one is shown as a conflict.
+    served.lock().expect("lock").0 = spoiled(lib.path(), |_| {});
+    let (status, v) = node.post("/api/admin/models/evil/add", &json!({ "shards": [] }));
+    assert_eq!(status, 200, "{v}");
+    let (_, models) = node.get("/api/admin/models");
+    let pinned = models["models"]
+        .as_array()
+        .and_then(|ms| ms.iter().find(|m| m["id"] == "evil"))
+        .map(|m| m["manifest_hash"].clone())
+        .expect("evil listed");
+    assert_eq!(pinned.as_str().map(str::len), Some(64), "{models}");
+    let (status, v) = node.call(
+        reqwest::Method::DELETE,
+        "/api/admin/models/evil",
+        &json!({}),
+    );
+    assert_eq!(status, 200, "{v}");
+    served.lock().expect("lock").0 =
+        spoiled(lib.path(), |m| m["source"]["file"] = json!("other.gguf"));
+    let (status, v) = node.post("/api/admin/models/evil/add", &json!({ "shards": [] }));
+    assert_eq!(status, 409, "{v}");
+    assert_eq!(v["error"]["code"], "MANIFEST_CONFLICT", "{v}");
+    *announced.lock().expect("lock") = Some("f".repeat(64));
+    wait_for("the conflict to show", Duration::from_secs(60), || {
+        rt.block_on(rogue.announce_now());
+        let (_, v) = node.get("/api/admin/models");
+        let m = v["models"]
+            .as_array()?
+            .iter()
+            .find(|m| m["id"] == "evil")?
+            .clone();
+        (m["manifest_conflict"] == true && m["holders"] == 0).then_some(())
+    });
+
+    // Still serving, and every refusal counted against the rogue.
+    assert_eq!(node.get("/health/live").0, 200);
+    let trust_after = trust_of(&node, &rogue_id);
+    assert!(
+        trust_after < trust_before,
+        "trust {trust_before} -> {trust_after}"
+    );
+    assert_ne!(node_id(&node), rogue_id);
+}
+
+fn trust_of(node: &TestNode, peer: &str) -> i64 {
+    let (_, v) = node.get("/api/admin/peers");
+    v["peers"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["node_id"] == peer))
+        .and_then(|p| p["trust_score"].as_i64())
+        .unwrap_or_else(|| panic!("the rogue is not in the peer list: {v}"))
+}
+
+#[test]
+fn a_peer_that_keeps_sending_garbage_is_disconnected_and_refused_for_a_while() {
+    let node = TestNode::start_without_model();
+    let node_id = node_id(&node);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (rogue, rogue_identity) = common::rogue_peer(&rt, tmp.path());
+    let rogue_id = rogue_identity.node_id();
+    rt.block_on(rogue.add_seed_and_dial(&network_code(&node), "test"))
+        .expect("rogue joins");
+    // Malformed credit messages: each costs 10 trust; below 10 the peer is out.
+    for _ in 0..6 {
+        let _ = rt.block_on(rogue.request(&node_id, Request::Credit(b"{not json".to_vec())));
+    }
+    let peer = wait_for("the rogue to be banned", Duration::from_secs(30), || {
+        let (_, v) = node.get("/api/admin/peers");
+        let p = v["peers"]
+            .as_array()?
+            .iter()
+            .find(|p| p["node_id"] == rogue_id.as_str())?
+            .clone();
+        (p["banned_until"].as_i64()? > chrono::Utc::now().timestamp() && p["connected"] == false)
+            .then_some(p)
+    });
+    assert!(peer["trust_score"].as_i64() < Some(10), "{peer}");
+    // Coming back at once does not work: the node drops the connection.
+    let _ = rt.block_on(rogue.add_seed_and_dial(&network_code(&node), "test"));
+    for _ in 0..3 {
+        let answer = rt.block_on(rogue.request(&node_id, Request::Echo(vec![1])));
+        assert!(answer.is_err(), "a banned peer was answered: {answer:?}");
+    }
+    assert_eq!(node.get("/health/live").0, 200);
+}
