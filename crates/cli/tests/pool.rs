@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestNode, cli, network_code, node_id, wait_for};
+use common::{TestNode, cli, network_code, node_id, rogue_peer, wait_for};
 use serde_json::{Value, json};
 
 const DEADLINE: Duration = Duration::from_secs(45);
@@ -364,9 +364,13 @@ fn expired_codes_a_full_pool_and_too_many_attempts_are_refused() {
             break;
         }
     }
-    // C's join refused as full was its first operation: nine more are answered (full),
-    // the eleventh is not.
-    let mut expected = vec![409; 9];
+    // C's join refused as full was its first operation: nine more are answered,
+    // the eleventh is not. The stale code itself has few online attempts: B's
+    // try was its first, four more are answered (full); after that the owner no
+    // longer runs the exchange for it, and the joiner finds no owner (404).
+    let answered = (swarmllm_node::pool::CODE_ATTEMPTS - 1) as usize;
+    let mut expected = vec![409; answered];
+    expected.resize(9, 404);
     expected.push(429);
     assert_eq!(statuses, expected);
 }
@@ -422,4 +426,120 @@ fn offline_mode_dials_nobody_after_a_restart() {
         (p2p(&b)["offline"] == false && connected(&b)).then_some(())
     });
     assert!(p2p(&b)["counters"]["dials_started"].as_u64() > Some(0));
+}
+
+#[test]
+fn a_join_by_code_is_a_pake_that_an_observer_can_neither_test_nor_replay() {
+    let a = TestNode::start_without_model();
+    let invite = network_code(&a);
+    let b = TestNode::start_full(false, &["--bootstrap", &invite]);
+    let c = TestNode::start_full(false, &["--bootstrap", &invite]);
+    let a_id = node_id(&a);
+    // An observer on the pool topic records every message of the exchange.
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (rogue, rogue_identity) = rogue_peer(&rt, tmp.path());
+    let rogue_id = rogue_identity.node_id();
+    let (tx, mut seen) = tokio::sync::mpsc::channel::<(String, Vec<u8>)>(256);
+    rogue.set_pool_handler(tx);
+    rt.block_on(rogue.add_seed_and_dial(&invite, "test"))
+        .expect("observer joins");
+    wait_for("A to see every device", DEADLINE, || {
+        let (_, v) = a.get("/api/admin/network-code");
+        (v["connected_peers"].as_u64()? >= 3).then_some(())
+    });
+    let (status, v) = a.post("/api/pool/create", &json!({ "name": "Home" }));
+    assert_eq!(status, 200, "{v}");
+    let code_of = |v: Value| v["code"].as_str().expect("code").to_string();
+    let first = code_of(a.post("/api/pool/generate-code", &json!({})).1);
+    let second = code_of(a.post("/api/pool/generate-code", &json!({})).1);
+
+    let (status, v) = b.post("/api/pool/join", &json!({ "code": first }));
+    assert_eq!(status, 200, "{v}");
+    let b_id = node_id(&b);
+    wait_for("A to record B", DEADLINE, || {
+        let (_, s) = a.get("/api/pool/state");
+        s["members"]
+            .as_array()?
+            .iter()
+            .find(|m| m["node_id"] == b_id.as_str() && m["accepted"] == true)
+            .map(|_| ())
+    });
+    // Everything that travelled: the join's three messages (and the state).
+    let mut messages: Vec<(String, Value)> = Vec::new();
+    let kinds = |m: &[(String, Value)]| {
+        m.iter()
+            .filter_map(|(_, v)| v["type"].as_str().map(str::to_string))
+            .collect::<Vec<_>>()
+    };
+    wait_for("the observer to see the whole join", DEADLINE, || {
+        while let Ok((author, bytes)) = seen.try_recv() {
+            let text = String::from_utf8_lossy(&bytes).to_string();
+            // Neither the code nor its hash is ever on the wire.
+            assert!(!text.contains(&first), "the code travelled: {text}");
+            assert!(
+                !text.contains(&swarmllm_node::pool::code_hash(&first)),
+                "the code's hash travelled: {text}"
+            );
+            messages.push((author, serde_json::from_slice(&bytes).expect("json")));
+        }
+        let k = kinds(&messages);
+        ["join_start", "join_reply", "join_finish"]
+            .iter()
+            .all(|t| k.iter().any(|x| x == t))
+            .then_some(())
+    });
+
+    // Replayed as the observer's own, with its own node id, nothing gets it in.
+    for (_, message) in &messages {
+        let mut forged = message.clone();
+        if forged.get("node_id").is_some() {
+            forged["node_id"] = json!(rogue_id);
+        }
+        let _ = rt.block_on(rogue.publish_pool(serde_json::to_vec(&forged).expect("json")));
+    }
+    // The owner answers the replayed start like any guess (it cannot tell): that
+    // answer, addressed to the observer, shows the replays were processed.
+    wait_for("the owner to answer the replayed start", DEADLINE, || {
+        while let Ok((author, bytes)) = seen.try_recv() {
+            messages.push((author, serde_json::from_slice(&bytes).expect("json")));
+        }
+        messages
+            .iter()
+            .any(|(author, v)| {
+                author == &a_id && v["type"] == "join_reply" && v["node_id"] == rogue_id.as_str()
+            })
+            .then_some(())
+    });
+    let (_, state) = a.get("/api/pool/state");
+    let members = state["members"].as_array().expect("members").clone();
+    assert_eq!(members.len(), 2, "{state}");
+    assert!(
+        members.iter().all(|m| m["node_id"] != rogue_id.as_str()),
+        "{state}"
+    );
+
+    // A wrong code with a live code's nameplate: the owner answers, the joiner
+    // cannot verify the answer, and learns only that the code is unknown.
+    let wrong: String = second
+        .chars()
+        .take(2)
+        .chain(
+            second
+                .chars()
+                .skip(2)
+                .map(|ch| if ch == 'A' { 'B' } else { 'A' }),
+        )
+        .collect();
+    let (status, v) = c.post("/api/pool/join", &json!({ "code": wrong }));
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (404, Some("UNKNOWN_CODE")),
+        "{v}"
+    );
+    assert!(!v.to_string().contains("Home"), "{v}");
+    // The right code still works (one attempt spent, a few left).
+    let (status, v) = c.post("/api/pool/join", &json!({ "code": second }));
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["role"], "member", "{v}");
 }

@@ -150,14 +150,17 @@ const MIGRATIONS: &[&str] = &[
         created_at INTEGER NOT NULL
     );
     ALTER TABLE pools ADD COLUMN rates TEXT;",
-    // 5: the manifest hash first accepted for each model id; receipts whose
-    // settle has not reached the hop yet.
+    // 5 (hostile peers): the manifest hash first accepted for each model id;
+    // banned peers; the public nameplate and online attempts of pool codes
+    // (joins by PAKE); receipts whose settle has not reached the hop yet.
     "CREATE TABLE manifest_pins (
         model_id      TEXT PRIMARY KEY,
         manifest_hash TEXT NOT NULL,
         pinned_at     INTEGER NOT NULL
     );
     ALTER TABLE swarm_nodes ADD COLUMN banned_until INTEGER;
+    ALTER TABLE pool_codes ADD COLUMN nameplate TEXT;
+    ALTER TABLE pool_codes ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
     CREATE TABLE credit_pending_settles (
         id         TEXT PRIMARY KEY,
         node       TEXT NOT NULL,

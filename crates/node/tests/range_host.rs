@@ -179,7 +179,8 @@ fn a_peer_cannot_use_another_peers_session_or_send_out_of_range_numbers() {
     run(step(1, 3, 3, &[t])).expect("the owner's session survived");
 
     // Sampling numbers a peer sends pass the HTTP API's validation.
-    let bad_specs: [(&str, fn(&mut SampleSpec)); 5] = [
+    type Spoil = fn(&mut SampleSpec);
+    let bad_specs: [(&str, Spoil); 5] = [
         ("repeat_last_n", |s| s.repeat_last_n = i32::MAX),
         ("top_k", |s| s.top_k = i32::MAX),
         ("temperature", |s| s.temperature = f32::NAN),

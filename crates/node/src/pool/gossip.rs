@@ -1,19 +1,30 @@
-//! Joining a pool over gossip (`swarmllm/pool/1`).
+//! Joining a pool over gossip (`swarmllm/pool/1`), by SPAKE2 keyed with the code.
 //!
 //! ```text
-//! member                                   everyone            owner
-//!   JoinRequest {code_hash, node_id} ───────────▶ ─────────────▶ redeem(code_hash)
-//!   (opens the verdict with its key) ◀── Verdict {owner, sealed} ◀── sealed for the member
-//!   Acceptance {pool, invitation, signature} ──▶ ─────────────▶ verify, record
-//!   (checks every signature)         ◀── State {body, owner signature} ◀──
+//! joiner                                      everyone              owner
+//!   JoinStart {nameplate, node_id, A} ───────────▶ ───────────────▶ codes with that nameplate
+//!                                                                  (one attempt each): SPAKE2
+//!   K from A's state and B; check the  ◀── JoinReply {B, owner MAC, sealed verdict} ◀──
+//!   owner's MAC (wrong code: it fails)
+//!   JoinFinish {joiner MAC, signature} ──────────▶ ───────────────▶ check MAC: redeem, record
+//!   (checks every signature)          ◀── State {body, owner signature} ◀──
 //! ```
 //!
+//! The code never travels, nor anything computed from it that an observer could
+//! test guesses against: the joiner and the owner run SPAKE2 (RustCrypto's
+//! `spake2`) with the code's hash as the password, the joiner's node id as one
+//! identity, and derive their keys from the SPAKE2 secret and the whole
+//! transcript (nameplate, both node ids, both SPAKE2 messages, the exchange id).
+//! Each side proves it holds the key with a MAC, so a proof cannot be replayed for
+//! another node or exchange, and a wrong code learns nothing but "no". Only the
+//! first two characters of the code (the nameplate, as magic-wormhole's) travel in
+//! the clear so the owner can find the join meant for it; each join costs the
+//! code one of its few online attempts.
+//!
 //! Gossip authors are authenticated by gossipsub's own Ed25519 message signatures;
-//! a message whose claimed node is not its author is dropped. Only the code's
-//! BLAKE3 hash travels. The verdict is sealed (X25519 owner↔member + ChaCha20-
-//! Poly1305), so observers cannot tell who was invited or to which pool. The
-//! member signs its acceptance; the owner signs the pool state, which lists each
-//! member's acceptance signature, and members accept a state only when all verify.
+//! a message whose claimed node is not its author is dropped. The member signs its
+//! acceptance; the owner signs the pool state, which lists each member's
+//! acceptance signature, and members accept a state only when all verify.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -23,13 +34,22 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Member, PoolError, PoolState, Pools, code_hash, parse_code};
+use super::{Member, PoolError, PoolState, Pools, code_hash, nameplate, parse_code};
 use crate::identity::{self, Identity};
 use crate::net::Network;
 use crate::pipeline::activation::{self, Direction, SessionKey};
+use spake2::{Ed25519Group, Identity as PakeIdentity, Password, Spake2};
 
 /// How long a member waits for an owner's verdict.
 const VERDICT_WAIT: Duration = Duration::from_secs(10);
+/// SPAKE2's identity of the owner's side (the joiner's is its node id; the
+/// owner's node id is bound in through the transcript).
+const JOIN_OWNER: &[u8] = b"swarmllm pool owner";
+/// Replies a joiner examines per join.
+const MAX_REPLIES: u32 = 8;
+/// Joins an owner keeps waiting for their finish, and for how long.
+const MAX_EXCHANGES: usize = 64;
+const EXCHANGE_TTL: Duration = Duration::from_secs(60);
 const ACCEPT_TAG: &str = "swarmllm pool accept v1";
 const STATE_TAG: &str = "swarmllm pool state v1";
 const REMOVAL_TAG: &str = "swarmllm pool removal v1";
@@ -40,15 +60,35 @@ const INVITE_CONTEXT: &str = "swarmllm pool invite v1";
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 enum Message {
-    JoinRequest {
-        code_hash: String,
+    JoinStart {
+        /// The code's first characters.
+        nameplate: String,
         node_id: String,
         device_name: Option<String>,
+        /// Base64 of the joiner's SPAKE2 message.
+        pake: String,
     },
-    Verdict {
+    JoinReply {
         owner_node_id: String,
-        /// Base64 of the sealed [`Verdict`].
+        /// The joiner.
+        node_id: String,
+        nameplate: String,
+        exchange_id: String,
+        /// Base64 of the owner's SPAKE2 message.
+        pake: String,
+        /// Hex MAC proving the owner holds the key.
+        confirm: String,
+        /// Base64 of the [`Verdict`] sealed with the key.
         sealed: String,
+    },
+    JoinFinish {
+        owner_node_id: String,
+        node_id: String,
+        exchange_id: String,
+        /// Hex MAC proving the joiner holds the key.
+        confirm: String,
+        /// Hex Ed25519 signature of the acceptance.
+        signature: String,
     },
     Acceptance {
         pool_id: String,
@@ -138,21 +178,151 @@ struct RemovalBody {
     issued_at: i64,
 }
 
-/// What an owner answers a join request with (sealed for the member).
+/// What an owner answers a join with (sealed with the exchange's key).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 enum Verdict {
     Invited {
-        code_hash: String,
         pool_id: String,
         pool_name: String,
         invitation_id: String,
     },
     Refused {
-        code_hash: String,
         /// `used`, `expired` or `full`.
         reason: String,
     },
+}
+
+/// The keys of one join, from the SPAKE2 secret and the whole transcript.
+struct JoinKeys {
+    transcript: [u8; 32],
+    owner_confirm: [u8; 32],
+    joiner_confirm: [u8; 32],
+    seal: [u8; 32],
+}
+
+impl JoinKeys {
+    fn derive(
+        secret: &[u8],
+        plate: &str,
+        joiner: &str,
+        owner: &str,
+        pake_a: &[u8],
+        pake_b: &[u8],
+        exchange_id: &str,
+    ) -> Self {
+        let mut h = blake3::Hasher::new();
+        for part in [
+            plate.as_bytes(),
+            joiner.as_bytes(),
+            owner.as_bytes(),
+            pake_a,
+            pake_b,
+            exchange_id.as_bytes(),
+        ] {
+            h.update(&(part.len() as u64).to_le_bytes());
+            h.update(part);
+        }
+        let transcript = *h.finalize().as_bytes();
+        let key = |context: &str| {
+            let mut h = blake3::Hasher::new_derive_key(context);
+            h.update(secret);
+            h.update(&transcript);
+            *h.finalize().as_bytes()
+        };
+        Self {
+            transcript,
+            owner_confirm: key("swarmllm pool join owner confirm v1"),
+            joiner_confirm: key("swarmllm pool join joiner confirm v1"),
+            seal: key("swarmllm pool join seal v1"),
+        }
+    }
+
+    fn owner_mac(&self) -> String {
+        blake3::keyed_hash(&self.owner_confirm, &self.transcript)
+            .to_hex()
+            .to_string()
+    }
+
+    fn joiner_mac(&self) -> String {
+        blake3::keyed_hash(&self.joiner_confirm, &self.transcript)
+            .to_hex()
+            .to_string()
+    }
+
+    /// ChaCha20-Poly1305 under a key used for this one message (nonce zero).
+    fn seal(&self, plain: &[u8]) -> Vec<u8> {
+        use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+        chacha20poly1305::ChaCha20Poly1305::new((&self.seal).into())
+            .encrypt(
+                &chacha20poly1305::Nonce::default(),
+                Payload {
+                    msg: plain,
+                    aad: &self.transcript,
+                },
+            )
+            .unwrap_or_default()
+    }
+
+    fn open(&self, sealed: &[u8]) -> Option<Vec<u8>> {
+        use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+        chacha20poly1305::ChaCha20Poly1305::new((&self.seal).into())
+            .decrypt(
+                &chacha20poly1305::Nonce::default(),
+                Payload {
+                    msg: sealed,
+                    aad: &self.transcript,
+                },
+            )
+            .ok()
+    }
+}
+
+/// Whether a hex MAC equals `expected`, compared in constant time.
+fn mac_matches(expected: &str, given: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    expected.len() == given.len() && bool::from(expected.as_bytes().ct_eq(given.as_bytes()))
+}
+
+/// The joiner's SPAKE2 state, made again from its seed for each reply (a state
+/// is consumed by one `finish`, and several owners may answer a nameplate).
+fn joiner_pake(seed: [u8; 32], password: &str, joiner: &str) -> (Spake2<Ed25519Group>, Vec<u8>) {
+    use rand::SeedableRng;
+    Spake2::<Ed25519Group>::start_a_with_rng(
+        &Password::new(password.as_bytes()),
+        &PakeIdentity::new(joiner.as_bytes()),
+        &PakeIdentity::new(JOIN_OWNER),
+        rand::rngs::StdRng::from_seed(seed),
+    )
+}
+
+/// A join this node is making.
+struct Joining {
+    seed: [u8; 32],
+    /// The code's hash: the SPAKE2 password.
+    password: String,
+    pake: Vec<u8>,
+    replies: u32,
+    done: Option<oneshot::Sender<Joined>>,
+}
+
+/// The owner's answer that proved it knows the code.
+struct Joined {
+    owner: String,
+    exchange_id: String,
+    keys: JoinKeys,
+    verdict: Verdict,
+}
+
+/// A join an owner answered and waits to see finished.
+struct Exchange {
+    keys: JoinKeys,
+    code_hash: String,
+    joiner: String,
+    device_name: Option<String>,
+    pool_id: String,
+    invitation_id: String,
+    at: std::time::Instant,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -194,28 +364,16 @@ fn verify_hex(node_id: &str, message: &[u8], sig_hex: &str) -> bool {
         )
 }
 
-fn verdict_key(identity: &Identity, peer: &str, code_hash: &str) -> Option<SessionKey> {
-    let public = identity::x25519_public(peer)?;
-    let mut session = [0u8; 16];
-    hex::decode_to_slice(code_hash.get(..32)?, &mut session).ok()?;
-    Some(SessionKey::agree(
-        &identity.x25519_secret(),
-        &public,
-        &session,
-    ))
-}
-
-/// Code hash → where the (owner, verdict) for it goes.
-type Waiting = HashMap<String, oneshot::Sender<(String, Verdict)>>;
-
 /// The network side of a node's pools.
 #[derive(Clone)]
 pub(super) struct PoolNet {
     pools: Pools,
     identity: Identity,
     network: Network,
-    /// Code hashes this node is waiting on, with where to deliver the verdict.
-    pending: Arc<Mutex<Waiting>>,
+    /// Joins this node is making, by nameplate.
+    joining: Arc<Mutex<HashMap<String, Joining>>>,
+    /// Joins this owner answered, by exchange id.
+    exchanges: Arc<Mutex<HashMap<String, Exchange>>>,
     /// Invitations by node id this device received.
     received: Arc<Mutex<Vec<ReceivedInvitation>>>,
 }
@@ -230,7 +388,8 @@ impl Pools {
             pools: self.clone(),
             identity,
             network,
-            pending: Arc::new(Mutex::new(HashMap::new())),
+            joining: Arc::new(Mutex::new(HashMap::new())),
+            exchanges: Arc::new(Mutex::new(HashMap::new())),
             received: Arc::new(Mutex::new(Vec::new())),
         };
         let _ = self.net.set(net.clone());
@@ -242,9 +401,9 @@ impl Pools {
         });
     }
 
-    /// Joins a pool with an invite code: sends the code's hash, waits for the
-    /// owner's verdict, accepts. Wrong codes get [`PoolError::UnknownCode`] once no
-    /// owner has answered in time.
+    /// Joins a pool with an invite code: runs SPAKE2 with the owner that holds
+    /// the code, accepts the pool it offers. Wrong codes get
+    /// [`PoolError::UnknownCode`] once no owner has proved it holds the code in time.
     pub async fn join(
         &self,
         code: &str,
@@ -260,16 +419,29 @@ impl Pools {
         tokio::task::spawn_blocking(move || this.check_can_join())
             .await
             .map_err(|e| PoolError::Invalid(e.to_string()))??;
-        let hash = code_hash(&code);
+        let plate = nameplate(&code).to_string();
+        let password = code_hash(&code);
+        let seed: [u8; 32] = rand::random();
+        let (_, pake) = joiner_pake(seed, &password, &self.node_id);
         let (tx, rx) = oneshot::channel();
-        net.pending
+        net.joining
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(hash.clone(), tx);
-        let request = Message::JoinRequest {
-            code_hash: hash.clone(),
+            .insert(
+                plate.clone(),
+                Joining {
+                    seed,
+                    password,
+                    pake: pake.clone(),
+                    replies: 0,
+                    done: Some(tx),
+                },
+            );
+        let request = Message::JoinStart {
+            nameplate: plate.clone(),
             node_id: self.node_id.clone(),
             device_name: device_name.clone(),
+            pake: base64::engine::general_purpose::STANDARD.encode(&pake),
         };
         let outcome = async {
             net.publish(&request).await?;
@@ -279,13 +451,13 @@ impl Pools {
                 .map_err(|_| PoolError::UnknownCode)
         }
         .await;
-        net.pending
+        net.joining
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&hash);
-        let (owner, verdict) = outcome?;
-        match verdict {
-            Verdict::Refused { reason, .. } => Err(match reason.as_str() {
+            .remove(&plate);
+        let joined = outcome?;
+        match joined.verdict {
+            Verdict::Refused { reason } => Err(match reason.as_str() {
                 "used" => PoolError::CodeUsed,
                 "expired" => PoolError::CodeExpired,
                 "full" => PoolError::Full(0),
@@ -295,8 +467,8 @@ impl Pools {
                 pool_id,
                 pool_name,
                 invitation_id,
-                ..
             } => {
+                let owner = joined.owner;
                 let signature = hex::encode(
                     net.identity
                         .sign(&accept_message(
@@ -308,17 +480,17 @@ impl Pools {
                         .to_bytes(),
                 );
                 let this = self.clone();
-                let (p, n, o, d) = (pool_id.clone(), pool_name, owner.clone(), device_name);
+                let (p, n, o, d) = (pool_id, pool_name, owner.clone(), device_name);
                 let state = tokio::task::spawn_blocking(move || {
                     this.enter_as_member(&p, &n, &o, d.as_deref())
                 })
                 .await
                 .map_err(|e| PoolError::Invalid(e.to_string()))??;
-                net.publish(&Message::Acceptance {
-                    pool_id,
+                net.publish(&Message::JoinFinish {
                     owner_node_id: owner,
-                    invitation_id,
                     node_id: self.node_id.clone(),
+                    exchange_id: joined.exchange_id,
+                    confirm: joined.keys.joiner_mac(),
                     signature,
                 })
                 .await?;
@@ -351,15 +523,41 @@ impl PoolNet {
             return;
         };
         match message {
-            Message::JoinRequest {
-                code_hash,
+            Message::JoinStart {
+                nameplate,
                 node_id,
                 device_name,
-            } if node_id == author => self.on_join_request(code_hash, node_id, device_name).await,
-            Message::Verdict {
+                pake,
+            } if node_id == author => {
+                self.on_join_start(nameplate, node_id, device_name, &pake)
+                    .await
+            }
+            Message::JoinReply {
                 owner_node_id,
+                node_id,
+                nameplate,
+                exchange_id,
+                pake,
+                confirm,
                 sealed,
-            } if owner_node_id == author => self.on_verdict(&owner_node_id, &sealed),
+            } if owner_node_id == author && node_id == self.pools.node_id => self.on_join_reply(
+                &owner_node_id,
+                &nameplate,
+                &exchange_id,
+                &pake,
+                &confirm,
+                &sealed,
+            ),
+            Message::JoinFinish {
+                owner_node_id,
+                node_id,
+                exchange_id,
+                confirm,
+                signature,
+            } if node_id == author && owner_node_id == self.pools.node_id => {
+                self.on_join_finish(&node_id, &exchange_id, &confirm, &signature)
+                    .await
+            }
             Message::Acceptance {
                 pool_id,
                 owner_node_id,
@@ -399,66 +597,198 @@ impl PoolNet {
         }
     }
 
-    async fn on_join_request(&self, hash: String, node_id: String, device: Option<String>) {
-        let pools = self.pools.clone();
-        let (h, n) = (hash.clone(), node_id.clone());
-        let result =
-            tokio::task::spawn_blocking(move || pools.redeem(&h, &n, device.as_deref())).await;
-        let verdict = match result {
-            Ok(Ok(invitation)) => Verdict::Invited {
-                code_hash: hash.clone(),
-                pool_id: invitation.pool_id,
-                pool_name: invitation.pool_name,
-                invitation_id: invitation.invitation_id,
-            },
-            Ok(Err(PoolError::CodeUsed)) => refused(&hash, "used"),
-            Ok(Err(PoolError::CodeExpired)) => refused(&hash, "expired"),
-            Ok(Err(PoolError::Full(_))) => refused(&hash, "full"),
-            // Not one of this node's codes (or no pool here): someone else's business.
-            _ => return,
-        };
-        let Some(key) = verdict_key(&self.identity, &node_id, &hash) else {
+    /// The owner's side: for each of its codes with this nameplate (each charged
+    /// an attempt), a SPAKE2 reply with its MAC and the sealed verdict.
+    async fn on_join_start(
+        &self,
+        plate: String,
+        joiner: String,
+        device_name: Option<String>,
+        pake: &str,
+    ) {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let Ok(pake_a) = b64.decode(pake) else {
             return;
         };
-        let plain = serde_json::to_vec(&verdict).unwrap_or_default();
-        let sealed =
-            activation::seal_message(&key, 0, Direction::Backward, hash.as_bytes(), &plain);
-        let _ = self
-            .publish(&Message::Verdict {
-                owner_node_id: self.pools.node_id.clone(),
-                sealed: base64::engine::general_purpose::STANDARD.encode(sealed),
-            })
-            .await;
+        if plate.len() != super::NAMEPLATE_LEN
+            || !plate.bytes().all(|b| super::CODE_ALPHABET.contains(&b))
+            || pake_a.len() > 64
+            || device_name.as_ref().is_some_and(|d| d.len() > 64)
+        {
+            return;
+        }
+        let pools = self.pools.clone();
+        let p = plate.clone();
+        let Ok(Ok(candidates)) =
+            tokio::task::spawn_blocking(move || pools.join_candidates(&p)).await
+        else {
+            return;
+        };
+        let me = self.pools.node_id.clone();
+        for c in candidates {
+            let (state, pake_b) = Spake2::<Ed25519Group>::start_b_with_rng(
+                &Password::new(c.code_hash.as_bytes()),
+                &PakeIdentity::new(joiner.as_bytes()),
+                &PakeIdentity::new(JOIN_OWNER),
+                rand::rngs::OsRng,
+            );
+            let Ok(secret) = state.finish(&pake_a) else {
+                return; // not a SPAKE2 message: nothing to answer
+            };
+            let exchange_id = hex::encode(rand::random::<[u8; 16]>());
+            let keys = JoinKeys::derive(
+                &secret,
+                &plate,
+                &joiner,
+                &me,
+                &pake_a,
+                &pake_b,
+                &exchange_id,
+            );
+            let verdict = match c.refused {
+                Some(reason) => Verdict::Refused {
+                    reason: reason.into(),
+                },
+                None => Verdict::Invited {
+                    pool_id: c.pool_id.clone(),
+                    pool_name: c.pool_name.clone(),
+                    invitation_id: uuid::Uuid::new_v4().to_string(),
+                },
+            };
+            let reply = Message::JoinReply {
+                owner_node_id: me.clone(),
+                node_id: joiner.clone(),
+                nameplate: plate.clone(),
+                exchange_id: exchange_id.clone(),
+                pake: b64.encode(&pake_b),
+                confirm: keys.owner_mac(),
+                sealed: b64.encode(keys.seal(&serde_json::to_vec(&verdict).unwrap_or_default())),
+            };
+            if let Verdict::Invited { invitation_id, .. } = verdict {
+                let mut exchanges = self.exchanges.lock().unwrap_or_else(|p| p.into_inner());
+                exchanges.retain(|_, e| e.at.elapsed() < EXCHANGE_TTL);
+                if exchanges.len() >= MAX_EXCHANGES {
+                    continue;
+                }
+                exchanges.insert(
+                    exchange_id,
+                    Exchange {
+                        keys,
+                        code_hash: c.code_hash,
+                        joiner: joiner.clone(),
+                        device_name: device_name.clone(),
+                        pool_id: c.pool_id,
+                        invitation_id,
+                        at: std::time::Instant::now(),
+                    },
+                );
+            }
+            let _ = self.publish(&reply).await;
+        }
     }
 
-    /// Tries to open a verdict for each code this node is waiting on.
-    fn on_verdict(&self, owner: &str, sealed: &str) {
-        let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(sealed) else {
+    /// The joiner's side: a reply whose MAC verifies came from the owner of the
+    /// code (a wrong code, or another pool's code with the same nameplate, fails
+    /// here and is ignored).
+    fn on_join_reply(
+        &self,
+        owner: &str,
+        plate: &str,
+        exchange_id: &str,
+        pake: &str,
+        confirm: &str,
+        sealed: &str,
+    ) {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let (Ok(pake_b), Ok(sealed)) = (b64.decode(pake), b64.decode(sealed)) else {
             return;
         };
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        let hashes: Vec<String> = pending.keys().cloned().collect();
-        for hash in hashes {
-            let Some(key) = verdict_key(&self.identity, owner, &hash) else {
-                continue;
-            };
-            let Ok(plain) =
-                activation::open_message(&key, 0, Direction::Backward, hash.as_bytes(), &bytes)
-            else {
-                continue;
-            };
-            let Ok(verdict) = serde_json::from_slice::<Verdict>(&plain) else {
-                continue;
-            };
-            let matches = match &verdict {
-                Verdict::Invited { code_hash, .. } | Verdict::Refused { code_hash, .. } => {
-                    *code_hash == hash
-                }
-            };
-            if matches && let Some(tx) = pending.remove(&hash) {
-                let _ = tx.send((owner.to_string(), verdict));
-            }
+        if exchange_id.len() > 64 || pake_b.len() > 64 {
             return;
+        }
+        let mut joining = self.joining.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(j) = joining.get_mut(plate) else {
+            return;
+        };
+        if j.replies >= MAX_REPLIES {
+            return;
+        }
+        j.replies += 1;
+        let me = &self.pools.node_id;
+        let (state, _) = joiner_pake(j.seed, &j.password, me);
+        let Ok(secret) = state.finish(&pake_b) else {
+            return;
+        };
+        let keys = JoinKeys::derive(&secret, plate, me, owner, &j.pake, &pake_b, exchange_id);
+        if !mac_matches(&keys.owner_mac(), confirm) {
+            tracing::debug!("a join reply that does not prove the code; ignored");
+            return;
+        }
+        let Some(verdict) = keys
+            .open(&sealed)
+            .and_then(|plain| serde_json::from_slice::<Verdict>(&plain).ok())
+        else {
+            return;
+        };
+        if let Some(done) = j.done.take() {
+            let _ = done.send(Joined {
+                owner: owner.to_string(),
+                exchange_id: exchange_id.to_string(),
+                keys,
+                verdict,
+            });
+        }
+    }
+
+    /// The owner's last step: the joiner proved it holds the key (so it knows
+    /// the code) and signed its acceptance: the code is redeemed and the device
+    /// recorded, once.
+    async fn on_join_finish(
+        &self,
+        joiner: &str,
+        exchange_id: &str,
+        confirm: &str,
+        signature: &str,
+    ) {
+        let exchange = self
+            .exchanges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(exchange_id);
+        let Some(ex) = exchange else {
+            return;
+        };
+        if ex.joiner != joiner
+            || ex.at.elapsed() >= EXCHANGE_TTL
+            || !mac_matches(&ex.keys.joiner_mac(), confirm)
+        {
+            tracing::warn!(node = %joiner, "a pool join finish that does not prove the code; ignored");
+            return;
+        }
+        let me = &self.pools.node_id;
+        if !verify_hex(
+            joiner,
+            &accept_message(&ex.pool_id, me, joiner, &ex.invitation_id),
+            signature,
+        ) {
+            return;
+        }
+        let pools = self.pools.clone();
+        let (joiner, signature) = (joiner.to_string(), signature.to_string());
+        let recorded = tokio::task::spawn_blocking(move || -> Result<bool, PoolError> {
+            pools.redeem(
+                &ex.code_hash,
+                &joiner,
+                ex.device_name.as_deref(),
+                &ex.invitation_id,
+            )?;
+            pools.record_acceptance(&ex.pool_id, &joiner, &ex.invitation_id, &signature)
+        })
+        .await;
+        match recorded {
+            Ok(Ok(true)) => self.publish_state().await,
+            Ok(Err(e)) => tracing::info!(error = %e, "a pool join could not be completed"),
+            _ => {}
         }
     }
 
@@ -660,13 +990,6 @@ impl PoolNet {
             pools.apply_state(&state.pool_id, &state.owner_node_id, &members, settings)
         })
         .await;
-    }
-}
-
-fn refused(hash: &str, reason: &str) -> Verdict {
-    Verdict::Refused {
-        code_hash: hash.to_string(),
-        reason: reason.to_string(),
     }
 }
 

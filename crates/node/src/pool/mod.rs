@@ -30,6 +30,12 @@ pub const CODE_TTL_SECS: i64 = 24 * 3600;
 pub const MAX_ACTIVE_CODES: usize = 5;
 /// Pool operations a node may make per hour.
 pub const OPS_PER_HOUR: usize = 10;
+/// Characters of a code that travel in the clear, so its owner can find the
+/// join meant for it (the rest is only ever used as a SPAKE2 password).
+pub const NAMEPLATE_LEN: usize = 2;
+/// Joins one code may be tried with (each costs the code an attempt; a guesser
+/// gets this many online guesses and no offline ones).
+pub const CODE_ATTEMPTS: i64 = 5;
 /// Devices per pool unless configured otherwise.
 pub const DEFAULT_MAX_DEVICES: u32 = 10;
 
@@ -201,6 +207,22 @@ pub fn code_hash(code: &str) -> String {
     blake3::hash(code.as_bytes()).to_hex().to_string()
 }
 
+/// The public part of a code (its first [`NAMEPLATE_LEN`] characters).
+pub fn nameplate(code: &str) -> &str {
+    code.get(..NAMEPLATE_LEN).unwrap_or(code)
+}
+
+/// A code a join may be for, as the owner sees it.
+#[derive(Debug, Clone)]
+pub(crate) struct Candidate {
+    /// The code's hash (the SPAKE2 password).
+    pub(crate) code_hash: String,
+    pub(crate) pool_id: String,
+    pub(crate) pool_name: String,
+    /// `used`, `expired` or `full`; `None` when the joiner may come in.
+    pub(crate) refused: Option<&'static str>,
+}
+
 /// Normalises a typed code (trims, upper-cases, drops spaces and dashes) and
 /// checks its length and alphabet.
 pub fn parse_code(input: &str) -> Result<String, PoolError> {
@@ -339,14 +361,27 @@ impl Pools {
     }
 
     /// Issues a one-time invite code (owner only). Returns the code and when it
-    /// expires; only its hash is kept.
+    /// expires; only its hash and its nameplate (the first characters, unique
+    /// among the pool's active codes) are kept.
     pub fn generate_code(&self) -> Result<(String, i64), PoolError> {
         let now = self.now();
-        let code = new_code();
-        let hash = code_hash(&code);
         let expires = now + CODE_TTL_SECS;
         self.transact(|tx| {
             let (pool_id, ..) = Self::owned_pool(tx)?;
+            // A nameplate names one active code of the pool, so a join finds it.
+            let code = loop {
+                let code = new_code();
+                let taken: i64 = tx.query_row(
+                    "SELECT COUNT(*) FROM pool_codes
+                     WHERE pool_id = ?1 AND nameplate = ?2 AND used_at IS NULL AND expires_at > ?3",
+                    params![pool_id, nameplate(&code), now],
+                    |r| r.get(0),
+                )?;
+                if taken == 0 {
+                    break code;
+                }
+            };
+            let hash = code_hash(&code);
             let active: i64 = tx.query_row(
                 "SELECT COUNT(*) FROM pool_codes WHERE pool_id = ?1 AND used_at IS NULL AND expires_at > ?2",
                 params![pool_id, now],
@@ -357,12 +392,67 @@ impl Pools {
             }
             self.take_op(tx)?;
             tx.execute(
-                "INSERT INTO pool_codes (code_hash, pool_id, created_at, expires_at) VALUES (?1, ?2, ?3, ?4)",
-                params![hash, pool_id, now, expires],
+                "INSERT INTO pool_codes (code_hash, pool_id, created_at, expires_at, nameplate)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![hash, pool_id, now, expires, nameplate(&code)],
             )?;
-                        Ok(())
-        })?;
-        Ok((code, expires))
+            Ok((code, expires))
+        })
+    }
+
+    /// The owner's side of a join by code: this pool's recent codes with
+    /// `nameplate` that have attempts left, each charged one attempt, with what
+    /// a joiner who knows it gets (the pool, or why not). Empty when this node
+    /// owns no pool.
+    pub(crate) fn join_candidates(&self, nameplate: &str) -> Result<Vec<Candidate>, PoolError> {
+        let now = self.now();
+        self.transact(|tx| {
+            let (pool_id, pool_name, _, _, _, max_devices) = match Self::owned_pool(tx) {
+                Ok(row) => row,
+                Err(PoolError::NotOwner | PoolError::NotInPool) => return Ok(Vec::new()),
+                Err(e) => return Err(e),
+            };
+            let codes: Vec<(String, i64, Option<i64>)> = {
+                let mut stmt = tx.prepare(
+                    "SELECT code_hash, expires_at, used_at FROM pool_codes
+                     WHERE pool_id = ?1 AND nameplate = ?2 AND attempts < ?3 AND created_at > ?4
+                     ORDER BY created_at DESC LIMIT 8",
+                )?;
+                stmt.query_map(
+                    params![pool_id, nameplate, CODE_ATTEMPTS, now - 2 * CODE_TTL_SECS],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )?
+                .collect::<rusqlite::Result<_>>()?
+            };
+            let members: i64 = tx.query_row(
+                "SELECT COUNT(*) FROM pool_members WHERE pool_id = ?1",
+                [&pool_id],
+                |r| r.get(0),
+            )?;
+            let mut out = Vec::new();
+            for (code_hash, expires, used) in codes {
+                tx.execute(
+                    "UPDATE pool_codes SET attempts = attempts + 1 WHERE code_hash = ?1",
+                    [&code_hash],
+                )?;
+                let refused = if used.is_some() {
+                    Some("used")
+                } else if expires <= now {
+                    Some("expired")
+                } else if members as u32 >= max_devices {
+                    Some("full")
+                } else {
+                    None
+                };
+                out.push(Candidate {
+                    code_hash,
+                    pool_id: pool_id.clone(),
+                    pool_name: pool_name.clone(),
+                    refused,
+                });
+            }
+            Ok(out)
+        })
     }
 
     /// The owner's check of a join request: the code hash must be one of this
@@ -373,9 +463,10 @@ impl Pools {
         hash: &str,
         node_id: &str,
         device_name: Option<&str>,
+        invitation_id: &str,
     ) -> Result<Invitation, PoolError> {
         let now = self.now();
-        let invitation_id = uuid::Uuid::new_v4().to_string();
+        let invitation_id = invitation_id.to_string();
         self.transact(|tx| {
             let (pool_id, pool_name, _, _, _, max_devices) = Self::owned_pool(tx)?;
             let code: Option<(i64, Option<i64>)> = tx
@@ -998,20 +1089,20 @@ mod tests {
         assert_eq!(parse_code(&code.to_lowercase()).expect("parses"), code);
         assert!(parse_code("ABCD0123").is_err());
 
-        p.redeem(&code_hash(&code), "desktop", Some("desktop"))
+        p.redeem(&code_hash(&code), "desktop", Some("desktop"), "inv")
             .expect("first use");
         assert!(matches!(
-            p.redeem(&code_hash(&code), "other", None),
+            p.redeem(&code_hash(&code), "other", None, "inv"),
             Err(PoolError::CodeUsed)
         ));
         assert!(matches!(
-            p.redeem(&code_hash("ZZZZZZZZ"), "x", None),
+            p.redeem(&code_hash("ZZZZZZZZ"), "x", None, "inv"),
             Err(PoolError::UnknownCode)
         ));
         let (late, _) = p.generate_code().expect("code");
         t.fetch_add(CODE_TTL_SECS, Ordering::Relaxed);
         assert!(matches!(
-            p.redeem(&code_hash(&late), "x", None),
+            p.redeem(&code_hash(&late), "x", None, "inv"),
             Err(PoolError::CodeExpired)
         ));
         assert_eq!(p.state().expect("state").members.len(), 2);
@@ -1024,7 +1115,8 @@ mod tests {
         let pool_id = state.pool_id.expect("id");
         // The owner's own records: a member to remove.
         let (code, _) = p.generate_code().expect("code");
-        p.redeem(&code_hash(&code), "m", None).expect("joins");
+        p.redeem(&code_hash(&code), "m", None, "inv")
+            .expect("joins");
         let now = t.load(Ordering::Relaxed);
         assert!(
             p.apply_removal(&pool_id, "owner", "m", "00112233445566778899", now)
@@ -1062,14 +1154,14 @@ mod tests {
         while joined < 9 {
             t.fetch_add(3600, Ordering::Relaxed);
             let code = p.generate_code().expect("code").0;
-            p.redeem(&code_hash(&code), &format!("dev{joined}"), None)
+            p.redeem(&code_hash(&code), &format!("dev{joined}"), None, "inv")
                 .expect("joins");
             joined += 1;
         }
         assert_eq!(p.state().expect("state").members.len(), 10);
         let code = p.generate_code().expect("code").0;
         assert!(matches!(
-            p.redeem(&code_hash(&code), "eleventh", None),
+            p.redeem(&code_hash(&code), "eleventh", None, "inv"),
             Err(PoolError::Full(10))
         ));
     }
@@ -1080,10 +1172,12 @@ mod tests {
         p.create("pool", None).expect("create");
         let codes: Vec<String> = (0..5).map(|_| p.generate_code().expect("code").0).collect();
         assert!(matches!(p.generate_code(), Err(PoolError::TooManyCodes)));
-        p.redeem(&code_hash(&codes[0]), "a", None).expect("a joins");
-        p.redeem(&code_hash(&codes[1]), "b", None).expect("b joins");
+        p.redeem(&code_hash(&codes[0]), "a", None, "inv")
+            .expect("a joins");
+        p.redeem(&code_hash(&codes[1]), "b", None, "inv")
+            .expect("b joins");
         assert!(matches!(
-            p.redeem(&code_hash(&codes[2]), "c", None),
+            p.redeem(&code_hash(&codes[2]), "c", None, "inv"),
             Err(PoolError::Full(3))
         ));
         // 1 create + 5 codes so far; 4 more operations fit in the hour.
