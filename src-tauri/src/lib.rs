@@ -96,12 +96,16 @@ impl Shell {
         })
     }
 
-    /// Shuts the node down and waits (at most 10 s) for in-flight requests.
+    /// Shuts the node down and waits (at most 10 s each) for in-flight requests
+    /// and for every background task, so the database and ports are released.
     pub async fn shutdown(&self) {
         self.node.request_shutdown();
         let serve = self.serve.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(serve) = serve {
             let _ = tokio::time::timeout(Duration::from_secs(10), serve).await;
+        }
+        if !self.node.stop(Duration::from_secs(10)).await {
+            tracing::warn!("some background tasks did not end within 10 s");
         }
     }
 }

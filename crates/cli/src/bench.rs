@@ -295,7 +295,7 @@ pub(crate) async fn run_net(args: &BenchNetArgs) -> anyhow::Result<()> {
             cool_off: std::time::Duration::from_secs(600),
         },
         std::sync::Arc::new(LocalInfo::default),
-        swarmllm_node::net::ShutdownToken::new(),
+        swarmllm_node::tasks::Tasks::default(),
     )
     .await?;
     let target = net.add_seed_and_dial(&args.peer, "bench").await?;

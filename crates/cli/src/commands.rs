@@ -148,9 +148,12 @@ pub(crate) async fn serve(source: ConfigSource, _args: &ServeArgs) -> anyhow::Re
             });
         }
     }
-    swarmllm_node::api::serve(node, listener)
+    swarmllm_node::api::serve(node.clone(), listener)
         .await
         .context("serving the API")?;
+    if !node.stop(std::time::Duration::from_secs(10)).await {
+        tracing::warn!("some background tasks did not end within 10 s");
+    }
     tracing::info!("node stopped");
     Ok(())
 }

@@ -53,6 +53,14 @@ impl Identity {
         })
     }
 
+    /// The identity with this Ed25519 secret (fixed identities for fuzzing and
+    /// reproducible tests).
+    pub fn from_secret_bytes(secret: &[u8; 32]) -> Self {
+        Self {
+            key: SigningKey::from_bytes(secret),
+        }
+    }
+
     /// A fresh random identity (tests, ephemeral nodes).
     pub fn generate() -> Self {
         Self {

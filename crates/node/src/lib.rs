@@ -16,6 +16,7 @@ pub mod api;
 pub mod config;
 pub mod credits;
 mod fsutil;
+pub mod fuzzing;
 pub mod hardware;
 pub mod identity;
 pub mod infer;
@@ -30,6 +31,7 @@ pub mod qr;
 pub mod secrets;
 pub mod shard;
 pub mod store;
+pub mod tasks;
 
 pub use node::{Node, NodeOptions, StartError};
 

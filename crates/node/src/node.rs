@@ -122,6 +122,8 @@ struct Inner {
     started: Instant,
     started_at: chrono::DateTime<chrono::Utc>,
     shutdown: CancellationToken,
+    /// Every background task of the node.
+    tasks: crate::tasks::Tasks,
 }
 
 impl std::fmt::Debug for Node {
@@ -221,6 +223,7 @@ impl Node {
             let (identity, pools) = (identity.clone(), pools.clone());
             blocking(move || crate::credits::Credits::new(ledger, identity, pools)).await?
         };
+        let shutdown = CancellationToken::new();
         let node = Node {
             inner: Arc::new(Inner {
                 config: RwLock::new(config.clone()),
@@ -241,7 +244,8 @@ impl Node {
                 metrics,
                 started: Instant::now(),
                 started_at: chrono::Utc::now(),
-                shutdown: CancellationToken::new(),
+                shutdown: shutdown.clone(),
+                tasks: crate::tasks::Tasks::new(shutdown),
             }),
         };
         let weak = Arc::downgrade(&node.inner);
@@ -291,26 +295,27 @@ impl Node {
             let mut net = net_config(&config);
             // Offline mode: discovery by mDNS only (when `mdns` is on, the default).
             net.offline = node.private_mode().offline_mode;
+            let tasks = node.inner.tasks.clone();
             let network = Network::start(
                 &node.inner.identity,
                 node.inner.store.clone(),
                 net,
                 local_info(Arc::downgrade(&node.inner), hardware),
-                node.inner.shutdown.clone(),
+                tasks.clone(),
             )
             .await?;
-            node.inner.pipeline.attach(network.clone());
-            node.inner.credits.attach(network.clone());
+            node.inner.pipeline.attach(network.clone(), tasks.clone());
+            node.inner.credits.attach(network.clone(), tasks.clone());
             node.inner
                 .pools
-                .attach(network.clone(), node.inner.identity.clone());
+                .attach(network.clone(), node.inner.identity.clone(), tasks.clone());
             // Shards pinned to this device are fetched (pinned ones come first:
             // they are asked for as soon as the pin arrives).
             let (pinned_tx, mut pinned) =
                 tokio::sync::mpsc::unbounded_channel::<crate::pool::Pin>();
             node.inner.pools.on_pinned(pinned_tx);
             let pipeline = node.inner.pipeline.clone();
-            tokio::spawn(async move {
+            tasks.spawn(async move {
                 while let Some(pin) = pinned.recv().await {
                     // The pin may arrive before the holders' announcements: keep
                     // asking for a minute.
@@ -456,6 +461,19 @@ impl Node {
     pub fn request_shutdown(&self) {
         tracing::info!("shutdown requested");
         self.inner.shutdown.cancel();
+    }
+
+    /// Shuts the node down and waits (up to `limit`) until every background task
+    /// has ended; whether all did. Once the last handle is dropped, the database
+    /// and the ports are released (the HTTP server stops on the same signal).
+    pub async fn stop(&self, limit: std::time::Duration) -> bool {
+        tracing::info!("stopping");
+        self.inner.tasks.stop(limit).await
+    }
+
+    /// Background tasks still running (for tests and diagnostics).
+    pub fn running_tasks(&self) -> usize {
+        self.inner.tasks.running()
     }
 
     /// The node's nickname.

@@ -356,7 +356,7 @@ pub fn rogue_peer_announcing(
             store,
             config,
             info,
-            tokio_util::sync::CancellationToken::new(),
+            swarmllm_node::tasks::Tasks::default(),
         ))
         .expect("rogue network");
     (net, identity)

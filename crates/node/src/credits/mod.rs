@@ -22,6 +22,7 @@
 
 mod ledger;
 mod service;
+pub(crate) use service::decode_message;
 
 pub use ledger::{Balance, Ledger, LedgerError, Transaction, Verification};
 pub use service::{Credits, CreditsError, LeaderboardRow, RatesFn, SendError};

@@ -75,6 +75,17 @@ pub enum SendError {
     Ledger(#[from] LedgerError),
 }
 
+/// Decodes a credit message as the handler does and checks any entry it carries
+/// (the fuzzing entry point of the credit protocol).
+pub(crate) fn decode_message(bytes: &[u8]) {
+    if let Ok(Message::Settle { entry } | Message::Propose { entry }) =
+        serde_json::from_slice::<Message>(bytes)
+    {
+        let _ = entry.verify();
+        let _ = entry.verify_half(Party::Payer);
+    }
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 enum Message {
@@ -139,6 +150,8 @@ struct Inner {
     offered: Mutex<HashMap<String, (String, Entry, Instant)>>,
     /// The last totals, for announcements (which cannot wait on the database).
     totals: Mutex<Balance>,
+    /// The node's tasks (set when a network is attached).
+    tasks: OnceLock<crate::tasks::Tasks>,
     /// Unsolicited transfers accepted from each peer in its current minute.
     transfers: Mutex<HashMap<String, (Instant, u32)>>,
 }
@@ -204,6 +217,7 @@ impl Credits {
                 offered: Mutex::new(HashMap::new()),
                 totals: Mutex::new(totals),
                 transfers: Mutex::new(HashMap::new()),
+                tasks: OnceLock::new(),
             }),
         }
     }
@@ -220,26 +234,27 @@ impl Credits {
     }
 
     /// Starts answering credit messages on `network` and delivering queued
-    /// pool forwards.
-    pub fn attach(&self, network: Network) {
+    /// pool forwards and settles, as some of `tasks`.
+    pub fn attach(&self, network: Network, tasks: crate::tasks::Tasks) {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<InboundStep>(64);
         network.set_credit_handler(tx);
         let _ = self.inner.network.set(network);
+        let _ = self.inner.tasks.set(tasks);
         let this = self.clone();
-        tokio::spawn(async move {
+        self.spawn(async move {
             while let Some(msg) = rx.recv().await {
-                let this = this.clone();
-                tokio::spawn(async move {
+                let handler = this.clone();
+                this.spawn(async move {
                     let Request::Credit(bytes) = msg.request else {
                         return;
                     };
-                    let response = this.handle(&msg.from, &bytes).await;
+                    let response = handler.handle(&msg.from, &bytes).await;
                     msg.responder.send(response).await;
                 });
             }
         });
         let this = self.clone();
-        tokio::spawn(async move {
+        self.spawn(async move {
             let mut tick = tokio::time::interval(FORWARD_RETRY);
             loop {
                 tick.tick().await;
@@ -405,8 +420,22 @@ impl Credits {
             "credit receipt stored");
         self.refresh_totals().await;
         let this = self.clone();
-        tokio::spawn(async move { this.deliver_forwards().await });
+        self.spawn(async move { this.deliver_forwards().await });
         Ok(())
+    }
+
+    /// Runs `task` as one of the node's tasks (a plain task before a network is
+    /// attached).
+    fn spawn<F>(&self, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        match self.inner.tasks.get() {
+            Some(tasks) => tasks.spawn(task),
+            None => {
+                tokio::spawn(task);
+            }
+        }
     }
 
     /// The payer-signed forward of `receipt` to the pool owner, if this node is a
@@ -875,7 +904,7 @@ impl crate::pipeline::Accounting for Credits {
 
     fn requested(&self, work: Vec<(String, Work)>) {
         let this = self.clone();
-        tokio::spawn(async move { this.settle(work).await });
+        self.spawn(async move { this.settle(work).await });
     }
 }
 

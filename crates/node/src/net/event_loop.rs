@@ -57,10 +57,6 @@ const MAX_ADDRS_PER_HINT: usize = 8;
 /// Peers whose hint budget is tracked (older windows are dropped beyond it).
 const MAX_HINT_WINDOWS: usize = 4096;
 
-pub(super) fn spawn(event_loop: EventLoop) {
-    tokio::spawn(event_loop.run());
-}
-
 impl EventLoop {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
@@ -96,7 +92,7 @@ impl EventLoop {
         }
     }
 
-    async fn run(mut self) {
+    pub(super) async fn run(mut self) {
         let mut announce = tokio::time::interval(self.config.announce_interval);
         let mut maintain = tokio::time::interval(Duration::from_secs(2));
         loop {

@@ -33,7 +33,6 @@ use libp2p::{
 };
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::sync::CancellationToken;
 
 use self::announce::{HardwareSummary, HostedModel, Load};
 use self::directory::Directory;
@@ -320,7 +319,7 @@ impl Network {
         store: Store,
         config: NetConfig,
         info: LocalInfoFn,
-        shutdown: CancellationToken,
+        tasks: crate::tasks::Tasks,
     ) -> Result<Network, NetError> {
         let setup = |e: &dyn std::fmt::Display| NetError::Setup(e.to_string());
         let keypair = libp2p::identity::Keypair::ed25519_from_bytes(*identity.secret_bytes())
@@ -370,7 +369,7 @@ impl Network {
             peer_id,
             node_id: identity.node_id(),
         };
-        event_loop::spawn(event_loop::EventLoop::new(
+        let event_loop = event_loop::EventLoop::new(
             swarm,
             rx,
             tx,
@@ -379,8 +378,9 @@ impl Network {
             Arc::clone(&network.config),
             identity.clone(),
             info,
-            shutdown,
-        ));
+            tasks.shutdown_token().clone(),
+        );
+        tasks.spawn(event_loop.run());
 
         if network.config.offline {
             tracing::info!("offline mode: finding peers by mDNS only");

@@ -121,7 +121,7 @@ impl Pipeline {
         let (tx, rx) = mpsc::channel(256);
         let this = self.clone();
         let model_id = model_id.to_string();
-        tokio::spawn(async move {
+        self.spawn(async move {
             if let Err(e) = this.generate(&model_id, request, &tx).await {
                 let _ = tx.send(Event::Failed(e)).await;
             }
@@ -187,7 +187,7 @@ impl Pipeline {
         let mut close = run.envelope(self, 0, 0);
         close.close = true;
         let mut link = run.link.take();
-        tokio::spawn(async move {
+        self.spawn(async move {
             let _ = this
                 .request_step(close, StepInput::Tokens(Vec::new()), &mut link)
                 .await;

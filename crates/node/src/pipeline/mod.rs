@@ -117,6 +117,8 @@ struct Inner {
     /// X25519 secret shared with each peer, by node id.
     links: Mutex<HashMap<String, LinkSecret>>,
     network: OnceLock<Network>,
+    /// The node's tasks (set when a network is attached).
+    tasks: OnceLock<crate::tasks::Tasks>,
     vocabs: Mutex<HashMap<String, Arc<LlamaModel>>>,
     local: Mutex<Vec<LocalModel>>,
     /// Model directories the last scan skipped (bad manifests), with why.
@@ -197,6 +199,7 @@ impl Pipeline {
                 config,
                 host,
                 network: OnceLock::new(),
+                tasks: OnceLock::new(),
                 vocabs: Mutex::new(HashMap::new()),
                 local: Mutex::new(Vec::new()),
                 rejected: Mutex::new(Vec::new()),
@@ -233,11 +236,13 @@ impl Pipeline {
         &self.inner.host
     }
 
-    /// Serves other nodes' steps arriving on `network`, and uses it for ours.
-    pub fn attach(&self, network: Network) {
+    /// Serves other nodes' steps arriving on `network`, and uses it for ours;
+    /// everything it spawns is one of `tasks`.
+    pub fn attach(&self, network: Network, tasks: crate::tasks::Tasks) {
         let (tx, mut rx) = mpsc::channel::<InboundStep>(INBOUND_QUEUE);
         network.set_step_handler(tx);
         let _ = self.inner.network.set(network);
+        let _ = self.inner.tasks.set(tasks);
         // Damaged shards are fetched again from holders.
         let repairs = self
             .inner
@@ -247,7 +252,7 @@ impl Pipeline {
             .take();
         if let Some(mut repairs) = repairs {
             let this = self.clone();
-            tokio::spawn(async move {
+            self.spawn(async move {
                 while let Some((model, index)) = repairs.recv().await {
                     if let Err(e) = this.download_shard(&model, index).await {
                         tracing::warn!(%model, shard = index, error = %e, "could not re-fetch a damaged shard");
@@ -259,27 +264,27 @@ impl Pipeline {
         if let Some(mut links) = self.inner.network.get().and_then(Network::inbound_links) {
             let this = self.clone();
             let slots = Arc::new(tokio::sync::Semaphore::new(MAX_INBOUND_LINKS));
-            tokio::spawn(async move {
+            self.spawn(async move {
                 while let Some(link) = links.next().await {
                     let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
                         tracing::warn!(peer = %short(&link.from), "too many pipeline links; refusing one");
                         continue;
                     };
-                    let this = this.clone();
-                    tokio::spawn(async move {
-                        this.serve_link(link).await;
+                    let serving = this.clone();
+                    this.spawn(async move {
+                        serving.serve_link(link).await;
                         drop(slot);
                     });
                 }
             });
         }
         let this = self.clone();
-        tokio::spawn(async move {
+        self.spawn(async move {
             while let Some(step) = rx.recv().await {
-                let this = this.clone();
-                tokio::spawn(async move {
+                let serving = this.clone();
+                this.spawn(async move {
                     let response = match step.request {
-                        Request::Fetch(fetch) => this.serve_fetch(&step.from, fetch).await,
+                        Request::Fetch(fetch) => serving.serve_fetch(&step.from, fetch).await,
                         Request::Activation(_) => Response::Error {
                             code: 400,
                             message: format!(
@@ -296,6 +301,20 @@ impl Pipeline {
                 });
             }
         });
+    }
+
+    /// Runs `task` as one of the node's tasks (a plain task before a network
+    /// is attached, when there are none to track).
+    fn spawn<F>(&self, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        match self.inner.tasks.get() {
+            Some(tasks) => tasks.spawn(task),
+            None => {
+                tokio::spawn(task);
+            }
+        }
     }
 
     /// Rescans the models directory and loads every contiguous run of intact

@@ -418,7 +418,7 @@ impl Pipeline {
         let this = self.clone();
         let id = status.id.clone();
         let model = model_id.to_string();
-        tokio::spawn(async move {
+        self.spawn(async move {
             let outcome = this.run_download(&id, &model, &entry, &cancel).await;
             this.inner.downloads.update(&id, |s| match &outcome {
                 Ok(()) => s.status = "done",

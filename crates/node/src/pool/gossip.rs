@@ -56,6 +56,50 @@ const REMOVAL_TAG: &str = "swarmllm pool removal v1";
 const PINS_TAG: &str = "swarmllm pool pins v1";
 const INVITE_CONTEXT: &str = "swarmllm pool invite v1";
 
+/// Decodes a pool message and the signed or sealed body it carries, as far as
+/// a node without the keys can (the fuzzing entry point of the pool protocol).
+pub(crate) fn decode_message(bytes: &[u8]) {
+    match serde_json::from_slice::<Message>(bytes) {
+        Ok(Message::State { body, .. }) => {
+            let _ = serde_json::from_str::<StateBody>(&body);
+        }
+        Ok(Message::Removal { body, .. }) => {
+            let _ = serde_json::from_str::<RemovalBody>(&body);
+        }
+        Ok(Message::Pins { body, .. }) => {
+            let _ = serde_json::from_str::<PinsBody>(&body);
+        }
+        Ok(Message::JoinReply {
+            owner_node_id,
+            nameplate,
+            exchange_id,
+            pake,
+            sealed,
+            ..
+        }) => {
+            // The joiner's side of a reply, with a fixed code.
+            let b64 = base64::engine::general_purpose::STANDARD;
+            let (Ok(pake_b), Ok(sealed)) = (b64.decode(&pake), b64.decode(&sealed)) else {
+                return;
+            };
+            let (state, pake_a) = joiner_pake([7; 32], "fuzz", "joiner");
+            if let Ok(secret) = state.finish(&pake_b) {
+                let keys = JoinKeys::derive(
+                    &secret,
+                    &nameplate,
+                    "joiner",
+                    &owner_node_id,
+                    &pake_a,
+                    &pake_b,
+                    &exchange_id,
+                );
+                let _ = keys.open(&sealed);
+            }
+        }
+        _ => {}
+    }
+}
+
 /// A message on the pool topic.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -381,11 +425,16 @@ pub(super) struct PoolNet {
 impl Pools {
     /// Starts answering pool gossip on `network` (owners redeem codes, members
     /// take verdicts and pool states).
-    pub fn attach(&self, network: Network, identity: Identity) {
+    pub fn attach(&self, network: Network, identity: Identity, tasks: crate::tasks::Tasks) {
         let (tx, mut rx) = mpsc::channel(256);
         network.set_pool_handler(tx);
         let net = PoolNet {
-            pools: self.clone(),
+            // The records without the link back to this PoolNet: no reference
+            // cycle, so a stopped node drops its pools (and its database).
+            pools: Pools {
+                net: Arc::new(std::sync::OnceLock::new()),
+                ..self.clone()
+            },
             identity,
             network,
             joining: Arc::new(Mutex::new(HashMap::new())),
@@ -393,10 +442,11 @@ impl Pools {
             received: Arc::new(Mutex::new(Vec::new())),
         };
         let _ = self.net.set(net.clone());
-        tokio::spawn(async move {
+        let each = tasks.clone();
+        tasks.spawn(async move {
             while let Some((author, bytes)) = rx.recv().await {
                 let net = net.clone();
-                tokio::spawn(async move { net.on_message(&author, &bytes).await });
+                each.spawn(async move { net.on_message(&author, &bytes).await });
             }
         });
     }

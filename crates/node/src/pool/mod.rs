@@ -10,6 +10,7 @@
 mod gossip;
 
 pub use gossip::ReceivedInvitation;
+pub(crate) use gossip::decode_message;
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};

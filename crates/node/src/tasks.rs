@@ -1,0 +1,81 @@
+//! The node's background work: one tracker and one shutdown token for every task
+//! a node spawns (network loop, pipeline links and steps, downloads, credit and
+//! pool handlers, retries), so that stopping a node ends all of them and an
+//! in-process node (the desktop app, tests) releases its database and ports.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Spawns tasks that end with the node. Cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct Tasks {
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl Tasks {
+    /// Tasks that stop when `shutdown` is cancelled.
+    pub fn new(shutdown: CancellationToken) -> Self {
+        Self {
+            tracker: TaskTracker::new(),
+            shutdown,
+        }
+    }
+
+    /// Runs `task` until it ends or the node shuts down (then it is dropped at
+    /// its next await point).
+    pub fn spawn<F>(&self, task: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let shutdown = self.shutdown.clone();
+        self.tracker.spawn(async move {
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                () = task => {}
+            }
+        });
+    }
+
+    /// Cancelled when the node shuts down.
+    pub fn shutdown_token(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
+    /// Tasks still running.
+    pub fn running(&self) -> usize {
+        self.tracker.len()
+    }
+
+    /// Shuts down and waits up to `limit` for every task to end; whether all did.
+    pub async fn stop(&self, limit: Duration) -> bool {
+        self.shutdown.cancel();
+        self.tracker.close();
+        tokio::time::timeout(limit, self.tracker.wait())
+            .await
+            .is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn stop_ends_every_task_even_endless_ones() {
+        let tasks = Tasks::default();
+        for _ in 0..3 {
+            tasks.spawn(async {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            });
+        }
+        assert_eq!(tasks.running(), 3);
+        assert!(tasks.stop(Duration::from_secs(5)).await);
+        assert_eq!(tasks.running(), 0);
+    }
+}
