@@ -15,7 +15,7 @@ use swarmllm_node::net::announce::HostedModel;
 use swarmllm_node::net::frame::{MAX_CHUNK, Request, Response};
 use swarmllm_node::net::{InboundStep, LocalInfo};
 
-use common::{TestNode, network_code, node_id, rogue_peer_announcing, wait_for};
+use common::{TestNode, give_shards, network_code, node_id, rogue_peer_announcing, wait_for};
 
 /// The files the rogue serves for model `evil`: (manifest, header).
 type Served = Arc<Mutex<(Vec<u8>, Vec<u8>)>>;
@@ -275,4 +275,208 @@ fn a_peer_that_keeps_sending_garbage_is_disconnected_and_refused_for_a_while() {
         assert!(answer.is_err(), "a banned peer was answered: {answer:?}");
     }
     assert_eq!(node.get("/health/live").0, 200);
+}
+
+#[test]
+fn a_flood_of_peer_exchange_hints_is_cut_to_32_a_minute() {
+    let node = TestNode::start_without_model();
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (rogue, rogue_identity) = common::rogue_peer(&rt, tmp.path());
+    let rogue_id = rogue_identity.node_id();
+    // The rogue's directory lists 64 "live" peers (at loopback ports nobody
+    // listens on): its answer to every peer-exchange request names them all.
+    for i in 0..64u16 {
+        let fake = swarmllm_node::identity::Identity::generate().node_id();
+        let peer = swarmllm_node::net::peer_id_of(&fake).expect("peer id");
+        rogue
+            .directory()
+            .connected(
+                &fake,
+                &peer.to_string(),
+                &[format!("/ip4/127.0.0.1/tcp/{}", 9 + i)],
+                "test",
+            )
+            .expect("fake peer");
+    }
+    rt.block_on(rogue.add_seed_and_dial(&network_code(&node), "test"))
+        .expect("rogue joins");
+    // The node asks on connecting; ask again within the minute.
+    let pulls = |n: usize| {
+        wait_for(
+            &format!("{n} peer-exchange pulls from the rogue"),
+            Duration::from_secs(30),
+            || {
+                let (_, v) = node.get("/api/admin/peers");
+                let pulls: Vec<i64> = v["sync_log"]
+                    .as_array()?
+                    .iter()
+                    .filter(|e| e["remote_node"] == rogue_id.as_str())
+                    .filter_map(|e| e["nodes_received"].as_i64())
+                    .collect();
+                (pulls.len() >= n).then_some((pulls, v["total"].as_u64()?))
+            },
+        )
+    };
+    pulls(1);
+    let (status, v) = node.post("/api/v1/network/discover", &json!({}));
+    assert_eq!(status, 200, "{v}");
+    let (received, total) = pulls(2);
+    assert!(received.iter().all(|&r| r <= 32), "{received:?}");
+    assert!(received.iter().sum::<i64>() <= 32, "{received:?}");
+    // The rogue itself, and at most 32 of the 64 it named.
+    assert!(total <= 33, "the directory grew to {total}");
+    assert_eq!(node.get("/health/live").0, 200);
+}
+
+/// One pipeline step as a requester sends it: the envelope and the token ids
+/// sealed for the link from `from` to `to`.
+fn token_step(
+    from: &swarmllm_node::identity::Identity,
+    to: &str,
+    seq: u64,
+    pos: u32,
+    tokens: &[i32],
+    repeat_last_n: i32,
+) -> Vec<u8> {
+    use swarmllm_node::pipeline::activation::{self, Direction, SessionKey};
+    use swarmllm_node::pipeline::wire::{self, Envelope, Hop, InputKind, SampleSpec};
+    let session = [0x5a; 16];
+    let env = Envelope {
+        session: "5a".repeat(16),
+        seq,
+        requester: from.node_id(),
+        route: vec![Hop {
+            node_id: to.into(),
+            model_id: "smol".into(),
+            layer_start: 0,
+            layer_end: 30,
+        }],
+        pos,
+        n_tokens: tokens.len() as u32,
+        input: InputKind::Tokens,
+        dtype: "f32".into(),
+        sample: Some(SampleSpec {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            repeat_penalty: 1.1,
+            repeat_last_n,
+            seed: 1,
+        }),
+        prime: vec![],
+        close: false,
+    };
+    let key = SessionKey::agree(
+        &from.x25519_secret(),
+        &swarmllm_node::identity::x25519_public(to).expect("node id"),
+        &session,
+    );
+    // The step's associated data, as the protocol defines it.
+    let aad = format!("step:{}:{}:{}:{}", env.session, seq, pos, tokens.len());
+    let body = activation::seal_message(
+        &key,
+        seq,
+        Direction::Forward,
+        aad.as_bytes(),
+        &wire::tokens_to_bytes(tokens),
+    );
+    wire::encode_request(&env, &body)
+}
+
+#[test]
+fn pipeline_steps_with_bad_numbers_or_for_another_peers_session_are_refused() {
+    let lib = common::import_shards(3);
+    // No ban here: every refused step must reach the node.
+    let node = TestNode::start_custom(false, &[], &[("SWARMLLM_PEER_BAN_TRUST", "0")], |d| {
+        give_shards(lib.path(), d, &[0, 1, 2])
+    });
+    let node_id = node_id(&node);
+    wait_for(
+        "the node to load its range",
+        Duration::from_secs(60),
+        || {
+            let (_, v) = node.get("/api/v1/layers");
+            (v["my_layer_count"] == 30).then_some(())
+        },
+    );
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let (tmp1, tmp2) = (
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+    );
+    let (owner, owner_identity) = common::rogue_peer(&rt, tmp1.path());
+    let (stranger, stranger_identity) = common::rogue_peer(&rt, tmp2.path());
+    for peer in [&owner, &stranger] {
+        rt.block_on(peer.add_seed_and_dial(&network_code(&node), "test"))
+            .expect("joins");
+    }
+    let mut owner_link = rt.block_on(owner.open_link(&node_id)).expect("link");
+    let mut stranger_link = rt.block_on(stranger.open_link(&node_id)).expect("link");
+    let call = |link: &mut swarmllm_node::net::link::Link, bytes: Vec<u8>| {
+        rt.block_on(link.call(Request::Activation(bytes)))
+            .expect("an answer")
+    };
+    let prompt = [1, 504, 3158];
+
+    // An oversized repeat_last_n is refused by the HTTP API's own validation.
+    match call(
+        &mut owner_link,
+        token_step(&owner_identity, &node_id, 1, 0, &prompt, i32::MAX),
+    ) {
+        Response::Error { message, .. } => {
+            assert!(message.contains("repeat_last_n"), "{message}")
+        }
+        other => panic!("accepted: {other:?}"),
+    }
+    // The same step with sane numbers opens the session for its sender.
+    assert!(matches!(
+        call(
+            &mut owner_link,
+            token_step(&owner_identity, &node_id, 2, 0, &prompt, 64)
+        ),
+        Response::Activation(_)
+    ));
+    // Another peer can neither step nor close it.
+    match call(
+        &mut stranger_link,
+        token_step(&stranger_identity, &node_id, 3, 3, &[504], 64),
+    ) {
+        Response::Error { message, .. } => assert!(message.contains("another peer"), "{message}"),
+        other => panic!("a stranger stepped the session: {other:?}"),
+    }
+    let close = {
+        let mut env: serde_json::Value = {
+            let bytes = token_step(&stranger_identity, &node_id, 4, 0, &[1], 64);
+            let len = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
+            serde_json::from_slice(&bytes[4..4 + len]).expect("envelope")
+        };
+        env["close"] = json!(true);
+        env["n_tokens"] = json!(0);
+        let head = serde_json::to_vec(&env).expect("json");
+        let mut out = (head.len() as u32).to_be_bytes().to_vec();
+        out.extend_from_slice(&head);
+        out
+    };
+    let _ = call(&mut stranger_link, close);
+    // The owner's next step still finds its session where it left it.
+    assert!(matches!(
+        call(
+            &mut owner_link,
+            token_step(&owner_identity, &node_id, 5, 3, &[504], 64)
+        ),
+        Response::Activation(_)
+    ));
+    // Still serving; both refusals counted against the stranger and the owner's
+    // bad numbers against the owner.
+    assert_eq!(node.get("/health/live").0, 200);
+    let (_, peers) = node.get("/api/admin/peers");
+    for id in [owner_identity.node_id(), stranger_identity.node_id()] {
+        let p = peers["peers"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["node_id"] == id.as_str()))
+            .unwrap_or_else(|| panic!("{id} not listed: {peers}"));
+        assert!(p["bad_frames"].as_i64() >= Some(1), "{p}");
+    }
 }

@@ -170,7 +170,7 @@ fn a_peer_cannot_use_another_peers_session_or_send_out_of_range_numbers() {
     let mut stranger = step(1, 2, 3, &[t]);
     stranger.peer = "stranger".into();
     match run(stranger) {
-        Err(HostError::BadStep(m)) => assert!(m.contains("another peer"), "{m}"),
+        Err(HostError::Forbidden(m)) => assert!(m.contains("another peer"), "{m}"),
         other => panic!("a stranger stepped the session: {other:?}"),
     }
     host.close([1; 16], "stranger");
@@ -193,17 +193,17 @@ fn a_peer_cannot_use_another_peers_session_or_send_out_of_range_numbers() {
             spoil(spec);
         }
         match run(s) {
-            Err(HostError::BadStep(m)) => assert!(m.contains(field), "{field}: {m}"),
+            Err(HostError::Forbidden(m)) => assert!(m.contains(field), "{field}: {m}"),
             other => panic!("{field} accepted: {other:?}"),
         }
     }
     // Primed tokens: within the vocabulary and the context.
     let mut s = step(20, 1, 0, &prompt);
     s.prime = vec![-5];
-    assert!(matches!(run(s), Err(HostError::BadStep(_))));
+    assert!(matches!(run(s), Err(HostError::Forbidden(_))));
     let mut s = step(21, 1, 0, &prompt);
     s.prime = vec![1; 513];
-    assert!(matches!(run(s), Err(HostError::BadStep(_))));
+    assert!(matches!(run(s), Err(HostError::Forbidden(_))));
     // None of the refused steps left a session behind: only the owner's.
     assert_eq!(host.session_count(), 1);
 }

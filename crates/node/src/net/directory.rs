@@ -86,10 +86,24 @@ fn json_list(addrs: &[String]) -> String {
 
 /// The peer's known addresses plus `addrs` (at most 16, oldest first), as JSON, and
 /// whether the peer is new to the directory.
+/// Known addresses kept per peer.
+const MAX_ADDRESSES: usize = 16;
+/// Peers kept in the directory; the least recently seen go first beyond it.
+pub const MAX_PEERS: i64 = 10_000;
+/// Peers not seen for this long are forgotten.
+pub const FORGET_AFTER_SECS: i64 = 30 * 24 * 3600;
+/// Peer-exchange log rows kept.
+const MAX_SYNC_LOG: i64 = 10_000;
+
+/// Merges `addrs` into `node_id`'s known addresses. Addresses seen on a verified
+/// contact (`verified`: a live connection) go first; merely reported ones (peer
+/// exchange, gossip) only fill what is left, so reports can never push out the
+/// addresses a node was really reached at.
 fn merge_addresses(
     tx: &rusqlite::Transaction<'_>,
     node_id: &str,
     addrs: &[String],
+    verified: bool,
 ) -> rusqlite::Result<(bool, String)> {
     let existing: Option<String> = tx
         .query_row(
@@ -99,15 +113,20 @@ fn merge_addresses(
         )
         .optional()?;
     let is_new = existing.is_none();
-    let mut merged: Vec<String> = existing
+    let known: Vec<String> = existing
         .and_then(|t| serde_json::from_str(&t).ok())
         .unwrap_or_default();
-    for a in addrs {
-        if !merged.contains(a) {
+    let (first, then) = if verified {
+        (addrs, known.as_slice())
+    } else {
+        (known.as_slice(), addrs)
+    };
+    let mut merged: Vec<String> = Vec::new();
+    for a in first.iter().chain(then) {
+        if merged.len() < MAX_ADDRESSES && a.len() <= 256 && !merged.contains(a) {
             merged.push(a.clone());
         }
     }
-    merged.truncate(16);
     Ok((is_new, json_list(&merged)))
 }
 
@@ -137,7 +156,7 @@ impl Directory {
         let now = now_unix();
         self.store.with_conn(|c| {
             let tx = c.transaction()?;
-            let (_, merged) = merge_addresses(&tx, node_id, addrs)?;
+            let (_, merged) = merge_addresses(&tx, node_id, addrs, true)?;
             tx.execute(
                 "INSERT INTO swarm_nodes (id, node_id, peer_id, addresses, discovered_via, discovered_at,
                      last_seen_at, is_active, consecutive_failures, next_retry_at)
@@ -163,7 +182,7 @@ impl Directory {
         let now = now_unix();
         self.store.with_conn(|c| {
             let tx = c.transaction()?;
-            let (is_new, merged) = merge_addresses(&tx, node_id, addrs)?;
+            let (is_new, merged) = merge_addresses(&tx, node_id, addrs, false)?;
             tx.execute(
                 "INSERT INTO swarm_nodes (id, node_id, peer_id, addresses, discovered_via, discovered_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)
@@ -245,6 +264,38 @@ impl Directory {
                 )?;
             }
             tx.commit()
+        })
+    }
+
+    /// Forgets peers not seen for [`FORGET_AFTER_SECS`], then the least recently
+    /// seen beyond [`MAX_PEERS`], and trims the peer-exchange log; connected
+    /// peers are kept. Returns how many peers were forgotten.
+    pub fn prune(&self, connected: &[String]) -> Result<usize, StoreError> {
+        let cutoff = now_unix() - FORGET_AFTER_SECS;
+        let keep = serde_json::to_string(connected).unwrap_or_else(|_| "[]".into());
+        self.store.with_conn(|c| {
+            let tx = c.transaction()?;
+            let mut gone = tx.execute(
+                "DELETE FROM swarm_nodes
+                 WHERE COALESCE(last_seen_at, discovered_at) < ?1
+                   AND node_id NOT IN (SELECT value FROM json_each(?2))",
+                params![cutoff, keep],
+            )?;
+            gone += tx.execute(
+                "DELETE FROM swarm_nodes WHERE node_id IN (
+                     SELECT node_id FROM swarm_nodes
+                     WHERE node_id NOT IN (SELECT value FROM json_each(?2))
+                     ORDER BY COALESCE(last_seen_at, discovered_at) DESC
+                     LIMIT -1 OFFSET ?1)",
+                params![MAX_PEERS, keep],
+            )?;
+            tx.execute(
+                "DELETE FROM swarm_sync_log WHERE id IN (
+                     SELECT id FROM swarm_sync_log ORDER BY created_at DESC LIMIT -1 OFFSET ?1)",
+                [MAX_SYNC_LOG],
+            )?;
+            tx.commit()?;
+            Ok(gone)
         })
     }
 
@@ -483,6 +534,54 @@ impl Directory {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reported_addresses_never_push_out_verified_ones() -> Result<(), StoreError> {
+        let dir = Directory::new(Store::open_in_memory()?);
+        let real = "/ip4/127.0.0.1/tcp/1".to_string();
+        dir.connected("aa", "p1", std::slice::from_ref(&real), "invite")?;
+        // A flood of reported addresses fills only the free slots, after the real one.
+        let junk: Vec<String> = (0..100).map(|i| format!("/ip4/10.0.0.{i}/tcp/1")).collect();
+        dir.learned("aa", "p1", &junk, "peer-exchange")?;
+        let addrs = dir.list(1)?[0].addresses.clone();
+        assert_eq!(addrs.len(), MAX_ADDRESSES);
+        assert_eq!(addrs[0], real);
+        // A verified contact at a new address puts it first.
+        let moved = "/ip4/127.0.0.1/tcp/2".to_string();
+        dir.connected("aa", "p1", std::slice::from_ref(&moved), "inbound")?;
+        let addrs = dir.list(1)?[0].addresses.clone();
+        assert_eq!((&addrs[0], &addrs[1]), (&moved, &real));
+        Ok(())
+    }
+
+    #[test]
+    fn long_gone_peers_are_forgotten_and_the_directory_has_a_cap() -> Result<(), StoreError> {
+        let store = Store::open_in_memory()?;
+        let dir = Directory::new(store.clone());
+        for i in 0..5 {
+            dir.learned(&format!("n{i}"), "p", &[], "peer-exchange")?;
+        }
+        dir.connected("live", "p", &[], "inbound")?;
+        // Three of them were last heard of long ago.
+        store.with_conn(|c| {
+            c.execute(
+                "UPDATE swarm_nodes SET discovered_at = ?1 WHERE node_id IN ('n0', 'n1', 'n2', 'live')",
+                [now_unix() - FORGET_AFTER_SECS - 10],
+            )
+        })?;
+        store.with_conn(|c| {
+            c.execute(
+                "UPDATE swarm_nodes SET last_seen_at = NULL WHERE node_id = 'live'",
+                [],
+            )
+        })?;
+        // The connected one stays however old its row looks.
+        assert_eq!(dir.prune(&["live".to_string()])?, 3);
+        let mut left: Vec<String> = dir.list(100)?.into_iter().map(|r| r.node_id).collect();
+        left.sort();
+        assert_eq!(left, vec!["live", "n3", "n4"]);
+        Ok(())
+    }
 
     #[test]
     fn lifecycle_connect_fail_backoff_and_misbehave() -> Result<(), StoreError> {

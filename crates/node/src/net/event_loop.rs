@@ -891,9 +891,24 @@ impl EventLoop {
         let dir = self.directory.clone();
         let loopback = self.loopback.clone();
         let offline = self.config.offline;
+        // Every 150th round (5 minutes), and the first: forget long-gone peers.
+        let prune = self
+            .shared
+            .counters
+            .maintenance_rounds
+            .load(std::sync::atomic::Ordering::Relaxed)
+            % 150
+            == 1;
         tokio::task::spawn_blocking(move || {
             if let Err(e) = dir.expire(&connected, stale) {
                 tracing::warn!(error = %e, "peer directory: expiry failed");
+            }
+            if prune {
+                match dir.prune(&connected) {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(forgotten = n, "peer directory pruned"),
+                    Err(e) => tracing::warn!(error = %e, "peer directory: pruning failed"),
+                }
             }
             if let Ok(due) = dir.due_for_redial(8)
                 && !due.is_empty()

@@ -150,6 +150,10 @@ pub enum HostError {
     /// A step that skips positions, repeats a `seq`, or has the wrong size.
     #[error("{0}")]
     BadStep(String),
+    /// The step breaks a rule no honest peer breaks (numbers out of range,
+    /// another peer's session): refused, and held against the sender.
+    #[error("{0}")]
+    Forbidden(String),
     /// llama.cpp failed.
     #[error("{0}")]
     Compute(String),
@@ -526,7 +530,7 @@ impl Thread {
             return Err(HostError::Compute("session vanished".into()));
         };
         if session.owner != step.peer {
-            return Err(HostError::BadStep(
+            return Err(HostError::Forbidden(
                 "the session belongs to another peer".into(),
             ));
         }
@@ -633,16 +637,16 @@ fn check_sampling(step: &Step, n_vocab: usize, context: u32) -> Result<(), HostE
                 n_vocab: Some(n_vocab),
                 n_ctx: Some(context),
             })
-            .map_err(|e| HostError::BadStep(format!("sample.{e}")))?;
+            .map_err(|e| HostError::Forbidden(format!("sample.{e}")))?;
     }
     if step.prime.len() > context as usize {
-        return Err(HostError::BadStep(format!(
+        return Err(HostError::Forbidden(format!(
             "{} primed tokens for a {context}-token context",
             step.prime.len()
         )));
     }
     if let Some(bad) = step.prime.iter().find(|&&t| t < 0 || t as u32 >= n_vocab) {
-        return Err(HostError::BadStep(format!(
+        return Err(HostError::Forbidden(format!(
             "primed token id {bad} is outside the vocabulary"
         )));
     }

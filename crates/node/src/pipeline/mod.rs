@@ -899,7 +899,17 @@ impl Pipeline {
                     prime: env.prime.clone(),
                 })
                 .await
-                .map_err(|e| self.own_failure(e.to_string()))?;
+                .map_err(|e| {
+                    // A step no honest peer sends counts against its sender.
+                    if matches!(e, host::HostError::Forbidden(_))
+                        && from != self.inner.node_id
+                        && let Some(network) = self.inner.network.get()
+                    {
+                        tracing::warn!(peer = %short(from), error = %e, "refused a hostile pipeline step");
+                        network.report_bad_frame(from);
+                    }
+                    self.own_failure(e.to_string())
+                })?;
             if let Some(accounting) = self.accounting() {
                 let layers = u64::from(me.layer_end.saturating_sub(me.layer_start));
                 accounting.served(

@@ -27,6 +27,8 @@ use crate::shard::{self, Manifest, ModelDir, ShardEntry};
 
 /// How long a download waits for a holder to appear before failing.
 const HOLDER_WAIT: Duration = Duration::from_secs(60);
+/// Download records kept (finished ones are dropped, oldest first, beyond it).
+const MAX_DOWNLOAD_RECORDS: usize = 256;
 /// Attempts per chunk before moving to the next holder.
 const CHUNK_RETRIES: usize = 3;
 
@@ -409,12 +411,30 @@ impl Pipeline {
             .await;
         status.peer = holders.first().cloned();
         let cancel = CancellationToken::new();
-        self.inner
-            .downloads
-            .entries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(status.id.clone(), (status.clone(), cancel.clone()));
+        {
+            let mut entries = self
+                .inner
+                .downloads
+                .entries
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            // Finished downloads are history: the oldest go beyond the cap.
+            if entries.len() >= MAX_DOWNLOAD_RECORDS {
+                let mut finished: Vec<String> = entries
+                    .values()
+                    .filter(|(s, _)| !s.active())
+                    .map(|(s, _)| s.id.clone())
+                    .collect();
+                finished.sort();
+                for id in finished
+                    .iter()
+                    .take(entries.len() + 1 - MAX_DOWNLOAD_RECORDS)
+                {
+                    entries.remove(id);
+                }
+            }
+            entries.insert(status.id.clone(), (status.clone(), cancel.clone()));
+        }
         let this = self.clone();
         let id = status.id.clone();
         let model = model_id.to_string();

@@ -880,6 +880,11 @@ impl PoolNet {
             return;
         }
         let mut received = self.received.lock().unwrap_or_else(|p| p.into_inner());
+        // A device keeps its most recent invitations only: owners cannot fill it.
+        const MAX_RECEIVED: usize = 32;
+        if received.len() >= MAX_RECEIVED {
+            received.remove(0);
+        }
         if !received
             .iter()
             .any(|r| r.invitation_id == body.invitation_id)
