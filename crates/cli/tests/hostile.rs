@@ -480,3 +480,78 @@ fn pipeline_steps_with_bad_numbers_or_for_another_peers_session_are_refused() {
         assert!(p["bad_frames"].as_i64() >= Some(1), "{p}");
     }
 }
+
+#[test]
+fn a_bad_manifest_on_disk_is_reported_and_skipped_and_the_node_starts() {
+    let lib = common::import_shards(3);
+    let node = TestNode::start_custom(false, &[], &[], |d| {
+        give_shards(lib.path(), d, &[0, 1, 2]);
+        // A second model whose manifest names a file outside its folder.
+        let evil = d.join("models/evil");
+        std::fs::create_dir_all(&evil).expect("mkdir");
+        let text = std::fs::read(lib.path().join("models/smol/manifest.json")).expect("manifest");
+        let mut m: Value = serde_json::from_slice(&text).expect("json");
+        m["model_id"] = json!("evil");
+        m["shards"][0]["file"] = json!("../../node.db");
+        std::fs::write(
+            evil.join("manifest.json"),
+            serde_json::to_vec(&m).expect("json"),
+        )
+        .expect("write");
+    });
+    let (status, v) = node.get("/api/admin/models");
+    assert_eq!(status, 200, "{v}");
+    let rejected = v["rejected"].as_array().expect("rejected list").clone();
+    assert_eq!(rejected.len(), 1, "{v}");
+    assert_eq!(rejected[0]["dir"], "evil");
+    assert_eq!(rejected[0]["rule"], "file_name");
+    // The good model is served as usual; the node database is untouched.
+    assert!(
+        v["models"]
+            .as_array()
+            .expect("models")
+            .iter()
+            .any(|m| m["id"] == "smol" && m["complete"] == true),
+        "{v}"
+    );
+    assert_eq!(node.get("/health/live").0, 200);
+    assert!(node.dir().join("node.db").is_file());
+}
+
+#[test]
+fn a_flood_of_garbage_leaves_the_nodes_memory_bounded() {
+    // No ban: the flood must reach the node for the whole test.
+    let node = TestNode::start_custom(false, &[], &[("SWARMLLM_PEER_BAN_TRUST", "0")], |_| {});
+    let node_id = node_id(&node);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (rogue, _) = common::rogue_peer(&rt, tmp.path());
+    rt.block_on(rogue.add_seed_and_dial(&network_code(&node), "test"))
+        .expect("rogue joins");
+    let flood = |n: usize| {
+        rt.block_on(async {
+            let mut pending = Vec::new();
+            for i in 0..n {
+                let garbage = vec![b'{'; 1 + i % 4096];
+                pending.push(rogue.request(&node_id, Request::Credit(garbage)));
+                pending.push(rogue.request(&node_id, Request::Activation(vec![0xab; 512])));
+                if pending.len() >= 64 {
+                    futures::future::join_all(pending.drain(..)).await;
+                }
+            }
+            futures::future::join_all(pending).await;
+        })
+    };
+    // A first round warms every path (allocator pools, SQLite pages), then the
+    // measured round: ten times as many messages must not grow memory with them.
+    flood(500);
+    let before = node.rss_kib();
+    flood(5000);
+    let after = node.rss_kib();
+    eprintln!("node RSS: {before} KiB before, {after} KiB after 10 000 garbage messages");
+    assert!(
+        after < before + 32 * 1024,
+        "memory grew from {before} KiB to {after} KiB over 10 000 garbage messages"
+    );
+    assert_eq!(node.get("/health/live").0, 200);
+}

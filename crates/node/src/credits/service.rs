@@ -241,10 +241,20 @@ impl Credits {
         let _ = self.inner.network.set(network);
         let _ = self.inner.tasks.set(tasks);
         let this = self.clone();
+        let per_peer = Arc::new(crate::net::inflight::InFlight::default());
         self.spawn(async move {
             while let Some(msg) = rx.recv().await {
+                // A peer gets a few messages handled at once; the rest wait their
+                // turn in its own retries, not in this node's memory.
+                let Some(slot) = per_peer.try_acquire(&msg.from, 4) else {
+                    msg.responder
+                        .send(refuse(429, "too many credit messages in flight"))
+                        .await;
+                    continue;
+                };
                 let handler = this.clone();
                 this.spawn(async move {
+                    let _slot = slot;
                     let Request::Credit(bytes) = msg.request else {
                         return;
                     };

@@ -43,8 +43,7 @@ pub(super) struct EventLoop {
     hint_windows: HashMap<PeerId, (Instant, usize)>,
     /// Peers refused until the instant (their trust fell below the threshold).
     banned: HashMap<PeerId, Instant>,
-    /// When a malformed-input warning was last logged (at most one a second).
-    last_bad_log: Option<Instant>,
+
     seq: u64,
 }
 
@@ -84,7 +83,7 @@ impl EventLoop {
             dial_via: HashMap::new(),
             hint_windows: HashMap::new(),
             banned: HashMap::new(),
-            last_bad_log: None,
+
             pending_requests: HashMap::new(),
             peer_exchange: HashSet::new(),
             // Start from the clock so a restarted node's announcements are newer.
@@ -617,12 +616,7 @@ impl EventLoop {
             .counters
             .bad_frames
             .fetch_add(1, Ordering::Relaxed);
-        // A flood of garbage must not become a flood of log lines.
-        if self
-            .last_bad_log
-            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
-        {
-            self.last_bad_log = Some(Instant::now());
+        if super::malformed_log_allowed() {
             tracing::warn!(%peer, reason, "malformed input from peer");
         } else {
             tracing::debug!(%peer, reason, "malformed input from peer");

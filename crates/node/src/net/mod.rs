@@ -17,6 +17,7 @@ pub mod announce;
 pub mod directory;
 mod event_loop;
 pub mod frame;
+pub(crate) mod inflight;
 pub mod invite;
 pub mod link;
 
@@ -156,6 +157,20 @@ pub(crate) struct Shared {
     pub(crate) credits: OnceLock<mpsc::Sender<InboundStep>>,
     /// Where pool messages go: (author node id, bytes).
     pub(crate) pool_messages: OnceLock<mpsc::Sender<(String, Vec<u8>)>>,
+}
+
+/// Whether a warning about malformed input from a peer may be logged now: at most
+/// one a second in the whole process (a flood of garbage must not become a flood
+/// of log lines; the rest go to debug).
+pub(crate) fn malformed_log_allowed() -> bool {
+    use std::sync::atomic::AtomicI64;
+    static LAST: AtomicI64 = AtomicI64::new(0);
+    let now = chrono::Utc::now().timestamp_millis();
+    let last = LAST.load(Ordering::Relaxed);
+    now - last >= 1000
+        && LAST
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
 }
 
 /// Lowers `node_id`'s trust (off the async runtime) and bans it when the trust

@@ -490,6 +490,18 @@ impl Thread {
             if self.sessions.len() >= self.config.max_sessions {
                 return Err(HostError::Busy(self.config.max_sessions));
             }
+            // One peer may hold at most half the slots (at least two), so no
+            // single requester can lock everyone else out.
+            let per_peer = (self.config.max_sessions / 2).max(2);
+            if self
+                .sessions
+                .values()
+                .filter(|s| s.owner == step.peer)
+                .count()
+                >= per_peer
+            {
+                return Err(HostError::Busy(self.sessions.len()));
+            }
             let need = model.kv_bytes_per_token() * u64::from(self.config.context_size);
             let used: u64 = self.sessions.values().map(|s| s.kv_bytes).sum();
             if used + need > self.config.max_session_bytes {

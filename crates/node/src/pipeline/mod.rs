@@ -59,6 +59,10 @@ const INBOUND_QUEUE: usize = 64;
 /// Links from other nodes served at once (each carries one session's steps at a
 /// time); more are refused.
 const MAX_INBOUND_LINKS: usize = 256;
+/// Requests (file fetches) one peer may have answered at once.
+const MAX_REQUESTS_PER_PEER: usize = 8;
+/// Links one peer may have served at once.
+const MAX_LINKS_PER_PEER: usize = 32;
 /// Peers whose link secret is kept (the cache starts over when it is full).
 const MAX_LINKS: usize = 4096;
 
@@ -257,25 +261,44 @@ impl Pipeline {
         if let Some(mut links) = self.inner.network.get().and_then(Network::inbound_links) {
             let this = self.clone();
             let slots = Arc::new(tokio::sync::Semaphore::new(MAX_INBOUND_LINKS));
+            let per_peer = Arc::new(crate::net::inflight::InFlight::default());
             self.spawn(async move {
                 while let Some(link) = links.next().await {
                     let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
                         tracing::warn!(peer = %short(&link.from), "too many pipeline links; refusing one");
                         continue;
                     };
+                    let Some(peer_slot) = per_peer.try_acquire(&link.from, MAX_LINKS_PER_PEER)
+                    else {
+                        tracing::warn!(peer = %short(&link.from), "too many links from one peer; refusing one");
+                        continue;
+                    };
                     let serving = this.clone();
                     this.spawn(async move {
                         serving.serve_link(link).await;
-                        drop(slot);
+                        drop((slot, peer_slot));
                     });
                 }
             });
         }
         let this = self.clone();
+        let per_peer = Arc::new(crate::net::inflight::InFlight::default());
         self.spawn(async move {
             while let Some(step) = rx.recv().await {
+                let Some(slot) = per_peer.try_acquire(&step.from, MAX_REQUESTS_PER_PEER) else {
+                    step.responder
+                        .send(Response::Error {
+                            code: 429,
+                            message: format!(
+                                "at most {MAX_REQUESTS_PER_PEER} requests in flight per peer"
+                            ),
+                        })
+                        .await;
+                    continue;
+                };
                 let serving = this.clone();
                 this.spawn(async move {
+                    let _slot = slot;
                     let response = match step.request {
                         Request::Fetch(fetch) => serving.serve_fetch(&step.from, fetch).await,
                         Request::Activation(_) => Response::Error {

@@ -201,7 +201,11 @@ impl Pipeline {
 
     /// The answer to a malformed step, counted against its sender.
     pub(super) fn bad_step(&self, from: &str, reason: String) -> Response {
-        tracing::warn!(peer = %short(from), %reason, "malformed pipeline step");
+        if crate::net::malformed_log_allowed() {
+            tracing::warn!(peer = %short(from), %reason, "malformed pipeline step");
+        } else {
+            tracing::debug!(peer = %short(from), %reason, "malformed pipeline step");
+        }
         if let Some(network) = self.inner.network.get() {
             network.report_bad_frame(from);
         }

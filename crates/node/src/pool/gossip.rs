@@ -443,10 +443,19 @@ impl Pools {
         };
         let _ = self.net.set(net.clone());
         let each = tasks.clone();
+        let per_author = Arc::new(crate::net::inflight::InFlight::default());
         tasks.spawn(async move {
             while let Some((author, bytes)) = rx.recv().await {
+                // Gossip is best effort: past 8 of one author's messages in
+                // flight, the rest are dropped.
+                let Some(slot) = per_author.try_acquire(&author, 8) else {
+                    continue;
+                };
                 let net = net.clone();
-                each.spawn(async move { net.on_message(&author, &bytes).await });
+                each.spawn(async move {
+                    net.on_message(&author, &bytes).await;
+                    drop(slot);
+                });
             }
         });
     }
