@@ -16,11 +16,20 @@ fn peer() -> Identity {
     Identity::from_secret_bytes(&[42; 32])
 }
 
-/// The fixed key the activation target opens frames with.
-fn link_key() -> SessionKey {
-    let ours = x25519_dalek::StaticSecret::from([1u8; 32]);
-    let theirs = x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from([2u8; 32]));
-    SessionKey::agree(&ours, &theirs, &[3; 16])
+/// Its node id, computed once (the targets run millions of times).
+fn peer_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| peer().node_id())
+}
+
+/// The fixed key the activation target opens frames with, agreed once.
+fn link_key() -> &'static SessionKey {
+    static KEY: std::sync::OnceLock<SessionKey> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| {
+        let ours = x25519_dalek::StaticSecret::from([1u8; 32]);
+        let theirs = x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from([2u8; 32]));
+        SessionKey::agree(&ours, &theirs, &[3; 16])
+    })
 }
 
 /// `manifest.json` from a peer.
@@ -53,13 +62,13 @@ pub fn step_envelope(data: &[u8]) {
 /// A sealed activation frame and a sealed step message.
 pub fn activation_frame(data: &[u8]) {
     let key = link_key();
-    let _ = activation::open(&key, data, Direction::Forward);
-    let _ = activation::open_message(&key, 1, Direction::Backward, b"aad", data);
+    let _ = activation::open(key, data, Direction::Forward);
+    let _ = activation::open_message(key, 1, Direction::Backward, b"aad", data);
 }
 
 /// A gossiped announcement.
 pub fn announcement(data: &[u8]) {
-    let _ = crate::net::announce::verify(data, &peer().node_id(), 1_000_000, 3600);
+    let _ = crate::net::announce::verify(data, peer_id(), 1_000_000, 3600);
 }
 
 /// A pool-topic message.
@@ -214,7 +223,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     let key = link_key();
     for dtype in [Dtype::F16, Dtype::F32, Dtype::Q8] {
         if let Ok(frame) = activation::seal(
-            &key,
+            key,
             Header {
                 dtype,
                 session: [3; 16],
@@ -231,7 +240,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     }
     out.push((
         "activation_frame",
-        activation::seal_message(&key, 1, Direction::Backward, b"aad", &7i32.to_le_bytes()),
+        activation::seal_message(key, 1, Direction::Backward, b"aad", &7i32.to_le_bytes()),
     ));
     // A signed announcement.
     let announcement = crate::net::announce::Announcement {

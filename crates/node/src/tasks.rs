@@ -60,6 +60,31 @@ impl Tasks {
     }
 }
 
+/// A subsystem's hold on the node's tasks, given when the subsystem is attached
+/// to a network; before that (a node without P2P) its tasks run untracked.
+#[derive(Debug, Default)]
+pub(crate) struct LateTasks(std::sync::OnceLock<Tasks>);
+
+impl LateTasks {
+    /// Takes the node's tasks (the first call wins).
+    pub(crate) fn set(&self, tasks: Tasks) {
+        let _ = self.0.set(tasks);
+    }
+
+    /// Runs `task` as one of the node's tasks, or as a plain task before any.
+    pub(crate) fn spawn<F>(&self, task: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        match self.0.get() {
+            Some(tasks) => tasks.spawn(task),
+            None => {
+                tokio::spawn(task);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -129,15 +129,7 @@ pub(crate) async fn require_auth(
     req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let token = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            let (scheme, token) = v.split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-        });
-    let Some(token) = token.filter(|t| state.node.api_key_matches(t)) else {
+    let Some(token) = bearer(req.headers()).filter(|t| state.node.api_key_matches(t)) else {
         return Err(ApiError::unauthorized());
     };
     let per_minute = state.node.config().rate_limit_per_minute;
@@ -173,6 +165,11 @@ pub(crate) async fn limit_public(
 /// Whether the request carries the node's API key (for reads that cost more
 /// when asked for, such as `?verify=true`).
 pub(crate) fn has_key(state: &AppState, headers: &axum::http::HeaderMap) -> bool {
+    bearer(headers).is_some_and(|t| state.node.api_key_matches(t))
+}
+
+/// The token of an `Authorization: Bearer …` header.
+fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
     headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -180,7 +177,6 @@ pub(crate) fn has_key(state: &AppState, headers: &axum::http::HeaderMap) -> bool
             let (scheme, token) = v.split_once(' ')?;
             scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
         })
-        .is_some_and(|t| state.node.api_key_matches(t))
 }
 
 /// Token buckets per API key: `per_minute` requests a minute, bursts up to

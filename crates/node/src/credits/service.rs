@@ -151,7 +151,7 @@ struct Inner {
     /// The last totals, for announcements (which cannot wait on the database).
     totals: Mutex<Balance>,
     /// The node's tasks (set when a network is attached).
-    tasks: OnceLock<crate::tasks::Tasks>,
+    tasks: crate::tasks::LateTasks,
     /// Unsolicited transfers accepted from each peer in its current minute.
     transfers: Mutex<HashMap<String, (Instant, u32)>>,
 }
@@ -217,7 +217,7 @@ impl Credits {
                 offered: Mutex::new(HashMap::new()),
                 totals: Mutex::new(totals),
                 transfers: Mutex::new(HashMap::new()),
-                tasks: OnceLock::new(),
+                tasks: crate::tasks::LateTasks::default(),
             }),
         }
     }
@@ -239,7 +239,7 @@ impl Credits {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<InboundStep>(64);
         network.set_credit_handler(tx);
         let _ = self.inner.network.set(network);
-        let _ = self.inner.tasks.set(tasks);
+        self.inner.tasks.set(tasks);
         let this = self.clone();
         let per_peer = Arc::new(crate::net::inflight::InFlight::default());
         self.spawn(async move {
@@ -434,18 +434,12 @@ impl Credits {
         Ok(())
     }
 
-    /// Runs `task` as one of the node's tasks (a plain task before a network is
-    /// attached).
+    /// Runs `task` as one of the node's tasks.
     fn spawn<F>(&self, task: F)
     where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
-        match self.inner.tasks.get() {
-            Some(tasks) => tasks.spawn(task),
-            None => {
-                tokio::spawn(task);
-            }
-        }
+        self.inner.tasks.spawn(task);
     }
 
     /// The payer-signed forward of `receipt` to the pool owner, if this node is a

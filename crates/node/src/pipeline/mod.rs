@@ -127,7 +127,7 @@ struct Inner {
     links: Mutex<HashMap<String, LinkSecret>>,
     network: OnceLock<Network>,
     /// The node's tasks (set when a network is attached).
-    tasks: OnceLock<crate::tasks::Tasks>,
+    tasks: crate::tasks::LateTasks,
     vocabs: Mutex<HashMap<String, Arc<LlamaModel>>>,
     local: Mutex<Vec<LocalModel>>,
     /// Model directories the last scan skipped (bad manifests), with why.
@@ -196,7 +196,7 @@ impl Pipeline {
                 config,
                 host,
                 network: OnceLock::new(),
-                tasks: OnceLock::new(),
+                tasks: crate::tasks::LateTasks::default(),
                 vocabs: Mutex::new(HashMap::new()),
                 local: Mutex::new(Vec::new()),
                 rejected: Mutex::new(Vec::new()),
@@ -239,7 +239,7 @@ impl Pipeline {
         let (tx, mut rx) = mpsc::channel::<InboundStep>(INBOUND_QUEUE);
         network.set_step_handler(tx);
         let _ = self.inner.network.set(network);
-        let _ = self.inner.tasks.set(tasks);
+        self.inner.tasks.set(tasks);
         // Damaged shards are fetched again from holders.
         let repairs = self
             .inner
@@ -319,18 +319,12 @@ impl Pipeline {
         });
     }
 
-    /// Runs `task` as one of the node's tasks (a plain task before a network
-    /// is attached, when there are none to track).
+    /// Runs `task` as one of the node's tasks.
     fn spawn<F>(&self, task: F)
     where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
-        match self.inner.tasks.get() {
-            Some(tasks) => tasks.spawn(task),
-            None => {
-                tokio::spawn(task);
-            }
-        }
+        self.inner.tasks.spawn(task);
     }
 
     /// Decides per model whether the encrypted pipeline is on (set by the node,
