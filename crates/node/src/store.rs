@@ -166,8 +166,18 @@ const MIGRATIONS: &[&str] = &[
         node       TEXT NOT NULL,
         entry      TEXT NOT NULL,
         created_at INTEGER NOT NULL
-    );",
+    );
+    CREATE TABLE request_totals (
+        id                INTEGER PRIMARY KEY CHECK (id = 1),
+        requests          INTEGER NOT NULL,
+        completion_tokens INTEGER NOT NULL,
+        prompt_tokens     INTEGER NOT NULL
+    );
+    INSERT INTO request_totals VALUES (1, 0, 0, 0);",
 ];
+
+/// Request-log rows kept; older ones live on only in the lifetime totals.
+pub const MAX_REQUEST_LOG: i64 = 100_000;
 
 /// A database failure.
 #[derive(Debug, thiserror::Error)]
@@ -305,7 +315,8 @@ impl Store {
         Ok(())
     }
 
-    /// Appends finished requests in one transaction.
+    /// Appends finished requests in one transaction. Beyond [`MAX_REQUEST_LOG`]
+    /// rows the oldest are folded into the lifetime totals and dropped.
     pub fn record_requests(&self, records: &[RequestRecord]) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
@@ -331,6 +342,26 @@ impl Store {
                 ])?;
             }
         }
+        let rows: i64 = tx.query_row("SELECT COUNT(*) FROM request_log", [], |r| r.get(0))?;
+        if rows > MAX_REQUEST_LOG {
+            let oldest = "SELECT id FROM request_log ORDER BY created_at, id LIMIT ?1";
+            tx.execute(
+                &format!(
+                    "UPDATE request_totals SET
+                         requests = requests + (SELECT COUNT(*) FROM request_log WHERE id IN ({oldest})),
+                         completion_tokens = completion_tokens + (SELECT COALESCE(SUM(completion_tokens), 0)
+                             FROM request_log WHERE id IN ({oldest})),
+                         prompt_tokens = prompt_tokens + (SELECT COALESCE(SUM(prompt_tokens), 0)
+                             FROM request_log WHERE id IN ({oldest}))
+                     WHERE id = 1"
+                ),
+                [rows - MAX_REQUEST_LOG],
+            )?;
+            tx.execute(
+                &format!("DELETE FROM request_log WHERE id IN ({oldest})"),
+                [rows - MAX_REQUEST_LOG],
+            )?;
+        }
         tx.commit()?;
         Ok(())
     }
@@ -338,8 +369,9 @@ impl Store {
     /// Lifetime totals of the request log.
     pub fn request_totals(&self) -> Result<RequestTotals, StoreError> {
         Ok(self.conn().query_row(
-            "SELECT COUNT(*), COALESCE(SUM(completion_tokens), 0), COALESCE(SUM(prompt_tokens), 0)
-             FROM request_log",
+            "SELECT COUNT(l.id) + t.requests, COALESCE(SUM(l.completion_tokens), 0) + t.completion_tokens,
+                    COALESCE(SUM(l.prompt_tokens), 0) + t.prompt_tokens
+             FROM request_totals t LEFT JOIN request_log l ON 1 = 1 WHERE t.id = 1",
             [],
             |r| {
                 Ok(RequestTotals {
@@ -435,6 +467,20 @@ mod tests {
         assert_eq!(
             (t.requests, t.completion_tokens, t.prompt_tokens),
             (2, 12, 6)
+        );
+        // Past the cap the oldest rows fold into the totals: nothing is lost.
+        let many: Vec<RequestRecord> = (0..MAX_REQUEST_LOG + 8)
+            .map(|i| rec(&format!("r{i}"), 1))
+            .collect();
+        store.record_requests(&many)?;
+        let rows: i64 = store
+            .with_conn(|c| c.query_row("SELECT COUNT(*) FROM request_log", [], |r| r.get(0)))?;
+        assert_eq!(rows, MAX_REQUEST_LOG);
+        let t = store.request_totals()?;
+        let n = MAX_REQUEST_LOG as u64 + 10;
+        assert_eq!(
+            (t.requests, t.completion_tokens, t.prompt_tokens),
+            (n, 12 + n - 2, 3 * n)
         );
         Ok(())
     }

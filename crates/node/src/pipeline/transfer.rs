@@ -627,6 +627,15 @@ pub(crate) fn check_header(manifest: &Manifest, header: &[u8]) -> Result<(), Str
     {
         return Err("the header's architecture or layer count differs from the manifest's".into());
     }
+    let embd = g
+        .get(&format!("{}.embedding_length", manifest.architecture))
+        .and_then(crate::shard::gguf::Value::as_u64);
+    if !embd.is_some_and(|n| (1..=crate::shard::manifest::MAX_EMBEDDING).contains(&n)) {
+        return Err(format!(
+            "the header's embedding length {embd:?} is not within 1..={}",
+            crate::shard::manifest::MAX_EMBEDDING
+        ));
+    }
     Ok(())
 }
 

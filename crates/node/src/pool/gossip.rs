@@ -809,21 +809,28 @@ impl PoolNet {
         confirm: &str,
         signature: &str,
     ) {
-        let exchange = self
-            .exchanges
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(exchange_id);
+        // The exchange is taken only by the proof of its own joiner: a bogus
+        // finish (an observer knows the exchange id) must not spoil it.
+        let exchange = {
+            let mut exchanges = self.exchanges.lock().unwrap_or_else(|p| p.into_inner());
+            match exchanges.get(exchange_id) {
+                None => return,
+                Some(ex)
+                    if ex.joiner == joiner
+                        && ex.at.elapsed() < EXCHANGE_TTL
+                        && mac_matches(&ex.keys.joiner_mac(), confirm) =>
+                {
+                    exchanges.remove(exchange_id)
+                }
+                Some(_) => None,
+            }
+        };
         let Some(ex) = exchange else {
+            tracing::warn!(node = %joiner, "a pool join finish that does not prove the code; ignored");
+            // Only a replay or a forgery fails here: it costs its author trust.
+            self.network.report_bad_frame(joiner);
             return;
         };
-        if ex.joiner != joiner
-            || ex.at.elapsed() >= EXCHANGE_TTL
-            || !mac_matches(&ex.keys.joiner_mac(), confirm)
-        {
-            tracing::warn!(node = %joiner, "a pool join finish that does not prove the code; ignored");
-            return;
-        }
         let me = &self.pools.node_id;
         if !verify_hex(
             joiner,
