@@ -342,7 +342,7 @@ fn token_step(
     use swarmllm_node::pipeline::activation::{self, Direction, SessionKey};
     use swarmllm_node::pipeline::wire::{self, Envelope, Hop, InputKind, SampleSpec};
     let session = [0x5a; 16];
-    let env = Envelope {
+    let mut env = Envelope {
         session: "5a".repeat(16),
         seq,
         requester: from.node_id(),
@@ -367,7 +367,9 @@ fn token_step(
         }),
         prime: vec![],
         close: false,
+        requester_sig: String::new(),
     };
+    env.sign(from);
     let key = SessionKey::agree(
         &from.x25519_secret(),
         &swarmllm_node::identity::x25519_public(to).expect("node id"),

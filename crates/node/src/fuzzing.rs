@@ -196,7 +196,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         }
     }
     // A step request and answer.
-    let env = wire::Envelope {
+    let mut env = wire::Envelope {
         session: "00112233445566778899aabbccddeeff".into(),
         seq: 1,
         requester: peer().node_id(),
@@ -213,7 +213,9 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         sample: None,
         prime: vec![],
         close: false,
+        requester_sig: String::new(),
     };
+    env.sign(&peer());
     out.push(("step_envelope", wire::encode_request(&env, &[9; 24])));
     out.push((
         "step_envelope",

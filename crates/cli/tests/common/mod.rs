@@ -126,7 +126,7 @@ impl TestNode {
                 .build()
                 .expect("http client"),
         };
-        node.spawn();
+        node.spawn_on_free_ports();
         node
     }
 
@@ -135,6 +135,29 @@ impl TestNode {
     }
 
     fn spawn(&mut self) {
+        if let Err(log) = self.try_spawn() {
+            panic!("node exited early: {log}");
+        }
+    }
+
+    /// Starts the node on fresh ports, again if another test took a port between
+    /// `free_port` releasing it and the node binding it.
+    fn spawn_on_free_ports(&mut self) {
+        for attempt in 0.. {
+            match self.try_spawn() {
+                Ok(()) => return,
+                Err(log) if attempt < 3 && log.contains("in use") => {
+                    self.port = free_port();
+                    self.p2p_port = free_port();
+                    self.base = format!("http://127.0.0.1:{}", self.port);
+                }
+                Err(log) => panic!("node exited early: {log}"),
+            }
+        }
+    }
+
+    /// Starts the node and waits until it answers; its log if it exits first.
+    fn try_spawn(&mut self) -> Result<(), String> {
         let log = std::fs::File::create(self.dir.path().join("node.log")).expect("log file");
         let mut cmd = Command::new(bin());
         cmd.arg("--data-dir")
@@ -165,18 +188,20 @@ impl TestNode {
             if let Some(child) = self.child.as_mut()
                 && let Ok(Some(status)) = child.try_wait()
             {
-                panic!("node exited early ({status}): {}", self.log());
+                return Some(Err(format!("({status}) {}", self.log())));
             }
             self.http
                 .get(&url)
                 .send()
                 .ok()
                 .filter(|r| r.status().is_success())
-        });
+                .map(|_| Ok(()))
+        })?;
         let (ok, out, err) = cli(self.dir.path(), self.port, &["api-key"]);
         assert!(ok, "api-key failed: {err}");
         self.key = out.trim().to_string();
         assert!(self.key.starts_with("swl-"), "unexpected key {}", self.key);
+        Ok(())
     }
 
     /// The node's log so far.

@@ -102,6 +102,8 @@ impl Run {
             sample: None,
             prime: Vec::new(),
             close: false,
+            // Signed when sent (`request_step`), once every field is final.
+            requester_sig: String::new(),
         }
     }
 }

@@ -122,6 +122,8 @@ struct Inner {
     config: PipelineConfig,
     host: RangeHost,
     node_id: String,
+    /// Signs the steps this node requests.
+    identity: Identity,
     x25519: x25519_dalek::StaticSecret,
     /// X25519 secret shared with each peer, by node id.
     links: Mutex<HashMap<String, LinkSecret>>,
@@ -192,6 +194,7 @@ impl Pipeline {
             inner: Arc::new(Inner {
                 node_id: identity.node_id(),
                 x25519: identity.x25519_secret(),
+                identity: identity.clone(),
                 links: Mutex::new(HashMap::new()),
                 config,
                 host,

@@ -245,6 +245,10 @@ impl Pipeline {
         bytes: &[u8],
     ) -> Result<(Envelope, StepInput), String> {
         let (env, body) = wire::decode_request(bytes).map_err(|e| e.to_string())?;
+        // The requester this hop serves (and bills) is proven, not claimed.
+        if !env.requester_signed() {
+            return Err("the step is not signed by its requester".into());
+        }
         let session = env.session_bytes().map_err(|e| e.to_string())?;
         let key = self.link_key(from, &session).map_err(|e| e.message)?;
         if env.close {
@@ -294,10 +298,11 @@ impl Pipeline {
     /// Runs one step of a route as the requester and opens the result.
     pub(super) async fn request_step(
         &self,
-        env: Envelope,
+        mut env: Envelope,
         input: StepInput,
         link: &mut Option<Link>,
     ) -> Result<Option<i32>, StepFailure> {
+        env.sign(&self.inner.identity);
         let session = env
             .session_bytes()
             .map_err(|e| self.own_failure(e.to_string()))?;

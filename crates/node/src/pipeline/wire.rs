@@ -131,6 +131,11 @@ pub struct Envelope {
     /// End the session on every hop (no rows, empty body).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub close: bool,
+    /// Hex Ed25519 signature by `requester` over [`Envelope::signed_part`]: every
+    /// hop, not only the first, knows the requester it serves (and names in its
+    /// receipt) really sent this step.
+    #[serde(default)]
+    pub requester_sig: String,
 }
 
 /// Why a step failed, as sent back along the chain.
@@ -153,7 +158,45 @@ pub enum WireError {
     Malformed(String),
 }
 
+const STEP_SIGNATURE_TAG: &str = "swarmllm step v1";
+
 impl Envelope {
+    /// What the requester signs: everything but the route and the input kind
+    /// (which each hop changes as it forwards the step).
+    fn signed_part(&self) -> Vec<u8> {
+        let sample = serde_json::to_string(&self.sample).unwrap_or_default();
+        let prime: Vec<u8> = self.prime.iter().flat_map(|t| t.to_le_bytes()).collect();
+        format!(
+            "{STEP_SIGNATURE_TAG}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}",
+            self.requester,
+            self.session,
+            self.seq,
+            self.pos,
+            self.n_tokens,
+            self.close,
+            self.dtype,
+            sample,
+            blake3::hash(&prime).to_hex(),
+        )
+        .into_bytes()
+    }
+
+    /// Signs the step as its requester.
+    pub fn sign(&mut self, requester: &crate::identity::Identity) {
+        self.requester_sig = hex::encode(requester.sign(&self.signed_part()).to_bytes());
+    }
+
+    /// Whether the step carries its requester's valid signature.
+    pub fn requester_signed(&self) -> bool {
+        let mut sig = [0u8; 64];
+        hex::decode_to_slice(&self.requester_sig, &mut sig).is_ok()
+            && crate::identity::verify(
+                &self.requester,
+                &self.signed_part(),
+                &ed25519_dalek::Signature::from_bytes(&sig),
+            )
+    }
+
     /// The session id as bytes.
     pub fn session_bytes(&self) -> Result<[u8; 16], WireError> {
         let mut out = [0u8; 16];
@@ -295,6 +338,7 @@ mod tests {
             sample: None,
             prime: vec![],
             close: false,
+            requester_sig: String::new(),
         }
     }
 
@@ -309,6 +353,36 @@ mod tests {
             bytes_to_tokens(&tokens_to_bytes(&[5, -1])).expect("ok"),
             vec![5, -1]
         );
+    }
+
+    #[test]
+    fn steps_are_signed_by_their_requester() {
+        let requester = crate::identity::Identity::generate();
+        let mut env = envelope();
+        env.requester = requester.node_id();
+        env.sign(&requester);
+        assert!(env.requester_signed());
+        // Forwarding changes the route and the input kind: still valid.
+        let mut forwarded = env.clone();
+        forwarded.route.clear();
+        forwarded.input = InputKind::Hidden;
+        assert!(forwarded.requester_signed());
+        // Another requester, position, sampler or signer: not valid.
+        let mut other = env.clone();
+        other.requester = crate::identity::Identity::generate().node_id();
+        assert!(!other.requester_signed());
+        let mut moved = env.clone();
+        moved.pos = 7;
+        assert!(!moved.requester_signed());
+        let mut sampled = env.clone();
+        sampled.sample = Some(SampleSpec::from_params(
+            &crate::infer::SamplingParams::default(),
+        ));
+        assert!(!sampled.requester_signed());
+        let mut forged = env.clone();
+        forged.sign(&crate::identity::Identity::generate());
+        assert!(!forged.requester_signed());
+        assert!(!envelope().requester_signed());
     }
 
     #[test]
