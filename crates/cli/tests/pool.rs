@@ -11,6 +11,18 @@ use serde_json::{Value, json};
 
 const DEADLINE: Duration = Duration::from_secs(45);
 
+/// Waits until `owner`'s pool state lists `node` as an accepted member.
+fn wait_accepted(owner: &TestNode, node: &str, what: &str) {
+    wait_for(what, DEADLINE, || {
+        let (_, s) = owner.get("/api/pool/state");
+        s["members"]
+            .as_array()?
+            .iter()
+            .find(|m| m["node_id"] == node && m["accepted"] == true)
+            .map(|_| ())
+    });
+}
+
 #[test]
 fn owner_creates_a_pool_and_issues_at_most_five_codes() {
     let node = TestNode::start_without_model();
@@ -185,14 +197,7 @@ fn devices_join_by_code_over_gossip_once_and_see_each_other() {
         (&json!("member"), &json!(a_id)),
         "{state}"
     );
-    wait_for("A to record B's acceptance", DEADLINE, || {
-        let (_, s) = a.get("/api/pool/state");
-        s["members"]
-            .as_array()?
-            .iter()
-            .find(|m| m["node_id"] == b_id.as_str() && m["accepted"] == true)
-            .map(|_| ())
-    });
+    wait_accepted(&a, &b_id, "A to record B's acceptance");
 
     // The code worked once; a wrong code finds no owner; a malformed one is 400.
     let (status, v) = c.post("/api/pool/join", &json!({ "code": first }));
@@ -257,14 +262,7 @@ fn devices_join_by_code_over_gossip_once_and_see_each_other() {
         &json!({ "invitation_id": invitation["invitation_id"] }),
     );
     assert_eq!((status, &v["role"]), (200, &json!("member")), "{v}");
-    wait_for("A to record B's acceptance again", DEADLINE, || {
-        let (_, s) = a.get("/api/pool/state");
-        s["members"]
-            .as_array()?
-            .iter()
-            .find(|m| m["node_id"] == b_id.as_str() && m["accepted"] == true)
-            .map(|_| ())
-    });
+    wait_accepted(&a, &b_id, "A to record B's acceptance again");
     let (status, _) = b.post("/api/pool/accept", &json!({ "invitation_id": "nope" }));
     assert_eq!(status, 400);
 
@@ -457,14 +455,7 @@ fn a_join_by_code_is_a_pake_that_an_observer_can_neither_test_nor_replay() {
     let (status, v) = b.post("/api/pool/join", &json!({ "code": first }));
     assert_eq!(status, 200, "{v}");
     let b_id = node_id(&b);
-    wait_for("A to record B", DEADLINE, || {
-        let (_, s) = a.get("/api/pool/state");
-        s["members"]
-            .as_array()?
-            .iter()
-            .find(|m| m["node_id"] == b_id.as_str() && m["accepted"] == true)
-            .map(|_| ())
-    });
+    wait_accepted(&a, &b_id, "A to record B");
     // Everything that travelled: the join's three messages (and the state).
     let mut messages: Vec<(String, Value)> = Vec::new();
     let kinds = |m: &[(String, Value)]| {

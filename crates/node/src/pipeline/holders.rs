@@ -105,8 +105,10 @@ impl Pipeline {
         for r in self.inner.host.ranges() {
             n_layers.insert(r.model_id, r.n_layers);
         }
+        let mut local_ids = HashSet::new();
         for m in self.local_models() {
-            n_layers.insert(m.manifest.model_id, m.manifest.n_layers);
+            n_layers.insert(m.manifest.model_id.clone(), m.manifest.n_layers);
+            local_ids.insert(m.manifest.model_id);
         }
         for m in peers.iter().flat_map(|p| &p.models) {
             n_layers.entry(m.id.clone()).or_insert(m.n_layers);
@@ -117,10 +119,7 @@ impl Pipeline {
                 let manifest_hash = self.inner.pins.get(&id);
                 let mut manifest_hashes = std::collections::BTreeMap::<String, Vec<String>>::new();
                 if let Some(h) = &manifest_hash
-                    && self
-                        .local_models()
-                        .iter()
-                        .any(|m| m.manifest.model_id == id)
+                    && local_ids.contains(&id)
                 {
                     manifest_hashes
                         .entry(h.clone())

@@ -24,7 +24,7 @@ impl Pipeline {
         let scan = tokio::task::spawn_blocking(move || {
             let scan = library::scan(&cfg.models_dir);
             // The manifests on disk are the user's choice: they pin their ids.
-            if let Err(e) = this.inner.pins.reload() {
+            if let Err(e) = this.inner.pins.load_once() {
                 tracing::warn!(error = %e, "could not read the manifest pins");
             }
             for m in &scan.models {

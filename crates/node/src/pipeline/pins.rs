@@ -22,6 +22,9 @@ const MAX_CACHED: usize = 10_000;
 pub(crate) struct ManifestPins {
     store: Store,
     cache: Mutex<HashMap<String, String>>,
+    /// Set once the table has been read into `cache` (every write after keeps
+    /// the cache current).
+    loaded: std::sync::OnceLock<()>,
 }
 
 impl ManifestPins {
@@ -29,7 +32,17 @@ impl ManifestPins {
         Self {
             store,
             cache: Mutex::new(HashMap::new()),
+            loaded: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Reads every pin into memory the first time it is called (blocking: SQLite).
+    pub(crate) fn load_once(&self) -> Result<(), StoreError> {
+        if self.loaded.get().is_none() {
+            self.reload()?;
+            let _ = self.loaded.set(());
+        }
+        Ok(())
     }
 
     /// The pinned hash of `model_id` (from memory; [`ManifestPins::reload`] fills it).
@@ -90,7 +103,7 @@ impl ManifestPins {
     }
 
     /// Reads every pin into memory (blocking: SQLite).
-    pub(crate) fn reload(&self) -> Result<(), StoreError> {
+    fn reload(&self) -> Result<(), StoreError> {
         let rows = self.store.with_conn(|c| {
             let mut stmt = c.prepare(
                 "SELECT model_id, manifest_hash FROM manifest_pins

@@ -278,8 +278,9 @@ impl Pipeline {
                     .await?;
                 let manifest = Manifest::from_json(&manifest_bytes)?;
                 if manifest.model_id != model_id {
-                    return Err(TransferError::Failed(
-                        "the manifest is for another model".into(),
+                    return Err(bad_manifest(
+                        "model_id",
+                        "the manifest is for another model",
                     ));
                 }
                 let hash = manifest.hash();
@@ -294,21 +295,21 @@ impl Pipeline {
                 let header = self
                     .fetch_whole(&peer, model_id, HEADER_FILE, manifest.header.bytes)
                     .await?;
-                check_header(&manifest, &header).map_err(TransferError::Failed)?;
-                Ok((manifest, manifest_bytes, header))
+                check_header(&manifest, &header).map_err(|e| bad_manifest("header", e))?;
+                Ok((manifest, hash, manifest_bytes, header))
             };
             match fetched.await {
-                Ok((manifest, manifest_bytes, header)) => {
+                Ok((manifest, hash, manifest_bytes, header)) => {
                     // The first manifest accepted for an id stays its manifest.
                     let pins_of = self.clone();
-                    let (id, hash) = (model_id.to_string(), manifest.hash());
+                    let (id, first) = (model_id.to_string(), hash.clone());
                     let pinned = tokio::task::spawn_blocking(move || {
-                        pins_of.inner.pins.pin_first(&id, &hash)
+                        pins_of.inner.pins.pin_first(&id, &first)
                     })
                     .await
                     .map_err(|e| TransferError::Failed(e.to_string()))?
                     .map_err(|e| TransferError::Failed(e.to_string()))?;
-                    if pinned != manifest.hash() {
+                    if pinned != hash {
                         return Err(TransferError::Conflict(format!(
                             "another manifest ({pinned}) was accepted for '{model_id}' meanwhile"
                         )));
@@ -329,8 +330,12 @@ impl Pipeline {
                 }
                 Err(e) => {
                     tracing::warn!(model = model_id, peer = %short(&peer), error = %e,
-                        "a holder's manifest was refused");
-                    if let Some(n) = self.inner.network.get() {
+                        "could not take a holder's manifest");
+                    // A manifest that breaks a rule is never honest; an unreachable
+                    // holder or another manifest version is only not used.
+                    if matches!(e, TransferError::BadManifest(_))
+                        && let Some(n) = self.inner.network.get()
+                    {
                         n.report_bad_frame(&peer);
                     }
                     last = e;
@@ -610,6 +615,13 @@ impl Pipeline {
         file.sync_all().map_err(io)?;
         Ok(())
     }
+}
+
+fn bad_manifest(rule: &'static str, message: impl Into<String>) -> TransferError {
+    TransferError::BadManifest(shard::ManifestError {
+        rule,
+        message: message.into(),
+    })
 }
 
 /// Checks a header fetched from a peer against its (validated) manifest: the

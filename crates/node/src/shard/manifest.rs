@@ -103,7 +103,8 @@ pub struct Manifest {
 #[error("invalid manifest ({rule}): {message}")]
 pub struct ManifestError {
     /// `format`, `model_id`, `architecture`, `file_name`, `hash`, `size`,
-    /// `layers`, `shard_index`, `layer_ranges`, `shard_roles`, `json`.
+    /// `layers`, `shard_index`, `layer_ranges`, `shard_roles`, `json`, and for a
+    /// peer's header that does not fit its manifest, `header`.
     pub rule: &'static str,
     /// What is wrong.
     pub message: String,
