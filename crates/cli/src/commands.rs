@@ -476,14 +476,17 @@ pub(crate) fn models_import(
         manifest.shards.len(),
         models_dir.join(&manifest.model_id).display()
     );
+    let hashes = swarmllm_node::shard::ModelDir::new(&models_dir, &manifest.model_id)
+        .map(|d| swarmllm_node::shard::ShardHashes::load(&d, manifest.shard_count()))
+        .unwrap_or_default();
     for s in &manifest.shards {
         println!(
             "  shard {}: layers {:>2}..{:<2}  {:>6.1} MB  blake3 {}",
             s.index,
             s.layer_start,
             s.layer_end,
-            s.file.bytes as f64 / 1e6,
-            &s.file.blake3[..16]
+            s.bytes as f64 / 1e6,
+            hashes.get(s.index).map_or("-", |h| &h[..16])
         );
     }
     Ok(())
@@ -518,58 +521,7 @@ pub(crate) async fn models_add(
     if !wait || ids.is_empty() {
         return Ok(());
     }
-    let bars = indicatif::MultiProgress::new();
-    let style = ProgressStyle::with_template(
-        "shard {prefix:>3} {bar:30.cyan/blue} {bytes:>9}/{total_bytes:9} {bytes_per_sec:>11} {msg}",
-    )
-    .unwrap_or_else(|_| ProgressStyle::default_bar());
-    let mut shown: std::collections::HashMap<String, ProgressBar> = Default::default();
-    let mut failed = Vec::new();
-    loop {
-        let list = client.get("/api/admin/downloads").await?;
-        let mut running = 0;
-        for d in list["downloads"].as_array().into_iter().flatten() {
-            let Some(did) = d["id"].as_str() else {
-                continue;
-            };
-            if !ids.iter().any(|i| i == did) {
-                continue;
-            }
-            let bar = shown.entry(did.to_string()).or_insert_with(|| {
-                let b = bars.add(ProgressBar::new(d["bytes_total"].as_u64().unwrap_or(0)));
-                b.set_style(style.clone());
-                b.set_prefix(d["shard_index"].to_string());
-                b
-            });
-            bar.set_position(d["bytes_done"].as_u64().unwrap_or(0));
-            match d["status"].as_str() {
-                Some("done") => bar.finish_with_message("verified"),
-                Some("failed") | Some("cancelled") => {
-                    let why = d["error"].as_str().unwrap_or("cancelled").to_string();
-                    bar.abandon_with_message(why.clone());
-                    if !failed.iter().any(|(i, _)| i == did) {
-                        failed.push((did.to_string(), why));
-                    }
-                }
-                _ => running += 1,
-            }
-        }
-        if running == 0 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-    }
-    if !failed.is_empty() {
-        return Err(anyhow!(
-            "{} download(s) failed: {}",
-            failed.len(),
-            failed
-                .iter()
-                .map(|(_, w)| w.as_str())
-                .collect::<Vec<_>>()
-                .join("; ")
-        ));
-    }
+    crate::hub::watch(client, &ids).await?;
     println!("{id}: all requested shards downloaded and verified");
     Ok(())
 }

@@ -9,6 +9,7 @@ mod bench_pipeline;
 mod chat;
 mod client;
 mod commands;
+mod hub;
 
 use std::path::PathBuf;
 
@@ -131,6 +132,49 @@ enum ModelsCommand {
         /// Only these shard indices (comma-separated; default all).
         #[arg(long, value_delimiter = ',')]
         shards: Option<Vec<u32>>,
+        /// Return at once instead of waiting for the downloads.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Search the Hugging Face Hub for GGUF models: variants, sizes and what fits
+    /// this machine.
+    Search {
+        /// Words to search for.
+        query: String,
+        /// Most repositories to show.
+        #[arg(long, default_value_t = 10)]
+        limit: u32,
+    },
+    /// Read a Hub GGUF's header (range requests only) and show the shard layout.
+    Probe {
+        /// Repository (`owner/name`).
+        repo: String,
+        /// File in it.
+        file: String,
+        /// Shard count (default: the node's choice).
+        #[arg(long)]
+        shards: Option<u32>,
+    },
+    /// Download a model from the Hub: every shard, some (`--shards 1,2`) or this
+    /// node's fair share, fetching only their bytes, with progress bars.
+    Pull {
+        /// Repository (`owner/name`).
+        repo: String,
+        /// File in it (default: the variant recommended for this machine).
+        #[arg(long)]
+        file: Option<String>,
+        /// Only these shard indices (comma-separated).
+        #[arg(long, value_delimiter = ',', conflicts_with = "fair_share")]
+        shards: Option<Vec<u32>>,
+        /// This node's fair share of the shards.
+        #[arg(long)]
+        fair_share: bool,
+        /// Shard count of the split (default: the node's choice).
+        #[arg(long)]
+        split: Option<u32>,
+        /// Model id (default: the file name without `.gguf`, lower-cased).
+        #[arg(long)]
+        id: Option<String>,
         /// Return at once instead of waiting for the downloads.
         #[arg(long)]
         no_wait: bool,
@@ -315,6 +359,45 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let client = client::Client::connect(&cli.config_source(Map::new()))?;
             commands::models_add(&client, id, shards.as_deref(), !*no_wait).await
+        }
+        Command::Models {
+            command: ModelsCommand::Search { query, limit },
+        } => {
+            let client = client::Client::connect(&cli.config_source(Map::new()))?;
+            hub::search(&client, query, *limit).await
+        }
+        Command::Models {
+            command: ModelsCommand::Probe { repo, file, shards },
+        } => {
+            let client = client::Client::connect(&cli.config_source(Map::new()))?;
+            hub::probe(&client, repo, file, *shards).await
+        }
+        Command::Models {
+            command:
+                ModelsCommand::Pull {
+                    repo,
+                    file,
+                    shards,
+                    fair_share,
+                    split,
+                    id,
+                    no_wait,
+                },
+        } => {
+            let client = client::Client::connect(&cli.config_source(Map::new()))?;
+            hub::pull(
+                &client,
+                hub::Pull {
+                    repo,
+                    file: file.as_deref(),
+                    shards: shards.as_deref(),
+                    fair_share: *fair_share,
+                    split: *split,
+                    id: id.as_deref(),
+                    wait: !*no_wait,
+                },
+            )
+            .await
         }
         Command::Models {
             command: ModelsCommand::Rm { id, shard },

@@ -106,6 +106,9 @@ pub struct Config {
     pub pool_max_devices: u32,
     /// Disk space models may take (MiB); 0 means no limit. Default 0.
     pub disk_budget_mb: u64,
+    /// The Hugging Face Hub (or a mirror) models are searched and fetched from.
+    /// Empty (the default): `HF_ENDPOINT`, else `https://huggingface.co`.
+    pub hf_endpoint: String,
     /// Credits earned per layer × token this node runs for another node (and
     /// paid per layer × token another node runs for it). Default 0.0001.
     pub credit_rate_layer_token: f64,
@@ -155,6 +158,7 @@ impl Default for Config {
             encrypted_pipeline: false,
             pool_max_devices: 10,
             disk_budget_mb: 0,
+            hf_endpoint: String::new(),
             credit_rate_layer_token: 0.0001,
             credit_rate_token: 0.01,
         }
@@ -280,6 +284,13 @@ impl Config {
             return Err(ConfigError::new(
                 "secret_store",
                 "must be \"auto\", \"keychain\" or \"file\"",
+            ));
+        }
+        let url_ok = |u: &str| u.starts_with("https://") || u.starts_with("http://");
+        if !(self.hf_endpoint.is_empty() || url_ok(&self.hf_endpoint)) {
+            return Err(ConfigError::new(
+                "hf_endpoint",
+                "must be empty or an http(s) URL",
             ));
         }
         if !matches!(self.activation_dtype.as_str(), "f16" | "f32" | "q8") {

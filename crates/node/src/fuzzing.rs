@@ -131,7 +131,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     // A manifest as `models import` writes it.
     let entry = |file: &str| json!({ "file": file, "bytes": 10, "blake3": "ab".repeat(32) });
     let shard = |i: u32, a: u32, b: u32| {
-        let mut s = entry(&crate::shard::shard_file_name(i));
+        let mut s = json!({ "file": crate::shard::shard_file_name(i), "bytes": 10 });
         s["index"] = json!(i);
         s["layer_start"] = json!(a);
         s["layer_end"] = json!(b);
@@ -144,7 +144,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         "manifest",
         serde_json::to_vec(&json!({
             "format": crate::shard::FORMAT, "model_id": "m", "architecture": "llama",
-            "n_layers": 4, "tied_embeddings": true, "source": entry("m.gguf"),
+            "n_layers": 4, "tied_embeddings": true, "source": json!({ "file": "m.gguf", "bytes": 99, "sha256": "cd".repeat(32) }),
             "header": entry("gguf_header.bin"), "shards": [shard(0, 0, 2), shard(1, 2, 4)],
         }))
         .unwrap_or_default(),

@@ -7,7 +7,7 @@
 //!
 //! Modules by domain: [`config`], [`store`], [`secrets`], [`identity`], [`infer`]
 //! (local llama.cpp), [`net`] (libp2p), [`shard`] (layer shards on disk),
-//! [`pipeline`] (split inference across peers), [`pool`] (device pools),
+//! [`pipeline`] (split inference across peers), [`hub`] (the Hugging Face Hub), [`pool`] (device pools),
 //! [`credits`] (the signed credit ledger), [`api`],
 //! [`metrics`], [`hardware`].
 #![deny(missing_docs)]
@@ -18,6 +18,7 @@ pub mod credits;
 mod fsutil;
 pub mod fuzzing;
 pub mod hardware;
+pub mod hub;
 pub mod identity;
 pub mod infer;
 pub mod logging;

@@ -124,7 +124,22 @@ struct Inner {
     shutdown: CancellationToken,
     /// Every background task of the node.
     tasks: crate::tasks::Tasks,
+    /// The Hugging Face token (from the secret store, else `HF_TOKEN`).
+    hf_token: RwLock<Option<Zeroizing<String>>>,
+    /// The Hub client for the endpoint and token in force (its caches live as
+    /// long as those do).
+    hub: std::sync::Mutex<Option<HubSlot>>,
 }
+
+/// A Hub client and what it was made for.
+struct HubSlot {
+    endpoint: String,
+    token: Option<Zeroizing<String>>,
+    hub: crate::hub::Hub,
+}
+
+/// The secret holding the Hugging Face token.
+const HF_TOKEN_SECRET: &str = "hf_token";
 
 impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -153,12 +168,21 @@ impl Node {
         // Database, keychain and model loading all block: keep them off the runtime.
         let blocking_config = config.clone();
         let blocking_dir = data_dir.clone();
-        let (store, secrets, identity, api_key) = blocking(move || {
+        let (store, secrets, identity, (api_key, hf_token)) = blocking(move || {
             let store = Store::open(&blocking_dir.join("node.db"))?;
             let secrets = SecretStore::open(&blocking_dir, &blocking_config.secret_store)?;
             let identity = Identity::load_or_create(&secrets)?;
             let api_key = identity::load_or_create_api_key(&secrets)?;
-            Ok::<_, StartError>((store, secrets, identity, api_key))
+            let hf_token = secrets
+                .get(HF_TOKEN_SECRET)?
+                .filter(|t| !t.is_empty())
+                .or_else(|| {
+                    std::env::var("HF_TOKEN")
+                        .ok()
+                        .filter(|t| !t.is_empty())
+                        .map(Zeroizing::new)
+                });
+            Ok::<_, StartError>((store, secrets, identity, (api_key, hf_token)))
         })
         .await??;
         tracing::info!(
@@ -246,6 +270,8 @@ impl Node {
                 started_at: chrono::Utc::now(),
                 shutdown: shutdown.clone(),
                 tasks: crate::tasks::Tasks::new(shutdown),
+                hf_token: RwLock::new(hf_token),
+                hub: std::sync::Mutex::new(None),
             }),
         };
         let weak = Arc::downgrade(&node.inner);
@@ -355,8 +381,69 @@ impl Node {
                     "sharded models scanned"
                 );
             }
+            // Hub downloads a crash or restart interrupted carry on.
+            let this = node.clone();
+            node.inner.tasks.spawn(async move {
+                match this.hub() {
+                    Ok(hub) => this.inner.pipeline.resume_hub_downloads(&hub).await,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "no Hub client; Hub downloads not resumed")
+                    }
+                }
+            });
         }
         Ok(node)
+    }
+
+    /// The Hub client for the configured endpoint and the token in force.
+    pub fn hub(&self) -> Result<crate::hub::Hub, crate::hub::HubError> {
+        let endpoint = crate::hub::HubSettings::endpoint_from(&self.config().hf_endpoint);
+        let token = self
+            .inner
+            .hf_token
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut slot = self.inner.hub.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = slot.as_ref()
+            && s.endpoint == endpoint
+            && s.token == token
+        {
+            return Ok(s.hub.clone());
+        }
+        let hub = crate::hub::Hub::new(crate::hub::HubSettings {
+            endpoint: endpoint.clone(),
+            token: token.as_ref().map(|t| t.to_string()),
+        })?;
+        *slot = Some(HubSlot {
+            endpoint,
+            token,
+            hub: hub.clone(),
+        });
+        Ok(hub)
+    }
+
+    /// Stores (or, with `None`, clears) the Hugging Face token with the other
+    /// secrets. Blocking: the keychain may be slow.
+    pub fn set_hf_token(&self, token: Option<&str>) -> Result<(), SecretError> {
+        self.inner
+            .secrets
+            .set(HF_TOKEN_SECRET, token.unwrap_or(""))?;
+        *self
+            .inner
+            .hf_token
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = token.map(|t| Zeroizing::new(t.to_string()));
+        Ok(())
+    }
+
+    /// Whether a Hugging Face token is set.
+    pub fn has_hf_token(&self) -> bool {
+        self.inner
+            .hf_token
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
     }
 
     /// This node's credits (ledger, receipts, transfers).

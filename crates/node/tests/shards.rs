@@ -89,7 +89,7 @@ fn split_three_ways_verify_and_reassemble_exactly() {
         src.data_offset
     );
     for s in &manifest.shards {
-        let g = Gguf::read(&dir.join(&s.file.file)).expect("shard parses");
+        let g = Gguf::read(&dir.join(&s.file)).expect("shard parses");
         let layers: std::collections::BTreeSet<u32> =
             g.tensors.iter().filter_map(|t| t.layer()).collect();
         assert_eq!(layers, (s.layer_start..s.layer_end).collect());
@@ -122,7 +122,7 @@ fn split_three_ways_verify_and_reassemble_exactly() {
     assert_eq!(greedy(&whole, prompt), greedy(&source, prompt));
 
     // A corrupted shard is caught by its hash.
-    let victim = dir.join(&manifest.shards[1].file.file);
+    let victim = dir.join(&manifest.shards[1].file);
     let mut bytes = std::fs::read(&victim).expect("read");
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x40;

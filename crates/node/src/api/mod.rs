@@ -9,6 +9,7 @@ mod credits;
 mod error;
 mod extract;
 mod generate;
+mod hub;
 mod models;
 mod net;
 mod openai;
@@ -93,6 +94,7 @@ fn all_routes() -> Routes {
         .merge(net::routes())
         .merge(ws::routes())
         .merge(models::routes())
+        .merge(hub::routes())
         .merge(pool::routes())
         .merge(credits::routes())
 }

@@ -70,8 +70,8 @@ fn model_json(
                     "index": s.index,
                     "layer_start": s.layer_start,
                     "layer_end": s.layer_end,
-                    "bytes": s.file.bytes,
-                    "blake3": s.file.blake3,
+                    "bytes": s.bytes,
+                    "blake3": m.hashes.get(s.index),
                     "held": m.held.contains(&s.index),
                     "corrupt": m.corrupt.contains(&s.index),
                     "loaded": loaded.iter().any(|r| r.first_shard <= s.index && r.last_shard >= s.index),
@@ -165,13 +165,13 @@ pub(crate) async fn status(
     );
     v["servable"] = json!(pipeline.can_serve(&id).await);
     if let Some(m) = l {
-        let total: u64 = m.manifest.shards.iter().map(|s| s.file.bytes).sum();
+        let total: u64 = m.manifest.shards.iter().map(|s| s.bytes).sum();
         let held: u64 = m
             .manifest
             .shards
             .iter()
             .filter(|s| m.held.contains(&s.index))
-            .map(|s| s.file.bytes)
+            .map(|s| s.bytes)
             .sum();
         v["progress_pct"] = json!(round1(held as f64 * 100.0 / total.max(1) as f64));
     }
@@ -247,7 +247,7 @@ fn check_index(model: &LocalModel, index: u32) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn transfer_error(e: TransferError) -> ApiError {
+pub(super) fn transfer_error(e: TransferError) -> ApiError {
     match e {
         TransferError::Invalid(m) => ApiError::invalid_field("shard", m),
         TransferError::NoHolder(m) => ApiError::new(StatusCode::BAD_REQUEST, "NO_SOURCE", m),
@@ -319,15 +319,35 @@ pub(crate) async fn add(
     })))
 }
 
-/// `POST /api/admin/models/{id}/shards/{index}/download`
+/// `POST /api/admin/models/{id}/shards/{index}/download[?fallback=start]`: from
+/// the best peer; with no peer, the model's Hub source (`use_hf`, or with
+/// `fallback=start` the Hub download itself).
 pub(crate) async fn download(
     State(state): State<AppState>,
     Path((id, index)): Path<(String, u32)>,
+    axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
     check_id(&id)?;
-    let d = state
-        .node
-        .pipeline()
+    let pipeline = state.node.pipeline();
+    let here = pipeline
+        .local_models()
+        .into_iter()
+        .any(|m| m.manifest.model_id == id && m.held.contains(&index));
+    // Peers first; with none and a known Hub source, the Hub.
+    if !here
+        && !pipeline.has_holder(&id, index).await
+        && let Some(source) = pipeline.hub_source(&id)
+    {
+        return from_hub(
+            &state,
+            &id,
+            index,
+            source,
+            q.get("fallback").map(String::as_str),
+        )
+        .await;
+    }
+    let d = pipeline
         .download_shard(&id, index)
         .await
         .map_err(transfer_error)?;
@@ -344,6 +364,59 @@ pub(crate) async fn download(
         "model_id": id,
         "shard_index": index,
         "bytes_total": d.bytes_total,
+    })))
+}
+
+/// The Hub fallback of a shard download: `use_hf`, or with `fallback=start` the
+/// download itself.
+async fn from_hub(
+    state: &AppState,
+    id: &str,
+    index: u32,
+    source: crate::pipeline::hub_fetch::HubSource,
+    fallback: Option<&str>,
+) -> Result<Json<Value>, ApiError> {
+    if fallback != Some("start") {
+        return Ok(Json(json!({
+            "status": "use_hf",
+            "source": "huggingface",
+            "model_id": id,
+            "shard_index": index,
+            "repo_id": source.repo_id,
+            "filename": source.filename,
+            "reason": "no connected peer holds this shard",
+        })));
+    }
+    let manifest =
+        crate::shard::read_manifest(&state.node.config().data_dir_path().join("models").join(id))
+            .ok();
+    let hub = state.node.hub().map_err(super::hub::hub_error)?;
+    let started = state
+        .node
+        .pipeline()
+        .download_from_hub(
+            &hub,
+            crate::pipeline::hub_fetch::HubFetch {
+                repo_id: source.repo_id.clone(),
+                filename: source.filename.clone(),
+                revision: source.commit.clone(),
+                shards: manifest.map(|m| m.shard_count()),
+                shard_indices: Some(vec![index]),
+                fair_share: false,
+                model_id: Some(id.to_string()),
+            },
+        )
+        .await
+        .map_err(super::hub::hub_fetch_error)?;
+    Ok(Json(json!({
+        "status": if started.shard_indices.is_empty() { "already_local" } else { "downloading" },
+        "source": "huggingface",
+        "model_id": id,
+        "shard_index": index,
+        "repo_id": source.repo_id,
+        "filename": source.filename,
+        "bytes_to_fetch": started.bytes_to_fetch,
+        "download_ids": started.download_ids,
     })))
 }
 
@@ -596,7 +669,7 @@ pub(crate) async fn storage(State(state): State<AppState>) -> Result<Json<Value>
             .shards
             .iter()
             .filter(|s| m.held.contains(&s.index))
-            .map(|s| s.file.bytes)
+            .map(|s| s.bytes)
             .sum::<u64>()
             + m.manifest.header.bytes;
         total_disk += disk;

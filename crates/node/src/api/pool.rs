@@ -225,7 +225,7 @@ async fn coverage(state: &AppState) -> Value {
             .shards
             .iter()
             .filter(|s| m.held.contains(&s.index))
-            .map(|s| s.file.bytes)
+            .map(|s| s.bytes)
             .sum::<u64>();
         let holders = pipeline.holders(&m.manifest.model_id).await;
         let in_pool = |a: u32, b: u32| {
@@ -240,7 +240,7 @@ async fn coverage(state: &AppState) -> Value {
         for s in &m.manifest.shards {
             if !(m.held.contains(&s.index) || in_pool(s.layer_start, s.layer_end)) {
                 missing.push(s.index);
-                missing_bytes += s.file.bytes;
+                missing_bytes += s.bytes;
             }
         }
         let total = m.manifest.shards.len();

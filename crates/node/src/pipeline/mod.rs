@@ -30,6 +30,7 @@ pub mod activation;
 mod generate;
 mod holders;
 pub mod host;
+pub mod hub_fetch;
 pub mod latency;
 mod links;
 mod local;

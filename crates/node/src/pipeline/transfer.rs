@@ -3,16 +3,19 @@
 //! Serving: a peer asks for a byte range of `manifest.json`, `gguf_header.bin` or a
 //! shard file this node holds intact ([`Request::Fetch`], at most 4 MiB a time).
 //!
-//! Downloading: a model's manifest and header come first (from any holder; they
-//! name every shard's size and BLAKE3), then each wanted shard from the best holder
-//! (same LAN first, then round trip, then trust). Bytes go to `<shard>.part`, so an
-//! interrupted download resumes where it stopped; the finished file must match the
-//! manifest's BLAKE3 or it is thrown away and fetched from the next holder. A
-//! verified shard is renamed into place and loaded, and the node re-announces.
+//! Downloading: a model's manifest and header come first (from any holder; with
+//! them a node knows every shard's size and exact header), then each wanted shard
+//! from the best holder (same LAN first, then round trip, then trust). Bytes go to
+//! `<shard>.part`, so an interrupted download resumes where it stopped; the
+//! finished file must fit the plan the header implies and match the BLAKE3 this
+//! node recorded for the shard before, or else the one its holder attests in its
+//! `shard_hashes.json`; otherwise it is thrown away and fetched from the next
+//! holder. A verified shard is renamed into place and loaded, and the node
+//! re-announces.
 
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -22,8 +25,9 @@ use tokio_util::sync::CancellationToken;
 use super::{Pipeline, is_model_id, short};
 use crate::net::frame::{FetchRequest, MAX_CHUNK, Request, Response};
 use crate::shard::gguf::Gguf;
-use crate::shard::manifest::{HEADER_FILE, MANIFEST_FILE, MAX_MANIFEST_BYTES};
-use crate::shard::{self, Manifest, ModelDir, ShardEntry};
+use crate::shard::hashes::MAX_HASHES_BYTES;
+use crate::shard::manifest::{HASHES_FILE, HEADER_FILE, MANIFEST_FILE, MAX_MANIFEST_BYTES};
+use crate::shard::{self, Manifest, ModelDir, ShardEntry, ShardHashes};
 
 /// How long a download waits for a holder to appear before failing.
 const HOLDER_WAIT: Duration = Duration::from_secs(60);
@@ -82,7 +86,34 @@ pub(super) struct Downloads {
 }
 
 impl Downloads {
-    fn update(&self, id: &str, f: impl FnOnce(&mut DownloadStatus)) {
+    /// Adds a download unless one of the same shard is running; drops the oldest
+    /// finished records beyond the cap.
+    pub(super) fn register(&self, status: DownloadStatus, cancel: CancellationToken) -> bool {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if entries.values().any(|(s, _)| {
+            s.active() && s.model_id == status.model_id && s.shard_index == status.shard_index
+        }) {
+            return false;
+        }
+        if entries.len() >= MAX_DOWNLOAD_RECORDS {
+            let mut finished: Vec<String> = entries
+                .values()
+                .filter(|(s, _)| !s.active())
+                .map(|(s, _)| s.id.clone())
+                .collect();
+            finished.sort();
+            for id in finished
+                .iter()
+                .take(entries.len() + 1 - MAX_DOWNLOAD_RECORDS)
+            {
+                entries.remove(id);
+            }
+        }
+        entries.insert(status.id.clone(), (status, cancel));
+        true
+    }
+
+    pub(super) fn update(&self, id: &str, f: impl FnOnce(&mut DownloadStatus)) {
         if let Some((s, _)) = self
             .entries
             .lock()
@@ -166,13 +197,22 @@ impl Pipeline {
         else {
             return not_found(format!("model {} is not held here", f.model_id));
         };
+        if f.file == HASHES_FILE {
+            // The record of the shards held now, not whatever the file says.
+            let bytes = serde_json::to_vec(&local.hashes).unwrap_or_default();
+            let start = (f.offset.min(bytes.len() as u64)) as usize;
+            let end = start
+                .saturating_add(f.len.min(MAX_CHUNK) as usize)
+                .min(bytes.len());
+            return Response::Chunk(bytes.get(start..end).unwrap_or_default().to_vec());
+        }
         let servable = f.file == MANIFEST_FILE
             || f.file == HEADER_FILE
             || local
                 .manifest
                 .shards
                 .iter()
-                .any(|s| s.file.file == f.file && local.held.contains(&s.index));
+                .any(|s| s.file == f.file && local.held.contains(&s.index));
         let path = match local.dir.file(&f.file) {
             Ok(path) if servable => path,
             _ => return not_found(format!("{} of {} is not held here", f.file, f.model_id)),
@@ -232,6 +272,44 @@ impl Pipeline {
                 Err(e) => return Err(TransferError::Failed(e.to_string())),
             }
         }
+    }
+
+    /// Whether a connected peer announces the layers of shard `index` of
+    /// `model_id` (with the manifest this node accepted).
+    pub async fn has_holder(&self, model_id: &str, index: u32) -> bool {
+        let dir = ModelDir::new(&self.inner.config.models_dir, model_id);
+        let range = dir
+            .ok()
+            .and_then(|d| shard::read_manifest(d.path()).ok())
+            .and_then(|m| m.shard(index).map(|s| (s.layer_start, s.layer_end)));
+        match range {
+            Some((a, b)) => !self.holders_ranked(model_id, a, b).await.is_empty(),
+            // No manifest here yet: any holder of the model can give it.
+            None => !self.holders_ranked(model_id, 0, 0).await.is_empty(),
+        }
+    }
+
+    /// The BLAKE3 that holders of shard `index` in the swarm attest (the first of
+    /// up to three that answer), if any.
+    pub(super) async fn attested_hash(&self, manifest: &Manifest, index: u32) -> Option<String> {
+        let s = manifest.shard(index)?;
+        let holders = self
+            .holders_ranked(&manifest.model_id, s.layer_start, s.layer_end)
+            .await;
+        for peer in holders.into_iter().take(3) {
+            let Ok(bytes) = self
+                .fetch_whole(&peer, &manifest.model_id, HASHES_FILE, MAX_HASHES_BYTES)
+                .await
+            else {
+                continue;
+            };
+            if let Some(h) = ShardHashes::from_json(&bytes, manifest.shard_count())
+                .and_then(|h| h.get(index).map(str::to_string))
+            {
+                return Some(h);
+            }
+        }
+        None
     }
 
     /// Nodes that announce a range covering layers `a..b` of `model_id`, best first:
@@ -369,11 +447,12 @@ impl Pipeline {
             })?;
         // Checked on disk, not in the last scan: a repair may be asked for while a
         // scan is still running.
-        let (path, expected) = (
-            ModelDir::new(&self.inner.config.models_dir, model_id)?.shard(&entry),
-            entry.file.clone(),
-        );
-        let held = matches_on_disk(path, expected).await;
+        let held = intact_on_disk(
+            ModelDir::new(&self.inner.config.models_dir, model_id)?,
+            manifest.clone(),
+            index,
+        )
+        .await;
         let mut status = DownloadStatus {
             id: format!(
                 "{}-{model_id}-{index}",
@@ -381,11 +460,11 @@ impl Pipeline {
             ),
             model_id: model_id.to_string(),
             shard_index: index,
-            file: entry.file.file.clone(),
+            file: entry.file.clone(),
             status: "queued",
             source: "p2p",
             peer: None,
-            bytes_total: entry.file.bytes,
+            bytes_total: entry.bytes,
             bytes_done: 0,
             resumed_from: 0,
             speed_bps: 0.0,
@@ -394,7 +473,7 @@ impl Pipeline {
         };
         if held {
             status.status = "done";
-            status.bytes_done = entry.file.bytes;
+            status.bytes_done = entry.bytes;
             return Ok(status);
         }
         {
@@ -444,7 +523,9 @@ impl Pipeline {
         let id = status.id.clone();
         let model = model_id.to_string();
         self.spawn(async move {
-            let outcome = this.run_download(&id, &model, &entry, &cancel).await;
+            let outcome = this
+                .run_download(&id, &model, &manifest, &entry, &cancel)
+                .await;
             this.inner.downloads.update(&id, |s| match &outcome {
                 Ok(()) => s.status = "done",
                 Err(_) if cancel.is_cancelled() => s.status = "cancelled",
@@ -472,6 +553,7 @@ impl Pipeline {
         &self,
         id: &str,
         model_id: &str,
+        manifest: &Manifest,
         entry: &ShardEntry,
         cancel: &CancellationToken,
     ) -> Result<(), TransferError> {
@@ -511,6 +593,30 @@ impl Pipeline {
                 continue;
             };
             tried.push(peer.clone());
+            // The hash to check against: this node's own record of the shard, or
+            // else the one the holder attests (which must agree with ours).
+            let ours = ShardHashes::load(&dir, manifest.shard_count())
+                .get(entry.index)
+                .map(str::to_string);
+            let theirs = self
+                .fetch_whole(&peer, model_id, HASHES_FILE, MAX_HASHES_BYTES)
+                .await
+                .ok()
+                .and_then(|b| ShardHashes::from_json(&b, manifest.shard_count()))
+                .and_then(|h| h.get(entry.index).map(str::to_string));
+            let expected = match (ours, theirs) {
+                (Some(ours), Some(theirs)) if ours != theirs => {
+                    tracing::warn!(peer = %short(&peer), shard = entry.index,
+                        "the holder attests another BLAKE3 for this shard than this node recorded");
+                    continue;
+                }
+                (Some(hash), _) | (None, Some(hash)) => hash,
+                (None, None) => {
+                    tracing::warn!(peer = %short(&peer), shard = entry.index,
+                        "the holder attests no BLAKE3 for this shard");
+                    continue;
+                }
+            };
             self.inner.downloads.update(id, |s| {
                 s.status = "downloading";
                 s.peer = Some(peer.clone());
@@ -525,11 +631,25 @@ impl Pipeline {
                     continue;
                 }
             }
-            // Verify the whole file against the manifest before it becomes a shard.
-            let ok = matches_on_disk(part.clone(), entry.file.clone()).await;
+            // Verify the whole file before it becomes a shard: its size and header
+            // against the plan, its bytes against the expected BLAKE3.
+            let (plan_dir, plan_manifest, plan_part, index) =
+                (dir.clone(), manifest.clone(), part.clone(), entry.index);
+            let checked = tokio::task::spawn_blocking(move || {
+                let (_, plan) =
+                    shard::read_plan(&plan_dir, &plan_manifest).map_err(|e| e.to_string())?;
+                let p = plan.shard(index).ok_or("no such shard")?;
+                shard::check_shard_file(&plan_part, p)
+            })
+            .await
+            .map_err(|e| TransferError::Failed(e.to_string()))?;
+            let ok = checked.as_deref() == Ok(expected.as_str());
             if !ok {
-                tracing::warn!(peer = %short(&peer), file = %entry.file.file,
+                tracing::warn!(peer = %short(&peer), file = %entry.file, problem = ?checked.err(),
                     "downloaded shard does not match its BLAKE3; discarding it");
+                if let Some(n) = self.inner.network.get() {
+                    n.report_bad_frame(&peer);
+                }
                 let _ = std::fs::remove_file(&part);
                 self.inner.downloads.update(id, |s| {
                     s.rejected += 1;
@@ -537,6 +657,8 @@ impl Pipeline {
                 });
                 continue;
             }
+            ShardHashes::record(&dir, manifest.shard_count(), entry.index, Some(&expected))
+                .map_err(|e| TransferError::Failed(e.to_string()))?;
             std::fs::rename(&part, &final_path)
                 .map_err(|e| TransferError::Failed(e.to_string()))?;
             tracing::info!(model = model_id, shard = entry.index, peer = %short(&peer),
@@ -565,7 +687,7 @@ impl Pipeline {
             .open(part)
             .map_err(io)?;
         let mut offset = file.metadata().map_err(io)?.len();
-        if offset > entry.file.bytes {
+        if offset > entry.bytes {
             file.set_len(0).map_err(io)?;
             offset = 0;
         }
@@ -574,16 +696,16 @@ impl Pipeline {
             s.resumed_from = s.resumed_from.max(resumed);
             s.bytes_done = offset;
         });
-        while offset < entry.file.bytes {
+        while offset < entry.bytes {
             if cancel.is_cancelled() {
                 return Err(TransferError::Failed("cancelled".into()));
             }
-            let len = (entry.file.bytes - offset).min(MAX_CHUNK as u64) as u32;
+            let len = (entry.bytes - offset).min(MAX_CHUNK as u64) as u32;
             let mut attempt = 0;
             let bytes = loop {
                 let request = Request::Fetch(FetchRequest {
                     model_id: model_id.into(),
-                    file: entry.file.file.clone(),
+                    file: entry.file.clone(),
                     offset,
                     len,
                 });
@@ -664,10 +786,9 @@ pub(crate) fn is_lan(addr: &str) -> bool {
     }
 }
 
-/// Whether the file at `path` has `expected`'s size and BLAKE3, hashed off the
-/// async runtime.
-async fn matches_on_disk(path: PathBuf, expected: shard::FileEntry) -> bool {
-    tokio::task::spawn_blocking(move || expected.matches_file(&path))
+/// Whether shard `index` is on disk and intact (checked off the async runtime).
+async fn intact_on_disk(dir: ModelDir, manifest: Manifest, index: u32) -> bool {
+    tokio::task::spawn_blocking(move || shard::verify_shard(&dir, &manifest, index).is_ok())
         .await
         .unwrap_or(false)
 }

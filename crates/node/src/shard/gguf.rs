@@ -288,6 +288,14 @@ impl Gguf {
         Self::parse(bytes, bytes.len() as u64, false)
     }
 
+    /// Parses the header of a GGUF file of `file_len` bytes from its first bytes
+    /// (as read with HTTP range requests): tensor spans come from `file_len`. Too
+    /// few bytes for the whole header is an [`GgufError::Io`] of kind
+    /// `UnexpectedEof`, so a caller can fetch more and try again.
+    pub fn header_of_file(bytes: &[u8], file_len: u64) -> Result<Gguf, GgufError> {
+        Self::parse(bytes, file_len, true)
+    }
+
     /// Parses a whole GGUF held in memory (tensor spans from its length).
     pub fn from_bytes(bytes: &[u8]) -> Result<Gguf, GgufError> {
         Self::parse(bytes, bytes.len() as u64, true)
@@ -510,15 +518,16 @@ impl<'a> TensorSource<'a> {
     }
 }
 
-/// Writes a GGUF with `kv` and the given tensors, copying their bytes.
-pub fn write(
-    path: &Path,
+/// The bytes of a GGUF file before its tensor data (magic, metadata, tensor
+/// infos, padding) for `kv` and `tensors`, and the file's total length: both
+/// follow from the tensors' shapes and spans alone, so a shard's size and header
+/// are known before any of its tensor bytes are.
+pub fn encode_header<'t>(
     kv: &[(String, Value)],
     alignment: u64,
-    tensors: &[TensorSource<'_>],
-) -> Result<(), GgufError> {
-    let mut w = BufWriter::new(File::create(path)?);
-    // Header and metadata go through a buffer so their length is known.
+    tensors: impl IntoIterator<Item = (&'t str, &'t TensorInfo)>,
+) -> Result<(Vec<u8>, u64), GgufError> {
+    let tensors: Vec<(&str, &TensorInfo)> = tensors.into_iter().collect();
     let mut head = Vec::new();
     head.extend_from_slice(MAGIC);
     head.extend_from_slice(&3u32.to_le_bytes());
@@ -533,27 +542,43 @@ pub fn write(
         return Err(bad(format!("alignment {alignment}")));
     }
     let mut offset = 0u64;
-    for t in tensors {
-        write_string(&mut head, &t.name)?;
-        head.extend_from_slice(&(t.info.dims.len() as u32).to_le_bytes());
-        for d in &t.info.dims {
+    for (name, info) in tensors {
+        write_string(&mut head, name)?;
+        head.extend_from_slice(&(info.dims.len() as u32).to_le_bytes());
+        for d in &info.dims {
             head.extend_from_slice(&d.to_le_bytes());
         }
-        head.extend_from_slice(&t.info.ggml_type.to_le_bytes());
+        head.extend_from_slice(&info.ggml_type.to_le_bytes());
         head.extend_from_slice(&offset.to_le_bytes());
         offset = aligned(
             offset
-                .checked_add(t.info.span)
+                .checked_add(info.span)
                 .ok_or_else(|| bad("offset overflows"))?,
             alignment,
         )?;
     }
     let head_len = head.len() as u64;
+    head.resize(aligned(head_len, alignment)? as usize, 0);
+    let total = (head.len() as u64)
+        .checked_add(offset)
+        .ok_or_else(|| bad("offset overflows"))?;
+    Ok((head, total))
+}
+
+/// Writes a GGUF with `kv` and the given tensors, copying their bytes.
+pub fn write(
+    path: &Path,
+    kv: &[(String, Value)],
+    alignment: u64,
+    tensors: &[TensorSource<'_>],
+) -> Result<(), GgufError> {
+    let mut w = BufWriter::new(File::create(path)?);
+    let (head, _) = encode_header(
+        kv,
+        alignment,
+        tensors.iter().map(|t| (t.name.as_str(), t.info.as_ref())),
+    )?;
     w.write_all(&head)?;
-    w.write_all(&vec![
-        0u8;
-        (aligned(head_len, alignment)? - head_len) as usize
-    ])?;
     let mut written = 0u64;
     let mut buf = vec![0u8; 1 << 20];
     for t in tensors {

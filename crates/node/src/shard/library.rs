@@ -5,7 +5,10 @@
 use std::path::{Path, PathBuf};
 
 use super::gguf::Gguf;
-use super::{Manifest, ModelDir, ShardError, assemble, read_manifest};
+use super::{
+    Manifest, ModelDir, ShardError, ShardHashes, assemble, check_shard_file, read_manifest,
+    read_plan,
+};
 
 /// A model directory and what it holds.
 #[derive(Debug, Clone)]
@@ -20,6 +23,8 @@ pub struct LocalModel {
     pub held: Vec<u32>,
     /// Shards present but damaged (wrong size or hash).
     pub corrupt: Vec<u32>,
+    /// The BLAKE3 recorded for each held shard's file.
+    pub hashes: ShardHashes,
 }
 
 impl LocalModel {
@@ -95,24 +100,55 @@ pub fn scan(models_dir: &Path) -> Scan {
     out
 }
 
-/// Reads one model directory, hashing each present shard.
+/// Reads one model directory, checking each present shard against the plan its
+/// header implies and the hash recorded for it. A shard file with no record (put
+/// there by hand, then rescanned) whose structure fits is recorded as it is.
 pub fn inspect(dir: &Path) -> Result<LocalModel, ShardError> {
     let manifest = read_manifest(dir)?;
     let dir = ModelDir::existing(dir.to_path_buf());
     let mut held = Vec::new();
     let mut corrupt = Vec::new();
-    for s in &manifest.shards {
-        let path = dir.shard(s);
-        if !path.is_file() {
-            continue;
-        }
-        if s.file.matches_file(&path) {
-            held.push(s.index);
-        } else {
-            corrupt.push(s.index);
+    let present: Vec<&super::ShardEntry> = manifest
+        .shards
+        .iter()
+        .filter(|s| dir.shard(s).is_file())
+        .collect();
+    if !present.is_empty() {
+        // A header that does not fit the manifest makes every shard unusable.
+        let plan = read_plan(&dir, &manifest).map(|(_, p)| p);
+        let recorded = ShardHashes::load(&dir, manifest.shard_count());
+        for s in present {
+            let path = dir.shard(s);
+            let checked = match (&plan, plan.as_ref().ok().and_then(|p| p.shard(s.index))) {
+                (Ok(_), Some(p)) => check_shard_file(&path, p),
+                (Err(e), _) => Err(e.to_string()),
+                (Ok(_), None) => Err("no such shard in the plan".into()),
+            };
+            match (checked, recorded.get(s.index)) {
+                (Ok(hash), Some(r)) if r == hash => held.push(s.index),
+                (Ok(hash), None) => {
+                    if let Err(e) =
+                        ShardHashes::record(&dir, manifest.shard_count(), s.index, Some(&hash))
+                    {
+                        tracing::warn!(file = %path.display(), error = %e, "could not record a shard's hash");
+                    }
+                    held.push(s.index);
+                }
+                (Ok(_), Some(_)) => {
+                    tracing::warn!(file = %path.display(), "shard file does not match its BLAKE3");
+                    corrupt.push(s.index);
+                }
+                (Err(e), _) => {
+                    tracing::warn!(file = %path.display(), error = %e, "shard file does not fit its manifest");
+                    corrupt.push(s.index);
+                }
+            }
         }
     }
+    let mut hashes = ShardHashes::load(&dir, manifest.shard_count());
+    hashes.shards.retain(|i, _| held.contains(i));
     Ok(LocalModel {
+        hashes,
         dir,
         manifest_hash: manifest.hash(),
         manifest,

@@ -13,11 +13,18 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 /// Manifest format tag.
-pub const FORMAT: &str = "swarmllm-shards/1";
+///
+/// Version 2: the manifest follows from the source's header and the shard count
+/// alone (no hash of a shard's tensor bytes), so a node that fetched only some
+/// shards' byte ranges writes the same manifest as one that split the whole file;
+/// the source is named by its SHA-256, the id the Hugging Face Hub gives it.
+pub const FORMAT: &str = "swarmllm-shards/2";
 /// The manifest's file name.
 pub const MANIFEST_FILE: &str = "manifest.json";
 /// The header file's name.
 pub const HEADER_FILE: &str = "gguf_header.bin";
+/// The file recording the BLAKE3 of each shard file this node holds.
+pub const HASHES_FILE: &str = "shard_hashes.json";
 
 /// Most transformer layers a model may declare (the largest published models
 /// have under 200).
@@ -48,12 +55,15 @@ pub struct FileEntry {
     pub blake3: String,
 }
 
-impl FileEntry {
-    /// Whether the file at `path` has exactly this size and BLAKE3 (whatever its
-    /// name: a download's `.part` file is checked before it is renamed).
-    pub fn matches_file(&self, path: &Path) -> bool {
-        super::hash_file(path).is_ok_and(|h| h.blake3 == self.blake3 && h.bytes == self.bytes)
-    }
+/// The GGUF a model was split from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SourceFile {
+    /// Its file name (on the Hub, its path in the repository).
+    pub file: String,
+    /// Size in bytes.
+    pub bytes: u64,
+    /// SHA-256 of the whole file, hex (the Hub's LFS object id).
+    pub sha256: String,
 }
 
 /// One shard.
@@ -65,9 +75,10 @@ pub struct ShardEntry {
     pub layer_start: u32,
     /// One past the last layer.
     pub layer_end: u32,
-    /// The file.
-    #[serde(flatten)]
-    pub file: FileEntry,
+    /// File name (`shard-NNN.gguf`).
+    pub file: String,
+    /// File size.
+    pub bytes: u64,
     /// Tensors in it.
     pub tensors: usize,
     /// Holds the token embedding.
@@ -90,7 +101,7 @@ pub struct Manifest {
     /// The head reuses the token embedding (no `output.weight`).
     pub tied_embeddings: bool,
     /// The GGUF it was made from.
-    pub source: FileEntry,
+    pub source: SourceFile,
     /// The header file.
     pub header: FileEntry,
     /// The shards, in layer order.
@@ -146,8 +157,37 @@ pub fn is_plain_file_name(name: &str) -> bool {
             .any(|c| c.is_control() || matches!(c, '/' | '\\' | ':'))
 }
 
-fn is_blake3_hex(s: &str) -> bool {
+/// 64 lowercase hex characters (a BLAKE3 or SHA-256 digest).
+pub fn is_digest_hex(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+impl SourceFile {
+    fn check(&self) -> Result<(), ManifestError> {
+        // The source keeps its Hub path's last part only: it names, never opens.
+        if !is_plain_file_name(&self.file) {
+            return Err(broke(
+                "file_name",
+                format!("source file {:?} is not a plain file name", self.file),
+            ));
+        }
+        if !is_digest_hex(&self.sha256) {
+            return Err(broke(
+                "hash",
+                "source SHA-256 is not 64 lowercase hex characters",
+            ));
+        }
+        if self.bytes == 0 || self.bytes > MAX_FILE_BYTES {
+            return Err(broke(
+                "size",
+                format!(
+                    "source size {} is not within 1..={MAX_FILE_BYTES}",
+                    self.bytes
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl FileEntry {
@@ -158,7 +198,7 @@ impl FileEntry {
                 format!("{what} file {:?} is not a plain file name", self.file),
             ));
         }
-        if !is_blake3_hex(&self.blake3) {
+        if !is_digest_hex(&self.blake3) {
             return Err(broke(
                 "hash",
                 format!("{what} BLAKE3 is not 64 lowercase hex characters"),
@@ -226,7 +266,7 @@ impl Manifest {
                 format!("n_layers {} is not within 1..={MAX_LAYERS}", self.n_layers),
             ));
         }
-        self.source.check("source", MAX_FILE_BYTES)?;
+        self.source.check()?;
         self.header.check("header", MAX_HEADER_BYTES)?;
         if self.header.file != HEADER_FILE {
             return Err(broke(
@@ -253,14 +293,22 @@ impl Manifest {
                     format!("shard at position {position} says index {}", s.index),
                 ));
             }
-            s.file.check(&format!("shard {position}"), MAX_FILE_BYTES)?;
-            if s.file.file != shard_file_name(s.index) {
+            if s.file != shard_file_name(s.index) {
                 return Err(broke(
                     "file_name",
                     format!(
                         "shard {position} file {:?} must be named {}",
-                        s.file.file,
+                        s.file,
                         shard_file_name(s.index)
+                    ),
+                ));
+            }
+            if s.bytes == 0 || s.bytes > MAX_FILE_BYTES {
+                return Err(broke(
+                    "size",
+                    format!(
+                        "shard {position} size {} is not within 1..={MAX_FILE_BYTES}",
+                        s.bytes
                     ),
                 ));
             }
@@ -380,6 +428,11 @@ impl ModelDir {
         self.dir.join(shard_file_name(s.index))
     }
 
+    /// `shard_hashes.json`.
+    pub fn hashes(&self) -> PathBuf {
+        self.dir.join(HASHES_FILE)
+    }
+
     /// Where shard `s` is downloaded to before it is verified.
     pub fn part(&self, s: &ShardEntry) -> PathBuf {
         self.dir.join(format!("{}.part", shard_file_name(s.index)))
@@ -406,7 +459,8 @@ mod tests {
                 index: i as u32,
                 layer_start: a,
                 layer_end: b,
-                file: entry(&shard_file_name(i as u32)),
+                file: shard_file_name(i as u32),
+                bytes: 10,
                 tensors: 5,
                 has_embedding: i == 0,
                 has_head: i == 2,
@@ -418,7 +472,11 @@ mod tests {
             architecture: "llama".into(),
             n_layers: 30,
             tied_embeddings: true,
-            source: entry("model.gguf"),
+            source: SourceFile {
+                file: "model.gguf".into(),
+                bytes: 100,
+                sha256: "cd".repeat(32),
+            },
             header: entry(HEADER_FILE),
             shards,
         }
@@ -448,7 +506,7 @@ mod tests {
             "",
         ] {
             let mut m = good();
-            m.shards[1].file.file = name.into();
+            m.shards[1].file = name.into();
             assert_eq!(rule_of(&m), "file_name", "{name}");
             let mut m = good();
             m.source.file = name.into();
@@ -456,7 +514,7 @@ mod tests {
         }
         // A plain name that is not the shard's own is refused too.
         let mut m = good();
-        m.shards[1].file.file = "node.db".into();
+        m.shards[1].file = "node.db".into();
         assert_eq!(rule_of(&m), "file_name");
         let mut m = good();
         m.header.file = "manifest.json".into();
@@ -478,10 +536,13 @@ mod tests {
         m.n_layers = u32::MAX;
         assert_eq!(rule_of(&m), "layers");
         let mut m = good();
-        m.shards[0].file.bytes = u64::MAX;
+        m.shards[0].bytes = u64::MAX;
         assert_eq!(rule_of(&m), "size");
         let mut m = good();
-        m.shards[0].file.blake3 = "zz".into();
+        m.header.blake3 = "zz".into();
+        assert_eq!(rule_of(&m), "hash");
+        let mut m = good();
+        m.source.sha256 = "AB".repeat(32);
         assert_eq!(rule_of(&m), "hash");
         let mut m = good();
         m.model_id = "../x".into();

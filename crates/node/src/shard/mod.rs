@@ -17,15 +17,20 @@
 //! uses (e.g. `rope_freqs`) travel with every shard.
 
 pub mod gguf;
+pub mod hashes;
 pub mod library;
 pub mod manifest;
+pub mod plan;
 
 use std::path::{Path, PathBuf};
 
 use self::gguf::{Gguf, GgufError, TensorSource, Value};
+pub use self::hashes::ShardHashes;
 pub use self::manifest::{
-    FORMAT, FileEntry, Manifest, ManifestError, ModelDir, ShardEntry, is_model_id, shard_file_name,
+    FORMAT, FileEntry, Manifest, ManifestError, ModelDir, ShardEntry, SourceFile, is_model_id,
+    shard_file_name,
 };
+pub use self::plan::{ModelPlan, ShardPlan, layer_ranges, plan};
 
 /// Importing, verifying or assembling shards failed.
 #[derive(Debug, thiserror::Error)]
@@ -70,41 +75,31 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> ShardError + '_ {
 
 /// Hashes a file with BLAKE3.
 pub fn hash_file(path: &Path) -> Result<FileEntry, ShardError> {
-    let mut hasher = blake3::Hasher::new();
-    let file = std::fs::File::open(path).map_err(io(path))?;
-    hasher.update_reader(file).map_err(io(path))?;
+    let (blake3, bytes) = hashes::blake3_of(path).map_err(io(path))?;
     Ok(FileEntry {
         file: path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default(),
-        bytes: std::fs::metadata(path).map_err(io(path))?.len(),
-        blake3: hasher.finalize().to_hex().to_string(),
+        bytes,
+        blake3,
     })
 }
 
-/// Splits `n_layers` into `shards` contiguous ranges, earlier ones one longer when
-/// it does not divide evenly.
-pub fn layer_ranges(n_layers: u32, shards: u32) -> Vec<(u32, u32)> {
-    let base = n_layers / shards;
-    let extra = n_layers % shards;
-    let mut start = 0;
-    (0..shards)
-        .map(|i| {
-            let len = base + u32::from(i < extra);
-            let r = (start, start + len);
-            start += len;
-            r
-        })
-        .collect()
-}
-
-fn is_embedding(name: &str) -> bool {
-    name.starts_with("token_embd.")
-}
-
-fn is_head(name: &str) -> bool {
-    name.starts_with("output_norm.") || name.starts_with("output.")
+/// Names a local GGUF as a manifest source: its file name, size and SHA-256.
+pub fn source_of(path: &Path) -> Result<SourceFile, ShardError> {
+    use sha2::Digest;
+    let mut file = std::fs::File::open(path).map_err(io(path))?;
+    let mut hasher = sha2::Sha256::new();
+    let bytes = std::io::copy(&mut file, &mut hasher).map_err(io(path))?;
+    Ok(SourceFile {
+        file: path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        bytes,
+        sha256: hex::encode(hasher.finalize()),
+    })
 }
 
 /// Splits the GGUF at `source` into `shards` layer shards under
@@ -117,31 +112,7 @@ pub fn import(
     mut progress: impl FnMut(u32, u32),
 ) -> Result<Manifest, ShardError> {
     let g = Gguf::read(source)?;
-    let arch = g
-        .architecture()
-        .ok_or_else(|| ShardError::Invalid("the GGUF has no general.architecture".into()))?
-        .to_string();
-    let n_layers = g
-        .block_count()
-        .ok_or_else(|| ShardError::Invalid(format!("the GGUF has no {arch}.block_count")))?;
-    if n_layers > manifest::MAX_LAYERS {
-        return Err(ShardError::Invalid(format!(
-            "the GGUF declares {n_layers} layers (at most {})",
-            manifest::MAX_LAYERS
-        )));
-    }
-    if shards == 0 || shards > n_layers {
-        return Err(ShardError::Invalid(format!(
-            "--shards must be between 1 and the model's {n_layers} layers"
-        )));
-    }
-    if shards > 1 && !SPLIT_ARCHITECTURES.contains(&arch.as_str()) {
-        return Err(ShardError::Invalid(format!(
-            "architecture '{arch}' cannot be split yet (supported: {}); import it with --shards 1 \
-             to serve it whole",
-            SPLIT_ARCHITECTURES.join(", ")
-        )));
-    }
+    let plan = plan::plan(&g, shards)?;
     let final_dir = ModelDir::new(models_dir, model_id)?;
     let final_dir = final_dir.path();
     if final_dir.exists() {
@@ -152,16 +123,7 @@ pub fn import(
     let work = models_dir.join(format!(".{model_id}.importing-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).map_err(io(&work))?;
-    let result = write_shards(
-        &g,
-        source,
-        &work,
-        model_id,
-        &arch,
-        n_layers,
-        shards,
-        &mut progress,
-    );
+    let result = write_shards(&plan, source, &work, model_id, &mut progress);
     match result {
         Ok(manifest) => {
             std::fs::rename(&work, final_dir).map_err(io(final_dir))?;
@@ -174,91 +136,48 @@ pub fn import(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Reads the first `len` bytes of a file (a GGUF's header).
+pub fn read_prefix(path: &Path, len: u64) -> Result<Vec<u8>, ShardError> {
+    use std::io::Read;
+    if len > manifest::MAX_HEADER_BYTES {
+        return Err(ShardError::Invalid(format!("a GGUF header of {len} bytes")));
+    }
+    let mut head = vec![0u8; len as usize];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .map_err(io(path))?;
+    Ok(head)
+}
+
 fn write_shards(
-    g: &Gguf,
+    plan: &ModelPlan,
     source: &Path,
     dir: &Path,
     model_id: &str,
-    arch: &str,
-    n_layers: u32,
-    shards: u32,
     progress: &mut impl FnMut(u32, u32),
 ) -> Result<Manifest, ShardError> {
-    let total = shards + 1;
-    let tied = !g
-        .tensors
-        .iter()
-        .any(|t| t.name.starts_with("output.weight"));
-
-    // The header: every byte before the tensor data.
+    let total = plan.shards.len() as u32 + 1;
     let dir = ModelDir::existing(dir.to_path_buf());
+    // The header: every byte before the tensor data.
+    let head = read_prefix(source, plan.header_bytes)?;
     let header_path = dir.header();
-    {
-        use std::io::Read;
-        if g.data_offset > manifest::MAX_HEADER_BYTES {
+    std::fs::write(&header_path, &head).map_err(io(&header_path))?;
+    progress(1, total);
+    let manifest = plan.manifest(model_id, source_of(source)?, &head)?;
+    for s in &plan.shards {
+        let path = dir.path().join(shard_file_name(s.index));
+        s.write_from(source, &path)?;
+        let (hash, bytes) = hashes::blake3_of(&path).map_err(io(&path))?;
+        if bytes != s.bytes {
             return Err(ShardError::Invalid(format!(
-                "a GGUF header of {} bytes",
-                g.data_offset
+                "shard {} is {bytes} bytes, planned {}",
+                s.index, s.bytes
             )));
         }
-        let mut head = vec![0u8; g.data_offset as usize];
-        std::fs::File::open(source)
-            .and_then(|mut f| f.read_exact(&mut head))
-            .map_err(io(source))?;
-        std::fs::write(&header_path, head).map_err(io(&header_path))?;
+        ShardHashes::record(&dir, plan.shards.len() as u32, s.index, Some(&hash))
+            .map_err(io(&path))?;
+        progress(s.index + 2, total);
     }
-    progress(1, total);
-
-    let mut entries = Vec::new();
-    for (index, (start, end)) in layer_ranges(n_layers, shards).into_iter().enumerate() {
-        let index = index as u32;
-        let first = index == 0;
-        let last = index == shards - 1;
-        let tensors: Vec<TensorSource<'_>> = g
-            .tensors
-            .iter()
-            .filter(|t| match t.layer() {
-                Some(l) => (start..end).contains(&l),
-                None if is_embedding(&t.name) => first || (last && tied),
-                None if is_head(&t.name) => last,
-                None => true,
-            })
-            .map(|t| TensorSource::from_file(t.name.clone(), t, source, g.data_offset))
-            .collect();
-        let mut kv = g.kv.clone();
-        let mut set = |k: &str, v: u32| match kv.iter_mut().find(|(key, _)| key == k) {
-            Some((_, val)) => *val = Value::U32(v),
-            None => kv.push((k.to_string(), Value::U32(v))),
-        };
-        set("swarmllm.shard.index", index);
-        set("swarmllm.shard.layer_start", start);
-        set("swarmllm.shard.layer_end", end);
-        let path = dir.path().join(shard_file_name(index));
-        gguf::write(&path, &kv, g.alignment, &tensors)?;
-        entries.push(ShardEntry {
-            index,
-            layer_start: start,
-            layer_end: end,
-            file: hash_file(&path)?,
-            tensors: tensors.len(),
-            has_embedding: tensors.iter().any(|t| is_embedding(&t.name)),
-            has_head: last,
-        });
-        progress(index + 2, total);
-    }
-    let manifest = Manifest {
-        format: FORMAT.into(),
-        model_id: model_id.into(),
-        architecture: arch.into(),
-        n_layers,
-        tied_embeddings: tied,
-        source: hash_file(source)?,
-        header: hash_file(&header_path)?,
-        shards: entries,
-    };
-    // What this node writes passes the same rules as what it reads.
-    manifest.validate()?;
     let text =
         serde_json::to_vec_pretty(&manifest).map_err(|e| ShardError::Invalid(e.to_string()))?;
     let path = dir.manifest();
@@ -291,13 +210,61 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest, ShardError> {
     Ok(m)
 }
 
-/// Indices of shards whose file is missing or does not match its BLAKE3.
+/// Reads a model's `gguf_header.bin` and checks it against the manifest's size and
+/// BLAKE3; returns it with the split plan it implies.
+pub fn read_plan(dir: &ModelDir, manifest: &Manifest) -> Result<(Vec<u8>, ModelPlan), ShardError> {
+    let path = dir.header();
+    let header = read_prefix(&path, manifest.header.bytes)?;
+    if std::fs::metadata(&path).map_err(io(&path))?.len() != manifest.header.bytes
+        || blake3::hash(&header).to_hex().as_str() != manifest.header.blake3
+    {
+        return Err(ShardError::Invalid(format!(
+            "{} does not match the manifest",
+            path.display()
+        )));
+    }
+    let plan = plan::plan_of(&header, manifest)?;
+    Ok((header, plan))
+}
+
+/// Checks a shard file against its plan: its size, and its header byte for byte
+/// (tensor names, shapes, types and offsets). Returns its BLAKE3.
+pub fn check_shard_file(path: &Path, plan: &ShardPlan) -> Result<String, String> {
+    let len = std::fs::metadata(path).map_err(|e| e.to_string())?.len();
+    if len != plan.bytes {
+        return Err(format!("it is {len} bytes, not {}", plan.bytes));
+    }
+    let head = read_prefix(path, plan.header.len() as u64).map_err(|e| e.to_string())?;
+    if head != plan.header {
+        return Err("its header differs from the one the manifest implies".into());
+    }
+    hashes::blake3_of(path)
+        .map(|(h, _)| h)
+        .map_err(|e| e.to_string())
+}
+
+/// Checks the file of shard `index` against the plan and the recorded hash.
+/// Returns its BLAKE3.
+pub fn verify_shard(dir: &ModelDir, manifest: &Manifest, index: u32) -> Result<String, String> {
+    let (_, plan) = read_plan(dir, manifest).map_err(|e| e.to_string())?;
+    let (Some(p), Some(s)) = (plan.shard(index), manifest.shard(index)) else {
+        return Err(format!("the model has no shard {index}"));
+    };
+    let hash = check_shard_file(&dir.shard(s), p)?;
+    match ShardHashes::load(dir, manifest.shard_count()).get(index) {
+        Some(r) if r != hash => Err("it does not match its recorded BLAKE3".into()),
+        _ => Ok(hash),
+    }
+}
+
+/// Indices of shards whose file is missing, does not fit the plan, or does not
+/// match its recorded BLAKE3.
 pub fn verify(dir: &Path, manifest: &Manifest) -> Vec<u32> {
     let dir = ModelDir::existing(dir.to_path_buf());
     manifest
         .shards
         .iter()
-        .filter(|s| !s.file.matches_file(&dir.shard(s)))
+        .filter(|s| verify_shard(&dir, manifest, s.index).is_err())
         .map(|s| s.index)
         .collect()
 }
@@ -361,7 +328,7 @@ pub fn assemble(
                     )));
                 }
                 Some((l, rest)) => format!("blk.{}.{rest}", l - layer_start),
-                None if is_embedding(&t.name) && !with_embedding => continue,
+                None if plan::is_embedding(&t.name) && !with_embedding => continue,
                 None => t.name.clone(),
             };
             // Shared tensors appear in every shard: keep one copy.
@@ -555,20 +522,4 @@ pub fn metadata_json(model_id: &str, header: &Gguf) -> serde_json::Value {
         "tensors": { "count": header.tensors.len(), "data_offset": header.data_offset },
         "raw": raw,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn layer_ranges_cover_every_layer_once() {
-        assert_eq!(layer_ranges(30, 3), vec![(0, 10), (10, 20), (20, 30)]);
-        assert_eq!(
-            layer_ranges(30, 4),
-            vec![(0, 8), (8, 16), (16, 23), (23, 30)]
-        );
-        assert_eq!(layer_ranges(5, 5).len(), 5);
-        assert_eq!(layer_ranges(7, 1), vec![(0, 7)]);
-    }
 }

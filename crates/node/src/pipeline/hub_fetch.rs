@@ -1,0 +1,881 @@
+//! Shards straight from the Hugging Face Hub.
+//!
+//! The file's header is read with range requests and split by the same plan a
+//! local import follows ([`crate::shard::plan`]), so the manifest, the header and
+//! every shard file are byte for byte what `models import` makes from the whole
+//! file. Then:
+//!
+//! - **some shards** (`shard_indices`, or this node's fair share): each shard file
+//!   is written as `shard-NNN.gguf.part` from its header (known from the plan) and
+//!   the byte ranges of its tensors, read from the Hub's CDN. Only those ranges
+//!   cross the network. The finished file must fit the plan (size, header) and,
+//!   where holders in the swarm attest a BLAKE3 for the shard, match it.
+//! - **every shard**: the whole file is read in order into `source.gguf.part` with
+//!   its SHA-256 computed on the way and compared with the one the Hub names, then
+//!   split locally: wrong bytes from the server are caught by the hash.
+//!
+//! Either way a download resumes from its `.part` file (after a crash or kill -9
+//! the node restarts the downloads `hf_source.json` still lists as pending) and
+//! never reads finished bytes again.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+use tokio_util::sync::CancellationToken;
+
+use super::Pipeline;
+use super::transfer::{DownloadStatus, TransferError};
+use crate::hub::probe::Probed;
+use crate::hub::{Hub, HubError};
+use crate::shard::{self, Manifest, ModelDir, ModelPlan, ShardHashes, ShardPlan, SourceFile};
+
+/// Where a model came from on the Hub, and which shards this node still wants
+/// from it (`hf_source.json` in the model directory).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HubSource {
+    /// Repository.
+    pub repo_id: String,
+    /// Path in the repository.
+    pub filename: String,
+    /// Commit it was resolved at.
+    pub commit: Option<String>,
+    /// Shards still to download.
+    #[serde(default)]
+    pub pending: Vec<u32>,
+}
+
+/// The source file of `hf_source.json`.
+pub const SOURCE_FILE: &str = "hf_source.json";
+/// The whole file while it downloads (the every-shard path).
+const WHOLE_PART: &str = "source.gguf.part";
+/// Attempts per range before a shard fails (each re-resolves the file: a CDN's
+/// signed URL expires).
+const RANGE_RETRIES: u32 = 4;
+
+/// What to fetch.
+#[derive(Debug, Clone, Default)]
+pub struct HubFetch {
+    /// Repository.
+    pub repo_id: String,
+    /// Path in it.
+    pub filename: String,
+    /// Revision (default `main`).
+    pub revision: Option<String>,
+    /// Shard count (default: [`Probed::default_shards`]).
+    pub shards: Option<u32>,
+    /// Which shards; `None` with `fair_share` false means all.
+    pub shard_indices: Option<Vec<u32>>,
+    /// This node's fair share instead of a list.
+    pub fair_share: bool,
+    /// Model id (default: from the file name).
+    pub model_id: Option<String>,
+}
+
+/// A started Hub download.
+#[derive(Debug, Clone, Serialize)]
+pub struct HubStarted {
+    /// Model id.
+    pub model_id: String,
+    /// Shards being fetched (already-held ones are left out).
+    pub shard_indices: Vec<u32>,
+    /// Shards already here.
+    pub already_local: Vec<u32>,
+    /// Shard count of the split.
+    pub shard_count: u32,
+    /// `ranges` (only the wanted shards' bytes) or `whole` (every byte, SHA-256
+    /// checked).
+    pub mode: &'static str,
+    /// Bytes that will cross the network.
+    pub bytes_to_fetch: u64,
+    /// The downloads' ids in `GET /api/admin/downloads`.
+    pub download_ids: Vec<String>,
+    /// The file's size.
+    pub file_bytes: u64,
+}
+
+/// A node's fair share of a model's shards: rendezvous hashing over the swarm's
+/// members. Each member scores each shard with BLAKE3(BLAKE3(node_id ‖ model_id) ‖
+/// index) and a shard goes to the highest scorer, so members that see the same
+/// swarm agree on who takes what without talking, and together hold every shard.
+/// A member that wins nothing takes its best-scoring shard.
+pub fn fair_share(node_id: &str, members: &[String], model_id: &str, shards: u32) -> Vec<u32> {
+    let score = |node: &str, index: u32| {
+        let seed = blake3::hash(format!("{node}{model_id}").as_bytes());
+        let mut h = blake3::Hasher::new();
+        h.update(seed.as_bytes());
+        h.update(&index.to_le_bytes());
+        *h.finalize().as_bytes()
+    };
+    let mut all: Vec<&str> = members.iter().map(String::as_str).collect();
+    all.push(node_id);
+    all.sort_unstable();
+    all.dedup();
+    let mine: Vec<u32> = (0..shards)
+        .filter(|&i| all.iter().max_by_key(|n| score(n, i)) == Some(&node_id))
+        .collect();
+    if mine.is_empty() {
+        (0..shards)
+            .max_by_key(|&i| score(node_id, i))
+            .into_iter()
+            .collect()
+    } else {
+        mine
+    }
+}
+
+fn failed(e: impl std::fmt::Display) -> TransferError {
+    TransferError::Failed(e.to_string())
+}
+
+impl Pipeline {
+    /// Starts downloading shards of a Hub GGUF. Returns once the header is read,
+    /// the manifest written and the downloads registered.
+    pub async fn download_from_hub(
+        &self,
+        hub: &Hub,
+        req: HubFetch,
+    ) -> Result<HubStarted, HubFetchError> {
+        let probed = hub
+            .probe(&req.repo_id, &req.filename, req.revision.as_deref())
+            .await?;
+        let shards = req.shards.unwrap_or_else(|| probed.default_shards());
+        let plan = probed.plan(shards)?;
+        let model_id = req.model_id.clone().unwrap_or_else(|| probed.model_id());
+        let sha256 = probed.file.sha256.clone().ok_or_else(|| {
+            HubError::BadFile(format!(
+                "the Hub names no SHA-256 for {} (not an LFS file)",
+                req.filename
+            ))
+        })?;
+        let name = req
+            .filename
+            .rsplit('/')
+            .next()
+            .unwrap_or(&req.filename)
+            .to_string();
+        let manifest = plan
+            .manifest(
+                &model_id,
+                SourceFile {
+                    file: name,
+                    bytes: probed.file.size,
+                    sha256,
+                },
+                &probed.header,
+            )
+            .map_err(|e| HubError::BadFile(e.to_string()))?;
+        let count = manifest.shard_count();
+        let wanted: Vec<u32> = match (&req.shard_indices, req.fair_share) {
+            (Some(list), _) => {
+                if let Some(bad) = list.iter().find(|&&i| i >= count) {
+                    return Err(HubError::Invalid(format!(
+                        "shard {bad} does not exist: the split has shards 0..{count}"
+                    ))
+                    .into());
+                }
+                let mut l = list.clone();
+                l.sort_unstable();
+                l.dedup();
+                l
+            }
+            (None, true) => {
+                // The swarm as this node sees it now: its connected peers.
+                let members: Vec<String> = self
+                    .inner
+                    .network
+                    .get()
+                    .map(|n| n.connected().into_iter().map(|p| p.node_id).collect())
+                    .unwrap_or_default();
+                fair_share(&self.inner.node_id, &members, &model_id, count)
+            }
+            (None, false) => (0..count).collect(),
+        };
+        if wanted.is_empty() {
+            return Err(HubError::Invalid("no shard asked for".into()).into());
+        }
+        let dir = ModelDir::new(&self.inner.config.models_dir, &model_id)
+            .map_err(|e| HubError::Invalid(e.to_string()))?;
+        self.adopt_manifest(&dir, &manifest, &probed.header).await?;
+
+        // Shards already intact are not fetched again.
+        let (check_dir, check_manifest, check_wanted) =
+            (dir.clone(), manifest.clone(), wanted.clone());
+        let held: Vec<u32> = tokio::task::spawn_blocking(move || {
+            check_wanted
+                .into_iter()
+                .filter(|&i| shard::verify_shard(&check_dir, &check_manifest, i).is_ok())
+                .collect()
+        })
+        .await
+        .map_err(failed)?;
+        let todo: Vec<u32> = wanted
+            .iter()
+            .copied()
+            .filter(|i| !held.contains(i))
+            .collect();
+        let whole = todo.len() == count as usize;
+        let bytes_to_fetch = if whole {
+            probed.file.size
+        } else {
+            todo.iter()
+                .filter_map(|&i| plan.shard(i))
+                .map(ShardPlan::source_bytes)
+                .sum()
+        };
+        let started = HubStarted {
+            model_id: model_id.clone(),
+            shard_indices: todo.clone(),
+            already_local: held,
+            shard_count: count,
+            mode: if whole { "whole" } else { "ranges" },
+            bytes_to_fetch,
+            file_bytes: probed.file.size,
+            download_ids: Vec::new(),
+        };
+        if todo.is_empty() {
+            return Ok(started);
+        }
+        let source = HubSource {
+            repo_id: req.repo_id.clone(),
+            filename: req.filename.clone(),
+            commit: probed.file.commit.clone(),
+            pending: todo.clone(),
+        };
+        write_source(&dir, &source).map_err(failed)?;
+        let download_ids = self
+            .start_hub_job(hub.clone(), probed, plan, manifest, dir, todo)
+            .map_err(HubFetchError::Transfer)?;
+        Ok(HubStarted {
+            download_ids,
+            ..started
+        })
+    }
+
+    /// Writes the header and manifest of a model fetched from the Hub, or checks
+    /// that the ones already here are the same.
+    async fn adopt_manifest(
+        &self,
+        dir: &ModelDir,
+        manifest: &Manifest,
+        header: &[u8],
+    ) -> Result<(), HubFetchError> {
+        let hash = manifest.hash();
+        if let Ok(existing) = shard::read_manifest(dir.path()) {
+            if existing.hash() != hash {
+                return Err(TransferError::Conflict(format!(
+                    "model '{}' is already here from another file or split ({} shards); \
+                     remove it or choose another model_id",
+                    manifest.model_id,
+                    existing.shards.len()
+                ))
+                .into());
+            }
+            return Ok(());
+        }
+        if let Some(pinned) = self.inner.pins.get(&manifest.model_id)
+            && pinned != hash
+        {
+            return Err(TransferError::Conflict(format!(
+                "the swarm knows model '{}' as another manifest ({pinned}); choose another model_id",
+                manifest.model_id
+            ))
+            .into());
+        }
+        let (dir, header, text) = (
+            dir.clone(),
+            header.to_vec(),
+            serde_json::to_vec_pretty(manifest).map_err(failed)?,
+        );
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            std::fs::create_dir_all(dir.path())?;
+            crate::fsutil::write_atomic(&dir.header(), &header)?;
+            crate::fsutil::write_atomic(&dir.manifest(), &text)
+        })
+        .await
+        .map_err(failed)?
+        .map_err(failed)?;
+        self.load_held().await;
+        Ok(())
+    }
+
+    /// Registers one download per shard and runs them in one task.
+    fn start_hub_job(
+        &self,
+        hub: Hub,
+        probed: Probed,
+        plan: ModelPlan,
+        manifest: Manifest,
+        dir: ModelDir,
+        todo: Vec<u32>,
+    ) -> Result<Vec<String>, TransferError> {
+        let cancel = CancellationToken::new();
+        let mut ids = Vec::new();
+        for &i in &todo {
+            let Some(p) = plan.shard(i) else { continue };
+            let status = DownloadStatus {
+                id: format!(
+                    "{}-{}-{i}-hf",
+                    chrono::Utc::now().format("%Y%m%d%H%M%S%3f"),
+                    manifest.model_id
+                ),
+                model_id: manifest.model_id.clone(),
+                shard_index: i,
+                file: shard::shard_file_name(i),
+                status: "queued",
+                source: "huggingface",
+                peer: None,
+                bytes_total: p.bytes,
+                bytes_done: 0,
+                resumed_from: 0,
+                speed_bps: 0.0,
+                error: None,
+                rejected: 0,
+            };
+            ids.push((i, status.id.clone()));
+            if !self.inner.downloads.register(status, cancel.clone()) {
+                // Those registered already are withdrawn.
+                cancel.cancel();
+                for (_, id) in &ids {
+                    self.inner.downloads.update(id, |s| {
+                        if s.active() {
+                            s.status = "cancelled";
+                        }
+                    });
+                }
+                return Err(TransferError::Conflict(format!(
+                    "shard {i} of '{}' is already downloading",
+                    manifest.model_id
+                )));
+            }
+        }
+        let out = ids.iter().map(|(_, id)| id.clone()).collect();
+        let this = self.clone();
+        self.spawn(async move {
+            let job = HubJob {
+                pipeline: this.clone(),
+                hub,
+                probed,
+                plan,
+                manifest,
+                dir,
+                cancel: cancel.clone(),
+            };
+            let outcome = job.run(&ids).await;
+            for (_, id) in &ids {
+                this.inner.downloads.update(id, |s| {
+                    if s.active() {
+                        match &outcome {
+                            Ok(()) => s.status = "done",
+                            Err(_) if cancel.is_cancelled() => s.status = "cancelled",
+                            Err(e) => {
+                                s.status = "failed";
+                                s.error = Some(e.to_string());
+                            }
+                        }
+                    }
+                });
+            }
+            if let Err(e) = &outcome {
+                tracing::warn!(model = %job.manifest.model_id, error = %e, "Hub download ended");
+            }
+            // A cancelled download is not resumed on restart (its `.part` files
+            // stay, so asking again carries on from them).
+            if cancel.is_cancelled()
+                && let Some(mut s) = read_source(&job.dir)
+            {
+                s.pending.clear();
+                if let Err(e) = write_source(&job.dir, &s) {
+                    tracing::warn!(error = %e, "could not record a cancelled download");
+                }
+            }
+            this.load_held().await;
+            if let Some(n) = this.inner.network.get() {
+                n.announce_now().await;
+            }
+        });
+        Ok(out)
+    }
+
+    /// Restarts the Hub downloads that `hf_source.json` files list as pending
+    /// (after a crash or a restart).
+    pub async fn resume_hub_downloads(&self, hub: &Hub) {
+        for m in self.local_models() {
+            let Some(source) = read_source(&m.dir) else {
+                continue;
+            };
+            let pending: Vec<u32> = source
+                .pending
+                .iter()
+                .copied()
+                .filter(|i| !m.held.contains(i) && *i < m.manifest.shard_count())
+                .collect();
+            if pending.is_empty() {
+                continue;
+            }
+            let req = HubFetch {
+                repo_id: source.repo_id.clone(),
+                filename: source.filename.clone(),
+                revision: source.commit.clone(),
+                shards: Some(m.manifest.shard_count()),
+                shard_indices: Some(pending),
+                fair_share: false,
+                model_id: Some(m.manifest.model_id.clone()),
+            };
+            match self.download_from_hub(hub, req).await {
+                Ok(s) => tracing::info!(model = %s.model_id, shards = ?s.shard_indices,
+                    "resuming a Hub download"),
+                Err(e) => tracing::warn!(model = %m.manifest.model_id, error = %e,
+                    "could not resume a Hub download"),
+            }
+        }
+    }
+
+    /// The Hub source recorded for a local model.
+    pub fn hub_source(&self, model_id: &str) -> Option<HubSource> {
+        let dir = ModelDir::new(&self.inner.config.models_dir, model_id).ok()?;
+        read_source(&dir)
+    }
+
+    /// Records the Hub source of a local model (found by a search).
+    pub fn set_hub_source(&self, model_id: &str, source: &HubSource) -> std::io::Result<()> {
+        let dir = ModelDir::new(&self.inner.config.models_dir, model_id)
+            .map_err(std::io::Error::other)?;
+        write_source(&dir, source)
+    }
+}
+
+fn read_source(dir: &ModelDir) -> Option<HubSource> {
+    let path = dir.file(SOURCE_FILE).ok()?;
+    if std::fs::metadata(&path).ok()?.len() > 64 << 10 {
+        return None;
+    }
+    let s: HubSource = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    (crate::hub::is_repo_id(&s.repo_id) && crate::hub::is_repo_path(&s.filename)).then_some(s)
+}
+
+fn write_source(dir: &ModelDir, source: &HubSource) -> std::io::Result<()> {
+    let path = dir.file(SOURCE_FILE).map_err(std::io::Error::other)?;
+    let text = serde_json::to_vec_pretty(source).map_err(std::io::Error::other)?;
+    crate::fsutil::write_atomic(&path, &text)
+}
+
+/// Starting a Hub download failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HubFetchError {
+    /// The Hub, the file or the request.
+    #[error(transparent)]
+    Hub(#[from] HubError),
+    /// The model directory or the download registry.
+    #[error(transparent)]
+    Transfer(#[from] TransferError),
+}
+
+/// One running Hub download of a model's shards.
+struct HubJob {
+    pipeline: Pipeline,
+    hub: Hub,
+    probed: Probed,
+    plan: ModelPlan,
+    manifest: Manifest,
+    dir: ModelDir,
+    cancel: CancellationToken,
+}
+
+/// Progress of one shard's download, reported to the registry.
+struct Progress<'a> {
+    pipeline: &'a Pipeline,
+    id: &'a str,
+    started: Instant,
+    resumed: u64,
+    last: Instant,
+}
+
+impl Progress<'_> {
+    fn report(&mut self, done: u64, force: bool) {
+        if !force && self.last.elapsed() < Duration::from_millis(200) {
+            return;
+        }
+        self.last = Instant::now();
+        let secs = self.started.elapsed().as_secs_f64().max(1e-3);
+        let resumed = self.resumed;
+        self.pipeline.inner.downloads.update(self.id, |s| {
+            s.status = "downloading";
+            s.bytes_done = done;
+            s.resumed_from = resumed;
+            s.speed_bps = (done.saturating_sub(resumed)) as f64 / secs;
+        });
+    }
+}
+
+impl HubJob {
+    async fn run(&self, ids: &[(u32, String)]) -> Result<(), TransferError> {
+        if ids.len() == self.plan.shards.len() {
+            return self.run_whole(ids).await;
+        }
+        for (index, id) in ids {
+            self.run_shard(*index, id).await?;
+        }
+        Ok(())
+    }
+
+    /// One shard from its byte ranges.
+    async fn run_shard(&self, index: u32, id: &str) -> Result<(), TransferError> {
+        let p = self
+            .plan
+            .shard(index)
+            .ok_or_else(|| failed(format!("no shard {index}")))?
+            .clone();
+        let entry = self
+            .manifest
+            .shard(index)
+            .ok_or_else(|| failed(format!("no shard {index}")))?
+            .clone();
+        let part = self.dir.part(&entry);
+        let mut file = open_part(&part, &p.header)?;
+        let resumed = file.metadata().map_err(failed)?.len();
+        let mut progress = Progress {
+            pipeline: &self.pipeline,
+            id,
+            started: Instant::now(),
+            resumed,
+            last: Instant::now(),
+        };
+        progress.report(resumed, true);
+        // Walk the shard's data segments from where the file ends.
+        let mut at = p.header.len() as u64;
+        let mut file_resolved = self.probed.file.clone();
+        for segment in &p.segments {
+            let end = at + segment.len();
+            let have = file.metadata().map_err(failed)?.len();
+            if have >= end {
+                at = end;
+                continue;
+            }
+            let skip = have - at;
+            match *segment {
+                shard::plan::Segment::Zeros(n) => {
+                    file.write_all(&vec![0u8; (n - skip) as usize])
+                        .map_err(failed)?;
+                }
+                shard::plan::Segment::Source { offset, len } => {
+                    let mut tries = 0;
+                    loop {
+                        let have = file.metadata().map_err(failed)?.len();
+                        let from = offset + (have - at);
+                        let r = self
+                            .copy_range(
+                                &file_resolved,
+                                from,
+                                offset + len,
+                                &mut file,
+                                &mut progress,
+                            )
+                            .await;
+                        match r {
+                            Ok(()) => break,
+                            Err(e) if self.cancel.is_cancelled() => return Err(e),
+                            Err(e) if tries + 1 >= RANGE_RETRIES => return Err(e),
+                            Err(e) => {
+                                tries += 1;
+                                tracing::warn!(error = %e, "a range read failed; resolving the file again");
+                                file_resolved = self
+                                    .hub
+                                    .resolve(
+                                        &self.probed.repo_id,
+                                        &self.probed.filename,
+                                        self.probed.file.commit.as_deref(),
+                                    )
+                                    .await
+                                    .map_err(failed)?;
+                                if file_resolved.size != self.probed.file.size {
+                                    return Err(failed("the file changed on the Hub"));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            at = end;
+            progress.report(at, false);
+        }
+        file.sync_all().map_err(failed)?;
+        drop(file);
+        progress.report(at, true);
+        self.install(index, &part, &p).await
+    }
+
+    /// Checks a finished `.part` file and moves it into place.
+    async fn install(&self, index: u32, part: &Path, p: &ShardPlan) -> Result<(), TransferError> {
+        let (part_c, p_c) = (part.to_path_buf(), p.clone());
+        let hash = tokio::task::spawn_blocking(move || shard::check_shard_file(&part_c, &p_c))
+            .await
+            .map_err(failed)?;
+        let hash = match hash {
+            Ok(h) => h,
+            Err(e) => {
+                let _ = std::fs::remove_file(part);
+                return Err(failed(format!("shard {index} does not fit its plan: {e}")));
+            }
+        };
+        // Holders in the swarm that attest a hash for this shard must agree.
+        if let Some(attested) = self.pipeline.attested_hash(&self.manifest, index).await
+            && attested != hash
+        {
+            let _ = std::fs::remove_file(part);
+            return Err(failed(format!(
+                "shard {index} from the Hub hashes to {hash}, but holders in the swarm attest {attested}"
+            )));
+        }
+        ShardHashes::record(&self.dir, self.manifest.shard_count(), index, Some(&hash))
+            .map_err(failed)?;
+        let entry = self
+            .manifest
+            .shard(index)
+            .ok_or_else(|| failed("no such shard"))?;
+        std::fs::rename(part, self.dir.shard(entry)).map_err(failed)?;
+        let mut source = read_source(&self.dir);
+        if let Some(s) = source.as_mut() {
+            s.pending.retain(|&i| i != index);
+            write_source(&self.dir, s).map_err(failed)?;
+        }
+        tracing::info!(model = %self.manifest.model_id, shard = index, "shard downloaded from the Hub");
+        Ok(())
+    }
+
+    /// Streams bytes `from..to` of the file onto the end of `out`.
+    async fn copy_range(
+        &self,
+        file: &crate::hub::Resolved,
+        from: u64,
+        to: u64,
+        out: &mut std::fs::File,
+        progress: &mut Progress<'_>,
+    ) -> Result<(), TransferError> {
+        if from >= to {
+            return Ok(());
+        }
+        let response = tokio::select! {
+            () = self.cancel.cancelled() => return Err(failed("cancelled")),
+            r = self.hub.read_range(file, from, to) => r.map_err(failed)?,
+        };
+        let mut stream = response.bytes_stream();
+        let mut got = 0u64;
+        loop {
+            let chunk = tokio::select! {
+                () = self.cancel.cancelled() => return Err(failed("cancelled")),
+                c = stream.next() => c,
+            };
+            let Some(chunk) = chunk else { break };
+            let chunk = chunk.map_err(failed)?;
+            if got + chunk.len() as u64 > to - from {
+                return Err(failed("the server sent more bytes than the range"));
+            }
+            out.write_all(&chunk).map_err(failed)?;
+            got += chunk.len() as u64;
+            let len = out.metadata().map(|m| m.len()).unwrap_or(0);
+            progress.report(len, false);
+        }
+        if got != to - from {
+            return Err(failed(format!(
+                "the server sent {got} of {} bytes",
+                to - from
+            )));
+        }
+        Ok(())
+    }
+
+    /// Every shard: the whole file in order, its SHA-256 checked, then split here.
+    async fn run_whole(&self, ids: &[(u32, String)]) -> Result<(), TransferError> {
+        let part = self.dir.file(WHOLE_PART).map_err(failed)?;
+        let size = self.probed.file.size;
+        // SHA-256 of what is already there (read from disk, not the network).
+        let (part_c, limit) = (part.clone(), size);
+        let (mut hasher, have) = tokio::task::spawn_blocking(move || prefix_sha256(&part_c, limit))
+            .await
+            .map_err(failed)?
+            .map_err(failed)?;
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&part)
+            .map_err(failed)?;
+        let started = Instant::now();
+        // Each shard shows the share of the whole file done, and the speed.
+        let report_all = |done: u64| {
+            let frac = done as f64 / size.max(1) as f64;
+            let speed =
+                done.saturating_sub(have) as f64 / started.elapsed().as_secs_f64().max(1e-3);
+            for (i, id) in ids {
+                if let Some(p) = self.plan.shard(*i) {
+                    self.pipeline.inner.downloads.update(id, |s| {
+                        s.status = "downloading";
+                        s.bytes_done = (p.bytes as f64 * frac) as u64;
+                        s.resumed_from = (p.bytes as f64 * have as f64 / size.max(1) as f64) as u64;
+                        s.speed_bps = speed;
+                    });
+                }
+            }
+        };
+        let mut last_report = Instant::now();
+        report_all(have);
+        let mut resolved = self.probed.file.clone();
+        let mut tries = 0;
+        let mut at = have;
+        while at < size {
+            let r = async {
+                let response = tokio::select! {
+                    () = self.cancel.cancelled() => return Err(failed("cancelled")),
+                    r = self.hub.read_range(&resolved, at, size) => r.map_err(failed)?,
+                };
+                let mut stream = response.bytes_stream();
+                loop {
+                    let chunk = tokio::select! {
+                        () = self.cancel.cancelled() => return Err(failed("cancelled")),
+                        c = stream.next() => c,
+                    };
+                    let Some(chunk) = chunk else { break };
+                    let chunk = chunk.map_err(failed)?;
+                    if at + chunk.len() as u64 > size {
+                        return Err(failed("the server sent more bytes than the file has"));
+                    }
+                    file.write_all(&chunk).map_err(failed)?;
+                    hasher.update(&chunk);
+                    at += chunk.len() as u64;
+                    if last_report.elapsed() > Duration::from_millis(200) {
+                        report_all(at);
+                        last_report = Instant::now();
+                    }
+                }
+                Ok(())
+            }
+            .await;
+            match r {
+                Ok(()) => {}
+                Err(e) if self.cancel.is_cancelled() => return Err(e),
+                Err(e) if tries + 1 >= RANGE_RETRIES => return Err(e),
+                Err(e) => {
+                    tries += 1;
+                    tracing::warn!(error = %e, "a read of the file failed; resolving it again");
+                    resolved = self
+                        .hub
+                        .resolve(
+                            &self.probed.repo_id,
+                            &self.probed.filename,
+                            self.probed.file.commit.as_deref(),
+                        )
+                        .await
+                        .map_err(failed)?;
+                }
+            }
+        }
+        file.sync_all().map_err(failed)?;
+        drop(file);
+        report_all(size);
+        let sha = hex::encode(hasher.finalize());
+        if sha != self.manifest.source.sha256 {
+            let _ = std::fs::remove_file(&part);
+            for (_, id) in ids {
+                self.pipeline
+                    .inner
+                    .downloads
+                    .update(id, |s| s.rejected += 1);
+            }
+            return Err(failed(format!(
+                "the downloaded file's SHA-256 is {sha}, but the Hub names {}; discarded",
+                self.manifest.source.sha256
+            )));
+        }
+        // Split it here exactly as an import does, then drop the whole file.
+        for (index, _) in ids {
+            let p = self
+                .plan
+                .shard(*index)
+                .ok_or_else(|| failed("no such shard"))?
+                .clone();
+            let entry = self
+                .manifest
+                .shard(*index)
+                .ok_or_else(|| failed("no such shard"))?
+                .clone();
+            let shard_part = self.dir.part(&entry);
+            let (src, out, p2) = (part.clone(), shard_part.clone(), p.clone());
+            tokio::task::spawn_blocking(move || p2.write_from(&src, &out))
+                .await
+                .map_err(failed)?
+                .map_err(failed)?;
+            self.install(*index, &shard_part, &p).await?;
+        }
+        let _ = std::fs::remove_file(&part);
+        Ok(())
+    }
+}
+
+/// Opens (or starts) a shard's `.part` file for appending: a file that does not
+/// begin with the planned header, or is longer than the shard, starts over.
+fn open_part(part: &Path, header: &[u8]) -> Result<std::fs::File, TransferError> {
+    let mut keep = false;
+    if let Ok(mut f) = std::fs::File::open(part) {
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        if len >= header.len() as u64 {
+            let mut head = vec![0u8; header.len()];
+            keep = f.read_exact(&mut head).is_ok() && head == header;
+        }
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(part)
+        .map_err(failed)?;
+    if !keep {
+        file.set_len(0).map_err(failed)?;
+        file.write_all(header).map_err(failed)?;
+    }
+    Ok(file)
+}
+
+/// SHA-256 state over the first bytes of `path` (at most `limit`; a longer file
+/// is cut back), and how many bytes that was.
+fn prefix_sha256(path: &PathBuf, limit: u64) -> std::io::Result<(sha2::Sha256, u64)> {
+    let mut hasher = sha2::Sha256::new();
+    let Ok(f) = std::fs::File::open(path) else {
+        return Ok((hasher, 0));
+    };
+    if f.metadata()?.len() > limit {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)?
+            .set_len(0)?;
+        return Ok((hasher, 0));
+    }
+    let n = std::io::copy(&mut f.take(limit), &mut hasher)?;
+    Ok((hasher, n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fair_shares_cover_every_shard_and_agree() {
+        let nodes: Vec<String> = (0..3).map(|i| format!("node-{i}")).collect();
+        let mut covered = std::collections::BTreeSet::new();
+        for n in &nodes {
+            let share = fair_share(n, &nodes, "smollm2", 3);
+            assert!(!share.is_empty());
+            covered.extend(share);
+        }
+        assert_eq!(covered.len(), 3);
+        // Deterministic.
+        assert_eq!(
+            fair_share("node-0", &nodes, "m", 7),
+            fair_share("node-0", &nodes, "m", 7)
+        );
+        // Alone, a node takes everything.
+        assert_eq!(fair_share("solo", &[], "m", 4), vec![0, 1, 2, 3]);
+    }
+}
