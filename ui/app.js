@@ -86,12 +86,47 @@ async function peers() {
 
 // ---- models --------------------------------------------------------------------------
 
-async function models() {
-  const [list, coverage, downloads] = await Promise.all([
-    client.get("/api/admin/models"),
-    client.get("/api/pool/coverage"),
-    client.get("/api/admin/downloads"),
-  ]);
+const size = (b) => (b >= 1e9 ? `${(b / 1e9).toFixed(1)} GB` : `${(b / 1e6).toFixed(1)} MB`);
+
+/** The Hub catalog: repositories, their variants with a fit badge, and download
+ *  buttons for the whole model or this node's fair share of its shards. */
+function catalogHtml(results) {
+  if (!results.length) return `<p class="muted">No GGUF repositories found.</p>`;
+  return results.map((r) => {
+    const variants = (r.variants || []).map((v) => `<tr data-file="${esc(v.filename)}">
+        <td>${v.filename === r.recommended_file ? "★ " : ""}${esc(v.quant || "—")}</td>
+        <td>${esc(size(v.size_bytes || 0))}${v.parts > 1 ? ` <span class="muted">(${esc(v.parts)} parts)</span>` : ""}</td>
+        <td><span class="badge ${v.fits_vram ? "ok" : "warn"}">${v.fits_vram ? "fits" : "too big"}</span></td>
+        <td class="muted">${esc(v.filename)}</td>
+        <td><button class="secondary" data-hf="whole" data-repo="${esc(r.repo_id)}" data-file="${esc(v.filename)}">Download</button>
+          ${r.split_supported ? `<button class="secondary" data-hf="share" data-repo="${esc(r.repo_id)}" data-file="${esc(v.filename)}">My share</button>` : ""}</td></tr>`);
+    return `<div class="hf-repo" data-repo="${esc(r.repo_id)}"><h3>${esc(r.repo_id)}
+        <span class="muted">${esc(r.architecture || "")} · ${esc(r.downloads)} downloads · ${esc(r.likes)} likes${r.gated ? " · gated" : ""}</span></h3>
+      ${r.split_supported ? "" : `<p class="muted">This architecture is served whole (it cannot be split across peers yet).</p>`}
+      <table><tr><th>Quant</th><th>Size</th><th>Here</th><th>File</th><th></th></tr>${variants.join("")}</table></div>`;
+  }).join("");
+}
+
+function downloadsHtml(list) {
+  const rows = list.map((d) => {
+    const pct = (100 * (d.bytes_done || 0)) / (d.bytes_total || 1);
+    const active = d.status === "queued" || d.status === "downloading";
+    return `<tr data-download="${esc(d.id)}"><td>${esc(d.model_id)} #${esc(d.shard_index)}</td>
+      <td><div class="bar"><span data-pct="${pct}"></span></div></td>
+      <td>${pct.toFixed(0)}%</td><td>${esc(((d.speed_bps || 0) / 1e6).toFixed(1))} MB/s</td>
+      <td>${esc(d.source)}</td><td title="${esc(d.error || "")}">${esc(d.status)}</td>
+      <td>${active ? `<button class="secondary" data-cancel="${esc(d.id)}">Cancel</button>` : ""}</td></tr>`;
+  });
+  return rows.join("") || `<tr><td class="muted">None.</td></tr>`;
+}
+
+function widths(root) {
+  for (const s of root.querySelectorAll("[data-pct]")) s.style.width = Math.min(100, +s.dataset.pct) + "%";
+}
+
+/** The models held here and by peers, each with its shards and where they live. */
+async function modelListHtml() {
+  const [list, coverage] = await Promise.all([client.get("/api/admin/models"), client.get("/api/pool/coverage")]);
   const cov = Object.fromEntries((coverage.models || []).map((m) => [m.model_id, m]));
   const items = (list.models || []).map((m) => {
     const c = cov[m.id];
@@ -101,29 +136,98 @@ async function models() {
         <td>${esc(s.holders ?? 0)}</td>
         <td>${s.held ? `<button class="secondary" data-act="${s.loaded ? "unload" : "load"}" data-model="${esc(m.id)}" data-shard="${s.index}">${s.loaded ? "Unload" : "Load"}</button>`
                      : `<button class="secondary" data-act="download" data-model="${esc(m.id)}" data-shard="${s.index}">Download</button>`}</td></tr>`);
-    return `<h2>${esc(m.id)} <span class="muted">${esc(m.architecture || "")} · ${esc(m.n_layers)} layers</span></h2>
-      <div class="row"><div class="bar"><span data-pct="${c ? c.coverage_pct : 0}"></span></div>
+    const add = m.local ? "" : `<button data-add="${esc(m.id)}">Add from the network</button>
+        <span class="muted">held by ${esc(m.holders)} peer(s)</span>`;
+    return `<div class="model" data-model="${esc(m.id)}"><h2>${esc(m.id)} <span class="muted">${esc(m.architecture || "")} · ${esc(m.n_layers ?? "?")} layers</span></h2>
+      <div class="row">${add}<div class="bar"><span data-pct="${c ? c.coverage_pct : 0}"></span></div>
         <span class="muted">pool coverage ${c ? c.coverage_pct.toFixed(0) : 0}%</span></div>
-      <table><tr><th>Shard</th><th>Layers</th><th>Here</th><th>Holders</th><th></th></tr>${shards.join("")}</table>`;
+      ${shards.length ? `<table><tr><th>Shard</th><th>Layers</th><th>Here</th><th>Holders</th><th></th></tr>${shards.join("")}</table>` : ""}</div>`;
   });
-  const dl = (downloads.downloads || []).map((d) =>
-    `<tr><td>${esc(d.model_id)} #${esc(d.shard_index)}</td><td><div class="bar"><span data-pct="${(100 * (d.bytes_done || 0)) / (d.bytes_total || 1)}"></span></div></td><td>${esc(d.status)}</td></tr>`);
-  main().innerHTML = `<h1>Models</h1>${items.join("") || `<p class="muted">No sharded models yet: <code>swarmllm models import FILE.gguf --shards 3</code>.</p>`}
-    <h2>Downloads</h2><table>${dl.join("") || `<tr><td class="muted">None.</td></tr>`}</table>`;
-  for (const s of main().querySelectorAll("[data-pct]")) s.style.width = Math.min(100, +s.dataset.pct) + "%";
-  main().addEventListener("click", async (e) => {
-    const b = e.target.closest("button[data-act]");
-    if (!b || needKey()) return;
-    b.disabled = true;
+  return items.join("") || `<p class="muted">No models yet: search the catalog above, or add one a peer holds.</p>`;
+}
+
+async function models() {
+  const downloads = await client.get("/api/admin/downloads");
+  main().innerHTML = `<h1>Models</h1>
+    <h2>Catalog</h2>
+    <div class="row"><input id="hf-query" placeholder="Search the Hugging Face Hub: qwen, llama, smollm2…">
+      <button id="hf-search">Search</button><span class="muted" id="hf-status"></span></div>
+    <div id="hf-results"></div>
+    <h2>Your models and the swarm's</h2>
+    <div id="model-list">${await modelListHtml()}</div>
+    <h2>Downloads</h2><table id="downloads">${downloadsHtml(downloads.downloads || [])}</table>`;
+  widths(main());
+
+  const search = async () => {
+    const q = $("#hf-query").value.trim();
+    if (!q) return;
+    $("#hf-status").textContent = "Searching…";
     try {
-      await client.post(`/api/admin/models/${encodeURIComponent(b.dataset.model)}/shards/${b.dataset.shard}/${b.dataset.act}`);
-      toast(`${b.dataset.act}: shard ${b.dataset.shard}`);
-      route();
+      const results = await client.get(`/api/admin/hf/search?query=${encodeURIComponent(q)}`);
+      $("#hf-results").innerHTML = catalogHtml(results);
+      $("#hf-status").textContent = `${results.length} repositories`;
+    } catch (err) {
+      $("#hf-status").textContent = "";
+      $("#hf-results").innerHTML = `<p class="error" id="hf-error">${esc(err.message)}</p>`;
+    }
+  };
+  $("#hf-search").onclick = search;
+  $("#hf-query").onkeydown = (e) => { if (e.key === "Enter") search(); };
+
+  // Downloads update live while the page is open; the model list when one ends.
+  let finished = (downloads.downloads || []).filter((d) => d.status === "done").length;
+  const refresh = async () => {
+    try {
+      const d = await client.get("/api/admin/downloads");
+      const table = $("#downloads");
+      if (!table) return;
+      table.innerHTML = downloadsHtml(d.downloads || []);
+      widths(table);
+      const done = (d.downloads || []).filter((x) => x.status === "done").length;
+      if (done !== finished) {
+        finished = done;
+        $("#model-list").innerHTML = await modelListHtml();
+        widths($("#model-list"));
+      }
+    } catch { /* the next tick tries again */ }
+  };
+  const timer = setInterval(refresh, 1000);
+
+  // One handler for the page (assigned, not added: the page renders again on
+  // every visit and must not answer a click twice).
+  main().onclick = async (e) => {
+    const hf = e.target.closest("button[data-hf]");
+    const cancel = e.target.closest("button[data-cancel]");
+    const addBtn = e.target.closest("button[data-add]");
+    const b = e.target.closest("button[data-act]");
+    const btn = hf || cancel || addBtn || b;
+    if (!btn || needKey()) return;
+    btn.disabled = true;
+    try {
+      if (hf) {
+        const share = hf.dataset.hf === "share";
+        const r = await client.post("/api/admin/hf/download-shards",
+          { repo_id: hf.dataset.repo, filename: hf.dataset.file, peer_fair_share: share });
+        toast(`${r.model_id}: downloading shard(s) ${r.shard_indices.join(", ") || "none (already here)"}`);
+      } else if (cancel) {
+        await client.post(`/api/admin/downloads/${encodeURIComponent(cancel.dataset.cancel)}/cancel`);
+        toast("Download cancelled");
+      } else if (addBtn) {
+        await client.post(`/api/admin/models/${encodeURIComponent(addBtn.dataset.add)}/add`);
+        toast(`${addBtn.dataset.add}: acquiring from peers`);
+      } else {
+        const r = await client.post(`/api/admin/models/${encodeURIComponent(b.dataset.model)}/shards/${b.dataset.shard}/${b.dataset.act}`);
+        toast(r.status === "use_hf" ? `No peer holds it: download it from ${r.repo_id}` : `${b.dataset.act}: shard ${b.dataset.shard}`);
+        $("#model-list").innerHTML = await modelListHtml();
+        widths($("#model-list"));
+      }
+      await refresh();
     } catch (err) {
       toast(err.message, true);
-      b.disabled = false;
     }
-  });
+    btn.disabled = false;
+  };
+  return () => { clearInterval(timer); main().onclick = null; };
 }
 
 // ---- chat ------------------------------------------------------------------------------

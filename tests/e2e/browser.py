@@ -12,15 +12,26 @@ from webdriver import (Results, Session, api_key, free_port, http, node_env, tar
                        test_model, ui_checks, wait_for)
 
 
+HUB_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF"
+
+
 def main():
     out_dir = os.environ.get("E2E_OUT", tempfile.mkdtemp(prefix="swarmllm-e2e-"))
     os.makedirs(out_dir, exist_ok=True)
     data = tempfile.mkdtemp(prefix="swarmllm-browser-")
     port = free_port()
+    # A local stand-in for the Hugging Face Hub serving the test model, for the catalog.
+    hub_port = free_port()
+    hub = subprocess.Popen(
+        [os.path.join(target_dir(), "debug", "swarmllm-hub-testserver"), "--hub-port",
+         str(hub_port), "--architecture", "llama", f"{HUB_REPO}={test_model()}"],
+        stdout=subprocess.DEVNULL, stderr=open(os.path.join(out_dir, "hub.log"), "w"))
+    env = node_env(data)
+    env.update({"HF_ENDPOINT": f"http://127.0.0.1:{hub_port}", "HF_HOME": data, "HF_TOKEN": ""})
     node = subprocess.Popen(
         [os.path.join(target_dir(), "debug", "swarmllm"), "--api-port", str(port), "serve",
          "--model", test_model()],
-        env=node_env(data), stdout=subprocess.DEVNULL,
+        env=env, stdout=subprocess.DEVNULL,
         stderr=open(os.path.join(out_dir, "browser-node.log"), "w"))
     driver_port = free_port()
     driver = subprocess.Popen(["chromedriver", f"--port={driver_port}"],
@@ -48,6 +59,31 @@ def main():
         session.go(f"{base}/#key={key}")
         ui_checks(r, session, base, key, out_dir, in_app=False)
 
+        def catalog():
+            session.js("location.hash = '#/models'")
+            wait_for("the models page", lambda: session.js("return document.querySelector('#hf-query') !== null"))
+            session.type("#hf-query", "smollm2")
+            session.click("#hf-search")
+            wait_for("a catalog result", lambda: session.js(
+                f"return document.querySelector('.hf-repo[data-repo=\"{HUB_REPO}\"]') !== null"))
+            badge = session.text(".hf-repo .badge")
+            assert badge == "fits", badge
+            session.page_screenshot(os.path.join(out_dir, "catalog.png"))
+            session.click("button[data-hf='share']")
+            # Alone in its swarm, a node's fair share is every shard: a live progress
+            # bar, then done.
+            wait_for("the Hub download in the list", lambda: "huggingface" in session.text("#downloads"))
+            wait_for("the download to finish", lambda: http("GET", f"{base}/api/admin/models/smollm2-135m-instruct.q4_1/status")[1].get("held_shards") == [0, 1, 2], timeout=120)
+            wait_for("done in the list", lambda: "done" in session.text("#downloads"))
+            session.page_screenshot(os.path.join(out_dir, "catalog-downloaded.png"))
+            # The model list follows: the new model with its three shards on disk.
+            wait_for("the model in the list", lambda: session.js(
+                "return document.querySelectorAll('.model[data-model=\"smollm2-135m-instruct.q4_1\"] button[data-act]').length") == 3)
+            toast = session.js("const t = document.querySelector('#toast'); return t.className")
+            assert toast != "error", session.text("#toast")
+            session.page_screenshot(os.path.join(out_dir, "catalog-downloaded.png"))
+        r.check("the catalog finds, sizes and downloads a Hub model", catalog)
+
         def no_key_no_writes():
             status, _ = http("POST", f"{base}/api/pool/create", {"name": "x"},
                              headers={"Origin": base})
@@ -57,6 +93,7 @@ def main():
         if session:
             session.quit()
         driver.terminate()
+        hub.terminate()
         node.terminate()
         node.wait(timeout=30)
         shutil.rmtree(profile, ignore_errors=True)

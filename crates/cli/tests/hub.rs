@@ -492,3 +492,39 @@ fn a_killed_download_resumes_without_rereading_and_wrong_bytes_are_caught() {
         "{d}"
     );
 }
+
+#[test]
+fn a_file_already_in_the_hugging_face_cache_is_split_without_downloading() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let (server, smol) = hub(scratch.path());
+    // The layout the Python client and hf-hub share: refs/main names the commit,
+    // snapshots/<commit>/<file> is the file.
+    let repo_dir = scratch
+        .path()
+        .join("hub")
+        .join(format!("models--{}", REPO.replace('/', "--")));
+    let commit = Repo::new(REPO, Vec::new()).sha;
+    std::fs::create_dir_all(repo_dir.join("refs")).expect("mkdir");
+    std::fs::write(repo_dir.join("refs/main"), &commit).expect("ref");
+    let snapshot = repo_dir.join("snapshots").join(&commit);
+    std::fs::create_dir_all(&snapshot).expect("mkdir");
+    let cached = snapshot.join(&smol.path);
+    if std::fs::hard_link(model_path(), &cached).is_err() {
+        std::fs::copy(model_path(), &cached).expect("copy");
+    }
+    let node = start_node(&server, scratch.path(), &[]);
+    let before = server.cdn_bytes();
+    let (status, v) = node.post(
+        "/api/admin/hf/download-shards",
+        &json!({ "repo_id": REPO, "filename": smol.path, "shard_indices": [2], "shards": 3,
+                 "model_id": "smol" }),
+    );
+    assert_eq!(status, 200, "{v}");
+    wait_for("shard 2 from the cache", DEADLINE, || {
+        (held(&node, "smol") == vec![2]).then_some(())
+    });
+    // Only the header crossed the network (for the manifest).
+    let read = server.cdn_bytes() - before;
+    assert!(read < 8 << 20, "{read} bytes read from the CDN");
+    assert!(node.log().contains("Hugging Face cache"));
+}

@@ -1,4 +1,4 @@
-//! `swarmllm-hub-testserver [--hub-port N] [--cdn-port N] OWNER/NAME=FILE.gguf …`:
+//! `swarmllm-hub-testserver [--hub-port N] [--cdn-port N] [--architecture A] OWNER/NAME=FILE.gguf …`:
 //! serves local GGUF files the way the Hugging Face Hub serves them, for trying
 //! `swarmllm models search|probe|pull` and the app's catalog without the Hub.
 //! Point a node at it with `HF_ENDPOINT=<the printed endpoint>`.
@@ -11,10 +11,13 @@ async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let (mut hub_port, mut cdn_port) = (0u16, 0u16);
     let mut repos: Vec<Repo> = Vec::new();
+    let mut architecture: Option<String> = None;
     while let Some(a) = args.next() {
         match a.as_str() {
             "--hub-port" => hub_port = args.next().context("--hub-port N")?.parse()?,
             "--cdn-port" => cdn_port = args.next().context("--cdn-port N")?.parse()?,
+            // What search results say the repositories hold (`gguf.architecture`).
+            "--architecture" => architecture = Some(args.next().context("--architecture A")?),
             spec => {
                 let (repo, file) = spec
                     .split_once('=')
@@ -32,9 +35,13 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
+    for r in &mut repos {
+        r.architecture = architecture.clone();
+    }
     if repos.is_empty() {
         return Err(anyhow!(
-            "usage: swarmllm-hub-testserver [--hub-port N] [--cdn-port N] OWNER/NAME=FILE.gguf …"
+            "usage: swarmllm-hub-testserver [--hub-port N] [--cdn-port N] [--architecture A] \
+             OWNER/NAME=FILE.gguf …"
         ));
     }
     let server = HubServer::start_on(repos, hub_port, cdn_port).await?;

@@ -51,6 +51,17 @@ impl Hub {
             bytes.extend_from_slice(&more);
             match Gguf::header_of_file(&bytes, file.size) {
                 Ok(g) => {
+                    // One part of a multi-part GGUF holds only some tensors: splitting
+                    // it alone would make a model with layers missing.
+                    if g.get("split.count")
+                        .and_then(|v| v.as_u64())
+                        .is_some_and(|n| n > 1)
+                    {
+                        return Err(HubError::Invalid(format!(
+                            "{filename} is one part of a multi-part GGUF; multi-part models \
+                             cannot be fetched yet"
+                        )));
+                    }
                     let mut header = bytes;
                     let end = usize::try_from(g.data_offset)
                         .ok()

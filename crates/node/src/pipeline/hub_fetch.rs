@@ -365,6 +365,22 @@ impl Pipeline {
                 cancel: cancel.clone(),
             };
             let outcome = job.run(&ids).await;
+            if let Err(e) = &outcome {
+                tracing::warn!(model = %job.manifest.model_id, error = %e, "Hub download ended");
+            }
+            // A cancelled download is not resumed on restart (its `.part` files
+            // stay, so asking again carries on from them).
+            if cancel.is_cancelled()
+                && let Some(mut s) = read_source(&job.dir)
+            {
+                s.pending.clear();
+                if let Err(e) = write_source(&job.dir, &s) {
+                    tracing::warn!(error = %e, "could not record a cancelled download");
+                }
+            }
+            // The shards are loaded before the downloads say done, so whoever
+            // waits for "done" finds them served.
+            this.load_held().await;
             for (_, id) in &ids {
                 this.inner.downloads.update(id, |s| {
                     if s.active() {
@@ -379,20 +395,6 @@ impl Pipeline {
                     }
                 });
             }
-            if let Err(e) = &outcome {
-                tracing::warn!(model = %job.manifest.model_id, error = %e, "Hub download ended");
-            }
-            // A cancelled download is not resumed on restart (its `.part` files
-            // stay, so asking again carries on from them).
-            if cancel.is_cancelled()
-                && let Some(mut s) = read_source(&job.dir)
-            {
-                s.pending.clear();
-                if let Err(e) = write_source(&job.dir, &s) {
-                    tracing::warn!(error = %e, "could not record a cancelled download");
-                }
-            }
-            this.load_held().await;
             if let Some(n) = this.inner.network.get() {
                 n.announce_now().await;
             }
@@ -514,6 +516,12 @@ impl Progress<'_> {
 
 impl HubJob {
     async fn run(&self, ids: &[(u32, String)]) -> Result<(), TransferError> {
+        // A file other tools already downloaded into the Hugging Face cache is
+        // split from there, without the network.
+        if let Some(cached) = self.cached_source().await {
+            tracing::info!(file = %cached.display(), "using the file in the Hugging Face cache");
+            return self.split_from(&cached, ids).await;
+        }
         if ids.len() == self.plan.shards.len() {
             return self.run_whole(ids).await;
         }
@@ -694,6 +702,10 @@ impl HubJob {
         let part = self.dir.file(WHOLE_PART).map_err(failed)?;
         let size = self.probed.file.size;
         // SHA-256 of what is already there (read from disk, not the network).
+        // A part file longer than the file is not this file's: start over.
+        if std::fs::metadata(&part).is_ok_and(|m| m.len() > size) {
+            std::fs::remove_file(&part).map_err(failed)?;
+        }
         let (part_c, limit) = (part.clone(), size);
         let (mut hasher, have) = tokio::task::spawn_blocking(move || prefix_sha256(&part_c, limit))
             .await
@@ -790,7 +802,35 @@ impl HubJob {
                 self.manifest.source.sha256
             )));
         }
-        // Split it here exactly as an import does, then drop the whole file.
+        self.split_from(&part, ids).await?;
+        let _ = std::fs::remove_file(&part);
+        Ok(())
+    }
+
+    /// The file in the local Hugging Face cache, when it is there whole with the
+    /// SHA-256 the Hub names.
+    async fn cached_source(&self) -> Option<PathBuf> {
+        let path = self
+            .hub
+            .cached_file(&self.probed.repo_id, &self.probed.filename)?;
+        if std::fs::metadata(&path).ok()?.len() != self.probed.file.size {
+            return None;
+        }
+        let (p, size, want) = (
+            path.clone(),
+            self.probed.file.size,
+            self.manifest.source.sha256.clone(),
+        );
+        let sha = tokio::task::spawn_blocking(move || prefix_sha256(&p, size))
+            .await
+            .ok()?
+            .ok()?;
+        (hex::encode(sha.0.finalize()) == want).then_some(path)
+    }
+
+    /// Writes the shards `ids` from a whole local copy of the file, exactly as an
+    /// import does, and installs them.
+    async fn split_from(&self, source: &Path, ids: &[(u32, String)]) -> Result<(), TransferError> {
         for (index, _) in ids {
             let p = self
                 .plan
@@ -803,14 +843,13 @@ impl HubJob {
                 .ok_or_else(|| failed("no such shard"))?
                 .clone();
             let shard_part = self.dir.part(&entry);
-            let (src, out, p2) = (part.clone(), shard_part.clone(), p.clone());
+            let (src, out, p2) = (source.to_path_buf(), shard_part.clone(), p.clone());
             tokio::task::spawn_blocking(move || p2.write_from(&src, &out))
                 .await
                 .map_err(failed)?
                 .map_err(failed)?;
             self.install(*index, &shard_part, &p).await?;
         }
-        let _ = std::fs::remove_file(&part);
         Ok(())
     }
 }
@@ -838,20 +877,13 @@ fn open_part(part: &Path, header: &[u8]) -> Result<std::fs::File, TransferError>
     Ok(file)
 }
 
-/// SHA-256 state over the first bytes of `path` (at most `limit`; a longer file
-/// is cut back), and how many bytes that was.
-fn prefix_sha256(path: &PathBuf, limit: u64) -> std::io::Result<(sha2::Sha256, u64)> {
+/// SHA-256 state over the first `limit` bytes of `path` (none when it is
+/// missing), and how many bytes that was.
+fn prefix_sha256(path: &Path, limit: u64) -> std::io::Result<(sha2::Sha256, u64)> {
     let mut hasher = sha2::Sha256::new();
     let Ok(f) = std::fs::File::open(path) else {
         return Ok((hasher, 0));
     };
-    if f.metadata()?.len() > limit {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(path)?
-            .set_len(0)?;
-        return Ok((hasher, 0));
-    }
     let n = std::io::copy(&mut f.take(limit), &mut hasher)?;
     Ok((hasher, n))
 }

@@ -489,6 +489,9 @@ pub enum TensorData<'a> {
     },
     /// These bytes (placeholders made on the fly).
     Inline(Vec<u8>),
+    /// `info.span` zero bytes left as a hole in the file (sparse where the file
+    /// system allows): a placeholder whose values are never read.
+    Zeros,
 }
 
 impl<'a> TensorSource<'a> {
@@ -498,6 +501,19 @@ impl<'a> TensorSource<'a> {
             name,
             info: std::borrow::Cow::Borrowed(info),
             data: TensorData::File { file, data_offset },
+        }
+    }
+
+    /// A tensor named `name` with `info`'s shape, type and size, all zeros (a hole
+    /// in the file).
+    pub fn zeros(name: &str, info: TensorInfo) -> TensorSource<'static> {
+        TensorSource {
+            name: name.to_string(),
+            info: std::borrow::Cow::Owned(TensorInfo {
+                name: name.to_string(),
+                ..info
+            }),
+            data: TensorData::Zeros,
         }
     }
 
@@ -573,7 +589,7 @@ pub fn write(
     tensors: &[TensorSource<'_>],
 ) -> Result<(), GgufError> {
     let mut w = BufWriter::new(File::create(path)?);
-    let (head, _) = encode_header(
+    let (head, total) = encode_header(
         kv,
         alignment,
         tensors.iter().map(|t| (t.name.as_str(), t.info.as_ref())),
@@ -583,6 +599,11 @@ pub fn write(
     let mut buf = vec![0u8; 1 << 20];
     for t in tensors {
         match &t.data {
+            TensorData::Zeros => {
+                w.flush()?;
+                let span = i64::try_from(t.info.span).map_err(|_| bad("tensor too large"))?;
+                w.get_mut().seek(SeekFrom::Current(span))?;
+            }
             TensorData::Inline(bytes) => w.write_all(bytes)?,
             TensorData::File { file, data_offset } => {
                 let mut src = File::open(file)?;
@@ -605,6 +626,8 @@ pub fn write(
         written += pad;
     }
     w.flush()?;
+    // A hole at the end is not in the file until its length says so.
+    w.get_ref().set_len(total)?;
     w.get_ref().sync_all()?;
     Ok(())
 }

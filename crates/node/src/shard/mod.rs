@@ -16,6 +16,7 @@
 //! model exactly (same tensor bytes). Tensors outside the layers that every layer
 //! uses (e.g. `rope_freqs`) travel with every shard.
 
+pub mod arch;
 pub mod gguf;
 pub mod hashes;
 pub mod library;
@@ -24,6 +25,7 @@ pub mod plan;
 
 use std::path::{Path, PathBuf};
 
+pub use self::arch::{SPLIT_ARCHITECTURES, splittable};
 use self::gguf::{Gguf, GgufError, TensorSource, Value};
 pub use self::hashes::ShardHashes;
 pub use self::manifest::{
@@ -354,84 +356,59 @@ pub fn assemble(
                 manifest::MAX_EMBEDDING
             ))
         })?;
+    let info_of = |tensors: &[TensorSource<'_>], name: &str| {
+        tensors
+            .iter()
+            .find(|t| t.name == name)
+            .map(|t| t.info.as_ref().clone())
+    };
     if !with_embedding {
-        tensors.push(TensorSource::f32(
-            "token_embd.weight",
-            vec![n_embd, 1],
-            &vec![0.0; n_embd as usize],
-        ));
-        kv.retain(|(k, _)| !k.starts_with("tokenizer."));
-        kv.push(("tokenizer.ggml.model".into(), Value::Str("none".into())));
-        set_u32(&mut kv, &format!("{arch}.vocab_size"), 1);
+        match info_of(&tensors, "output.weight") {
+            // An untied head ends this run: the vocabulary stays whole, and the
+            // embedding llama.cpp insists on (never read: the run is fed hidden
+            // states) is zeros of the head's shape, a hole in the file.
+            Some(head) => tensors.push(TensorSource::zeros("token_embd.weight", head)),
+            // Fed hidden states, never tokens: a 1-row placeholder and a one-token
+            // vocabulary.
+            None => {
+                tensors.push(TensorSource::f32(
+                    "token_embd.weight",
+                    vec![n_embd, 1],
+                    &vec![0.0; n_embd as usize],
+                ));
+                kv.retain(|(k, _)| !k.starts_with("tokenizer."));
+                kv.push(("tokenizer.ggml.model".into(), Value::Str("none".into())));
+                arch::set_u32(&mut kv, &format!("{arch}.vocab_size"), 1);
+            }
+        }
     }
-    if !with_head && !seen.contains("output_norm.weight") {
-        tensors.push(TensorSource::f32(
-            "output_norm.weight",
-            vec![n_embd],
-            &vec![1.0; n_embd as usize],
-        ));
+    if !with_head {
+        if !seen.contains("output_norm.weight") {
+            tensors.push(TensorSource::f32(
+                "output_norm.weight",
+                vec![n_embd],
+                &vec![1.0; n_embd as usize],
+            ));
+        }
+        // Architectures that require an untied head (olmo2, gpt-oss) get one whose
+        // result is never read: zeros of the embedding's shape, a hole in the file.
+        if !manifest.tied_embeddings
+            && let Some(embd) = info_of(&tensors, "token_embd.weight")
+        {
+            tensors.push(TensorSource::zeros("output.weight", embd));
+        }
     }
-    set_u32(&mut kv, &format!("{arch}.block_count"), layers);
-    keep_swa_pattern(&mut kv, arch, manifest.n_layers, layer_start, layers);
+    arch::range_kv(
+        &mut kv,
+        arch,
+        manifest.n_layers,
+        layer_start,
+        layers,
+        first == 0,
+    );
     gguf::write(out, &kv, first_gguf.alignment, &tensors)?;
     Ok(())
 }
-
-/// Sliding-window architectures decide per layer *index* whether a layer uses the
-/// window (gemma3: every 6th layer is global). Renumbering a range from 0 would
-/// shift that pattern, so the range gets the explicit per-layer list of the layers
-/// it really holds (`<arch>.attention.sliding_window_pattern` as a bool array, which
-/// llama.cpp reads before any period).
-fn keep_swa_pattern(
-    kv: &mut Vec<(String, Value)>,
-    arch: &str,
-    n_layers: u32,
-    start: u32,
-    len: u32,
-) {
-    // (period, dense first) as llama.cpp's loaders default them.
-    let default = match arch {
-        "gemma3" => (6, false),
-        "gemma2" => (2, false),
-        "cohere2" => (4, false),
-        _ => return,
-    };
-    let key = format!("{arch}.attention.sliding_window_pattern");
-    let pattern: Vec<bool> = match kv.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone()) {
-        Some(Value::Array(_, items)) => items
-            .iter()
-            .map(|v| matches!(v, Value::Bool(true)))
-            .collect(),
-        other => {
-            let period = other.and_then(|v| v.as_u64()).unwrap_or(default.0) as u32;
-            (0..n_layers)
-                .map(|il| {
-                    period == 0
-                        || if default.1 {
-                            il % period != 0
-                        } else {
-                            il % period < period - 1
-                        }
-                })
-                .collect()
-        }
-    };
-    let slice: Vec<Value> = (start..start + len)
-        .map(|il| Value::Bool(pattern.get(il as usize).copied().unwrap_or(false)))
-        .collect();
-    kv.retain(|(k, _)| *k != key);
-    kv.push((key, Value::Array(7, slice)));
-}
-
-fn set_u32(kv: &mut Vec<(String, Value)>, key: &str, v: u32) {
-    match kv.iter_mut().find(|(k, _)| k == key) {
-        Some((_, val)) => *val = Value::U32(v),
-        None => kv.push((key.to_string(), Value::U32(v))),
-    }
-}
-
-/// Architectures the layer-split pipeline is built and tested for.
-pub const SPLIT_ARCHITECTURES: &[&str] = &["llama", "qwen2", "gemma3"];
 
 /// llama.cpp's `general.file_type` codes.
 pub fn quantization_name(file_type: u64) -> Option<&'static str> {
