@@ -528,3 +528,97 @@ fn a_file_already_in_the_hugging_face_cache_is_split_without_downloading() {
     assert!(read < 8 << 20, "{read} bytes read from the CDN");
     assert!(node.log().contains("Hugging Face cache"));
 }
+
+#[test]
+fn a_multi_part_model_on_the_hub_is_fetched_by_ranges_or_whole_like_a_local_import() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let parts = swarmllm_node::shard::parts::write_split(&model_path(), scratch.path(), 2)
+        .expect("split the test model in two parts");
+    let served: Vec<ServedFile> = parts
+        .iter()
+        .map(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).expect("name");
+            ServedFile::new(name, p).expect("serve")
+        })
+        .collect();
+    let total: u64 = served.iter().map(|f| f.size).sum();
+    let first = served[0].path.clone();
+    let mut repo = Repo::new("acme/SmolLM2-split-GGUF", served);
+    repo.architecture = Some("llama".into());
+    let server = HubServer::start(vec![repo]).expect("hub server");
+
+    // What `models import` makes of the parts on disk.
+    let lib = tempfile::tempdir().expect("tempdir");
+    let (ok, out, err) = cli(
+        lib.path(),
+        1,
+        &[
+            "models",
+            "import",
+            parts[0].to_str().expect("utf-8"),
+            "--shards",
+            "3",
+            "--id",
+            "smol",
+        ],
+    );
+    assert!(ok, "{out}{err}");
+    let theirs = lib.path().join("models/smol");
+
+    let node = start_node(&server, scratch.path(), &[]);
+    let (status, p) = node.get(&query(
+        "/api/admin/hf/probe",
+        &[("repo_id", "acme/SmolLM2-split-GGUF"), ("filename", &first)],
+    ));
+    assert_eq!(status, 200, "{p}");
+    assert_eq!(p["parts"].as_array().map(Vec::len), Some(2), "{p}");
+    assert_eq!(p["size_bytes"], total);
+    assert_eq!(p["model_id"], "smollm2-135m-instruct.q4_1");
+
+    let before = server.cdn_bytes();
+    let (ok, out, err) = cli(
+        node.dir(),
+        node.port,
+        &[
+            "models",
+            "pull",
+            "acme/SmolLM2-split-GGUF",
+            "--file",
+            &first,
+            "--shards",
+            "1",
+            "--split",
+            "3",
+            "--id",
+            "smol",
+        ],
+    );
+    assert!(ok, "{out}{err}");
+    let read = server.cdn_bytes() - before;
+    assert!(
+        read < total / 2,
+        "one shard of three read {read} of {total} bytes"
+    );
+    let mine = node.dir().join("models/smol");
+    for f in ["manifest.json", "gguf_header.bin", "shard-001.gguf"] {
+        assert_eq!(blake3_of(&mine.join(f)), blake3_of(&theirs.join(f)), "{f}");
+    }
+
+    // Every shard: both parts whole, each against its SHA-256.
+    let (status, v) = node.post(
+        "/api/admin/hf/download-shards",
+        &json!({ "repo_id": "acme/SmolLM2-split-GGUF", "filename": first, "shards": 3,
+                 "model_id": "whole" }),
+    );
+    assert_eq!((status, &v["mode"]), (200, &json!("whole")), "{v}");
+    wait_for("the whole split model", DEADLINE, || {
+        (held(&node, "whole") == vec![0, 1, 2]).then_some(())
+    });
+    for f in ["shard-000.gguf", "shard-001.gguf", "shard-002.gguf"] {
+        assert_eq!(
+            blake3_of(&node.dir().join("models/whole").join(f)),
+            blake3_of(&theirs.join(f)),
+            "{f}"
+        );
+    }
+}

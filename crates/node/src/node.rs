@@ -862,9 +862,16 @@ pub fn model_id_from_path(path: &Path) -> String {
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_else(|| "model".into());
-    name.strip_suffix(".gguf")
-        .unwrap_or(&name)
-        .to_ascii_lowercase()
+    let stem = name.strip_suffix(".gguf").unwrap_or(&name);
+    // A multi-part GGUF is named by its model, not by its first part.
+    let stem = match crate::shard::parts::part_names(&name) {
+        Some(_) => stem
+            .rsplit_once("-of-")
+            .and_then(|(rest, _)| rest.rsplit_once('-'))
+            .map_or(stem, |(base, _)| base),
+        None => stem,
+    };
+    stem.to_ascii_lowercase()
 }
 
 /// The clock of pool operations: wall time, shifted by the number of seconds in

@@ -202,3 +202,44 @@ fn qwen2_split_is_exact() {
     let err = shard::import(&other, dir.path(), "x", 2, |_, _| {}).expect_err("refused");
     assert!(err.to_string().contains("'rwkv7' cannot be split"), "{err}");
 }
+
+/// A model published in parts (`…-00001-of-00002.gguf`, as big models are) splits
+/// into shards with exactly the tensor bytes the whole file gives, named by all
+/// its parts in the manifest.
+#[test]
+fn a_multi_part_gguf_splits_into_the_same_tensor_bytes_as_the_whole_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let parts = shard::parts::write_split(&model_path(), dir.path(), 2).expect("split");
+    let models = dir.path().join("models");
+    std::fs::create_dir_all(&models).expect("mkdir");
+    let from_parts =
+        shard::import(&parts[0], &models, "parts", 3, |_, _| {}).expect("import parts");
+    let whole = shard::import(&model_path(), &models, "whole", 3, |_, _| {}).expect("import");
+    assert_eq!(from_parts.source_parts.len(), 2);
+    assert_eq!(from_parts.source, from_parts.source_parts[0]);
+    assert!(whole.source_parts.is_empty());
+    assert!(shard::verify(&models.join("parts"), &from_parts).is_empty());
+    for (a, b) in from_parts.shards.iter().zip(&whole.shards) {
+        assert_eq!((a.layer_start, a.layer_end), (b.layer_start, b.layer_end));
+        let (ga, gb) = (
+            Gguf::read(&models.join("parts").join(&a.file)).expect("read"),
+            Gguf::read(&models.join("whole").join(&b.file)).expect("read"),
+        );
+        let data = |g: &Gguf, dir: &str, file: &str| {
+            let bytes = std::fs::read(models.join(dir).join(file)).expect("read");
+            bytes[g.data_offset as usize..].to_vec()
+        };
+        assert_eq!(
+            ga.tensors.iter().map(|t| &t.name).collect::<Vec<_>>(),
+            gb.tensors.iter().map(|t| &t.name).collect::<Vec<_>>()
+        );
+        assert!(
+            data(&ga, "parts", &a.file) == data(&gb, "whole", &b.file),
+            "shard {} tensor bytes differ",
+            a.index
+        );
+    }
+    // A later part alone is refused with a message that says what to do.
+    let err = shard::import(&parts[1], &models, "x", 3, |_, _| {}).expect_err("refused");
+    assert!(err.to_string().contains("first part"), "{err}");
+}

@@ -7,6 +7,7 @@ use super::search::Fit;
 use super::{Hub, HubError, Resolved};
 use crate::shard::gguf::{Gguf, GgufError};
 use crate::shard::manifest::MAX_HEADER_BYTES;
+use crate::shard::parts::{self, SourceMap};
 use crate::shard::{self, ModelPlan, SPLIT_ARCHITECTURES};
 
 /// First read of a header; doubled until the header parses (a big vocabulary
@@ -24,16 +25,22 @@ pub struct Probed {
     pub repo_id: String,
     /// Path in it.
     pub filename: String,
-    /// Where and what the file is.
+    /// Where and what the file (the first part) is.
     pub file: Resolved,
-    /// Its header: exactly the bytes before the tensor data.
+    /// Every file with its path in the repository (one, or each part in order).
+    pub parts: Vec<(String, Resolved)>,
+    /// Its header: exactly the bytes before the tensor data (for a multi-part
+    /// GGUF, the merged header of the virtual file, see [`crate::shard::parts`]).
     pub header: Vec<u8>,
-    /// The header parsed, with tensor spans from the file size.
+    /// The header parsed, with tensor spans.
     pub gguf: Gguf,
+    /// Where the virtual file's bytes are in the parts.
+    pub map: SourceMap,
 }
 
 impl Hub {
-    /// Resolves `filename` in `repo_id` and reads its GGUF header.
+    /// Resolves `filename` in `repo_id` and reads its GGUF header; for the first
+    /// part of a multi-part GGUF, every part's header, merged.
     pub async fn probe(
         &self,
         repo_id: &str,
@@ -43,46 +50,83 @@ impl Hub {
         if !filename.ends_with(".gguf") {
             return Err(HubError::Invalid(format!("{filename} is not a .gguf file")));
         }
-        let file = self.resolve(repo_id, filename, revision).await?;
+        let (folder, name) = match filename.rsplit_once('/') {
+            Some((f, n)) => (format!("{f}/"), n),
+            None => (String::new(), filename),
+        };
+        let names: Vec<String> = match parts::part_names(name) {
+            Some(all) => all.into_iter().map(|n| format!("{folder}{n}")).collect(),
+            None => vec![filename.to_string()],
+        };
+        let mut files = Vec::new();
+        let mut heads = Vec::new();
+        let mut first_header = Vec::new();
+        for n in &names {
+            let file = self.resolve(repo_id, n, revision).await?;
+            let (header, g) = self.read_header(&file, repo_id, n).await?;
+            if first_header.is_empty() {
+                first_header = header;
+            }
+            files.push((n.clone(), file));
+            heads.push(g);
+        }
+        let (header, gguf, map) = match heads.as_slice() {
+            [one] => {
+                if parts::split_count(one) > 1 {
+                    return Err(HubError::Invalid(format!(
+                        "{filename} is one part of a multi-part GGUF: give its first part \
+                         (…-00001-of-…)"
+                    )));
+                }
+                let size = files.first().map_or(0, |(_, f)| f.size);
+                (first_header, one.clone(), SourceMap::whole(size))
+            }
+            many => parts::merge(many)
+                .map_err(|e| HubError::BadFile(format!("{repo_id}/{filename}: {e}")))?,
+        };
+        let Some((_, file)) = files.first().cloned() else {
+            return Err(HubError::Invalid("no file".into()));
+        };
+        Ok(Probed {
+            repo_id: repo_id.to_string(),
+            filename: filename.to_string(),
+            file,
+            parts: files,
+            header,
+            gguf,
+            map,
+        })
+    }
+
+    /// Reads the GGUF header of one resolved file (1 MiB first, doubled until it
+    /// parses); returns exactly its bytes before the tensor data, parsed.
+    async fn read_header(
+        &self,
+        file: &Resolved,
+        repo_id: &str,
+        name: &str,
+    ) -> Result<(Vec<u8>, Gguf), HubError> {
         let mut want = FIRST_READ.min(file.size);
         let mut bytes: Vec<u8> = Vec::new();
         loop {
-            let more = self.read_bytes(&file, bytes.len() as u64, want).await?;
+            let more = self.read_bytes(file, bytes.len() as u64, want).await?;
             bytes.extend_from_slice(&more);
             match Gguf::header_of_file(&bytes, file.size) {
                 Ok(g) => {
-                    // One part of a multi-part GGUF holds only some tensors: splitting
-                    // it alone would make a model with layers missing.
-                    if g.get("split.count")
-                        .and_then(|v| v.as_u64())
-                        .is_some_and(|n| n > 1)
-                    {
-                        return Err(HubError::Invalid(format!(
-                            "{filename} is one part of a multi-part GGUF; multi-part models \
-                             cannot be fetched yet"
-                        )));
-                    }
-                    let mut header = bytes;
-                    let end = usize::try_from(g.data_offset)
-                        .ok()
-                        .filter(|&e| e <= header.len())
-                        .ok_or_else(|| {
-                            HubError::BadFile("the header runs past what was read".into())
-                        })?;
-                    header.truncate(end);
                     if g.data_offset > MAX_HEADER_BYTES {
                         return Err(HubError::BadFile(format!(
                             "a GGUF header of {} bytes",
                             g.data_offset
                         )));
                     }
-                    return Ok(Probed {
-                        repo_id: repo_id.to_string(),
-                        filename: filename.to_string(),
-                        file,
-                        header,
-                        gguf: g,
-                    });
+                    let end = usize::try_from(g.data_offset)
+                        .ok()
+                        .filter(|&e| e <= bytes.len())
+                        .ok_or_else(|| {
+                            HubError::BadFile("the header runs past what was read".into())
+                        })?;
+                    bytes.truncate(end);
+                    return Ok((bytes, g));
                 }
                 Err(GgufError::Io(e))
                     if e.kind() == std::io::ErrorKind::UnexpectedEof
@@ -92,7 +136,7 @@ impl Hub {
                 }
                 Err(e) => {
                     return Err(HubError::BadFile(format!(
-                        "{repo_id}/{filename} has no usable GGUF header: {e}"
+                        "{repo_id}/{name} has no usable GGUF header: {e}"
                     )));
                 }
             }
@@ -101,6 +145,11 @@ impl Hub {
 }
 
 impl Probed {
+    /// Bytes of all its files.
+    pub fn total_size(&self) -> u64 {
+        self.parts.iter().map(|(_, f)| f.size).sum()
+    }
+
     /// The model id a node gives it (the file name without `.gguf`, lower case,
     /// as `models import` does).
     pub fn model_id(&self) -> String {
@@ -118,7 +167,7 @@ impl Probed {
         if !SPLIT_ARCHITECTURES.contains(&arch) {
             return 1;
         }
-        let by_size = self.file.size.div_ceil(TARGET_SHARD_BYTES) as u32;
+        let by_size = self.total_size().div_ceil(TARGET_SHARD_BYTES) as u32;
         by_size.max(DEFAULT_MIN_SHARDS).min(layers)
     }
 
@@ -171,7 +220,10 @@ impl Probed {
             "model_id": self.model_id(),
             "commit": self.file.commit,
             "sha256": self.file.sha256,
-            "size_bytes": self.file.size,
+            "size_bytes": self.total_size(),
+            "parts": self.parts.iter().map(|(name, f)| json!({
+                "filename": name, "size_bytes": f.size, "sha256": f.sha256,
+            })).collect::<Vec<_>>(),
             "header_bytes": self.header.len(),
             "architecture": arch,
             "architecture_supported": SPLIT_ARCHITECTURES.contains(&arch.as_str()),
@@ -183,7 +235,10 @@ impl Probed {
             "tensor_count": g.tensors.len(),
             "kv_cache_bytes_per_token": kv,
             "context": fit.context,
-            "fits_vram": fit.fits(self.file.size, kv.unwrap_or_else(|| Fit::kv_per_token_estimate(self.file.size))),
+            "fits_vram": fit.fits(
+                self.total_size(),
+                kv.unwrap_or_else(|| Fit::kv_per_token_estimate(self.total_size())),
+            ),
             "shard_count": shards,
             "shards": layout,
         }))

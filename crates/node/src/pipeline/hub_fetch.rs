@@ -31,6 +31,7 @@ use super::Pipeline;
 use super::transfer::{DownloadStatus, TransferError};
 use crate::hub::probe::Probed;
 use crate::hub::{Hub, HubError};
+use crate::shard::parts::Piece;
 use crate::shard::{self, Manifest, ModelDir, ModelPlan, ShardHashes, ShardPlan, SourceFile};
 
 /// Where a model came from on the Hub, and which shards this node still wants
@@ -145,28 +146,26 @@ impl Pipeline {
         let shards = req.shards.unwrap_or_else(|| probed.default_shards());
         let plan = probed.plan(shards)?;
         let model_id = req.model_id.clone().unwrap_or_else(|| probed.model_id());
-        let sha256 = probed.file.sha256.clone().ok_or_else(|| {
-            HubError::BadFile(format!(
-                "the Hub names no SHA-256 for {} (not an LFS file)",
-                req.filename
-            ))
-        })?;
-        let name = req
-            .filename
-            .rsplit('/')
-            .next()
-            .unwrap_or(&req.filename)
-            .to_string();
-        let manifest = plan
-            .manifest(
-                &model_id,
-                SourceFile {
-                    file: name,
-                    bytes: probed.file.size,
+        // Each file named as the Hub names it: its path's last part, size and
+        // SHA-256 (the LFS object id).
+        let sources = probed
+            .parts
+            .iter()
+            .map(|(path, f)| {
+                let sha256 = f.sha256.clone().ok_or_else(|| {
+                    HubError::BadFile(format!(
+                        "the Hub names no SHA-256 for {path} (not an LFS file)"
+                    ))
+                })?;
+                Ok(SourceFile {
+                    file: path.rsplit('/').next().unwrap_or(path).to_string(),
+                    bytes: f.size,
                     sha256,
-                },
-                &probed.header,
-            )
+                })
+            })
+            .collect::<Result<Vec<_>, HubError>>()?;
+        let manifest = plan
+            .manifest(&model_id, sources, &probed.header)
             .map_err(|e| HubError::BadFile(e.to_string()))?;
         let count = manifest.shard_count();
         let wanted: Vec<u32> = match (&req.shard_indices, req.fair_share) {
@@ -219,7 +218,7 @@ impl Pipeline {
             .collect();
         let whole = todo.len() == count as usize;
         let bytes_to_fetch = if whole {
-            probed.file.size
+            probed.total_size()
         } else {
             todo.iter()
                 .filter_map(|&i| plan.shard(i))
@@ -233,7 +232,7 @@ impl Pipeline {
             shard_count: count,
             mode: if whole { "whole" } else { "ranges" },
             bytes_to_fetch,
-            file_bytes: probed.file.size,
+            file_bytes: probed.total_size(),
             download_ids: Vec::new(),
         };
         if todo.is_empty() {
@@ -520,7 +519,7 @@ impl HubJob {
         // split from there, without the network.
         if let Some(cached) = self.cached_source().await {
             tracing::info!(file = %cached.display(), "using the file in the Hugging Face cache");
-            return self.split_from(&cached, ids).await;
+            return self.split_from(&[cached], ids).await;
         }
         if ids.len() == self.plan.shards.len() {
             return self.run_whole(ids).await;
@@ -554,35 +553,37 @@ impl HubJob {
             last: Instant::now(),
         };
         progress.report(resumed, true);
-        // Walk the shard's data segments from where the file ends.
+        // Walk the shard's data, piece by piece of the source's files, from where
+        // the file ends.
+        let pieces = p.pieces(&self.probed.map).map_err(failed)?;
         let mut at = p.header.len() as u64;
-        let mut file_resolved = self.probed.file.clone();
-        for segment in &p.segments {
-            let end = at + segment.len();
+        let mut resolved: Vec<crate::hub::Resolved> =
+            self.probed.parts.iter().map(|(_, f)| f.clone()).collect();
+        for piece in pieces {
+            let len = match piece {
+                Piece::Zeros(n) | Piece::Part { len: n, .. } => n,
+            };
+            let end = at + len;
             let have = file.metadata().map_err(failed)?.len();
             if have >= end {
                 at = end;
                 continue;
             }
-            let skip = have - at;
-            match *segment {
-                shard::plan::Segment::Zeros(n) => {
-                    file.write_all(&vec![0u8; (n - skip) as usize])
+            match piece {
+                Piece::Zeros(n) => {
+                    file.write_all(&vec![0u8; (n - (have - at)) as usize])
                         .map_err(failed)?;
                 }
-                shard::plan::Segment::Source { offset, len } => {
+                Piece::Part { part, offset, len } => {
                     let mut tries = 0;
                     loop {
                         let have = file.metadata().map_err(failed)?.len();
                         let from = offset + (have - at);
+                        let source = resolved
+                            .get(part)
+                            .ok_or_else(|| failed(format!("no source part {part}")))?;
                         let r = self
-                            .copy_range(
-                                &file_resolved,
-                                from,
-                                offset + len,
-                                &mut file,
-                                &mut progress,
-                            )
+                            .copy_range(source, from, offset + len, &mut file, &mut progress)
                             .await;
                         match r {
                             Ok(()) => break,
@@ -591,17 +592,9 @@ impl HubJob {
                             Err(e) => {
                                 tries += 1;
                                 tracing::warn!(error = %e, "a range read failed; resolving the file again");
-                                file_resolved = self
-                                    .hub
-                                    .resolve(
-                                        &self.probed.repo_id,
-                                        &self.probed.filename,
-                                        self.probed.file.commit.as_deref(),
-                                    )
-                                    .await
-                                    .map_err(failed)?;
-                                if file_resolved.size != self.probed.file.size {
-                                    return Err(failed("the file changed on the Hub"));
+                                let again = self.resolve_part(part).await?;
+                                if let Some(slot) = resolved.get_mut(part) {
+                                    *slot = again;
                                 }
                             }
                         }
@@ -615,6 +608,25 @@ impl HubJob {
         drop(file);
         progress.report(at, true);
         self.install(index, &part, &p).await
+    }
+
+    /// Resolves part `part` again (a CDN's signed URL expires); it must not have
+    /// changed size.
+    async fn resolve_part(&self, part: usize) -> Result<crate::hub::Resolved, TransferError> {
+        let (name, old) = self
+            .probed
+            .parts
+            .get(part)
+            .ok_or_else(|| failed(format!("no source part {part}")))?;
+        let again = self
+            .hub
+            .resolve(&self.probed.repo_id, name, old.commit.as_deref())
+            .await
+            .map_err(failed)?;
+        if again.size != old.size {
+            return Err(failed("the file changed on the Hub"));
+        }
+        Ok(again)
     }
 
     /// Checks a finished `.part` file and moves it into place.
@@ -699,35 +711,90 @@ impl HubJob {
 
     /// Every shard: the whole file in order, its SHA-256 checked, then split here.
     async fn run_whole(&self, ids: &[(u32, String)]) -> Result<(), TransferError> {
-        let part = self.dir.file(WHOLE_PART).map_err(failed)?;
-        let size = self.probed.file.size;
-        // SHA-256 of what is already there (read from disk, not the network).
-        // A part file longer than the file is not this file's: start over.
-        if std::fs::metadata(&part).is_ok_and(|m| m.len() > size) {
-            std::fs::remove_file(&part).map_err(failed)?;
+        let total = self.probed.total_size();
+        let sources: Vec<SourceFile> = if self.manifest.source_parts.is_empty() {
+            vec![self.manifest.source.clone()]
+        } else {
+            self.manifest.source_parts.clone()
+        };
+        let single = sources.len() == 1;
+        let mut paths = Vec::new();
+        let started = Instant::now();
+        let mut before = 0u64;
+        let mut resumed = 0u64;
+        for (i, expected) in sources.iter().enumerate() {
+            let name = if single {
+                WHOLE_PART.to_string()
+            } else {
+                format!("source-{:05}.gguf.part", i + 1)
+            };
+            let path = self.dir.file(&name).map_err(failed)?;
+            let have = self
+                .fetch_whole_part(
+                    i,
+                    &path,
+                    expected,
+                    ids,
+                    before,
+                    total,
+                    started,
+                    &mut resumed,
+                )
+                .await?;
+            before += have;
+            paths.push(path);
         }
-        let (part_c, limit) = (part.clone(), size);
+        self.split_from(&paths, ids).await?;
+        for p in &paths {
+            let _ = std::fs::remove_file(p);
+        }
+        Ok(())
+    }
+
+    /// Part `i` of the source, whole and in order, into `path` (resuming from
+    /// what is there), its SHA-256 checked against the Hub's. Returns its size.
+    #[allow(clippy::too_many_arguments)]
+    async fn fetch_whole_part(
+        &self,
+        i: usize,
+        path: &Path,
+        expected: &SourceFile,
+        ids: &[(u32, String)],
+        before: u64,
+        total: u64,
+        started: Instant,
+        resumed: &mut u64,
+    ) -> Result<u64, TransferError> {
+        let size = expected.bytes;
+        // A part file longer than the file is not this file's: start over.
+        if std::fs::metadata(path).is_ok_and(|m| m.len() > size) {
+            std::fs::remove_file(path).map_err(failed)?;
+        }
+        // SHA-256 of what is already there (read from disk, not the network).
+        let (part_c, limit) = (path.to_path_buf(), size);
         let (mut hasher, have) = tokio::task::spawn_blocking(move || prefix_sha256(&part_c, limit))
             .await
             .map_err(failed)?
             .map_err(failed)?;
+        *resumed += have;
+        let resumed = *resumed;
         let mut file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&part)
+            .open(path)
             .map_err(failed)?;
-        let started = Instant::now();
-        // Each shard shows the share of the whole file done, and the speed.
+        // Each shard shows the share of the whole source done, and the speed.
         let report_all = |done: u64| {
-            let frac = done as f64 / size.max(1) as f64;
-            let speed =
-                done.saturating_sub(have) as f64 / started.elapsed().as_secs_f64().max(1e-3);
+            let frac = (before + done) as f64 / total.max(1) as f64;
+            let speed = (before + done).saturating_sub(resumed) as f64
+                / started.elapsed().as_secs_f64().max(1e-3);
             for (i, id) in ids {
                 if let Some(p) = self.plan.shard(*i) {
                     self.pipeline.inner.downloads.update(id, |s| {
                         s.status = "downloading";
                         s.bytes_done = (p.bytes as f64 * frac) as u64;
-                        s.resumed_from = (p.bytes as f64 * have as f64 / size.max(1) as f64) as u64;
+                        s.resumed_from =
+                            (p.bytes as f64 * resumed as f64 / total.max(1) as f64) as u64;
                         s.speed_bps = speed;
                     });
                 }
@@ -735,7 +802,12 @@ impl HubJob {
         };
         let mut last_report = Instant::now();
         report_all(have);
-        let mut resolved = self.probed.file.clone();
+        let mut resolved = self
+            .probed
+            .parts
+            .get(i)
+            .map(|(_, f)| f.clone())
+            .ok_or_else(|| failed(format!("no source part {i}")))?;
         let mut tries = 0;
         let mut at = have;
         while at < size {
@@ -773,15 +845,7 @@ impl HubJob {
                 Err(e) => {
                     tries += 1;
                     tracing::warn!(error = %e, "a read of the file failed; resolving it again");
-                    resolved = self
-                        .hub
-                        .resolve(
-                            &self.probed.repo_id,
-                            &self.probed.filename,
-                            self.probed.file.commit.as_deref(),
-                        )
-                        .await
-                        .map_err(failed)?;
+                    resolved = self.resolve_part(i).await?;
                 }
             }
         }
@@ -789,8 +853,8 @@ impl HubJob {
         drop(file);
         report_all(size);
         let sha = hex::encode(hasher.finalize());
-        if sha != self.manifest.source.sha256 {
-            let _ = std::fs::remove_file(&part);
+        if sha != expected.sha256 {
+            let _ = std::fs::remove_file(path);
             for (_, id) in ids {
                 self.pipeline
                     .inner
@@ -798,18 +862,19 @@ impl HubJob {
                     .update(id, |s| s.rejected += 1);
             }
             return Err(failed(format!(
-                "the downloaded file's SHA-256 is {sha}, but the Hub names {}; discarded",
-                self.manifest.source.sha256
+                "the downloaded {}'s SHA-256 is {sha}, but the Hub names {}; discarded",
+                expected.file, expected.sha256
             )));
         }
-        self.split_from(&part, ids).await?;
-        let _ = std::fs::remove_file(&part);
-        Ok(())
+        Ok(size)
     }
 
     /// The file in the local Hugging Face cache, when it is there whole with the
     /// SHA-256 the Hub names.
     async fn cached_source(&self) -> Option<PathBuf> {
+        if self.probed.parts.len() != 1 {
+            return None;
+        }
         let path = self
             .hub
             .cached_file(&self.probed.repo_id, &self.probed.filename)?;
@@ -830,7 +895,11 @@ impl HubJob {
 
     /// Writes the shards `ids` from a whole local copy of the file, exactly as an
     /// import does, and installs them.
-    async fn split_from(&self, source: &Path, ids: &[(u32, String)]) -> Result<(), TransferError> {
+    async fn split_from(
+        &self,
+        sources: &[PathBuf],
+        ids: &[(u32, String)],
+    ) -> Result<(), TransferError> {
         for (index, _) in ids {
             let p = self
                 .plan
@@ -843,8 +912,13 @@ impl HubJob {
                 .ok_or_else(|| failed("no such shard"))?
                 .clone();
             let shard_part = self.dir.part(&entry);
-            let (src, out, p2) = (source.to_path_buf(), shard_part.clone(), p.clone());
-            tokio::task::spawn_blocking(move || p2.write_from(&src, &out))
+            let (src, out, p2, map) = (
+                sources.to_vec(),
+                shard_part.clone(),
+                p.clone(),
+                self.probed.map.clone(),
+            );
+            tokio::task::spawn_blocking(move || p2.write_from(&src, &map, &out))
                 .await
                 .map_err(failed)?
                 .map_err(failed)?;

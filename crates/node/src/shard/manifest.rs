@@ -100,8 +100,11 @@ pub struct Manifest {
     pub n_layers: u32,
     /// The head reuses the token embedding (no `output.weight`).
     pub tied_embeddings: bool,
-    /// The GGUF it was made from.
+    /// The GGUF it was made from (the first part of a multi-part GGUF).
     pub source: SourceFile,
+    /// Every part of a multi-part GGUF, in order (empty for a whole file).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub source_parts: Vec<SourceFile>,
     /// The header file.
     pub header: FileEntry,
     /// The shards, in layer order.
@@ -267,6 +270,24 @@ impl Manifest {
             ));
         }
         self.source.check()?;
+        if !self.source_parts.is_empty() {
+            let max = super::parts::MAX_PARTS as usize;
+            if !(2..=max).contains(&self.source_parts.len()) {
+                return Err(broke(
+                    "size",
+                    format!("{} source parts (2 to {max})", self.source_parts.len()),
+                ));
+            }
+            for p in &self.source_parts {
+                p.check()?;
+            }
+            if self.source_parts.first() != Some(&self.source) {
+                return Err(broke(
+                    "file_name",
+                    "the source must be the first of its parts",
+                ));
+            }
+        }
         self.header.check("header", MAX_HEADER_BYTES)?;
         if self.header.file != HEADER_FILE {
             return Err(broke(
@@ -477,6 +498,7 @@ mod tests {
                 bytes: 100,
                 sha256: "cd".repeat(32),
             },
+            source_parts: Vec::new(),
             header: entry(HEADER_FILE),
             shards,
         }

@@ -21,6 +21,7 @@ pub mod gguf;
 pub mod hashes;
 pub mod library;
 pub mod manifest;
+pub mod parts;
 pub mod plan;
 
 use std::path::{Path, PathBuf};
@@ -104,8 +105,66 @@ pub fn source_of(path: &Path) -> Result<SourceFile, ShardError> {
     })
 }
 
-/// Splits the GGUF at `source` into `shards` layer shards under
-/// `<models_dir>/<model_id>/`. `progress(done, total)` is called per file written.
+/// A GGUF on disk to split: one file, or every part of a multi-part GGUF (named
+/// by its first part, the others found beside it), as one virtual file.
+pub struct LocalSource {
+    /// The files, in order.
+    pub paths: Vec<PathBuf>,
+    /// The (merged) header's bytes.
+    pub header: Vec<u8>,
+    /// The header parsed, with spans.
+    pub gguf: Gguf,
+    /// Where the virtual file's bytes are.
+    pub map: parts::SourceMap,
+}
+
+impl LocalSource {
+    /// Opens `path`; a first part brings its siblings.
+    pub fn open(path: &Path) -> Result<LocalSource, ShardError> {
+        let g = Gguf::read(path)?;
+        if parts::split_count(&g) <= 1 {
+            let len = std::fs::metadata(path).map_err(io(path))?.len();
+            return Ok(LocalSource {
+                paths: vec![path.to_path_buf()],
+                header: read_prefix(path, g.data_offset)?,
+                map: parts::SourceMap::whole(len),
+                gguf: g,
+            });
+        }
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        let names = parts::part_names(name).ok_or_else(|| {
+            ShardError::Invalid(format!(
+                "{name} is one part of a multi-part GGUF: import its first part \
+                 (…-00001-of-…)"
+            ))
+        })?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let paths: Vec<PathBuf> = names.iter().map(|n| dir.join(n)).collect();
+        let heads = paths
+            .iter()
+            .map(|p| Gguf::read(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (header, gguf, map) = parts::merge(&heads)?;
+        Ok(LocalSource {
+            paths,
+            header,
+            gguf,
+            map,
+        })
+    }
+
+    /// Each file named by its name, size and SHA-256 (read in full).
+    pub fn identify(&self) -> Result<Vec<SourceFile>, ShardError> {
+        self.paths.iter().map(|p| source_of(p)).collect()
+    }
+}
+
+/// Splits the GGUF at `source` (a whole file, or the first part of a multi-part
+/// GGUF) into `shards` layer shards under `<models_dir>/<model_id>/`.
+/// `progress(done, total)` is called per file written.
 pub fn import(
     source: &Path,
     models_dir: &Path,
@@ -113,8 +172,8 @@ pub fn import(
     shards: u32,
     mut progress: impl FnMut(u32, u32),
 ) -> Result<Manifest, ShardError> {
-    let g = Gguf::read(source)?;
-    let plan = plan::plan(&g, shards)?;
+    let source = LocalSource::open(source)?;
+    let plan = plan::plan(&source.gguf, shards)?;
     let final_dir = ModelDir::new(models_dir, model_id)?;
     let final_dir = final_dir.path();
     if final_dir.exists() {
@@ -125,7 +184,7 @@ pub fn import(
     let work = models_dir.join(format!(".{model_id}.importing-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).map_err(io(&work))?;
-    let result = write_shards(&plan, source, &work, model_id, &mut progress);
+    let result = write_shards(&plan, &source, &work, model_id, &mut progress);
     match result {
         Ok(manifest) => {
             std::fs::rename(&work, final_dir).map_err(io(final_dir))?;
@@ -153,22 +212,22 @@ pub fn read_prefix(path: &Path, len: u64) -> Result<Vec<u8>, ShardError> {
 
 fn write_shards(
     plan: &ModelPlan,
-    source: &Path,
+    source: &LocalSource,
     dir: &Path,
     model_id: &str,
     progress: &mut impl FnMut(u32, u32),
 ) -> Result<Manifest, ShardError> {
     let total = plan.shards.len() as u32 + 1;
     let dir = ModelDir::existing(dir.to_path_buf());
-    // The header: every byte before the tensor data.
-    let head = read_prefix(source, plan.header_bytes)?;
+    // The header: every byte before the tensor data (of the merged file for a
+    // multi-part source).
     let header_path = dir.header();
-    std::fs::write(&header_path, &head).map_err(io(&header_path))?;
+    std::fs::write(&header_path, &source.header).map_err(io(&header_path))?;
     progress(1, total);
-    let manifest = plan.manifest(model_id, source_of(source)?, &head)?;
+    let manifest = plan.manifest(model_id, source.identify()?, &source.header)?;
     for s in &plan.shards {
         let path = dir.path().join(shard_file_name(s.index));
-        s.write_from(source, &path)?;
+        s.write_from(&source.paths, &source.map, &path)?;
         let (hash, bytes) = hashes::blake3_of(&path).map_err(io(&path))?;
         if bytes != s.bytes {
             return Err(ShardError::Invalid(format!(

@@ -13,6 +13,7 @@ use std::path::Path;
 
 use super::gguf::{Gguf, TensorInfo, Value, encode_header};
 use super::manifest::{self, FORMAT, FileEntry, HEADER_FILE, Manifest, ShardEntry, SourceFile};
+use super::parts::{Piece, SourceMap};
 use super::{SPLIT_ARCHITECTURES, ShardError, shard_file_name};
 
 /// One piece of a shard file's data section.
@@ -87,28 +88,51 @@ impl ShardPlan {
         self.source_ranges().iter().map(|(_, l)| l).sum()
     }
 
-    /// Writes the whole shard file to `out`, reading the source ranges from
-    /// `source`.
-    pub fn write_from(&self, source: &Path, out: &Path) -> Result<(), ShardError> {
+    /// The shard file's data as pieces of the source's files, in file order.
+    pub fn pieces(&self, map: &SourceMap) -> Result<Vec<Piece>, ShardError> {
+        let mut out = Vec::new();
+        for segment in &self.segments {
+            match *segment {
+                Segment::Zeros(n) => out.push(Piece::Zeros(n)),
+                Segment::Source { offset, len } => out.extend(map.pieces(offset, len)?),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes the whole shard file to `out`, reading the source's bytes from
+    /// `parts` (one path for a whole file) through `map`.
+    pub fn write_from(
+        &self,
+        parts: &[std::path::PathBuf],
+        map: &SourceMap,
+        out: &Path,
+    ) -> Result<(), ShardError> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| ShardError::Io { path, source }
         };
-        let mut src = std::fs::File::open(source).map_err(io(source))?;
+        let mut files = Vec::new();
+        for p in parts {
+            files.push(std::fs::File::open(p).map_err(io(p))?);
+        }
         let mut w = std::io::BufWriter::new(std::fs::File::create(out).map_err(io(out))?);
         w.write_all(&self.header).map_err(io(out))?;
         let mut buf = vec![0u8; 1 << 20];
-        for segment in &self.segments {
-            match *segment {
-                Segment::Zeros(n) => {
+        for piece in self.pieces(map)? {
+            match piece {
+                Piece::Zeros(n) => {
                     std::io::copy(&mut std::io::repeat(0).take(n), &mut w).map_err(io(out))?;
                 }
-                Segment::Source { offset, len } => {
-                    src.seek(SeekFrom::Start(offset)).map_err(io(source))?;
+                Piece::Part { part, offset, len } => {
+                    let (Some(src), Some(path)) = (files.get_mut(part), parts.get(part)) else {
+                        return Err(ShardError::Invalid(format!("no source part {part}")));
+                    };
+                    src.seek(SeekFrom::Start(offset)).map_err(io(path))?;
                     let mut left = len;
                     while left > 0 {
                         let n = left.min(buf.len() as u64) as usize;
-                        src.read_exact(&mut buf[..n]).map_err(io(source))?;
+                        src.read_exact(&mut buf[..n]).map_err(io(path))?;
                         w.write_all(&buf[..n]).map_err(io(out))?;
                         left -= n as u64;
                     }
@@ -274,15 +298,20 @@ impl ModelPlan {
         self.shards.iter().find(|s| s.index == index)
     }
 
-    /// The manifest of this split: it needs only the plan, the source file's
-    /// identity and the header's bytes, so every node that splits the same file
-    /// the same way writes the same manifest, whichever bytes it read.
+    /// The manifest of this split: it needs only the plan, the source files'
+    /// identity (one, or every part of a multi-part GGUF) and the header's bytes,
+    /// so every node that splits the same file the same way writes the same
+    /// manifest, whichever bytes it read.
     pub fn manifest(
         &self,
         model_id: &str,
-        source: SourceFile,
+        sources: Vec<SourceFile>,
         header: &[u8],
     ) -> Result<Manifest, ShardError> {
+        let source = sources
+            .first()
+            .cloned()
+            .ok_or_else(|| ShardError::Invalid("no source file".into()))?;
         let m = Manifest {
             format: FORMAT.into(),
             model_id: model_id.into(),
@@ -290,6 +319,11 @@ impl ModelPlan {
             n_layers: self.n_layers,
             tied_embeddings: self.tied_embeddings,
             source,
+            source_parts: if sources.len() > 1 {
+                sources
+            } else {
+                Vec::new()
+            },
             header: FileEntry {
                 file: HEADER_FILE.into(),
                 bytes: header.len() as u64,
@@ -316,9 +350,17 @@ impl ModelPlan {
 }
 
 /// The plan of a model already on disk: from its `gguf_header.bin` and the source
-/// size its manifest names. A shard file's expected header and size come from it.
+/// size its manifest names (or, for a multi-part source, the virtual file's size
+/// its merged header declares). A shard file's expected header and size come
+/// from it.
 pub fn plan_of(header: &[u8], manifest: &Manifest) -> Result<ModelPlan, ShardError> {
-    let g = Gguf::header_of_file(header, manifest.source.bytes)?;
+    let len = if manifest.source_parts.is_empty() {
+        manifest.source.bytes
+    } else {
+        super::parts::declared_len(&Gguf::header_from_bytes(header)?)
+            .ok_or_else(|| ShardError::Invalid("a merged header without its data size".into()))?
+    };
+    let g = Gguf::header_of_file(header, len)?;
     plan(&g, manifest.shard_count())
 }
 
