@@ -685,6 +685,7 @@ impl HubJob {
         };
         let mut stream = response.bytes_stream();
         let mut got = 0u64;
+        let base = out.metadata().map_err(failed)?.len();
         loop {
             let chunk = tokio::select! {
                 () = self.cancel.cancelled() => return Err(failed("cancelled")),
@@ -697,8 +698,7 @@ impl HubJob {
             }
             out.write_all(&chunk).map_err(failed)?;
             got += chunk.len() as u64;
-            let len = out.metadata().map(|m| m.len()).unwrap_or(0);
-            progress.report(len, false);
+            progress.report(base + got, false);
         }
         if got != to - from {
             return Err(failed(format!(
@@ -772,10 +772,19 @@ impl HubJob {
         }
         // SHA-256 of what is already there (read from disk, not the network).
         let (part_c, limit) = (path.to_path_buf(), size);
-        let (mut hasher, have) = tokio::task::spawn_blocking(move || prefix_sha256(&part_c, limit))
+        let (hasher, have) = tokio::task::spawn_blocking(move || prefix_sha256(&part_c, limit))
             .await
             .map_err(failed)?
             .map_err(failed)?;
+        // The SHA-256 runs on its own thread, overlapping the network.
+        let (to_hash, chunks) = std::sync::mpsc::channel();
+        let hashing = std::thread::spawn(move || {
+            let mut hasher = hasher;
+            for chunk in chunks {
+                hasher.update(&chunk);
+            }
+            hasher
+        });
         *resumed += have;
         let resumed = *resumed;
         let mut file = std::fs::OpenOptions::new()
@@ -828,8 +837,10 @@ impl HubJob {
                         return Err(failed("the server sent more bytes than the file has"));
                     }
                     file.write_all(&chunk).map_err(failed)?;
-                    hasher.update(&chunk);
                     at += chunk.len() as u64;
+                    to_hash
+                        .send(chunk)
+                        .map_err(|_| failed("the hashing thread ended"))?;
                     if last_report.elapsed() > Duration::from_millis(200) {
                         report_all(at);
                         last_report = Instant::now();
@@ -852,6 +863,11 @@ impl HubJob {
         file.sync_all().map_err(failed)?;
         drop(file);
         report_all(size);
+        drop(to_hash);
+        let hasher = tokio::task::spawn_blocking(move || hashing.join())
+            .await
+            .map_err(failed)?
+            .map_err(|_| failed("the hashing thread failed"))?;
         let sha = hex::encode(hasher.finalize());
         if sha != expected.sha256 {
             let _ = std::fs::remove_file(path);

@@ -6,7 +6,7 @@
 //! or received and checked, serves that record to peers, and checks its own files
 //! against it on every scan, so a damaged file is found and fetched again.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -74,6 +74,36 @@ impl ShardHashes {
         let text = serde_json::to_vec_pretty(&h).map_err(std::io::Error::other)?;
         crate::fsutil::write_atomic(&dir.hashes(), &text)
     }
+}
+
+/// Files whose hash is remembered (the cache starts over beyond it).
+const MAX_CACHED: usize = 4096;
+
+/// BLAKE3 (hex) of the file at `path`, reusing the last result while the file's
+/// size and modification time are unchanged: a rescan then reads only files
+/// that are new or changed, not every shard of every model.
+pub fn blake3_cached(path: &Path) -> std::io::Result<String> {
+    type Seen = HashMap<std::path::PathBuf, (u64, std::time::SystemTime, String)>;
+    static CACHE: Mutex<Option<Seen>> = Mutex::new(None);
+    let meta = std::fs::metadata(path)?;
+    let key = (meta.len(), meta.modified()?);
+    if let Some((len, modified, hash)) = CACHE
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .and_then(|c| c.get(path))
+        && (*len, *modified) == key
+    {
+        return Ok(hash.clone());
+    }
+    let (hash, _) = blake3_of(path)?;
+    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    let cache = cache.get_or_insert_with(HashMap::new);
+    if cache.len() >= MAX_CACHED {
+        cache.clear();
+    }
+    cache.insert(path.to_path_buf(), (key.0, key.1, hash.clone()));
+    Ok(hash)
 }
 
 /// BLAKE3 (hex) and length of the file at `path`.

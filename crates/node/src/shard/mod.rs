@@ -299,9 +299,7 @@ pub fn check_shard_file(path: &Path, plan: &ShardPlan) -> Result<String, String>
     if head != plan.header {
         return Err("its header differs from the one the manifest implies".into());
     }
-    hashes::blake3_of(path)
-        .map(|(h, _)| h)
-        .map_err(|e| e.to_string())
+    hashes::blake3_cached(path).map_err(|e| e.to_string())
 }
 
 /// Checks the file of shard `index` against the plan and the recorded hash.

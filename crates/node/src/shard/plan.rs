@@ -88,13 +88,29 @@ impl ShardPlan {
         self.source_ranges().iter().map(|(_, l)| l).sum()
     }
 
-    /// The shard file's data as pieces of the source's files, in file order.
+    /// The shard file's data as pieces of the source's files, in file order,
+    /// adjacent ones merged (a shard's tensors usually lie back to back in the
+    /// source, so a download is a few long reads, not one per tensor).
     pub fn pieces(&self, map: &SourceMap) -> Result<Vec<Piece>, ShardError> {
-        let mut out = Vec::new();
+        let mut out: Vec<Piece> = Vec::new();
         for segment in &self.segments {
-            match *segment {
-                Segment::Zeros(n) => out.push(Piece::Zeros(n)),
-                Segment::Source { offset, len } => out.extend(map.pieces(offset, len)?),
+            let next = match *segment {
+                Segment::Zeros(n) => vec![Piece::Zeros(n)],
+                Segment::Source { offset, len } => map.pieces(offset, len)?,
+            };
+            for piece in next {
+                match (out.last_mut(), piece) {
+                    (
+                        Some(Piece::Part { part, offset, len }),
+                        Piece::Part {
+                            part: p,
+                            offset: o,
+                            len: l,
+                        },
+                    ) if *part == p && *offset + *len == o => *len += l,
+                    (Some(Piece::Zeros(n)), Piece::Zeros(m)) => *n += m,
+                    (_, piece) => out.push(piece),
+                }
             }
         }
         Ok(out)
