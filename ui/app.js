@@ -133,7 +133,7 @@ async function modelListHtml() {
     const shards = (m.shards || []).map((s) => `<tr>
         <td>${s.index}</td><td>[${s.layer_start}–${s.layer_end})</td>
         <td>${s.held ? (s.loaded ? "loaded" : "on disk") : "—"}</td>
-        <td>${esc(s.holders ?? 0)}</td>
+        <td title="${esc((s.holder_ids || []).join("\n"))}">${esc(s.holders ?? 0)}${(s.holder_ids || []).length ? ` <span class="muted">${(s.holder_ids || []).slice(0, 3).map((h) => esc(h.slice(0, 8))).join(", ")}</span>` : ""}</td>
         <td>${s.held ? `<button class="secondary" data-act="${s.loaded ? "unload" : "load"}" data-model="${esc(m.id)}" data-shard="${s.index}">${s.loaded ? "Unload" : "Load"}</button>`
                      : `<button class="secondary" data-act="download" data-model="${esc(m.id)}" data-shard="${s.index}">Download</button>`}</td></tr>`);
     const add = m.local ? "" : `<button data-add="${esc(m.id)}">Add from the network</button>

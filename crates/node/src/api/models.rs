@@ -76,6 +76,7 @@ fn model_json(
                     "corrupt": m.corrupt.contains(&s.index),
                     "loaded": loaded.iter().any(|r| r.first_shard <= s.index && r.last_shard >= s.index),
                     "holders": holders.len(),
+                    "holder_ids": holders,
                 })
             })
             .collect(),

@@ -99,10 +99,13 @@ pub struct HubStarted {
 }
 
 /// A node's fair share of a model's shards: rendezvous hashing over the swarm's
-/// members. Each member scores each shard with BLAKE3(BLAKE3(node_id ‖ model_id) ‖
-/// index) and a shard goes to the highest scorer, so members that see the same
-/// swarm agree on who takes what without talking, and together hold every shard.
-/// A member that wins nothing takes its best-scoring shard.
+/// members, balanced. Each member scores each shard with
+/// BLAKE3(BLAKE3(node_id ‖ model_id) ‖ index); shard by shard, it goes to the best
+/// scorer that does not hold its quota (the shard count over the members, rounded
+/// up) yet. Members that see the same swarm agree on who takes what without
+/// talking, together hold every shard, and none takes more than its quota. A
+/// member that gets nothing (more members than shards) takes its best-scoring
+/// shard.
 pub fn fair_share(node_id: &str, members: &[String], model_id: &str, shards: u32) -> Vec<u32> {
     let score = |node: &str, index: u32| {
         let seed = blake3::hash(format!("{node}{model_id}").as_bytes());
@@ -115,9 +118,23 @@ pub fn fair_share(node_id: &str, members: &[String], model_id: &str, shards: u32
     all.push(node_id);
     all.sort_unstable();
     all.dedup();
-    let mine: Vec<u32> = (0..shards)
-        .filter(|&i| all.iter().max_by_key(|n| score(n, i)) == Some(&node_id))
-        .collect();
+    let quota = (shards as usize).div_ceil(all.len()).max(1);
+    let mut taken: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    let mut mine = Vec::new();
+    for i in 0..shards {
+        let mut ranked = all.clone();
+        ranked.sort_by_key(|n| std::cmp::Reverse(score(n, i)));
+        let Some(winner) = ranked
+            .into_iter()
+            .find(|n| taken.get(n).copied().unwrap_or(0) < quota)
+        else {
+            continue;
+        };
+        *taken.entry(winner).or_insert(0) += 1;
+        if winner == node_id {
+            mine.push(i);
+        }
+    }
     if mine.is_empty() {
         (0..shards)
             .max_by_key(|&i| score(node_id, i))
@@ -543,16 +560,18 @@ impl HubJob {
             .ok_or_else(|| failed(format!("no shard {index}")))?
             .clone();
         let part = self.dir.part(&entry);
-        let mut file = open_part(&part, &p.header)?;
-        let resumed = file.metadata().map_err(failed)?.len();
+        let file = open_part(&part, &p.header, p.bytes)?;
+        // `have`: the bytes in the file, counting those still in the buffer.
+        let mut have = file.metadata().map_err(failed)?.len();
+        let mut file = std::io::BufWriter::with_capacity(1 << 20, file);
         let mut progress = Progress {
             pipeline: &self.pipeline,
             id,
             started: Instant::now(),
-            resumed,
+            resumed: have,
             last: Instant::now(),
         };
-        progress.report(resumed, true);
+        progress.report(have, true);
         // Walk the shard's data, piece by piece of the source's files, from where
         // the file ends.
         let pieces = p.pieces(&self.probed.map).map_err(failed)?;
@@ -564,29 +583,36 @@ impl HubJob {
                 Piece::Zeros(n) | Piece::Part { len: n, .. } => n,
             };
             let end = at + len;
-            let have = file.metadata().map_err(failed)?.len();
             if have >= end {
                 at = end;
                 continue;
             }
             match piece {
                 Piece::Zeros(n) => {
-                    file.write_all(&vec![0u8; (n - (have - at)) as usize])
+                    let zeros = n - (have - at);
+                    std::io::copy(&mut std::io::repeat(0).take(zeros), &mut file)
                         .map_err(failed)?;
+                    have += zeros;
                 }
-                Piece::Part { part, offset, len } => {
+                Piece::Part { part, offset, .. } => {
                     let mut tries = 0;
-                    loop {
-                        let have = file.metadata().map_err(failed)?.len();
-                        let from = offset + (have - at);
+                    while have < end {
                         let source = resolved
                             .get(part)
                             .ok_or_else(|| failed(format!("no source part {part}")))?;
+                        let from = offset + (have - at);
                         let r = self
-                            .copy_range(source, from, offset + len, &mut file, &mut progress)
+                            .copy_range(
+                                source,
+                                from,
+                                offset + len,
+                                &mut file,
+                                &mut have,
+                                &mut progress,
+                            )
                             .await;
                         match r {
-                            Ok(()) => break,
+                            Ok(()) => {}
                             Err(e) if self.cancel.is_cancelled() => return Err(e),
                             Err(e) if tries + 1 >= RANGE_RETRIES => return Err(e),
                             Err(e) => {
@@ -604,9 +630,11 @@ impl HubJob {
             at = end;
             progress.report(at, false);
         }
+        // The speed is the network's: reported before the file is synced.
+        progress.report(at, true);
+        let file = file.into_inner().map_err(|e| failed(e.error()))?;
         file.sync_all().map_err(failed)?;
         drop(file);
-        progress.report(at, true);
         self.install(index, &part, &p).await
     }
 
@@ -668,12 +696,15 @@ impl HubJob {
     }
 
     /// Streams bytes `from..to` of the file onto the end of `out`.
+    /// Streams bytes `from..to` of the file onto `out`, counting them in `have`
+    /// as they are written (so a retry after a failure starts where this ended).
     async fn copy_range(
         &self,
         file: &crate::hub::Resolved,
         from: u64,
         to: u64,
-        out: &mut std::fs::File,
+        out: &mut impl Write,
+        have: &mut u64,
         progress: &mut Progress<'_>,
     ) -> Result<(), TransferError> {
         if from >= to {
@@ -685,7 +716,6 @@ impl HubJob {
         };
         let mut stream = response.bytes_stream();
         let mut got = 0u64;
-        let base = out.metadata().map_err(failed)?.len();
         loop {
             let chunk = tokio::select! {
                 () = self.cancel.cancelled() => return Err(failed("cancelled")),
@@ -698,7 +728,8 @@ impl HubJob {
             }
             out.write_all(&chunk).map_err(failed)?;
             got += chunk.len() as u64;
-            progress.report(base + got, false);
+            *have += chunk.len() as u64;
+            progress.report(*have, false);
         }
         if got != to - from {
             return Err(failed(format!(
@@ -787,11 +818,14 @@ impl HubJob {
         });
         *resumed += have;
         let resumed = *resumed;
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(failed)?;
+        let mut file = std::io::BufWriter::with_capacity(
+            1 << 20,
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(failed)?,
+        );
         // Each shard shows the share of the whole source done, and the speed.
         let report_all = |done: u64| {
             let frac = (before + done) as f64 / total.max(1) as f64;
@@ -860,9 +894,11 @@ impl HubJob {
                 }
             }
         }
+        // The speed is the network's: reported before the file is synced.
+        report_all(size);
+        let file = file.into_inner().map_err(|e| failed(e.error()))?;
         file.sync_all().map_err(failed)?;
         drop(file);
-        report_all(size);
         drop(to_hash);
         let hasher = tokio::task::spawn_blocking(move || hashing.join())
             .await
@@ -946,11 +982,11 @@ impl HubJob {
 
 /// Opens (or starts) a shard's `.part` file for appending: a file that does not
 /// begin with the planned header, or is longer than the shard, starts over.
-fn open_part(part: &Path, header: &[u8]) -> Result<std::fs::File, TransferError> {
+fn open_part(part: &Path, header: &[u8], bytes: u64) -> Result<std::fs::File, TransferError> {
     let mut keep = false;
     if let Ok(mut f) = std::fs::File::open(part) {
         let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-        if len >= header.len() as u64 {
+        if len >= header.len() as u64 && len <= bytes {
             let mut head = vec![0u8; header.len()];
             keep = f.read_exact(&mut head).is_ok() && head == header;
         }
@@ -983,15 +1019,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn fair_shares_cover_every_shard_and_agree() {
-        let nodes: Vec<String> = (0..3).map(|i| format!("node-{i}")).collect();
-        let mut covered = std::collections::BTreeSet::new();
-        for n in &nodes {
-            let share = fair_share(n, &nodes, "smollm2", 3);
-            assert!(!share.is_empty());
-            covered.extend(share);
+    fn fair_shares_cover_every_shard_agree_and_are_balanced() {
+        for swarm in 0..50 {
+            let nodes: Vec<String> = (0..3).map(|i| format!("node-{swarm}-{i}")).collect();
+            let mut covered = Vec::new();
+            for n in &nodes {
+                let share = fair_share(n, &nodes, "smollm2", 3);
+                assert_eq!(share.len(), 1, "{n}: {share:?}");
+                covered.extend(share);
+            }
+            covered.sort_unstable();
+            assert_eq!(covered, vec![0, 1, 2]);
         }
-        assert_eq!(covered.len(), 3);
+        // Uneven: 7 shards over 3 nodes, at most 3 each, all covered once.
+        let nodes: Vec<String> = (0..3).map(|i| format!("n{i}")).collect();
+        let shares: Vec<Vec<u32>> = nodes
+            .iter()
+            .map(|n| fair_share(n, &nodes, "m", 7))
+            .collect();
+        assert!(shares.iter().all(|s| s.len() <= 3));
+        assert_eq!(shares.iter().map(Vec::len).sum::<usize>(), 7);
         // Deterministic.
         assert_eq!(
             fair_share("node-0", &nodes, "m", 7),

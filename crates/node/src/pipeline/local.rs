@@ -89,9 +89,37 @@ impl Pipeline {
             if present {
                 continue;
             }
+            let key = format!(
+                "{}|{}|{first}|{last}|{:?}",
+                model.manifest.model_id,
+                model.manifest_hash,
+                (first..=last)
+                    .map(|i| model.hashes.get(i).unwrap_or(""))
+                    .collect::<Vec<_>>()
+            );
+            let failed_before = self
+                .inner
+                .failed_runs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&key);
+            if failed_before {
+                tracing::debug!(model = %model.manifest.model_id, first, last,
+                    "not retrying a shard run that failed to load");
+                continue;
+            }
             if let Err(e) = self.load_run(model, first, last).await {
                 tracing::warn!(model = %model.manifest.model_id, first, last, error = %e,
                     "could not load a shard run");
+                let mut failed = self
+                    .inner
+                    .failed_runs
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                if failed.len() >= 1024 {
+                    failed.clear();
+                }
+                failed.insert(key);
             }
         }
         *self.inner.local.lock().unwrap_or_else(|p| p.into_inner()) = models.clone();

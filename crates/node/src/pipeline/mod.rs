@@ -151,6 +151,10 @@ struct Inner {
     reload: tokio::sync::Mutex<()>,
     /// Shards held but kept out of memory (`shards/{i}/unload`), by model.
     unloaded: Mutex<HashMap<String, HashSet<u32>>>,
+    /// Runs llama.cpp refused to load, by what they were made of (model,
+    /// manifest, shards and their hashes): not tried again at every rescan
+    /// (assembling a run copies its shards) until one of those changes.
+    failed_runs: Mutex<HashSet<String>>,
     /// Shards found damaged, to fetch again once a network is attached.
     repairs: mpsc::UnboundedSender<(String, u32)>,
     repairs_rx: Mutex<Option<mpsc::UnboundedReceiver<(String, u32)>>>,
@@ -206,6 +210,7 @@ impl Pipeline {
                 rejected: Mutex::new(Vec::new()),
                 downloads: transfer::Downloads::default(),
                 unloaded: Mutex::new(HashMap::new()),
+                failed_runs: Mutex::new(HashSet::new()),
                 reload: tokio::sync::Mutex::new(()),
                 pins: pins::ManifestPins::new(store),
                 encryption: OnceLock::new(),
