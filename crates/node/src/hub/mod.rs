@@ -321,9 +321,7 @@ impl Hub {
         if !response.status().is_success() {
             return Err(status_error(response.status(), response.headers(), repo_id));
         }
-        let info: InfoJson = response.json().await.map_err(|e| {
-            HubError::Upstream(format!("{repo_id}: unreadable repository info: {e}"))
-        })?;
+        let info: InfoJson = json_body(response, repo_id).await?;
         let gated = match info.gated {
             serde_json::Value::String(s) => Some(s),
             serde_json::Value::Bool(true) => Some("true".into()),
@@ -485,16 +483,25 @@ impl Hub {
         start: u64,
         end: u64,
     ) -> Result<Vec<u8>, HubError> {
-        let r = self.read_range(file, start, end).await?;
-        let bytes = r.bytes().await?;
-        if bytes.len() as u64 != end - start {
+        let mut r = self.read_range(file, start, end).await?;
+        let want = end - start;
+        let mut bytes = Vec::with_capacity(want.min(MAX_JSON_BYTES as u64) as usize);
+        // Never more than the range asked for is kept, whatever the server sends.
+        while let Some(chunk) = r.chunk().await? {
+            if (bytes.len() + chunk.len()) as u64 > want {
+                return Err(HubError::BadFile(format!(
+                    "the server sent more than the {want} bytes asked for"
+                )));
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        if bytes.len() as u64 != want {
             return Err(HubError::BadFile(format!(
-                "the server sent {} bytes for a {}-byte range",
-                bytes.len(),
-                end - start
+                "the server sent {} bytes for a {want}-byte range",
+                bytes.len()
             )));
         }
-        Ok(bytes.to_vec())
+        Ok(bytes)
     }
 
     /// A path to `path` of `repo_id` in the local Hugging Face cache (shared with
@@ -522,6 +529,29 @@ impl Hub {
         }
         cache.insert(key.to_string(), (Instant::now(), value));
     }
+}
+
+/// Largest JSON answer read from the Hub (a repository of thousands of files
+/// lists in well under this).
+const MAX_JSON_BYTES: usize = 16 << 20;
+
+/// Reads a JSON answer of at most [`MAX_JSON_BYTES`]: what a server sends is not
+/// held in memory beyond that, whatever it claims.
+pub(crate) async fn json_body<T: serde::de::DeserializeOwned>(
+    mut response: reqwest::Response,
+    what: &str,
+) -> Result<T, HubError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        if body.len() + chunk.len() > MAX_JSON_BYTES {
+            return Err(HubError::Upstream(format!(
+                "{what}: the answer is larger than {MAX_JSON_BYTES} bytes"
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    serde_json::from_slice(&body)
+        .map_err(|e| HubError::Upstream(format!("{what}: an unreadable answer: {e}")))
 }
 
 /// Whether `s` is a SHA-256 in hex (the Hub's LFS ETag).

@@ -225,10 +225,7 @@ impl Hub {
         if !r.status().is_success() {
             return Err(status_error(r.status(), r.headers(), "search"));
         }
-        let hits: Vec<SearchHit> = r
-            .json()
-            .await
-            .map_err(|e| HubError::Upstream(format!("unreadable search answer: {e}")))?;
+        let hits: Vec<SearchHit> = super::json_body(r, "search").await?;
         let listings =
             futures::future::join_all(hits.iter().take(limit).map(|h| self.listing(&h.id))).await;
         let mut out = Vec::new();

@@ -163,9 +163,10 @@ pub fn merge(parts: &[Gguf]) -> Result<(Vec<u8>, Gguf, SourceMap), ShardError> {
     let mut tensors: Vec<TensorInfo> = Vec::with_capacity(total);
     let mut located: Vec<(u64, usize, u64, u64)> = Vec::with_capacity(total);
     let mut offset = 0u64;
+    let mut names = std::collections::HashSet::with_capacity(total);
     for (i, p) in parts.iter().enumerate() {
         for t in &p.tensors {
-            if tensors.iter().any(|x| x.name == t.name) {
+            if !names.insert(t.name.as_str()) {
                 return Err(ShardError::Invalid(format!(
                     "tensor {} is in two parts",
                     t.name
