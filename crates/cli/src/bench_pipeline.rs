@@ -29,8 +29,8 @@ pub(crate) struct BenchPipelineArgs {
     /// Measured runs per configuration (after one warm-up).
     #[arg(long, default_value_t = 3)]
     runs: usize,
-    /// Activation encoding between hops (`f16`, `f32`, `q8`).
-    #[arg(long, default_value = "f16")]
+    /// Activation encoding between hops (`f32`, the node's default, `f16`, `q8`).
+    #[arg(long, default_value = "f32")]
     dtype: String,
     /// Inference threads per node.
     #[arg(long, default_value_t = 1)]

@@ -81,7 +81,7 @@ fn three_way_split_matches_local_greedy_output_and_survives_a_killed_hop() {
     };
 
     let lib = import_library();
-    // f32 activations: the exact wire format (f16, the default, rounds hidden states).
+    // f32 activations (the default, set here all the same): the exact wire format.
     let a = TestNode::start_custom(false, &[], &[("SWARMLLM_ACTIVATION_DTYPE", "f32")], |d| {
         give_shards(lib.path(), d, &[0])
     });
@@ -101,6 +101,23 @@ fn three_way_split_matches_local_greedy_output_and_survives_a_killed_hop() {
         assert_eq!(layers["ranges"][0]["layer_start"], range.0);
         assert_eq!(layers["ranges"][0]["layer_end"], range.1);
     }
+
+    // The first requests arrive together: the vocabulary is loaded once, by
+    // whoever asks first, and every one of them is answered (it once raced: some
+    // got 503 NO_TOKENIZER).
+    std::thread::scope(|scope| {
+        let answers: Vec<_> = (0..4)
+            .map(|i| {
+                let a = &a;
+                scope.spawn(move || chat(a, Some("smol"), PROMPTS[i % PROMPTS.len()], 64))
+            })
+            .collect();
+        for (i, answer) in answers.into_iter().enumerate() {
+            let (status, v) = answer.join().expect("request thread");
+            assert_eq!(status, 200, "concurrent first request {i}: {v}");
+            assert_eq!(content(&v), reference[i % PROMPTS.len()].0, "request {i}");
+        }
+    });
 
     for (prompt, (text, tokens)) in PROMPTS.iter().zip(&reference) {
         let (status, v) = chat(&a, Some("smol"), prompt, 64);

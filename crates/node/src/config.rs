@@ -84,8 +84,9 @@ pub struct Config {
     /// Load every contiguous run of held shards at start and serve it to the
     /// network. Default true.
     pub serve_shards: bool,
-    /// How hidden states travel between hops: `f16` (default), `f32` (exact) or
-    /// `q8` (8-bit blocks, about half of f16).
+    /// How hidden states travel between hops: `f32` (default: a split model
+    /// answers exactly as the whole model does), or, trading exactness for
+    /// bytes, `f16` (half) or `q8` (8-bit blocks, about a quarter).
     pub activation_dtype: String,
     /// Pipeline sessions (KV caches) a node keeps at once. Default 16.
     pub pipeline_max_sessions: u32,
@@ -150,7 +151,7 @@ impl Default for Config {
             log_level: "info".into(),
             secret_store: "auto".into(),
             serve_shards: true,
-            activation_dtype: "f16".into(),
+            activation_dtype: "f32".into(),
             pipeline_max_sessions: 16,
             pipeline_session_ttl_secs: 300,
             pipeline_max_session_mb: 4096,

@@ -302,16 +302,24 @@ impl Pipeline {
             .filter(|dir| dir.header().is_file())
     }
 
-    /// The model's vocabulary (tokenizer and chat template), loaded once.
+    /// The model's vocabulary (tokenizer and chat template), loaded once, by
+    /// whoever asks first: concurrent first requests wait for that load instead
+    /// of each writing and loading the vocabulary file at the same time.
     pub async fn vocab(&self, model_id: &str) -> Result<Arc<LlamaModel>, String> {
-        if let Some(v) = self
-            .inner
-            .vocabs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(model_id)
-        {
-            return Ok(Arc::clone(v));
+        let cached = |this: &Self| {
+            this.inner
+                .vocabs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(model_id)
+                .cloned()
+        };
+        if let Some(v) = cached(self) {
+            return Ok(v);
+        }
+        let _loading = self.inner.vocab_load.lock().await;
+        if let Some(v) = cached(self) {
+            return Ok(v);
         }
         let dir = self.model_dir(model_id).ok_or_else(|| {
             format!(

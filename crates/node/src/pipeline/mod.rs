@@ -132,6 +132,8 @@ struct Inner {
     /// The node's tasks (set when a network is attached).
     tasks: crate::tasks::LateTasks,
     vocabs: Mutex<HashMap<String, Arc<LlamaModel>>>,
+    /// Held while a vocabulary loads (see [`Pipeline::vocab`]).
+    vocab_load: tokio::sync::Mutex<()>,
     local: Mutex<Vec<LocalModel>>,
     /// Model directories the last scan skipped (bad manifests), with why.
     rejected: Mutex<Vec<library::RejectedModel>>,
@@ -206,6 +208,7 @@ impl Pipeline {
                 network: OnceLock::new(),
                 tasks: crate::tasks::LateTasks::default(),
                 vocabs: Mutex::new(HashMap::new()),
+                vocab_load: tokio::sync::Mutex::new(()),
                 local: Mutex::new(Vec::new()),
                 rejected: Mutex::new(Vec::new()),
                 downloads: transfer::Downloads::default(),

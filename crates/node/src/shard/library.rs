@@ -191,6 +191,12 @@ pub fn vocab_file(
     let mut kv = header.kv.clone();
     kv.retain(|(k, _)| !k.starts_with("swarmllm.shard."));
     let out = ranges_dir.join(format!("{model_id}-vocab.gguf"));
-    super::gguf::write(&out, &kv, header.alignment, &[])?;
+    // Written beside and renamed into place: a reader never sees half a file.
+    let tmp = ranges_dir.join(format!(".{model_id}-vocab.gguf.{}", std::process::id()));
+    super::gguf::write(&tmp, &kv, header.alignment, &[])?;
+    std::fs::rename(&tmp, &out).map_err(|source| ShardError::Io {
+        path: out.clone(),
+        source,
+    })?;
     Ok(out)
 }
