@@ -86,8 +86,18 @@ pub(super) struct Downloads {
 }
 
 impl Downloads {
+    /// The running download of shard `index` of `model_id`, if any.
+    fn running(&self, model_id: &str, index: u32) -> Option<DownloadStatus> {
+        self.entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .find(|(s, _)| s.active() && s.model_id == model_id && s.shard_index == index)
+            .map(|(s, _)| s.clone())
+    }
+
     /// Adds a download unless one of the same shard is running; drops the oldest
-    /// finished records beyond the cap.
+    /// finished records beyond the cap (finished downloads are history).
     pub(super) fn register(&self, status: DownloadStatus, cancel: CancellationToken) -> bool {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         if entries.values().any(|(s, _)| {
@@ -476,48 +486,23 @@ impl Pipeline {
             status.bytes_done = entry.bytes;
             return Ok(status);
         }
-        {
-            let entries = self
-                .inner
-                .downloads
-                .entries
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            if let Some((s, _)) = entries
-                .values()
-                .find(|(s, _)| s.active() && s.model_id == model_id && s.shard_index == index)
-            {
-                return Ok(s.clone());
-            }
+        if let Some(running) = self.inner.downloads.running(model_id, index) {
+            return Ok(running);
         }
         let holders = self
             .holders_ranked(model_id, entry.layer_start, entry.layer_end)
             .await;
         status.peer = holders.first().cloned();
         let cancel = CancellationToken::new();
+        if !self
+            .inner
+            .downloads
+            .register(status.clone(), cancel.clone())
         {
-            let mut entries = self
-                .inner
-                .downloads
-                .entries
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            // Finished downloads are history: the oldest go beyond the cap.
-            if entries.len() >= MAX_DOWNLOAD_RECORDS {
-                let mut finished: Vec<String> = entries
-                    .values()
-                    .filter(|(s, _)| !s.active())
-                    .map(|(s, _)| s.id.clone())
-                    .collect();
-                finished.sort();
-                for id in finished
-                    .iter()
-                    .take(entries.len() + 1 - MAX_DOWNLOAD_RECORDS)
-                {
-                    entries.remove(id);
-                }
+            // Another request started it meanwhile.
+            if let Some(running) = self.inner.downloads.running(model_id, index) {
+                return Ok(running);
             }
-            entries.insert(status.id.clone(), (status.clone(), cancel.clone()));
         }
         let this = self.clone();
         let id = status.id.clone();
