@@ -298,11 +298,6 @@ impl Hub {
         &self.settings.endpoint
     }
 
-    /// Whether a token is set.
-    pub fn has_token(&self) -> bool {
-        self.settings.token.is_some()
-    }
-
     /// A repository's files with sizes and LFS hashes (`/api/models/{repo}`
     /// with `blobs=true`, through `hf-hub`).
     pub async fn listing(&self, repo_id: &str) -> Result<RepoListing, HubError> {

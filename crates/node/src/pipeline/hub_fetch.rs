@@ -217,13 +217,21 @@ impl Pipeline {
             .map_err(|e| HubError::Invalid(e.to_string()))?;
         self.adopt_manifest(&dir, &manifest, &probed.header).await?;
 
-        // Shards already intact are not fetched again.
-        let (check_dir, check_manifest, check_wanted) =
-            (dir.clone(), manifest.clone(), wanted.clone());
+        // Shards already intact are not fetched again (checked against the plan
+        // in hand: the header is not read back from disk).
+        let (check_dir, check_manifest, check_plan, check_wanted) =
+            (dir.clone(), manifest.clone(), plan.clone(), wanted.clone());
         let held: Vec<u32> = tokio::task::spawn_blocking(move || {
+            let recorded = ShardHashes::load(&check_dir, check_manifest.shard_count());
             check_wanted
                 .into_iter()
-                .filter(|&i| shard::verify_shard(&check_dir, &check_manifest, i).is_ok())
+                .filter(|&i| {
+                    check_manifest.shard(i).is_some_and(|s| {
+                        shard::check_shard(&check_dir, &check_plan, &recorded, s)
+                            .hash()
+                            .is_ok()
+                    })
+                })
                 .collect()
         })
         .await

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use super::gguf::Gguf;
 use super::{
-    Manifest, ModelDir, ShardError, ShardHashes, assemble, check_shard_file, read_manifest,
+    Manifest, ModelDir, ShardCheck, ShardError, ShardHashes, assemble, check_shard, read_manifest,
     read_plan,
 };
 
@@ -119,14 +119,13 @@ pub fn inspect(dir: &Path) -> Result<LocalModel, ShardError> {
         let recorded = ShardHashes::load(&dir, manifest.shard_count());
         for s in present {
             let path = dir.shard(s);
-            let checked = match (&plan, plan.as_ref().ok().and_then(|p| p.shard(s.index))) {
-                (Ok(_), Some(p)) => check_shard_file(&path, p),
-                (Err(e), _) => Err(e.to_string()),
-                (Ok(_), None) => Err("no such shard in the plan".into()),
+            let checked = match &plan {
+                Ok(plan) => check_shard(&dir, plan, &recorded, s),
+                Err(e) => ShardCheck::Damaged(e.to_string()),
             };
-            match (checked, recorded.get(s.index)) {
-                (Ok(hash), Some(r)) if r == hash => held.push(s.index),
-                (Ok(hash), None) => {
+            match checked {
+                ShardCheck::Intact(_) => held.push(s.index),
+                ShardCheck::Unrecorded(hash) => {
                     if let Err(e) =
                         ShardHashes::record(&dir, manifest.shard_count(), s.index, Some(&hash))
                     {
@@ -134,12 +133,9 @@ pub fn inspect(dir: &Path) -> Result<LocalModel, ShardError> {
                     }
                     held.push(s.index);
                 }
-                (Ok(_), Some(_)) => {
-                    tracing::warn!(file = %path.display(), "shard file does not match its BLAKE3");
-                    corrupt.push(s.index);
-                }
-                (Err(e), _) => {
-                    tracing::warn!(file = %path.display(), error = %e, "shard file does not fit its manifest");
+                ShardCheck::Damaged(why) => {
+                    tracing::warn!(file = %path.display(), problem = %why,
+                        "shard file does not fit its manifest or does not match its BLAKE3");
                     corrupt.push(s.index);
                 }
             }

@@ -302,28 +302,73 @@ pub fn check_shard_file(path: &Path, plan: &ShardPlan) -> Result<String, String>
     hashes::blake3_cached(path).map_err(|e| e.to_string())
 }
 
+/// One shard file against its plan and the BLAKE3 recorded for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShardCheck {
+    /// It fits its plan and matches its recorded BLAKE3 (given).
+    Intact(String),
+    /// It fits its plan; no BLAKE3 was recorded for it (its own is given).
+    Unrecorded(String),
+    /// Missing, the wrong size or header, or another BLAKE3 than recorded.
+    Damaged(String),
+}
+
+impl ShardCheck {
+    /// Its BLAKE3 when the file fits.
+    pub fn hash(&self) -> Result<&str, &str> {
+        match self {
+            ShardCheck::Intact(h) | ShardCheck::Unrecorded(h) => Ok(h),
+            ShardCheck::Damaged(why) => Err(why),
+        }
+    }
+}
+
+/// Checks the file of shard `s` against `plan` (size, header byte for byte) and
+/// the hash `recorded` for it. Callers that check several shards read the plan
+/// and the record once.
+pub fn check_shard(
+    dir: &ModelDir,
+    plan: &ModelPlan,
+    recorded: &ShardHashes,
+    s: &ShardEntry,
+) -> ShardCheck {
+    let Some(p) = plan.shard(s.index) else {
+        return ShardCheck::Damaged(format!("the plan has no shard {}", s.index));
+    };
+    match (check_shard_file(&dir.shard(s), p), recorded.get(s.index)) {
+        (Err(why), _) => ShardCheck::Damaged(why),
+        (Ok(hash), None) => ShardCheck::Unrecorded(hash),
+        (Ok(hash), Some(r)) if r == hash => ShardCheck::Intact(hash),
+        (Ok(_), Some(_)) => ShardCheck::Damaged("it does not match its recorded BLAKE3".into()),
+    }
+}
+
 /// Checks the file of shard `index` against the plan and the recorded hash.
 /// Returns its BLAKE3.
 pub fn verify_shard(dir: &ModelDir, manifest: &Manifest, index: u32) -> Result<String, String> {
     let (_, plan) = read_plan(dir, manifest).map_err(|e| e.to_string())?;
-    let (Some(p), Some(s)) = (plan.shard(index), manifest.shard(index)) else {
-        return Err(format!("the model has no shard {index}"));
-    };
-    let hash = check_shard_file(&dir.shard(s), p)?;
-    match ShardHashes::load(dir, manifest.shard_count()).get(index) {
-        Some(r) if r != hash => Err("it does not match its recorded BLAKE3".into()),
-        _ => Ok(hash),
-    }
+    let s = manifest
+        .shard(index)
+        .ok_or_else(|| format!("the model has no shard {index}"))?;
+    let recorded = ShardHashes::load(dir, manifest.shard_count());
+    check_shard(dir, &plan, &recorded, s)
+        .hash()
+        .map(str::to_string)
+        .map_err(str::to_string)
 }
 
 /// Indices of shards whose file is missing, does not fit the plan, or does not
 /// match its recorded BLAKE3.
 pub fn verify(dir: &Path, manifest: &Manifest) -> Vec<u32> {
     let dir = ModelDir::existing(dir.to_path_buf());
+    let Ok((_, plan)) = read_plan(&dir, manifest) else {
+        return manifest.shards.iter().map(|s| s.index).collect();
+    };
+    let recorded = ShardHashes::load(&dir, manifest.shard_count());
     manifest
         .shards
         .iter()
-        .filter(|s| verify_shard(&dir, manifest, s.index).is_err())
+        .filter(|s| check_shard(&dir, &plan, &recorded, s).hash().is_err())
         .map(|s| s.index)
         .collect()
 }

@@ -170,8 +170,6 @@ pub struct ModelPlan {
     pub n_layers: u32,
     /// The head reuses the token embedding.
     pub tied_embeddings: bool,
-    /// The source's header length (where its tensor data starts).
-    pub header_bytes: u64,
     /// The shards, in layer order.
     pub shards: Vec<ShardPlan>,
 }
@@ -303,7 +301,6 @@ pub fn plan(g: &Gguf, shards: u32) -> Result<ModelPlan, ShardError> {
         architecture: arch,
         n_layers,
         tied_embeddings: tied,
-        header_bytes: g.data_offset,
         shards: out,
     })
 }
