@@ -166,6 +166,35 @@ fn a_peer_serving_hostile_manifests_changes_nothing_outside_the_model_folder() {
             "layer_ranges",
             spoiled(lib.path(), |m| m["shards"][1]["layer_start"] = json!(11)),
         ),
+        (
+            "shard sizes the header does not imply",
+            "header",
+            spoiled(lib.path(), |m| m["shards"][1]["bytes"] = json!(12_345)),
+        ),
+        (
+            "layer ranges the header does not imply",
+            "header",
+            spoiled(lib.path(), |m| {
+                m["shards"][0]["layer_end"] = json!(9);
+                m["shards"][1]["layer_start"] = json!(9);
+            }),
+        ),
+        (
+            "too many source parts",
+            "size",
+            spoiled(lib.path(), |m| {
+                m["source_parts"] = json!(vec![m["source"].clone(); 300])
+            }),
+        ),
+        (
+            "parts that do not begin with the source",
+            "file_name",
+            spoiled(lib.path(), |m| {
+                let mut other = m["source"].clone();
+                other["file"] = json!("other.gguf");
+                m["source_parts"] = json!([other, m["source"].clone()]);
+            }),
+        ),
     ];
     for (what, rule, manifest) in cases {
         served.lock().expect("lock").0 = manifest;

@@ -32,15 +32,21 @@ fn link_key() -> &'static SessionKey {
     })
 }
 
-/// `manifest.json` from a peer.
+/// The JSON model files a peer serves: `manifest.json` and `shard_hashes.json`.
 pub fn manifest(data: &[u8]) {
     let _ = Manifest::from_json(data);
+    let _ = crate::shard::ShardHashes::from_json(data, crate::shard::manifest::MAX_LAYERS);
 }
 
-/// A GGUF header from a peer (`gguf_header.bin`), and a whole GGUF.
+/// A GGUF header from a peer (`gguf_header.bin`), and a whole GGUF; a header that
+/// parses is split (the plan a manifest from the same peer must match) and merged
+/// as the two parts of a multi-part GGUF.
 pub fn gguf_header(data: &[u8]) {
     let _ = Gguf::header_from_bytes(data);
-    let _ = Gguf::from_bytes(data);
+    if let Ok(g) = Gguf::from_bytes(data) {
+        let _ = crate::shard::plan(&g, 3);
+        let _ = crate::shard::parts::merge(&[g.clone(), g]);
+    }
 }
 
 /// A request-response frame, read as a request and as a response.
@@ -148,6 +154,11 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
             "header": entry("gguf_header.bin"), "shards": [shard(0, 0, 2), shard(1, 2, 4)],
         }))
         .unwrap_or_default(),
+    ));
+    out.push((
+        "manifest",
+        serde_json::to_vec(&json!({ "shards": { "0": "ab".repeat(32), "1": "cd".repeat(32) } }))
+            .unwrap_or_default(),
     ));
     // A GGUF with metadata and two tiny tensors.
     let path = std::env::temp_dir().join(format!("swarmllm-seed-{}.gguf", uuid::Uuid::new_v4()));

@@ -733,7 +733,8 @@ fn bad_manifest(rule: &'static str, message: impl Into<String>) -> TransferError
 
 /// Checks a header fetched from a peer against its (validated) manifest: the
 /// size and BLAKE3 the manifest names, a GGUF header that parses within bounds,
-/// and the same architecture and layer count.
+/// the same architecture and layer count, and shards exactly as the header's
+/// split plan has them.
 pub(crate) fn check_header(manifest: &Manifest, header: &[u8]) -> Result<(), String> {
     if header.len() as u64 != manifest.header.bytes
         || blake3::hash(header).to_hex().as_str() != manifest.header.blake3
@@ -754,6 +755,13 @@ pub(crate) fn check_header(manifest: &Manifest, header: &[u8]) -> Result<(), Str
             "the header's embedding length {embd:?} is not within 1..={}",
             crate::shard::manifest::MAX_EMBEDDING
         ));
+    }
+    // The manifest must be the split its header implies: every shard's range,
+    // size and roles are what this node will check the files against.
+    let plan = crate::shard::plan::plan_of(header, manifest)
+        .map_err(|e| format!("the header cannot be split as the manifest says: {e}"))?;
+    if !plan.matches(manifest) {
+        return Err("the manifest's shards differ from the split its header implies".into());
     }
     Ok(())
 }

@@ -311,6 +311,33 @@ impl ModelPlan {
         self.shards.iter().find(|s| s.index == index)
     }
 
+    /// The manifest's shard entries for this split.
+    pub fn shard_entries(&self) -> Vec<ShardEntry> {
+        self.shards
+            .iter()
+            .map(|s| ShardEntry {
+                index: s.index,
+                layer_start: s.layer_start,
+                layer_end: s.layer_end,
+                file: shard_file_name(s.index),
+                bytes: s.bytes,
+                tensors: s.tensors,
+                has_embedding: s.has_embedding,
+                has_head: s.has_head,
+            })
+            .collect()
+    }
+
+    /// Whether `manifest` describes this split (architecture, layers, tied head
+    /// and every shard's range, size, tensor count and roles): a manifest from a
+    /// peer must be the one its header implies.
+    pub fn matches(&self, manifest: &Manifest) -> bool {
+        manifest.architecture == self.architecture
+            && manifest.n_layers == self.n_layers
+            && manifest.tied_embeddings == self.tied_embeddings
+            && manifest.shards == self.shard_entries()
+    }
+
     /// The manifest of this split: it needs only the plan, the source files'
     /// identity (one, or every part of a multi-part GGUF) and the header's bytes,
     /// so every node that splits the same file the same way writes the same
@@ -342,20 +369,7 @@ impl ModelPlan {
                 bytes: header.len() as u64,
                 blake3: blake3::hash(header).to_hex().to_string(),
             },
-            shards: self
-                .shards
-                .iter()
-                .map(|s| ShardEntry {
-                    index: s.index,
-                    layer_start: s.layer_start,
-                    layer_end: s.layer_end,
-                    file: shard_file_name(s.index),
-                    bytes: s.bytes,
-                    tensors: s.tensors,
-                    has_embedding: s.has_embedding,
-                    has_head: s.has_head,
-                })
-                .collect(),
+            shards: self.shard_entries(),
         };
         m.validate()?;
         Ok(m)
