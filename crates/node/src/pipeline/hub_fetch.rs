@@ -619,17 +619,10 @@ impl HubJob {
                                 &mut progress,
                             )
                             .await;
-                        match r {
-                            Ok(()) => {}
-                            Err(e) if self.cancel.is_cancelled() => return Err(e),
-                            Err(e) if tries + 1 >= RANGE_RETRIES => return Err(e),
-                            Err(e) => {
-                                tries += 1;
-                                tracing::warn!(error = %e, "a range read failed; resolving the file again");
-                                let again = self.resolve_part(part).await?;
-                                if let Some(slot) = resolved.get_mut(part) {
-                                    *slot = again;
-                                }
+                        if let Err(e) = r {
+                            let again = self.after_failure(e, &mut tries, part).await?;
+                            if let Some(slot) = resolved.get_mut(part) {
+                                *slot = again;
                             }
                         }
                     }
@@ -646,8 +639,24 @@ impl HubJob {
         self.install(index, &part, &p).await
     }
 
-    /// Resolves part `part` again (a CDN's signed URL expires); it must not have
-    /// changed size.
+    /// After a failed read of part `part`: gives up when cancelled or out of
+    /// tries, else resolves the part again (a CDN's signed URL expires) for the
+    /// next try.
+    async fn after_failure(
+        &self,
+        e: TransferError,
+        tries: &mut u32,
+        part: usize,
+    ) -> Result<crate::hub::Resolved, TransferError> {
+        if self.cancel.is_cancelled() || *tries + 1 >= RANGE_RETRIES {
+            return Err(e);
+        }
+        *tries += 1;
+        tracing::warn!(error = %e, "a read from the Hub failed; resolving the file again");
+        self.resolve_part(part).await
+    }
+
+    /// Resolves part `part` again; it must not have changed size.
     async fn resolve_part(&self, part: usize) -> Result<crate::hub::Resolved, TransferError> {
         let (name, old) = self
             .probed
@@ -891,15 +900,8 @@ impl HubJob {
                 Ok(())
             }
             .await;
-            match r {
-                Ok(()) => {}
-                Err(e) if self.cancel.is_cancelled() => return Err(e),
-                Err(e) if tries + 1 >= RANGE_RETRIES => return Err(e),
-                Err(e) => {
-                    tries += 1;
-                    tracing::warn!(error = %e, "a read of the file failed; resolving it again");
-                    resolved = self.resolve_part(i).await?;
-                }
+            if let Err(e) = r {
+                resolved = self.after_failure(e, &mut tries, i).await?;
             }
         }
         // The speed is the network's: reported before the file is synced.
