@@ -16,7 +16,7 @@ const DEADLINE: Duration = Duration::from_secs(45);
 
 /// Waits until `observer` lists `target` with `connected` as given.
 fn wait_connected(observer: &TestNode, target: &str, connected: bool) {
-    wait_for(
+    observer.wait_logged(
         &format!(
             "{target:.8} to be {} at {}",
             if connected { "online" } else { "offline" },
@@ -25,8 +25,12 @@ fn wait_connected(observer: &TestNode, target: &str, connected: bool) {
         DEADLINE,
         || {
             let (_, peers) = observer.get("/api/admin/peers");
-            let p = peer(&peers, target)?;
-            (p["connected"] == connected && p["is_active"] == connected).then_some(())
+            let p = peer(&peers, target).ok_or_else(|| format!("no such peer in {peers}"))?;
+            if p["connected"] == connected && p["is_active"] == connected {
+                Ok(())
+            } else {
+                Err(p.to_string())
+            }
         },
     );
 }

@@ -204,6 +204,33 @@ impl TestNode {
         Ok(())
     }
 
+    /// Like [`wait_for`], but `f` says what it saw last (`Err`), and a timeout
+    /// shows that and the end of this node's log.
+    pub fn wait_logged<T>(
+        &self,
+        what: &str,
+        deadline: Duration,
+        mut f: impl FnMut() -> Result<T, String>,
+    ) -> T {
+        let end = Instant::now() + deadline;
+        loop {
+            let seen = match f() {
+                Ok(v) => return v,
+                Err(seen) => seen,
+            };
+            if Instant::now() >= end {
+                let log = self.log();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                panic!(
+                    "timed out waiting for {what}; last saw {seen}; the node's log ends:\n{}",
+                    tail.join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The node's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("node.log")).unwrap_or_default()

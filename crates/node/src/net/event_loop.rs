@@ -1,5 +1,6 @@
-//! The task that owns the swarm. It never blocks: database work goes to the
-//! blocking pool, and results that the swarm needs come back as commands.
+//! The task that owns the swarm. It never blocks: directory writes go to one
+//! writer thread (in order), reads to the blocking pool, and results that the
+//! swarm needs come back as commands.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::announce::{self, Announcement};
+use super::dir_writer::DirectoryWriter;
 use super::directory::Directory;
 use super::frame::{PeerHint, Request, Response};
 use super::{
@@ -30,6 +32,7 @@ pub(super) struct EventLoop {
     loopback: mpsc::Sender<Command>,
     shared: Arc<Shared>,
     directory: Directory,
+    writer: DirectoryWriter,
     config: Arc<NetConfig>,
     identity: Identity,
     info: LocalInfoFn,
@@ -64,6 +67,7 @@ impl EventLoop {
         loopback: mpsc::Sender<Command>,
         shared: Arc<Shared>,
         directory: Directory,
+        writer: DirectoryWriter,
         config: Arc<NetConfig>,
         identity: Identity,
         info: LocalInfoFn,
@@ -75,6 +79,7 @@ impl EventLoop {
             loopback,
             shared,
             directory,
+            writer,
             config,
             identity,
             info,
@@ -110,18 +115,13 @@ impl EventLoop {
         tracing::debug!("p2p event loop stopped");
     }
 
-    /// Runs a directory write on the blocking pool, logging failures.
+    /// Queues a directory write behind the ones before it (see [`DirectoryWriter`]).
     fn db(
         &self,
         what: &'static str,
         f: impl FnOnce(&Directory) -> Result<(), crate::store::StoreError> + Send + 'static,
     ) {
-        let dir = self.directory.clone();
-        tokio::task::spawn_blocking(move || {
-            if let Err(e) = f(&dir) {
-                tracing::warn!(error = %e, "peer directory: {what} failed");
-            }
-        });
+        self.writer.write(what, f);
     }
 
     fn on_command(&mut self, cmd: Command) {
@@ -380,7 +380,13 @@ impl EventLoop {
                 if let Some(peer) = peer_id {
                     self.dial_via.remove(&peer);
                 }
-                if let Some(node_id) = peer_id.as_ref().and_then(node_id_of) {
+                // A spare dial that lost to a live connection (both sides dialled,
+                // or one address of several failed) says nothing against the peer.
+                if let Some(node_id) = peer_id
+                    .filter(|p| !self.swarm.is_connected(p))
+                    .as_ref()
+                    .and_then(node_id_of)
+                {
                     tracing::debug!(peer = %node_id, %error, "dial failed");
                     self.db("dial failure", move |d| d.dial_failed(&node_id));
                 }
@@ -882,7 +888,6 @@ impl EventLoop {
             .map(|c| c.node_id.clone())
             .collect();
         let stale = (self.config.announce_interval.as_secs() as i64 * 3).max(15);
-        let dir = self.directory.clone();
         let loopback = self.loopback.clone();
         let offline = self.config.offline;
         // Every 150th round (5 minutes), and the first: forget long-gone peers.
@@ -893,23 +898,21 @@ impl EventLoop {
             .load(std::sync::atomic::Ordering::Relaxed)
             % 150
             == 1;
-        tokio::task::spawn_blocking(move || {
-            if let Err(e) = dir.expire(&connected, stale) {
-                tracing::warn!(error = %e, "peer directory: expiry failed");
-            }
+        // Behind the connects and disconnects already queued, so it sees them.
+        self.db("maintenance", move |dir| {
+            dir.expire(&connected, stale)?;
             if prune {
-                match dir.prune(&connected) {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!(forgotten = n, "peer directory pruned"),
-                    Err(e) => tracing::warn!(error = %e, "peer directory: pruning failed"),
+                let n = dir.prune(&connected)?;
+                if n > 0 {
+                    tracing::info!(forgotten = n, "peer directory pruned");
                 }
             }
-            if let Ok(due) = dir.due_for_redial(8)
-                && !due.is_empty()
-                && !offline
-            {
-                let _ = loopback.blocking_send(Command::Redial(due));
+            let due = dir.due_for_redial(8)?;
+            if !due.is_empty() && !offline {
+                // A missed round is retried in two seconds; never block the writer.
+                let _ = loopback.try_send(Command::Redial(due));
             }
+            Ok(())
         });
     }
 }

@@ -14,6 +14,7 @@
 //! so node id and peer id name the same key.
 
 pub mod announce;
+mod dir_writer;
 pub mod directory;
 mod event_loop;
 pub mod frame;
@@ -384,12 +385,15 @@ impl Network {
             peer_id,
             node_id: identity.node_id(),
         };
+        let writer = dir_writer::DirectoryWriter::spawn(directory.clone())
+            .map_err(|e| NetError::Setup(format!("starting the directory writer: {e}")))?;
         let event_loop = event_loop::EventLoop::new(
             swarm,
             rx,
             tx,
             shared,
             directory,
+            writer,
             Arc::clone(&network.config),
             identity.clone(),
             info,
