@@ -234,6 +234,40 @@ fn garbage_frames_and_forged_announcements_are_rejected_and_the_node_keeps_servi
         Some("forged")
     );
 
+    // Signed by the rogue itself, but claiming demand for more models than an
+    // announcement may carry: refused whole, and none of it counts.
+    let flood = Announcement {
+        node_id: rogue_id.clone(),
+        nickname: Some("flood".into()),
+        version: "0".into(),
+        capabilities: vec![],
+        hardware: HardwareSummary::default(),
+        region: "EU".into(),
+        models: vec![],
+        load: Load {
+            demand: (0..=swarmllm_node::swarm::demand::MAX_DEMAND_ENTRIES)
+                .map(|i| swarmllm_node::swarm::demand::ModelDemand {
+                    model_id: format!("m{i}"),
+                    requests_per_minute: 60.0,
+                    requesters: 1000,
+                    requested: true,
+                })
+                .collect(),
+            ..Load::default()
+        },
+        addrs: vec![],
+        timestamp: chrono::Utc::now().timestamp(),
+        seq: 2,
+    }
+    .sign(&rogue_identity);
+    wait_for("A to reject the demand flood", DEADLINE, || {
+        let _ = rt.block_on(rogue.publish_raw(flood.clone()));
+        let (_, stats) = a.get("/api/admin/stats");
+        (stats["p2p"]["counters"]["announcements_rejected"].as_u64()? >= 2).then_some(())
+    });
+    let (_, map) = a.get("/api/admin/network-map");
+    assert!(!map.to_string().contains("\"m0\""), "{map}");
+
     // Raw TCP garbage at the P2P port does not hurt either.
     {
         use std::io::Write;

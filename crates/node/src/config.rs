@@ -106,7 +106,23 @@ pub struct Config {
     /// Devices a pool this node owns may have. Default 10.
     pub pool_max_devices: u32,
     /// Disk space models may take (MiB); 0 means no limit. Default 0.
+    /// Auto-manage never acquires past it and prunes back under it.
     pub disk_budget_mb: u64,
+    /// Auto-manage for every model without its own setting: fetch the shards the
+    /// swarm lacks most of demanded (or pinned) models, within the disk budget.
+    /// Default false (a node only stores what its user asks for).
+    pub auto_manage: bool,
+    /// Auto-manage may also delete shards it no longer needs (over the budget,
+    /// or once a model's demand has gone), for models without their own
+    /// setting. Default true.
+    pub auto_prune: bool,
+    /// Seconds between auto-manage rounds. Default 10.
+    pub auto_manage_interval_secs: u32,
+    /// Demand is counted over this many seconds. Default 3600.
+    pub demand_window_secs: u32,
+    /// Distinct requesters that make a model `DemandVerified` (at least 2, so
+    /// one node alone never promotes a model). Default 2.
+    pub demand_min_requesters: u32,
     /// The Hugging Face Hub (or a mirror) models are searched and fetched from.
     /// Empty (the default): `HF_ENDPOINT`, else `https://huggingface.co`.
     pub hf_endpoint: String,
@@ -159,6 +175,11 @@ impl Default for Config {
             encrypted_pipeline: false,
             pool_max_devices: 10,
             disk_budget_mb: 0,
+            auto_manage: false,
+            auto_prune: true,
+            auto_manage_interval_secs: 10,
+            demand_window_secs: 3600,
+            demand_min_requesters: 2,
             hf_endpoint: String::new(),
             credit_rate_layer_token: 0.0001,
             credit_rate_token: 0.01,
@@ -307,6 +328,24 @@ impl Config {
             if !(rate.is_finite() && (0.0..=1000.0).contains(&rate)) {
                 return Err(ConfigError::new(field, "must be between 0 and 1000"));
             }
+        }
+        if self.auto_manage_interval_secs == 0 {
+            return Err(ConfigError::new(
+                "auto_manage_interval_secs",
+                "must be at least 1",
+            ));
+        }
+        if self.demand_window_secs < 10 {
+            return Err(ConfigError::new(
+                "demand_window_secs",
+                "must be at least 10",
+            ));
+        }
+        if self.demand_min_requesters < 2 {
+            return Err(ConfigError::new(
+                "demand_min_requesters",
+                "must be at least 2 (one requester alone never verifies demand)",
+            ));
         }
         if self.pipeline_max_sessions == 0 {
             return Err(ConfigError::new(

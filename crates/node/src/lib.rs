@@ -32,6 +32,7 @@ pub mod qr;
 pub mod secrets;
 pub mod shard;
 pub mod store;
+pub mod swarm;
 pub mod tasks;
 
 pub use node::{Node, NodeOptions, StartError};

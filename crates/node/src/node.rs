@@ -111,6 +111,8 @@ struct Inner {
     pipeline: Pipeline,
     pools: crate::pool::Pools,
     credits: crate::credits::Credits,
+    /// Demand, auto-manage settings and activity.
+    swarm: crate::swarm::Swarm,
     network: OnceLock<Network>,
     nickname: RwLock<Option<String>>,
     /// Private mode (persisted).
@@ -247,6 +249,11 @@ impl Node {
             let (identity, pools) = (identity.clone(), pools.clone());
             blocking(move || crate::credits::Credits::new(ledger, identity, pools)).await?
         };
+        let swarm = {
+            let (store, id) = (store.clone(), identity.node_id());
+            let window = Duration::from_secs(u64::from(config.demand_window_secs));
+            blocking(move || crate::swarm::Swarm::open(store, id, window)).await??
+        };
         let shutdown = CancellationToken::new();
         let node = Node {
             inner: Arc::new(Inner {
@@ -261,6 +268,7 @@ impl Node {
                 pipeline,
                 pools,
                 credits,
+                swarm,
                 network: OnceLock::new(),
                 nickname: RwLock::new(nickname),
                 encrypted: RwLock::new(encrypted),
@@ -302,9 +310,10 @@ impl Node {
             let c = inner.config.read().unwrap_or_else(|p| p.into_inner());
             crate::credits::Rates::from_credits(c.credit_rate_layer_token, c.credit_rate_token)
         }));
-        node.inner
-            .pipeline
-            .set_accounting(Arc::new(node.inner.credits.clone()));
+        node.inner.pipeline.set_accounting(Arc::new(Observers {
+            credits: node.inner.credits.clone(),
+            swarm: node.inner.swarm.clone(),
+        }));
         let weak = Arc::downgrade(&node.inner);
         node.inner.pipeline.set_peer_policy(Arc::new(move || {
             let inner = weak.upgrade()?;
@@ -381,6 +390,10 @@ impl Node {
                     "sharded models scanned"
                 );
             }
+            // Auto-manage: it acts only for models (or a default) the user enabled.
+            if node.inner.network.get().is_some() {
+                crate::swarm::spawn_manager(node.clone());
+            }
             // Hub downloads a crash or restart interrupted carry on.
             let this = node.clone();
             node.inner.tasks.spawn(async move {
@@ -454,6 +467,16 @@ impl Node {
     /// This node's device-pool records.
     pub fn pools(&self) -> &crate::pool::Pools {
         &self.inner.pools
+    }
+
+    /// Demand counting, auto-manage settings and activity.
+    pub fn swarm(&self) -> &crate::swarm::Swarm {
+        &self.inner.swarm
+    }
+
+    /// The node's background tasks.
+    pub(crate) fn tasks(&self) -> &crate::tasks::Tasks {
+        &self.inner.tasks
     }
 
     /// Split inference: this node's layer ranges and the requester side.
@@ -697,6 +720,10 @@ impl Node {
             }
         }
         if let Ok(next) = serde_json::from_value::<Config>(Value::Object(running)) {
+            self.inner
+                .swarm
+                .demand()
+                .set_window(Duration::from_secs(u64::from(next.demand_window_secs)));
             *guard = next;
         }
         let config = guard.to_json();
@@ -783,7 +810,46 @@ fn local_info(node: Weak<Inner>, hardware: HardwareSummary) -> crate::net::Local
             });
         }
         load.requests_per_minute = inner.metrics.summary().requests_per_minute;
+        load.demand = inner.swarm.demand().snapshot();
+        let config = inner.config.read().unwrap_or_else(|p| p.into_inner());
+        if config.auto_manage
+            || inner
+                .swarm
+                .settings()
+                .auto_manage_all()
+                .values()
+                .any(|a| a.enabled == Some(true))
+        {
+            capabilities.push(crate::swarm::AUTO_CAPABILITY.to_string());
+            let used: u64 = inner
+                .pipeline
+                .local_models()
+                .iter()
+                .map(|m| {
+                    m.manifest.header.bytes
+                        + m.manifest
+                            .shards
+                            .iter()
+                            .filter(|s| m.held.contains(&s.index))
+                            .map(|s| s.bytes)
+                            .sum::<u64>()
+                })
+                .sum();
+            load.auto_free_mb = Some(if config.disk_budget_mb == 0 {
+                u64::from(u32::MAX) // no limit
+            } else {
+                config
+                    .disk_budget_mb
+                    .saturating_sub(used.div_ceil(1_048_576))
+            });
+        }
+        drop(config);
         load.steps_served = inner.pipeline.host().steps_served();
+        // Sessions open in the range host count as queued work: requesters
+        // weigh busy holders down.
+        load.queue_depth = load.queue_depth.saturating_add(
+            u32::try_from(inner.pipeline.host().session_count()).unwrap_or(u32::MAX),
+        );
         load.uptime_secs = inner.started.elapsed().as_secs();
         load.credits = Some(inner.credits.summary());
         LocalInfo {
@@ -798,6 +864,33 @@ fn local_info(node: Weak<Inner>, hardware: HardwareSummary) -> crate::net::Local
             load,
         }
     })
+}
+
+/// Tells both the credit ledger and the demand counter about pipeline work.
+struct Observers {
+    credits: crate::credits::Credits,
+    swarm: crate::swarm::Swarm,
+}
+
+impl crate::pipeline::Accounting for Observers {
+    fn served(
+        &self,
+        requester: &str,
+        session: &str,
+        model_id: &str,
+        layer_tokens: u64,
+        sampled: bool,
+    ) {
+        self.swarm
+            .demand()
+            .record_served(model_id, requester, session);
+        self.credits
+            .served(requester, session, model_id, layer_tokens, sampled);
+    }
+
+    fn requested(&self, work: Vec<(String, crate::credits::Work)>) {
+        self.credits.requested(work);
+    }
 }
 
 /// The pipeline and range-host settings a config implies.

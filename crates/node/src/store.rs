@@ -174,6 +174,17 @@ const MIGRATIONS: &[&str] = &[
         prompt_tokens     INTEGER NOT NULL
     );
     INSERT INTO request_totals VALUES (1, 0, 0, 0);",
+    // 6 (self-organising swarm): what auto-manage acquired and pruned, and why.
+    "CREATE TABLE swarm_activity (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        at          INTEGER NOT NULL,
+        kind        TEXT NOT NULL,
+        model_id    TEXT NOT NULL,
+        shard_index INTEGER,
+        bytes       INTEGER NOT NULL DEFAULT 0,
+        reason      TEXT NOT NULL
+    );
+    CREATE INDEX swarm_activity_kind ON swarm_activity (kind, id);",
 ];
 
 /// Request-log rows kept; older ones live on only in the lifetime totals.

@@ -44,6 +44,7 @@ pub(crate) async fn stats(State(state): State<AppState>) -> Result<Json<Value>, 
         "secret_store": node.secret_backend(),
         "peer_count": node.network().map(|n| n.connected().len()).unwrap_or(0),
         "p2p": p2p,
+        "auto_manage": node.swarm().counters(),
     })))
 }
 

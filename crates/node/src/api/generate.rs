@@ -265,6 +265,9 @@ pub(crate) async fn start(
 ) -> Result<Generation, ApiError> {
     let started = Instant::now();
     let model = target.id.clone();
+    // Demand counts every request this node takes for a model, served here or
+    // through the network.
+    node.swarm().demand().record_own(&model);
     let request = GenerateRequest { prompt, params };
     let mut events = if target.local {
         let engine = node.engine().ok_or_else(ApiError::no_model)?;

@@ -15,6 +15,7 @@ mod net;
 mod openai;
 mod pool;
 mod routes;
+mod swarm;
 mod ui;
 mod v1;
 mod ws;
@@ -95,6 +96,7 @@ fn all_routes() -> Routes {
         .merge(ws::routes())
         .merge(models::routes())
         .merge(hub::routes())
+        .merge(swarm::routes())
         .merge(pool::routes())
         .merge(credits::routes())
 }

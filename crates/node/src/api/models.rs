@@ -11,9 +11,9 @@ use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::AppState;
 use super::error::ApiError;
 use super::extract::{ApiJson, from_value};
+use super::{AppState, blocking};
 use crate::pipeline::NetworkModel;
 use crate::pipeline::host::RangeInfo;
 use crate::pipeline::transfer::TransferError;
@@ -109,10 +109,36 @@ fn model_json(
             m.manifest_hashes.len() > 1
                 || m.manifest_hashes.keys().any(|h| m.manifest_hash.as_ref().is_some_and(|p| p != h))
         }),
-        // A model imported here was chosen by the user; one only seen on the
-        // network is merely discovered.
-        "trust_level": if local.is_some() { "Pinned" } else { "Discovered" },
     })
+}
+
+/// Adds what the swarm view says of `id`: trust level, demand, replication
+/// target and auto-manage policy (the same figures auto-manage acts on).
+fn add_swarm_fields(v: &mut Value, view: &crate::swarm::SwarmView, id: &str) {
+    let m = view.model(id);
+    let d = view.demand.get(id).cloned().unwrap_or_default();
+    v["trust_level"] = json!(
+        m.map(|m| m.trust)
+            .unwrap_or(crate::swarm::TrustLevel::Discovered)
+            .as_str()
+    );
+    v["demand"] = json!({
+        "requesters": d.requesters.len(),
+        "requests_per_minute": d.requests_per_minute,
+    });
+    v["replication_target"] = json!(m.map(|m| m.target).unwrap_or(0));
+    v["auto_manage"] = json!({
+        "enabled": m.is_some_and(|m| m.acquire),
+        "prune": m.is_some_and(|m| m.prune),
+    });
+    if let (Some(m), Some(shards)) = (m, v["shards"].as_array_mut()) {
+        for s in shards {
+            let index = s["index"].as_u64();
+            if let Some(n) = m.shards.iter().find(|n| Some(u64::from(n.index)) == index) {
+                s["locked"] = json!(n.locked);
+            }
+        }
+    }
 }
 
 /// `GET /api/admin/models`
@@ -127,15 +153,18 @@ pub(crate) async fn list(State(state): State<AppState>) -> Json<Value> {
         .map(|m| m.manifest.model_id.clone())
         .chain(net.iter().map(|m| m.id.clone()))
         .collect();
+    let view = crate::swarm::view(&state.node).await;
     let models: Vec<Value> = ids
         .iter()
         .map(|id| {
-            model_json(
+            let mut v = model_json(
                 local.iter().find(|m| &m.manifest.model_id == id),
                 net.iter().find(|m| &m.id == id),
                 &ranges,
                 gpu_layers,
-            )
+            );
+            add_swarm_fields(&mut v, &view, id);
+            v
         })
         .collect();
     // Directories skipped at the last scan because their manifest breaks a rule.
@@ -164,6 +193,7 @@ pub(crate) async fn status(
         &pipeline.host().ranges(),
         state.node.config().gpu_layers,
     );
+    add_swarm_fields(&mut v, &crate::swarm::view(&state.node).await, &id);
     v["servable"] = json!(pipeline.can_serve(&id).await);
     if let Some(m) = l {
         let total: u64 = m.manifest.shards.iter().map(|s| s.bytes).sum();
@@ -218,7 +248,7 @@ pub(crate) async fn rescan(State(state): State<AppState>) -> Json<Value> {
     Json(json!({ "status": "ok", "models_updated": ids, "count": ids.len() }))
 }
 
-fn check_id(id: &str) -> Result<(), ApiError> {
+pub(super) fn check_id(id: &str) -> Result<(), ApiError> {
     if crate::pipeline::is_model_id(id) {
         Ok(())
     } else {
@@ -294,6 +324,7 @@ pub(crate) async fn add(
             serde_json::from_slice(&body).map_err(|e| ApiError::invalid_json(e.to_string()))?;
         from_value(&v)?
     };
+    user_chose(&state, &id).await?;
     let pipeline = state.node.pipeline();
     let manifest = pipeline
         .ensure_manifest(&id)
@@ -329,6 +360,7 @@ pub(crate) async fn download(
     axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
     check_id(&id)?;
+    user_chose(&state, &id).await?;
     let pipeline = state.node.pipeline();
     let here = pipeline
         .local_models()
@@ -421,6 +453,17 @@ async fn from_hub(
     })))
 }
 
+/// A model the user asks for is theirs (`Pinned`), even if auto-manage first
+/// brought it in.
+pub(crate) async fn user_chose(state: &AppState, id: &str) -> Result<(), ApiError> {
+    let swarm = state.node.swarm().clone();
+    let id = id.to_string();
+    blocking("saving the model's origin", move || {
+        swarm.settings().set_auto_acquired(&id, false)
+    })
+    .await
+}
+
 /// `GET /api/admin/downloads`
 pub(crate) async fn downloads(State(state): State<AppState>) -> Json<Value> {
     let list: Vec<Value> = state
@@ -471,7 +514,12 @@ pub(crate) async fn remove(
             "model '{id}' is not on this node"
         )));
     }
-    set_locks(&state, &id, None).await?;
+    let swarm = state.node.swarm().clone();
+    let model_id = id.clone();
+    blocking("forgetting the model's locks", move || {
+        swarm.settings().forget(&model_id)
+    })
+    .await?;
     state.node.announce_soon().await;
     Ok(Json(json!({ "status": "removed", "model_id": id })))
 }
@@ -483,7 +531,7 @@ pub(crate) async fn remove_shard(
 ) -> Result<Json<Value>, ApiError> {
     local_model(&state, &id)?;
     pinned_guard(&state, &id, Some(index)).await?;
-    if locks(&state, &id).await?.contains(&index) {
+    if state.node.swarm().settings().locks(&id).contains(&index) {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "SHARD_LOCKED",
@@ -591,43 +639,6 @@ async fn pinned_guard(state: &AppState, id: &str, index: Option<u32>) -> Result<
     Ok(())
 }
 
-const LOCKS_KEY: &str = "shard_locks";
-
-async fn all_locks(
-    state: &AppState,
-) -> Result<std::collections::BTreeMap<String, BTreeSet<u32>>, ApiError> {
-    let store = state.node.store().clone();
-    let raw = tokio::task::spawn_blocking(move || store.setting(LOCKS_KEY))
-        .await
-        .map_err(|e| ApiError::internal("reading locks", e))?
-        .map_err(|e| ApiError::internal("reading locks", e))?;
-    Ok(raw
-        .and_then(|r| serde_json::from_str(&r).ok())
-        .unwrap_or_default())
-}
-
-async fn locks(state: &AppState, id: &str) -> Result<BTreeSet<u32>, ApiError> {
-    Ok(all_locks(state).await?.remove(id).unwrap_or_default())
-}
-
-async fn set_locks(state: &AppState, id: &str, set: Option<BTreeSet<u32>>) -> Result<(), ApiError> {
-    let mut all = all_locks(state).await?;
-    match set {
-        Some(s) if !s.is_empty() => {
-            all.insert(id.to_string(), s);
-        }
-        _ => {
-            all.remove(id);
-        }
-    }
-    let text = serde_json::to_string(&all).map_err(|e| ApiError::internal("writing locks", e))?;
-    let store = state.node.store().clone();
-    tokio::task::spawn_blocking(move || store.set_setting(LOCKS_KEY, Some(&text)))
-        .await
-        .map_err(|e| ApiError::internal("writing locks", e))?
-        .map_err(|e| ApiError::internal("writing locks", e))
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct LockBody {
@@ -643,14 +654,14 @@ pub(crate) async fn lock_shard(
     let model = local_model(&state, &id)?;
     check_index(&model, index)?;
     let body: LockBody = from_value(&body)?;
-    let mut set = locks(&state, &id).await?;
-    if body.locked {
-        set.insert(index);
-    } else {
-        set.remove(&index);
-    }
-    let locked: Vec<u32> = set.iter().copied().collect();
-    set_locks(&state, &id, Some(set)).await?;
+    let swarm = state.node.swarm().clone();
+    let model_id = id.clone();
+    let locked: Vec<u32> = blocking("saving the lock", move || {
+        swarm.settings().set_lock(&model_id, index, body.locked)
+    })
+    .await?
+    .into_iter()
+    .collect();
     Ok(Json(
         json!({ "status": "ok", "model_id": id, "shard_index": index, "locked": body.locked, "locked_shards": locked }),
     ))
@@ -660,7 +671,7 @@ pub(crate) async fn lock_shard(
 pub(crate) async fn storage(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let pipeline = state.node.pipeline();
     let ranges = pipeline.host().ranges();
-    let all_locks = all_locks(&state).await?;
+    let all_locks = state.node.swarm().settings().all_locks();
     let gpu_layers = state.node.config().gpu_layers;
     let mut total_disk = 0u64;
     let mut models = Vec::new();
@@ -686,9 +697,15 @@ pub(crate) async fn storage(State(state): State<AppState>) -> Result<Json<Value>
             "vram_mb": v["vram_estimate_mb"],
         }));
     }
+    let budget = state.node.config().disk_budget_mb;
+    let over_budget = budget > 0 && total_disk > budget * 1_048_576;
     Ok(Json(json!({
         "models": models,
         "total_disk_mb": round1(total_disk as f64 / 1_048_576.0),
+        // Auto-manage never fetches past the budget and prunes back under it.
+        "disk_budget_mb": state.node.config().disk_budget_mb,
+        "disk_used_mb": round1(total_disk as f64 / 1_048_576.0),
+        "over_budget": over_budget,
         "models_dir": state.node.data_dir().join("models"),
     })))
 }

@@ -114,83 +114,64 @@ pub(crate) async fn identity_peers(State(state): State<AppState>) -> Result<Json
     Ok(Json(json!({ "total": peers.len(), "peers": peers })))
 }
 
-/// `GET /api/admin/network-map`: peers, shard holders, demand and gaps per region,
-/// the local node included.
+/// `GET /api/admin/network-map`: per region the live nodes, holders and demand
+/// per model, coverage gaps and replication targets — the swarm view that
+/// auto-manage acts on, this node included in its region.
 pub(crate) async fn network_map(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    #[derive(Default)]
-    struct Region {
-        total: u64,
-        models: BTreeMap<String, u64>,
-        demand: BTreeMap<String, f64>,
-    }
-    let mut regions: BTreeMap<String, Region> = BTreeMap::new();
-    let mut all_models = BTreeSet::new();
-    let node = &state.node;
-    let local_region = node
-        .network()
-        .map(|n| n.region().to_string())
-        .unwrap_or_else(|| crate::net::detect_region(&node.config().region));
-    let local = regions.entry(local_region).or_default();
-    local.total += 1;
-    if let Some(engine) = node.engine() {
-        let id = engine.info().id.clone();
-        *local.models.entry(id.clone()).or_default() += 1;
-        *local.demand.entry(id.clone()).or_default() +=
-            node.metrics().summary().requests_per_minute;
-        all_models.insert(id);
-    }
-    for p in peers(&state, 1000)
-        .await?
-        .into_iter()
-        .filter(|p| p.is_active)
-    {
-        let r = regions
-            .entry(p.region.clone().unwrap_or_else(|| "UNKNOWN".into()))
-            .or_default();
-        r.total += 1;
-        let rpm = p.load["requests_per_minute"].as_f64().unwrap_or(0.0);
-        for m in p.models.as_array().into_iter().flatten() {
-            if let Some(id) = m["id"].as_str() {
-                *r.models.entry(id.to_string()).or_default() += 1;
-                *r.demand.entry(id.to_string()).or_default() += rpm;
-                all_models.insert(id.to_string());
-            }
-        }
-    }
-    let out: BTreeMap<String, Value> = regions
-        .into_iter()
-        .map(|(name, r)| {
-            let gaps: Vec<&String> = all_models
-                .iter()
-                .filter(|m| !r.models.contains_key(*m))
-                .collect();
-            // One holder per 10 requests/minute of demand, at least 1 and at most
-            // every node of the region.
-            let target: BTreeMap<&String, u64> = all_models
-                .iter()
-                .map(|m| {
-                    let demand = r.demand.get(m).copied().unwrap_or(0.0);
-                    (m, ((demand / 10.0).ceil() as u64).clamp(1, r.total.max(1)))
-                })
-                .collect();
-            let demand: BTreeMap<&String, u64> = r
+    let view = crate::swarm::view(&state.node).await;
+    let region_of = |node: &str| {
+        view.region_of
+            .get(node)
+            .cloned()
+            .unwrap_or_else(|| crate::swarm::UNKNOWN_REGION.into())
+    };
+    let mut out = BTreeMap::new();
+    for (region, total) in &view.nodes_by_region {
+        let mut models = BTreeMap::new();
+        let mut demand = BTreeMap::new();
+        let mut gaps = Vec::new();
+        let mut target = BTreeMap::new();
+        for m in &view.models {
+            let holders = view
+                .model_holders
+                .get(&m.model_id)
+                .map(|h| h.iter().filter(|n| region_of(n) == *region).count())
+                .unwrap_or(0);
+            let rpm: f64 = view
                 .demand
-                .iter()
-                .map(|(k, v)| (k, v.round() as u64))
-                .collect();
-            (
-                name,
-                json!({
-                    "total": r.total,
-                    "models": r.models,
-                    "demand": demand,
-                    "coverage_gaps": gaps,
-                    "replication_target": target,
-                }),
-            )
-        })
-        .collect();
-    Ok(Json(json!({ "regions": out })))
+                .get(&m.model_id)
+                .map(|d| {
+                    d.requesters
+                        .iter()
+                        .filter(|(n, _)| region_of(n) == *region)
+                        .map(|(_, r)| r)
+                        .sum()
+                })
+                .unwrap_or(0.0);
+            if holders > 0 {
+                models.insert(m.model_id.clone(), holders);
+            } else {
+                gaps.push(m.model_id.clone());
+            }
+            if rpm > 0.0 {
+                demand.insert(m.model_id.clone(), (rpm * 100.0).round() / 100.0);
+            }
+            // The model's target, at most the nodes of this region.
+            target.insert(m.model_id.clone(), m.target.min(*total as u32));
+        }
+        out.insert(
+            region.clone(),
+            json!({
+                "total": total,
+                "models": models,
+                "demand": demand,
+                "coverage_gaps": gaps,
+                "replication_target": target,
+                "local": *region == view.region,
+            }),
+        );
+    }
+    Ok(Json(json!({ "regions": out, "local_region": view.region })))
 }
 
 /// `GET /api/v1/peers` (neuroshard shape).

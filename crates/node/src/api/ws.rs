@@ -1,8 +1,11 @@
 //! `GET /api/admin/ws`: live updates for dashboards.
 //!
 //! Every 2 s a `stats_update` (peer count, queue, request counters, credits, private
-//! mode); a `peer_list` snapshot on connect and whenever the set of connected peers
-//! changes. Messages are JSON: `{"type": "...", "data": {...}, "timestamp": "..."}`.
+//! mode, auto-manage counters, the shard registry, swarm capacity and the
+//! wishlist); a `peer_list` snapshot on connect and whenever the set of connected
+//! peers changes; an `activity_event` for each auto-manage action; and
+//! `models_changed` whenever the models on disk or in memory change (a download,
+//! load, unload or prune). Messages are JSON: `{"type": "...", "data": {...}, "timestamp": "..."}`.
 //! Browsers cannot send a bearer header on a WebSocket, so the route is read-only
 //! and checks the `Origin` header against the same allow-list as CORS.
 
@@ -57,7 +60,88 @@ fn stats(state: &AppState) -> Value {
         "inference": node.metrics().summary(),
         "credits": credits_json(node.credits().summary()),
         "private_mode": node.private_mode().enabled,
+        "acquisitions": node.swarm().counters(),
     })
+}
+
+/// The swarm part of `stats_update`: the shard registry (what this node holds),
+/// swarm capacity (nodes and bytes against the budget) and the wishlist (shards
+/// below their replication target).
+async fn swarm_stats(state: &AppState) -> Value {
+    let view = crate::swarm::view(&state.node).await;
+    let registry: Vec<Value> = view
+        .models
+        .iter()
+        .filter(|m| m.shards.iter().any(|s| s.held_here))
+        .map(|m| {
+            json!({
+                "model_id": m.model_id,
+                "shards": m.shards.iter().filter(|s| s.held_here).map(|s| s.index).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let wishlist: Vec<Value> = view
+        .models
+        .iter()
+        .filter(|m| m.trust.may_acquire())
+        .flat_map(|m| {
+            m.shards
+                .iter()
+                .filter(|s| s.holders < m.target)
+                .map(move |s| {
+                    json!({
+                        "model_id": m.model_id,
+                        "shard_index": s.index,
+                        "holders": s.holders,
+                        "target": m.target,
+                        "trust_level": m.trust.as_str(),
+                    })
+                })
+        })
+        .take(100)
+        .collect();
+    json!({
+        "shard_registry": registry,
+        "swarm_capacity": {
+            "nodes": view.nodes(),
+            "auto_manage_peers": view.auto_peers.len(),
+            "auto_manage_free_mb": view.auto_peers.values().map(|b| b / 1_048_576).sum::<u64>(),
+            "disk_used_mb": mb(view.used_bytes),
+            "disk_budget_mb": view.budget_bytes.map(mb),
+        },
+        "wishlist": wishlist,
+    })
+}
+
+fn mb(bytes: u64) -> f64 {
+    (bytes as f64 / 1_048_576.0 * 10.0).round() / 10.0
+}
+
+/// What `models_changed` watches: the models on disk and the ranges in memory.
+fn models_fingerprint(state: &AppState) -> Vec<(String, Vec<u32>, usize)> {
+    let pipeline = state.node.pipeline();
+    let ranges = pipeline.host().ranges();
+    let mut out: Vec<(String, Vec<u32>, usize)> = pipeline
+        .local_models()
+        .into_iter()
+        .map(|m| {
+            let loaded = ranges
+                .iter()
+                .filter(|r| r.model_id == m.manifest.model_id)
+                .count();
+            (m.manifest.model_id, m.held, loaded)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+async fn full_stats(state: &AppState) -> Value {
+    let mut v = stats(state);
+    if let (Some(obj), Value::Object(extra)) = (v.as_object_mut(), swarm_stats(state).await) {
+        obj.extend(extra);
+    }
+    v
 }
 
 fn peers(state: &AppState) -> (BTreeSet<String>, Value) {
@@ -72,9 +156,11 @@ fn peers(state: &AppState) -> (BTreeSet<String>, Value) {
 
 async fn run(state: AppState, mut socket: WebSocket) {
     let (mut last_ids, snapshot) = peers(&state);
+    let mut activity = state.node.swarm().subscribe();
+    let mut last_models = models_fingerprint(&state);
     if socket.send(message("peer_list", snapshot)).await.is_err()
         || socket
-            .send(message("stats_update", stats(&state)))
+            .send(message("stats_update", full_stats(&state).await))
             .await
             .is_err()
     {
@@ -91,11 +177,29 @@ async fn run(state: AppState, mut socket: WebSocket) {
                 return;
             }
             _ = tick.tick() => {
-                if socket.send(message("stats_update", stats(&state))).await.is_err() {
+                if socket.send(message("stats_update", full_stats(&state).await)).await.is_err() {
                     return;
                 }
             }
+            event = activity.recv() => match event {
+                Ok(a) => {
+                    let data = serde_json::to_value(&a).unwrap_or_default();
+                    if socket.send(message("activity_event", data)).await.is_err() {
+                        return;
+                    }
+                }
+                // A slow dashboard missed some: it still gets the next ones.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
             _ = peer_check.tick() => {
+                let models = models_fingerprint(&state);
+                if models != last_models {
+                    last_models = models;
+                    if socket.send(message("models_changed", json!({}))).await.is_err() {
+                        return;
+                    }
+                }
                 let (ids, snapshot) = peers(&state);
                 if ids != last_ids {
                     last_ids = ids;

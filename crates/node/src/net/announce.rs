@@ -68,6 +68,14 @@ pub struct Load {
     /// network leaderboard are computed from these.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credits: Option<CreditSummary>,
+    /// Per-model demand this node counted (see `swarm::demand`); checked at
+    /// [`verify`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub demand: Vec<crate::swarm::demand::ModelDemand>,
+    /// Disk (MiB) auto-manage may still fill here; absent when auto-manage
+    /// acquires nothing on this node. Nodes use it to agree who fetches what.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_free_mb: Option<u64>,
 }
 
 /// A node's credit totals in micro-credits.
@@ -185,6 +193,16 @@ pub fn verify(
     let age = now - ann.timestamp;
     if age > ttl_secs || age < -MAX_SKEW_SECS {
         return Err(AnnounceError::Stale { age_secs: age });
+    }
+    if ann.load.demand.len() > crate::swarm::demand::MAX_DEMAND_ENTRIES {
+        return Err(AnnounceError::Malformed(format!(
+            "{} demand entries (at most {})",
+            ann.load.demand.len(),
+            crate::swarm::demand::MAX_DEMAND_ENTRIES
+        )));
+    }
+    for d in &ann.load.demand {
+        d.validate().map_err(AnnounceError::Malformed)?;
     }
     Ok(ann)
 }

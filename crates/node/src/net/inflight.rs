@@ -33,6 +33,18 @@ impl InFlight {
     }
 }
 
+impl InFlight {
+    /// The counts now, for weighing choices.
+    pub(crate) fn snapshot(&self) -> HashMap<String, u32> {
+        self.counts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), u32::try_from(*v).unwrap_or(u32::MAX)))
+            .collect()
+    }
+}
+
 impl Drop for Slot {
     fn drop(&mut self) {
         let mut counts = self.owner.counts.lock().unwrap_or_else(|p| p.into_inner());

@@ -148,8 +148,9 @@ impl Pipeline {
                 .into_iter()
                 .map(|t| t.0)
                 .collect();
-        let plan =
-            self.plan(model_id, &HashSet::new())
+        // The chain's nodes count this generation as in flight until it ends.
+        let (plan, _in_flight) =
+            self.plan_reserved(model_id)
                 .await
                 .map_err(|e| GenerateError::NoRoute {
                     message: e.to_string(),
@@ -158,6 +159,7 @@ impl Pipeline {
         tracing::info!(
             model = model_id,
             route = %plan.spans.iter().map(|s| format!("{}[{}..{}]", super::short(&s.primary.node_id), s.primary.layer_start, s.primary.layer_end)).collect::<Vec<_>>().join(" → "),
+            cost_ms = plan.cost_ms,
             "pipeline route"
         );
         let prompt_tokens = tokens.len() as u32;

@@ -43,6 +43,7 @@ impl Pipeline {
                 rtt_ms: Some(0.0),
                 ms_per_layer: r.ms_per_layer,
                 queue_depth: 0,
+                load_ms: 0.0,
             });
         // Holders of another manifest than the one accepted here are never used:
         // their shards would not fit ours.
@@ -65,6 +66,7 @@ impl Pipeline {
                     rtt_ms: p.rtt_ms,
                     ms_per_layer: m.ms_per_layer,
                     queue_depth: p.queue_depth,
+                    load_ms: 0.0,
                 })
         });
         local.chain(remote).collect()
@@ -149,11 +151,34 @@ impl Pipeline {
         out
     }
 
-    /// Plans a chain for `model_id` without `exclude`d nodes.
+    /// Plans a chain for `model_id` without `exclude`d nodes, each holder
+    /// weighed by this node's sessions in flight there and a random share of its
+    /// cost (see `route`), so requests spread over replicas.
     pub async fn plan(&self, model_id: &str, exclude: &HashSet<String>) -> Result<Plan, NoRoute> {
+        self.plan_with(model_id, exclude, false)
+            .await
+            .map(|(p, _)| p)
+    }
+
+    /// [`Pipeline::plan`] for a generation about to start: the chosen chain's
+    /// nodes count this session as in flight (until the slots drop) from the
+    /// moment it is chosen, so requests planned at the same time spread too.
+    pub(super) async fn plan_reserved(
+        &self,
+        model_id: &str,
+    ) -> Result<(Plan, Vec<crate::net::inflight::Slot>), NoRoute> {
+        self.plan_with(model_id, &HashSet::new(), true).await
+    }
+
+    async fn plan_with(
+        &self,
+        model_id: &str,
+        exclude: &HashSet<String>,
+        reserve: bool,
+    ) -> Result<(Plan, Vec<crate::net::inflight::Slot>), NoRoute> {
         let peers = self.peers().await;
-        let holders = self.holders_in(model_id, &peers);
         let n_layers = self.n_layers_in(model_id, &peers);
+        let holders = self.holders_in(model_id, &peers);
         let allowed = match self.inner.peers_allowed.get() {
             Some(policy) => {
                 let policy = Arc::clone(policy);
@@ -165,7 +190,7 @@ impl Pipeline {
             None => None,
         };
         let Some((members, allow_lan)) = allowed else {
-            return route::plan(n_layers, &holders, exclude, self.encrypted(model_id));
+            return self.weigh_and_plan(n_layers, holders, exclude, model_id, reserve);
         };
         // Private mode: only this node, pool devices and (if allowed) LAN peers.
         let on_lan = |id: &str| {
@@ -179,10 +204,64 @@ impl Pipeline {
                 h.local || members.contains(&h.node_id) || (allow_lan && on_lan(&h.node_id))
             })
             .collect();
-        route::plan(n_layers, &holders, exclude, self.encrypted(model_id)).map_err(|mut e| {
-            e.private_mode = true;
-            e
-        })
+        self.weigh_and_plan(n_layers, holders, exclude, model_id, reserve)
+            .map_err(|mut e| {
+                e.private_mode = true;
+                e
+            })
+    }
+
+    /// Adds each holder's load term, plans, and (with `reserve`) counts the
+    /// chain's remote nodes as in flight — one step, under one lock, so two
+    /// requests planned together see each other.
+    fn weigh_and_plan(
+        &self,
+        n_layers: u32,
+        holders: Vec<Holder>,
+        exclude: &HashSet<String>,
+        model_id: &str,
+        reserve: bool,
+    ) -> Result<(Plan, Vec<crate::net::inflight::Slot>), NoRoute> {
+        let _one_at_a_time = self
+            .inner
+            .route_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let in_flight = self.inner.in_flight.snapshot();
+        let mut holders = holders;
+        route::fill_unmeasured(&mut holders);
+        let holders: Vec<Holder> = holders
+            .into_iter()
+            .map(|mut h| {
+                let n = if h.local {
+                    0
+                } else {
+                    in_flight.get(&h.node_id).copied().unwrap_or(0)
+                };
+                h.load_ms = route::load_ms(h.cost(), n, rand::random::<f64>());
+                h
+            })
+            .collect();
+        tracing::debug!(
+            model = model_id,
+            holders = %holders.iter().map(|h| format!("{}[{}..{}]={:.1}ms", super::short(&h.node_id), h.layer_start, h.layer_end, h.cost())).collect::<Vec<_>>().join(" "),
+            "route candidates"
+        );
+        let plan = route::plan(n_layers, &holders, exclude, self.encrypted(model_id))?;
+        let slots = if reserve {
+            plan.spans
+                .iter()
+                .filter(|s| !s.primary.local)
+                .filter_map(|s| {
+                    self.inner
+                        .in_flight
+                        .try_acquire(&s.primary.node_id, usize::MAX)
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok((plan, slots))
     }
 
     /// The model's layer count: from its manifest here, else from an announcement.

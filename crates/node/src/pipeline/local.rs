@@ -321,6 +321,13 @@ impl Pipeline {
         if let Some(v) = cached(self) {
             return Ok(v);
         }
+        // A requester needs only the header (for the tokenizer): fetched from a
+        // holder, checked like any manifest, when this node has none.
+        if self.model_dir(model_id).is_none() {
+            self.ensure_manifest(model_id).await.map_err(|e| {
+                format!("this node has no copy of model '{model_id}''s header and could not fetch one: {e}")
+            })?;
+        }
         let dir = self.model_dir(model_id).ok_or_else(|| {
             format!(
                 "this node has no copy of model '{model_id}''s header (import or add the model)"

@@ -147,6 +147,11 @@ struct Inner {
     wire_bytes: std::sync::atomic::AtomicU64,
     /// The overhead of the links this node sends steps on.
     link_latency: latency::LinkLatency,
+    /// Generations this node has running through each other node (weighs the
+    /// next route; see `route`).
+    in_flight: Arc<crate::net::inflight::InFlight>,
+    /// Makes weighing, choosing and reserving a route one step.
+    route_lock: Mutex<()>,
     /// The manifest hash accepted for each model id.
     pins: pins::ManifestPins,
     /// Serialises [`Pipeline::load_held`].
@@ -221,6 +226,8 @@ impl Pipeline {
                 accounting: OnceLock::new(),
                 wire_bytes: std::sync::atomic::AtomicU64::new(0),
                 link_latency: latency::LinkLatency::default(),
+                in_flight: Arc::new(crate::net::inflight::InFlight::default()),
+                route_lock: Mutex::new(()),
                 repairs,
                 repairs_rx: Mutex::new(Some(repairs_rx)),
             }),

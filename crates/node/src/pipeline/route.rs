@@ -37,6 +37,34 @@ pub struct Holder {
     pub ms_per_layer: Option<f64>,
     /// Jobs waiting there.
     pub queue_depth: u32,
+    /// Load the requester adds at request time (ms): see [`load_ms`].
+    #[serde(skip)]
+    pub load_ms: f64,
+}
+
+/// The random share of a holder's cost added per request: replicas whose cost
+/// is within this fraction of each other share the load.
+pub const JITTER: f64 = 0.3;
+
+/// The load term for a holder of cost `cost` with `in_flight` sessions of this
+/// requester running there, given a uniform random `u` in [0, 1): a holder runs
+/// the steps of its sessions in turn, so each one in flight adds about its cost
+/// again.
+pub fn load_ms(cost: f64, in_flight: u32, u: f64) -> f64 {
+    cost * (f64::from(in_flight) + JITTER * u.clamp(0.0, 1.0))
+}
+
+/// Holders that have not measured their compute yet are assumed to match the
+/// mean of those that have (not a fixed guess that would favour or shun them).
+pub fn fill_unmeasured(holders: &mut [Holder]) {
+    let measured: Vec<f64> = holders.iter().filter_map(|h| h.ms_per_layer).collect();
+    if measured.is_empty() {
+        return;
+    }
+    let mean = measured.iter().sum::<f64>() / measured.len() as f64;
+    for h in holders.iter_mut().filter(|h| h.ms_per_layer.is_none()) {
+        h.ms_per_layer = Some(mean);
+    }
 }
 
 impl Holder {
@@ -50,6 +78,7 @@ impl Holder {
         let layers = (self.layer_end - self.layer_start) as f64;
         rtt + layers * self.ms_per_layer.unwrap_or(DEFAULT_MS_PER_LAYER)
             + self.queue_depth as f64 * QUEUE_PENALTY_MS
+            + self.load_ms
     }
 }
 
@@ -230,7 +259,49 @@ mod tests {
             rtt_ms: Some(rtt),
             ms_per_layer: Some(0.1),
             queue_depth: 0,
+            load_ms: 0.0,
         }
+    }
+
+    #[test]
+    fn load_spreads_requests_over_equal_replicas() {
+        let holders = [
+            h("me", 0, 10, 0.0),
+            h("b", 10, 20, 1.0),
+            h("c", 10, 20, 1.0),
+            h("d", 20, 30, 1.0),
+        ];
+        // The same random draws every run: a simple LCG.
+        let mut seed = 7u64;
+        let mut rand = move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let mut in_flight = std::collections::HashMap::<String, u32>::new();
+        let mut used = std::collections::HashMap::<String, u32>::new();
+        for _ in 0..40 {
+            let loaded: Vec<Holder> = holders
+                .iter()
+                .map(|x| {
+                    let mut x = x.clone();
+                    let n = in_flight.get(&x.node_id).copied().unwrap_or(0);
+                    x.load_ms = load_ms(x.cost(), n, rand());
+                    x
+                })
+                .collect();
+            let p = plan(30, &loaded, &HashSet::new(), false).expect("route");
+            let middle = p.spans[1].primary.node_id.clone();
+            *used.entry(middle.clone()).or_default() += 1;
+            // Half the sessions are still running when the next one starts.
+            *in_flight.entry(middle).or_default() += 1;
+            if used.values().sum::<u32>() % 2 == 0 {
+                in_flight.clear();
+            }
+        }
+        let (b, c) = (used["b"], used["c"]);
+        assert!(b >= 10 && c >= 10, "b {b}, c {c}");
     }
 
     #[test]
