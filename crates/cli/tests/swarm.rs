@@ -341,3 +341,98 @@ fn five_nodes_spread_a_demanded_model_within_budgets_and_survive_its_holder() {
     });
     assert_eq!(text, reference);
 }
+
+#[test]
+fn outside_its_hours_a_node_refuses_peers_and_still_serves_itself() {
+    let lib = import_shards(3);
+    let fast = [("SWARMLLM_ANNOUNCE_INTERVAL_SECS", "1")];
+    let a = TestNode::start_custom(false, &[], &fast, |d| {
+        give_shards(lib.path(), d, &[0, 1, 2])
+    });
+    let code = network_code(&a);
+    let b = TestNode::start_custom(false, &["--bootstrap", &code], &fast, |_| {});
+    let reference = b.wait_logged("B served through A", DEADLINE, || {
+        let (s, v) = chat(&b, PROMPT);
+        if s == 200 {
+            Ok(content(&v))
+        } else {
+            Err(format!("{s} {v}"))
+        }
+    });
+
+    // Bad schedules are refused with the reason.
+    for bad in [
+        json!({ "enabled": true, "weekdays": { "caturday": [] } }),
+        json!({ "enabled": true, "weekdays": { "mon": [{ "start": 18, "end": 9 }] } }),
+        json!({ "enabled": true, "hours": 3 }),
+    ] {
+        let (s, v) = a.call(Method::PUT, "/api/admin/schedule", &bad);
+        assert_eq!(s, 400, "{bad} → {v}");
+        assert!(v["error"]["message"].is_string(), "{v}");
+    }
+    assert_eq!(
+        a.http()
+            .put(a.url("/api/admin/schedule"))
+            .json(&json!({ "enabled": false }))
+            .send()
+            .expect("send")
+            .status()
+            .as_u16(),
+        401,
+        "a write without the key"
+    );
+
+    // Enabled with no hours at all: A never contributes now.
+    let (s, v) = a.call(
+        Method::PUT,
+        "/api/admin/schedule",
+        &json!({ "enabled": true, "weekdays": {} }),
+    );
+    assert_eq!((s, &v["contributing_now"]), (200, &json!(false)), "{v}");
+    assert_eq!(a.get("/api/admin/stats").1["contributing"], false);
+    // Peers get no steps from it (whether they still try it or already route
+    // around it)...
+    let served = a.get("/api/v1/layers").1["steps_served"]
+        .as_u64()
+        .unwrap_or(0);
+    b.wait_logged("B refused", DEADLINE, || {
+        let (s, v) = chat(&b, PROMPT);
+        if s == 503 {
+            Ok(())
+        } else {
+            Err(format!("{s} {v}"))
+        }
+    });
+    assert_eq!(
+        a.get("/api/v1/layers").1["steps_served"]
+            .as_u64()
+            .unwrap_or(0),
+        served,
+        "A ran steps for a peer outside its hours"
+    );
+    // ...while its own requests are served as ever.
+    let (s, v) = chat(&a, PROMPT);
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(content(&v), reference);
+
+    // Back within its hours (every hour of every day), peers are served again.
+    let all_day: serde_json::Map<String, Value> = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+        .iter()
+        .map(|d| (d.to_string(), json!([{ "start": 0, "end": 24 }])))
+        .collect();
+    let (s, v) = a.call(
+        Method::PUT,
+        "/api/admin/schedule",
+        &json!({ "enabled": true, "weekdays": all_day }),
+    );
+    assert_eq!((s, &v["contributing_now"]), (200, &json!(true)), "{v}");
+    let text = b.wait_logged("B served again", DEADLINE, || {
+        let (s, v) = chat(&b, PROMPT);
+        if s == 200 {
+            Ok(content(&v))
+        } else {
+            Err(format!("{s} {v}"))
+        }
+    });
+    assert_eq!(text, reference);
+}

@@ -314,6 +314,13 @@ impl Node {
             credits: node.inner.credits.clone(),
             swarm: node.inner.swarm.clone(),
         }));
+        let (swarm, pools) = (node.inner.swarm.clone(), node.inner.pools.clone());
+        node.inner
+            .pipeline
+            .set_serve_policy(crate::pipeline::ServePolicy {
+                contributing: Arc::new(move || swarm.contributing()),
+                pool_members: Arc::new(move || pools.accepted_members().unwrap_or_default()),
+            });
         let weak = Arc::downgrade(&node.inner);
         node.inner.pipeline.set_peer_policy(Arc::new(move || {
             let inner = weak.upgrade()?;
@@ -811,6 +818,9 @@ fn local_info(node: Weak<Inner>, hardware: HardwareSummary) -> crate::net::Local
         }
         load.requests_per_minute = inner.metrics.summary().requests_per_minute;
         load.demand = inner.swarm.demand().snapshot();
+        if !inner.swarm.contributing() {
+            load.contributing = Some(false);
+        }
         let config = inner.config.read().unwrap_or_else(|p| p.into_inner());
         if config.auto_manage
             || inner

@@ -45,6 +45,9 @@ pub(crate) async fn stats(State(state): State<AppState>) -> Result<Json<Value>, 
         "peer_count": node.network().map(|n| n.connected().len()).unwrap_or(0),
         "p2p": p2p,
         "auto_manage": node.swarm().counters(),
+        // Outside its contribution hours the node serves only itself and its
+        // pool, and acquires nothing.
+        "contributing": node.swarm().contributing(),
     })))
 }
 

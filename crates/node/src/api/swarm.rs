@@ -18,6 +18,7 @@ impl From<SettingsError> for ApiError {
                 "TOO_MANY_POLICIES",
                 e.to_string(),
             ),
+            SettingsError::Schedule(m) => ApiError::invalid_field("schedule", m),
             SettingsError::Store(e) => ApiError::internal("saving swarm settings", e),
         }
     }
@@ -138,6 +139,37 @@ pub(crate) async fn prune_history(
     })))
 }
 
+fn schedule_json(state: &AppState) -> Value {
+    let schedule = state.node.swarm().settings().schedule();
+    let contributing = schedule.contributes_now();
+    let mut v = serde_json::to_value(&schedule).unwrap_or_default();
+    v["contributing_now"] = json!(contributing);
+    v["local_time"] = json!(chrono::Local::now().format("%a %H:%M").to_string());
+    v
+}
+
+/// `GET /api/admin/schedule`
+pub(crate) async fn get_schedule(State(state): State<AppState>) -> Json<Value> {
+    Json(schedule_json(&state))
+}
+
+/// `PUT /api/admin/schedule` with `{"enabled": bool, "weekdays": {"mon":
+/// [{"start": 9, "end": 17}], …}}` (hours in local time, end exclusive).
+pub(crate) async fn put_schedule(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Json<Value>, ApiError> {
+    let schedule: crate::swarm::schedule::Schedule = super::extract::from_value(&body)?;
+    let swarm = state.node.swarm().clone();
+    blocking("saving the schedule", move || {
+        swarm.settings().set_schedule(schedule)
+    })
+    .await?;
+    // Peers learn at once whether this node contributes.
+    state.node.announce_soon().await;
+    Ok(Json(schedule_json(&state)))
+}
+
 /// Auto-manage routes. Each route is declared read (public) or write (needs the key) here.
 pub(super) fn routes() -> super::routes::Routes {
     use axum::http::Method;
@@ -148,6 +180,8 @@ pub(super) fn routes() -> super::routes::Routes {
             get_auto_manage,
         )
         .read(Method::GET, "/api/admin/prune-history", prune_history)
+        .read(Method::GET, "/api/admin/schedule", get_schedule)
+        .write(Method::PUT, "/api/admin/schedule", put_schedule)
         .write(
             Method::PUT,
             "/api/admin/models/{id}/auto-manage",

@@ -61,6 +61,7 @@ fn stats(state: &AppState) -> Value {
         "credits": credits_json(node.credits().summary()),
         "private_mode": node.private_mode().enabled,
         "acquisitions": node.swarm().counters(),
+        "contributing": node.swarm().contributing(),
     })
 }
 

@@ -76,6 +76,10 @@ pub struct Load {
     /// acquires nothing on this node. Nodes use it to agree who fetches what.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_free_mb: Option<u64>,
+    /// `Some(false)` outside the node's contribution hours: it serves only
+    /// itself and its pool then, so others' routes leave it out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contributing: Option<bool>,
 }
 
 /// A node's credit totals in micro-credits.

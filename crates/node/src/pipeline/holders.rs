@@ -18,6 +18,8 @@ pub(super) struct PeerView {
     pub(super) trust: i64,
     /// The address of the live connection.
     pub(super) address: String,
+    /// Its schedule lets it serve others now.
+    pub(super) contributing: bool,
 }
 
 impl Pipeline {
@@ -93,6 +95,7 @@ impl Pipeline {
                     rtt_ms: rtt.or(r.latency_ms),
                     queue_depth: r.load["queue_depth"].as_u64().unwrap_or(0) as u32,
                     trust: r.trust_score,
+                    contributing: r.load["contributing"] != serde_json::Value::Bool(false),
                     address,
                     node_id: r.node_id,
                 })
@@ -178,7 +181,26 @@ impl Pipeline {
     ) -> Result<(Plan, Vec<crate::net::inflight::Slot>), NoRoute> {
         let peers = self.peers().await;
         let n_layers = self.n_layers_in(model_id, &peers);
-        let holders = self.holders_in(model_id, &peers);
+        let mut holders = self.holders_in(model_id, &peers);
+        // A holder outside its contribution hours serves only its own pool.
+        let resting: HashSet<&str> = peers
+            .iter()
+            .filter(|p| !p.contributing)
+            .map(|p| p.node_id.as_str())
+            .collect();
+        if holders.iter().any(|h| resting.contains(h.node_id.as_str())) {
+            let members = match self.inner.serve_policy.get() {
+                Some(policy) => {
+                    let members = Arc::clone(&policy.pool_members);
+                    tokio::task::spawn_blocking(move || members())
+                        .await
+                        .unwrap_or_default()
+                }
+                None => HashSet::new(),
+            };
+            holders
+                .retain(|h| !resting.contains(h.node_id.as_str()) || members.contains(&h.node_id));
+        }
         let allowed = match self.inner.peers_allowed.get() {
             Some(policy) => {
                 let policy = Arc::clone(policy);

@@ -75,6 +75,17 @@ pub type EncryptionPolicy = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 /// on the blocking pool (it may read the database).
 pub type PeerPolicy = Arc<dyn Fn() -> Option<(HashSet<String>, bool)> + Send + Sync>;
 
+/// Whom this node serves: `contributing()` is cheap and asked per step; when it
+/// says no, `pool_members()` (blocking: it may read the database) names the
+/// devices still served — the node's own requests always are.
+#[derive(Clone)]
+pub struct ServePolicy {
+    /// The schedule allows contributing now.
+    pub contributing: Arc<dyn Fn() -> bool + Send + Sync>,
+    /// This node's pool devices.
+    pub pool_members: Arc<dyn Fn() -> HashSet<String> + Send + Sync>,
+}
+
 /// Who is told about pipeline work (the credit ledger), so the pipeline itself
 /// knows nothing of credits.
 pub trait Accounting: Send + Sync {
@@ -142,6 +153,8 @@ struct Inner {
     encryption: OnceLock<EncryptionPolicy>,
     /// Private mode's restriction of routes.
     peers_allowed: OnceLock<PeerPolicy>,
+    /// The contribution schedule's restriction of whom this node serves.
+    serve_policy: OnceLock<ServePolicy>,
     accounting: OnceLock<Arc<dyn Accounting>>,
     /// Bytes of pipeline requests this node sent plus the responses it got.
     wire_bytes: std::sync::atomic::AtomicU64,
@@ -223,6 +236,7 @@ impl Pipeline {
                 pins: pins::ManifestPins::new(store),
                 encryption: OnceLock::new(),
                 peers_allowed: OnceLock::new(),
+                serve_policy: OnceLock::new(),
                 accounting: OnceLock::new(),
                 wire_bytes: std::sync::atomic::AtomicU64::new(0),
                 link_latency: latency::LinkLatency::default(),
@@ -364,6 +378,27 @@ impl Pipeline {
     /// Restricts routes to some peers (private mode), set by the node.
     pub fn set_peer_policy(&self, policy: PeerPolicy) {
         let _ = self.inner.peers_allowed.set(policy);
+    }
+
+    /// Limits whom this node serves to its schedule (set by the node).
+    pub fn set_serve_policy(&self, policy: ServePolicy) {
+        let _ = self.inner.serve_policy.set(policy);
+    }
+
+    /// Whether this node serves `requester` now: always itself; others while
+    /// the schedule allows, and its pool's devices at any hour.
+    pub(crate) async fn serves(&self, requester: &str) -> bool {
+        let Some(policy) = self.inner.serve_policy.get() else {
+            return true;
+        };
+        if requester == self.inner.node_id || (policy.contributing)() {
+            return true;
+        }
+        let members = Arc::clone(&policy.pool_members);
+        tokio::task::spawn_blocking(move || members())
+            .await
+            .map(|m| m.contains(requester))
+            .unwrap_or(false)
     }
 
     /// Whether requests for `model_id` must embed and sample on this node.

@@ -197,6 +197,12 @@ impl Pipeline {
     /// Answers a peer's fetch of a file this node holds intact.
     pub(super) async fn serve_fetch(&self, from: &str, f: FetchRequest) -> Response {
         let not_found = |message: String| Response::Error { code: 404, message };
+        if !self.serves(from).await {
+            return Response::Error {
+                code: 503,
+                message: "this node is outside its contribution hours".into(),
+            };
+        }
         if !is_model_id(&f.model_id) || !shard::manifest::is_plain_file_name(&f.file) {
             return not_found("no such model file".into());
         }

@@ -70,6 +70,10 @@ impl Manager {
         if self.prune(&view).await {
             return; // the next round sees the space freed
         }
+        // Outside its contribution hours the node acquires nothing.
+        if !self.swarm().contributing() {
+            return;
+        }
         if self.fetch_manifest(&view).await {
             return;
         }

@@ -9,12 +9,14 @@
 //! - `view`: the snapshot those decisions are made over (holders per shard,
 //!   demand, disk used against the budget);
 //! - `manager`: the loop that acts on them;
+//! - [`schedule`]: the hours the node contributes;
 //! - [`settings`] and [`history`]: what the user set, and what was done.
 
 pub mod demand;
 pub mod history;
 mod manager;
 pub mod placement;
+pub mod schedule;
 pub mod settings;
 mod view;
 
@@ -160,6 +162,11 @@ impl Swarm {
     /// Auto-manage activity as it happens.
     pub fn subscribe(&self) -> broadcast::Receiver<Activity> {
         self.inner.events.subscribe()
+    }
+
+    /// Whether the node contributes now (its schedule allows it).
+    pub fn contributing(&self) -> bool {
+        self.inner.settings.contributes_now()
     }
 
     /// Acquisitions and prunes since start.

@@ -12,6 +12,7 @@ use crate::store::{Store, StoreError};
 const AUTO_MANAGE_KEY: &str = "auto_manage";
 const LOCKS_KEY: &str = "shard_locks";
 const ACQUIRED_KEY: &str = "auto_acquired";
+const SCHEDULE_KEY: &str = "schedule";
 /// Models with their own policy (more are refused).
 pub const MAX_POLICIES: usize = 10_000;
 
@@ -38,6 +39,7 @@ struct State {
     auto_manage: BTreeMap<String, AutoManage>,
     locks: BTreeMap<String, BTreeSet<u32>>,
     acquired: BTreeSet<String>,
+    schedule: super::schedule::Schedule,
 }
 
 /// A policy could not be stored.
@@ -47,6 +49,9 @@ pub enum SettingsError {
     /// Too many models have their own policy.
     #[error("at most {MAX_POLICIES} models may have their own auto-manage setting")]
     TooMany,
+    /// A schedule that names a bad day or hour.
+    #[error("invalid schedule: {0}")]
+    Schedule(String),
     /// The database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -69,6 +74,7 @@ impl Settings {
             auto_manage: read(&store, AUTO_MANAGE_KEY)?,
             locks: read(&store, LOCKS_KEY)?,
             acquired: read(&store, ACQUIRED_KEY)?,
+            schedule: read(&store, SCHEDULE_KEY)?,
         };
         Ok(Self {
             store,
@@ -168,6 +174,26 @@ impl Settings {
         }
         state.locks = locks;
         state.acquired = acquired;
+        Ok(())
+    }
+
+    /// The contribution schedule.
+    pub fn schedule(&self) -> super::schedule::Schedule {
+        self.state().schedule.clone()
+    }
+
+    /// Whether the schedule lets the node contribute now (no copy made: this is
+    /// asked per served step).
+    pub fn contributes_now(&self) -> bool {
+        self.state().schedule.contributes_now()
+    }
+
+    /// Replaces the schedule after checking it (blocking).
+    pub fn set_schedule(&self, schedule: super::schedule::Schedule) -> Result<(), SettingsError> {
+        schedule.validate().map_err(SettingsError::Schedule)?;
+        let mut state = self.state();
+        self.save(SCHEDULE_KEY, &schedule)?;
+        state.schedule = schedule;
         Ok(())
     }
 
