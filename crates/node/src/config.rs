@@ -120,6 +120,9 @@ pub struct Config {
     pub auto_manage_interval_secs: u32,
     /// Demand is counted over this many seconds. Default 3600.
     pub demand_window_secs: u32,
+    /// Holders every shard of a demanded model should have at least (more with
+    /// demand). Default 2, so one may leave without a gap.
+    pub replication_min: u32,
     /// Distinct requesters that make a model `DemandVerified` (at least 2, so
     /// one node alone never promotes a model). Default 2.
     pub demand_min_requesters: u32,
@@ -180,6 +183,7 @@ impl Default for Config {
             auto_manage_interval_secs: 10,
             demand_window_secs: 3600,
             demand_min_requesters: 2,
+            replication_min: 2,
             hf_endpoint: String::new(),
             credit_rate_layer_token: 0.0001,
             credit_rate_token: 0.01,
@@ -339,6 +343,12 @@ impl Config {
             return Err(ConfigError::new(
                 "demand_window_secs",
                 "must be at least 10",
+            ));
+        }
+        if !(1..=64).contains(&self.replication_min) {
+            return Err(ConfigError::new(
+                "replication_min",
+                "must be between 1 and 64",
             ));
         }
         if self.demand_min_requesters < 2 {

@@ -136,6 +136,8 @@ fn add_swarm_fields(v: &mut Value, view: &crate::swarm::SwarmView, id: &str) {
             let index = s["index"].as_u64();
             if let Some(n) = m.shards.iter().find(|n| Some(u64::from(n.index)) == index) {
                 s["locked"] = json!(n.locked);
+                // First in line among the holders: pruning never takes it here.
+                s["keeper"] = json!(n.keeper);
             }
         }
     }

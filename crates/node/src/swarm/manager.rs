@@ -16,8 +16,8 @@ use crate::node::Node;
 const RETRY_AFTER: Duration = Duration::from_secs(60);
 /// Shards tracked for waiting and failures (the maps start over beyond it).
 const MAX_TRACKED: usize = 4096;
-/// Rounds a gap may stay open before this node takes it out of turn (the nodes
-/// ahead of it in line may lack the disk, or have left).
+/// Rounds a gap may stay open before the line for it widens (the nodes ahead
+/// may be busy, lack the disk, or have left): see `placement::in_line`.
 const PATIENCE_ROUNDS: u32 = 3;
 /// ... and never less than this (a fetch ahead in line takes time to show).
 const MIN_PATIENCE: Duration = Duration::from_secs(20);
@@ -229,7 +229,18 @@ impl Manager {
 
     async fn acquire(&mut self, view: &SwarmView, every: Duration) {
         let me = view.node_id.clone();
-        let patience = (every * PATIENCE_ROUNDS).max(MIN_PATIENCE);
+        // Rounds before the line widens: at least MIN_PATIENCE of time.
+        let patience_rounds =
+            u64::from(PATIENCE_ROUNDS).max(MIN_PATIENCE.as_secs().div_ceil(every.as_secs().max(1)));
+        // A gap that closed is forgotten: if it opens again, the line starts
+        // narrow again.
+        self.waiting.retain(|(model, index), _| {
+            view.model(model).is_some_and(|m| {
+                m.shards
+                    .iter()
+                    .any(|s| s.index == *index && s.holders < m.target)
+            })
+        });
         if self.waiting.len() >= MAX_TRACKED {
             self.waiting.clear();
         }
@@ -263,12 +274,11 @@ impl Manager {
                     .filter(|n| !holders.contains(*n))
                     .collect();
                 let rank = placement::rank(&me, candidates, model, index);
-                if rank < missing as usize {
-                    return true;
-                }
-                // Not this node's turn: take it anyway if the gap stays open.
+                // Not first in line: the line widens while the gap stays open.
                 let since = *waiting.entry(key).or_insert_with(Instant::now);
-                since.elapsed() >= patience
+                let waited =
+                    (since.elapsed().as_secs_f64() / every.as_secs_f64().max(0.001)) as u64;
+                placement::in_line(rank, missing, waited, patience_rounds)
             },
         );
         let Some(acq) = next else {

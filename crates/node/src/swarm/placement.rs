@@ -10,7 +10,9 @@
 //!   rank, so nodes seeing the same gap fetch different shards);
 //! - [`prunes`]: the shards to delete — of models whose demand has gone, then the
 //!   least needed until the disk budget holds; never a locked shard, never one
-//!   of a pinned model, never one this node is the last holder of.
+//!   of a pinned model, never one this node is the last holder of — nor one it
+//!   is first in line to keep among the holders (so two holders pruning at
+//!   once cannot remove the last copy between them).
 
 use serde::Serialize;
 
@@ -34,6 +36,10 @@ pub struct ShardNeed {
     pub held_here: bool,
     /// Locked against pruning here.
     pub locked: bool,
+    /// This node is first in line among the shard's holders (see [`score`]):
+    /// it keeps the shard, so holders that prune at the same moment never
+    /// remove the last copy between them.
+    pub keeper: bool,
 }
 
 /// One model as this node sees it.
@@ -54,14 +60,19 @@ pub struct ModelNeed {
 }
 
 /// Holders each shard of a model should have: none asked of a merely
-/// discovered model; otherwise two (one may leave) plus one per
+/// discovered model; otherwise `min` (default 2: one may leave) plus one per
 /// [`RPM_PER_REPLICA`] of demand, one more for a popular model, and never more
 /// than the nodes there are.
-pub fn replication_target(trust: TrustLevel, requests_per_minute: f64, nodes: usize) -> u32 {
+pub fn replication_target(
+    trust: TrustLevel,
+    requests_per_minute: f64,
+    nodes: usize,
+    min: u32,
+) -> u32 {
     let base = match trust {
         TrustLevel::Discovered => return 0,
-        TrustLevel::DemandVerified | TrustLevel::Pinned => 2,
-        TrustLevel::NetworkPopular => 3,
+        TrustLevel::DemandVerified | TrustLevel::Pinned => min.max(1),
+        TrustLevel::NetworkPopular => min.max(1) + 1,
     };
     let extra = if requests_per_minute.is_finite() && requests_per_minute > 0.0 {
         (requests_per_minute / RPM_PER_REPLICA).floor().min(64.0) as u32
@@ -175,7 +186,7 @@ pub fn prunes(models: &[ModelNeed], used: u64, budget: Option<u64>) -> Vec<Prune
         .flat_map(|m| {
             m.shards
                 .iter()
-                .filter(|s| s.held_here && !s.locked && s.holders > 1)
+                .filter(|s| s.held_here && !s.locked && !s.keeper && s.holders > 1)
                 .map(move |s| (i64::from(m.target) - i64::from(s.holders - 1), m, s))
         })
         .collect();
@@ -216,27 +227,39 @@ fn prune(m: &ModelNeed, s: &ShardNeed, reason: PruneReason) -> Prune {
     }
 }
 
+/// Whether a node `rank`ed in line for a shard (see [`rank`]) should take it
+/// when `missing` holders are wanted and it has waited `waited` rounds of
+/// `patience`: the first `missing` at once, then one more `missing` nodes per
+/// `patience` rounds the gap stays open (the nodes ahead may be busy, full or
+/// gone) — the line widens, it never opens to everyone at once.
+pub fn in_line(rank: usize, missing: u32, waited: u64, patience: u64) -> bool {
+    let widen = 1 + waited / patience.max(1);
+    (rank as u64) < u64::from(missing).saturating_mul(widen)
+}
+
+/// A node's place in line for a shard: lower goes first. Every node computes
+/// the same order without talking (rendezvous hashing).
+pub fn score(node: &str, model_id: &str, index: u32) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(node.as_bytes());
+    h.update(b"\0");
+    h.update(model_id.as_bytes());
+    h.update(&index.to_le_bytes());
+    *h.finalize().as_bytes()
+}
+
 /// This node's place in line for a shard among `candidates` (the nodes that
-/// could take it, this one included): a rendezvous hash, so every node computes
-/// the same order without talking.
+/// could take it, this one included): how many of them score lower.
 pub fn rank<'a>(
     me: &str,
     candidates: impl IntoIterator<Item = &'a str>,
     model_id: &str,
     index: u32,
 ) -> usize {
-    let score = |node: &str| {
-        let mut h = blake3::Hasher::new();
-        h.update(node.as_bytes());
-        h.update(b"\0");
-        h.update(model_id.as_bytes());
-        h.update(&index.to_le_bytes());
-        *h.finalize().as_bytes()
-    };
-    let mine = score(me);
+    let mine = score(me, model_id, index);
     candidates
         .into_iter()
-        .filter(|c| *c != me && score(c) < mine)
+        .filter(|c| *c != me && score(c, model_id, index) < mine)
         .count()
 }
 
@@ -252,6 +275,7 @@ mod tests {
             holders_in_region: holders,
             held_here,
             locked: false,
+            keeper: false,
         }
     }
 
@@ -268,12 +292,25 @@ mod tests {
 
     #[test]
     fn targets_follow_trust_demand_and_size() {
-        assert_eq!(replication_target(TrustLevel::Discovered, 500.0, 10), 0);
-        assert_eq!(replication_target(TrustLevel::DemandVerified, 5.0, 10), 2);
-        assert_eq!(replication_target(TrustLevel::DemandVerified, 65.0, 10), 4);
-        assert_eq!(replication_target(TrustLevel::NetworkPopular, 0.0, 10), 3);
-        assert_eq!(replication_target(TrustLevel::Pinned, 1e9, 3), 3);
-        assert_eq!(replication_target(TrustLevel::Pinned, f64::NAN, 1), 1);
+        assert_eq!(replication_target(TrustLevel::Discovered, 500.0, 10, 2), 0);
+        assert_eq!(
+            replication_target(TrustLevel::DemandVerified, 5.0, 10, 2),
+            2
+        );
+        assert_eq!(
+            replication_target(TrustLevel::DemandVerified, 5.0, 10, 3),
+            3
+        );
+        assert_eq!(
+            replication_target(TrustLevel::DemandVerified, 65.0, 10, 2),
+            4
+        );
+        assert_eq!(
+            replication_target(TrustLevel::NetworkPopular, 0.0, 10, 2),
+            3
+        );
+        assert_eq!(replication_target(TrustLevel::Pinned, 1e9, 3, 2), 3);
+        assert_eq!(replication_target(TrustLevel::Pinned, f64::NAN, 1, 2), 1);
     }
 
     #[test]
@@ -360,6 +397,21 @@ mod tests {
         let p = prunes(&models, 500, Some(0));
         assert!(p.iter().all(|p| !(p.model_id == "gone" && p.index == 2)));
         assert!(p.iter().all(|p| p.model_id != "pinned"));
+        // The keeper of a shard keeps it, even with other holders around.
+        let mut kept = models.clone();
+        kept[0].shards[0].keeper = true;
+        assert!(
+            prunes(&kept, 500, Some(0))
+                .iter()
+                .all(|p| !(p.model_id == "gone" && p.index == 0))
+        );
+    }
+
+    #[test]
+    fn the_line_widens_while_a_gap_stays_open() {
+        assert!(in_line(0, 1, 0, 3) && !in_line(1, 1, 0, 3));
+        assert!(!in_line(1, 1, 2, 3) && in_line(1, 1, 3, 3));
+        assert!(in_line(5, 2, 6, 3) && !in_line(6, 2, 6, 3));
     }
 
     #[test]

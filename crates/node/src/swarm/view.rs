@@ -189,7 +189,12 @@ pub async fn build(node: &Node) -> SwarmView {
         let policy = settings.auto_manage(&id);
         let acquire = policy.enabled.unwrap_or(config.auto_manage);
         let prune = acquire && policy.prune.unwrap_or(config.auto_prune);
-        let target = placement::replication_target(trust, d.requests_per_minute, nodes);
+        let target = placement::replication_target(
+            trust,
+            d.requests_per_minute,
+            nodes,
+            config.replication_min,
+        );
         let mut shards = Vec::new();
         if let Some(m) = here {
             used_bytes += m.manifest.header.bytes
@@ -216,14 +221,18 @@ pub async fn build(node: &Node) -> SwarmView {
                     .iter()
                     .filter(|h| region_of.get(*h).is_some_and(|r| *r == region))
                     .count();
+                let held_here = m.held.contains(&s.index);
                 shards.push(ShardNeed {
                     index: s.index,
                     bytes: s.bytes,
                     holders: holders.len() as u32,
                     holders_in_region: in_region as u32,
-                    held_here: m.held.contains(&s.index),
+                    held_here,
                     locked: model_locks.is_some_and(|l| l.contains(&s.index))
                         || pinned.contains(&s.index),
+                    keeper: held_here
+                        && placement::rank(&me, holders.iter().map(String::as_str), &id, s.index)
+                            == 0,
                 });
                 shard_holders.insert((id.clone(), s.index), holders);
             }
