@@ -199,6 +199,37 @@ fn devices_join_by_code_over_gossip_once_and_see_each_other() {
     );
     wait_accepted(&a, &b_id, "A to record B's acceptance");
 
+    // The owner's contribution level reaches B in the signed state and limits
+    // it: at 0 it serves only itself and its pool, and stores nothing.
+    let (s, v) = a.call(
+        reqwest::Method::PUT,
+        "/api/pool/contribution",
+        &json!({ "node_id": b_id, "level": 0 }),
+    );
+    assert_eq!(s, 200, "{v}");
+    b.wait_logged("B at level 0", DEADLINE, || {
+        let (_, st) = b.get("/api/admin/stats");
+        if st["contribution_level"] == 0 && st["contributing"] == false {
+            Ok(())
+        } else {
+            Err(st.to_string())
+        }
+    });
+    let (s, v) = a.call(
+        reqwest::Method::PUT,
+        "/api/pool/contribution",
+        &json!({ "node_id": b_id, "level": 100 }),
+    );
+    assert_eq!(s, 200, "{v}");
+    b.wait_logged("B back at 100", DEADLINE, || {
+        let (_, st) = b.get("/api/admin/stats");
+        if st["contribution_level"] == 100 && st["contributing"] == true {
+            Ok(())
+        } else {
+            Err(st.to_string())
+        }
+    });
+
     // The code worked once; a wrong code finds no owner; a malformed one is 400.
     let (status, v) = c.post("/api/pool/join", &json!({ "code": first }));
     assert_eq!(

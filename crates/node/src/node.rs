@@ -315,11 +315,13 @@ impl Node {
             swarm: node.inner.swarm.clone(),
         }));
         let (swarm, pools) = (node.inner.swarm.clone(), node.inner.pools.clone());
+        let (limits, max_sessions) = (node.inner.swarm.clone(), config.pipeline_max_sessions);
         node.inner
             .pipeline
             .set_serve_policy(crate::pipeline::ServePolicy {
                 contributing: Arc::new(move || swarm.contributing()),
                 pool_members: Arc::new(move || pools.accepted_members().unwrap_or_default()),
+                session_limit: Arc::new(move || limits.session_limit(max_sessions)),
             });
         let weak = Arc::downgrade(&node.inner);
         node.inner.pipeline.set_peer_policy(Arc::new(move || {

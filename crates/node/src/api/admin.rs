@@ -19,6 +19,11 @@ pub(crate) async fn stats(State(state): State<AppState>) -> Result<Json<Value>, 
         .await
         .map_err(|e| ApiError::internal("hardware snapshot", e))?;
     let nickname = node.nickname();
+    // The pool owner's level for this node, read fresh (and applied at once).
+    let pools = node.pools().clone();
+    if let Ok(level) = tokio::task::spawn_blocking(move || pools.own_contribution()).await {
+        node.swarm().set_contribution_level(level);
+    }
     let (cpu_percent, ram_used) = state.process_usage().await;
     let p2p = match node.network() {
         Some(n) => json!({
@@ -48,6 +53,7 @@ pub(crate) async fn stats(State(state): State<AppState>) -> Result<Json<Value>, 
         // Outside its contribution hours the node serves only itself and its
         // pool, and acquires nothing.
         "contributing": node.swarm().contributing(),
+        "contribution_level": node.swarm().contribution_level(),
     })))
 }
 

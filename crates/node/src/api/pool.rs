@@ -351,6 +351,8 @@ pub(crate) async fn put_contribution(
     let body: ContributionBody = from_value(&body)?;
     let pools = state.node.pools().clone();
     let s = blocking(move || pools.set_contribution(&body.node_id, body.level)).await?;
+    // The member learns its level from the owner's signed state.
+    state.node.pools().publish_settings().await;
     Ok(Json(serde_json::to_value(s).unwrap_or_default()))
 }
 

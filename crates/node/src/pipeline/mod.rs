@@ -84,6 +84,9 @@ pub struct ServePolicy {
     pub contributing: Arc<dyn Fn() -> bool + Send + Sync>,
     /// This node's pool devices.
     pub pool_members: Arc<dyn Fn() -> HashSet<String> + Send + Sync>,
+    /// Sessions of other nodes served at once (the contribution level), if
+    /// limited.
+    pub session_limit: Arc<dyn Fn() -> Option<usize> + Send + Sync>,
 }
 
 /// Who is told about pipeline work (the credit ledger), so the pipeline itself
@@ -386,12 +389,19 @@ impl Pipeline {
     }
 
     /// Whether this node serves `requester` now: always itself; others while
-    /// the schedule allows, and its pool's devices at any hour.
-    pub(crate) async fn serves(&self, requester: &str) -> bool {
+    /// the schedule allows (a session starting, `new_session`, only within the
+    /// contribution level's share of sessions), and its pool's devices at any
+    /// hour.
+    pub(crate) async fn serves(&self, requester: &str, new_session: bool) -> bool {
         let Some(policy) = self.inner.serve_policy.get() else {
             return true;
         };
-        if requester == self.inner.node_id || (policy.contributing)() {
+        if requester == self.inner.node_id {
+            return true;
+        }
+        let room = !new_session
+            || (policy.session_limit)().is_none_or(|n| self.inner.host.session_count() < n);
+        if room && (policy.contributing)() {
             return true;
         }
         let members = Arc::clone(&policy.pool_members);

@@ -228,14 +228,17 @@ impl Pipeline {
         let started = std::time::Instant::now();
         match self.open_inbound(from, bytes) {
             Err(reason) => self.bad_step(from, reason),
-            // Outside its contribution hours a node serves only its own and its
-            // pool's sessions; the requester routes around it.
-            Ok((env, _)) if !env.close && !self.serves(&env.requester).await => Response::Error {
-                code: 503,
-                message: failure_json(
-                    &self.own_failure("this node is outside its contribution hours"),
-                ),
-            },
+            // Outside its contribution hours (or past its contribution level's
+            // share of sessions) a node serves only its own and its pool's
+            // sessions; the requester routes around it.
+            Ok((env, _)) if !env.close && !self.serves(&env.requester, env.pos == 0).await => {
+                Response::Error {
+                    code: 503,
+                    message: failure_json(&self.own_failure(
+                        "this node is outside its contribution hours or at its contribution limit",
+                    )),
+                }
+            }
             Ok((env, input)) => match self.execute(from, env, input, next).await {
                 Ok(result) => Response::Activation(wire::encode_answer(started.elapsed(), &result)),
                 Err(failure) => Response::Error {

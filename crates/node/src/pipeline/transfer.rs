@@ -197,7 +197,7 @@ impl Pipeline {
     /// Answers a peer's fetch of a file this node holds intact.
     pub(super) async fn serve_fetch(&self, from: &str, f: FetchRequest) -> Response {
         let not_found = |message: String| Response::Error { code: 404, message };
-        if !self.serves(from).await {
+        if !self.serves(from, false).await {
             return Response::Error {
                 code: 503,
                 message: "this node is outside its contribution hours".into(),

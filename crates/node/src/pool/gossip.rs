@@ -392,6 +392,9 @@ struct SignedMember {
     joined_at: i64,
     acceptance_invitation: Option<String>,
     acceptance_sig: Option<String>,
+    /// The owner's contribution level for the member (0–100), if set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    contribution: Option<u32>,
 }
 
 fn accept_message(pool_id: &str, owner: &str, node_id: &str, invitation_id: &str) -> Vec<u8> {
@@ -1053,7 +1056,8 @@ impl PoolNet {
                 role: m.role.clone(),
                 joined_at: m.joined_at,
                 accepted: true,
-                contribution: None,
+                // Bounded here: a level past 100 is read as 100.
+                contribution: m.contribution.map(|c| c.min(100)),
             })
             .collect();
         let settings = state.credit_split_pct.map(|split| (split, state.rates));
@@ -1241,6 +1245,7 @@ impl Pools {
                         joined_at: m.joined_at,
                         acceptance_invitation: sig.as_ref().map(|s| s.0.clone()),
                         acceptance_sig: sig.map(|s| s.1),
+                        contribution: m.contribution,
                     })
                 })
                 .collect(),

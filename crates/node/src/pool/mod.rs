@@ -750,6 +750,21 @@ impl Pools {
         self.state()
     }
 
+    /// This node's contribution level (0–100) as its pool's owner set it;
+    /// 100 when none is set or the node is in no pool.
+    pub fn own_contribution(&self) -> u32 {
+        self.state()
+            .ok()
+            .and_then(|s| {
+                s.members
+                    .iter()
+                    .find(|m| m.node_id == self.node_id)
+                    .and_then(|m| m.contribution)
+            })
+            .unwrap_or(100)
+            .min(100)
+    }
+
     /// Sets a member's contribution level, 0–100 (owner only).
     pub fn set_contribution(&self, node_id: &str, level: u32) -> Result<PoolState, PoolError> {
         if level > 100 {
@@ -954,9 +969,9 @@ impl Pools {
             tx.execute("DELETE FROM pool_members WHERE pool_id = ?1", [pool_id])?;
             for m in members {
                 tx.execute(
-                    "INSERT INTO pool_members (pool_id, node_id, device_name, role, joined_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5)",
-                    params![pool_id, m.node_id, m.device_name, m.role, m.joined_at],
+                    "INSERT INTO pool_members (pool_id, node_id, device_name, role, joined_at, contribution)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![pool_id, m.node_id, m.device_name, m.role, m.joined_at, m.contribution],
                 )?;
             }
             Ok(())

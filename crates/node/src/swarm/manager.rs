@@ -58,6 +58,11 @@ impl Manager {
     }
 
     async fn round(&mut self, every: Duration) {
+        // The pool owner's level for this node, from its latest signed state.
+        let pools = self.node.pools().clone();
+        if let Ok(level) = tokio::task::spawn_blocking(move || pools.own_contribution()).await {
+            self.swarm().set_contribution_level(level);
+        }
         if !self.finish_current().await {
             return; // one download at a time
         }

@@ -121,6 +121,8 @@ struct Inner {
     acquisitions: AtomicU64,
     prunes: AtomicU64,
     rounds: AtomicU64,
+    /// The pool owner's contribution level for this node (0–100).
+    level: std::sync::atomic::AtomicU32,
 }
 
 impl Swarm {
@@ -140,6 +142,7 @@ impl Swarm {
                 acquisitions: AtomicU64::new(0),
                 prunes: AtomicU64::new(0),
                 rounds: AtomicU64::new(0),
+                level: std::sync::atomic::AtomicU32::new(100),
             }),
         })
     }
@@ -164,9 +167,39 @@ impl Swarm {
         self.inner.events.subscribe()
     }
 
-    /// Whether the node contributes now (its schedule allows it).
+    /// Whether the node contributes now: its schedule allows it and its pool's
+    /// owner did not set its contribution level to 0.
     pub fn contributing(&self) -> bool {
-        self.inner.settings.contributes_now()
+        self.contribution_level() > 0 && self.inner.settings.contributes_now()
+    }
+
+    /// The contribution level (0–100) the pool's owner set for this node; 100
+    /// outside a pool.
+    pub fn contribution_level(&self) -> u32 {
+        self.inner.level.load(Ordering::Relaxed)
+    }
+
+    /// Notes the level from the owner's latest signed state.
+    pub fn set_contribution_level(&self, level: u32) {
+        self.inner.level.store(level.min(100), Ordering::Relaxed);
+    }
+
+    /// Disk auto-manage may fill: the budget scaled by the contribution level
+    /// (`None`: no limit).
+    pub fn budget_bytes(&self, disk_budget_mb: u64) -> Option<u64> {
+        let level = u64::from(self.contribution_level());
+        match (disk_budget_mb, level) {
+            (_, 0) => Some(0),
+            (0, _) => None,
+            (mb, level) => Some(mb * 1_048_576 * level / 100),
+        }
+    }
+
+    /// Sessions of other nodes served at once under the contribution level
+    /// (`None`: no limit beyond the engine's own).
+    pub fn session_limit(&self, max_sessions: u32) -> Option<usize> {
+        let level = self.contribution_level();
+        (level < 100).then(|| ((max_sessions as usize * level as usize) / 100).max(1))
     }
 
     /// Acquisitions and prunes since start.
@@ -208,6 +241,28 @@ impl Swarm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_contribution_level_scales_disk_and_sessions() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let swarm = Swarm::open(
+            Store::open(&dir.path().join("node.db"))?,
+            "me".into(),
+            Duration::from_secs(60),
+        )?;
+        assert_eq!(swarm.budget_bytes(100), Some(100 * 1_048_576));
+        assert_eq!(swarm.budget_bytes(0), None);
+        assert_eq!(swarm.session_limit(16), None);
+        swarm.set_contribution_level(25);
+        assert_eq!(swarm.budget_bytes(100), Some(25 * 1_048_576));
+        assert_eq!(swarm.session_limit(16), Some(4));
+        swarm.set_contribution_level(0);
+        assert_eq!(swarm.budget_bytes(0), Some(0));
+        assert!(!swarm.contributing());
+        swarm.set_contribution_level(250);
+        assert_eq!(swarm.contribution_level(), 100);
+        Ok(())
+    }
 
     #[test]
     fn one_requester_never_verifies_demand() {

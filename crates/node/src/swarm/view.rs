@@ -246,7 +246,7 @@ pub async fn build(node: &Node) -> SwarmView {
             shards,
         });
     }
-    let budget_bytes = (config.disk_budget_mb > 0).then(|| config.disk_budget_mb * 1_048_576);
+    let budget_bytes = swarm.budget_bytes(config.disk_budget_mb);
     SwarmView {
         node_id: me,
         region,
