@@ -10,6 +10,7 @@ mod chat;
 mod client;
 mod commands;
 mod hub;
+mod swarm;
 
 use std::path::PathBuf;
 
@@ -57,6 +58,12 @@ enum Command {
     Models {
         #[command(subcommand)]
         command: ModelsCommand,
+    },
+    /// The self-organising swarm: network map, auto-manage, locks, prune
+    /// history, contribution schedule.
+    Swarm {
+        #[command(subcommand)]
+        command: swarm::SwarmCommand,
     },
     /// Device pools: link your own devices under one owner.
     Pool {
@@ -404,6 +411,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let client = client::Client::connect(&cli.config_source(Map::new()))?;
             commands::models_rm(&client, id, *shard).await
+        }
+        Command::Swarm { command } => {
+            let client = client::Client::connect(&cli.config_source(Map::new()))?;
+            swarm::run(&client, command).await
         }
         Command::Pool { command } => {
             let client = client::Client::connect(&cli.config_source(Map::new()))?;

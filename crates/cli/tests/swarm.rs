@@ -1,20 +1,22 @@
 //! The self-organising swarm between five real node processes on loopback: a
 //! 3-shard model imported on one node spreads to the auto-managing others once
 //! demand from two requesters verifies it (one requester alone never does), no
-//! node passes its disk budget, a locked shard survives pruning while an
-//! unlocked one goes (and the swarm re-replicates it), and when the original
-//! holder is killed requests still get the whole model's greedy text.
+//! node passes its disk budget, requests from several requesters spread over
+//! the replicas, a locked shard survives pruning while an unlocked one goes
+//! (never a last copy), and when the original holder is killed requests still
+//! get the whole model's greedy text. A node outside its contribution hours
+//! refuses peers and still serves itself.
 
 mod common;
 
 use std::time::Duration;
 
-use common::{TestNode, give_shards, import_shards, network_code, wait_for};
+use common::{TestNode, cli, give_shards, import_shards, network_code, wait_for};
 use reqwest::Method;
 use serde_json::{Value, json};
 
 const DEADLINE: Duration = Duration::from_secs(150);
-const BUDGET_MB: u64 = 80;
+const BUDGET_MB: u64 = 120;
 const PROMPT: &str = "Name three colours of the rainbow.";
 
 fn chat(node: &TestNode, prompt: &str) -> (u16, Value) {
@@ -66,7 +68,7 @@ fn wait_replicated(observer: &TestNode) -> Value {
         let v = smol(observer);
         let target = v["replication_target"].as_u64().unwrap_or(0);
         let shards = v["shards"].as_array().cloned().unwrap_or_default();
-        let ok = target >= 3
+        let ok = target >= 2
             && shards.len() == 3
             && shards
                 .iter()
@@ -140,12 +142,7 @@ fn watch(
 #[test]
 fn five_nodes_spread_a_demanded_model_within_budgets_and_survive_its_holder() {
     let lib = import_shards(3);
-    // Three holders a shard (A and two others), so each shard has holders that
-    // are not first in line to keep it and may prune it.
-    let fast = [
-        ("SWARMLLM_ANNOUNCE_INTERVAL_SECS", "1"),
-        ("SWARMLLM_REPLICATION_MIN", "3"),
-    ];
+    let fast = [("SWARMLLM_ANNOUNCE_INTERVAL_SECS", "1")];
     let mut a = TestNode::start_custom(false, &[], &fast, |d| {
         give_shards(lib.path(), d, &[0, 1, 2])
     });
@@ -157,7 +154,6 @@ fn five_nodes_spread_a_demanded_model_within_budgets_and_survive_its_holder() {
         ("SWARMLLM_AUTO_MANAGE_INTERVAL_SECS", "1"),
         ("SWARMLLM_DISK_BUDGET_MB", budget.as_str()),
         ("SWARMLLM_DEMAND_WINDOW_SECS", "600"),
-        ("SWARMLLM_REPLICATION_MIN", "3"),
         ("SWARMLLM_LOG_LEVEL", "info,swarmllm_node::pipeline=debug"),
     ];
     let others: Vec<TestNode> = (0..4)
@@ -237,7 +233,16 @@ fn five_nodes_spread_a_demanded_model_within_budgets_and_survive_its_holder() {
         assert_eq!(storage["over_budget"], false);
         fetched += held(n).len();
     }
-    assert!(fetched >= 6, "{status}");
+    assert!(fetched >= 3, "{status}");
+    // Auto-manage never puts two neighbouring shards on one node (its ranges
+    // stay shard-aligned, so any mix of holders chains).
+    for n in &others {
+        let h = held(n);
+        assert!(
+            !h.windows(2).any(|w| w[1] == w[0] + 1),
+            "neighbours on one node: {h:?}"
+        );
+    }
     // A node that fetched told its dashboard: an activity_event per fetch, a
     // models_changed, and the shard in the stats' registry.
     let i = others
@@ -282,65 +287,6 @@ fn five_nodes_spread_a_demanded_model_within_budgets_and_survive_its_holder() {
             .join("\n")
     );
 
-    // A node and a shard it holds but is not first in line to keep (the first
-    // holder never prunes, so two never drop the last copy together).
-    let (y, j) = others
-        .iter()
-        .find_map(|n| {
-            let v = smol(n);
-            let j = v["shards"]
-                .as_array()?
-                .iter()
-                .find(|s| s["held"] == true && s["keeper"] == false)?["index"]
-                .as_u64()?;
-            Some((n, j))
-        })
-        .expect("a held shard that is not its holder's to keep");
-    // Locked, it survives however far over budget its node goes.
-    let lock = |on: bool| {
-        let (s, v) = y.call(
-            Method::PUT,
-            &format!("/api/admin/models/smol/shards/{j}/lock"),
-            &json!({ "locked": on }),
-        );
-        assert_eq!(s, 200, "{v}");
-    };
-    lock(true);
-    let (s, v) = y.call(
-        Method::PUT,
-        "/api/admin/config",
-        &json!({ "disk_budget_mb": 1 }),
-    );
-    assert_eq!(s, 200, "{v}");
-    wait_rounds(y, 3);
-    assert!(held(y).contains(&j), "a locked shard was pruned");
-    assert_eq!(smol(y)["shards"][j as usize]["locked"], true);
-    // Unlocked, it goes, and the history says why.
-    lock(false);
-    let history = y.wait_logged("shard j pruned on Y", DEADLINE, || {
-        let (_, h) = y.get("/api/admin/prune-history");
-        let hit = h["events"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|e| e["model_id"] == "smol" && e["shard_index"] == j);
-        if hit { Ok(h) } else { Err(h.to_string()) }
-    });
-    assert!(
-        history["events"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .all(|e| e["reason"] == "over the disk budget"),
-        "{history}"
-    );
-    assert!(!held(y).contains(&j));
-    // Never the last copy: every shard still has a holder besides A.
-    let v = smol(&a);
-    for s in v["shards"].as_array().into_iter().flatten() {
-        assert!(s["holders"].as_u64().unwrap_or(0) >= 2, "{v}");
-    }
-
     // The original holder dies: requests still get the whole model's text.
     a.kill();
     let text = b.wait_logged("an answer without A", DEADLINE, || {
@@ -352,6 +298,29 @@ fn five_nodes_spread_a_demanded_model_within_budgets_and_survive_its_holder() {
         }
     });
     assert_eq!(text, reference);
+
+    // The CLI sets and shows the schedule, and names a bad one.
+    let (ok, out, err) = cli(
+        b.dir(),
+        b.port,
+        &["swarm", "schedule", "--hours", "funday=1-2"],
+    );
+    assert!(!ok && err.contains("unknown day"), "{out}{err}");
+    let (ok, out, err) = cli(
+        b.dir(),
+        b.port,
+        &["swarm", "schedule", "--hours", "all=0-24"],
+    );
+    assert!(
+        ok && out.contains("sun: 0-24") && out.contains("contributing"),
+        "{out}{err}"
+    );
+    let (ok, out, err) = cli(b.dir(), b.port, &["swarm", "schedule", "--off"]);
+    assert!(
+        ok && out.contains("contributes at every hour"),
+        "{out}{err}"
+    );
+    assert_eq!(b.get("/api/admin/schedule").1["enabled"], false);
 }
 
 #[test]
@@ -447,4 +416,127 @@ fn outside_its_hours_a_node_refuses_peers_and_still_serves_itself() {
         }
     });
     assert_eq!(text, reference);
+
+    // The CLI sets and shows the schedule, and names a bad one.
+    let (ok, out, err) = cli(
+        b.dir(),
+        b.port,
+        &["swarm", "schedule", "--hours", "funday=1-2"],
+    );
+    assert!(!ok && err.contains("unknown day"), "{out}{err}");
+    let (ok, out, err) = cli(
+        b.dir(),
+        b.port,
+        &["swarm", "schedule", "--hours", "all=0-24"],
+    );
+    assert!(
+        ok && out.contains("sun: 0-24") && out.contains("contributing"),
+        "{out}{err}"
+    );
+    let (ok, out, err) = cli(b.dir(), b.port, &["swarm", "schedule", "--off"]);
+    assert!(
+        ok && out.contains("contributes at every hour"),
+        "{out}{err}"
+    );
+    assert_eq!(b.get("/api/admin/schedule").1["enabled"], false);
+}
+
+#[test]
+fn a_locked_shard_survives_pruning_and_an_unlocked_one_goes() {
+    let lib = import_shards(3);
+    let fast = [("SWARMLLM_ANNOUNCE_INTERVAL_SECS", "1")];
+    let a = TestNode::start_custom(false, &[], &fast, |d| {
+        give_shards(lib.path(), d, &[0, 1, 2])
+    });
+    let code = network_code(&a);
+    let budget = BUDGET_MB.to_string();
+    let auto = [
+        ("SWARMLLM_ANNOUNCE_INTERVAL_SECS", "1"),
+        ("SWARMLLM_AUTO_MANAGE", "true"),
+        ("SWARMLLM_AUTO_MANAGE_INTERVAL_SECS", "1"),
+        ("SWARMLLM_DISK_BUDGET_MB", budget.as_str()),
+    ];
+    let others: Vec<TestNode> = (0..2)
+        .map(|_| TestNode::start_custom(false, &["--bootstrap", &code], &auto, |_| {}))
+        .collect();
+    for n in &others {
+        n.wait_logged("B and C served", DEADLINE, || {
+            let (s, v) = chat(n, PROMPT);
+            if s == 200 {
+                Ok(())
+            } else {
+                Err(format!("{s} {v}"))
+            }
+        });
+    }
+    wait_replicated(&a);
+    // A's user manages its disk (it never prunes on its own), so the others'
+    // copies are theirs to prune — but never A's last one.
+    let (y, j) = others
+        .iter()
+        .find_map(|n| {
+            let v = smol(n);
+            let j = v["shards"]
+                .as_array()?
+                .iter()
+                .find(|s| s["held"] == true && s["keeper"] == false)?["index"]
+                .as_u64()?;
+            Some((n, j))
+        })
+        .expect("a held shard that is not its holder's to keep");
+    // Locked, it survives however far over budget its node goes.
+    let (s, v) = y.call(
+        Method::PUT,
+        &format!("/api/admin/models/smol/shards/{j}/lock"),
+        &json!({ "locked": true }),
+    );
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = y.call(
+        Method::PUT,
+        "/api/admin/config",
+        &json!({ "disk_budget_mb": 1 }),
+    );
+    assert_eq!(s, 200, "{v}");
+    wait_rounds(y, 3);
+    assert!(held(y).contains(&j), "a locked shard was pruned");
+    assert_eq!(smol(y)["shards"][j as usize]["locked"], true);
+    // Unlocked (with the CLI), it goes, and the history says why.
+    let (ok, out, err) = cli(
+        y.dir(),
+        y.port,
+        &["swarm", "lock", "smol", &j.to_string(), "--unlock"],
+    );
+    assert!(ok && out.contains("unlocked"), "{out}{err}");
+    let history = y.wait_logged("shard j pruned on Y", DEADLINE, || {
+        let (_, h) = y.get("/api/admin/prune-history");
+        let hit = h["events"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|e| e["model_id"] == "smol" && e["shard_index"] == j);
+        if hit { Ok(h) } else { Err(h.to_string()) }
+    });
+    assert!(
+        history["events"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .all(|e| e["reason"] == "over the disk budget"),
+        "{history}"
+    );
+    assert!(!held(y).contains(&j));
+    let (ok, out, err) = cli(y.dir(), y.port, &["swarm", "prune-history"]);
+    assert!(ok && out.contains("over the disk budget"), "{out}{err}");
+    let (ok, out, err) = cli(y.dir(), y.port, &["swarm", "map"]);
+    assert!(
+        ok && out.contains("smol:") && out.contains("(this node)"),
+        "{out}{err}"
+    );
+    let (ok, out, err) = cli(y.dir(), y.port, &["swarm", "auto-manage", "smol"]);
+    assert!(
+        ok && out.contains("auto-manage on") && out.contains("DemandVerified"),
+        "{out}{err}"
+    );
+    // A, which nothing prunes, still holds every shard.
+    assert_eq!(smol(&a)["held_shards"], json!([0, 1, 2]));
 }

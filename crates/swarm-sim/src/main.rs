@@ -251,7 +251,12 @@ fn main() -> Result<()> {
             .map(|(m, model)| {
                 (0..model.shards.len())
                     .map(|s| {
-                        snap.holders[m][s]
+                        let holders = &snap.holders[m][s];
+                        // A holder whose user chose the model never prunes it.
+                        if holders.iter().any(|&i| nodes[i].chosen.contains(&m)) {
+                            return None;
+                        }
+                        holders
                             .iter()
                             .copied()
                             .min_by_key(|&i| placement::score(&nodes[i].id, &model.id, s as u32))
@@ -269,11 +274,18 @@ fn main() -> Result<()> {
                 if holders.len() as u32 >= target {
                     continue;
                 }
+                // Holders of a neighbouring shard never take it.
+                let beside = |n: &Node| {
+                    n.held[m].contains(&(s as u32 + 1))
+                        || (s > 0 && n.held[m].contains(&(s as u32 - 1)))
+                };
                 let mut line: Vec<([u8; 32], usize)> = nodes
                     .iter()
                     .enumerate()
                     .filter(|(i, n)| {
-                        !holders.contains(i) && n.budget.saturating_sub(n.used) >= *bytes
+                        !holders.contains(i)
+                            && !beside(n)
+                            && n.budget.saturating_sub(n.used) >= *bytes
                     })
                     .map(|(i, n)| (placement::score(&n.id, &model.id, s as u32), i))
                     .collect();

@@ -268,15 +268,23 @@ impl Manager {
                     .and_then(|m| m.shards.iter().find(|s| s.index == index))
                     .map(|s| s.bytes)
                     .unwrap_or(0);
-                // The nodes that could take it: auto-managing, not holding it, with
-                // the room for it (as they announce).
+                // Holders of the shards beside it never take it (see
+                // `placement::next_acquisition`).
+                let beside: BTreeSet<&String> = [index.checked_sub(1), index.checked_add(1)]
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|i| view.shard_holders.get(&(model.to_string(), i)))
+                    .flatten()
+                    .collect();
+                // The nodes that could take it: auto-managing, not holding it or a
+                // neighbour, with the room for it (as they announce).
                 let candidates: BTreeSet<&str> = view
                     .auto_peers
                     .iter()
                     .filter(|(_, free)| **free >= bytes)
                     .map(|(n, _)| n.as_str())
                     .chain(std::iter::once(me.as_str()))
-                    .filter(|n| !holders.contains(*n))
+                    .filter(|n| !holders.contains(*n) && !beside.iter().any(|b| b.as_str() == *n))
                     .collect();
                 let rank = placement::rank(&me, candidates, model, index);
                 // Not first in line: the line widens while the gap stays open.

@@ -6,8 +6,9 @@
 //!   number of nodes around;
 //! - [`next_acquisition`]: the shard this node should fetch next — the one
 //!   furthest below its target (in this node's region first), that fits the
-//!   disk left, and that this node is among the first to take (a rendezvous
-//!   rank, so nodes seeing the same gap fetch different shards);
+//!   disk left, is not next to one it holds (its ranges stay shard-aligned, so
+//!   any mix of holders chains), and that this node is among the first to take
+//!   (a rendezvous rank, so nodes seeing the same gap fetch different shards);
 //! - [`prunes`]: the shards to delete — of models whose demand has gone, then the
 //!   least needed until the disk budget holds; never a locked shard, never one
 //!   of a pinned model, never one this node is the last holder of — nor one it
@@ -36,9 +37,10 @@ pub struct ShardNeed {
     pub held_here: bool,
     /// Locked against pruning here.
     pub locked: bool,
-    /// This node is first in line among the shard's holders (see [`score`]):
-    /// it keeps the shard, so holders that prune at the same moment never
-    /// remove the last copy between them.
+    /// This node keeps the shard: no holder outside auto-manage has it (such
+    /// a holder never prunes on its own) and this node is first in line among
+    /// the holders (see [`score`]) — so holders that prune at the same moment
+    /// never remove the last copy between them.
     pub keeper: bool,
 }
 
@@ -111,11 +113,20 @@ pub fn next_acquisition(
     type Need = (bool, u64, std::cmp::Reverse<u64>);
     let mut best: Option<(Need, Acquire)> = None;
     for m in models.iter().filter(|m| m.acquire && m.trust.may_acquire()) {
-        for s in m
+        // A node loads consecutive shards as one range, and a route can only
+        // chain ranges that meet at shard boundaries: auto-manage never takes a
+        // shard next to one it holds, so whatever mix of nodes holds a model's
+        // shards, they still form a chain.
+        let held: std::collections::HashSet<u32> = m
             .shards
             .iter()
-            .filter(|s| !s.held_here && s.holders < m.target && s.bytes <= free_bytes)
-        {
+            .filter(|s| s.held_here)
+            .map(|s| s.index)
+            .collect();
+        let beside_held = |i: u32| held.contains(&(i + 1)) || (i > 0 && held.contains(&(i - 1)));
+        for s in m.shards.iter().filter(|s| {
+            !s.held_here && s.holders < m.target && s.bytes <= free_bytes && !beside_held(s.index)
+        }) {
             let missing = m.target - s.holders;
             if !first_in_line(&m.model_id, s.index, missing) {
                 continue;
@@ -334,6 +345,15 @@ mod tests {
         assert_eq!((next.model_id.as_str(), next.index), ("a", 0));
         // Nothing fits in 99 bytes.
         assert_eq!(next_acquisition(&models, 99, |_, _, _| true), None);
+        // Never a shard next to one held here (its ranges stay shard-aligned).
+        let models = vec![model(
+            "a",
+            TrustLevel::DemandVerified,
+            2,
+            vec![shard(0, 1, true), shard(1, 1, false), shard(2, 1, false)],
+        )];
+        let next = next_acquisition(&models, 1000, |_, _, _| true).expect("one");
+        assert_eq!(next.index, 2);
         // A shard short in this region beats a bigger gap elsewhere.
         let mut regional = shard(0, 3, false);
         regional.holders_in_region = 0;

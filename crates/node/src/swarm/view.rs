@@ -230,7 +230,13 @@ pub async fn build(node: &Node) -> SwarmView {
                     held_here,
                     locked: model_locks.is_some_and(|l| l.contains(&s.index))
                         || pinned.contains(&s.index),
+                    // A holder whose disk its user manages never prunes on its
+                    // own: it keeps the copy. Otherwise the first auto-managing
+                    // holder in line does.
                     keeper: held_here
+                        && holders
+                            .iter()
+                            .all(|h| *h == me || auto_peers.contains_key(h))
                         && placement::rank(&me, holders.iter().map(String::as_str), &id, s.index)
                             == 0,
                 });
