@@ -138,7 +138,12 @@ async function modelListHtml() {
                      : `<button class="secondary" data-act="download" data-model="${esc(m.id)}" data-shard="${s.index}">Download</button>`}</td></tr>`);
     const add = m.local ? "" : `<button data-add="${esc(m.id)}">Add from the network</button>
         <span class="muted">held by ${esc(m.holders)} peer(s)</span>`;
+    // What the swarm makes of it: trust level, demand, target, auto-manage.
+    const swarm = `<div class="row"><span class="badge trust" data-trust="${esc(m.trust_level)}">${esc(m.trust_level)}</span>
+        <span class="muted">${esc(m.demand?.requesters ?? 0)} requester(s) · target ${esc(m.replication_target ?? 0)} holder(s)</span>
+        <label><input type="checkbox" data-auto="${esc(m.id)}" ${m.auto_manage?.enabled ? "checked" : ""}> Auto-manage</label></div>`;
     return `<div class="model" data-model="${esc(m.id)}"><h2>${esc(m.id)} <span class="muted">${esc(m.architecture || "")} · ${esc(m.n_layers ?? "?")} layers</span></h2>
+      ${swarm}
       <div class="row">${add}<div class="bar"><span data-pct="${c ? c.coverage_pct : 0}"></span></div>
         <span class="muted">pool coverage ${c ? c.coverage_pct.toFixed(0) : 0}%</span></div>
       ${shards.length ? `<table><tr><th>Shard</th><th>Layers</th><th>Here</th><th>Holders</th><th></th></tr>${shards.join("")}</table>` : ""}</div>`;
@@ -196,6 +201,18 @@ async function models() {
   // One handler for the page (assigned, not added: the page renders again on
   // every visit and must not answer a click twice).
   main().onclick = async (e) => {
+    const auto = e.target.closest("input[data-auto]");
+    if (auto) {
+      if (needKey()) { auto.checked = !auto.checked; return; }
+      try {
+        const r = await client.put(`/api/admin/models/${encodeURIComponent(auto.dataset.auto)}/auto-manage`, { enabled: auto.checked });
+        toast(`${r.model_id}: auto-manage ${r.enabled ? "on" : "off"}`);
+      } catch (err) {
+        auto.checked = !auto.checked;
+        toast(err.message, true);
+      }
+      return;
+    }
     const hf = e.target.closest("button[data-hf]");
     const cancel = e.target.closest("button[data-cancel]");
     const addBtn = e.target.closest("button[data-add]");

@@ -84,6 +84,17 @@ def main():
             session.page_screenshot(os.path.join(out_dir, "catalog-downloaded.png"))
         r.check("the catalog finds, sizes and downloads a Hub model", catalog)
 
+        def auto_manage():
+            # The downloaded model is the user's choice: Pinned, auto-manage off.
+            sel = '.model[data-model="smollm2-135m-instruct.q4_1"]'
+            assert session.text(f"{sel} .trust") == "Pinned", session.text(f"{sel} .trust")
+            session.click(f"{sel} input[data-auto]")
+            wait_for("auto-manage on", lambda: http("GET", f"{base}/api/admin/models/smollm2-135m-instruct.q4_1/auto-manage")[1].get("enabled") is True)
+            session.click(f"{sel} input[data-auto]")
+            wait_for("auto-manage off", lambda: http("GET", f"{base}/api/admin/models/smollm2-135m-instruct.q4_1/auto-manage")[1].get("enabled") is False)
+            session.page_screenshot(os.path.join(out_dir, "auto-manage.png"))
+        r.check("a model's trust level shows and its auto-manage switch works", auto_manage)
+
         def no_key_no_writes():
             status, _ = http("POST", f"{base}/api/pool/create", {"name": "x"},
                              headers={"Origin": base})
