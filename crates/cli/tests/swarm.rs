@@ -139,11 +139,12 @@ fn watch(
     seen
 }
 
-#[test]
-fn five_nodes_spread_a_demanded_model_within_budgets_and_survive_its_holder() {
+/// Starts A, holding all of smol (its user's choice: outside auto-manage), and
+/// `n` auto-managing nodes with a budget of [`BUDGET_MB`] that join through it.
+fn swarm_of(n: usize) -> (tempfile::TempDir, TestNode, Vec<TestNode>) {
     let lib = import_shards(3);
     let fast = [("SWARMLLM_ANNOUNCE_INTERVAL_SECS", "1")];
-    let mut a = TestNode::start_custom(false, &[], &fast, |d| {
+    let a = TestNode::start_custom(false, &[], &fast, |d| {
         give_shards(lib.path(), d, &[0, 1, 2])
     });
     let code = network_code(&a);
@@ -156,9 +157,27 @@ fn five_nodes_spread_a_demanded_model_within_budgets_and_survive_its_holder() {
         ("SWARMLLM_DEMAND_WINDOW_SECS", "600"),
         ("SWARMLLM_LOG_LEVEL", "info,swarmllm_node::pipeline=debug"),
     ];
-    let others: Vec<TestNode> = (0..4)
+    let others = (0..n)
         .map(|_| TestNode::start_custom(false, &["--bootstrap", &code], &auto, |_| {}))
         .collect();
+    (lib, a, others)
+}
+
+/// Asks `node` until it answers 200; the answer's text.
+fn answer(node: &TestNode, what: &str) -> String {
+    node.wait_logged(what, DEADLINE, || {
+        let (s, v) = chat(node, PROMPT);
+        if s == 200 {
+            Ok(content(&v))
+        } else {
+            Err(format!("{s} {v}"))
+        }
+    })
+}
+
+#[test]
+fn five_nodes_spread_a_demanded_model_within_budgets_and_survive_its_holder() {
+    let (_lib, mut a, others) = swarm_of(4);
     let (b, c) = (&others[0], &others[1]);
     // Dashboards of the four: auto-manage's actions arrive as events.
     let rt = tokio::runtime::Runtime::new().expect("runtime");
@@ -289,14 +308,7 @@ fn five_nodes_spread_a_demanded_model_within_budgets_and_survive_its_holder() {
 
     // The original holder dies: requests still get the whole model's text.
     a.kill();
-    let text = b.wait_logged("an answer without A", DEADLINE, || {
-        let (s, v) = chat(b, PROMPT);
-        if s == 200 {
-            Ok(content(&v))
-        } else {
-            Err(format!("{s} {v}"))
-        }
-    });
+    let text = answer(b, "an answer without A");
     assert_eq!(text, reference);
 
     // The CLI sets and shows the schedule, and names a bad one.
@@ -332,14 +344,7 @@ fn outside_its_hours_a_node_refuses_peers_and_still_serves_itself() {
     });
     let code = network_code(&a);
     let b = TestNode::start_custom(false, &["--bootstrap", &code], &fast, |_| {});
-    let reference = b.wait_logged("B served through A", DEADLINE, || {
-        let (s, v) = chat(&b, PROMPT);
-        if s == 200 {
-            Ok(content(&v))
-        } else {
-            Err(format!("{s} {v}"))
-        }
-    });
+    let reference = answer(&b, "B served through A");
 
     // Bad schedules are refused with the reason.
     for bad in [
@@ -407,14 +412,7 @@ fn outside_its_hours_a_node_refuses_peers_and_still_serves_itself() {
         &json!({ "enabled": true, "weekdays": all_day }),
     );
     assert_eq!((s, &v["contributing_now"]), (200, &json!(true)), "{v}");
-    let text = b.wait_logged("B served again", DEADLINE, || {
-        let (s, v) = chat(&b, PROMPT);
-        if s == 200 {
-            Ok(content(&v))
-        } else {
-            Err(format!("{s} {v}"))
-        }
-    });
+    let text = answer(&b, "B served again");
     assert_eq!(text, reference);
 
     // The CLI sets and shows the schedule, and names a bad one.
@@ -443,31 +441,9 @@ fn outside_its_hours_a_node_refuses_peers_and_still_serves_itself() {
 
 #[test]
 fn a_locked_shard_survives_pruning_and_an_unlocked_one_goes() {
-    let lib = import_shards(3);
-    let fast = [("SWARMLLM_ANNOUNCE_INTERVAL_SECS", "1")];
-    let a = TestNode::start_custom(false, &[], &fast, |d| {
-        give_shards(lib.path(), d, &[0, 1, 2])
-    });
-    let code = network_code(&a);
-    let budget = BUDGET_MB.to_string();
-    let auto = [
-        ("SWARMLLM_ANNOUNCE_INTERVAL_SECS", "1"),
-        ("SWARMLLM_AUTO_MANAGE", "true"),
-        ("SWARMLLM_AUTO_MANAGE_INTERVAL_SECS", "1"),
-        ("SWARMLLM_DISK_BUDGET_MB", budget.as_str()),
-    ];
-    let others: Vec<TestNode> = (0..2)
-        .map(|_| TestNode::start_custom(false, &["--bootstrap", &code], &auto, |_| {}))
-        .collect();
+    let (_lib, a, others) = swarm_of(2);
     for n in &others {
-        n.wait_logged("B and C served", DEADLINE, || {
-            let (s, v) = chat(n, PROMPT);
-            if s == 200 {
-                Ok(())
-            } else {
-                Err(format!("{s} {v}"))
-            }
-        });
+        answer(n, "B and C served");
     }
     wait_replicated(&a);
     // A's user manages its disk (it never prunes on its own), so the others'
