@@ -59,6 +59,12 @@ fn stream_text(events: &[String]) -> (String, Option<String>, Option<Value>) {
 #[test]
 fn greedy_output_is_deterministic_and_streaming_matches() {
     let node = TestNode::start();
+    // The model served whole here is the user's choice, held here: no gap.
+    let (_, map) = node.get("/api/admin/network-map");
+    let region = map["regions"][map["local_region"].as_str().unwrap_or("")].clone();
+    let model = "smollm2-135m-instruct.q4_1";
+    assert_eq!(region["models"][model], 1, "{map}");
+    assert_eq!(region["coverage_gaps"], serde_json::json!([]), "{map}");
     for prompt in [
         "What is the capital of France?",
         "Write a haiku about rivers.",

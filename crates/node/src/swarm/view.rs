@@ -134,11 +134,14 @@ pub async fn build(node: &Node) -> SwarmView {
     let locks = settings.all_locks();
     let nodes = nodes_by_region.values().sum::<usize>().max(1);
 
+    // A model this node serves whole (`--model`) has it as a holder too.
+    let engine_model = node.engine().map(|e| e.info().id.clone());
     let ids: BTreeSet<String> = local
         .iter()
         .map(|m| m.manifest.model_id.clone())
         .chain(network.iter().map(|m| m.id.clone()))
         .chain(demand.keys().cloned())
+        .chain(engine_model.clone())
         .collect();
     let mut models = Vec::new();
     let mut model_holders = BTreeMap::new();
@@ -166,12 +169,17 @@ pub async fn build(node: &Node) -> SwarmView {
             .iter()
             .any(|p| p.model_id == id && p.target_node_id == me);
         // The user's choice: shards on disk that auto-manage did not fetch (a
-        // header fetched only to send requests is not a choice), or a pool pin.
+        // header fetched only to send requests is not a choice), a pool pin, or
+        // the model this node serves whole (`--model`).
         let chosen = (here.is_some_and(|m| !m.held.is_empty()) && !settings.auto_acquired(&id))
-            || pool_pinned;
-        let holder_ids: BTreeSet<&str> = net
+            || pool_pinned
+            || engine_model.as_deref() == Some(id.as_str());
+        let mut holder_ids: BTreeSet<&str> = net
             .map(|m| m.holders.iter().map(|h| h.node_id.as_str()).collect())
             .unwrap_or_default();
+        if engine_model.as_deref() == Some(id.as_str()) {
+            holder_ids.insert(me.as_str());
+        }
         model_holders.insert(
             id.clone(),
             holder_ids
@@ -187,7 +195,9 @@ pub async fn build(node: &Node) -> SwarmView {
             config.demand_min_requesters as usize,
         );
         let policy = settings.auto_manage(&id);
-        let acquire = policy.enabled.unwrap_or(config.auto_manage);
+        // Nothing to fetch for a model served whole from its GGUF here.
+        let acquire = policy.enabled.unwrap_or(config.auto_manage)
+            && engine_model.as_deref() != Some(id.as_str());
         let prune = acquire && policy.prune.unwrap_or(config.auto_prune);
         let target = placement::replication_target(
             trust,
