@@ -622,3 +622,80 @@ fn a_multi_part_model_on_the_hub_is_fetched_by_ranges_or_whole_like_a_local_impo
         );
     }
 }
+
+#[test]
+fn auto_manage_fetches_a_shard_nobody_holds_from_the_hub() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let (server, smol) = hub(scratch.path());
+    let mut env = hub_env(&server, scratch.path());
+    env.push(("SWARMLLM_AUTO_MANAGE_INTERVAL_SECS".into(), "1".into()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let node = TestNode::start_custom(false, &[], &env, |_| {});
+
+    // The user takes shard 0 of 3; auto-manage is off, so nothing else comes.
+    let (ok, out, err) = cli(
+        node.dir(),
+        node.port,
+        &[
+            "models", "pull", REPO, "--file", &smol.path, "--shards", "0", "--split", "3", "--id",
+            "smol",
+        ],
+    );
+    assert!(ok, "{out}{err}");
+    assert_eq!(held(&node, "smol"), vec![0]);
+
+    // With auto-manage on for the model, the shard no peer holds comes from the
+    // Hub (its byte ranges); shard 1 never, being next to shard 0.
+    let before = server.cdn_bytes();
+    let (s, v) = node.call(
+        reqwest::Method::PUT,
+        "/api/admin/models/smol/auto-manage",
+        &json!({ "enabled": true }),
+    );
+    assert_eq!(
+        (s, &v["enabled"], &v["trust_level"]),
+        (200, &json!(true), &json!("Pinned")),
+        "{v}"
+    );
+    node.wait_logged(
+        "shard 2 fetched from the Hub",
+        Duration::from_secs(120),
+        || {
+            let h = held(&node, "smol");
+            if h == [0, 2] {
+                Ok(())
+            } else {
+                Err(format!("{h:?}"))
+            }
+        },
+    );
+    let (_, d) = node.get("/api/admin/downloads");
+    assert!(
+        d["downloads"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|x| x["shard_index"] == 2
+                && x["source"] == "huggingface"
+                && x["status"] == "done"),
+        "{d}"
+    );
+    // Only that shard's byte ranges crossed the network (and a header probe).
+    let shard_bytes = node.get("/api/admin/models/smol/status").1["shards"][2]["bytes"]
+        .as_u64()
+        .expect("shard size");
+    let read = server.cdn_bytes() - before;
+    assert!(
+        read >= shard_bytes && read < shard_bytes + 4 * 1_048_576 && read < smol.size,
+        "read {read} bytes for a shard of {shard_bytes}"
+    );
+    // The loop notes the fetch it started as done on its next round.
+    node.wait_logged("the acquisition counted", Duration::from_secs(60), || {
+        let (_, st) = node.get("/api/admin/stats");
+        if st["auto_manage"]["acquisitions"].as_u64().unwrap_or(0) >= 1 {
+            Ok(())
+        } else {
+            Err(st["auto_manage"].to_string())
+        }
+    });
+}

@@ -307,30 +307,67 @@ impl Manager {
         {
             return;
         }
-        match self
-            .node
-            .pipeline()
-            .download_shard(&acq.model_id, acq.index)
-            .await
-        {
-            Ok(status) if status.status == "done" => {} // it was here already
-            Ok(status) => {
+        let shards = view.model(&acq.model_id).map(|m| m.shards.len() as u32);
+        match self.start_fetch(&acq, shards).await {
+            Ok(None) => {} // it was here already
+            Ok(Some((id, source))) => {
                 self.swarm().emit(
                     "acquire",
                     &acq.model_id,
                     format!(
-                        "fetching shard {} of {} ({} of {} holders)",
+                        "fetching shard {} of {} from {source} ({} of {} holders)",
                         acq.index, acq.model_id, acq.holders, acq.target
                     ),
                     "info",
                 );
-                self.current = Some((status.id, acq));
+                self.current = Some((id, acq));
             }
             Err(e) => {
                 tracing::warn!(model = %acq.model_id, shard = acq.index, error = %e, "auto-manage could not start a fetch");
                 self.note_failure(&acq);
             }
         }
+    }
+
+    /// Starts fetching a shard: from peers, or — when no connected peer holds
+    /// it and the model's Hub source is known — its byte ranges from the Hub.
+    /// The download's id and where from; `None` when it is here already.
+    async fn start_fetch(
+        &self,
+        acq: &Acquire,
+        shards: Option<u32>,
+    ) -> Result<Option<(String, &'static str)>, String> {
+        let pipeline = self.node.pipeline();
+        if !pipeline.has_holder(&acq.model_id, acq.index).await
+            && let Some(source) = pipeline.hub_source(&acq.model_id)
+        {
+            let hub = self.node.hub().map_err(|e| e.to_string())?;
+            let started = pipeline
+                .download_from_hub(
+                    &hub,
+                    crate::pipeline::hub_fetch::HubFetch {
+                        repo_id: source.repo_id,
+                        filename: source.filename,
+                        revision: source.commit,
+                        shards,
+                        shard_indices: Some(vec![acq.index]),
+                        fair_share: false,
+                        model_id: Some(acq.model_id.clone()),
+                    },
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            return Ok(started
+                .download_ids
+                .into_iter()
+                .next()
+                .map(|id| (id, "the Hub")));
+        }
+        let status = pipeline
+            .download_shard(&acq.model_id, acq.index)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((status.status != "done").then_some((status.id, "peers")))
     }
 
     /// Notes that auto-manage, not the user, brought `model` here.
