@@ -70,3 +70,11 @@ pub fn total_memory_gb() -> f64 {
     sys.refresh_memory();
     sys.total_memory() as f64 / (1u64 << 30) as f64
 }
+
+/// RAM available for new allocations now, in bytes (what a newly loaded layer
+/// range could take).
+pub fn available_memory() -> u64 {
+    let mut sys = sysinfo::System::new();
+    sys.refresh_memory();
+    sys.available_memory()
+}

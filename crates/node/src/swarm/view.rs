@@ -42,6 +42,8 @@ pub struct SwarmView {
     pub used_bytes: u64,
     /// The disk budget in bytes (`None`: no limit).
     pub budget_bytes: Option<u64>,
+    /// RAM available now: a fetched shard is loaded, so it must fit there too.
+    pub free_memory_bytes: Option<u64>,
 }
 
 impl SwarmView {
@@ -55,11 +57,19 @@ impl SwarmView {
         self.models.iter().find(|m| m.model_id == model_id)
     }
 
-    /// Bytes auto-manage may still fill.
+    /// Bytes auto-manage may still fill: what is left of the disk budget, and
+    /// no more than fits in the RAM available (keeping a quarter of it free),
+    /// since a fetched shard is loaded at once.
     pub fn free_bytes(&self) -> u64 {
-        self.budget_bytes
+        let disk = self
+            .budget_bytes
             .map(|b| b.saturating_sub(self.used_bytes))
-            .unwrap_or(u64::MAX)
+            .unwrap_or(u64::MAX);
+        let memory = self
+            .free_memory_bytes
+            .map(|m| m / 4 * 3)
+            .unwrap_or(u64::MAX);
+        disk.min(memory)
     }
 }
 
@@ -263,6 +273,10 @@ pub async fn build(node: &Node) -> SwarmView {
         });
     }
     let budget_bytes = swarm.budget_bytes(config.disk_budget_mb);
+    let free_memory_bytes = tokio::task::spawn_blocking(crate::hardware::available_memory)
+        .await
+        .ok()
+        .filter(|m| *m > 0);
     SwarmView {
         node_id: me,
         region,
@@ -275,5 +289,27 @@ pub async fn build(node: &Node) -> SwarmView {
         auto_peers,
         used_bytes,
         budget_bytes,
+        free_memory_bytes,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn room_is_the_budget_left_and_what_fits_in_ram() {
+        let mut v = SwarmView {
+            used_bytes: 300,
+            budget_bytes: Some(1000),
+            ..SwarmView::default()
+        };
+        assert_eq!(v.free_bytes(), 700);
+        v.free_memory_bytes = Some(400);
+        assert_eq!(v.free_bytes(), 300, "three quarters of free RAM");
+        v.budget_bytes = None;
+        assert_eq!(v.free_bytes(), 300);
+        v.free_memory_bytes = None;
+        assert_eq!(v.free_bytes(), u64::MAX);
     }
 }
