@@ -310,29 +310,6 @@ fn five_nodes_spread_a_demanded_model_within_budgets_and_survive_its_holder() {
     a.kill();
     let text = answer(b, "an answer without A");
     assert_eq!(text, reference);
-
-    // The CLI sets and shows the schedule, and names a bad one.
-    let (ok, out, err) = cli(
-        b.dir(),
-        b.port,
-        &["swarm", "schedule", "--hours", "funday=1-2"],
-    );
-    assert!(!ok && err.contains("unknown day"), "{out}{err}");
-    let (ok, out, err) = cli(
-        b.dir(),
-        b.port,
-        &["swarm", "schedule", "--hours", "all=0-24"],
-    );
-    assert!(
-        ok && out.contains("sun: 0-24") && out.contains("contributing"),
-        "{out}{err}"
-    );
-    let (ok, out, err) = cli(b.dir(), b.port, &["swarm", "schedule", "--off"]);
-    assert!(
-        ok && out.contains("contributes at every hour"),
-        "{out}{err}"
-    );
-    assert_eq!(b.get("/api/admin/schedule").1["enabled"], false);
 }
 
 #[test]

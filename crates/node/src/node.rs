@@ -837,15 +837,7 @@ fn local_info(node: Weak<Inner>, hardware: HardwareSummary) -> crate::net::Local
                 .pipeline
                 .local_models()
                 .iter()
-                .map(|m| {
-                    m.manifest.header.bytes
-                        + m.manifest
-                            .shards
-                            .iter()
-                            .filter(|s| m.held.contains(&s.index))
-                            .map(|s| s.bytes)
-                            .sum::<u64>()
-                })
+                .map(|m| m.disk_bytes())
                 .sum();
             load.auto_free_mb = Some(if config.disk_budget_mb == 0 {
                 u64::from(u32::MAX) // no limit

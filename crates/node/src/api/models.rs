@@ -199,13 +199,7 @@ pub(crate) async fn status(
     v["servable"] = json!(pipeline.can_serve(&id).await);
     if let Some(m) = l {
         let total: u64 = m.manifest.shards.iter().map(|s| s.bytes).sum();
-        let held: u64 = m
-            .manifest
-            .shards
-            .iter()
-            .filter(|s| m.held.contains(&s.index))
-            .map(|s| s.bytes)
-            .sum();
+        let held = m.held_bytes();
         v["progress_pct"] = json!(round1(held as f64 * 100.0 / total.max(1) as f64));
     }
     Ok(Json(v))
@@ -678,14 +672,7 @@ pub(crate) async fn storage(State(state): State<AppState>) -> Result<Json<Value>
     let mut total_disk = 0u64;
     let mut models = Vec::new();
     for m in pipeline.local_models() {
-        let disk: u64 = m
-            .manifest
-            .shards
-            .iter()
-            .filter(|s| m.held.contains(&s.index))
-            .map(|s| s.bytes)
-            .sum::<u64>()
-            + m.manifest.header.bytes;
+        let disk = m.disk_bytes();
         total_disk += disk;
         let v = model_json(Some(&m), None, &ranges, gpu_layers);
         models.push(json!({

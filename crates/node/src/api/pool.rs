@@ -220,13 +220,7 @@ async fn coverage(state: &AppState) -> Value {
     let mut models = Vec::new();
     let mut disk_used: u64 = 0;
     for m in pipeline.local_models() {
-        disk_used += m
-            .manifest
-            .shards
-            .iter()
-            .filter(|s| m.held.contains(&s.index))
-            .map(|s| s.bytes)
-            .sum::<u64>();
+        disk_used += m.held_bytes();
         let holders = pipeline.holders(&m.manifest.model_id).await;
         let in_pool = |a: u32, b: u32| {
             holders.iter().any(|h| {

@@ -28,6 +28,21 @@ pub struct LocalModel {
 }
 
 impl LocalModel {
+    /// Bytes of the shards held here.
+    pub fn held_bytes(&self) -> u64 {
+        self.manifest
+            .shards
+            .iter()
+            .filter(|s| self.held.contains(&s.index))
+            .map(|s| s.bytes)
+            .sum()
+    }
+
+    /// Bytes the model takes on disk here: its held shards and its header.
+    pub fn disk_bytes(&self) -> u64 {
+        self.held_bytes() + self.manifest.header.bytes
+    }
+
     /// Maximal runs of consecutive held shards, as `(first, last)`.
     pub fn runs(&self) -> Vec<(u32, u32)> {
         self.runs_without(&Default::default())

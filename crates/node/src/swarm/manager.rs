@@ -48,8 +48,8 @@ struct Manager {
     current: Option<(String, Acquire)>,
     /// Since when each gap this node was not first in line for has been open.
     waiting: HashMap<(String, u32), Instant>,
-    /// When each shard's last fetch failed.
-    failed: HashMap<(String, u32), Instant>,
+    /// When each shard's last fetch failed (`None`: the model's manifest).
+    failed: HashMap<(String, Option<u32>), Instant>,
 }
 
 impl Manager {
@@ -118,7 +118,7 @@ impl Manager {
                 );
             }
             "failed" | "cancelled" => {
-                self.note_failure(&acq);
+                self.note_failure(&acq.model_id, Some(acq.index));
                 let why = status
                     .and_then(|s| s.error)
                     .unwrap_or_else(|| "cancelled".into());
@@ -138,14 +138,22 @@ impl Manager {
         true
     }
 
-    fn note_failure(&mut self, acq: &Acquire) {
+    fn note_failure(&mut self, model: &str, index: Option<u32>) {
         if self.failed.len() >= MAX_TRACKED {
             self.failed.retain(|_, at| at.elapsed() < RETRY_AFTER);
         }
         if self.failed.len() < MAX_TRACKED {
             self.failed
-                .insert((acq.model_id.clone(), acq.index), Instant::now());
+                .insert((model.to_string(), index), Instant::now());
         }
+    }
+
+    /// Whether this shard's (or manifest's) last fetch failed too recently to
+    /// try again.
+    fn recently_failed(&self, model: &str, index: Option<u32>) -> bool {
+        self.failed
+            .get(&(model.to_string(), index))
+            .is_some_and(|at| at.elapsed() < RETRY_AFTER)
     }
 
     /// Deletes what pruning names; true if anything went.
@@ -185,21 +193,14 @@ impl Manager {
     /// Fetches the manifest of a model auto-manage may acquire but has no
     /// manifest of yet (its shards are unknown until then); true if it tried.
     async fn fetch_manifest(&mut self, view: &SwarmView) -> bool {
-        let Some(m) = view
-            .models
-            .iter()
-            .find(|m| m.acquire && m.trust.may_acquire() && m.shards.is_empty())
-        else {
+        let Some(m) = view.models.iter().find(|m| {
+            m.acquire
+                && m.trust.may_acquire()
+                && m.shards.is_empty()
+                && !self.recently_failed(&m.model_id, None)
+        }) else {
             return false;
         };
-        let key = (m.model_id.clone(), u32::MAX);
-        if self
-            .failed
-            .get(&key)
-            .is_some_and(|at| at.elapsed() < RETRY_AFTER)
-        {
-            return false;
-        }
         // Marked before anything is written: the model is auto-manage's, not
         // the user's choice, so it can be pruned again.
         if !self.mark_auto(&m.model_id).await {
@@ -219,14 +220,7 @@ impl Manager {
             }
             Err(e) => {
                 tracing::debug!(model = %m.model_id, error = %e, "no manifest for a demanded model yet");
-                let acq = Acquire {
-                    model_id: m.model_id.clone(),
-                    index: u32::MAX,
-                    bytes: 0,
-                    holders: 0,
-                    target: 0,
-                };
-                self.note_failure(&acq);
+                self.note_failure(&m.model_id, None);
             }
         }
         true
@@ -257,7 +251,7 @@ impl Manager {
             |model, index, missing| {
                 let key = (model.to_string(), index);
                 if failed
-                    .get(&key)
+                    .get(&(model.to_string(), Some(index)))
                     .is_some_and(|at| at.elapsed() < RETRY_AFTER)
                 {
                     return false;
@@ -324,7 +318,7 @@ impl Manager {
             }
             Err(e) => {
                 tracing::warn!(model = %acq.model_id, shard = acq.index, error = %e, "auto-manage could not start a fetch");
-                self.note_failure(&acq);
+                self.note_failure(&acq.model_id, Some(acq.index));
             }
         }
     }

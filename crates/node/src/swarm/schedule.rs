@@ -76,6 +76,9 @@ impl Schedule {
 
     /// Whether the node contributes now (local time).
     pub fn contributes_now(&self) -> bool {
+        if !self.enabled {
+            return true; // asked per served step: no clock read when off
+        }
         let now = chrono::Local::now();
         self.contributes_at(now.weekday().num_days_from_monday() as usize, now.hour())
     }

@@ -217,13 +217,7 @@ pub async fn build(node: &Node) -> SwarmView {
         );
         let mut shards = Vec::new();
         if let Some(m) = here {
-            used_bytes += m.manifest.header.bytes
-                + m.manifest
-                    .shards
-                    .iter()
-                    .filter(|s| m.held.contains(&s.index))
-                    .map(|s| s.bytes)
-                    .sum::<u64>();
+            used_bytes += m.disk_bytes();
             let model_locks = locks.get(&id);
             for s in &m.manifest.shards {
                 let holders: BTreeSet<String> = net
