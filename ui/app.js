@@ -424,8 +424,29 @@ async function credits() {
 
 // ---- settings --------------------------------------------------------------------------
 
+const DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+const DAY_NAMES = { mon: "Monday", tue: "Tuesday", wed: "Wednesday", thu: "Thursday", fri: "Friday", sat: "Saturday", sun: "Sunday" };
+
+/** "9-17, 20-24" → [{start: 9, end: 17}, {start: 20, end: 24}]; the node checks the ranges. */
+function parseHours(text, day) {
+  return text.split(",").map((t) => t.trim()).filter(Boolean).map((t) => {
+    const m = t.match(/^(\d{1,2})\s*-\s*(\d{1,2})$/);
+    if (!m) throw new Error(`${DAY_NAMES[day]}: "${t}" is not a range of hours like 9-17`);
+    return { start: Number(m[1]), end: Number(m[2]) };
+  });
+}
+
+const showHours = (ranges) => (ranges || []).map((r) => `${r.start}-${r.end}`).join(", ");
+
+function scheduleStatus(s) {
+  return s.enabled
+    ? `${s.contributing_now ? "Contributing now" : "Not contributing now: serving only this device and its pool"} (local time ${s.local_time}).`
+    : `Off: contributing at all hours (local time ${s.local_time}).`;
+}
+
 async function settings() {
-  const [config, stats] = await Promise.all([client.get("/api/admin/config"), client.get("/api/admin/stats")]);
+  const [config, stats, schedule] = await Promise.all([client.get("/api/admin/config"), client.get("/api/admin/stats"),
+    client.get("/api/admin/schedule")]);
   const file = stats.secret_store !== "keychain";
   main().innerHTML = `<h1>Settings</h1>
     <h2>API key</h2>
@@ -437,6 +458,14 @@ async function settings() {
     <p id="secret-store" class="${file ? "error" : "ok"}">${file
       ? "No OS keychain (Secret Service) was found: the identity and API key are kept in the encrypted file secrets.enc in the data dir."
       : "The identity and API key are kept in the OS keychain."}</p>
+    <h2>Contribution schedule</h2>
+    <p class="muted">The hours this node serves the swarm, in local time (end exclusive, 0–24). Outside them it serves
+      only its own and its pool's requests and fetches no shards. A day left empty has no hours.</p>
+    <label class="row"><input type="checkbox" id="schedule-enabled" ${schedule.enabled ? "checked" : ""}> Contribute only in these hours</label>
+    <table id="schedule">${DAYS.map((d) => `<tr><td>${DAY_NAMES[d]}</td>
+      <td><input id="schedule-${d}" data-day="${d}" size="24" placeholder="e.g. 9-17, 20-24" value="${esc(showHours(schedule.weekdays?.[d]))}"></td></tr>`).join("")}</table>
+    <div class="row"><button id="schedule-save">Save schedule</button></div>
+    <p class="muted" id="schedule-status">${esc(scheduleStatus(schedule))}</p>
     <h2>Configuration</h2>
     <div class="row"><select id="cfg-key">${Object.keys(config).sort().map((k) => `<option>${esc(k)}</option>`).join("")}</select>
       <input id="cfg-value" size="40"><button id="cfg-save">Set</button></div>
@@ -445,6 +474,24 @@ async function settings() {
   $("#key-reveal").onclick = () => { const i = $("#api-key"); i.type = i.type === "password" ? "text" : "password"; };
   $("#key-copy").onclick = async () => { await navigator.clipboard?.writeText($("#api-key").value); toast("Copied"); };
   if ($("#key-save")) $("#key-save").onclick = () => { client.setKey($("#api-key").value); toast("Saved in this browser"); };
+  $("#schedule-save").onclick = async () => {
+    if (needKey()) return;
+    const note = $("#schedule-status");
+    try {
+      const weekdays = {};
+      for (const d of DAYS) {
+        const hours = parseHours($(`#schedule-${d}`).value, d);
+        if (hours.length) weekdays[d] = hours;
+      }
+      const saved = await client.put("/api/admin/schedule", { enabled: $("#schedule-enabled").checked, weekdays });
+      for (const d of DAYS) $(`#schedule-${d}`).value = showHours(saved.weekdays?.[d]);
+      note.className = "ok";
+      note.textContent = "Saved. " + scheduleStatus(saved);
+    } catch (e) {
+      note.className = "error";
+      note.textContent = e.message;
+    }
+  };
   const showValue = () => { $("#cfg-value").value = JSON.stringify(config[$("#cfg-key").value]); };
   $("#cfg-key").onchange = showValue;
   showValue();

@@ -95,6 +95,35 @@ def main():
             session.page_screenshot(os.path.join(out_dir, "auto-manage.png"))
         r.check("a model's trust level shows and its auto-manage switch works", auto_manage)
 
+        def schedule():
+            session.js("location.hash = '#/settings'")
+            wait_for("the schedule form", lambda: session.js("return document.querySelector('#schedule-mon') !== null"))
+            # A range the node refuses: its message shows, nothing is saved.
+            session.click("#schedule-enabled")
+            session.type("#schedule-tue", "18-9")
+            session.click("#schedule-save")
+            wait_for("the node's refusal", lambda: "tue" in session.text("#schedule-status"))
+            assert session.js("return document.querySelector('#schedule-status').className") == "error"
+            assert http("GET", f"{base}/api/admin/schedule")[1]["enabled"] is False
+            # Monday to Friday 9-17 (no hours on Tuesday): saved as the API's shape.
+            session.js("document.querySelector('#schedule-tue').value = ''")
+            for d in ["mon", "wed", "thu", "fri"]:
+                session.type(f"#schedule-{d}", "9-17")
+            session.type("#schedule-sat", "10-12, 20-24")
+            session.click("#schedule-save")
+            wait_for("saved", lambda: session.text("#schedule-status").startswith("Saved"))
+            saved = http("GET", f"{base}/api/admin/schedule")[1]
+            assert saved["enabled"] is True, saved
+            assert saved["weekdays"].get("mon") == [{"start": 9, "end": 17}], saved
+            assert saved["weekdays"].get("sat") == [{"start": 10, "end": 12}, {"start": 20, "end": 24}], saved
+            assert "tue" not in saved["weekdays"] and "sun" not in saved["weekdays"], saved
+            session.page_screenshot(os.path.join(out_dir, "schedule.png"))
+            # Switched off again through the page (the node contributes at all hours).
+            session.click("#schedule-enabled")
+            session.click("#schedule-save")
+            wait_for("off", lambda: http("GET", f"{base}/api/admin/schedule")[1]["enabled"] is False)
+        r.check("the contribution schedule is set and refused from Settings", schedule)
+
         def no_key_no_writes():
             status, _ = http("POST", f"{base}/api/pool/create", {"name": "x"},
                              headers={"Origin": base})

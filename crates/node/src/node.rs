@@ -336,6 +336,7 @@ impl Node {
         }));
         if config.p2p_enabled {
             let hardware = blocking(hardware_summary).await?;
+            node.inner.swarm.set_hardware(hardware.clone());
             let mut net = net_config(&config);
             // Offline mode: discovery by mDNS only (when `mdns` is on, the default).
             net.offline = node.private_mode().offline_mode;
@@ -839,13 +840,14 @@ fn local_info(node: Weak<Inner>, hardware: HardwareSummary) -> crate::net::Local
                 .iter()
                 .map(|m| m.disk_bytes())
                 .sum();
-            load.auto_free_mb = Some(if config.disk_budget_mb == 0 {
-                u64::from(u32::MAX) // no limit
-            } else {
-                config
-                    .disk_budget_mb
-                    .saturating_sub(used.div_ceil(1_048_576))
-            });
+            // The same room this node's own auto-manage fetches within: the
+            // budget left (at its contribution level) and what fits in RAM.
+            let room = crate::swarm::placement::room(
+                inner.swarm.budget_bytes(config.disk_budget_mb),
+                used,
+                Some(crate::hardware::available_memory()).filter(|m| *m > 0),
+            );
+            load.auto_free_mb = Some((room / 1_048_576).min(u64::from(u32::MAX)));
         }
         drop(config);
         load.steps_served = inner.pipeline.host().steps_served();

@@ -14,7 +14,10 @@
 //! size over `--mbps`; every node has auto-manage on with a random budget; demand
 //! per model follows a Zipf curve (the tail has a single requester, so it must
 //! never be fetched), and one popular model's demand stops half-way (its extra
-//! copies must be pruned, never its last ones).
+//! copies must be pruned, never its last ones). Nodes have machines (`--gpu-share`
+//! with a GPU, the rest 2–16 cores) and the line who fetches is weighted by
+//! speed and nearness as the node weighs it; it reports each demanded model's
+//! slowest stage and cross-region hops (`--unweighted` for the plain line).
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -59,6 +62,13 @@ struct Args {
     /// Rounds a node waits for the nodes ahead of it in line.
     #[arg(long, default_value_t = 3)]
     patience: u64,
+    /// Share of the nodes with a GPU (8–24 GiB); the others have 2–16 cores.
+    #[arg(long, default_value_t = 0.1)]
+    gpu_share: f64,
+    /// Place by the plain rendezvous line, ignoring speed and regions (to
+    /// compare against the weighted line the node uses).
+    #[arg(long)]
+    unweighted: bool,
     /// Random seed.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -86,6 +96,7 @@ impl Model {
 struct Node {
     id: String,
     region: usize,
+    machine: placement::Machine,
     budget: u64,
     used: u64,
     /// Held shards per model.
@@ -104,6 +115,17 @@ impl Node {
         Node {
             id: format!("node-{serial:06}"),
             region: rng.gen_range(0..args.regions.max(1)),
+            machine: if rng.gen_bool(args.gpu_share.clamp(0.0, 1.0)) {
+                placement::Machine {
+                    cores: 8,
+                    vram_bytes: rng.gen_range(8..=24) * GB,
+                }
+            } else {
+                placement::Machine {
+                    cores: [2, 4, 8, 16][rng.gen_range(0..4)],
+                    vram_bytes: 0,
+                }
+            },
             budget: rng.gen_range(args.min_budget_gb..=args.max_budget_gb.max(args.min_budget_gb))
                 * GB,
             used: 0,
@@ -122,6 +144,50 @@ struct Snapshot {
     holders: Vec<Vec<Vec<usize>>>,
     /// Of those, per region.
     in_region: Vec<Vec<Vec<u32>>>,
+}
+
+/// How well a model's holders serve it as a pipeline: the compute of its
+/// slowest stage (the holders' summed speed: the throughput bound) and the
+/// fewest region changes along any chain of one holder per shard (the latency
+/// a request pays in long hops).
+fn pipeline_quality(holders: &[Vec<usize>], nodes: &[Node], model: &Model) -> (f64, u64) {
+    let bottleneck = holders
+        .iter()
+        .zip(&model.shards)
+        .map(|(h, bytes)| {
+            h.iter()
+                .map(|&i| placement::speed(nodes[i].machine, *bytes))
+                .sum::<f64>()
+        })
+        .fold(f64::INFINITY, f64::min);
+    // Fewest region changes to reach each region at each shard.
+    let mut best: HashMap<usize, u64> = HashMap::new();
+    for (s, h) in holders.iter().enumerate() {
+        let mut next: HashMap<usize, u64> = HashMap::new();
+        for &i in h {
+            let r = nodes[i].region;
+            let cost = if s == 0 {
+                0
+            } else {
+                best.iter()
+                    .map(|(pr, c)| c + u64::from(*pr != r))
+                    .min()
+                    .unwrap_or(u64::MAX / 2)
+            };
+            let e = next.entry(r).or_insert(cost);
+            *e = (*e).min(cost);
+        }
+        best = next;
+    }
+    let hops = best.values().copied().min().unwrap_or(0);
+    (
+        if bottleneck.is_finite() {
+            bottleneck
+        } else {
+            0.0
+        },
+        hops,
+    )
 }
 
 fn snapshot(nodes: &[Node], models: &[Model], regions: usize) -> Snapshot {
@@ -202,6 +268,9 @@ fn main() -> Result<()> {
     let mut hour_fetched = 0u64;
     let mut hour_prunes = 0u64;
     let mut hour_available = (0u64, 0u64);
+    // Per demanded model, sampled hourly: (bottleneck compute, cross-region
+    // hops of the best chain, samples).
+    let mut quality = (0.0f64, 0u64, 0u64);
     println!(
         "{} nodes, {} models ({} GiB in all), churn {:.0}%/h, budgets {}–{} GiB, {} MB/s",
         args.nodes,
@@ -256,10 +325,12 @@ fn main() -> Result<()> {
                         if holders.iter().any(|&i| nodes[i].chosen.contains(&m)) {
                             return None;
                         }
-                        holders
-                            .iter()
-                            .copied()
-                            .min_by_key(|&i| placement::score(&nodes[i].id, &model.id, s as u32))
+                        holders.iter().copied().min_by(|&a, &b| {
+                            let key = |i: usize| {
+                                placement::line_key(&nodes[i].id, &model.id, s as u32, 1.0)
+                            };
+                            key(a).total_cmp(&key(b))
+                        })
                     })
                     .collect()
             })
@@ -279,7 +350,20 @@ fn main() -> Result<()> {
                     n.held[m].contains(&(s as u32 + 1))
                         || (s > 0 && n.held[m].contains(&(s as u32 - 1)))
                 };
-                let mut line: Vec<([u8; 32], usize)> = nodes
+                // The region most holders of the neighbouring shards are in.
+                let mut near = vec![0usize; args.regions.max(1)];
+                for i in [s.checked_sub(1), s.checked_add(1)].into_iter().flatten() {
+                    for &h in snap.holders[m].get(i).into_iter().flatten() {
+                        near[nodes[h].region] += 1;
+                    }
+                }
+                let near_region = near
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, c)| **c > 0)
+                    .max_by(|a, b| a.1.cmp(b.1).then_with(|| b.0.cmp(&a.0)))
+                    .map(|(r, _)| r);
+                let mut line: Vec<(f64, usize)> = nodes
                     .iter()
                     .enumerate()
                     .filter(|(i, n)| {
@@ -287,9 +371,19 @@ fn main() -> Result<()> {
                             && !beside(n)
                             && n.budget.saturating_sub(n.used) >= *bytes
                     })
-                    .map(|(i, n)| (placement::score(&n.id, &model.id, s as u32), i))
+                    .map(|(i, n)| {
+                        let w = if args.unweighted {
+                            1.0
+                        } else {
+                            placement::weight(
+                                placement::speed(n.machine, *bytes),
+                                near_region == Some(n.region),
+                            )
+                        };
+                        (placement::line_key(&n.id, &model.id, s as u32, w), i)
+                    })
                     .collect();
-                line.sort_unstable();
+                line.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
                 lines.insert(
                     (m, s as u32),
                     line.into_iter()
@@ -300,6 +394,7 @@ fn main() -> Result<()> {
             }
         }
 
+        let nodes_machines: Vec<placement::Machine> = nodes.iter().map(|n| n.machine).collect();
         for (idx, node) in nodes.iter_mut().enumerate() {
             // A fetch that has landed.
             if let Some((m, s, bytes, lands)) = node.fetching
@@ -351,6 +446,14 @@ fn main() -> Result<()> {
                                 locked: false,
                                 keeper: n.held[m].contains(&(s as u32))
                                     && keepers[m][s] == Some(idx),
+                                capacity: if args.unweighted {
+                                    snap.holders[m][s].len() as f64
+                                } else {
+                                    snap.holders[m][s]
+                                        .iter()
+                                        .map(|&h| placement::speed(nodes_machines[h], *bytes))
+                                        .sum()
+                                },
                             })
                             .collect(),
                     }
@@ -413,6 +516,14 @@ fn main() -> Result<()> {
             }
         }
         if (minute + 1) % 60 == 0 {
+            for (m, model) in models.iter().enumerate() {
+                if model.requesters_at(minute) >= 2 {
+                    let (compute, hops) = pipeline_quality(&after.holders[m], &nodes, model);
+                    quality.0 += compute;
+                    quality.1 += hops;
+                    quality.2 += 1;
+                }
+            }
             let min_holders = models
                 .iter()
                 .enumerate()
@@ -454,6 +565,17 @@ fn main() -> Result<()> {
         "pruned shards: {prunes_total}; a model lost its last copy of a shard {last_copy_lost} times"
     );
     println!("fetches of models one requester asked for: {tail_fetches}");
+    println!(
+        "pipelines ({}): bottleneck stage {:.2}× an 8-core CPU on average; \
+         {:.2} cross-region hops in a model's best chain on average",
+        if args.unweighted {
+            "plain rendezvous line"
+        } else {
+            "line weighted by speed and region"
+        },
+        quality.0 / quality.2.max(1) as f64,
+        quality.1 as f64 / quality.2.max(1) as f64
+    );
     println!("budget violations: {budget_violations}");
     let goal = availability >= 99.0 && budget_violations == 0 && tail_fetches == 0;
     println!(

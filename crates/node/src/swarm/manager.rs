@@ -271,7 +271,8 @@ impl Manager {
                     .flatten()
                     .collect();
                 // The nodes that could take it: auto-managing, not holding it or a
-                // neighbour, with the room for it (as they announce).
+                // neighbour, with the room for it (as they announce), each
+                // weighted by its speed and nearness to the neighbouring stages.
                 let candidates: BTreeSet<&str> = view
                     .auto_peers
                     .iter()
@@ -280,7 +281,14 @@ impl Manager {
                     .chain(std::iter::once(me.as_str()))
                     .filter(|n| !holders.contains(*n) && !beside.iter().any(|b| b.as_str() == *n))
                     .collect();
-                let rank = placement::rank(&me, candidates, model, index);
+                let rank = placement::rank(
+                    &me,
+                    candidates
+                        .iter()
+                        .map(|n| (*n, view.weight(n, model, index, bytes))),
+                    model,
+                    index,
+                );
                 // Not first in line: the line widens while the gap stays open.
                 let since = *waiting.entry(key).or_insert_with(Instant::now);
                 let waited =

@@ -123,6 +123,9 @@ struct Inner {
     rounds: AtomicU64,
     /// The pool owner's contribution level for this node (0–100).
     level: std::sync::atomic::AtomicU32,
+    /// This node's machine as it announces it (set when the network starts):
+    /// placement weighs it the way the others do.
+    hardware: std::sync::OnceLock<crate::net::announce::HardwareSummary>,
 }
 
 impl Swarm {
@@ -143,6 +146,7 @@ impl Swarm {
                 prunes: AtomicU64::new(0),
                 rounds: AtomicU64::new(0),
                 level: std::sync::atomic::AtomicU32::new(100),
+                hardware: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -177,6 +181,17 @@ impl Swarm {
     /// outside a pool.
     pub fn contribution_level(&self) -> u32 {
         self.inner.level.load(Ordering::Relaxed)
+    }
+
+    /// Notes this node's machine as it announces it.
+    pub fn set_hardware(&self, hardware: crate::net::announce::HardwareSummary) {
+        // Set once, when the network starts; a second call changes nothing.
+        let _ = self.inner.hardware.set(hardware);
+    }
+
+    /// This node's machine as announced (`None` before the network starts).
+    pub fn hardware(&self) -> Option<&crate::net::announce::HardwareSummary> {
+        self.inner.hardware.get()
     }
 
     /// Notes the level from the owner's latest signed state.

@@ -14,6 +14,17 @@
 //!   of a pinned model, never one this node is the last holder of — nor one it
 //!   is first in line to keep among the holders (so two holders pruning at
 //!   once cannot remove the last copy between them).
+//!
+//! Placement weighs each node's speed and links, the first of Parallax's two
+//! phases: the shard fetched first is, among those equally short of holders,
+//! the stage with the least compute behind it (the pipeline's bottleneck), and
+//! the line of nodes meant to take a shard is a *weighted* rendezvous — a node
+//! whose GPU holds the shard, or with more cores, or in the region where the
+//! neighbouring stages live (one short hop instead of a long one), comes first
+//! proportionally more often ([`weight`]). Memory limits bound who is in line
+//! at all: each node announces the room it has ([`room`]: the disk budget left
+//! and what fits in its RAM). The second phase, choosing a chain of holders per
+//! request to spread load, is the route planner's (`pipeline::route`).
 
 use serde::Serialize;
 
@@ -21,6 +32,50 @@ use super::TrustLevel;
 
 /// Requests per minute one more replica is meant to absorb.
 pub const RPM_PER_REPLICA: f64 = 30.0;
+/// A node whose GPU memory holds a shard runs it this many times faster than
+/// an 8-core CPU (llama.cpp on a laptop GPU against its CPU; a round figure,
+/// since every node must compute the same weights from announcements alone).
+pub const GPU_SPEED: f64 = 4.0;
+/// How much more a node in the region of a shard's neighbouring stages is
+/// preferred: a hop inside a region costs a few ms, across regions tens.
+pub const NEAR_WEIGHT: f64 = 2.0;
+
+/// A node's machine, as its signed announcement says.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Machine {
+    /// Logical cores.
+    pub cores: u32,
+    /// GPU memory in bytes.
+    pub vram_bytes: u64,
+}
+
+/// How fast `machine` runs a shard of `bytes`, relative to an 8-core CPU: its
+/// GPU's [`GPU_SPEED`] when the shard fits in GPU memory, else by cores
+/// (between a quarter and twice).
+pub fn speed(machine: Machine, bytes: u64) -> f64 {
+    if machine.vram_bytes > 0 && machine.vram_bytes >= bytes {
+        GPU_SPEED
+    } else {
+        (f64::from(machine.cores) / 8.0).clamp(0.25, 2.0)
+    }
+}
+
+/// A node's weight in the line for a shard: its [`speed`], times
+/// [`NEAR_WEIGHT`] when it is `near` the shard's neighbouring stages.
+pub fn weight(speed: f64, near: bool) -> f64 {
+    let w = if near { speed * NEAR_WEIGHT } else { speed };
+    if w.is_finite() && w > 0.0 { w } else { 1.0 }
+}
+
+/// Bytes a node may still fill: what is left of its disk budget (`None`: no
+/// limit), and no more than three quarters of the RAM available (`None`: not
+/// known), since a fetched shard is loaded at once. Announced as
+/// `auto_free_mb`, so the others' line counts only nodes with the room.
+pub fn room(budget: Option<u64>, used: u64, free_memory: Option<u64>) -> u64 {
+    let disk = budget.map(|b| b.saturating_sub(used)).unwrap_or(u64::MAX);
+    let memory = free_memory.map(|m| m / 4 * 3).unwrap_or(u64::MAX);
+    disk.min(memory)
+}
 
 /// One shard of a model as this node sees it.
 #[derive(Debug, Clone, PartialEq)]
@@ -37,6 +92,9 @@ pub struct ShardNeed {
     pub held_here: bool,
     /// Locked against pruning here.
     pub locked: bool,
+    /// The compute behind this stage: the holders' summed [`speed`] (a holder
+    /// whose machine is not known counts 1).
+    pub capacity: f64,
     /// This node keeps the shard: no holder outside auto-manage has it (such
     /// a holder never prunes on its own) and this node is first in line among
     /// the holders (see [`score`]) — so holders that prune at the same moment
@@ -101,7 +159,7 @@ pub struct Acquire {
 
 /// The shard this node should fetch next, if any: the most needed (below target
 /// in this region first, then the largest share of its target missing, then the
-/// smaller) among models it may acquire, that fits `free_bytes`, and for which
+/// stage with the least compute behind it, then the smaller) among models it may acquire, that fits `free_bytes`, and for which
 /// `first_in_line(model, index, missing)` says this node is among the `missing`
 /// nodes meant to take it.
 pub fn next_acquisition(
@@ -109,8 +167,8 @@ pub fn next_acquisition(
     free_bytes: u64,
     mut first_in_line: impl FnMut(&str, u32, u32) -> bool,
 ) -> Option<Acquire> {
-    // (short in this region, share of target missing, smaller first)
-    type Need = (bool, u64, std::cmp::Reverse<u64>);
+    // (short in this region, share of target missing, least compute, smaller)
+    type Need = (bool, u64, std::cmp::Reverse<u64>, std::cmp::Reverse<u64>);
     let mut best: Option<(Need, Acquire)> = None;
     for m in models.iter().filter(|m| m.acquire && m.trust.may_acquire()) {
         // A node loads consecutive shards as one range, and a route can only
@@ -133,9 +191,12 @@ pub fn next_acquisition(
             }
             // Share of the target missing, in thousandths (integers compare exactly).
             let share = u64::from(missing) * 1000 / u64::from(m.target.max(1));
+            // Compute in thousandths of an 8-core CPU (integers compare exactly).
+            let compute = (s.capacity.max(0.0) * 1000.0).min(u64::MAX as f64) as u64;
             let key = (
                 s.holders_in_region < m.target,
                 share,
+                std::cmp::Reverse(compute),
                 std::cmp::Reverse(s.bytes),
             );
             if best.as_ref().is_none_or(|(k, _)| key > *k) {
@@ -248,8 +309,8 @@ pub fn in_line(rank: usize, missing: u32, waited: u64, patience: u64) -> bool {
     (rank as u64) < u64::from(missing).saturating_mul(widen)
 }
 
-/// A node's place in line for a shard: lower goes first. Every node computes
-/// the same order without talking (rendezvous hashing).
+/// A node's hash for a shard, the root of its place in line (see [`line_key`]).
+/// Every node computes the same order without talking (rendezvous hashing).
 pub fn score(node: &str, model_id: &str, index: u32) -> [u8; 32] {
     let mut h = blake3::Hasher::new();
     h.update(node.as_bytes());
@@ -259,18 +320,36 @@ pub fn score(node: &str, model_id: &str, index: u32) -> [u8; 32] {
     *h.finalize().as_bytes()
 }
 
+/// A node's place in line for a shard with its [`weight`]: lower goes first.
+/// Weighted rendezvous hashing (`-ln(u) / weight`, `u` uniform in (0, 1) from
+/// [`score`]): a node comes first with probability its share of the weights,
+/// and every node that sees the same announcements computes the same order.
+pub fn line_key(node: &str, model_id: &str, index: u32, weight: f64) -> f64 {
+    let h = score(node, model_id, index);
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&h[..8]);
+    let u = (u64::from_le_bytes(first) as f64 + 1.0) / (u64::MAX as f64 + 2.0);
+    -u.ln() / weight.max(1e-9)
+}
+
 /// This node's place in line for a shard among `candidates` (the nodes that
-/// could take it, this one included): how many of them score lower.
+/// could take it, this one included, each with its [`weight`]): how many of
+/// them come before it.
 pub fn rank<'a>(
     me: &str,
-    candidates: impl IntoIterator<Item = &'a str>,
+    candidates: impl IntoIterator<Item = (&'a str, f64)>,
     model_id: &str,
     index: u32,
 ) -> usize {
-    let mine = score(me, model_id, index);
+    let candidates: Vec<(&str, f64)> = candidates.into_iter().collect();
+    let my_weight = candidates
+        .iter()
+        .find(|(c, _)| *c == me)
+        .map_or(1.0, |(_, w)| *w);
+    let mine = line_key(me, model_id, index, my_weight);
     candidates
-        .into_iter()
-        .filter(|c| *c != me && score(c, model_id, index) < mine)
+        .iter()
+        .filter(|(c, w)| *c != me && line_key(c, model_id, index, *w) < mine)
         .count()
 }
 
@@ -287,6 +366,7 @@ mod tests {
             held_here,
             locked: false,
             keeper: false,
+            capacity: f64::from(holders),
         }
     }
 
@@ -437,11 +517,86 @@ mod tests {
     #[test]
     fn nodes_agree_on_the_order() {
         let nodes = ["n1", "n2", "n3", "n4"];
-        let mut ranks: Vec<usize> = nodes
-            .iter()
-            .map(|me| rank(me, nodes.iter().copied(), "m", 0))
-            .collect();
+        let weighted = [("n1", 1.0), ("n2", 4.0), ("n3", 0.5), ("n4", 2.0)];
+        let mut ranks: Vec<usize> = nodes.iter().map(|me| rank(me, weighted, "m", 0)).collect();
         ranks.sort_unstable();
         assert_eq!(ranks, [0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn faster_and_nearer_nodes_come_first_in_proportion() {
+        // A GPU node that fits the shard, an 8-core CPU, a 2-core laptop, and
+        // the 8-core CPU again but near the neighbouring stages.
+        let gpu = Machine {
+            cores: 8,
+            vram_bytes: 8 << 30,
+        };
+        let cpu = Machine {
+            cores: 8,
+            vram_bytes: 0,
+        };
+        let laptop = Machine {
+            cores: 2,
+            vram_bytes: 0,
+        };
+        let bytes = 1 << 30;
+        assert_eq!(speed(gpu, bytes), GPU_SPEED);
+        assert_eq!(speed(gpu, 16 << 30), 1.0, "a shard its GPU cannot hold");
+        assert_eq!(speed(laptop, bytes), 0.25);
+        let line = [
+            ("gpu", weight(speed(gpu, bytes), false)),
+            ("cpu", weight(speed(cpu, bytes), false)),
+            ("laptop", weight(speed(laptop, bytes), false)),
+            ("near", weight(speed(cpu, bytes), true)),
+        ];
+        let total: f64 = line.iter().map(|(_, w)| w).sum();
+        let shards = 4000;
+        for (node, w) in line {
+            let first = (0..shards)
+                .filter(|i| rank(node, line, "m", *i) == 0)
+                .count();
+            let share = first as f64 / f64::from(shards);
+            let expected = w / total;
+            assert!(
+                (share - expected).abs() < 0.03,
+                "{node}: first for {share:.3} of shards, expected {expected:.3}"
+            );
+        }
+        // Equal weights: the plain rendezvous order (the larger hash first).
+        let even = [("a", 1.0), ("b", 1.0)];
+        let h = |n: &str| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&score(n, "m", 7)[..8]);
+            u64::from_le_bytes(b)
+        };
+        assert_eq!(rank("a", even, "m", 7) == 0, h("a") > h("b"));
+        // Weights that are not numbers count as 1.
+        assert_eq!(weight(f64::NAN, true), 1.0);
+    }
+
+    #[test]
+    fn the_slowest_stage_gets_its_replica_first() {
+        // Both shards miss one holder of two; shard 1's holder is a laptop,
+        // shard 0's a GPU: shard 1 is the pipeline's bottleneck.
+        let mut fast = shard(0, 1, false);
+        fast.capacity = GPU_SPEED;
+        let mut slow = shard(1, 1, false);
+        slow.capacity = 0.25;
+        let models = vec![model("m", TrustLevel::DemandVerified, 2, vec![fast, slow])];
+        let next = next_acquisition(&models, 1000, |_, _, _| true).expect("one");
+        assert_eq!(next.index, 1);
+    }
+
+    #[test]
+    fn room_is_the_budget_left_and_what_fits_in_ram() {
+        assert_eq!(room(Some(1000), 300, None), 700);
+        assert_eq!(
+            room(Some(1000), 300, Some(400)),
+            300,
+            "three quarters of free RAM"
+        );
+        assert_eq!(room(None, 300, Some(400)), 300);
+        assert_eq!(room(None, 300, None), u64::MAX);
+        assert_eq!(room(Some(100), 300, None), 0);
     }
 }

@@ -44,6 +44,8 @@ pub struct SwarmView {
     pub budget_bytes: Option<u64>,
     /// RAM available now: a fetched shard is loaded, so it must fit there too.
     pub free_memory_bytes: Option<u64>,
+    /// The machine of each live node (this one included), as announced.
+    pub machines: HashMap<String, placement::Machine>,
 }
 
 impl SwarmView {
@@ -57,19 +59,62 @@ impl SwarmView {
         self.models.iter().find(|m| m.model_id == model_id)
     }
 
-    /// Bytes auto-manage may still fill: what is left of the disk budget, and
-    /// no more than fits in the RAM available (keeping a quarter of it free),
-    /// since a fetched shard is loaded at once.
+    /// Bytes auto-manage may still fill here (see [`placement::room`]).
     pub fn free_bytes(&self) -> u64 {
-        let disk = self
-            .budget_bytes
-            .map(|b| b.saturating_sub(self.used_bytes))
-            .unwrap_or(u64::MAX);
-        let memory = self
-            .free_memory_bytes
-            .map(|m| m / 4 * 3)
-            .unwrap_or(u64::MAX);
-        disk.min(memory)
+        placement::room(self.budget_bytes, self.used_bytes, self.free_memory_bytes)
+    }
+
+    /// How fast `node` runs a shard of `bytes` (1 for a node whose machine is
+    /// not known).
+    pub fn speed(&self, node: &str, bytes: u64) -> f64 {
+        self.machines
+            .get(node)
+            .map_or(1.0, |m| placement::speed(*m, bytes))
+    }
+
+    /// `node`'s weight in the line for shard `index` of `model` (see
+    /// [`placement::weight`]): its speed, doubled when it is in the region
+    /// where most holders of the neighbouring shards are.
+    pub fn weight(&self, node: &str, model: &str, index: u32, bytes: u64) -> f64 {
+        let mut regions: BTreeMap<&str, usize> = BTreeMap::new();
+        for i in [index.checked_sub(1), index.checked_add(1)]
+            .into_iter()
+            .flatten()
+        {
+            for h in self
+                .shard_holders
+                .get(&(model.to_string(), i))
+                .into_iter()
+                .flatten()
+            {
+                if let Some(r) = self.region_of.get(h) {
+                    *regions.entry(r.as_str()).or_default() += 1;
+                }
+            }
+        }
+        // The most common region (the first by name on a tie: every node picks
+        // the same one).
+        let near = regions
+            .iter()
+            .max_by(|a, b| a.1.cmp(b.1).then_with(|| b.0.cmp(a.0)))
+            .is_some_and(|(r, _)| self.region_of.get(node).is_some_and(|n| n == r));
+        placement::weight(self.speed(node, bytes), near)
+    }
+}
+
+/// A node's machine from its announced hardware summary (the same figures
+/// every node reads, so every node computes the same weights).
+fn machine_of(hardware: &serde_json::Value) -> placement::Machine {
+    let vram_gb = hardware["vram_gb"].as_f64().unwrap_or(0.0);
+    placement::Machine {
+        cores: hardware["cores"]
+            .as_u64()
+            .map_or(0, |c| u32::try_from(c).unwrap_or(u32::MAX)),
+        vram_bytes: if vram_gb.is_finite() && vram_gb > 0.0 {
+            (vram_gb.min(1e6) * (1u64 << 30) as f64) as u64
+        } else {
+            0
+        },
     }
 }
 
@@ -96,10 +141,18 @@ pub async fn build(node: &Node) -> SwarmView {
     region_of.insert(me.clone(), region.clone());
     let mut announced: Vec<(String, Vec<ModelDemand>)> = Vec::new();
     let mut auto_peers = BTreeMap::new();
+    let mut machines = HashMap::new();
+    if let Some(hw) = swarm.hardware() {
+        machines.insert(
+            me.clone(),
+            machine_of(&serde_json::to_value(hw).unwrap_or_default()),
+        );
+    }
     for r in &records {
         let r_region = r.region.clone().unwrap_or_else(|| UNKNOWN_REGION.into());
         if r.is_active {
             *nodes_by_region.entry(r_region.clone()).or_default() += 1;
+            machines.insert(r.node_id.clone(), machine_of(&r.hardware));
             if r.capabilities
                 .as_array()
                 .is_some_and(|c| c.iter().any(|v| v == AUTO_CAPABILITY))
@@ -236,6 +289,14 @@ pub async fn build(node: &Node) -> SwarmView {
                     .filter(|h| region_of.get(*h).is_some_and(|r| *r == region))
                     .count();
                 let held_here = m.held.contains(&s.index);
+                let capacity = holders
+                    .iter()
+                    .map(|h| {
+                        machines
+                            .get(h)
+                            .map_or(1.0, |m| placement::speed(*m, s.bytes))
+                    })
+                    .sum();
                 shards.push(ShardNeed {
                     index: s.index,
                     bytes: s.bytes,
@@ -251,8 +312,13 @@ pub async fn build(node: &Node) -> SwarmView {
                         && holders
                             .iter()
                             .all(|h| *h == me || auto_peers.contains_key(h))
-                        && placement::rank(&me, holders.iter().map(String::as_str), &id, s.index)
-                            == 0,
+                        && placement::rank(
+                            &me,
+                            holders.iter().map(|h| (h.as_str(), 1.0)),
+                            &id,
+                            s.index,
+                        ) == 0,
+                    capacity,
                 });
                 shard_holders.insert((id.clone(), s.index), holders);
             }
@@ -284,6 +350,7 @@ pub async fn build(node: &Node) -> SwarmView {
         used_bytes,
         budget_bytes,
         free_memory_bytes,
+        machines,
     }
 }
 
@@ -292,18 +359,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn room_is_the_budget_left_and_what_fits_in_ram() {
-        let mut v = SwarmView {
-            used_bytes: 300,
-            budget_bytes: Some(1000),
-            ..SwarmView::default()
-        };
-        assert_eq!(v.free_bytes(), 700);
-        v.free_memory_bytes = Some(400);
-        assert_eq!(v.free_bytes(), 300, "three quarters of free RAM");
-        v.budget_bytes = None;
-        assert_eq!(v.free_bytes(), 300);
-        v.free_memory_bytes = None;
-        assert_eq!(v.free_bytes(), u64::MAX);
+    fn the_line_prefers_the_region_of_the_neighbouring_stages() {
+        let mut v = SwarmView::default();
+        for (node, region) in [
+            ("a", "EU"),
+            ("b", "EU"),
+            ("c", "NA"),
+            ("x", "NA"),
+            ("y", "EU"),
+        ] {
+            v.region_of.insert(node.into(), region.into());
+        }
+        let set = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+        v.shard_holders.insert(("m".into(), 0), set(&["a", "c"]));
+        v.shard_holders.insert(("m".into(), 2), set(&["b"]));
+        // Shard 1's neighbours live mostly in EU: y is near, x is not.
+        assert_eq!(v.weight("y", "m", 1, 100), placement::NEAR_WEIGHT);
+        assert_eq!(v.weight("x", "m", 1, 100), 1.0);
+        // A GPU that holds the shard.
+        v.machines.insert(
+            "x".into(),
+            machine_of(&serde_json::json!({"cores": 8, "vram_gb": 8.0})),
+        );
+        assert_eq!(v.weight("x", "m", 1, 100), placement::GPU_SPEED);
+        // Hardware that is not numbers counts as the slowest CPU.
+        assert_eq!(
+            machine_of(&serde_json::json!({"cores": "many", "vram_gb": -1})),
+            placement::Machine::default()
+        );
     }
 }
