@@ -69,7 +69,7 @@ fn stats(state: &AppState) -> Value {
 /// swarm capacity (nodes and bytes against the budget) and the wishlist (shards
 /// below their replication target).
 async fn swarm_stats(state: &AppState) -> Value {
-    let view = crate::swarm::view(&state.node).await;
+    let view = crate::swarm::recent_view(&state.node, STATS_EVERY).await;
     let registry: Vec<Value> = view
         .models
         .iter()

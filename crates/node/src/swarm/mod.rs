@@ -28,7 +28,7 @@ use serde::Serialize;
 use tokio::sync::broadcast;
 
 pub use manager::spawn as spawn_manager;
-pub use view::{AUTO_CAPABILITY, SwarmView, UNKNOWN_REGION, build as view};
+pub use view::{AUTO_CAPABILITY, SwarmView, UNKNOWN_REGION, build as view, recent as recent_view};
 
 use crate::store::{Store, StoreError};
 
@@ -126,6 +126,9 @@ struct Inner {
     /// This node's machine as it announces it (set when the network starts):
     /// placement weighs it the way the others do.
     hardware: std::sync::OnceLock<crate::net::announce::HardwareSummary>,
+    /// The last view built for dashboards, shared by every WebSocket client
+    /// (see [`view::recent`]).
+    recent_view: tokio::sync::Mutex<Option<(std::time::Instant, Arc<SwarmView>)>>,
 }
 
 impl Swarm {
@@ -147,6 +150,7 @@ impl Swarm {
                 rounds: AtomicU64::new(0),
                 level: std::sync::atomic::AtomicU32::new(100),
                 hardware: std::sync::OnceLock::new(),
+                recent_view: tokio::sync::Mutex::new(None),
             }),
         })
     }

@@ -118,6 +118,22 @@ fn machine_of(hardware: &serde_json::Value) -> placement::Machine {
     }
 }
 
+/// A view at most `max_age` old: every admin WebSocket client wants one every
+/// 2 s, and one build (a directory read) serves them all. Callers that arrive
+/// while it is being built wait for it rather than build their own.
+pub async fn recent(node: &Node, max_age: std::time::Duration) -> std::sync::Arc<SwarmView> {
+    let swarm = node.swarm();
+    let mut slot = swarm.inner.recent_view.lock().await;
+    if let Some((at, view)) = slot.as_ref()
+        && at.elapsed() <= max_age
+    {
+        return view.clone();
+    }
+    let view = std::sync::Arc::new(build(node).await);
+    *slot = Some((std::time::Instant::now(), view.clone()));
+    view
+}
+
 /// Builds the view (reads the peer directory and the pool's pins).
 pub async fn build(node: &Node) -> SwarmView {
     let config = node.config();
