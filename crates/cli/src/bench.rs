@@ -36,6 +36,11 @@ pub(crate) struct BenchArgs {
     /// Layers to offload to the GPU.
     #[arg(long)]
     gpu_layers: Option<u32>,
+    /// Concurrent streams to measure instead, e.g. `1,4,8`: aggregate tok/s and
+    /// time to first token of that many simultaneous requests against the bare
+    /// loop decoding as many sequences in one batch.
+    #[arg(long, value_delimiter = ',')]
+    concurrency: Vec<usize>,
 }
 
 const PROMPT: &str = "You are reviewing a design for a peer-to-peer system that runs large \
@@ -61,6 +66,9 @@ pub(crate) async fn run(mut source: ConfigSource, args: &BenchArgs) -> anyhow::R
     if args.tokens < 2 || args.runs == 0 {
         return Err(anyhow!("--tokens must be at least 2 and --runs at least 1"));
     }
+    if args.concurrency.iter().any(|c| *c == 0 || *c > 64) {
+        return Err(anyhow!("--concurrency takes counts from 1 to 64"));
+    }
 
     // A throwaway node: its own data dir, an ephemeral port, no rate limit.
     let dir = tempfile::tempdir().context("creating a temporary data dir")?;
@@ -79,6 +87,9 @@ pub(crate) async fn run(mut source: ConfigSource, args: &BenchArgs) -> anyhow::R
     }
     if let Some(g) = args.gpu_layers {
         overrides.insert("gpu_layers".into(), json!(g));
+    }
+    if let Some(most) = args.concurrency.iter().max() {
+        overrides.insert("max_parallel".into(), json!(most));
     }
     source.overrides.extend(overrides);
     source.path = dir.path().join("config.toml");
@@ -119,6 +130,11 @@ pub(crate) async fn run(mut source: ConfigSource, args: &BenchArgs) -> anyhow::R
         args.runs
     );
     let bare = std::sync::Arc::new(bare);
+    if !args.concurrency.is_empty() {
+        let stats = concurrent(&bare, &http, &url, &api_key, &prompt, args).await;
+        node.request_shutdown();
+        return stats;
+    }
     let mut bare_samples = Vec::new();
     let mut api_samples = Vec::new();
     for i in 0..=args.runs {
@@ -172,6 +188,99 @@ pub(crate) async fn run(mut source: ConfigSource, args: &BenchArgs) -> anyhow::R
         ad / bd
     );
     node.request_shutdown();
+    Ok(())
+}
+
+/// Aggregate throughput at each `--concurrency`: the node's API serving that
+/// many simultaneous streams against the bare loop decoding as many sequences
+/// in one batch. Each counts every generated token over the whole run (prompt
+/// included) and the mean time to first token.
+async fn concurrent(
+    bare: &std::sync::Arc<BareBench>,
+    http: &reqwest::Client,
+    url: &str,
+    api_key: &str,
+    prompt: &str,
+    args: &BenchArgs,
+) -> anyhow::Result<()> {
+    let med = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!(
+        "{:>7} {:>16} {:>12} {:>16} {:>12} {:>10} {:>12}",
+        "streams",
+        "api tok/s (all)",
+        "api ttft ms",
+        "bare tok/s (all)",
+        "bare ttft ms",
+        "api/bare",
+        "vs 1 stream"
+    );
+    let mut single = None;
+    for &c in &args.concurrency {
+        let (mut api_tps, mut api_ttft, mut bare_tps, mut bare_ttft) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for i in 0..=args.runs {
+            let b = {
+                let (bare, prompt, n) = (bare.clone(), prompt.to_string(), args.tokens);
+                tokio::task::spawn_blocking(move || bare.run_batched(&prompt, n, c)).await??
+            };
+            let body = json!({
+                "prompt": prompt,
+                "max_tokens": args.tokens,
+                "temperature": 0,
+                "ignore_eos": true,
+                "stream": true,
+                "stream_options": { "include_usage": true },
+            });
+            let start = Instant::now();
+            let runs =
+                futures::future::join_all((0..c).map(|_| timed_stream(http, url, api_key, &body)))
+                    .await
+                    .into_iter()
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+            let end = runs
+                .iter()
+                .filter_map(|r| r.arrivals.last().copied())
+                .max()
+                .unwrap_or(start);
+            let tokens: u64 = runs
+                .iter()
+                .map(|r| r.usage["completion_tokens"].as_u64().unwrap_or(0))
+                .sum();
+            if tokens != u64::from(args.tokens) * c as u64 {
+                return Err(anyhow!(
+                    "the API generated {tokens} tokens, expected {}",
+                    u64::from(args.tokens) * c as u64
+                ));
+            }
+            let ttft: f64 = runs
+                .iter()
+                .filter_map(|r| {
+                    r.arrivals
+                        .first()
+                        .map(|f| f.duration_since(r.sent).as_secs_f64())
+                })
+                .sum::<f64>()
+                / c as f64;
+            if i == 0 {
+                continue; // warm-up
+            }
+            api_tps.push(tokens as f64 / end.duration_since(start).as_secs_f64());
+            api_ttft.push(ttft * 1000.0);
+            let bare_all = b.decode_tokens + c as u64;
+            bare_tps.push(bare_all as f64 / (b.first_token_secs + b.decode_secs));
+            bare_ttft.push(b.first_token_secs * 1000.0);
+        }
+        let (a, at, b, bt) = (med(api_tps), med(api_ttft), med(bare_tps), med(bare_ttft));
+        let base = *single.get_or_insert(a);
+        println!(
+            "{c:>7} {a:>16.1} {at:>12.0} {b:>16.1} {bt:>12.0} {:>10.3} {:>12.2}",
+            a / b,
+            a / base
+        );
+    }
     Ok(())
 }
 

@@ -54,6 +54,10 @@ pub struct Config {
     pub batch_size: u32,
     /// Requests that may wait for the engine before new ones get 503. Default 64.
     pub max_queue: u32,
+    /// Requests the local engine decodes together (continuous batching), each
+    /// with its own `context_size` of KV cache; 0 picks 16,384 ÷ `context_size`
+    /// (1–4; 4 at the default context). At most 64. Default 0.
+    pub max_parallel: u32,
     /// `max_tokens` when a request names none. Default 256.
     pub default_max_tokens: u32,
     /// Largest request body in bytes; larger ones get 413. Default 1 MiB.
@@ -158,6 +162,7 @@ impl Default for Config {
             context_size: 4096,
             batch_size: 512,
             max_queue: 64,
+            max_parallel: 0,
             default_max_tokens: 256,
             max_body_bytes: 1024 * 1024,
             rate_limit_per_minute: 600,
@@ -212,6 +217,7 @@ const RESTART_FIELDS: &[&str] = &[
     "context_size",
     "batch_size",
     "max_queue",
+    "max_parallel",
     "log_format",
     "log_level",
     "secret_store",
@@ -293,6 +299,12 @@ impl Config {
         }
         if self.max_queue == 0 {
             return Err(ConfigError::new("max_queue", "must be at least 1"));
+        }
+        if self.max_parallel as usize > crate::infer::MAX_PARALLEL {
+            return Err(ConfigError::new(
+                "max_parallel",
+                format!("must be at most {}", crate::infer::MAX_PARALLEL),
+            ));
         }
         if self.default_max_tokens == 0 {
             return Err(ConfigError::new("default_max_tokens", "must be at least 1"));

@@ -950,6 +950,7 @@ pub fn engine_config(config: &Config) -> EngineConfig {
         context_size: config.context_size,
         batch_size: config.batch_size,
         max_queue: config.max_queue as usize,
+        max_parallel: config.max_parallel as usize,
         backends_dir: (!config.backends_dir.is_empty())
             .then(|| PathBuf::from(&config.backends_dir)),
     }

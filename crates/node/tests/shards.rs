@@ -20,6 +20,7 @@ fn greedy(path: &Path, prompt: &str) -> String {
             context_size: 512,
             batch_size: 128,
             max_queue: 4,
+            max_parallel: 1,
             backends_dir: None,
         },
         |_| {},

@@ -45,6 +45,8 @@ pub(crate) async fn stats(State(state): State<AppState>) -> Result<Json<Value>, 
         "process": { "cpu_percent": cpu_percent, "ram_used": ram_used },
         "model": node.engine().map(|e| e.info().clone()),
         "queue_depth": node.engine().map(|e| e.queue_depth()).unwrap_or(0),
+        // Continuous batching: sequences running, batches and their sizes.
+        "engine": node.engine().map(|e| e.stats()),
         "inference": node.metrics().summary(),
         "secret_store": node.secret_backend(),
         "peer_count": node.network().map(|n| n.connected().len()).unwrap_or(0),

@@ -1,10 +1,9 @@
-//! The engine thread: owns the llama.cpp context and runs jobs one after another.
+//! The engine thread: owns the llama.cpp context and serves jobs in batches
+//! (see `slots`).
 
 use std::num::NonZeroU32;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
 
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::context::params::LlamaContextParams;
@@ -16,11 +15,8 @@ use llama_cpp_2::sampling::LlamaSampler;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use super::stop::{Pushed, TextOut, prompt_tokens};
-use super::{
-    Engine, EngineConfig, Event, FinishReason, GenerateError, Job, LoadModelError, ModelInfo,
-    SamplingParams, Timing, Usage,
-};
+use super::slots::{self, EngineLoad};
+use super::{Engine, EngineConfig, GenerateError, Job, LoadModelError, ModelInfo, SamplingParams};
 
 /// llama.cpp's global backend: initialised once per process.
 static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
@@ -146,22 +142,14 @@ pub(super) fn start(
     });
 
     let (jobs_tx, jobs_rx) = mpsc::channel(config.max_queue.max(1));
-    let waiting = Arc::new(AtomicUsize::new(0));
+    let load = Arc::new(EngineLoad::default());
     let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
     let thread_model = Arc::clone(&model);
-    let thread_waiting = Arc::clone(&waiting);
+    let thread_load = Arc::clone(&load);
     let thread_config = config.clone();
     std::thread::Builder::new()
         .name("swarmllm-engine".into())
-        .spawn(move || {
-            run(
-                thread_model,
-                thread_config,
-                jobs_rx,
-                thread_waiting,
-                ready_tx,
-            )
-        })
+        .spawn(move || run(thread_model, thread_config, jobs_rx, thread_load, ready_tx))
         .map_err(|e| LoadModelError::Thread(e.to_string()))?;
     ready_rx
         .recv()
@@ -174,14 +162,16 @@ pub(super) fn start(
         params = info.n_params,
         threads = config.threads,
         gpu_layers = config.gpu_layers,
+        parallel = config.parallel(),
         "model loaded"
     );
     Ok(Engine {
         jobs: jobs_tx,
         model,
         info,
-        waiting,
+        load,
         max_queue: config.max_queue.max(1),
+        context_size: config.context_size,
     })
 }
 
@@ -199,7 +189,7 @@ fn run(
     model: Arc<LlamaModel>,
     config: EngineConfig,
     mut jobs: mpsc::Receiver<Job>,
-    waiting: Arc<AtomicUsize>,
+    load: Arc<EngineLoad>,
     ready: std::sync::mpsc::SyncSender<Result<(), LoadModelError>>,
 ) {
     let backend = match backend(None) {
@@ -209,7 +199,14 @@ fn run(
             return;
         }
     };
-    let mut ctx = match model.new_context(backend, context_params(&config)) {
+    let parallel = config.parallel();
+    let params = context_params(&config)
+        .with_n_ctx(NonZeroU32::new(
+            config.context_size.saturating_mul(parallel as u32),
+        ))
+        .with_n_seq_max(parallel as u32)
+        .with_kv_unified(false);
+    let mut ctx = match model.new_context(backend, params) {
         Ok(ctx) => ctx,
         Err(e) => {
             let _ = ready.send(Err(LoadModelError::Context(e.to_string())));
@@ -217,132 +214,15 @@ fn run(
         }
     };
     let _ = ready.send(Ok(()));
-    let mut batch = LlamaBatch::new(config.batch_size as usize, 1);
-
-    // The loop ends when every Engine handle (and so every sender) is dropped.
-    while let Some(job) = jobs.blocking_recv() {
-        waiting.fetch_sub(1, Ordering::AcqRel);
-        if job.events.is_closed() {
-            continue; // the client left while the job was queued
-        }
-        let events = job.events.clone();
-        // llama-cpp-2 panics on a few "impossible" FFI results; one bad request must
-        // not take the engine (and every later request) down with it.
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            run_job(&model, &mut ctx, &mut batch, job)
-        }));
-        if outcome.is_err() {
-            tracing::error!("inference job panicked; the engine continues");
-            ctx.clear_kv_cache();
-            let _ = events.blocking_send(Event::Failed(GenerateError::Decode(
-                "internal error in the inference engine".into(),
-            )));
-        }
-    }
+    slots::run(
+        &model,
+        &mut ctx,
+        config.context_size,
+        parallel,
+        &mut jobs,
+        &load,
+    );
     tracing::debug!("engine thread stopped");
-}
-
-/// Runs one job to completion, cancellation or failure.
-fn run_job(model: &LlamaModel, ctx: &mut LlamaContext<'_>, batch: &mut LlamaBatch<'_>, job: Job) {
-    let Job {
-        request,
-        events,
-        enqueued,
-    } = job;
-    let started = Instant::now();
-    let queue_ms = started.duration_since(enqueued).as_millis() as u64;
-    let fail = |e: GenerateError| {
-        let _ = events.blocking_send(Event::Failed(e));
-    };
-
-    let n_ctx = ctx.n_ctx();
-    let tokens = match prompt_tokens(model, &request.prompt, n_ctx) {
-        Ok(t) => t,
-        Err(e) => return fail(e),
-    };
-    let prompt_tokens = tokens.len() as u32;
-    if events
-        .blocking_send(Event::Started {
-            prompt_tokens,
-            queue_ms,
-        })
-        .is_err()
-    {
-        return;
-    }
-
-    ctx.clear_kv_cache();
-    if let Err(e) = decode_prompt(ctx, batch, &tokens) {
-        ctx.clear_kv_cache();
-        return fail(e);
-    }
-    let prompt_ms = started.elapsed().as_millis() as u64;
-
-    let params = &request.params;
-    let mut sampler = build_sampler(model.n_vocab(), params);
-    let mut out = TextOut::new(params.stop.clone());
-    let mut n_cur = tokens.len() as i32;
-    let mut generated: u32 = 0;
-    let mut logits_index = batch.n_tokens() - 1;
-
-    let finish_reason = loop {
-        if generated >= params.max_tokens {
-            break FinishReason::Length;
-        }
-        if events.is_closed() {
-            return; // client disconnected: cancel
-        }
-        let token = sampler.sample(ctx, logits_index);
-        if !params.ignore_eos && model.vocab().is_eog(token) {
-            break FinishReason::Stop;
-        }
-        generated += 1;
-
-        match out.push(model, token) {
-            Pushed::Emit(text) => {
-                if !text.is_empty() && events.blocking_send(Event::Token(text)).is_err() {
-                    return;
-                }
-            }
-            Pushed::Stop(text) => {
-                if !text.is_empty() && events.blocking_send(Event::Token(text)).is_err() {
-                    return;
-                }
-                break FinishReason::Stop;
-            }
-        }
-
-        if n_cur as u32 >= n_ctx {
-            break FinishReason::Length;
-        }
-        batch.clear();
-        if let Err(e) = batch.add(token, n_cur, &[0], true) {
-            return fail(GenerateError::Decode(e.to_string()));
-        }
-        if let Err(e) = ctx.decode(batch) {
-            return fail(GenerateError::Decode(e.to_string()));
-        }
-        n_cur += 1;
-        logits_index = 0;
-    };
-
-    let rest = out.finish();
-    if !rest.is_empty() && events.blocking_send(Event::Token(rest)).is_err() {
-        return;
-    }
-    let _ = events.blocking_send(Event::Done {
-        finish_reason,
-        usage: Usage {
-            prompt_tokens,
-            completion_tokens: generated,
-            total_tokens: prompt_tokens + generated,
-        },
-        timing: Timing {
-            queue_ms,
-            inference_ms: started.elapsed().as_millis() as u64,
-            prompt_ms,
-        },
-    });
 }
 
 /// Feeds the prompt through the model in `batch`-sized chunks; only the last

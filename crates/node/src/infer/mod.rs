@@ -6,13 +6,16 @@
 //!        └──────────── Event stream (bounded mpsc per request) ◀─────┘  llama context)
 //! ```
 //!
-//! A llama.cpp context is not `Send`, so one OS thread owns it and serves jobs in
-//! arrival order (FIFO: fair, and a burst of requests can never crash the node; past
+//! A llama.cpp context is not `Send`, so one OS thread owns it. It serves up to
+//! `max_parallel` jobs at once, each in its own sequence, decoded together in one
+//! batch per step (continuous batching, see `slots`); more wait in arrival order
+//! (FIFO: fair, and a burst of requests can never crash the node; past
 //! `max_queue` waiting jobs new ones are refused). Each job streams [`Event`]s back
-//! over its own bounded channel; when the receiver is dropped (the client went away)
-//! the engine notices at the next token and stops that generation.
+//! over its own channel; when the receiver is dropped (the client went away) the
+//! engine notices at the next step and frees that sequence.
 
 mod engine;
+mod slots;
 mod stop;
 
 pub mod layers;
@@ -21,7 +24,7 @@ pub mod bench;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use llama_cpp_2::model::{LlamaChatMessage, LlamaModel};
@@ -49,9 +52,29 @@ pub struct EngineConfig {
     pub batch_size: u32,
     /// Jobs allowed to wait; more are refused.
     pub max_queue: usize,
+    /// Requests decoded together (each with its own `context_size` of KV
+    /// cache); 0 picks one from the context size (see [`EngineConfig::parallel`]).
+    pub max_parallel: usize,
     /// Folder of ggml backend modules (`gpu` feature), if any.
     pub backends_dir: Option<PathBuf>,
 }
+
+impl EngineConfig {
+    /// Sequences decoded together: `max_parallel`, or when 0, as many as fit
+    /// 16,384 tokens of KV cache in all (4 at the default 4,096-token context),
+    /// between 1 and 4; never more than the batch holds.
+    pub fn parallel(&self) -> usize {
+        let n = if self.max_parallel > 0 {
+            self.max_parallel
+        } else {
+            (16_384 / self.context_size.max(1) as usize).clamp(1, 4)
+        };
+        n.clamp(1, (self.batch_size.max(1) as usize).min(MAX_PARALLEL))
+    }
+}
+
+/// The most sequences one engine decodes together.
+pub const MAX_PARALLEL: usize = 64;
 
 /// Loading a model failed.
 #[derive(Debug, thiserror::Error)]
@@ -389,8 +412,24 @@ pub struct Engine {
     jobs: mpsc::Sender<Job>,
     model: Arc<LlamaModel>,
     info: Arc<ModelInfo>,
-    waiting: Arc<AtomicUsize>,
+    load: Arc<slots::EngineLoad>,
     max_queue: usize,
+    context_size: u32,
+}
+
+/// What the engine is doing, for metrics.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct EngineStats {
+    /// Requests waiting for a sequence.
+    pub queue_depth: usize,
+    /// Sequences generating now.
+    pub active_sequences: usize,
+    /// Batches decoded since start.
+    pub batches: usize,
+    /// Mean tokens per batch.
+    pub mean_batch_tokens: f64,
+    /// Most sequences in one batch since start.
+    pub peak_batch_sequences: usize,
 }
 
 impl std::fmt::Debug for Engine {
@@ -416,9 +455,26 @@ impl Engine {
         &self.info
     }
 
-    /// Jobs waiting for the engine (not counting the one running).
+    /// Jobs waiting for the engine (not counting the running ones).
     pub fn queue_depth(&self) -> usize {
-        self.waiting.load(Ordering::Relaxed)
+        self.load.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Batching counters.
+    pub fn stats(&self) -> EngineStats {
+        let batches = self.load.batches.load(Ordering::Relaxed);
+        let tokens = self.load.batched_tokens.load(Ordering::Relaxed);
+        EngineStats {
+            queue_depth: self.queue_depth(),
+            active_sequences: self.load.active.load(Ordering::Relaxed),
+            batches,
+            mean_batch_tokens: if batches == 0 {
+                0.0
+            } else {
+                (tokens as f64 / batches as f64 * 100.0).round() / 100.0
+            },
+            peak_batch_sequences: self.load.peak_sequences.load(Ordering::Relaxed),
+        }
     }
 
     /// Renders chat turns into a prompt with the model's own chat template
@@ -431,13 +487,17 @@ impl Engine {
     /// cancels the generation.
     pub fn submit(&self, request: GenerateRequest) -> Result<mpsc::Receiver<Event>, SubmitError> {
         // Reserve a queue slot first so the limit holds under concurrent submits.
-        let before = self.waiting.fetch_add(1, Ordering::AcqRel);
+        let waiting = &self.load.waiting;
+        let before = waiting.fetch_add(1, Ordering::AcqRel);
         if before >= self.max_queue {
-            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            waiting.fetch_sub(1, Ordering::AcqRel);
             return Err(SubmitError::QueueFull(before));
         }
-        // Room for a burst of tokens so the engine rarely waits on a slow client.
-        let (events, rx) = mpsc::channel(256);
+        // Room for every event a generation can send (one token per context
+        // position, plus start and end): the engine thread, serving many
+        // requests, never waits on one slow client. tokio allocates the
+        // channel's blocks as they fill, so the bound costs nothing up front.
+        let (events, rx) = mpsc::channel(self.context_size as usize + 8);
         let job = Job {
             request,
             events,
@@ -446,11 +506,11 @@ impl Engine {
         match self.jobs.try_send(job) {
             Ok(()) => Ok(rx),
             Err(mpsc::error::TrySendError::Full(_)) => {
-                self.waiting.fetch_sub(1, Ordering::AcqRel);
+                waiting.fetch_sub(1, Ordering::AcqRel);
                 Err(SubmitError::QueueFull(before))
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.waiting.fetch_sub(1, Ordering::AcqRel);
+                waiting.fetch_sub(1, Ordering::AcqRel);
                 Err(SubmitError::Stopped)
             }
         }

@@ -1,0 +1,126 @@
+//! Continuous batching in the local engine, through the HTTP API of a real node:
+//! requests decoded together answer exactly as each does alone, a long prompt
+//! chunked over several steps among short ones included, and a client that
+//! leaves frees its sequence at once.
+
+mod common;
+
+use std::io::Read;
+use std::time::Duration;
+
+use common::{TestNode, wait_for};
+use serde_json::{Value, json};
+
+fn node(max_parallel: &str, batch_size: &str) -> TestNode {
+    TestNode::start_custom(
+        true,
+        &[],
+        &[
+            ("SWARMLLM_MAX_PARALLEL", max_parallel),
+            ("SWARMLLM_BATCH_SIZE", batch_size),
+            ("SWARMLLM_RATE_LIMIT_PER_MINUTE", "0"),
+        ],
+        |_| {},
+    )
+}
+
+fn ask(node: &TestNode, prompt: &str) -> String {
+    let (s, v) = node.post(
+        "/v1/chat/completions",
+        &json!({
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": 24, "temperature": 0,
+        }),
+    );
+    assert_eq!(s, 200, "{v}");
+    v["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content")
+        .to_string()
+}
+
+fn engine_stats(node: &TestNode) -> Value {
+    node.get_auth("/api/admin/stats").1["engine"].clone()
+}
+
+#[test]
+fn requests_decoded_together_answer_as_each_alone() {
+    // Four sequences at once, and a batch of 32 tokens: the long prompt takes
+    // several steps, sharing them with the others' tokens.
+    let node = node("4", "32");
+    let long = format!(
+        "Read this list and tell me which animal comes third: {}",
+        (0..40)
+            .map(|i| ["cat", "dog", "owl", "fox", "eel"][i % 5])
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let prompts = [
+        "What is the capital of France?",
+        "Write a haiku about rivers.",
+        long.as_str(),
+        "List three prime numbers.",
+        "Why is the sky blue?",
+        "Name a color.",
+    ];
+    let alone: Vec<String> = prompts.iter().map(|p| ask(&node, p)).collect();
+    let together: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = prompts.iter().map(|p| s.spawn(|| ask(&node, p))).collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect()
+    });
+    for ((p, a), t) in prompts.iter().zip(&alone).zip(&together) {
+        assert_eq!(a, t, "prompt {p:?}: alone vs decoded with others");
+    }
+    let stats = engine_stats(&node);
+    assert!(
+        stats["peak_batch_sequences"].as_u64().unwrap_or(0) >= 2,
+        "the requests were never decoded together: {stats}"
+    );
+    assert_eq!(stats["queue_depth"], 0, "{stats}");
+}
+
+#[test]
+fn a_client_that_leaves_frees_its_sequence_at_once() {
+    let node = node("2", "512");
+    let long = json!({
+        "prompt": "Count forever:", "max_tokens": 3000, "temperature": 0,
+        "ignore_eos": true, "stream": true,
+    });
+    let open = |body: &Value| {
+        let mut resp = node
+            .http()
+            .post(node.url("/v1/completions"))
+            .bearer_auth(&node.key)
+            .json(body)
+            .send()
+            .expect("send");
+        let mut buf = [0u8; 64];
+        assert!(resp.read(&mut buf).expect("first bytes") > 0);
+        resp
+    };
+    let staying = open(&long);
+    let leaving = open(&long);
+    wait_for("two sequences running", Duration::from_secs(30), || {
+        (engine_stats(&node)["active_sequences"] == 2).then_some(())
+    });
+    drop(leaving);
+    // Its sequence is freed at the next step, while the other keeps going.
+    wait_for("one sequence running", Duration::from_secs(30), || {
+        (engine_stats(&node)["active_sequences"] == 1).then_some(())
+    });
+    // A new request gets the freed sequence and is answered while the first
+    // long one still runs (it has thousands of tokens to go).
+    let (s, v) = node.post(
+        "/v1/completions",
+        &json!({ "prompt": "Hi", "max_tokens": 4, "temperature": 0 }),
+    );
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(engine_stats(&node)["active_sequences"], 1);
+    drop(staying);
+    wait_for("no sequence running", Duration::from_secs(30), || {
+        (engine_stats(&node)["active_sequences"] == 0).then_some(())
+    });
+}

@@ -1,0 +1,348 @@
+//! Continuous batching: the engine thread serves up to `max_parallel` requests
+//! at once, each in its own sequence of one llama.cpp context.
+//!
+//! Every step builds one batch: the last sampled token of each generating
+//! sequence (so a running stream gets a token every step), then as much of the
+//! waiting prompts as fits in `batch_size`, and decodes it once. A new request
+//! joins at the next step instead of waiting for the running ones to finish.
+//! Each sequence keeps its own sampler, stop sequences, cancellation and usage.
+//!
+//! The context has one KV stream per sequence (`kv_unified` off) of
+//! `context_size` cells each, so a sequence attends only to its own cache — the
+//! same cells, in the same order, as when it runs alone — and every request
+//! keeps the whole context window (memory grows with `max_parallel`, as with
+//! Ollama's `OLLAMA_NUM_PARALLEL`).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
+use tokio::sync::mpsc;
+
+use super::engine::build_sampler;
+use super::stop::{Pushed, TextOut, prompt_tokens};
+use super::{Event, FinishReason, GenerateError, Job, SamplingParams, Timing, Usage};
+
+/// Counters the engine shares with its handle (for metrics and the API).
+#[derive(Debug, Default)]
+pub(crate) struct EngineLoad {
+    /// Jobs waiting for a sequence.
+    pub waiting: AtomicUsize,
+    /// Sequences generating now.
+    pub active: AtomicUsize,
+    /// Batches decoded since start.
+    pub batches: AtomicUsize,
+    /// Tokens decoded in those batches (prompt and generated).
+    pub batched_tokens: AtomicUsize,
+    /// Most sequences seen in one batch.
+    pub peak_sequences: AtomicUsize,
+}
+
+/// One request in flight.
+struct Slot {
+    seq: i32,
+    events: mpsc::Sender<Event>,
+    params: SamplingParams,
+    sampler: LlamaSampler,
+    out: TextOut,
+    /// The prompt, and how much of it is in the KV cache.
+    prompt: Vec<LlamaToken>,
+    fed: usize,
+    /// The token to feed next once the prompt is in (the last one sampled).
+    next: Option<LlamaToken>,
+    /// Position of the next token fed.
+    pos: i32,
+    generated: u32,
+    /// Index of this sequence's logits in the batch just decoded.
+    logits_at: Option<i32>,
+    started: Instant,
+    queue_ms: u64,
+    prompt_ms: u64,
+}
+
+impl Slot {
+    fn send(&self, event: Event) -> bool {
+        // The channel holds a whole context's worth of tokens (see
+        // `Engine::submit`), so it is never full while the client is there:
+        // the engine never blocks on one slow client.
+        self.events.try_send(event).is_ok()
+    }
+
+    fn fail(&self, e: GenerateError) {
+        let _ = self.send(Event::Failed(e));
+    }
+}
+
+/// The engine loop: ends when every `Engine` handle is dropped.
+pub(super) fn run(
+    model: &LlamaModel,
+    ctx: &mut LlamaContext<'_>,
+    context_size: u32,
+    max_parallel: usize,
+    jobs: &mut mpsc::Receiver<Job>,
+    load: &Arc<EngineLoad>,
+) {
+    let n_batch = (ctx.n_batch() as usize).max(1);
+    let mut batch = LlamaBatch::new(n_batch.max(max_parallel), 1);
+    let mut slots: Vec<Slot> = Vec::with_capacity(max_parallel);
+    loop {
+        // Admit new requests while sequences are free: wait for one only when
+        // nothing is running.
+        while slots.len() < max_parallel {
+            let job = if slots.is_empty() {
+                match jobs.blocking_recv() {
+                    Some(job) => job,
+                    None => return,
+                }
+            } else {
+                match jobs.try_recv() {
+                    Ok(job) => job,
+                    Err(_) => break,
+                }
+            };
+            load.waiting.fetch_sub(1, Ordering::AcqRel);
+            if let Some(slot) = admit(model, ctx, context_size, &slots, max_parallel, job) {
+                slots.push(slot);
+            }
+        }
+        load.active.store(slots.len(), Ordering::Relaxed);
+        if slots.is_empty() {
+            continue;
+        }
+        // llama-cpp-2 panics on a few "impossible" FFI results; one bad step must
+        // not take the engine (and every later request) down with it.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            step(model, ctx, &mut batch, &mut slots, context_size, load)
+        }));
+        if outcome.is_err() {
+            tracing::error!("inference step panicked; the engine continues");
+            for slot in slots.drain(..) {
+                slot.fail(GenerateError::Decode(
+                    "internal error in the inference engine".into(),
+                ));
+            }
+            ctx.clear_kv_cache();
+        }
+        load.active.store(slots.len(), Ordering::Relaxed);
+    }
+}
+
+/// Tokenizes a job's prompt and gives it a free sequence (`None` when the
+/// client left or the prompt is refused: it has been told).
+fn admit(
+    model: &LlamaModel,
+    ctx: &mut LlamaContext<'_>,
+    context_size: u32,
+    slots: &[Slot],
+    max_parallel: usize,
+    job: Job,
+) -> Option<Slot> {
+    let Job {
+        request,
+        events,
+        enqueued,
+    } = job;
+    if events.is_closed() {
+        return None; // the client left while the job was queued
+    }
+    let started = Instant::now();
+    let queue_ms = started.duration_since(enqueued).as_millis() as u64;
+    let prompt = match prompt_tokens(model, &request.prompt, context_size) {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = events.try_send(Event::Failed(e));
+            return None;
+        }
+    };
+    let seq = (0..max_parallel as i32).find(|s| slots.iter().all(|slot| slot.seq != *s))?;
+    // A sequence starts empty (a cancelled or failed one may have left cells).
+    let _ = ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
+    let slot = Slot {
+        seq,
+        sampler: build_sampler(model.n_vocab(), &request.params),
+        out: TextOut::new(request.params.stop.clone()),
+        params: request.params,
+        events,
+        prompt,
+        fed: 0,
+        next: None,
+        pos: 0,
+        generated: 0,
+        logits_at: None,
+        started,
+        queue_ms,
+        prompt_ms: 0,
+    };
+    slot.send(Event::Started {
+        prompt_tokens: slot.prompt.len() as u32,
+        queue_ms,
+    })
+    .then_some(slot)
+}
+
+/// One decode over every slot, then sampling for those whose logits came out.
+fn step(
+    model: &LlamaModel,
+    ctx: &mut LlamaContext<'_>,
+    batch: &mut LlamaBatch<'_>,
+    slots: &mut Vec<Slot>,
+    context_size: u32,
+    load: &EngineLoad,
+) {
+    // Clients gone: free their sequences now.
+    slots.retain(|s| {
+        let gone = s.events.is_closed();
+        if gone {
+            let _ = ctx.clear_kv_cache_seq(Some(s.seq as u32), None, None);
+        }
+        !gone
+    });
+    if slots.is_empty() {
+        return;
+    }
+    let n_batch = ctx.n_batch() as usize;
+    batch.clear();
+    let mut sequences = 0;
+    let mut failed: Vec<(i32, GenerateError)> = Vec::new();
+    // Generating sequences first: each adds its one token.
+    for slot in slots.iter_mut() {
+        slot.logits_at = None;
+        if let Some(token) = slot.next.take() {
+            match batch.add(token, slot.pos, &[slot.seq], true) {
+                Ok(()) => {
+                    slot.pos += 1;
+                    slot.logits_at = Some(batch.n_tokens() - 1);
+                    sequences += 1;
+                }
+                Err(e) => failed.push((slot.seq, GenerateError::Decode(e.to_string()))),
+            }
+        }
+    }
+    // Then prompts, in arrival order, as far as the batch has room.
+    for slot in slots.iter_mut() {
+        let room = n_batch.saturating_sub(batch.n_tokens() as usize);
+        if slot.fed >= slot.prompt.len() || room == 0 {
+            continue;
+        }
+        let end = (slot.fed + room).min(slot.prompt.len());
+        let last = slot.prompt.len() - 1;
+        for i in slot.fed..end {
+            if let Err(e) = batch.add(slot.prompt[i], i as i32, &[slot.seq], i == last) {
+                failed.push((slot.seq, GenerateError::Decode(e.to_string())));
+                break;
+            }
+        }
+        slot.fed = end;
+        slot.pos = end as i32;
+        if end == slot.prompt.len() {
+            slot.logits_at = Some(batch.n_tokens() - 1);
+        }
+        sequences += 1;
+    }
+    if batch.n_tokens() > 0 {
+        load.batches.fetch_add(1, Ordering::Relaxed);
+        load.batched_tokens
+            .fetch_add(batch.n_tokens() as usize, Ordering::Relaxed);
+        load.peak_sequences.fetch_max(sequences, Ordering::Relaxed);
+        if let Err(e) = ctx.decode(batch) {
+            // Nothing of this step can be trusted: every sequence in it fails.
+            let message = e.to_string();
+            for slot in slots.drain(..) {
+                let _ = ctx.clear_kv_cache_seq(Some(slot.seq as u32), None, None);
+                slot.fail(GenerateError::Decode(message.clone()));
+            }
+            return;
+        }
+    }
+    for (seq, e) in failed {
+        if let Some(i) = slots.iter().position(|s| s.seq == seq) {
+            let slot = slots.swap_remove(i);
+            let _ = ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
+            slot.fail(e);
+        }
+    }
+    // Sample where logits came out; finished sequences leave.
+    let mut i = 0;
+    while i < slots.len() {
+        let done = match slots[i].logits_at {
+            Some(at) => sample(model, ctx, &mut slots[i], at, context_size),
+            None => false,
+        };
+        if done {
+            let slot = slots.swap_remove(i);
+            let _ = ctx.clear_kv_cache_seq(Some(slot.seq as u32), None, None);
+        } else {
+            i += 1;
+        }
+    }
+}
+
+/// Samples one token for `slot` from the logits at batch index `at` and emits
+/// its text. Returns whether the sequence is finished (done, stopped, failed or
+/// its client gone).
+fn sample(
+    model: &LlamaModel,
+    ctx: &LlamaContext<'_>,
+    slot: &mut Slot,
+    at: i32,
+    context_size: u32,
+) -> bool {
+    if slot.generated == 0 && slot.prompt_ms == 0 {
+        slot.prompt_ms = slot.started.elapsed().as_millis() as u64;
+    }
+    let finish = 'finish: {
+        if slot.generated >= slot.params.max_tokens {
+            break 'finish FinishReason::Length;
+        }
+        let token = slot.sampler.sample(ctx, at);
+        if !slot.params.ignore_eos && model.vocab().is_eog(token) {
+            break 'finish FinishReason::Stop;
+        }
+        slot.generated += 1;
+        match slot.out.push(model, token) {
+            Pushed::Emit(text) => {
+                if !text.is_empty() && !slot.send(Event::Token(text)) {
+                    return true;
+                }
+            }
+            Pushed::Stop(text) => {
+                if !text.is_empty() && !slot.send(Event::Token(text)) {
+                    return true;
+                }
+                break 'finish FinishReason::Stop;
+            }
+        }
+        if slot.pos as u32 >= context_size {
+            break 'finish FinishReason::Length;
+        }
+        if slot.generated >= slot.params.max_tokens {
+            break 'finish FinishReason::Length;
+        }
+        slot.next = Some(token);
+        return false;
+    };
+    let rest = slot.out.finish();
+    if !rest.is_empty() && !slot.send(Event::Token(rest)) {
+        return true;
+    }
+    let prompt_tokens = slot.prompt.len() as u32;
+    let _ = slot.send(Event::Done {
+        finish_reason: finish,
+        usage: Usage {
+            prompt_tokens,
+            completion_tokens: slot.generated,
+            total_tokens: prompt_tokens + slot.generated,
+        },
+        timing: Timing {
+            queue_ms: slot.queue_ms,
+            inference_ms: slot.started.elapsed().as_millis() as u64,
+            prompt_ms: slot.prompt_ms,
+        },
+    });
+    true
+}
