@@ -124,3 +124,69 @@ fn a_client_that_leaves_frees_its_sequence_at_once() {
         (engine_stats(&node)["active_sequences"] == 0).then_some(())
     });
 }
+
+fn chat(node: &TestNode, messages: &Value) -> (String, u64, u64) {
+    let (s, v) = node.post(
+        "/v1/chat/completions",
+        &json!({ "messages": messages, "max_tokens": 24, "temperature": 0 }),
+    );
+    assert_eq!(s, 200, "{v}");
+    let text = v["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content")
+        .to_string();
+    let usage = &v["usage"];
+    (
+        text,
+        usage["prompt_tokens"].as_u64().expect("prompt_tokens"),
+        usage["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .expect("cached_tokens"),
+    )
+}
+
+#[test]
+fn a_chats_next_turn_reuses_its_history_and_answers_as_a_cold_prompt() {
+    // One sequence: every request takes over the same stream.
+    let node = node("1", "512");
+    let facts: String = (0..40)
+        .map(|i| {
+            format!(
+                "Fact {i}: {i} is {}. ",
+                if i % 2 == 0 { "even" } else { "odd" }
+            )
+        })
+        .collect();
+    let system = json!({"role": "system", "content": format!("You know these facts. {facts}")});
+    let (first, first_prompt, first_cached) = chat(
+        &node,
+        &json!([system, {"role": "user", "content": "Is 7 odd?"}]),
+    );
+    assert_eq!(first_cached, 0, "a fresh node has nothing cached");
+    let turn2 = json!([
+        system,
+        {"role": "user", "content": "Is 7 odd?"},
+        {"role": "assistant", "content": first},
+        {"role": "user", "content": "And is 10 even?"},
+    ]);
+    // The next turn computes only what is new: the history (the first prompt
+    // and most of its answer) comes from the cache.
+    let (warm, prompt, cached) = chat(&node, &turn2);
+    assert!(
+        cached >= first_prompt && cached < prompt,
+        "cached {cached} of {prompt} (the first prompt had {first_prompt})"
+    );
+    // Another conversation takes the stream over...
+    let (_, _, _) = chat(
+        &node,
+        &json!([{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name a fish."}]),
+    );
+    // ...so the same turn now runs (almost) cold, and says the same.
+    let (cold, cold_prompt, cold_cached) = chat(&node, &turn2);
+    assert_eq!(cold_prompt, prompt);
+    assert!(cold_cached < 16, "cold run reused {cold_cached} tokens");
+    assert_eq!(
+        warm, cold,
+        "a cached prefix must give the cold prompt's text"
+    );
+}

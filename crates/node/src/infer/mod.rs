@@ -285,6 +285,16 @@ pub struct Usage {
     pub completion_tokens: u32,
     /// Sum of both.
     pub total_tokens: u32,
+    /// Of the prompt tokens, those reused from the KV cache (OpenAI's shape).
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+/// Where the prompt tokens came from.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens found in a sequence's KV cache (a conversation's earlier
+    /// turns, a shared system prompt) and not computed again.
+    pub cached_tokens: u32,
 }
 
 /// Where the time went.

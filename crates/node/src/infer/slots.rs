@@ -12,6 +12,12 @@
 //! same cells, in the same order, as when it runs alone — and every request
 //! keeps the whole context window (memory grows with `max_parallel`, as with
 //! Ollama's `OLLAMA_NUM_PARALLEL`).
+//!
+//! Prompt cache: a finished sequence's KV stays in its stream with the tokens
+//! it holds ([`PromptCache`]). A new request takes the free sequence whose
+//! tokens share the longest prefix with its prompt and computes only the rest —
+//! a chat's next turn recomputes only the new messages. Usage reports the
+//! reused tokens as `prompt_tokens_details.cached_tokens`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -26,7 +32,9 @@ use tokio::sync::mpsc;
 
 use super::engine::build_sampler;
 use super::stop::{Pushed, TextOut, prompt_tokens};
-use super::{Event, FinishReason, GenerateError, Job, SamplingParams, Timing, Usage};
+use super::{
+    Event, FinishReason, GenerateError, Job, PromptTokensDetails, SamplingParams, Timing, Usage,
+};
 
 /// Counters the engine shares with its handle (for metrics and the API).
 #[derive(Debug, Default)]
@@ -43,6 +51,63 @@ pub(crate) struct EngineLoad {
     pub peak_sequences: AtomicUsize,
 }
 
+/// The tokens whose KV each free sequence still holds, for prompts that
+/// start with them.
+struct PromptCache {
+    /// Per sequence: the tokens at positions `0..len` of its stream.
+    tokens: Vec<Vec<LlamaToken>>,
+    /// Per sequence: when it was last used (a counter), to pick a stream to
+    /// overwrite when no cache matches.
+    used: Vec<u64>,
+    clock: u64,
+}
+
+impl PromptCache {
+    fn new(sequences: usize) -> Self {
+        Self {
+            tokens: vec![Vec::new(); sequences],
+            used: vec![0; sequences],
+            clock: 0,
+        }
+    }
+
+    /// The free sequence for `prompt` (one not in `busy`) and how many of its
+    /// tokens can be kept: the longest shared prefix, else the least recently
+    /// used stream.
+    fn pick(&self, prompt: &[LlamaToken], busy: &[i32]) -> Option<(i32, usize)> {
+        let free = (0..self.tokens.len()).filter(|s| !busy.contains(&(*s as i32)));
+        free.map(|s| {
+            let shared = self.tokens[s]
+                .iter()
+                .zip(prompt)
+                .take_while(|(a, b)| a == b)
+                .count();
+            (s, shared)
+        })
+        .max_by(|a, b| {
+            a.1.cmp(&b.1)
+                .then_with(|| self.used[b.0].cmp(&self.used[a.0]))
+        })
+        .map(|(s, shared)| (s as i32, shared))
+    }
+
+    fn take(&mut self, seq: i32) {
+        self.clock += 1;
+        if let Some(u) = self.used.get_mut(seq as usize) {
+            *u = self.clock;
+        }
+        if let Some(t) = self.tokens.get_mut(seq as usize) {
+            t.clear();
+        }
+    }
+
+    fn keep(&mut self, seq: i32, tokens: Vec<LlamaToken>) {
+        if let Some(t) = self.tokens.get_mut(seq as usize) {
+            *t = tokens;
+        }
+    }
+}
+
 /// One request in flight.
 struct Slot {
     seq: i32,
@@ -57,6 +122,10 @@ struct Slot {
     next: Option<LlamaToken>,
     /// Position of the next token fed.
     pos: i32,
+    /// The generated tokens fed so far (the KV holds `prompt` then these).
+    fed_generated: Vec<LlamaToken>,
+    /// Prompt tokens reused from the cache.
+    cached: u32,
     generated: u32,
     /// Index of this sequence's logits in the batch just decoded.
     logits_at: Option<i32>,
@@ -90,6 +159,7 @@ pub(super) fn run(
     let n_batch = (ctx.n_batch() as usize).max(1);
     let mut batch = LlamaBatch::new(n_batch.max(max_parallel), 1);
     let mut slots: Vec<Slot> = Vec::with_capacity(max_parallel);
+    let mut cache = PromptCache::new(max_parallel);
     loop {
         // Admit new requests while sequences are free: wait for one only when
         // nothing is running.
@@ -106,7 +176,7 @@ pub(super) fn run(
                 }
             };
             load.waiting.fetch_sub(1, Ordering::AcqRel);
-            if let Some(slot) = admit(model, ctx, context_size, &slots, max_parallel, job) {
+            if let Some(slot) = admit(model, ctx, context_size, &slots, &mut cache, job) {
                 slots.push(slot);
             }
         }
@@ -117,7 +187,15 @@ pub(super) fn run(
         // llama-cpp-2 panics on a few "impossible" FFI results; one bad step must
         // not take the engine (and every later request) down with it.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            step(model, ctx, &mut batch, &mut slots, context_size, load)
+            step(
+                model,
+                ctx,
+                &mut batch,
+                &mut slots,
+                &mut cache,
+                context_size,
+                load,
+            )
         }));
         if outcome.is_err() {
             tracing::error!("inference step panicked; the engine continues");
@@ -127,6 +205,7 @@ pub(super) fn run(
                 ));
             }
             ctx.clear_kv_cache();
+            cache = PromptCache::new(max_parallel);
         }
         load.active.store(slots.len(), Ordering::Relaxed);
     }
@@ -139,7 +218,7 @@ fn admit(
     ctx: &mut LlamaContext<'_>,
     context_size: u32,
     slots: &[Slot],
-    max_parallel: usize,
+    cache: &mut PromptCache,
     job: Job,
 ) -> Option<Slot> {
     let Job {
@@ -159,9 +238,23 @@ fn admit(
             return None;
         }
     };
-    let seq = (0..max_parallel as i32).find(|s| slots.iter().all(|slot| slot.seq != *s))?;
-    // A sequence starts empty (a cancelled or failed one may have left cells).
-    let _ = ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
+    let busy: Vec<i32> = slots.iter().map(|s| s.seq).collect();
+    let (seq, shared) = cache.pick(&prompt, &busy)?;
+    cache.take(seq);
+    // Keep the shared prefix (at least the last prompt token is decoded again:
+    // its logits give the first token). A stream that has dropped early cells
+    // (sliding-window layers keep only the window) or cannot cut its suffix
+    // (recurrent layers) starts over.
+    let mut reuse = shared.min(prompt.len() - 1);
+    if reuse > 0
+        && (ctx.kv_cache_seq_pos_min(seq) > 0
+            || ctx.kv_cache_seq_rm(seq, Some(reuse as u32), None).is_err())
+    {
+        reuse = 0;
+    }
+    if reuse == 0 {
+        let _ = ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
+    }
     let slot = Slot {
         seq,
         sampler: build_sampler(model.n_vocab(), &request.params),
@@ -169,9 +262,11 @@ fn admit(
         params: request.params,
         events,
         prompt,
-        fed: 0,
+        fed: reuse,
         next: None,
-        pos: 0,
+        pos: reuse as i32,
+        fed_generated: Vec::new(),
+        cached: reuse as u32,
         generated: 0,
         logits_at: None,
         started,
@@ -191,6 +286,7 @@ fn step(
     ctx: &mut LlamaContext<'_>,
     batch: &mut LlamaBatch<'_>,
     slots: &mut Vec<Slot>,
+    cache: &mut PromptCache,
     context_size: u32,
     load: &EngineLoad,
 ) {
@@ -216,6 +312,7 @@ fn step(
             match batch.add(token, slot.pos, &[slot.seq], true) {
                 Ok(()) => {
                     slot.pos += 1;
+                    slot.fed_generated.push(token);
                     slot.logits_at = Some(batch.n_tokens() - 1);
                     sequences += 1;
                 }
@@ -274,8 +371,12 @@ fn step(
             None => false,
         };
         if done {
-            let slot = slots.swap_remove(i);
-            let _ = ctx.clear_kv_cache_seq(Some(slot.seq as u32), None, None);
+            // Its KV stays for a later prompt that starts with the same tokens.
+            let mut slot = slots.swap_remove(i);
+            let mut tokens = std::mem::take(&mut slot.prompt);
+            tokens.append(&mut slot.fed_generated);
+            tokens.truncate(slot.pos.max(0) as usize);
+            cache.keep(slot.seq, tokens);
         } else {
             i += 1;
         }
@@ -337,6 +438,9 @@ fn sample(
             prompt_tokens,
             completion_tokens: slot.generated,
             total_tokens: prompt_tokens + slot.generated,
+            prompt_tokens_details: PromptTokensDetails {
+                cached_tokens: slot.cached,
+            },
         },
         timing: Timing {
             queue_ms: slot.queue_ms,

@@ -278,6 +278,7 @@ impl Pipeline {
                     prompt_tokens,
                     completion_tokens: completion,
                     total_tokens: prompt_tokens + completion,
+                    ..Usage::default()
                 },
                 timing: Timing {
                     queue_ms: 0,
