@@ -190,3 +190,68 @@ fn a_chats_next_turn_reuses_its_history_and_answers_as_a_cold_prompt() {
         "a cached prefix must give the cold prompt's text"
     );
 }
+
+#[test]
+fn past_the_queue_a_request_gets_429_with_retry_after() {
+    // One sequence, one waiting place.
+    let node = TestNode::start_custom(
+        true,
+        &[],
+        &[
+            ("SWARMLLM_MAX_PARALLEL", "1"),
+            ("SWARMLLM_MAX_QUEUE", "1"),
+            ("SWARMLLM_RATE_LIMIT_PER_MINUTE", "0"),
+        ],
+        |_| {},
+    );
+    let long = json!({
+        "prompt": "Count forever:", "max_tokens": 3000, "temperature": 0,
+        "ignore_eos": true, "stream": true,
+    });
+    let mut running = node
+        .http()
+        .post(node.url("/v1/completions"))
+        .bearer_auth(&node.key)
+        .json(&long)
+        .send()
+        .expect("send");
+    let mut buf = [0u8; 64];
+    assert!(running.read(&mut buf).expect("first bytes") > 0);
+    std::thread::scope(|s| {
+        // The second waits for the sequence (its answer starts only when the
+        // first ends, so it runs on its own thread)...
+        let waiting = s.spawn(|| {
+            node.http()
+                .post(node.url("/v1/completions"))
+                .bearer_auth(&node.key)
+                .json(&json!({ "prompt": "Hi", "max_tokens": 2, "temperature": 0 }))
+                .send()
+                .map(|r| r.status().as_u16())
+        });
+        wait_for("one request queued", Duration::from_secs(30), || {
+            (engine_stats(&node)["queue_depth"] == 1).then_some(())
+        });
+        // ...and the third finds the queue full.
+        let r = node
+            .http()
+            .post(node.url("/v1/completions"))
+            .bearer_auth(&node.key)
+            .json(&json!({ "prompt": "Hi", "max_tokens": 2 }))
+            .send()
+            .expect("send");
+        assert_eq!(r.status().as_u16(), 429);
+        assert_eq!(
+            r.headers().get("retry-after").and_then(|v| v.to_str().ok()),
+            Some("1")
+        );
+        let body: Value = r.json().expect("json");
+        assert_eq!(body["error"]["code"], "OVERLOADED", "{body}");
+        assert!(
+            body["error"]["details"]["retry_after"].as_u64().is_some(),
+            "{body}"
+        );
+        // The first one leaves: the waiting one is served.
+        drop(running);
+        assert_eq!(waiting.join().expect("thread").expect("answer"), 200);
+    });
+}

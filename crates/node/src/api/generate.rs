@@ -273,7 +273,7 @@ pub(crate) async fn start(
         let engine = node.engine().ok_or_else(ApiError::no_model)?;
         let events = engine.submit(request).map_err(|e| match e {
             SubmitError::QueueFull(n) => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
+                StatusCode::TOO_MANY_REQUESTS,
                 "OVERLOADED",
                 format!("the inference queue is full ({n} waiting); try again shortly"),
             )

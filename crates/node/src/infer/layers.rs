@@ -429,6 +429,18 @@ impl RangeSession {
         &self.model
     }
 
+    /// Empties the KV cache so the context can serve a new session: cells are
+    /// allocated from the first again, exactly as in a fresh context.
+    pub fn reset(&mut self) {
+        // SAFETY: the context is valid; clearing its memory's metadata is always
+        // allowed (the data buffers are overwritten before they are read again).
+        unsafe {
+            let mem = sys::llama_get_memory(self.ctx.as_ptr());
+            sys::llama_memory_clear(mem, false);
+        }
+        self.capture.data.clear();
+    }
+
     /// Forgets everything from position `pos` on (rollback; 0 clears the session).
     pub fn truncate(&mut self, pos: i32) {
         // SAFETY: the context is valid; removing a position range of sequence 0 is

@@ -206,6 +206,7 @@ impl RangeHost {
                     config,
                     models: Vec::new(),
                     sessions: HashMap::new(),
+                    spare: HashMap::new(),
                     ranges: thread_ranges,
                     session_count: thread_sessions,
                     steps_served: thread_steps,
@@ -328,9 +329,17 @@ struct Session {
     last_used: Instant,
 }
 
+/// Prepared contexts kept per loaded range for the next sessions: creating a
+/// llama context (allocating and clearing its KV buffer, building the graph
+/// scheduler) costs more than a short prompt's compute.
+const SPARE_CONTEXTS_PER_RANGE: usize = 2;
+
 struct Thread {
     config: HostConfig,
     models: Vec<Loaded>,
+    /// Contexts of ended sessions, emptied, per range (see
+    /// [`SPARE_CONTEXTS_PER_RANGE`]); dropped with their range.
+    spare: HashMap<(String, u32, u32), Vec<RangeSession>>,
     /// Keyed by session id and range: a route may pass one node twice (the
     /// encrypted pipeline runs the first and last span on the requester).
     sessions: HashMap<SessionKey, Session>,
@@ -363,7 +372,17 @@ impl Thread {
                     let _ = reply.send(out);
                 }
                 Ok(Job::Close(id, peer)) => {
-                    self.sessions.retain(|k, s| k.0 != id || s.owner != peer);
+                    let ended: Vec<SessionKey> = self
+                        .sessions
+                        .iter()
+                        .filter(|(k, s)| k.0 == id && s.owner == peer)
+                        .map(|(k, _)| *k)
+                        .collect();
+                    for key in ended {
+                        if let Some(s) = self.sessions.remove(&key) {
+                            self.retire(s);
+                        }
+                    }
                     self.publish();
                 }
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
@@ -382,14 +401,36 @@ impl Thread {
 
     fn expire(&mut self) {
         let ttl = self.config.session_ttl;
-        let before = self.sessions.len();
-        self.sessions.retain(|_, s| s.last_used.elapsed() < ttl);
-        if self.sessions.len() != before {
-            tracing::debug!(
-                expired = before - self.sessions.len(),
-                "pipeline sessions expired"
-            );
-            self.publish();
+        let expired: Vec<SessionKey> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.last_used.elapsed() >= ttl)
+            .map(|(k, _)| *k)
+            .collect();
+        if expired.is_empty() {
+            return;
+        }
+        tracing::debug!(expired = expired.len(), "pipeline sessions expired");
+        for key in expired {
+            if let Some(s) = self.sessions.remove(&key) {
+                self.retire(s);
+            }
+        }
+        self.publish();
+    }
+
+    /// Keeps an ended session's context, emptied, for the next session of its
+    /// range (while the range is loaded and its spares are not full).
+    fn retire(&mut self, session: Session) {
+        let key = (session.model_id, session.layer_start, session.layer_end);
+        if !self.models.iter().any(|m| m.info.is(&key.0, key.1, key.2)) {
+            return;
+        }
+        let spare = self.spare.entry(key).or_default();
+        if spare.len() < SPARE_CONTEXTS_PER_RANGE {
+            let mut kv = session.kv;
+            kv.reset();
+            spare.push(kv);
         }
     }
 
@@ -423,6 +464,7 @@ impl Thread {
     fn unload(&mut self, model_id: &str, a: u32, b: u32) -> bool {
         self.sessions
             .retain(|_, s| !(s.model_id == model_id && s.layer_start == a && s.layer_end == b));
+        self.spare.remove(&(model_id.to_string(), a, b));
         let before = self.models.len();
         self.models.retain(|m| !m.info.is(model_id, a, b));
         let removed = self.models.len() != before;
@@ -513,14 +555,18 @@ impl Thread {
                     step.pos
                 )));
             }
-            let kv = model
-                .session(
-                    self.config.context_size,
-                    self.config.batch_size,
-                    self.config.threads,
-                    !has_head,
-                )
-                .map_err(|e| HostError::Compute(e.to_string()))?;
+            let spare = self.spare.get_mut(key).and_then(Vec::pop);
+            let kv = match spare {
+                Some(kv) => kv,
+                None => model
+                    .session(
+                        self.config.context_size,
+                        self.config.batch_size,
+                        self.config.threads,
+                        !has_head,
+                    )
+                    .map_err(|e| HostError::Compute(e.to_string()))?,
+            };
             self.sessions.insert(
                 skey,
                 Session {
