@@ -146,6 +146,32 @@ fn three_way_layer_split_matches_the_whole_model_token_for_token() {
     assert_split_is_exact(&model_path(), 3, prompt);
 }
 
+/// The split is exact whatever the weights' quantization: SmolLM2 re-encoded
+/// as Q8_0 (the issue: f16 activations changed its answers within a few tokens)
+/// and gemma3's Q4_K_M, each on several chat prompts, with f32 activations (the
+/// default) and the chain's contexts reused from prompt to prompt.
+#[test]
+fn q8_0_and_q4_k_models_split_exactly_on_several_prompts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let q8 = dir.path().join("smollm2-q8_0.gguf");
+    common::requant::q4_1_to_q8_0(&model_path(), &q8);
+    let chat = |q: &str| format!("<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n");
+    let questions = [
+        "Name two animals that live near rivers.",
+        "What is 1 + 1?",
+        "Write one sentence about the moon.",
+    ];
+    let prompts: Vec<String> = questions.iter().map(|q| chat(q)).collect();
+    let prompts: Vec<&str> = prompts.iter().map(String::as_str).collect();
+    common::assert_split_is_exact_on(&q8, 3, &prompts);
+
+    let gemma = gemma3_path().expect("gemma3 test model missing: run scripts/fetch-gemma3");
+    let turn = |q: &str| format!("<start_of_turn>user\n{q}<end_of_turn>\n<start_of_turn>model\n");
+    let prompts: Vec<String> = questions.iter().map(|q| turn(q)).collect();
+    let prompts: Vec<&str> = prompts.iter().map(String::as_str).collect();
+    common::assert_split_is_exact_on(&gemma, 3, &prompts);
+}
+
 /// gemma3 marks every 6th layer global and the rest sliding-window by layer index;
 /// a 4-way split of its 18 layers cuts across that period (5/5/4/4).
 #[test]

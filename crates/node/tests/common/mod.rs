@@ -2,6 +2,7 @@
 //! (every range chained gives the whole model's logits bit for bit).
 #![allow(dead_code, unreachable_pub)]
 
+pub mod requant;
 pub mod tiny;
 
 use std::path::{Path, PathBuf};
@@ -26,6 +27,13 @@ pub fn argmax(v: &[f32]) -> i32 {
 /// whole model and through the chain of ranges, and asserts the logits are equal
 /// at every step (then that a rolled-back chain replays the same logits).
 pub fn assert_split_is_exact(source: &Path, shards: u32, prompt: &str) {
+    assert_split_is_exact_on(source, shards, &[prompt]);
+}
+
+/// [`assert_split_is_exact`] for several prompts in turn: each runs on a fresh
+/// whole-model session, while the chain's contexts are emptied and reused (as a
+/// range host reuses them), so a reused context must be as exact as a new one.
+pub fn assert_split_is_exact_on(source: &Path, shards: u32, prompts: &[&str]) {
     use swarmllm_node::infer::layers::{RangeInput, RangeModel, RangeOutput, RangeSession};
     // llama.cpp's own messages (why a range would not load) show with a failure.
     let _ = tracing_subscriber::fmt()
@@ -54,7 +62,6 @@ pub fn assert_split_is_exact(source: &Path, shards: u32, prompt: &str) {
         layers
     );
 
-    let mut whole_s = whole.session(2048, 512, 1, false).expect("session");
     let mut chain: Vec<RangeSession> = parts
         .iter()
         .enumerate()
@@ -79,6 +86,27 @@ pub fn assert_split_is_exact(source: &Path, shards: u32, prompt: &str) {
         }
     };
 
+    for (n, prompt) in prompts.iter().enumerate() {
+        if n > 0 {
+            chain.iter_mut().for_each(RangeSession::reset);
+        }
+        let mut whole_s = whole.session(2048, 512, 1, false).expect("session");
+        prompt_is_exact(&parts, &mut whole_s, &mut chain, &run_chain, prompt);
+    }
+}
+
+fn prompt_is_exact(
+    parts: &[Arc<swarmllm_node::infer::layers::RangeModel>],
+    whole_s: &mut swarmllm_node::infer::layers::RangeSession,
+    chain: &mut Vec<swarmllm_node::infer::layers::RangeSession>,
+    run_chain: &dyn Fn(
+        &mut Vec<swarmllm_node::infer::layers::RangeSession>,
+        &[i32],
+        i32,
+    ) -> Vec<f32>,
+    prompt: &str,
+) {
+    use swarmllm_node::infer::layers::{RangeInput, RangeOutput};
     let tokens = parts[0].tokenize(prompt).expect("tokenize");
     assert!(tokens.len() > 10);
     // The prompt goes in 256-token chunks (a long prompt crosses gemma3's 512-token
@@ -94,7 +122,7 @@ pub fn assert_split_is_exact(source: &Path, shards: u32, prompt: &str) {
             panic!("expected logits")
         };
         expected = e;
-        got = run_chain(&mut chain, chunk, pos);
+        got = run_chain(chain, chunk, pos);
     }
     let prompt_len = tokens.len() as i32;
     let first_next = argmax(&expected);
@@ -116,7 +144,7 @@ pub fn assert_split_is_exact(source: &Path, shards: u32, prompt: &str) {
             panic!("expected logits")
         };
         expected = e;
-        got = run_chain(&mut chain, &[next], pos);
+        got = run_chain(chain, &[next], pos);
         if step == 0 {
             first_after = got.clone();
         }
@@ -127,6 +155,6 @@ pub fn assert_split_is_exact(source: &Path, shards: u32, prompt: &str) {
     for s in chain.iter_mut() {
         s.truncate(tokens.len() as i32);
     }
-    let again = run_chain(&mut chain, &[first_next], tokens.len() as i32);
+    let again = run_chain(chain, &[first_next], tokens.len() as i32);
     assert_eq!(again, first_after);
 }
