@@ -34,7 +34,7 @@ pub fn assert_split_is_exact(source: &Path, shards: u32, prompt: &str) {
 /// whole-model session, while the chain's contexts are emptied and reused (as a
 /// range host reuses them), so a reused context must be as exact as a new one.
 pub fn assert_split_is_exact_on(source: &Path, shards: u32, prompts: &[&str]) {
-    use swarmllm_node::infer::layers::{RangeInput, RangeModel, RangeOutput, RangeSession};
+    use swarmllm_node::infer::layers::{RangeModel, RangeSession};
     // llama.cpp's own messages (why a range would not load) show with a failure.
     let _ = tracing_subscriber::fmt()
         .with_env_filter("warn")
@@ -70,40 +70,19 @@ pub fn assert_split_is_exact_on(source: &Path, shards: u32, prompts: &[&str]) {
                 .expect("session")
         })
         .collect();
-    let run_chain = |chain: &mut Vec<RangeSession>, tokens: &[i32], pos: i32| {
-        let mut out = chain[0]
-            .forward(RangeInput::Tokens(tokens), pos)
-            .expect("first");
-        for s in chain.iter_mut().skip(1) {
-            let RangeOutput::Hidden(h) = out else {
-                panic!("expected hidden states")
-            };
-            out = s.forward(RangeInput::Hidden(&h), pos).expect("next");
-        }
-        match out {
-            RangeOutput::Logits(l) => l,
-            RangeOutput::Hidden(_) => panic!("expected logits"),
-        }
-    };
-
     for (n, prompt) in prompts.iter().enumerate() {
         if n > 0 {
             chain.iter_mut().for_each(RangeSession::reset);
         }
         let mut whole_s = whole.session(2048, 512, 1, false).expect("session");
-        prompt_is_exact(&parts, &mut whole_s, &mut chain, &run_chain, prompt);
+        prompt_is_exact(&parts, &mut whole_s, &mut chain, prompt);
     }
 }
 
 fn prompt_is_exact(
     parts: &[Arc<swarmllm_node::infer::layers::RangeModel>],
     whole_s: &mut swarmllm_node::infer::layers::RangeSession,
-    chain: &mut Vec<swarmllm_node::infer::layers::RangeSession>,
-    run_chain: &dyn Fn(
-        &mut Vec<swarmllm_node::infer::layers::RangeSession>,
-        &[i32],
-        i32,
-    ) -> Vec<f32>,
+    chain: &mut [swarmllm_node::infer::layers::RangeSession],
     prompt: &str,
 ) {
     use swarmllm_node::infer::layers::{RangeInput, RangeOutput};
@@ -157,4 +136,26 @@ fn prompt_is_exact(
     }
     let again = run_chain(chain, &[first_next], tokens.len() as i32);
     assert_eq!(again, first_after);
+}
+
+/// Runs `tokens` at `pos` through the chain of ranges: the last one's logits.
+fn run_chain(
+    chain: &mut [swarmllm_node::infer::layers::RangeSession],
+    tokens: &[i32],
+    pos: i32,
+) -> Vec<f32> {
+    use swarmllm_node::infer::layers::{RangeInput, RangeOutput};
+    let mut out = chain[0]
+        .forward(RangeInput::Tokens(tokens), pos)
+        .expect("first");
+    for s in chain.iter_mut().skip(1) {
+        let RangeOutput::Hidden(h) = out else {
+            panic!("expected hidden states")
+        };
+        out = s.forward(RangeInput::Hidden(&h), pos).expect("next");
+    }
+    match out {
+        RangeOutput::Logits(l) => l,
+        RangeOutput::Hidden(_) => panic!("expected logits"),
+    }
 }
