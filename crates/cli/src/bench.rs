@@ -193,8 +193,10 @@ pub(crate) async fn run(mut source: ConfigSource, args: &BenchArgs) -> anyhow::R
 
 /// Aggregate throughput at each `--concurrency`: the node's API serving that
 /// many simultaneous streams against the bare loop decoding as many sequences
-/// in one batch. Each counts every generated token over the whole run (prompt
-/// included) and the mean time to first token.
+/// in one batch: tok/s of every generated token over the whole run (`all`,
+/// prompts included), of the tokens after each stream's first (`decode`), and
+/// the mean time to first token (ms). `api/bare` and `vs first` (the gain over
+/// the first `--concurrency` count, normally 1) compare decode tok/s.
 async fn concurrent(
     bare: &std::sync::Arc<BareBench>,
     http: &reqwest::Client,
@@ -208,19 +210,21 @@ async fn concurrent(
         v[v.len() / 2]
     };
     println!(
-        "{:>7} {:>16} {:>12} {:>16} {:>12} {:>10} {:>12}",
+        "{:>7} {:>9} {:>10} {:>9} {:>9} {:>11} {:>9} {:>9} {:>9}",
         "streams",
-        "api tok/s (all)",
-        "api ttft ms",
-        "bare tok/s (all)",
-        "bare ttft ms",
+        "api all",
+        "api decode",
+        "api ttft",
+        "bare all",
+        "bare decode",
+        "bare ttft",
         "api/bare",
-        "vs 1 stream"
+        "vs first"
     );
     let mut single = None;
     for &c in &args.concurrency {
-        let (mut api_tps, mut api_ttft, mut bare_tps, mut bare_ttft) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut api_tps, mut api_decode, mut api_ttft) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut bare_tps, mut bare_decode, mut bare_ttft) = (Vec::new(), Vec::new(), Vec::new());
         for i in 0..=args.runs {
             let b = {
                 let (bare, prompt, n) = (bare.clone(), prompt.to_string(), args.tokens);
@@ -231,6 +235,7 @@ async fn concurrent(
                 "max_tokens": args.tokens,
                 "temperature": 0,
                 "ignore_eos": true,
+                "cache_prompt": false,
                 "stream": true,
                 "stream_options": { "include_usage": true },
             });
@@ -269,16 +274,27 @@ async fn concurrent(
             }
             api_tps.push(tokens as f64 / end.duration_since(start).as_secs_f64());
             api_ttft.push(ttft * 1000.0);
+            // Decode: every token after each stream's first, over the span from
+            // the first first-token to the last token.
+            let first = runs
+                .iter()
+                .filter_map(|r| r.arrivals.first().copied())
+                .min()
+                .unwrap_or(start);
+            let decoded = tokens.saturating_sub(c as u64);
+            api_decode.push(decoded as f64 / end.duration_since(first).as_secs_f64());
             let bare_all = b.decode_tokens + c as u64;
             bare_tps.push(bare_all as f64 / (b.first_token_secs + b.decode_secs));
+            bare_decode.push(b.decode_tokens as f64 / b.decode_secs);
             bare_ttft.push(b.first_token_secs * 1000.0);
         }
-        let (a, at, b, bt) = (med(api_tps), med(api_ttft), med(bare_tps), med(bare_ttft));
-        let base = *single.get_or_insert(a);
+        let (a, ad, at) = (med(api_tps), med(api_decode), med(api_ttft));
+        let (b, bd, bt) = (med(bare_tps), med(bare_decode), med(bare_ttft));
+        let base = *single.get_or_insert(ad);
         println!(
-            "{c:>7} {a:>16.1} {at:>12.0} {b:>16.1} {bt:>12.0} {:>10.3} {:>12.2}",
-            a / b,
-            a / base
+            "{c:>7} {a:>9.1} {ad:>10.1} {at:>9.0} {b:>9.1} {bd:>11.1} {bt:>9.0} {:>9.3} {:>9.2}",
+            ad / bd,
+            ad / base
         );
     }
     Ok(())
@@ -349,6 +365,7 @@ async fn api_run(
         "max_tokens": tokens,
         "temperature": 0,
         "ignore_eos": true,
+        "cache_prompt": false,
         "stream": true,
         "stream_options": { "include_usage": true },
     });

@@ -147,6 +147,7 @@ async fn one_run(
         "max_tokens": tokens,
         "temperature": 0,
         "ignore_eos": true,
+        "cache_prompt": false,
         "stream": true,
         "stream_options": { "include_usage": true },
     });

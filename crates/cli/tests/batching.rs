@@ -189,6 +189,17 @@ fn a_chats_next_turn_reuses_its_history_and_answers_as_a_cold_prompt() {
         warm, cold,
         "a cached prefix must give the cold prompt's text"
     );
+    // `cache_prompt: false` (llama-server's switch) computes every token.
+    let (s, v) = node.post(
+        "/v1/chat/completions",
+        &json!({ "messages": turn2, "max_tokens": 24, "temperature": 0, "cache_prompt": false }),
+    );
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        v["usage"]["prompt_tokens_details"]["cached_tokens"], 0,
+        "{v}"
+    );
+    assert_eq!(v["choices"][0]["message"]["content"], json!(warm));
 }
 
 #[test]

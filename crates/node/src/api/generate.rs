@@ -49,6 +49,8 @@ pub(crate) struct SamplingFields {
     pub(crate) seed: Option<i64>,
     pub(crate) stop: Option<StopField>,
     pub(crate) ignore_eos: Option<bool>,
+    /// llama-server's switch for the prompt cache (default on).
+    pub(crate) cache_prompt: Option<bool>,
 }
 
 /// Defaults that differ between API surfaces.
@@ -113,6 +115,7 @@ impl SamplingFields {
             max_tokens,
             stop,
             ignore_eos: self.ignore_eos.unwrap_or(false),
+            cache_prompt: self.cache_prompt.unwrap_or(true),
         };
         params
             .validate(crate::infer::SamplingLimits::default())

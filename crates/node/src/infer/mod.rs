@@ -154,6 +154,9 @@ pub struct SamplingParams {
     pub stop: Vec<String>,
     /// Keep generating past end-of-generation tokens (benchmarks).
     pub ignore_eos: bool,
+    /// Reuse a cached prompt prefix (llama-server's `cache_prompt`; off only
+    /// to measure cold prompts).
+    pub cache_prompt: bool,
 }
 
 /// A sampling parameter out of its range: which one and why.
@@ -234,6 +237,7 @@ impl Default for SamplingParams {
             max_tokens: 256,
             stop: Vec::new(),
             ignore_eos: false,
+            cache_prompt: true,
         }
     }
 }

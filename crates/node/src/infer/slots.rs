@@ -240,6 +240,11 @@ fn admit(
     };
     let busy: Vec<i32> = slots.iter().map(|s| s.seq).collect();
     let (seq, shared) = cache.pick(&prompt, &busy)?;
+    let shared = if request.params.cache_prompt {
+        shared
+    } else {
+        0
+    };
     cache.take(seq);
     // Keep the shared prefix (at least the last prompt token is decoded again:
     // its logits give the first token). A stream that has dropped early cells
@@ -302,6 +307,10 @@ fn step(
         return;
     }
     let n_batch = ctx.n_batch() as usize;
+    // In sequence order: with one KV stream per sequence, llama.cpp puts
+    // sequences into one micro-batch only when they come in order; out of
+    // order, each would get a micro-batch of its own and nothing is batched.
+    slots.sort_unstable_by_key(|s| s.seq);
     batch.clear();
     let mut sequences = 0;
     let mut failed: Vec<(i32, GenerateError)> = Vec::new();
