@@ -782,6 +782,21 @@ fn metrics_expose_requests_tokens_latency_and_model() {
         text.contains("swarmllm_model_loaded{model=\"smollm2-135m-instruct.q4_1\"} 1"),
         "{text}"
     );
+    // Batching: time in queue, the engine's batches and their sizes.
+    for line in [
+        "swarmllm_queue_seconds_count 1",
+        "swarmllm_engine_active_sequences 0",
+        "swarmllm_engine_peak_batch_sequences 1",
+    ] {
+        assert!(text.contains(line), "{line} in {text}");
+    }
+    assert!(
+        text.lines().any(|l| l
+            .strip_prefix("swarmllm_engine_batches ")
+            .and_then(|n| n.parse::<u64>().ok())
+            .is_some_and(|n| n >= 2)),
+        "{text}"
+    );
     let (_, m) = node.get("/api/v1/metrics");
     assert_eq!(m["inference"]["requests_total"], 1);
     assert_eq!(m["inference"]["tokens_generated"], json!(completion));

@@ -39,6 +39,12 @@ pub struct Metrics {
     latency: Histogram,
     model_loaded: Family<ModelLabels, Gauge>,
     queue_depth: Gauge,
+    queue_time: Histogram,
+    cached_prompt_tokens: Counter,
+    active_sequences: Gauge,
+    batches: Gauge,
+    mean_batch_tokens: Gauge<f64, std::sync::atomic::AtomicU64>,
+    peak_batch_sequences: Gauge,
     // Lifetime totals, seeded from the database so they survive restarts.
     requests_total: AtomicU64,
     tokens_total: AtomicU64,
@@ -106,6 +112,42 @@ impl Metrics {
             "Inference jobs waiting for the engine",
             queue_depth.clone(),
         );
+        let queue_time = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        registry.register(
+            "swarmllm_queue_seconds",
+            "Time requests waited for a sequence of the engine",
+            queue_time.clone(),
+        );
+        let cached_prompt_tokens = Counter::default();
+        registry.register(
+            "swarmllm_cached_prompt_tokens",
+            "Prompt tokens reused from the prompt cache",
+            cached_prompt_tokens.clone(),
+        );
+        let active_sequences = Gauge::default();
+        registry.register(
+            "swarmllm_engine_active_sequences",
+            "Requests the engine is decoding together now",
+            active_sequences.clone(),
+        );
+        let batches = Gauge::default();
+        registry.register(
+            "swarmllm_engine_batches",
+            "Batches the engine has decoded since start",
+            batches.clone(),
+        );
+        let mean_batch_tokens = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "swarmllm_engine_mean_batch_tokens",
+            "Mean tokens per decoded batch since start",
+            mean_batch_tokens.clone(),
+        );
+        let peak_batch_sequences = Gauge::default();
+        registry.register(
+            "swarmllm_engine_peak_batch_sequences",
+            "Most sequences in one batch since start",
+            peak_batch_sequences.clone(),
+        );
         Self {
             registry,
             requests,
@@ -114,6 +156,12 @@ impl Metrics {
             latency,
             model_loaded,
             queue_depth,
+            queue_time,
+            cached_prompt_tokens,
+            active_sequences,
+            batches,
+            mean_batch_tokens,
+            peak_batch_sequences,
             requests_total: AtomicU64::new(totals.requests),
             tokens_total: AtomicU64::new(totals.completion_tokens),
             recent: Mutex::new(VecDeque::with_capacity(WINDOW)),
@@ -132,6 +180,24 @@ impl Metrics {
     /// Sets the queue depth gauge.
     pub fn set_queue_depth(&self, depth: usize) {
         self.queue_depth.set(depth as i64);
+    }
+
+    /// Sets the engine's batching gauges (read when scraped).
+    pub fn set_engine(&self, stats: &crate::infer::EngineStats) {
+        self.queue_depth.set(stats.queue_depth as i64);
+        self.active_sequences.set(stats.active_sequences as i64);
+        self.batches.set(stats.batches as i64);
+        self.mean_batch_tokens.set(stats.mean_batch_tokens);
+        self.peak_batch_sequences
+            .set(stats.peak_batch_sequences as i64);
+    }
+
+    /// Counts a request's wait for the engine and its prompt tokens found in
+    /// the cache.
+    pub fn record_queue(&self, queue: Duration, cached_prompt_tokens: u32) {
+        self.queue_time.observe(queue.as_secs_f64());
+        self.cached_prompt_tokens
+            .inc_by(u64::from(cached_prompt_tokens));
     }
 
     /// Counts a finished request (any outcome).

@@ -416,6 +416,10 @@ impl Generation {
         total_ms: u64,
     ) {
         self.finished = true;
+        self.node.metrics().record_queue(
+            std::time::Duration::from_millis(timing.queue_ms),
+            usage.prompt_tokens_details.cached_tokens,
+        );
         self.node.metrics().record(
             self.endpoint,
             outcome,

@@ -298,7 +298,7 @@ async fn ready(State(state): State<AppState>) -> Result<axum::Json<serde_json::V
 async fn prometheus(State(state): State<AppState>) -> Response {
     let metrics = state.node.metrics();
     if let Some(engine) = state.node.engine() {
-        metrics.set_queue_depth(engine.queue_depth());
+        metrics.set_engine(&engine.stats());
     }
     (
         [(
