@@ -270,3 +270,149 @@ fn a_multi_part_gguf_splits_into_the_same_tensor_bytes_as_the_whole_file() {
     let err = shard::import(&parts[1], &models, "x", 3, |_, _| {}).expect_err("refused");
     assert!(err.to_string().contains("first part"), "{err}");
 }
+
+/// Steps of several sessions decoded in one batch (a range host's shared
+/// context, one KV stream per session) give each session bit for bit what it
+/// gets alone in a context of its own: prompts of different lengths (one
+/// sequence at a time in the shared context), then single-token steps of all
+/// three in one batch, on a middle range (hidden states out) and on the last
+/// (logits out).
+#[test]
+fn steps_of_several_sessions_batched_equal_each_alone() {
+    use swarmllm_node::infer::layers::{RangeInput, RangeModel, RangeOutput};
+    let models = tempfile::tempdir().expect("tempdir");
+    let manifest = shard::import(&model_path(), models.path(), "m", 3, |_, _| {}).expect("import");
+    let dir = models.path().join("m");
+    let range = |i: u32| {
+        let out = models.path().join(format!("range-{i}.gguf"));
+        shard::assemble(&dir, &manifest, i, i, &out).expect("assemble");
+        std::sync::Arc::new(RangeModel::load(&out, 0).expect("load"))
+    };
+    let (first, middle, last) = (range(0), range(1), range(2));
+    let prompts = [
+        "<|im_start|>user\nName a river.<|im_end|>\n<|im_start|>assistant\n",
+        "<|im_start|>user\nWrite two sentences about mountains and the sea.<|im_end|>\n<|im_start|>assistant\n",
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+    ];
+    let hidden = |out: RangeOutput| match out {
+        RangeOutput::Hidden(h) => h,
+        RangeOutput::Logits(_) => panic!("expected hidden states"),
+    };
+    // Hidden states into the middle range, per session (the first range runs
+    // each alone).
+    let mut firsts: Vec<_> = (0..3)
+        .map(|_| first.session(512, 512, 1, true).expect("session"))
+        .collect();
+    let mut inputs: Vec<Vec<f32>> = prompts
+        .iter()
+        .zip(firsts.iter_mut())
+        .map(|(p, s)| {
+            let t = first.tokenize(p).expect("tokenize");
+            hidden(s.forward(RangeInput::Tokens(&t), 0).expect("first range"))
+        })
+        .collect();
+    let n_embd = middle.n_embd();
+    let mut alone: Vec<_> = (0..3)
+        .map(|_| middle.session(512, 512, 1, true).expect("session"))
+        .collect();
+    let mut alone_last: Vec<_> = (0..3)
+        .map(|_| last.session(512, 512, 1, false).expect("session"))
+        .collect();
+    let mut shared = middle.streams(512, 512, 1, true, 4).expect("streams");
+    let mut shared_last = last.streams(512, 512, 1, false, 4).expect("streams");
+    let mut pos = vec![0i32; 3];
+    for step in 0..4 {
+        let expected: Vec<Vec<f32>> = (0..3)
+            .map(|i| {
+                hidden(
+                    alone[i]
+                        .forward(RangeInput::Hidden(&inputs[i]), pos[i])
+                        .expect("alone"),
+                )
+            })
+            .collect();
+        // Prompts (of different lengths) go one sequence at a time; the
+        // single-token steps after them all in one batch.
+        let got: Vec<Vec<f32>> = if step == 0 {
+            (0..3)
+                .map(|i| {
+                    let items = [(i as i32, RangeInput::Hidden(&inputs[i]), pos[i])];
+                    hidden(shared.forward_many(&items).expect("one").remove(0))
+                })
+                .collect()
+        } else {
+            let items: Vec<(i32, RangeInput<'_>, i32)> = (0..3)
+                .map(|i| (i as i32, RangeInput::Hidden(&inputs[i]), pos[i]))
+                .collect();
+            shared
+                .forward_many(&items)
+                .expect("batched")
+                .into_iter()
+                .map(hidden)
+                .collect()
+        };
+        assert_eq!(got, expected, "middle range, step {step}");
+        let logits = |o: RangeOutput| match o {
+            RangeOutput::Logits(l) => l,
+            RangeOutput::Hidden(_) => panic!("expected logits"),
+        };
+        let expected_logits: Vec<Vec<f32>> = (0..3)
+            .map(|i| {
+                logits(
+                    alone_last[i]
+                        .forward(RangeInput::Hidden(&expected[i]), pos[i])
+                        .expect("alone"),
+                )
+            })
+            .collect();
+        let got_logits: Vec<Vec<f32>> = if step == 0 {
+            (0..3)
+                .map(|i| {
+                    let items = [(i as i32, RangeInput::Hidden(&expected[i]), pos[i])];
+                    logits(shared_last.forward_many(&items).expect("one").remove(0))
+                })
+                .collect()
+        } else {
+            let items: Vec<(i32, RangeInput<'_>, i32)> = (0..3)
+                .map(|i| (i as i32, RangeInput::Hidden(&expected[i]), pos[i]))
+                .collect();
+            shared_last
+                .forward_many(&items)
+                .expect("batched")
+                .into_iter()
+                .map(logits)
+                .collect()
+        };
+        assert_eq!(got_logits, expected_logits, "last range, step {step}");
+        // Next: each session's greedy token, through the first range alone.
+        for i in 0..3 {
+            pos[i] += (inputs[i].len() / n_embd) as i32;
+            let next = common::argmax(&expected_logits[i]);
+            inputs[i] = hidden(
+                firsts[i]
+                    .forward(RangeInput::Tokens(&[next]), pos[i])
+                    .expect("first range"),
+            );
+        }
+    }
+    // Out of order, or of different lengths, is refused rather than
+    // mis-assigned.
+    let x = inputs[0].clone();
+    let two = [x.clone(), x.clone()].concat();
+    assert!(
+        shared
+            .forward_many(&[
+                (0, RangeInput::Hidden(&x), pos[0]),
+                (1, RangeInput::Hidden(&two), pos[1])
+            ])
+            .is_err()
+    );
+    assert!(
+        shared
+            .forward_many(&[
+                (1, RangeInput::Hidden(&x), pos[1]),
+                (0, RangeInput::Hidden(&x), pos[0])
+            ])
+            .is_err()
+    );
+}

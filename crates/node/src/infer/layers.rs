@@ -176,6 +176,22 @@ impl RangeModel {
         threads: u32,
         emit_hidden: bool,
     ) -> Result<RangeSession, LayerError> {
+        self.streams(n_ctx, batch, threads, emit_hidden, 1)
+    }
+
+    /// A context with `streams` sequences (ids `0..streams`), each with its own
+    /// KV stream of `n_ctx` cells, so steps of several sessions can be decoded in
+    /// one batch ([`RangeSession::forward_many`]) while each attends only to its
+    /// own cells, exactly as in a context of its own.
+    pub fn streams(
+        self: &Arc<Self>,
+        n_ctx: u32,
+        batch: u32,
+        threads: u32,
+        emit_hidden: bool,
+        streams: u32,
+    ) -> Result<RangeSession, LayerError> {
+        let streams = streams.max(1);
         let batch = batch.clamp(1, 512);
         let mut capture = Box::new(Capture {
             name: CString::new(format!("l_out-{}", self.n_layer.saturating_sub(1)))
@@ -185,7 +201,9 @@ impl RangeModel {
         });
         // SAFETY: plain struct of defaults returned by value.
         let mut params = unsafe { sys::llama_context_default_params() };
-        params.n_ctx = n_ctx;
+        params.n_ctx = n_ctx.saturating_mul(streams);
+        params.n_seq_max = streams;
+        params.kv_unified = false;
         params.n_batch = batch;
         params.n_ubatch = batch;
         params.n_threads = threads.max(1) as i32;
@@ -205,6 +223,7 @@ impl RangeModel {
             ctx,
             capture,
             emit_hidden,
+            streams,
         })
     }
 }
@@ -325,6 +344,8 @@ pub struct RangeSession {
     ctx: NonNull<sys::llama_context>,
     capture: Box<Capture>,
     emit_hidden: bool,
+    /// Sequences (KV streams) in the context.
+    streams: u32,
 }
 
 impl std::fmt::Debug for RangeSession {
@@ -344,58 +365,111 @@ impl Drop for RangeSession {
 }
 
 impl RangeSession {
-    /// Runs `input` at positions `pos0..`, extending the KV cache.
+    /// Runs `input` at positions `pos0..` of sequence 0, extending the KV cache.
     pub fn forward(&mut self, input: RangeInput<'_>, pos0: i32) -> Result<RangeOutput, LayerError> {
+        let mut out = self.forward_many(&[(0, input, pos0)])?;
+        out.pop()
+            .ok_or_else(|| LayerError::Input("no output".into()))
+    }
+
+    /// Runs several sequences' inputs in one decode: `(sequence, input,
+    /// first position)` each, all token ids or all hidden states, all with the
+    /// same number of rows, in ascending sequence order. llama.cpp splits a batch
+    /// over separate KV streams into micro-batches that take the same number of
+    /// rows from each sequence, in sequence order; only then do the captured
+    /// hidden states come out row for row in batch order (unequal inputs would
+    /// come out interleaved). Returns each input's output in turn.
+    pub fn forward_many(
+        &mut self,
+        items: &[(i32, RangeInput<'_>, i32)],
+    ) -> Result<Vec<RangeOutput>, LayerError> {
         let n_embd = self.model.n_embd;
-        let n = match input {
-            RangeInput::Tokens(t) => t.len(),
-            RangeInput::Hidden(h) if h.len() % n_embd == 0 => h.len() / n_embd,
-            RangeInput::Hidden(h) => {
+        let mut rows = Vec::with_capacity(items.len());
+        for (i, (seq, input, _)) in items.iter().enumerate() {
+            if *seq < 0 || *seq as u32 >= self.streams {
                 return Err(LayerError::Input(format!(
-                    "{} floats is not a multiple of n_embd {n_embd}",
-                    h.len()
+                    "sequence {seq} of {}",
+                    self.streams
                 )));
             }
-        };
-        if n == 0 || n > self.batch {
+            if i > 0 && items[i - 1].0 >= *seq {
+                return Err(LayerError::Input("sequences out of order".into()));
+            }
+            if std::mem::discriminant(input) != std::mem::discriminant(&items[0].1) {
+                return Err(LayerError::Input("tokens and hidden states mixed".into()));
+            }
+            let n = match input {
+                RangeInput::Tokens(t) => t.len(),
+                RangeInput::Hidden(h) if h.len() % n_embd == 0 => h.len() / n_embd,
+                RangeInput::Hidden(h) => {
+                    return Err(LayerError::Input(format!(
+                        "{} floats is not a multiple of n_embd {n_embd}",
+                        h.len()
+                    )));
+                }
+            };
+            if n == 0 {
+                return Err(LayerError::Input("an empty input".into()));
+            }
+            if let RangeInput::Tokens(t) = input
+                && let Some(bad) = t
+                    .iter()
+                    .find(|&&t| t < 0 || t as usize >= self.model.n_vocab)
+            {
+                // llama.cpp aborts the process on an out-of-range token id.
+                return Err(LayerError::Input(format!(
+                    "token id {bad} is outside the vocabulary"
+                )));
+            }
+            if rows.first().is_some_and(|first| *first != n) {
+                return Err(LayerError::Input(
+                    "inputs of different lengths in one batch".into(),
+                ));
+            }
+            rows.push(n);
+        }
+        let total: usize = rows.iter().sum();
+        if items.is_empty() || total > self.batch {
             return Err(LayerError::Input(format!(
-                "{n} rows (1..={} per call)",
+                "{total} rows (1..={} per call)",
                 self.batch
             )));
         }
-        if let RangeInput::Tokens(t) = input
-            && let Some(bad) = t
-                .iter()
-                .find(|&&t| t < 0 || t as usize >= self.model.n_vocab)
-        {
-            // llama.cpp aborts the process on an out-of-range token id.
-            return Err(LayerError::Input(format!(
-                "token id {bad} is outside the vocabulary"
-            )));
-        }
-        let hidden_in = matches!(input, RangeInput::Hidden(_));
+        let hidden_in = matches!(items[0].1, RangeInput::Hidden(_));
         self.capture.data.clear();
         self.capture.wrong_type = false;
-        // SAFETY: llama_batch_init allocates `n` rows (with an embd buffer of
-        // n × n_embd floats when hidden_in); every write below stays within them, and
-        // the batch is freed on every path after decode.
+        // Each input's last row: where its logits are.
+        let mut last_rows = Vec::with_capacity(items.len());
+        // SAFETY: llama_batch_init allocates `total` rows (with an embd buffer of
+        // total × n_embd floats when hidden_in); every write below stays within
+        // them (`at` counts rows up to `total`), and the batch is freed on every
+        // path after decode.
         let status = unsafe {
             let batch =
-                sys::llama_batch_init(n as i32, if hidden_in { n_embd as i32 } else { 0 }, 1);
-            match input {
-                RangeInput::Tokens(t) => std::ptr::copy_nonoverlapping(t.as_ptr(), batch.token, n),
-                RangeInput::Hidden(h) => {
-                    std::ptr::copy_nonoverlapping(h.as_ptr(), batch.embd, n * n_embd)
+                sys::llama_batch_init(total as i32, if hidden_in { n_embd as i32 } else { 0 }, 1);
+            let mut at = 0usize;
+            for ((seq, input, pos0), n) in items.iter().zip(&rows) {
+                match input {
+                    RangeInput::Tokens(t) => {
+                        std::ptr::copy_nonoverlapping(t.as_ptr(), batch.token.add(at), *n)
+                    }
+                    RangeInput::Hidden(h) => std::ptr::copy_nonoverlapping(
+                        h.as_ptr(),
+                        batch.embd.add(at * n_embd),
+                        n * n_embd,
+                    ),
                 }
-            }
-            for i in 0..n {
-                *batch.pos.add(i) = pos0 + i as i32;
-                *batch.n_seq_id.add(i) = 1;
-                *(*batch.seq_id.add(i)) = 0;
-                *batch.logits.add(i) = i8::from(self.emit_hidden || i == n - 1);
+                for i in 0..*n {
+                    *batch.pos.add(at + i) = pos0 + i as i32;
+                    *batch.n_seq_id.add(at + i) = 1;
+                    *(*batch.seq_id.add(at + i)) = *seq;
+                    *batch.logits.add(at + i) = i8::from(self.emit_hidden || i == n - 1);
+                }
+                at += n;
+                last_rows.push(at - 1);
             }
             let mut batch = batch;
-            batch.n_tokens = n as i32;
+            batch.n_tokens = total as i32;
             let status = sys::llama_decode(self.ctx.as_ptr(), batch);
             sys::llama_batch_free(batch);
             status
@@ -405,23 +479,41 @@ impl RangeSession {
         }
         if self.emit_hidden {
             let data = std::mem::take(&mut self.capture.data);
-            if self.capture.wrong_type || data.len() != n * n_embd {
+            if self.capture.wrong_type || data.len() != total * n_embd {
                 return Err(LayerError::NoCapture(
                     self.capture.name.to_string_lossy().into_owned(),
                 ));
             }
-            return Ok(RangeOutput::Hidden(data));
-        }
-        // SAFETY: the last row was marked as output, so its logits row of n_vocab
-        // floats is valid until the next decode; it is copied out at once.
-        let logits = unsafe {
-            let p = sys::llama_get_logits_ith(self.ctx.as_ptr(), n as i32 - 1);
-            if p.is_null() {
-                return Err(LayerError::Decode(-1));
+            let mut out = Vec::with_capacity(items.len());
+            let mut from = 0;
+            for n in rows {
+                out.push(RangeOutput::Hidden(data[from..from + n * n_embd].to_vec()));
+                from += n * n_embd;
             }
-            std::slice::from_raw_parts(p, self.model.n_vocab).to_vec()
-        };
-        Ok(RangeOutput::Logits(logits))
+            return Ok(out);
+        }
+        last_rows
+            .into_iter()
+            .map(|row| {
+                // SAFETY: each input's last row was marked as output, so its
+                // logits row of n_vocab floats is valid until the next decode;
+                // it is copied out at once.
+                unsafe {
+                    let p = sys::llama_get_logits_ith(self.ctx.as_ptr(), row as i32);
+                    if p.is_null() {
+                        return Err(LayerError::Decode(-1));
+                    }
+                    Ok(RangeOutput::Logits(
+                        std::slice::from_raw_parts(p, self.model.n_vocab).to_vec(),
+                    ))
+                }
+            })
+            .collect()
+    }
+
+    /// Sequences (KV streams) this context holds.
+    pub fn streams(&self) -> u32 {
+        self.streams
     }
 
     /// The model this session runs.
@@ -443,11 +535,19 @@ impl RangeSession {
 
     /// Forgets everything from position `pos` on (rollback; 0 clears the session).
     pub fn truncate(&mut self, pos: i32) {
-        // SAFETY: the context is valid; removing a position range of sequence 0 is
-        // always allowed.
+        self.truncate_seq(0, pos);
+    }
+
+    /// Forgets sequence `seq`'s cells from position `pos` on (0: all of them).
+    pub fn truncate_seq(&mut self, seq: i32, pos: i32) {
+        if seq < 0 || seq as u32 >= self.streams {
+            return;
+        }
+        // SAFETY: the context is valid and `seq` is one of its sequences;
+        // removing a position range of a sequence is always allowed.
         unsafe {
             let mem = sys::llama_get_memory(self.ctx.as_ptr());
-            sys::llama_memory_seq_rm(mem, 0, pos, -1);
+            sys::llama_memory_seq_rm(mem, seq, pos, -1);
         }
     }
 }
