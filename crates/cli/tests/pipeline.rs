@@ -118,6 +118,17 @@ fn three_way_split_matches_local_greedy_output_and_survives_a_killed_hop() {
             assert_eq!(content(&v), reference[i % PROMPTS.len()].0, "request {i}");
         }
     });
+    // The hops decoded steps of those sessions together (single-token steps
+    // that arrived at once share a batch) and still answered exactly.
+    let batched: u64 = [&b, &c]
+        .iter()
+        .map(|n| {
+            n.get("/api/v1/layers").1["batched"]["steps"]
+                .as_u64()
+                .unwrap_or(0)
+        })
+        .sum();
+    assert!(batched > 0, "no steps of concurrent sessions were batched");
 
     for (prompt, (text, tokens)) in PROMPTS.iter().zip(&reference) {
         let (status, v) = chat(&a, Some("smol"), prompt, 64);

@@ -320,7 +320,7 @@ fn steps_of_several_sessions_batched_equal_each_alone() {
         .collect();
     let mut shared = middle.streams(512, 512, 1, true, 4).expect("streams");
     let mut shared_last = last.streams(512, 512, 1, false, 4).expect("streams");
-    let mut pos = vec![0i32; 3];
+    let mut pos = [0i32; 3];
     for step in 0..4 {
         let expected: Vec<Vec<f32>> = (0..3)
             .map(|i| {

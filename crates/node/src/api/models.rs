@@ -231,6 +231,8 @@ pub(crate) async fn layers(State(state): State<AppState>) -> Json<Value> {
         "ranges": ranges,
         "sessions": host.session_count(),
         "steps_served": host.steps_served(),
+        // Single-token steps of several sessions decoded in one batch.
+        "batched": { "batches": host.batching().0, "steps": host.batching().1 },
         "wire_bytes_sent": state.node.pipeline().wire_bytes(),
         "link_overhead": state.node.pipeline().link_latency(),
     }))

@@ -92,6 +92,25 @@ pub enum StepInput {
     Hidden(Vec<f32>),
 }
 
+impl StepInput {
+    /// Rows of input for a range of hidden size `n_embd` (`None` when hidden
+    /// states do not come in whole rows).
+    fn rows(&self, n_embd: usize) -> Option<usize> {
+        match self {
+            StepInput::Tokens(t) => Some(t.len()),
+            StepInput::Hidden(h) if n_embd > 0 && h.len() % n_embd == 0 => Some(h.len() / n_embd),
+            StepInput::Hidden(_) => None,
+        }
+    }
+
+    fn as_range_input(&self) -> RangeInput<'_> {
+        match self {
+            StepInput::Tokens(t) => RangeInput::Tokens(t),
+            StepInput::Hidden(h) => RangeInput::Hidden(h),
+        }
+    }
+}
+
 /// What a step produced.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StepOutput {
@@ -176,6 +195,14 @@ pub struct RangeHost {
     ranges: Arc<RwLock<Vec<RangeInfo>>>,
     sessions: Arc<std::sync::atomic::AtomicUsize>,
     steps_served: Arc<std::sync::atomic::AtomicU64>,
+    batching: Arc<BatchCounters>,
+}
+
+/// Batches of several sessions' steps decoded since start.
+#[derive(Debug, Default)]
+struct BatchCounters {
+    batches: std::sync::atomic::AtomicU64,
+    steps: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for RangeHost {
@@ -193,10 +220,12 @@ impl RangeHost {
         let ranges = Arc::new(RwLock::new(Vec::new()));
         let sessions = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let steps_served = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (thread_ranges, thread_sessions, thread_steps) = (
+        let batching = Arc::new(BatchCounters::default());
+        let (thread_ranges, thread_sessions, thread_steps, thread_batching) = (
             Arc::clone(&ranges),
             Arc::clone(&sessions),
             Arc::clone(&steps_served),
+            Arc::clone(&batching),
         );
         std::thread::Builder::new()
             .name("swarmllm-ranges".into())
@@ -210,6 +239,7 @@ impl RangeHost {
                     ranges: thread_ranges,
                     session_count: thread_sessions,
                     steps_served: thread_steps,
+                    batching: thread_batching,
                 }
                 .run(rx)
             })?;
@@ -218,7 +248,17 @@ impl RangeHost {
             ranges,
             sessions,
             steps_served,
+            batching,
         })
+    }
+
+    /// Decodes that batched several sessions' steps, and the steps they held.
+    pub fn batching(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.batching.batches.load(Relaxed),
+            self.batching.steps.load(Relaxed),
+        )
     }
 
     /// The loaded ranges.
@@ -310,6 +350,43 @@ fn next_job(
 struct Loaded {
     info: RangeInfo,
     model: Arc<RangeModel>,
+    /// The context the range's sessions share while it has free streams.
+    shared: Option<Shared>,
+}
+
+/// A range's shared context: one KV stream per session, so the sessions'
+/// single-token steps that arrive together decode in one batch.
+struct Shared {
+    kv: RangeSession,
+    /// Streams no session holds.
+    free: Vec<i32>,
+}
+
+/// Sessions of a range that share its context (more get contexts of their
+/// own). Each stream is a whole session's KV cache, allocated with the context.
+const SHARED_STREAMS: u32 = 4;
+/// Steps taken off the queue together at most.
+const MAX_BATCH_STEPS: usize = 64;
+
+type Reply = oneshot::Sender<Result<StepOutput, HostError>>;
+type StepJob = (Box<Step>, Reply);
+
+/// Where a session's KV cache lives.
+enum Kv {
+    /// A context of its own.
+    Own(RangeSession),
+    /// A stream of its range's shared context.
+    Stream(i32),
+}
+
+/// A step that passed its checks: what its compute and finish need.
+struct Prepared {
+    skey: SessionKey,
+    key: (String, u32, u32),
+    model: Arc<RangeModel>,
+    n_layers: u32,
+    rows: usize,
+    created: bool,
 }
 
 type SessionKey = ([u8; 16], u32, u32);
@@ -322,7 +399,7 @@ struct Session {
     model_id: String,
     layer_start: u32,
     layer_end: u32,
-    kv: RangeSession,
+    kv: Kv,
     sampler: Option<LlamaSampler>,
     next_pos: u32,
     last_seq: u64,
@@ -346,6 +423,7 @@ struct Thread {
     ranges: Arc<RwLock<Vec<RangeInfo>>>,
     session_count: Arc<std::sync::atomic::AtomicUsize>,
     steps_served: Arc<std::sync::atomic::AtomicU64>,
+    batching: Arc<BatchCounters>,
 }
 
 impl Thread {
@@ -358,37 +436,171 @@ impl Thread {
                 poll_until = Some(Instant::now() + self.config.poll);
             }
             match job {
-                Ok(Job::Load(info, reply)) => {
-                    let _ = reply.send(self.load(info));
-                }
-                Ok(Job::Unload(model, a, b, reply)) => {
-                    let _ = reply.send(self.unload(&model, a, b));
-                }
                 Ok(Job::Step(step, reply)) => {
-                    // A panic in llama-cpp-2 must not take every session down.
-                    let out =
-                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step(*step)))
-                            .unwrap_or_else(|_| Err(HostError::Compute("internal error".into())));
-                    let _ = reply.send(out);
-                }
-                Ok(Job::Close(id, peer)) => {
-                    let ended: Vec<SessionKey> = self
-                        .sessions
-                        .iter()
-                        .filter(|(k, s)| k.0 == id && s.owner == peer)
-                        .map(|(k, _)| *k)
-                        .collect();
-                    for key in ended {
-                        if let Some(s) = self.sessions.remove(&key) {
-                            self.retire(s);
+                    // Steps that arrived meanwhile (other sessions') run with it:
+                    // single-token steps of one range decode in one batch.
+                    let mut steps = vec![(step, reply)];
+                    let mut other = None;
+                    while steps.len() < MAX_BATCH_STEPS {
+                        match jobs.try_recv() {
+                            Ok(Job::Step(step, reply)) => steps.push((step, reply)),
+                            Ok(job) => {
+                                other = Some(job);
+                                break;
+                            }
+                            Err(_) => break,
                         }
                     }
-                    self.publish();
+                    self.steps(steps);
+                    if let Some(job) = other {
+                        self.handle(job);
+                    }
                 }
+                Ok(job) => self.handle(job),
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
             }
             self.expire();
+        }
+    }
+
+    /// Any job but a step.
+    fn handle(&mut self, job: Job) {
+        match job {
+            Job::Load(info, reply) => {
+                let _ = reply.send(self.load(info));
+            }
+            Job::Unload(model, a, b, reply) => {
+                let _ = reply.send(self.unload(&model, a, b));
+            }
+            Job::Step(step, reply) => self.steps(vec![(step, reply)]),
+            Job::Close(id, peer) => {
+                let ended: Vec<SessionKey> = self
+                    .sessions
+                    .iter()
+                    .filter(|(k, s)| k.0 == id && s.owner == peer)
+                    .map(|(k, _)| *k)
+                    .collect();
+                for key in ended {
+                    if let Some(s) = self.sessions.remove(&key) {
+                        self.retire(s);
+                    }
+                }
+                self.publish();
+            }
+        }
+    }
+
+    /// Runs steps that arrived together: the single-token steps of sessions
+    /// that share a range's context are decoded in one batch per range; every
+    /// other step runs on its own.
+    fn steps(&mut self, steps: Vec<StepJob>) {
+        let mut groups: HashMap<(String, u32, u32), Vec<StepJob>> = HashMap::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut alone = Vec::new();
+        for (step, reply) in steps {
+            let skey: SessionKey = (step.session, step.layer_start, step.layer_end);
+            let batchable = step.input.rows(self.n_embd(&step)) == Some(1)
+                && self
+                    .sessions
+                    .get(&skey)
+                    .is_some_and(|s| matches!(s.kv, Kv::Stream(_)) && s.owner == step.peer)
+                // A session twice in one batch runs its later steps alone, after.
+                && seen.insert(skey);
+            if batchable {
+                let key = (step.model_id.clone(), step.layer_start, step.layer_end);
+                groups.entry(key).or_default().push((step, reply));
+            } else {
+                alone.push((step, reply));
+            }
+        }
+        for (key, group) in groups {
+            if group.len() == 1 {
+                alone.extend(group);
+            } else {
+                self.batch(&key, group);
+            }
+        }
+        for (step, reply) in alone {
+            // A panic in llama-cpp-2 must not take every session down.
+            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step(*step)))
+                .unwrap_or_else(|_| Err(HostError::Compute("internal error".into())));
+            let _ = reply.send(out);
+        }
+    }
+
+    /// The hidden size of the range a step names (0 when it is not loaded).
+    fn n_embd(&self, step: &Step) -> usize {
+        self.models
+            .iter()
+            .find(|m| m.info.is(&step.model_id, step.layer_start, step.layer_end))
+            .map_or(0, |m| m.model.n_embd())
+    }
+
+    /// Decodes one single-token step of each of several sessions of range
+    /// `key` in one batch of the range's shared context.
+    fn batch(&mut self, key: &(String, u32, u32), group: Vec<StepJob>) {
+        let mut ready: Vec<(i32, Prepared, Box<Step>, Reply)> = Vec::new();
+        for (step, reply) in group {
+            match self.prepare(&step) {
+                Ok(p) => match self.sessions.get(&p.skey).map(|s| &s.kv) {
+                    Some(Kv::Stream(seq)) => ready.push((*seq, p, step, reply)),
+                    _ => {
+                        let out = self.step(*step);
+                        let _ = reply.send(out);
+                    }
+                },
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            }
+        }
+        ready.sort_by_key(|r| r.0);
+        let started = Instant::now();
+        let outputs = {
+            let Some(shared) = self
+                .models
+                .iter_mut()
+                .find(|m| m.info.is(&key.0, key.1, key.2))
+                .and_then(|m| m.shared.as_mut())
+            else {
+                for (_, _, _, reply) in ready {
+                    let _ = reply.send(Err(HostError::Compute("the range was unloaded".into())));
+                }
+                return;
+            };
+            let items: Vec<(i32, RangeInput<'_>, i32)> = ready
+                .iter()
+                .map(|(seq, _, step, _)| (*seq, step.input.as_range_input(), step.pos as i32))
+                .collect();
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                shared.kv.forward_many(&items)
+            }))
+            .unwrap_or_else(|_| {
+                Err(crate::infer::layers::LayerError::Input(
+                    "internal error".into(),
+                ))
+            })
+        };
+        let elapsed = started.elapsed();
+        match outputs {
+            Ok(outputs) => {
+                let n = ready.len().max(1) as u32;
+                if n > 1 {
+                    use std::sync::atomic::Ordering::Relaxed;
+                    self.batching.batches.fetch_add(1, Relaxed);
+                    self.batching.steps.fetch_add(u64::from(n), Relaxed);
+                }
+                for ((_, p, step, reply), out) in ready.into_iter().zip(outputs) {
+                    // Each step's share of the batch's time, for routing.
+                    let _ = reply.send(self.finish(*step, &p, out, elapsed / n));
+                }
+            }
+            Err(e) => {
+                for (_, _, _, reply) in ready {
+                    let _ = reply.send(Err(HostError::Compute(e.to_string())));
+                }
+            }
         }
     }
 
@@ -423,14 +635,29 @@ impl Thread {
     /// range (while the range is loaded and its spares are not full).
     fn retire(&mut self, session: Session) {
         let key = (session.model_id, session.layer_start, session.layer_end);
-        if !self.models.iter().any(|m| m.info.is(&key.0, key.1, key.2)) {
+        let Some(loaded) = self
+            .models
+            .iter_mut()
+            .find(|m| m.info.is(&key.0, key.1, key.2))
+        else {
             return;
-        }
-        let spare = self.spare.entry(key).or_default();
-        if spare.len() < SPARE_CONTEXTS_PER_RANGE {
-            let mut kv = session.kv;
-            kv.reset();
-            spare.push(kv);
+        };
+        match session.kv {
+            Kv::Stream(seq) => {
+                // The stream is emptied (its cells allocated from the first
+                // again) and free for the next session.
+                if let Some(shared) = loaded.shared.as_mut() {
+                    shared.kv.truncate_seq(seq, 0);
+                    shared.free.push(seq);
+                }
+            }
+            Kv::Own(mut kv) => {
+                let spare = self.spare.entry(key).or_default();
+                if spare.len() < SPARE_CONTEXTS_PER_RANGE {
+                    kv.reset();
+                    spare.push(kv);
+                }
+            }
         }
     }
 
@@ -456,6 +683,7 @@ impl Thread {
         self.models.push(Loaded {
             info,
             model: Arc::new(model),
+            shared: None,
         });
         self.publish();
         Ok(n_embd)
@@ -472,7 +700,58 @@ impl Thread {
         removed
     }
 
+    /// Runs one step on its own.
     fn step(&mut self, step: Step) -> Result<StepOutput, HostError> {
+        let p = self.prepare(&step)?;
+        let started = Instant::now();
+        let input = step.input.as_range_input();
+        let out = match self.sessions.get_mut(&p.skey).map(|s| &mut s.kv) {
+            Some(Kv::Own(kv)) => kv.forward(input, step.pos as i32),
+            Some(Kv::Stream(seq)) => {
+                let seq = *seq;
+                match self
+                    .models
+                    .iter_mut()
+                    .find(|m| m.info.is(&p.key.0, p.key.1, p.key.2))
+                    .and_then(|m| m.shared.as_mut())
+                {
+                    Some(shared) => shared
+                        .kv
+                        .forward_many(&[(seq, input, step.pos as i32)])
+                        .and_then(|mut o| {
+                            o.pop().ok_or_else(|| {
+                                crate::infer::layers::LayerError::Input("no output".into())
+                            })
+                        }),
+                    None => return Err(HostError::Compute("the range was unloaded".into())),
+                }
+            }
+            None => return Err(HostError::Compute("session vanished".into())),
+        };
+        let out = match out {
+            Ok(out) => out,
+            Err(e) => {
+                if p.created {
+                    // A session whose first step failed holds nothing worth keeping.
+                    if let Some(s) = self.sessions.remove(&p.skey) {
+                        self.retire(s);
+                    }
+                    self.publish();
+                }
+                return Err(match e {
+                    crate::infer::layers::LayerError::Input(m) => HostError::BadStep(m),
+                    other => HostError::Compute(other.to_string()),
+                });
+            }
+        };
+        self.finish(step, &p, out, started.elapsed())
+    }
+
+    /// Everything before a step's compute: the range and the input's kind, the
+    /// session (opened on its first step, on a stream of the range's shared
+    /// context while one is free), its owner, order and window; a step before
+    /// the session's end rolls its cache back first.
+    fn prepare(&mut self, step: &Step) -> Result<Prepared, HostError> {
         let key = (step.model_id.clone(), step.layer_start, step.layer_end);
         let loaded = self
             .models
@@ -502,151 +781,232 @@ impl Thread {
             }
             _ => {}
         }
-
         // Only the range with the head samples (others hold a placeholder
         // vocabulary); it checks what the sampler will be given.
         if has_head {
-            check_sampling(&step, model.n_vocab(), self.config.context_size)?;
+            check_sampling(step, model.n_vocab(), self.config.context_size)?;
+        }
+        // The input is checked here, per step, so that one peer's bad step in
+        // a batch never fails the others'.
+        let rows = match &step.input {
+            StepInput::Tokens(t) => {
+                if let Some(bad) = t.iter().find(|&&t| t < 0 || t as usize >= model.n_vocab()) {
+                    return Err(HostError::BadStep(format!(
+                        "token id {bad} is outside the vocabulary"
+                    )));
+                }
+                t.len()
+            }
+            StepInput::Hidden(h) => {
+                if h.len() % model.n_embd().max(1) != 0 {
+                    return Err(HostError::BadStep(format!(
+                        "{} floats is not a multiple of n_embd {}",
+                        h.len(),
+                        model.n_embd()
+                    )));
+                }
+                h.len() / model.n_embd().max(1)
+            }
+        };
+        if rows == 0 || rows > self.config.batch_size.clamp(1, 512) as usize {
+            return Err(HostError::BadStep(format!(
+                "{rows} rows (1..={} per step)",
+                self.config.batch_size.clamp(1, 512)
+            )));
         }
         let skey: SessionKey = (step.session, step.layer_start, step.layer_end);
         let created = !self.sessions.contains_key(&skey);
-        let out = self.run_step(step, skey, &key, model, has_head, n_layers);
-        if created && out.is_err() {
-            // A session whose first step failed holds nothing worth keeping.
-            self.sessions.remove(&skey);
-            self.publish();
-        }
-        out
-    }
-
-    fn run_step(
-        &mut self,
-        step: Step,
-        skey: SessionKey,
-        key: &(String, u32, u32),
-        model: Arc<RangeModel>,
-        has_head: bool,
-        n_layers: u32,
-    ) -> Result<StepOutput, HostError> {
-        if !self.sessions.contains_key(&skey) {
-            if self.sessions.len() >= self.config.max_sessions {
-                return Err(HostError::Busy(self.config.max_sessions));
-            }
-            // One peer may hold at most half the slots (at least two), so no
-            // single requester can lock everyone else out.
-            let per_peer = (self.config.max_sessions / 2).max(2);
-            if self
-                .sessions
-                .values()
-                .filter(|s| s.owner == step.peer)
-                .count()
-                >= per_peer
-            {
-                return Err(HostError::Busy(self.sessions.len()));
-            }
-            let need = model.kv_bytes_per_token() * u64::from(self.config.context_size);
-            let used: u64 = self.sessions.values().map(|s| s.kv_bytes).sum();
-            if used + need > self.config.max_session_bytes {
-                return Err(HostError::Busy(self.sessions.len()));
-            }
-            if step.pos != 0 {
-                return Err(HostError::BadStep(format!(
-                    "unknown session starting at position {} (expired?)",
-                    step.pos
-                )));
-            }
-            let spare = self.spare.get_mut(key).and_then(Vec::pop);
-            let kv = match spare {
-                Some(kv) => kv,
-                None => model
-                    .session(
-                        self.config.context_size,
-                        self.config.batch_size,
-                        self.config.threads,
-                        !has_head,
-                    )
-                    .map_err(|e| HostError::Compute(e.to_string()))?,
-            };
-            self.sessions.insert(
-                skey,
-                Session {
-                    owner: step.peer.clone(),
-                    model_id: key.0.clone(),
-                    layer_start: key.1,
-                    layer_end: key.2,
-                    kv_bytes: need,
-                    kv,
-                    sampler: None,
-                    next_pos: 0,
-                    last_seq: 0,
-                    last_used: Instant::now(),
-                },
-            );
-            self.publish();
+        if created {
+            self.open(step, skey, &key, &model, has_head)?;
         }
         let Some(session) = self.sessions.get_mut(&skey) else {
             return Err(HostError::Compute("session vanished".into()));
         };
-        if session.owner != step.peer {
-            return Err(HostError::Forbidden(
+        let refused = if session.owner != step.peer {
+            Some(HostError::Forbidden(
                 "the session belongs to another peer".into(),
-            ));
-        }
-        if session.model_id != key.0 {
-            return Err(HostError::BadStep(
+            ))
+        } else if session.model_id != key.0 {
+            Some(HostError::BadStep(
                 "the session belongs to another model".into(),
-            ));
-        }
-        if step.seq <= session.last_seq {
-            return Err(HostError::BadStep(format!(
+            ))
+        } else if step.seq <= session.last_seq {
+            Some(HostError::BadStep(format!(
                 "step {} repeats or precedes step {}",
                 step.seq, session.last_seq
-            )));
-        }
-        if step.pos > session.next_pos {
-            return Err(HostError::BadStep(format!(
+            )))
+        } else if step.pos > session.next_pos {
+            Some(HostError::BadStep(format!(
                 "step at position {} skips past the session's end {}",
                 step.pos, session.next_pos
-            )));
-        }
-        if step.pos < session.next_pos {
-            session.kv.truncate(step.pos as i32);
-            session.next_pos = step.pos;
-        }
-        let rows = match &step.input {
-            StepInput::Tokens(t) => t.len(),
-            StepInput::Hidden(h) => h.len() / model.n_embd().max(1),
-        };
-        if step.pos as usize + rows > self.config.context_size as usize {
-            return Err(HostError::BadStep(format!(
+            )))
+        } else if step.pos as usize + rows > self.config.context_size as usize {
+            Some(HostError::BadStep(format!(
                 "position {} is past the {}-token session window",
                 step.pos as usize + rows,
                 self.config.context_size
+            )))
+        } else {
+            None
+        };
+        if let Some(e) = refused {
+            if created {
+                if let Some(s) = self.sessions.remove(&skey) {
+                    self.retire(s);
+                }
+                self.publish();
+            }
+            return Err(e);
+        }
+        if step.pos < session.next_pos {
+            match &mut session.kv {
+                Kv::Own(kv) => kv.truncate(step.pos as i32),
+                Kv::Stream(seq) => {
+                    let seq = *seq;
+                    if let Some(shared) = self
+                        .models
+                        .iter_mut()
+                        .find(|m| m.info.is(&key.0, key.1, key.2))
+                        .and_then(|m| m.shared.as_mut())
+                    {
+                        shared.kv.truncate_seq(seq, step.pos as i32);
+                    }
+                }
+            }
+            if let Some(session) = self.sessions.get_mut(&skey) {
+                session.next_pos = step.pos;
+            }
+        }
+        Ok(Prepared {
+            skey,
+            key,
+            model,
+            n_layers,
+            rows,
+            created,
+        })
+    }
+
+    /// Opens a session on its first step: a stream of the range's shared
+    /// context when one is free, else a context of its own (a spare one when
+    /// there is one).
+    fn open(
+        &mut self,
+        step: &Step,
+        skey: SessionKey,
+        key: &(String, u32, u32),
+        model: &Arc<RangeModel>,
+        has_head: bool,
+    ) -> Result<(), HostError> {
+        if self.sessions.len() >= self.config.max_sessions {
+            return Err(HostError::Busy(self.config.max_sessions));
+        }
+        // One peer may hold at most half the slots (at least two), so no
+        // single requester can lock everyone else out.
+        let per_peer = (self.config.max_sessions / 2).max(2);
+        if self
+            .sessions
+            .values()
+            .filter(|s| s.owner == step.peer)
+            .count()
+            >= per_peer
+        {
+            return Err(HostError::Busy(self.sessions.len()));
+        }
+        let need = model.kv_bytes_per_token() * u64::from(self.config.context_size);
+        let used: u64 = self.sessions.values().map(|s| s.kv_bytes).sum();
+        if used + need > self.config.max_session_bytes {
+            return Err(HostError::Busy(self.sessions.len()));
+        }
+        if step.pos != 0 {
+            return Err(HostError::BadStep(format!(
+                "unknown session starting at position {} (expired?)",
+                step.pos
             )));
         }
-        let started = Instant::now();
-        let input = match &step.input {
-            StepInput::Tokens(t) => RangeInput::Tokens(t),
-            StepInput::Hidden(h) => RangeInput::Hidden(h),
+        let config = &self.config;
+        let loaded = self
+            .models
+            .iter_mut()
+            .find(|m| m.info.is(&key.0, key.1, key.2))
+            .ok_or_else(|| HostError::Compute("the range was unloaded".into()))?;
+        if loaded.shared.is_none() {
+            // Created with the range's first session; its streams' memory is
+            // within the sessions' budget as they take them.
+            match model.streams(
+                config.context_size,
+                config.batch_size,
+                config.threads,
+                !has_head,
+                SHARED_STREAMS,
+            ) {
+                Ok(kv) => {
+                    loaded.shared = Some(Shared {
+                        kv,
+                        free: (0..SHARED_STREAMS as i32).rev().collect(),
+                    });
+                }
+                Err(e) => tracing::warn!(error = %e, "no shared context for the range"),
+            }
+        }
+        let kv = match loaded.shared.as_mut().and_then(|s| s.free.pop()) {
+            Some(seq) => Kv::Stream(seq),
+            None => match self.spare.get_mut(key).and_then(Vec::pop) {
+                Some(kv) => Kv::Own(kv),
+                None => Kv::Own(
+                    model
+                        .session(
+                            self.config.context_size,
+                            self.config.batch_size,
+                            self.config.threads,
+                            !has_head,
+                        )
+                        .map_err(|e| HostError::Compute(e.to_string()))?,
+                ),
+            },
         };
-        let out = session
-            .kv
-            .forward(input, step.pos as i32)
-            .map_err(|e| match e {
-                crate::infer::layers::LayerError::Input(m) => HostError::BadStep(m),
-                other => HostError::Compute(other.to_string()),
-            })?;
+        self.sessions.insert(
+            skey,
+            Session {
+                owner: step.peer.clone(),
+                model_id: key.0.clone(),
+                layer_start: key.1,
+                layer_end: key.2,
+                kv_bytes: need,
+                kv,
+                sampler: None,
+                next_pos: 0,
+                last_seq: 0,
+                last_used: Instant::now(),
+            },
+        );
+        self.publish();
+        Ok(())
+    }
+
+    /// Everything after a step's compute: the session moves on, and the range
+    /// with the head samples.
+    fn finish(
+        &mut self,
+        step: Step,
+        p: &Prepared,
+        out: RangeOutput,
+        elapsed: Duration,
+    ) -> Result<StepOutput, HostError> {
+        let Some(session) = self.sessions.get_mut(&p.skey) else {
+            return Err(HostError::Compute("session vanished".into()));
+        };
         session.last_seq = step.seq;
+        session.next_pos = step.pos + p.rows as u32;
+        session.last_used = Instant::now();
         self.steps_served
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        session.next_pos = step.pos + rows as u32;
-        session.last_used = Instant::now();
-        let elapsed = started.elapsed();
         let output = match out {
             RangeOutput::Hidden(h) => StepOutput::Hidden(h),
             RangeOutput::Logits(logits) => match &step.sample {
                 None => StepOutput::Token(None),
                 Some(spec) => {
+                    let model = &p.model;
                     let sampler = session.sampler.get_or_insert_with(|| {
                         let mut s =
                             crate::infer::build_sampler(model.n_vocab() as i32, &spec.to_params());
@@ -659,8 +1019,8 @@ impl Thread {
                 }
             },
         };
-        if rows == 1 {
-            self.record_speed(key, elapsed, n_layers);
+        if p.rows == 1 {
+            self.record_speed(&p.key, elapsed, p.n_layers);
         }
         Ok(output)
     }
