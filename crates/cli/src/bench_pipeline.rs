@@ -41,6 +41,11 @@ pub(crate) struct BenchPipelineArgs {
     /// cost, as separate machines would.
     #[arg(long)]
     pin: Option<String>,
+    /// Also send this many streams at once to each configuration and report
+    /// their aggregate tok/s against one stream's (range hosts batch the
+    /// single-token steps of sessions that arrive together).
+    #[arg(long, default_value_t = 1)]
+    concurrency: usize,
 }
 
 const PROMPT: &str = "Explain, step by step, how a chain of computers can run one language \
@@ -276,6 +281,33 @@ pub(crate) async fn run(args: &BenchPipelineArgs) -> anyhow::Result<()> {
             bytes[i] += wire_bytes(&http, nodes).await - before;
         }
     }
+    // Concurrent sessions: aggregate tok/s (every generated token over the
+    // whole run, prompts included) of one stream and of N at once.
+    let mut concurrent = Vec::new();
+    if args.concurrency > 1 {
+        for (label, _, model_id, nodes) in &configs {
+            let wall = |n: usize| {
+                let http = &http;
+                async move {
+                    let t0 = Instant::now();
+                    futures::future::try_join_all(
+                        (0..n).map(|_| one_run(http, &nodes[0], model_id, args.tokens)),
+                    )
+                    .await?;
+                    anyhow::Ok(t0.elapsed().as_secs_f64())
+                }
+            };
+            let (mut one, mut many) = (Vec::new(), Vec::new());
+            for _ in 0..args.runs {
+                one.push(f64::from(args.tokens) / wall(1).await?);
+                many.push(
+                    args.concurrency as f64 * f64::from(args.tokens)
+                        / wall(args.concurrency).await?,
+                );
+            }
+            concurrent.push((label.clone(), median(one), median(many)));
+        }
+    }
     // Each sending node's own measure of its link: wait minus the answering
     // node's time (warm-up included).
     let mut links: Vec<Vec<(f64, f64)>> = Vec::new();
@@ -371,6 +403,22 @@ pub(crate) async fn run(args: &BenchPipelineArgs) -> anyhow::Result<()> {
         "link overhead = a node's wait for the next node's answer minus the time that node spent \
          (network, framing, sealing and thread hand-offs of one round trip), measured per step"
     );
+    if !concurrent.is_empty() {
+        println!(
+            "{:<22} {:>14} {:>16} {:>8}",
+            "configuration",
+            "1 stream tok/s",
+            format!("{} streams tok/s", args.concurrency),
+            "gain"
+        );
+        for (label, one, many) in concurrent {
+            println!("{label:<22} {one:>14.1} {many:>16.1} {:>8.2}", many / one);
+        }
+        println!(
+            "tok/s = every generated token over the whole run (prompts included), medians of {}",
+            args.runs
+        );
+    }
     Ok(())
 }
 
