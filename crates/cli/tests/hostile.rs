@@ -395,6 +395,7 @@ fn token_step(
             seed: 1,
         }),
         prime: vec![],
+        continues: None,
         close: false,
         requester_sig: String::new(),
     };

@@ -701,3 +701,59 @@ fn pinned_shards_are_fetched_by_their_device_and_kept() {
     );
     assert_eq!(status, 200, "{v}");
 }
+
+fn chat_turns(node: &TestNode, model: Option<&str>, messages: &Value) -> Value {
+    let mut body = json!({ "messages": messages, "max_tokens": 40, "temperature": 0 });
+    if let Some(m) = model {
+        body["model"] = json!(m);
+    }
+    let (status, v) = node.post("/v1/chat/completions", &body);
+    assert_eq!(status, 200, "{v}");
+    v
+}
+
+/// A chat's next turn through a 2-node split continues the chain's sessions:
+/// the hops keep the first turn's caches, the second computes only what is new
+/// (`cached_tokens`), and the answer is still the whole model's.
+#[test]
+fn a_chats_next_turn_through_a_split_reuses_the_chains_caches() {
+    let turn1 = json!([{ "role": "user", "content": PROMPTS[1] }]);
+    let (first, turn2, expected) = {
+        let whole = TestNode::start();
+        let first = content(&chat_turns(&whole, None, &turn1));
+        let turn2 = json!([
+            { "role": "user", "content": PROMPTS[1] },
+            { "role": "assistant", "content": first },
+            { "role": "user", "content": "And why are sunsets red?" },
+        ]);
+        let expected = content(&chat_turns(&whole, None, &turn2));
+        (first, turn2, expected)
+    };
+    let lib = common::import_shards(2);
+    let a = TestNode::start_custom(false, &[], &[], |d| give_shards(lib.path(), d, &[0]));
+    let code = network_code(&a);
+    let b = TestNode::start_custom(false, &["--bootstrap", &code], &[], |d| {
+        give_shards(lib.path(), d, &[1])
+    });
+    wait_servable(&a, 2);
+    let v1 = chat_turns(&a, Some("smol"), &turn1);
+    assert_eq!(content(&v1), first);
+    assert_eq!(v1["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    let v2 = chat_turns(&a, Some("smol"), &turn2);
+    assert_eq!(
+        content(&v2),
+        expected,
+        "the next turn must answer as the whole model"
+    );
+    let cached = v2["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap_or(0);
+    let first_prompt = v1["usage"]["prompt_tokens"].as_u64().unwrap_or(u64::MAX);
+    assert!(
+        cached >= first_prompt,
+        "cached {cached} tokens of a history whose first prompt had {first_prompt}: {v2}"
+    );
+    // The hop holds one session for the conversation, not one per turn.
+    let (_, layers) = b.get("/api/v1/layers");
+    assert_eq!(layers["sessions"], 1, "{layers}");
+}

@@ -223,6 +223,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         dtype: "f16".into(),
         sample: None,
         prime: vec![],
+        continues: None,
         close: false,
         requester_sig: String::new(),
     };

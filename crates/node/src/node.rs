@@ -851,10 +851,10 @@ fn local_info(node: Weak<Inner>, hardware: HardwareSummary) -> crate::net::Local
         }
         drop(config);
         load.steps_served = inner.pipeline.host().steps_served();
-        // Sessions open in the range host count as queued work: requesters
-        // weigh busy holders down.
+        // Sessions working in the range host count as queued work: requesters
+        // weigh busy holders down (sessions kept idle for a next turn do not).
         load.queue_depth = load.queue_depth.saturating_add(
-            u32::try_from(inner.pipeline.host().session_count()).unwrap_or(u32::MAX),
+            u32::try_from(inner.pipeline.host().active_count()).unwrap_or(u32::MAX),
         );
         load.uptime_secs = inner.started.elapsed().as_secs();
         load.credits = Some(inner.credits.summary());

@@ -71,6 +71,7 @@ fn step(session: u8, seq: u64, pos: u32, tokens: &[i32]) -> Step {
             seed: 1,
         }),
         prime: vec![],
+        continues: None,
     }
 }
 

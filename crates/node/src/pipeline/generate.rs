@@ -27,6 +27,29 @@ use crate::net::link::Link;
 
 /// Re-routes one generation may make before giving up.
 const MAX_REROUTES: usize = 4;
+/// Finished generations kept for a later prompt that starts with their tokens.
+const KEPT_RUNS: usize = 4;
+/// How long a kept generation is offered (well inside the hops' session TTL).
+const KEPT_FOR: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// A finished generation whose sessions the hops still hold: a conversation's
+/// next turn continues it instead of recomputing its history.
+pub(super) struct Kept {
+    model_id: String,
+    hops: Vec<Hop>,
+    session: [u8; 16],
+    /// The steps that built its caches (for a replay after a re-route).
+    history: Vec<(Vec<i32>, u32)>,
+    link: Option<Link>,
+    at: Instant,
+}
+
+impl Kept {
+    /// The tokens in its caches.
+    fn tokens(&self) -> impl Iterator<Item = &i32> {
+        self.history.iter().flat_map(|(t, _)| t.iter())
+    }
+}
 
 /// The chain a generation runs on and what it has sent through it.
 struct Run {
@@ -44,6 +67,8 @@ struct Run {
     work: Vec<(String, crate::credits::Work)>,
     /// The link to the chain's next node, kept from step to step.
     link: Option<Link>,
+    /// The kept session this run's first step takes over on every hop.
+    continues: Option<[u8; 16]>,
 }
 
 impl Run {
@@ -58,6 +83,33 @@ impl Run {
             reroutes: 0,
             work: Vec::new(),
             link: None,
+            continues: None,
+        }
+    }
+
+    /// A run that continues `kept` on its chain, keeping the first `reuse`
+    /// tokens of its caches.
+    fn continuing(kept: Kept, reuse: usize) -> Self {
+        let mut history = Vec::new();
+        for (tokens, pos) in kept.history {
+            let start = pos as usize;
+            if start >= reuse {
+                break;
+            }
+            let keep = (reuse - start).min(tokens.len());
+            history.push((tokens[..keep].to_vec(), pos));
+        }
+        Run {
+            model_id: kept.model_id,
+            hops: kept.hops,
+            session: rand::random(),
+            seq: 0,
+            history,
+            excluded: HashSet::new(),
+            reroutes: 0,
+            work: Vec::new(),
+            link: kept.link,
+            continues: Some(kept.session),
         }
     }
 
@@ -102,6 +154,7 @@ impl Run {
             sample: None,
             prime: Vec::new(),
             close: false,
+            continues: self.continues.take().map(hex::encode),
             // Signed when sent (`request_step`), once every field is final.
             requester_sig: String::new(),
         }
@@ -173,9 +226,30 @@ impl Pipeline {
         {
             return Ok(());
         }
-        let mut run = Run::new(model_id, &plan);
+        // A kept generation whose tokens start this prompt: its chain keeps
+        // them (all but the prompt's last token, whose logits start this one).
+        let mut reuse = 0;
+        // Only on the chain just planned: the planner applies private mode, the
+        // encrypted pipeline and load, and a kept chain must pass them again.
+        let planned = plan.hops(model_id);
+        let mut run = match self.take_kept(model_id, &planned, &tokens, request.params.cache_prompt)
+        {
+            Some((kept, shared)) => {
+                reuse = shared;
+                Run::continuing(kept, shared)
+            }
+            None => Run::new(model_id, &plan),
+        };
         let outcome = self
-            .decode_loop(&mut run, &vocab, &tokens, &request.params, events, started)
+            .decode_loop(
+                &mut run,
+                &vocab,
+                &tokens,
+                reuse,
+                &request.params,
+                events,
+                started,
+            )
             .await;
         if let Some(accounting) = self.accounting() {
             let me = &self.inner.node_id;
@@ -186,24 +260,98 @@ impl Pipeline {
                     .collect(),
             );
         }
-        // End the sessions along the chain in the background.
-        let this = self.clone();
+        if outcome.is_ok() && !run.history.is_empty() {
+            // The hops keep the sessions for a next turn; the oldest kept one
+            // (or one past its time) ends instead.
+            let kept = Kept {
+                model_id: run.model_id.clone(),
+                hops: run.hops.clone(),
+                session: run.session,
+                history: std::mem::take(&mut run.history),
+                link: run.link.take(),
+                at: Instant::now(),
+            };
+            let ended = {
+                let mut all = self.inner.kept.lock().unwrap_or_else(|p| p.into_inner());
+                let mut ended: Vec<Kept> = Vec::new();
+                while let Some(old) = all.front() {
+                    if all.len() < KEPT_RUNS && old.at.elapsed() < KEPT_FOR {
+                        break;
+                    }
+                    ended.extend(all.pop_front());
+                }
+                all.push_back(kept);
+                ended
+            };
+            for old in ended {
+                self.close_sessions(old.hops, old.session, old.link);
+            }
+        } else {
+            self.close_sessions(run.hops.clone(), run.session, run.link.take());
+        }
+        outcome
+    }
+
+    /// Ends a session along its chain, in the background.
+    fn close_sessions(&self, hops: Vec<Hop>, session: [u8; 16], mut link: Option<Link>) {
+        let mut run = Run {
+            model_id: String::new(),
+            hops,
+            session,
+            seq: u64::MAX - 1,
+            history: Vec::new(),
+            excluded: HashSet::new(),
+            reroutes: 0,
+            work: Vec::new(),
+            link: None,
+            continues: None,
+        };
         let mut close = run.envelope(self, 0, 0);
         close.close = true;
-        let mut link = run.link.take();
+        let this = self.clone();
         self.spawn(async move {
             let _ = this
                 .request_step(close, StepInput::Tokens(Vec::new()), &mut link)
                 .await;
         });
-        outcome
     }
 
+    /// The kept generation of `model_id` on chain `hops` sharing the longest
+    /// prefix with `tokens`, taken out of the cache, and how many of its tokens to keep
+    /// (never the prompt's last: its logits start the answer).
+    fn take_kept(
+        &self,
+        model_id: &str,
+        hops: &[Hop],
+        tokens: &[i32],
+        allowed: bool,
+    ) -> Option<(Kept, usize)> {
+        if !allowed {
+            return None;
+        }
+        let mut all = self.inner.kept.lock().unwrap_or_else(|p| p.into_inner());
+        let (i, shared) = all
+            .iter()
+            .enumerate()
+            .filter(|(_, k)| k.model_id == model_id && k.hops == hops && k.at.elapsed() < KEPT_FOR)
+            .map(|(i, k)| {
+                let shared = k.tokens().zip(tokens).take_while(|(a, b)| a == b).count();
+                (i, shared.min(tokens.len().saturating_sub(1)))
+            })
+            .max_by_key(|(_, shared)| *shared)?;
+        if shared == 0 {
+            return None;
+        }
+        all.remove(i).map(|k| (k, shared))
+    }
+
+    #[allow(clippy::too_many_arguments)]
     async fn decode_loop(
         &self,
         run: &mut Run,
         vocab: &Arc<LlamaModel>,
         tokens: &[i32],
+        reuse: usize,
         params: &SamplingParams,
         events: &mpsc::Sender<Event>,
         started: Instant,
@@ -213,7 +361,8 @@ impl Pipeline {
         let n_ctx = self.inner.config.context_size;
         let mut generated: Vec<i32> = Vec::new();
 
-        let chunks: Vec<&[i32]> = tokens.chunks(batch).collect();
+        // The prompt past what the chain already holds, in batch-sized steps.
+        let chunks: Vec<&[i32]> = tokens[reuse..].chunks(batch).collect();
         let mut next = None;
         for (i, chunk) in chunks.iter().enumerate() {
             let last = i + 1 == chunks.len();
@@ -221,7 +370,7 @@ impl Pipeline {
                 .step(
                     run,
                     chunk.to_vec(),
-                    (i * batch) as u32,
+                    (reuse + i * batch) as u32,
                     last.then(|| spec.clone()),
                     &generated,
                 )
@@ -278,7 +427,9 @@ impl Pipeline {
                     prompt_tokens,
                     completion_tokens: completion,
                     total_tokens: prompt_tokens + completion,
-                    ..Usage::default()
+                    prompt_tokens_details: crate::infer::PromptTokensDetails {
+                        cached_tokens: reuse as u32,
+                    },
                 },
                 timing: Timing {
                     queue_ms: 0,
@@ -301,6 +452,8 @@ impl Pipeline {
     ) -> Result<Option<i32>, GenerateError> {
         let mut replay_needed = false;
         loop {
+            // This step takes over a kept session (see `Run::continuing`).
+            let continuing = run.continues.is_some();
             let attempt = async {
                 if replay_needed {
                     for (t, p) in run.history.clone() {
@@ -323,6 +476,17 @@ impl Pipeline {
                 Ok(token) => {
                     run.history.push((tokens, pos));
                     return Ok(token);
+                }
+                Err(failure) if continuing => {
+                    // The hops no longer hold the kept session (expired, or a
+                    // node restarted): rebuild the caches from the kept steps
+                    // on a new session, on the same chain.
+                    tracing::debug!(reason = %failure.message, "a kept session is gone; replaying");
+                    run.continues = None;
+                    run.session = rand::random();
+                    run.seq = 0;
+                    run.reroutes += 1;
+                    replay_needed = true;
                 }
                 Err(failure) => {
                     self.reroute(run, failure).await?;

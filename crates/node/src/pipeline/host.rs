@@ -145,6 +145,9 @@ pub struct Step {
     pub sample: Option<SampleSpec>,
     /// Tokens the sampler accepts first.
     pub prime: Vec<i32>,
+    /// On a new session's first step: the session of the same peer whose KV
+    /// cache it takes over (kept up to `pos`).
+    pub continues: Option<[u8; 16]>,
 }
 
 /// A step or a load failed.
@@ -196,7 +199,13 @@ pub struct RangeHost {
     sessions: Arc<std::sync::atomic::AtomicUsize>,
     steps_served: Arc<std::sync::atomic::AtomicU64>,
     batching: Arc<BatchCounters>,
+    active: Arc<std::sync::atomic::AtomicUsize>,
 }
+
+/// A session that ran a step this recently counts as working (see
+/// [`RangeHost::active_count`]); one kept for a conversation's next turn does
+/// not weigh its host down.
+const ACTIVE_WINDOW: Duration = Duration::from_secs(2);
 
 /// Batches of several sessions' steps decoded since start.
 #[derive(Debug, Default)]
@@ -221,11 +230,13 @@ impl RangeHost {
         let sessions = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let steps_served = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let batching = Arc::new(BatchCounters::default());
-        let (thread_ranges, thread_sessions, thread_steps, thread_batching) = (
+        let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (thread_ranges, thread_sessions, thread_steps, thread_batching, thread_active) = (
             Arc::clone(&ranges),
             Arc::clone(&sessions),
             Arc::clone(&steps_served),
             Arc::clone(&batching),
+            Arc::clone(&active),
         );
         std::thread::Builder::new()
             .name("swarmllm-ranges".into())
@@ -240,6 +251,7 @@ impl RangeHost {
                     session_count: thread_sessions,
                     steps_served: thread_steps,
                     batching: thread_batching,
+                    active: thread_active,
                 }
                 .run(rx)
             })?;
@@ -249,7 +261,14 @@ impl RangeHost {
             sessions,
             steps_served,
             batching,
+            active,
         })
+    }
+
+    /// Sessions that ran a step in the last 2 s: the work in progress here
+    /// (announced as queued work; the contribution level's session limit).
+    pub fn active_count(&self) -> usize {
+        self.active.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Decodes that batched several sessions' steps, and the steps they held.
@@ -424,6 +443,7 @@ struct Thread {
     session_count: Arc<std::sync::atomic::AtomicUsize>,
     steps_served: Arc<std::sync::atomic::AtomicU64>,
     batching: Arc<BatchCounters>,
+    active: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Thread {
@@ -612,6 +632,13 @@ impl Thread {
     }
 
     fn expire(&mut self) {
+        let active = self
+            .sessions
+            .values()
+            .filter(|s| s.last_used.elapsed() < ACTIVE_WINDOW)
+            .count();
+        self.active
+            .store(active, std::sync::atomic::Ordering::Relaxed);
         let ttl = self.config.session_ttl;
         let expired: Vec<SessionKey> = self
             .sessions
@@ -815,7 +842,29 @@ impl Thread {
             )));
         }
         let skey: SessionKey = (step.session, step.layer_start, step.layer_end);
-        let created = !self.sessions.contains_key(&skey);
+        let mut created = !self.sessions.contains_key(&skey);
+        if created && let Some(old) = step.continues {
+            // A conversation's next turn: the new session takes the old one's
+            // cache (its owner's only), with a fresh sampler and step count.
+            let okey: SessionKey = (old, step.layer_start, step.layer_end);
+            match self.sessions.get(&okey) {
+                Some(s) if s.owner != step.peer => {
+                    return Err(HostError::Forbidden(
+                        "the session to continue belongs to another peer".into(),
+                    ));
+                }
+                Some(_) => {
+                    if let Some(mut s) = self.sessions.remove(&okey) {
+                        s.sampler = None;
+                        s.last_seq = 0;
+                        s.last_used = Instant::now();
+                        self.sessions.insert(skey, s);
+                        created = false;
+                    }
+                }
+                None => {}
+            }
+        }
         if created {
             self.open(step, skey, &key, &model, has_head)?;
         }

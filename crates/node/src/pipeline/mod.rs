@@ -168,6 +168,9 @@ struct Inner {
     in_flight: Arc<crate::net::inflight::InFlight>,
     /// Makes weighing, choosing and reserving a route one step.
     route_lock: Mutex<()>,
+    /// Finished generations whose sessions the hops still keep, for a later
+    /// prompt that starts with the same tokens (see `generate`).
+    kept: Mutex<std::collections::VecDeque<generate::Kept>>,
     /// The manifest hash accepted for each model id.
     pins: pins::ManifestPins,
     /// Serialises [`Pipeline::load_held`].
@@ -244,6 +247,7 @@ impl Pipeline {
                 wire_bytes: std::sync::atomic::AtomicU64::new(0),
                 link_latency: latency::LinkLatency::default(),
                 in_flight: Arc::new(crate::net::inflight::InFlight::default()),
+                kept: Mutex::new(std::collections::VecDeque::new()),
                 route_lock: Mutex::new(()),
                 repairs,
                 repairs_rx: Mutex::new(Some(repairs_rx)),
@@ -400,7 +404,7 @@ impl Pipeline {
             return true;
         }
         let room = !new_session
-            || (policy.session_limit)().is_none_or(|n| self.inner.host.session_count() < n);
+            || (policy.session_limit)().is_none_or(|n| self.inner.host.active_count() < n);
         if room && (policy.contributing)() {
             return true;
         }

@@ -40,6 +40,9 @@ impl Pipeline {
         let session = env
             .session_bytes()
             .map_err(|e| self.own_failure(e.to_string()))?;
+        let continues = env
+            .continues_bytes()
+            .map_err(|e| self.own_failure(e.to_string()))?;
         if env.close {
             self.inner.host.close(session, from);
         } else {
@@ -57,6 +60,7 @@ impl Pipeline {
                     input,
                     sample: env.sample.clone(),
                     prime: env.prime.clone(),
+                    continues,
                 })
                 .await
                 .map_err(|e| {

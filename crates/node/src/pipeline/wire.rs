@@ -131,6 +131,11 @@ pub struct Envelope {
     /// End the session on every hop (no rows, empty body).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub close: bool,
+    /// A session of the same requester whose KV cache this new session takes
+    /// over on every hop (a conversation's next turn reuses its history; the
+    /// step's position says how much of it is kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub continues: Option<String>,
     /// Hex Ed25519 signature by `requester` over [`Envelope::signed_part`]: every
     /// hop, not only the first, knows the requester it serves (and names in its
     /// receipt) really sent this step.
@@ -166,7 +171,7 @@ impl Envelope {
     fn signed_part(&self) -> Vec<u8> {
         let sample = serde_json::to_string(&self.sample).unwrap_or_default();
         let prime: Vec<u8> = self.prime.iter().flat_map(|t| t.to_le_bytes()).collect();
-        format!(
+        let mut signed = format!(
             "{STEP_SIGNATURE_TAG}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}",
             self.requester,
             self.session,
@@ -177,8 +182,13 @@ impl Envelope {
             self.dtype,
             sample,
             blake3::hash(&prime).to_hex(),
-        )
-        .into_bytes()
+        );
+        // Only when present, so steps without it sign as before.
+        if let Some(c) = &self.continues {
+            signed.push_str("\ncontinues ");
+            signed.push_str(c);
+        }
+        signed.into_bytes()
     }
 
     /// Signs the step as its requester.
@@ -231,8 +241,20 @@ impl Envelope {
             return Err(WireError::Malformed("prime is too long".into()));
         }
         self.session_bytes()?;
+        self.continues_bytes()?;
         self.dtype()?;
         Ok(())
+    }
+
+    /// The session whose cache this one takes over, as bytes.
+    pub fn continues_bytes(&self) -> Result<Option<[u8; 16]>, WireError> {
+        let Some(c) = &self.continues else {
+            return Ok(None);
+        };
+        let mut out = [0u8; 16];
+        hex::decode_to_slice(c, &mut out)
+            .map_err(|_| WireError::Malformed("continues is not 32 hex characters".into()))?;
+        Ok(Some(out))
     }
 }
 
@@ -337,6 +359,7 @@ mod tests {
             dtype: "f16".into(),
             sample: None,
             prime: vec![],
+            continues: None,
             close: false,
             requester_sig: String::new(),
         }
