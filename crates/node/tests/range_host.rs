@@ -178,6 +178,21 @@ fn a_peer_cannot_use_another_peers_session_or_send_out_of_range_numbers() {
     // The owner's next step still finds its session (a close by a stranger would
     // have dropped it, and position 3 of an unknown session is refused).
     run(step(1, 3, 3, &[t])).expect("the owner's session survived");
+    // Nor can a stranger's new session take the owner's cache over.
+    let mut takeover = step(2, 1, 3, &[t]);
+    takeover.peer = "stranger".into();
+    takeover.continues = Some([1; 16]);
+    match run(takeover) {
+        Err(HostError::Forbidden(m)) => assert!(m.contains("another peer"), "{m}"),
+        other => panic!("a stranger took the session over: {other:?}"),
+    }
+    // The owner's new session can (a conversation's next turn): it keeps the
+    // first 3 positions and goes on from there.
+    let mut next_turn = step(3, 1, 3, &[t]);
+    next_turn.continues = Some([1; 16]);
+    run(next_turn).expect("the owner's next turn continues its session");
+    // The old session is gone: taken over, not copied.
+    assert!(run(step(1, 4, 4, &[t])).is_err());
 
     // Sampling numbers a peer sends pass the HTTP API's validation.
     type Spoil = fn(&mut SampleSpec);
