@@ -18,7 +18,6 @@ use tokio::sync::mpsc;
 
 use super::Pipeline;
 use super::host::StepInput;
-use super::route::Plan;
 use super::wire::{Envelope, Hop, InputKind, SampleSpec, StepFailure};
 use crate::infer::{
     Event, FinishReason, GenerateError, GenerateRequest, SamplingParams, Timing, Usage,
@@ -35,19 +34,14 @@ const KEPT_FOR: std::time::Duration = std::time::Duration::from_secs(120);
 /// A finished generation whose sessions the hops still hold: a conversation's
 /// next turn continues it instead of recomputing its history.
 pub(super) struct Kept {
-    model_id: String,
-    hops: Vec<Hop>,
-    session: [u8; 16],
-    /// The steps that built its caches (for a replay after a re-route).
-    history: Vec<(Vec<i32>, u32)>,
-    link: Option<Link>,
+    run: Run,
     at: Instant,
 }
 
 impl Kept {
     /// The tokens in its caches.
     fn tokens(&self) -> impl Iterator<Item = &i32> {
-        self.history.iter().flat_map(|(t, _)| t.iter())
+        self.run.history.iter().flat_map(|(t, _)| t.iter())
     }
 }
 
@@ -72,26 +66,28 @@ struct Run {
 }
 
 impl Run {
-    fn new(model_id: &str, plan: &Plan) -> Self {
+    /// A fresh session on chain `hops`.
+    fn new(model_id: String, hops: Vec<Hop>, link: Option<Link>) -> Self {
         Run {
-            model_id: model_id.to_string(),
-            hops: plan.hops(model_id),
+            model_id,
+            hops,
             session: rand::random(),
             seq: 0,
             history: Vec::new(),
             excluded: HashSet::new(),
             reroutes: 0,
             work: Vec::new(),
-            link: None,
+            link,
             continues: None,
         }
     }
 
     /// A run that continues `kept` on its chain, keeping the first `reuse`
-    /// tokens of its caches.
+    /// tokens of its caches: a new session that takes the kept one over.
     fn continuing(kept: Kept, reuse: usize) -> Self {
+        let mut run = kept.run;
         let mut history = Vec::new();
-        for (tokens, pos) in kept.history {
+        for (tokens, pos) in std::mem::take(&mut run.history) {
             let start = pos as usize;
             if start >= reuse {
                 break;
@@ -100,16 +96,11 @@ impl Run {
             history.push((tokens[..keep].to_vec(), pos));
         }
         Run {
-            model_id: kept.model_id,
-            hops: kept.hops,
             session: rand::random(),
             seq: 0,
             history,
-            excluded: HashSet::new(),
-            reroutes: 0,
-            work: Vec::new(),
-            link: kept.link,
-            continues: Some(kept.session),
+            continues: Some(run.session),
+            ..Run::new(run.model_id, run.hops, run.link)
         }
     }
 
@@ -238,7 +229,7 @@ impl Pipeline {
                 reuse = shared;
                 Run::continuing(kept, shared)
             }
-            None => Run::new(model_id, &plan),
+            None => Run::new(model_id.to_string(), planned, None),
         };
         let outcome = self
             .decode_loop(
@@ -264,11 +255,7 @@ impl Pipeline {
             // The hops keep the sessions for a next turn; the oldest kept one
             // (or one past its time) ends instead.
             let kept = Kept {
-                model_id: run.model_id.clone(),
-                hops: run.hops.clone(),
-                session: run.session,
-                history: std::mem::take(&mut run.history),
-                link: run.link.take(),
+                run,
                 at: Instant::now(),
             };
             let ended = {
@@ -284,30 +271,19 @@ impl Pipeline {
                 ended
             };
             for old in ended {
-                self.close_sessions(old.hops, old.session, old.link);
+                self.close_sessions(old.run);
             }
         } else {
-            self.close_sessions(run.hops.clone(), run.session, run.link.take());
+            self.close_sessions(run);
         }
         outcome
     }
 
-    /// Ends a session along its chain, in the background.
-    fn close_sessions(&self, hops: Vec<Hop>, session: [u8; 16], mut link: Option<Link>) {
-        let mut run = Run {
-            model_id: String::new(),
-            hops,
-            session,
-            seq: u64::MAX - 1,
-            history: Vec::new(),
-            excluded: HashSet::new(),
-            reroutes: 0,
-            work: Vec::new(),
-            link: None,
-            continues: None,
-        };
+    /// Ends a run's session along its chain, in the background.
+    fn close_sessions(&self, mut run: Run) {
         let mut close = run.envelope(self, 0, 0);
         close.close = true;
+        let mut link = run.link.take();
         let this = self.clone();
         self.spawn(async move {
             let _ = this
@@ -333,7 +309,9 @@ impl Pipeline {
         let (i, shared) = all
             .iter()
             .enumerate()
-            .filter(|(_, k)| k.model_id == model_id && k.hops == hops && k.at.elapsed() < KEPT_FOR)
+            .filter(|(_, k)| {
+                k.run.model_id == model_id && k.run.hops == hops && k.at.elapsed() < KEPT_FOR
+            })
             .map(|(i, k)| {
                 let shared = k.tokens().zip(tokens).take_while(|(a, b)| a == b).count();
                 (i, shared.min(tokens.len().saturating_sub(1)))

@@ -425,6 +425,22 @@ struct Session {
     last_used: Instant,
 }
 
+/// A loaded range's model id, first layer and one past its last.
+type RangeKey = (String, u32, u32);
+
+fn loaded<'a>(models: &'a [Loaded], key: &RangeKey) -> Option<&'a Loaded> {
+    models.iter().find(|m| m.info.is(&key.0, key.1, key.2))
+}
+
+fn loaded_mut<'a>(models: &'a mut [Loaded], key: &RangeKey) -> Option<&'a mut Loaded> {
+    models.iter_mut().find(|m| m.info.is(&key.0, key.1, key.2))
+}
+
+/// The shared context of a loaded range, once its first session made it.
+fn shared_mut<'a>(models: &'a mut [Loaded], key: &RangeKey) -> Option<&'a mut Shared> {
+    loaded_mut(models, key).and_then(|m| m.shared.as_mut())
+}
+
 /// Prepared contexts kept per loaded range for the next sessions: creating a
 /// llama context (allocating and clearing its KV buffer, building the graph
 /// scheduler) costs more than a short prompt's compute.
@@ -578,12 +594,7 @@ impl Thread {
         ready.sort_by_key(|r| r.0);
         let started = Instant::now();
         let outputs = {
-            let Some(shared) = self
-                .models
-                .iter_mut()
-                .find(|m| m.info.is(&key.0, key.1, key.2))
-                .and_then(|m| m.shared.as_mut())
-            else {
+            let Some(shared) = shared_mut(&mut self.models, key) else {
                 for (_, _, _, reply) in ready {
                     let _ = reply.send(Err(HostError::Compute("the range was unloaded".into())));
                 }
@@ -662,11 +673,7 @@ impl Thread {
     /// range (while the range is loaded and its spares are not full).
     fn retire(&mut self, session: Session) {
         let key = (session.model_id, session.layer_start, session.layer_end);
-        let Some(loaded) = self
-            .models
-            .iter_mut()
-            .find(|m| m.info.is(&key.0, key.1, key.2))
-        else {
+        let Some(loaded) = loaded_mut(&mut self.models, &key) else {
             return;
         };
         match session.kv {
@@ -736,12 +743,7 @@ impl Thread {
             Some(Kv::Own(kv)) => kv.forward(input, step.pos as i32),
             Some(Kv::Stream(seq)) => {
                 let seq = *seq;
-                match self
-                    .models
-                    .iter_mut()
-                    .find(|m| m.info.is(&p.key.0, p.key.1, p.key.2))
-                    .and_then(|m| m.shared.as_mut())
-                {
+                match shared_mut(&mut self.models, &p.key) {
                     Some(shared) => shared
                         .kv
                         .forward_many(&[(seq, input, step.pos as i32)])
@@ -780,15 +782,11 @@ impl Thread {
     /// the session's end rolls its cache back first.
     fn prepare(&mut self, step: &Step) -> Result<Prepared, HostError> {
         let key = (step.model_id.clone(), step.layer_start, step.layer_end);
-        let loaded = self
-            .models
-            .iter()
-            .find(|m| m.info.is(&key.0, key.1, key.2))
-            .ok_or_else(|| HostError::NotHeld {
-                model_id: key.0.clone(),
-                layer_start: key.1,
-                layer_end: key.2,
-            })?;
+        let loaded = loaded(&self.models, &key).ok_or_else(|| HostError::NotHeld {
+            model_id: key.0.clone(),
+            layer_start: key.1,
+            layer_end: key.2,
+        })?;
         let (model, has_head, has_embedding, n_layers) = (
             Arc::clone(&loaded.model),
             loaded.info.has_head,
@@ -912,12 +910,7 @@ impl Thread {
                 Kv::Own(kv) => kv.truncate(step.pos as i32),
                 Kv::Stream(seq) => {
                     let seq = *seq;
-                    if let Some(shared) = self
-                        .models
-                        .iter_mut()
-                        .find(|m| m.info.is(&key.0, key.1, key.2))
-                        .and_then(|m| m.shared.as_mut())
-                    {
+                    if let Some(shared) = shared_mut(&mut self.models, &key) {
                         shared.kv.truncate_seq(seq, step.pos as i32);
                     }
                 }
@@ -974,10 +967,7 @@ impl Thread {
             )));
         }
         let config = &self.config;
-        let loaded = self
-            .models
-            .iter_mut()
-            .find(|m| m.info.is(&key.0, key.1, key.2))
+        let loaded = loaded_mut(&mut self.models, key)
             .ok_or_else(|| HostError::Compute("the range was unloaded".into()))?;
         if loaded.shared.is_none() {
             // Created with the range's first session; its streams' memory is
@@ -1077,11 +1067,7 @@ impl Thread {
     /// Keeps an exponential average of decode time per layer, which routing reads.
     fn record_speed(&mut self, key: &(String, u32, u32), elapsed: Duration, layers: u32) {
         let ms = elapsed.as_secs_f64() * 1000.0 / layers.max(1) as f64;
-        if let Some(m) = self
-            .models
-            .iter_mut()
-            .find(|m| m.info.is(&key.0, key.1, key.2))
-        {
+        if let Some(m) = loaded_mut(&mut self.models, key) {
             m.info.ms_per_layer = Some(match m.info.ms_per_layer {
                 Some(prev) => prev * 0.9 + ms * 0.1,
                 None => ms,

@@ -281,11 +281,10 @@ impl Manager {
                     .chain(std::iter::once(me.as_str()))
                     .filter(|n| !holders.contains(*n) && !beside.iter().any(|b| b.as_str() == *n))
                     .collect();
+                let near = view.near_region(model, index);
                 let rank = placement::rank(
                     &me,
-                    candidates
-                        .iter()
-                        .map(|n| (*n, view.weight(n, model, index, bytes))),
+                    candidates.iter().map(|n| (*n, view.weight(n, bytes, near))),
                     model,
                     index,
                 );

@@ -72,10 +72,9 @@ impl SwarmView {
             .map_or(1.0, |m| placement::speed(*m, bytes))
     }
 
-    /// `node`'s weight in the line for shard `index` of `model` (see
-    /// [`placement::weight`]): its speed, doubled when it is in the region
-    /// where most holders of the neighbouring shards are.
-    pub fn weight(&self, node: &str, model: &str, index: u32, bytes: u64) -> f64 {
+    /// The region where most holders of the shards beside shard `index` of
+    /// `model` are (the first by name on a tie: every node picks the same one).
+    pub fn near_region(&self, model: &str, index: u32) -> Option<&str> {
         let mut regions: BTreeMap<&str, usize> = BTreeMap::new();
         for i in [index.checked_sub(1), index.checked_add(1)]
             .into_iter()
@@ -92,13 +91,18 @@ impl SwarmView {
                 }
             }
         }
-        // The most common region (the first by name on a tie: every node picks
-        // the same one).
-        let near = regions
-            .iter()
-            .max_by(|a, b| a.1.cmp(b.1).then_with(|| b.0.cmp(a.0)))
-            .is_some_and(|(r, _)| self.region_of.get(node).is_some_and(|n| n == r));
-        placement::weight(self.speed(node, bytes), near)
+        regions
+            .into_iter()
+            .max_by(|a, b| a.1.cmp(&b.1).then_with(|| b.0.cmp(a.0)))
+            .map(|(r, _)| r)
+    }
+
+    /// `node`'s weight in the line for a shard of `bytes` (see
+    /// [`placement::weight`]): its speed, doubled when it is in `near` (the
+    /// shard's [`SwarmView::near_region`]).
+    pub fn weight(&self, node: &str, bytes: u64, near: Option<&str>) -> f64 {
+        let is_near = near.is_some_and(|r| self.region_of.get(node).is_some_and(|n| n == r));
+        placement::weight(self.speed(node, bytes), is_near)
     }
 }
 
@@ -390,14 +394,16 @@ mod tests {
         v.shard_holders.insert(("m".into(), 0), set(&["a", "c"]));
         v.shard_holders.insert(("m".into(), 2), set(&["b"]));
         // Shard 1's neighbours live mostly in EU: y is near, x is not.
-        assert_eq!(v.weight("y", "m", 1, 100), placement::NEAR_WEIGHT);
-        assert_eq!(v.weight("x", "m", 1, 100), 1.0);
+        let near = v.near_region("m", 1).map(str::to_string);
+        assert_eq!(near.as_deref(), Some("EU"));
+        assert_eq!(v.weight("y", 100, near.as_deref()), placement::NEAR_WEIGHT);
+        assert_eq!(v.weight("x", 100, near.as_deref()), 1.0);
         // A GPU that holds the shard.
         v.machines.insert(
             "x".into(),
             machine_of(&serde_json::json!({"cores": 8, "vram_gb": 8.0})),
         );
-        assert_eq!(v.weight("x", "m", 1, 100), placement::GPU_SPEED);
+        assert_eq!(v.weight("x", 100, near.as_deref()), placement::GPU_SPEED);
         // Hardware that is not numbers counts as the slowest CPU.
         assert_eq!(
             machine_of(&serde_json::json!({"cores": "many", "vram_gb": -1})),
