@@ -368,11 +368,29 @@ fn token_step(
     tokens: &[i32],
     repeat_last_n: i32,
 ) -> Vec<u8> {
+    token_step_in(from, to, [0x5a; 16], None, seq, pos, tokens, repeat_last_n)
+}
+
+fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// [`token_step`] in session `session`, taking over session `continues`.
+#[allow(clippy::too_many_arguments)]
+fn token_step_in(
+    from: &swarmllm_node::identity::Identity,
+    to: &str,
+    session: [u8; 16],
+    continues: Option<[u8; 16]>,
+    seq: u64,
+    pos: u32,
+    tokens: &[i32],
+    repeat_last_n: i32,
+) -> Vec<u8> {
     use swarmllm_node::pipeline::activation::{self, Direction, SessionKey};
     use swarmllm_node::pipeline::wire::{self, Envelope, Hop, InputKind, SampleSpec};
-    let session = [0x5a; 16];
     let mut env = Envelope {
-        session: "5a".repeat(16),
+        session: to_hex(&session),
         seq,
         requester: from.node_id(),
         route: vec![Hop {
@@ -395,7 +413,7 @@ fn token_step(
             seed: 1,
         }),
         prime: vec![],
-        continues: None,
+        continues: continues.map(|c| to_hex(&c)),
         close: false,
         requester_sig: String::new(),
     };
@@ -492,6 +510,24 @@ fn pipeline_steps_with_bad_numbers_or_for_another_peers_session_are_refused() {
         out
     };
     let _ = call(&mut stranger_link, close);
+    // Nor can a session of its own take the owner's cache over (a next turn
+    // continues only its own peer's session).
+    match call(
+        &mut stranger_link,
+        token_step_in(
+            &stranger_identity,
+            &node_id,
+            [0xc3; 16],
+            Some([0x5a; 16]),
+            4,
+            3,
+            &[504],
+            64,
+        ),
+    ) {
+        Response::Error { message, .. } => assert!(message.contains("another peer"), "{message}"),
+        other => panic!("a stranger took the session over: {other:?}"),
+    }
     // The owner's next step still finds its session where it left it.
     assert!(matches!(
         call(

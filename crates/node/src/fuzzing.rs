@@ -229,6 +229,11 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     };
     env.sign(&peer());
     out.push(("step_envelope", wire::encode_request(&env, &[9; 24])));
+    // A next turn's first step, taking over an earlier session's cache.
+    env.continues = Some("ffeeddccbbaa99887766554433221100".into());
+    env.pos = 5;
+    env.sign(&peer());
+    out.push(("step_envelope", wire::encode_request(&env, &[9; 24])));
     out.push((
         "step_envelope",
         wire::encode_answer(std::time::Duration::from_micros(5), &[1; 20]),
@@ -381,5 +386,13 @@ mod tests {
             .map(|(_, s)| s);
         let code = std::str::from_utf8(code.expect("seed")).expect("utf-8");
         assert!(crate::net::invite::decode(code, "swarmllm").is_ok());
+        // Every step request seed decodes, the takeover one with its field.
+        let steps: Vec<_> = seeds
+            .iter()
+            .filter(|(n, _)| *n == "step_envelope")
+            .filter_map(|(_, s)| wire::decode_request(s).ok())
+            .collect();
+        assert_eq!(steps.len(), 2);
+        assert!(steps[1].0.continues_bytes().is_ok_and(|c| c.is_some()));
     }
 }
