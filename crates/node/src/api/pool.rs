@@ -220,7 +220,9 @@ async fn coverage(state: &AppState) -> Value {
     let mut models = Vec::new();
     let mut disk_used: u64 = 0;
     for m in pipeline.local_models() {
-        disk_used += m.held_bytes();
+        // The figure the budget is held to (shards and header), as in
+        // `GET /api/admin/shard-storage`.
+        disk_used += m.disk_bytes();
         let holders = pipeline.holders(&m.manifest.model_id).await;
         let in_pool = |a: u32, b: u32| {
             holders.iter().any(|h| {
