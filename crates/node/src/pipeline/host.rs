@@ -669,6 +669,27 @@ impl Thread {
         self.publish();
     }
 
+    /// Ends the least recently used idle session (of `owner`, when given);
+    /// whether there was one.
+    fn evict_idle(&mut self, owner: Option<&str>) -> bool {
+        let Some(key) = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| {
+                s.last_used.elapsed() >= ACTIVE_WINDOW && owner.is_none_or(|o| s.owner == o)
+            })
+            .min_by_key(|(_, s)| s.last_used)
+            .map(|(k, _)| *k)
+        else {
+            return false;
+        };
+        if let Some(s) = self.sessions.remove(&key) {
+            self.retire(s);
+        }
+        self.publish();
+        true
+    }
+
     /// Keeps an ended session's context, emptied, for the next session of its
     /// range (while the range is loaded and its spares are not full).
     fn retire(&mut self, session: Session) {
@@ -940,31 +961,31 @@ impl Thread {
         model: &Arc<RangeModel>,
         has_head: bool,
     ) -> Result<(), HostError> {
-        if self.sessions.len() >= self.config.max_sessions {
-            return Err(HostError::Busy(self.config.max_sessions));
-        }
-        // One peer may hold at most half the slots (at least two), so no
-        // single requester can lock everyone else out.
-        let per_peer = (self.config.max_sessions / 2).max(2);
-        if self
-            .sessions
-            .values()
-            .filter(|s| s.owner == step.peer)
-            .count()
-            >= per_peer
-        {
-            return Err(HostError::Busy(self.sessions.len()));
-        }
-        let need = model.kv_bytes_per_token() * u64::from(self.config.context_size);
-        let used: u64 = self.sessions.values().map(|s| s.kv_bytes).sum();
-        if used + need > self.config.max_session_bytes {
-            return Err(HostError::Busy(self.sessions.len()));
-        }
         if step.pos != 0 {
             return Err(HostError::BadStep(format!(
                 "unknown session starting at position {} (expired?)",
                 step.pos
             )));
+        }
+        // One peer may hold at most half the slots (at least two), so no
+        // single requester can lock everyone else out.
+        let per_peer = (self.config.max_sessions / 2).max(2);
+        let need = model.kv_bytes_per_token() * u64::from(self.config.context_size);
+        // Idle sessions (kept by their requesters for a next turn) make room,
+        // the least recently used first: they are caches, and their owner
+        // replays its steps when it finds one gone.
+        let owned = |t: &Self| t.sessions.values().filter(|s| s.owner == step.peer).count();
+        let used = |t: &Self| t.sessions.values().map(|s| s.kv_bytes).sum::<u64>();
+        while owned(self) >= per_peer && self.evict_idle(Some(&step.peer)) {}
+        while (self.sessions.len() >= self.config.max_sessions
+            || used(self) + need > self.config.max_session_bytes)
+            && self.evict_idle(None)
+        {}
+        if self.sessions.len() >= self.config.max_sessions {
+            return Err(HostError::Busy(self.config.max_sessions));
+        }
+        if owned(self) >= per_peer || used(self) + need > self.config.max_session_bytes {
+            return Err(HostError::Busy(self.sessions.len()));
         }
         let config = &self.config;
         let loaded = loaded_mut(&mut self.models, key)
