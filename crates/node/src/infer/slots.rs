@@ -199,6 +199,7 @@ pub(super) fn run(
         }));
         if outcome.is_err() {
             tracing::error!("inference step panicked; the engine continues");
+            load.active.store(0, Ordering::Relaxed);
             for slot in slots.drain(..) {
                 slot.fail(GenerateError::Decode(
                     "internal error in the inference engine".into(),
@@ -358,6 +359,7 @@ fn step(
         if let Err(e) = ctx.decode(batch) {
             // Nothing of this step can be trusted: every sequence in it fails.
             let message = e.to_string();
+            load.active.store(0, Ordering::Relaxed);
             for slot in slots.drain(..) {
                 let _ = ctx.clear_kv_cache_seq(Some(slot.seq as u32), None, None);
                 slot.fail(GenerateError::Decode(message.clone()));
@@ -369,39 +371,56 @@ fn step(
         if let Some(i) = slots.iter().position(|s| s.seq == seq) {
             let slot = slots.swap_remove(i);
             let _ = ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
+            load.active.store(slots.len(), Ordering::Relaxed);
             slot.fail(e);
         }
     }
     // Sample where logits came out; finished sequences leave.
     let mut i = 0;
     while i < slots.len() {
-        let done = match slots[i].logits_at {
+        let sampled = match slots[i].logits_at {
             Some(at) => sample(model, ctx, &mut slots[i], at, context_size),
-            None => false,
+            None => Sampled::Next,
         };
-        if done {
-            // Its KV stays for a later prompt that starts with the same tokens.
-            let mut slot = slots.swap_remove(i);
-            let mut tokens = std::mem::take(&mut slot.prompt);
-            tokens.append(&mut slot.fed_generated);
-            tokens.truncate(slot.pos.max(0) as usize);
-            cache.keep(slot.seq, tokens);
-        } else {
+        if let Sampled::Next = sampled {
             i += 1;
+            continue;
+        }
+        // Its KV stays for a later prompt that starts with the same tokens.
+        let mut slot = slots.swap_remove(i);
+        let mut tokens = std::mem::take(&mut slot.prompt);
+        tokens.append(&mut slot.fed_generated);
+        tokens.truncate(slot.pos.max(0) as usize);
+        cache.keep(slot.seq, tokens);
+        // The gauge drops before the client hears "done": whoever reads the
+        // stats after an answer sees it gone.
+        load.active.store(slots.len(), Ordering::Relaxed);
+        if let Sampled::Done(done) = sampled {
+            let _ = slot.send(done);
         }
     }
 }
 
+/// What sampling one token did to its sequence.
+enum Sampled {
+    /// It goes on: the token is fed in the next step.
+    Next,
+    /// Its client left.
+    Left,
+    /// It finished; this is the last event for its client.
+    Done(Event),
+}
+
 /// Samples one token for `slot` from the logits at batch index `at` and emits
-/// its text. Returns whether the sequence is finished (done, stopped, failed or
-/// its client gone).
+/// its text; a finished sequence's last event is returned for the caller to
+/// send once the sequence has left the engine.
 fn sample(
     model: &LlamaModel,
     ctx: &LlamaContext<'_>,
     slot: &mut Slot,
     at: i32,
     context_size: u32,
-) -> bool {
+) -> Sampled {
     if slot.generated == 0 && slot.prompt_ms == 0 {
         slot.prompt_ms = slot.started.elapsed().as_millis() as u64;
     }
@@ -417,12 +436,12 @@ fn sample(
         match slot.out.push(model, token) {
             Pushed::Emit(text) => {
                 if !text.is_empty() && !slot.send(Event::Token(text)) {
-                    return true;
+                    return Sampled::Left;
                 }
             }
             Pushed::Stop(text) => {
                 if !text.is_empty() && !slot.send(Event::Token(text)) {
-                    return true;
+                    return Sampled::Left;
                 }
                 break 'finish FinishReason::Stop;
             }
@@ -434,14 +453,14 @@ fn sample(
             break 'finish FinishReason::Length;
         }
         slot.next = Some(token);
-        return false;
+        return Sampled::Next;
     };
     let rest = slot.out.finish();
     if !rest.is_empty() && !slot.send(Event::Token(rest)) {
-        return true;
+        return Sampled::Left;
     }
     let prompt_tokens = slot.prompt.len() as u32;
-    let _ = slot.send(Event::Done {
+    Sampled::Done(Event::Done {
         finish_reason: finish,
         usage: Usage {
             prompt_tokens,
@@ -456,6 +475,5 @@ fn sample(
             inference_ms: slot.started.elapsed().as_millis() as u64,
             prompt_ms: slot.prompt_ms,
         },
-    });
-    true
+    })
 }
