@@ -69,19 +69,117 @@ async function dashboard() {
   return () => ws.close();
 }
 
-// ---- peers -------------------------------------------------------------------------
+// ---- network ----------------------------------------------------------------------
 
-async function peers() {
-  const v = await client.get("/api/admin/peers");
-  const rows = (v.peers || []).map((p) => `<tr>
-      <td><span class="dot ${p.is_active ? "on" : ""}"></span></td>
+/** A picture of the swarm: for each model, one row per holder with the layers it
+ *  holds on a bar of the model's layers (this node first). */
+function swarmMapHtml(models, peers, self) {
+  const byModel = new Map();
+  const add = (model, holder, a, b, online) => {
+    if (!byModel.has(model)) byModel.set(model, { holders: new Map(), layers: 0 });
+    const m = byModel.get(model);
+    if (!m.holders.has(holder.id)) m.holders.set(holder.id, { ...holder, online, ranges: [] });
+    m.holders.get(holder.id).ranges.push([a, b]);
+    m.layers = Math.max(m.layers, b);
+  };
+  for (const m of models) {
+    for (const s of m.shards || []) {
+      if (s.held) add(m.id, { id: self, name: "this node" }, s.layer_start, s.layer_end, true);
+    }
+  }
+  for (const p of peers) {
+    for (const m of p.models || []) {
+      add(m.id, { id: p.node_id, name: p.nickname || p.node_id.slice(0, 8) }, m.layer_start, m.layer_end, p.is_active);
+    }
+  }
+  for (const m of models) if (byModel.has(m.id) && m.n_layers) byModel.get(m.id).layers = Math.max(byModel.get(m.id).layers, m.n_layers);
+  if (!byModel.size) return `<p class="muted">No model is held by this node or its peers yet.</p>`;
+  const W = 640, left = 150, rowH = 22;
+  return [...byModel.entries()].map(([id, m]) => {
+    const rows = [...m.holders.values()];
+    const h = rows.length * rowH + 24;
+    const x = (layer) => left + ((W - left - 10) * layer) / Math.max(1, m.layers);
+    const bars = rows.map((r, i) => {
+      const y = 20 + i * rowH;
+      const ranges = r.ranges.map(([a, b]) => `<rect x="${x(a).toFixed(1)}" y="${y}" width="${Math.max(2, x(b) - x(a)).toFixed(1)}" height="${rowH - 6}" rx="3"
+          class="${r.id === self ? "self" : r.online ? "on" : "off"}"><title>${esc(r.name)}: layers ${a}–${b - 1}</title></rect>`).join("");
+      return `<text x="4" y="${y + rowH - 10}">${esc(r.name)}</text>${ranges}`;
+    }).join("");
+    return `<figure class="swarm-model" data-model="${esc(id)}"><figcaption>${esc(id)} <span class="muted">· ${m.layers} layers · ${rows.length} holder(s)</span></figcaption>
+      <svg role="img" aria-label="${esc(`Layers of ${id} held by ${rows.length} node(s)`)}" viewBox="0 0 ${W} ${h}" width="100%" class="swarm-map">
+        <text x="${left}" y="12" class="axis">layer 0</text><text x="${W - 10}" y="12" text-anchor="end" class="axis">${m.layers}</text>
+        ${bars}</svg></figure>`;
+  }).join("");
+}
+
+function peerRowsHtml(list) {
+  return list.map((p) => `<tr>
+      <td><span class="dot ${p.is_active ? "on" : ""}" title="${p.is_active ? "connected" : "not connected"}"></span></td>
       <td class="mono">${esc(p.node_id.slice(0, 16))}…</td><td>${esc(p.nickname || "")}</td>
       <td>${esc(p.region || "")}</td><td>${p.latency_ms != null ? p.latency_ms.toFixed(1) + " ms" : "—"}</td>
       <td>${esc(p.trust_score)}</td>
-      <td>${esc((p.models || []).map((m) => `${m.id} [${m.layer_start}–${m.layer_end})`).join(", "))}</td></tr>`);
-  main().innerHTML = `<h1>Peers</h1>
-    <table><tr><th></th><th>Node</th><th>Nickname</th><th>Region</th><th>Latency</th><th>Trust</th><th>Models</th></tr>
-    ${rows.join("") || `<tr><td colspan="7" class="muted">No peers yet. Join a network with <code>swarmllm network join CODE</code>.</td></tr>`}</table>`;
+      <td>${esc((p.models || []).map((m) => `${m.id} [${m.layer_start}–${m.layer_end})`).join(", "))}</td></tr>`).join("")
+    || `<tr><td colspan="7" class="muted">No peers yet: join a network with a code above.</td></tr>`;
+}
+
+async function network() {
+  let code = null;
+  try { code = await client.get("/api/admin/network-code"); } catch { /* networking is off */ }
+  main().innerHTML = `<h1>Network</h1>
+    <h2>This node's code</h2>
+    ${code ? `<p class="muted">Give it to another device (type it or scan the picture) to join this node's network.</p>
+      <div class="row"><input id="net-code" class="mono" readonly size="60" aria-label="This node's network code" value="${esc(code.code)}">
+        <button id="net-copy" class="secondary">Copy</button></div>
+      <div id="net-qr">${code.qr_svg}</div>
+      <p class="muted" id="net-phase">${esc(code.phase)} · ${esc(code.connected_peers)} connected peer(s)</p>`
+    : `<p class="muted">Networking is off on this node (started without the mesh).</p>`}
+    <h2>Join a network</h2>
+    <div class="row"><input id="net-join-code" class="mono" size="60" placeholder="swarm://…" aria-label="Network code to join" autocomplete="off">
+      <button id="net-join">Join</button></div>
+    <div class="row"><label class="secondary">Read a QR picture <input type="file" id="net-join-file" accept="image/*"></label>
+      <button id="net-join-camera" class="secondary">Scan with camera</button></div>
+    <video id="camera" hidden playsinline></video>
+    <p id="net-message" role="alert"></p>
+    <h2>Peers</h2>
+    <table id="peer-table"><thead><tr><th><span class="sr-only">Status</span></th><th>Node</th><th>Nickname</th><th>Region</th><th>Latency</th><th>Trust</th><th>Models</th></tr></thead>
+      <tbody id="peer-rows"></tbody></table>
+    <h2>The swarm</h2>
+    <p class="muted">Which layers of which model each node holds (green: connected; blue: this node).</p>
+    <div id="swarm-map"></div>
+    <p class="muted" id="net-live"></p>`;
+  const msg = (text, bad = false) => { const p = $("#net-message"); p.textContent = text; p.className = bad ? "error" : "ok"; };
+  const self = (await client.get("/health")).node_id;
+  const refresh = async () => {
+    const [peers, models] = await Promise.all([client.get("/api/admin/peers"), client.get("/api/admin/models")]);
+    if (!$("#peer-rows")) return;
+    $("#peer-rows").innerHTML = peerRowsHtml(peers.peers || []);
+    $("#swarm-map").innerHTML = swarmMapHtml(models.models || [], peers.peers || [], self);
+    $("#net-live").textContent = "Updated " + new Date().toLocaleTimeString();
+  };
+  await refresh();
+  if ($("#net-copy")) $("#net-copy").onclick = async () => { await navigator.clipboard?.writeText($("#net-code").value); toast("Copied"); };
+  const join = async (text) => {
+    msg("Connecting…");
+    const r = await client.post("/api/admin/join-network", { code: text.trim() });
+    msg(`Connected to ${r.node_id.slice(0, 16)}… (${r.connected_peers} peer(s) now).`);
+    await refresh();
+  };
+  const act = (f) => async () => { if (needKey()) return; try { await f(); } catch (e) { msg(e.message, true); } };
+  $("#net-join").onclick = act(() => join($("#net-join-code").value));
+  $("#net-join-code").onkeydown = (e) => { if (e.key === "Enter") $("#net-join").click(); };
+  const scanned = async (text) => { $("#net-join-code").value = text; await join(text); };
+  $("#net-join-file").onchange = act(async () => {
+    const file = $("#net-join-file").files[0];
+    if (!file) return;
+    const { code: text } = await client.upload("/api/admin/network-code/scan", file);
+    msg("Read a network code from the picture; joining…");
+    await scanned(text);
+  });
+  $("#net-join-camera").onclick = act(() => scanCamera("/api/admin/network-code/scan", scanned, msg));
+  // Live: a changed peer set redraws at once; latencies and holdings every 5 s.
+  const ws = client.socket((m) => { if (m.type === "peer_list") refresh().catch(() => {}); });
+  const timer = setInterval(() => refresh().catch(() => {}), 5000);
+  return () => { ws.close(); clearInterval(timer); stopCamera(); };
 }
 
 // ---- models --------------------------------------------------------------------------
@@ -304,45 +402,132 @@ async function chat() {
 
 // ---- pool ------------------------------------------------------------------------------
 
+const uptime = (s) => (s ? duration(s) : "—");
+
+/** One device of the pool: status, name (this device's is editable), stats and,
+ *  for the owner, its contribution level and a remove button. */
+function memberRowHtml(m, me, owner) {
+  const st = m.stats || {};
+  const self = m.node_id === me;
+  const name = self
+    ? `<input id="rename" value="${esc(m.device_name || "")}" size="16" maxlength="64" aria-label="This device's name">
+       <button id="rename-save" class="secondary">Rename</button>`
+    : esc(m.device_name || "—");
+  const level = owner
+    ? `<input type="number" min="0" max="100" step="1" size="4" data-level="${esc(m.node_id)}" value="${esc(m.contribution ?? 100)}"
+         aria-label="Contribution level of ${esc(m.device_name || m.node_id.slice(0, 8))} (percent)">
+       <button class="secondary" data-set-level="${esc(m.node_id)}">Set</button>`
+    : `${esc(m.contribution ?? 100)}%`;
+  return `<tr data-member="${esc(m.node_id)}">
+    <td><span class="dot ${m.online ? "on" : ""}"></span> ${m.online ? "online" : "offline"}${m.accepted ? "" : ' <span class="muted">(invited)</span>'}</td>
+    <td>${name}${self ? ' <span class="muted">(this device)</span>' : ""}</td>
+    <td class="mono" title="${esc(m.node_id)}">${esc(m.node_id.slice(0, 12))}…</td><td>${esc(m.role)}</td>
+    <td>${esc(st.vram_gb ?? 0)} GB</td><td>${esc(st.shards_hosted ?? st.layers_hosted ?? 0)}${st.shards_hosted != null ? " shards" : " layers"}</td>
+    <td>${esc(st.forwards_served ?? 0)}</td><td>${esc(uptime(st.uptime_secs))}</td>
+    <td>${level}</td>
+    <td>${owner && !self ? `<button class="secondary" data-remove="${esc(m.node_id)}">Remove</button>` : ""}</td></tr>`;
+}
+
+function pinsHtml(pins, members, owner) {
+  const name = (id) => members.find((m) => m.node_id === id)?.device_name || id.slice(0, 12) + "…";
+  const rows = pins.map((p, i) => `<tr><td>${esc(p.model_id)}</td><td>${esc(name(p.target_node_id))}</td>
+      <td>${p.shard_indices.length ? esc(p.shard_indices.join(", ")) : "all"}</td>
+      <td>${owner ? `<button class="secondary" data-unpin="${i}">Unpin</button>` : ""}</td></tr>`).join("");
+  return `<table id="pins"><thead><tr><th>Model</th><th>Device</th><th>Shards</th><th></th></tr></thead>
+    <tbody>${rows || `<tr><td colspan="4" class="muted">No pins: devices hold what the swarm needs.</td></tr>`}</tbody></table>`;
+}
+
 async function pool() {
-  const s = await client.get("/api/pool/state");
-  const members = (s.members || []).map((m) => `<tr>
-      <td><span class="dot ${m.online ? "on" : ""}"></span> ${m.online ? "online" : "offline"}</td>
-      <td>${esc(m.device_name || "")}</td><td class="mono">${esc(m.node_id.slice(0, 16))}…</td><td>${esc(m.role)}</td>
-      <td>${esc(m.stats?.forwards_served ?? 0)}</td></tr>`).join("");
+  const [s, invitations, pm, pinList, health] = await Promise.all([client.get("/api/pool/state"),
+    client.get("/api/pool/invitations"), client.get("/api/pool/private-mode"), client.get("/api/pool/pins"),
+    client.get("/health")]);
+  const me = health.node_id;
+  const owner = s.role === "owner";
+  const members = s.members || [];
+  const pins = pinList.pins || [];
+  const invites = (invitations.invitations || []).map((v) => `<tr><td>${esc(v.pool_name)}</td>
+      <td class="mono">${esc(v.owner_node_id.slice(0, 12))}…</td>
+      <td><button data-accept="${esc(v.invitation_id)}">Accept</button></td></tr>`).join("");
   main().innerHTML = `<h1>My devices</h1>
-    ${s.in_pool ? `<p>Pool <b>${esc(s.name)}</b> · this device is the <b>${esc(s.role)}</b> · members keep ${esc(s.credit_split_pct)}% of their credits · ${esc(s.combined_vram_gb ?? 0)} GB VRAM in all</p>
-      <table><tr><th>Status</th><th>Device</th><th>Node</th><th>Role</th><th>Forwards</th></tr>${members}</table>
-      ${s.role === "owner" ? `<h2>Invite a device</h2><div class="row"><button id="gen-code">New invite code</button></div>
+    ${s.in_pool ? `<p>Pool <b>${esc(s.name)}</b> · this device is the <b>${esc(s.role)}</b> · ${members.length} of ${esc(s.max_devices)} devices ·
+        <span id="combined-vram">${esc(s.combined_vram_gb ?? 0)} GB VRAM in all</span></p>
+      <table id="members"><thead><tr><th>Status</th><th>Device</th><th>Node</th><th>Role</th><th>VRAM</th><th>Hosts</th><th>Forwards</th><th>Uptime</th><th>Contribution</th><th></th></tr></thead>
+        <tbody>${members.map((m) => memberRowHtml(m, me, owner)).join("")}</tbody></table>
+      <h2>Credits</h2>
+      ${owner ? `<div class="row"><label for="split">Members keep</label>
+          <input id="split" type="number" min="0" max="50" step="1" value="${esc(s.credit_split_pct ?? 0)}"> %
+          <button id="split-save" class="secondary">Save</button><span class="muted">0–50 % of what each device earns; the rest goes to the owner.</span></div>`
+        : `<p>Members keep ${esc(s.credit_split_pct ?? 0)}% of their credits.</p>`}
+      ${owner ? `<h2>Invite a device</h2>
+        <div class="row"><button id="gen-code">New invite code</button></div>
         <div id="invite" hidden><div class="code" id="pool-code"></div><div id="pool-qr"></div>
-        <p class="muted">One use, valid 24 hours. Type it on the other device or scan the QR code.</p></div>` : ""}
+          <p class="muted">One use, valid 24 hours. Type it on the other device or scan the QR code.</p></div>
+        <div class="row"><input id="invite-node" class="mono" size="40" placeholder="a node id (64 hex)" aria-label="Node id to invite">
+          <button id="invite-send" class="secondary">Invite by node id</button></div>` : ""}
+      <h2>Pins</h2>
+      <p class="muted">A pinned model (or some of its shards) is fetched by that device and never deleted while pinned.</p>
+      ${pinsHtml(pins, members, owner)}
+      ${owner ? `<div class="row"><input id="pin-model" placeholder="model id" aria-label="Model to pin">
+          <select id="pin-device" aria-label="Device to hold it">${members.map((m) => `<option value="${esc(m.node_id)}">${esc(m.device_name || m.node_id.slice(0, 12))}</option>`).join("")}</select>
+          <input id="pin-shards" size="10" placeholder="all, or 0, 2" aria-label="Shards to pin">
+          <button id="pin-add" class="secondary">Pin</button></div>` : ""}
       <div class="row"><button id="leave" class="secondary">Leave pool</button></div>`
-    : `<h2>Create a pool</h2><div class="row"><input id="pool-name" placeholder="My Devices"><button id="pool-create">Create</button></div>
+    : `<h2>Create a pool</h2><div class="row"><input id="pool-name" placeholder="My Devices" aria-label="Pool name"><button id="pool-create">Create</button></div>
        <h2>Join a pool</h2>
-       <div class="row"><input id="join-code" placeholder="8-character code" maxlength="12" autocomplete="off">
+       <div class="row"><input id="join-code" placeholder="8-character code" maxlength="12" autocomplete="off" aria-label="Invite code">
          <button id="join-btn">Join</button></div>
        <div class="row"><label class="secondary">Read a QR picture <input type="file" id="join-file" accept="image/*"></label>
          <button id="join-camera" class="secondary">Scan with camera</button></div>
-       <video id="camera" hidden playsinline></video>`}
+       <video id="camera" hidden playsinline></video>
+       <h2>Invitations</h2>
+       <table id="invitations"><thead><tr><th>Pool</th><th>Owner</th><th></th></tr></thead>
+         <tbody>${invites || `<tr><td colspan="3" class="muted">None: an owner can invite this device by its node id.</td></tr>`}</tbody></table>
+       <p class="muted">This device's node id: <span class="mono" id="my-node-id">${esc(me)}</span></p>`}
     <p id="pool-message" role="alert"></p>
-    <h2>Private mode</h2><p class="muted" id="coverage">…</p>`;
+    <h2>Private mode</h2>
+    <div class="row"><label><input type="checkbox" id="pm-enabled" ${pm.enabled ? "checked" : ""}> Prompts stay on my devices</label>
+      <label><input type="checkbox" id="pm-lan" ${pm.allow_lan ? "checked" : ""}> Also devices on this LAN</label>
+      <label><input type="checkbox" id="pm-offline" ${pm.offline_mode ? "checked" : ""}> Offline: no bootstrap, LAN discovery only</label></div>
+    <p class="muted" id="coverage">${esc((pm.coverage?.models || []).map((m) => `${m.model_id}: ${m.coverage_pct.toFixed(0)}% of shards on your devices`).join("; ") || "No model is on your devices yet.")}</p>`;
   const msg = (text, bad = false) => { const p = $("#pool-message"); p.textContent = text; p.className = bad ? "error" : "ok"; };
   const act = (f) => async () => { if (needKey()) return; try { await f(); } catch (e) { msg(e.message, true); } };
-  const pm = await client.get("/api/pool/private-mode");
-  $("#coverage").textContent = (pm.enabled ? "On: prompts only go to your devices. " : "Off. ") +
-    (pm.coverage?.models || []).map((m) => `${m.model_id}: ${m.coverage_pct.toFixed(0)}% of shards on your devices`).join("; ");
-  if ($("#pool-create")) $("#pool-create").onclick = act(async () => {
+  const on = (sel, f) => { if ($(sel)) $(sel).onclick = act(f); };
+  // Shows the page again with the change, then says what happened.
+  const done = async (text) => { await route(); if ($("#pool-message")) msg(text); };
+  on("#pool-create", async () => {
     await client.post("/api/pool/create", { name: $("#pool-name").value || "My Devices" });
     route();
   });
-  if ($("#gen-code")) $("#gen-code").onclick = act(async () => {
+  on("#gen-code", async () => {
     const { code } = await client.post("/api/pool/generate-code");
     const { svg } = await client.post("/api/pool/qr", { code });
     $("#pool-code").textContent = code;
     $("#pool-qr").innerHTML = svg;
     $("#invite").hidden = false;
   });
-  if ($("#leave")) $("#leave").onclick = act(async () => { await client.post("/api/pool/leave"); route(); });
+  on("#leave", async () => { await client.post("/api/pool/leave"); route(); });
+  on("#rename-save", async () => {
+    await client.post("/api/pool/device-name", { name: $("#rename").value });
+    await done("Renamed; the other devices see the new name once the owner has it.");
+  });
+  on("#split-save", async () => {
+    const r = await client.put("/api/pool/credit-split", { pct: Number($("#split").value) });
+    await done(`Members now keep ${r.credit_split_pct}% of their credits.`);
+  });
+  on("#invite-send", async () => {
+    await client.post("/api/pool/invite", { node_id: $("#invite-node").value.trim() });
+    msg("Invitation sent: the device lists it until it accepts.");
+  });
+  on("#pin-add", async () => {
+    const text = $("#pin-shards").value.trim();
+    const shard_indices = !text || text === "all" ? [] : text.split(",").map((t) => {
+      const n = Number(t.trim());
+      if (!Number.isInteger(n) || n < 0) throw new Error(`"${t.trim()}" is not a shard number`);
+      return n;
+    });
+    await client.post("/api/pool/pin", { model_id: $("#pin-model").value.trim(), target_node_id: $("#pin-device").value, shard_indices });
+    await done("Pinned: that device fetches the shards and keeps them.");
+  });
   const join = async (code) => {
     msg("Asking the pool's owner…");
     const st = await client.post("/api/pool/join", { code });
@@ -360,9 +545,45 @@ async function pool() {
       msg(`Read ${code} from the picture; joining…`);
       await join(code);
     });
-    $("#join-camera").onclick = act(() => scanCamera(join, msg));
+    $("#join-camera").onclick = act(() => scanCamera("/api/pool/scan-qr", async (code) => {
+      $("#join-code").value = code;
+      await join(code);
+    }, msg));
   }
-  return () => stopCamera();
+  // Buttons inside tables: one handler for the page.
+  main().onclick = async (e) => {
+    const b = e.target.closest("button[data-accept], button[data-remove], button[data-set-level], button[data-unpin]");
+    if (!b || needKey()) return;
+    b.disabled = true;
+    try {
+      if (b.dataset.accept) {
+        const st = await client.post("/api/pool/accept", { invitation_id: b.dataset.accept });
+        await done(`Joined ${st.name}.`);
+      } else if (b.dataset.remove) {
+        await client.post("/api/pool/remove", { node_id: b.dataset.remove });
+        await done("Removed; the device leaves the pool on the owner's signed notice.");
+      } else if (b.dataset.setLevel) {
+        const input = main().querySelector(`input[data-level="${b.dataset.setLevel}"]`);
+        await client.put("/api/pool/contribution", { node_id: b.dataset.setLevel, level: Number(input.value) });
+        await done(`Contribution level set to ${input.value}%.`);
+      } else if (b.dataset.unpin) {
+        await client.del("/api/pool/pin", pins[Number(b.dataset.unpin)]);
+        await done("Unpinned.");
+      }
+    } catch (err) {
+      msg(err.message, true);
+      b.disabled = false;
+    }
+  };
+  // Private mode: the switches send all three; offline mode waits for a restart.
+  const savePm = act(async () => {
+    const r = await client.put("/api/pool/private-mode",
+      { enabled: $("#pm-enabled").checked, allow_lan: $("#pm-lan").checked, offline_mode: $("#pm-offline").checked });
+    $("#private-mode").checked = r.enabled;
+    msg((r.restart_required || []).includes("offline_mode") ? "Saved; offline mode takes effect after a restart." : "Private mode saved.");
+  });
+  for (const id of ["#pm-enabled", "#pm-lan", "#pm-offline"]) $(id).onchange = savePm;
+  return () => { stopCamera(); main().onclick = null; };
 }
 
 let cameraStream = null;
@@ -371,7 +592,9 @@ function stopCamera() {
   cameraStream = null;
 }
 
-async function scanCamera(join, msg) {
+/** Reads QR codes from the camera until `path` (a scan endpoint) finds one,
+ *  then hands its code to `onCode`. */
+async function scanCamera(path, onCode, msg) {
   if (!navigator.mediaDevices?.getUserMedia) {
     msg("This window cannot use a camera; type the code or read a picture of it.", true);
     return;
@@ -390,11 +613,10 @@ async function scanCamera(join, msg) {
     canvas.getContext("2d").drawImage(video, 0, 0);
     const blob = await new Promise((r) => canvas.toBlob(r, "image/jpeg", 0.85));
     try {
-      const { code } = await client.upload("/api/pool/scan-qr", blob);
+      const { code } = await client.upload(path, blob);
       stopCamera();
       video.hidden = true;
-      $("#join-code").value = code;
-      await join(code);
+      await onCode(code);
       return;
     } catch (e) {
       if (e.code !== "NO_QR_CODE") throw e;
@@ -508,7 +730,8 @@ async function settings() {
 
 // ---- shell -------------------------------------------------------------------------------
 
-const pages = { dashboard, peers, models, chat, pool, credits, settings };
+// "peers" is the old name of the network page (kept for links people saved).
+const pages = { dashboard, network, peers: network, models, chat, pool, credits, settings };
 let cleanup = null;
 
 async function route() {

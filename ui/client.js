@@ -77,6 +77,7 @@ export async function api(method, path, body) {
 export const get = (path) => api("GET", path);
 export const post = (path, body = {}) => api("POST", path, body);
 export const put = (path, body) => api("PUT", path, body);
+export const del = (path, body) => api("DELETE", path, body);
 
 /** POSTs `body` with `stream: true` and calls `onEvent` with each SSE data JSON. */
 export async function stream(path, body, onEvent, signal) {

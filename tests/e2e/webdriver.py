@@ -90,6 +90,8 @@ class Session:
         return self.cmd("POST", "/execute/sync", {"script": script, "args": list(args)})
 
     def screenshot(self, css, path=None):
+        # WebKitWebDriver draws an element outside the viewport as black: show it first.
+        self.js(f"document.querySelector({json.dumps(css)}).scrollIntoView({{block: 'center'}})")
         png = base64.b64decode(self.cmd("GET", f"/element/{self.find(css)}/screenshot"))
         if path:
             with open(path, "wb") as f:
@@ -223,7 +225,7 @@ def ui_checks(r, s, base, key, out_dir, in_app):
         assert "code" in msg.lower(), msg
 
     def every_page():
-        for page in ("peers", "models", "credits", "settings", "dashboard"):
+        for page in ("network", "models", "credits", "settings", "dashboard"):
             s.js(f"location.hash = '#/{page}'")
             wait_for(f"the {page} page", lambda: s.js("return document.body.dataset.page") == page
                      and s.js("return document.querySelector('main h1') !== null"))

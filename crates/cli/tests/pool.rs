@@ -265,6 +265,46 @@ fn devices_join_by_code_over_gossip_once_and_see_each_other() {
         "{v}"
     );
 
+    // C renames itself: the owner takes the signed rename into its signed
+    // state, so every device shows the new name and the owner's next state
+    // (the contribution change below) does not undo it.
+    let c_id = node_id(&c);
+    let (status, v) = c.post(
+        "/api/pool/device-name",
+        &json!({ "name": " kitchen tablet " }),
+    );
+    assert_eq!(status, 200, "{v}");
+    let name_of = |n: &TestNode, id: &str| {
+        let (_, s) = n.get("/api/pool/state");
+        s["members"]
+            .as_array()?
+            .iter()
+            .find(|m| m["node_id"] == id)
+            .map(|m| m["device_name"].clone())
+    };
+    for (who, n) in [("A", &a), ("B", &b)] {
+        wait_for(&format!("{who} to show C's new name"), DEADLINE, || {
+            (name_of(n, &c_id)? == "kitchen tablet").then_some(())
+        });
+    }
+    let (s, v) = a.call(
+        reqwest::Method::PUT,
+        "/api/pool/contribution",
+        &json!({ "node_id": c_id, "level": 90 }),
+    );
+    assert_eq!(s, 200, "{v}");
+    wait_for("C to get the owner's next state", DEADLINE, || {
+        let (_, st) = c.get("/api/admin/stats");
+        (st["contribution_level"] == 90).then_some(())
+    });
+    assert_eq!(name_of(&c, &c_id), Some(json!("kitchen tablet")));
+    assert_eq!(name_of(&b, &c_id), Some(json!("kitchen tablet")));
+    // A name with a control character, or too long, is refused.
+    for bad in ["bad\u{7}name", &"x".repeat(65)] {
+        let (status, v) = c.post("/api/pool/device-name", &json!({ "name": bad }));
+        assert_eq!(status, 400, "{v}");
+    }
+
     // The owner removes B: B leaves the pool on the signed notice, C sees it go.
     let (ok, _, err) = cli(a.dir(), a.port, &["pool", "remove", &b_id]);
     assert!(ok, "{err}");
@@ -303,7 +343,7 @@ fn devices_join_by_code_over_gossip_once_and_see_each_other() {
         let c_entry = s["members"]
             .as_array()?
             .iter()
-            .find(|m| m["device_name"] == "tablet")?
+            .find(|m| m["device_name"] == "kitchen tablet")?
             .clone();
         (c_entry["online"] == true && c_entry["stats"]["uptime_secs"].as_u64()? > 0).then_some(s)
     });

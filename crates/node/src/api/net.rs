@@ -324,13 +324,38 @@ pub(crate) async fn discover(State(state): State<AppState>) -> Result<Json<Value
 /// `GET /api/admin/network-code`: an invite code and the network phase.
 pub(crate) async fn network_code(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let net = network(&state)?;
+    let code = net.invite_code();
+    // The same code as a QR picture, for the app to show (another device's
+    // app reads it with `POST /api/admin/network-code/scan`).
+    let qr = crate::qr::svg(&code).map_err(|e| ApiError::internal("qr", e))?;
     Ok(Json(json!({
-        "code": net.invite_code(),
+        "code": code,
+        "qr_svg": qr,
         "phase": net.phase().await,
         "node_id": state.node.node_id(),
         "peer_id": net.peer_id().to_string(),
         "connected_peers": net.connected().len(),
     })))
+}
+
+/// `POST /api/admin/network-code/scan` (authenticated) with a PNG or JPEG
+/// picture as the body → `{"code": "swarm://…"}`: the network code in a
+/// picture of another node's QR code.
+pub(crate) async fn scan_network_code(
+    State(state): State<AppState>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let text = super::pool::read_qr(body).await?;
+    let text = text.trim().to_string();
+    let network_name = state.node.config().network_name.clone();
+    if crate::net::invite::decode(&text, &network_name).is_err() {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "NOT_A_NETWORK_CODE",
+            "the QR code does not hold a network code of this network (swarm://…)",
+        ));
+    }
+    Ok(Json(json!({ "code": text })))
 }
 
 #[derive(Debug, Deserialize)]
@@ -391,5 +416,10 @@ pub(super) fn routes() -> super::routes::Routes {
         .read(Method::GET, "/api/v1/network", v1_network)
         .read(Method::GET, "/.well-known/swarmllm", well_known)
         .write(Method::POST, "/api/admin/join-network", join_network)
+        .write(
+            Method::POST,
+            "/api/admin/network-code/scan",
+            scan_network_code,
+        )
         .write(Method::POST, "/api/v1/network/discover", discover)
 }

@@ -364,8 +364,7 @@ pub(crate) async fn device_name(
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Json<Value>, ApiError> {
     let body: DeviceNameBody = from_value(&body)?;
-    let pools = state.node.pools().clone();
-    let s = blocking(move || pools.set_device_name(&body.name)).await?;
+    let s = state.node.pools().rename_device(&body.name).await?;
     Ok(Json(serde_json::to_value(s).unwrap_or_default()))
 }
 
@@ -483,7 +482,20 @@ pub(crate) async fn qr(ApiJson(body): ApiJson<Value>) -> Result<Json<Value>, Api
 /// `POST /api/pool/scan-qr` with a PNG or JPEG picture as the body → `{"code"}`:
 /// the invite code in the picture (a photo, a screenshot, a camera frame).
 pub(crate) async fn scan_qr(body: axum::body::Bytes) -> Result<Json<Value>, ApiError> {
-    let text = tokio::task::spawn_blocking(move || crate::qr::decode(&body))
+    let text = read_qr(body).await?;
+    let code = crate::pool::parse_code(&text).map_err(|_| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "NOT_AN_INVITE_CODE",
+            "the QR code does not hold a pool invite code",
+        )
+    })?;
+    Ok(Json(json!({ "code": code })))
+}
+
+/// The text of the QR code in a picture (422 `NO_QR_CODE` when none is found).
+pub(super) async fn read_qr(picture: axum::body::Bytes) -> Result<String, ApiError> {
+    tokio::task::spawn_blocking(move || crate::qr::decode(&picture))
         .await
         .map_err(|e| ApiError::internal("qr", e))?
         .map_err(|e| match e {
@@ -493,15 +505,7 @@ pub(crate) async fn scan_qr(body: axum::body::Bytes) -> Result<Json<Value>, ApiE
                 e.to_string(),
             ),
             other => ApiError::new(StatusCode::BAD_REQUEST, "INVALID_IMAGE", other.to_string()),
-        })?;
-    let code = crate::pool::parse_code(&text).map_err(|_| {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "NOT_AN_INVITE_CODE",
-            "the QR code does not hold a pool invite code",
-        )
-    })?;
-    Ok(Json(json!({ "code": code })))
+        })
 }
 
 /// Device pools. Each route is declared read (public) or write (needs the key) here.

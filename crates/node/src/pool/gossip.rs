@@ -54,6 +54,9 @@ const ACCEPT_TAG: &str = "swarmllm pool accept v1";
 const STATE_TAG: &str = "swarmllm pool state v1";
 const REMOVAL_TAG: &str = "swarmllm pool removal v1";
 const PINS_TAG: &str = "swarmllm pool pins v1";
+const RENAME_TAG: &str = "swarmllm pool rename v1";
+/// How far ahead of the owner's clock a rename's time may be.
+const RENAME_SKEW_SECS: i64 = 300;
 const INVITE_CONTEXT: &str = "swarmllm pool invite v1";
 
 /// Decodes a pool message and the signed or sealed body it carries, as far as
@@ -68,6 +71,9 @@ pub(crate) fn decode_message(bytes: &[u8]) {
         }
         Ok(Message::Pins { body, .. }) => {
             let _ = serde_json::from_str::<PinsBody>(&body);
+        }
+        Ok(Message::Rename { body, .. }) => {
+            let _ = serde_json::from_str::<RenameBody>(&body);
         }
         Ok(Message::JoinReply {
             owner_node_id,
@@ -167,6 +173,13 @@ enum Message {
         /// Hex Ed25519 signature by the owner over the tag and `body`.
         signature: String,
     },
+    /// A member asks the owner to rename it in the signed state.
+    Rename {
+        /// JSON of [`RenameBody`].
+        body: String,
+        /// Hex Ed25519 signature by the member over the tag and `body`.
+        signature: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -209,6 +222,17 @@ struct PinsBody {
     pool_id: String,
     owner_node_id: String,
     pins: Vec<super::Pin>,
+    issued_at: i64,
+}
+
+/// A member's new name for itself. The owner applies only a newer one than the
+/// last it applied for that member, so a replayed rename changes nothing.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RenameBody {
+    pool_id: String,
+    owner_node_id: String,
+    node_id: String,
+    device_name: String,
     issued_at: i64,
 }
 
@@ -423,6 +447,12 @@ pub(super) struct PoolNet {
     exchanges: Arc<Mutex<HashMap<String, Exchange>>>,
     /// Invitations by node id this device received.
     received: Arc<Mutex<Vec<ReceivedInvitation>>>,
+    /// The owner's side: each member's last applied rename (its `issued_at`);
+    /// only members of its pool get an entry.
+    renamed: Arc<Mutex<HashMap<String, i64>>>,
+    /// A member's side: the name it asked the owner for, until the owner's
+    /// signed state carries it.
+    wanted_name: Arc<Mutex<Option<String>>>,
 }
 
 impl Pools {
@@ -443,6 +473,8 @@ impl Pools {
             joining: Arc::new(Mutex::new(HashMap::new())),
             exchanges: Arc::new(Mutex::new(HashMap::new())),
             received: Arc::new(Mutex::new(Vec::new())),
+            renamed: Arc::new(Mutex::new(HashMap::new())),
+            wanted_name: Arc::new(Mutex::new(None)),
         };
         let _ = self.net.set(net.clone());
         let each = tasks.clone();
@@ -565,6 +597,12 @@ impl Pools {
 impl PoolNet {
     /// Publishes, retrying briefly while the gossip mesh forms.
     async fn publish(&self, message: &Message) -> Result<(), PoolError> {
+        if self.network.connected().is_empty() {
+            // Alone: no mesh is forming, nobody to wait for.
+            return Err(PoolError::Invalid(
+                "no peer to send the pool message to: this device is connected to none".into(),
+            ));
+        }
         let bytes = serde_json::to_vec(message).map_err(|e| PoolError::Invalid(e.to_string()))?;
         let mut last = String::new();
         for _ in 0..20 {
@@ -650,6 +688,7 @@ impl PoolNet {
                 self.on_removal(author, &body, &signature).await
             }
             Message::Pins { body, signature } => self.on_pins(author, &body, &signature).await,
+            Message::Rename { body, signature } => self.on_rename(author, &body, &signature).await,
             Message::Invite {
                 owner_node_id,
                 seq,
@@ -868,6 +907,7 @@ impl PoolNet {
         else {
             return;
         };
+        let pool_id = body.pool_id.clone();
         let Ok(body) = serde_json::to_string(&body) else {
             return;
         };
@@ -876,7 +916,19 @@ impl PoolNet {
                 .sign(format!("{STATE_TAG}\n{body}").as_bytes())
                 .to_bytes(),
         );
-        let _ = self.publish(&Message::State { body, signature }).await;
+        if self
+            .publish(&Message::State { body, signature })
+            .await
+            .is_err()
+        {
+            return;
+        }
+        // The pin list travels with every state, so a device that joined or was
+        // away since the pins last changed gets them too.
+        let pools = self.pools.clone();
+        if let Ok(Ok(pins)) = tokio::task::spawn_blocking(move || pools.pins()).await {
+            let _ = self.publish_pins(&pool_id, pins).await;
+        }
     }
 
     fn on_invite(&self, owner: &str, seq: u64, sealed: &str) {
@@ -1052,7 +1104,11 @@ impl PoolNet {
             .iter()
             .map(|m| Member {
                 node_id: m.node_id.clone(),
-                device_name: m.device_name.clone(),
+                // A name this device would refuse to set is shown as none.
+                device_name: m
+                    .device_name
+                    .as_deref()
+                    .and_then(|n| super::device_name(n).ok()),
                 role: m.role.clone(),
                 joined_at: m.joined_at,
                 accepted: true,
@@ -1061,10 +1117,100 @@ impl PoolNet {
             })
             .collect();
         let settings = state.credit_split_pct.map(|split| (split, state.rates));
+        // The name this device asked for, if the owner has not applied it yet.
+        let me = &self.pools.node_id;
+        let listed = members
+            .iter()
+            .find(|m| m.node_id == *me)
+            .map(|m| m.device_name.clone());
+        let resend = {
+            let mut wanted = self.wanted_name.lock().unwrap_or_else(|p| p.into_inner());
+            match (&*wanted, listed) {
+                (Some(w), Some(Some(has))) if *w == has => {
+                    *wanted = None;
+                    None
+                }
+                (Some(w), Some(_)) => Some(w.clone()),
+                _ => None,
+            }
+        };
+        let (pool_id, owner) = (state.pool_id.clone(), state.owner_node_id.clone());
         let _ = tokio::task::spawn_blocking(move || {
             pools.apply_state(&state.pool_id, &state.owner_node_id, &members, settings)
         })
         .await;
+        if let Some(name) = resend {
+            // At most one rename per owner state; the owner ignores one that is
+            // not newer than the last it applied, so this cannot loop.
+            let _ = self.send_rename(&pool_id, &owner, &name).await;
+        }
+    }
+
+    /// A member asks the owner to carry its new name in the signed state.
+    async fn send_rename(&self, pool_id: &str, owner: &str, name: &str) -> Result<(), PoolError> {
+        *self.wanted_name.lock().unwrap_or_else(|p| p.into_inner()) = Some(name.to_string());
+        let body = serde_json::to_string(&RenameBody {
+            pool_id: pool_id.to_string(),
+            owner_node_id: owner.to_string(),
+            node_id: self.pools.node_id.clone(),
+            device_name: name.to_string(),
+            issued_at: (self.pools.clock)(),
+        })
+        .map_err(|e| PoolError::Invalid(e.to_string()))?;
+        let signature = hex::encode(
+            self.identity
+                .sign(format!("{RENAME_TAG}\n{body}").as_bytes())
+                .to_bytes(),
+        );
+        self.publish(&Message::Rename { body, signature }).await
+    }
+
+    /// The owner's side of a rename: signed by the member it renames, newer
+    /// than the last one applied for it; then the pool hears the new state.
+    async fn on_rename(&self, author: &str, body: &str, signature: &str) {
+        let Ok(rename) = serde_json::from_str::<RenameBody>(body) else {
+            return;
+        };
+        if rename.node_id != author || rename.owner_node_id != self.pools.node_id {
+            return; // not the member itself, or not for this owner
+        }
+        if !verify_hex(
+            author,
+            format!("{RENAME_TAG}\n{body}").as_bytes(),
+            signature,
+        ) {
+            tracing::warn!("pool rename with a bad signature; ignored");
+            return;
+        }
+        let now = (self.pools.clock)();
+        let last = self
+            .renamed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(author)
+            .copied();
+        if rename.issued_at > now + RENAME_SKEW_SECS || last.is_some_and(|l| rename.issued_at <= l)
+        {
+            tracing::debug!("pool rename replayed or from the future; ignored");
+            return;
+        }
+        let pools = self.pools.clone();
+        let (pool_id, node_id, name) = (
+            rename.pool_id.clone(),
+            rename.node_id.clone(),
+            rename.device_name.clone(),
+        );
+        let applied =
+            tokio::task::spawn_blocking(move || pools.apply_rename(&pool_id, &node_id, &name))
+                .await;
+        if matches!(applied, Ok(Ok(true))) {
+            // Only members get an entry: the map is bounded by the pool's size.
+            self.renamed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(rename.node_id, rename.issued_at);
+            self.publish_state().await;
+        }
     }
 }
 
@@ -1188,8 +1334,11 @@ impl Pools {
         if add {
             self.notify_pins(std::slice::from_ref(&pin));
         }
-        if let Some(net) = self.net.get() {
-            net.publish_pins(&pool_id, pins.clone()).await?;
+        if let Some(net) = self.net.get()
+            && let Err(e) = net.publish_pins(&pool_id, pins.clone()).await
+        {
+            // Saved here; the devices get the list with the owner's next state.
+            tracing::info!("pins not sent now: {e}");
         }
         Ok(pins)
     }
@@ -1205,6 +1354,30 @@ impl Pools {
             net.announce_removal(&pool_id, node_id).await?;
         }
         self.state()
+    }
+
+    /// Renames this device in its pool: here at once, and for every device
+    /// through the owner's signed state (the owner republishes it; a member asks
+    /// the owner with a signed rename and asks again on each state that does
+    /// not carry the name yet, so an owner offline now gets it later).
+    pub async fn rename_device(&self, name: &str) -> Result<PoolState, PoolError> {
+        let this = self.clone();
+        let n = name.to_string();
+        let state = tokio::task::spawn_blocking(move || this.set_device_name(&n))
+            .await
+            .map_err(|e| PoolError::Invalid(e.to_string()))??;
+        let Some(net) = self.net.get() else {
+            return Ok(state);
+        };
+        if state.role.as_deref() == Some("owner") {
+            net.publish_state().await;
+        } else if let (Some(pool_id), Some(owner)) = (&state.pool_id, &state.owner_node_id) {
+            let name = super::device_name(name)?;
+            if let Err(e) = net.send_rename(pool_id, owner, &name).await {
+                tracing::info!("the pool's owner will get the new name later: {e}");
+            }
+        }
+        Ok(state)
     }
 
     /// Tells the pool's devices the current settings (credit split, rates): the

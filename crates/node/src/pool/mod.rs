@@ -224,6 +224,18 @@ pub(crate) struct Candidate {
     pub(crate) refused: Option<&'static str>,
 }
 
+/// A device name as a person typed it: trimmed, 1–64 characters, no control
+/// characters (it is shown in every device's list).
+fn device_name(name: &str) -> Result<String, PoolError> {
+    let name = name.trim();
+    if name.is_empty() || name.chars().count() > 64 || name.chars().any(char::is_control) {
+        return Err(PoolError::Invalid(
+            "the device name must be 1–64 characters, without control characters".into(),
+        ));
+    }
+    Ok(name.to_string())
+}
+
 /// Normalises a typed code (trims, upper-cases, drops spaces and dashes) and
 /// checks its length and alphabet.
 pub fn parse_code(input: &str) -> Result<String, PoolError> {
@@ -788,14 +800,10 @@ impl Pools {
         })
     }
 
-    /// Sets this device's name in its pool record.
+    /// Sets this device's name in its own pool record (the owner's signed state
+    /// carries it to the others: see [`Pools::rename_device`]).
     pub fn set_device_name(&self, name: &str) -> Result<PoolState, PoolError> {
-        let name = name.trim().to_string();
-        if name.is_empty() || name.chars().count() > 64 {
-            return Err(PoolError::Invalid(
-                "the device name must be 1–64 characters".into(),
-            ));
-        }
+        let name = device_name(name)?;
         let me = self.node_id.clone();
         self.transact(|tx| {
             let Some((pool_id, ..)) = Self::current(tx)? else {
@@ -808,6 +816,26 @@ impl Pools {
             Ok(())
         })?;
         self.state()
+    }
+
+    /// The owner's side of a member's signed rename: whether `node_id`, a member
+    /// of the pool this node owns, now has that name.
+    fn apply_rename(&self, pool_id: &str, node_id: &str, name: &str) -> Result<bool, PoolError> {
+        let name = device_name(name)?;
+        self.transact(|tx| {
+            let Ok((owned, ..)) = Self::owned_pool(tx) else {
+                return Ok(false);
+            };
+            if owned != pool_id {
+                return Ok(false);
+            }
+            let changed = tx.execute(
+                "UPDATE pool_members SET device_name = ?1
+                  WHERE pool_id = ?2 AND node_id = ?3 AND role != 'owner'",
+                params![name, pool_id, node_id],
+            )?;
+            Ok(changed > 0)
+        })
     }
 
     /// Runs an owner-only change in a transaction that also counts as a pool
