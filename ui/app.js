@@ -36,7 +36,67 @@ function needKey() {
   return true;
 }
 
+// ---- live updates ------------------------------------------------------------------
+
+/** One WebSocket for the whole app: it keeps the recent history the dashboard
+ *  draws (also while another page is open) and shows a toast for each swarm
+ *  activity (a shard fetched, pruned, a fetch that failed). */
+const live = { history: [], listeners: new Set(), last: null };
+const HISTORY = 150; // 5 minutes at one update every 2 s
+
+function startLive() {
+  let prev = null;
+  const open = () => {
+    const ws = client.socket((m) => {
+      if (m.type === "activity_event") {
+        toast(m.data.message, m.data.toast_level === "warning");
+        return;
+      }
+      if (m.type !== "stats_update") return;
+      const d = m.data, t = Date.parse(m.timestamp) / 1000;
+      const tokens = d.inference?.tokens_generated ?? 0;
+      const tps = prev && t > prev.t ? Math.max(0, (tokens - prev.tokens) / (t - prev.t)) : 0;
+      prev = { t, tokens };
+      live.history.push({ t, tps, requests: d.inference?.requests_total ?? 0, credits: d.credits?.balance ?? 0, peers: d.peer_count ?? 0 });
+      if (live.history.length > HISTORY) live.history.shift();
+      live.last = m;
+      for (const f of live.listeners) f(m);
+    });
+    // The node restarted or the connection dropped: try again shortly.
+    ws.onclose = () => setTimeout(open, 3000);
+  };
+  open();
+}
+
+/** A small line chart of `key` over the history. */
+function chartHtml(id, title, key, unit) {
+  const pts = live.history.map((h) => h[key]);
+  const W = 300, H = 70;
+  const max = Math.max(1e-9, ...pts), min = Math.min(0, ...pts);
+  const xy = pts.map((v, i) => `${(pts.length < 2 ? 0 : (W * i) / (pts.length - 1)).toFixed(1)},${(H - 4 - ((H - 8) * (v - min)) / (max - min || 1)).toFixed(1)}`).join(" ");
+  const now = pts.length ? pts[pts.length - 1] : 0;
+  const shown = Number.isInteger(now) ? now : now.toFixed(key === "credits" ? 4 : 1);
+  return `<figure class="card chart" id="${id}" data-points="${pts.length}"><figcaption class="label">${esc(title)}</figcaption>
+    <div class="value">${esc(shown)}${unit ? ` <span class="muted">${esc(unit)}</span>` : ""}</div>
+    <svg viewBox="0 0 ${W} ${H}" preserveAspectRatio="none" role="img" aria-label="${esc(`${title} over the last ${pts.length} updates`)}">
+      <polyline points="${xy}" /></svg></figure>`;
+}
+
+function chartsHtml() {
+  return chartHtml("chart-tokens", "Tokens per second", "tps", "tok/s") + chartHtml("chart-requests", "Requests", "requests", "in all")
+    + chartHtml("chart-credits", "Credits", "credits", "balance") + chartHtml("chart-peers", "Peers", "peers", "connected");
+}
+
 // ---- dashboard -----------------------------------------------------------------
+
+/** What this node serves: its whole model and the layer ranges it hosts. */
+async function servingHtml(stats) {
+  const layers = await client.get("/api/v1/layers");
+  const ranges = (layers.ranges || []).map((r) => `${r.model_id} layers ${r.layer_start}–${r.layer_end - 1}`);
+  const whole = stats.model?.id ? [`${stats.model.id} (whole)`] : [];
+  const all = [...whole, ...ranges];
+  return all.length ? all.map(esc).join(" · ") : "nothing yet: add a model on the Models page";
+}
 
 async function dashboard() {
   const [stats, nick] = await Promise.all([client.get("/api/admin/stats"), client.get("/api/identity/nickname")]);
@@ -47,26 +107,135 @@ async function dashboard() {
       ${card("Node id", stats.node_id, "node-id")}
       ${card("Nickname", nick.nickname || "—")}
       ${card("Uptime", duration(stats.uptime_seconds), "uptime")}
-      ${card("Peers", stats.peer_count, "peer-count")}
-      ${card("Model", stats.model?.id || "none (split models via peers)")}
-      ${card("Requests", stats.inference?.requests_total ?? 0, "requests")}
-      ${card("Credits", "…", "credits")}
       ${card("Secrets", stats.secret_store === "keychain" ? "OS keychain" : "encrypted file")}
     </div>
+    <h2>Serving</h2>
+    <p id="serving">${await servingHtml(stats)}</p>
+    <h2>Activity</h2>
+    <div class="grid" id="charts">${chartsHtml()}</div>
     <h2>Hardware</h2>
     <p id="hardware">${esc(hw.cpu_model)} · ${esc(hw.cpu_threads)} threads ·
       ${esc((hw.ram_total / 2 ** 30).toFixed(1))} GiB RAM · GPUs: ${esc(gpus)} · ${esc(hw.os)} ${esc(hw.arch)}</p>
     <p class="muted" id="live">Waiting for live updates…</p>`;
-  const ws = client.socket((m) => {
-    if (m.type !== "stats_update") return;
-    const d = m.data;
-    $("#uptime").textContent = duration(d.uptime_seconds);
-    $("#peer-count").textContent = d.peer_count;
-    $("#requests").textContent = d.inference?.requests_total ?? 0;
-    if (d.credits) $("#credits").textContent = d.credits.balance.toFixed(4);
+  const update = (m) => {
+    if (!$("#charts")) return;
+    $("#uptime").textContent = duration(m.data.uptime_seconds);
+    $("#charts").innerHTML = chartsHtml();
     $("#live").textContent = "Live · updated " + new Date(m.timestamp).toLocaleTimeString();
+  };
+  live.listeners.add(update);
+  if (live.last) update(live.last);
+  return () => live.listeners.delete(update);
+}
+
+// ---- welcome (first run) -----------------------------------------------------------
+
+const WELCOMED = "swarmllm.welcomed";
+
+/** Whether to greet: nothing to chat with here yet and no peers, on a first visit. */
+async function firstRun() {
+  if (localStorage.getItem(WELCOMED)) return false;
+  const [stats, models] = await Promise.all([client.get("/api/admin/stats"), client.get("/v1/models")]);
+  return !stats.model && !(models.data || []).length && !stats.peer_count;
+}
+
+/** The recommendations: chat models from the catalog whose recommended variant
+ *  fits this machine, most downloaded first. */
+async function recommendations() {
+  const results = await client.get("/api/admin/hf/search?query=instruct&limit=8");
+  return results.filter((r) => r.split_supported && r.recommended_file
+    && (r.variants || []).some((v) => v.filename === r.recommended_file && v.fits_vram)).slice(0, 4);
+}
+
+async function welcome() {
+  localStorage.setItem(WELCOMED, "1");
+  let code = null;
+  try { code = await client.get("/api/admin/network-code"); } catch { /* networking is off */ }
+  const config = await client.get("/api/admin/config");
+  main().innerHTML = `<h1>Welcome to SwarmLLM</h1>
+    <p>Three steps, each optional: a model to chat with, a network to share with, your own devices.</p>
+    <section class="step"><h2>1. A model for this machine</h2>
+      <div id="recs"><p class="muted">Looking in the catalog…</p></div>
+      <p class="muted">Or use the models the swarm already runs: join a network below and they show in Chat.</p>
+      <div class="row"><div class="bar" hidden id="rec-bar"><span data-pct="0"></span></div><span class="muted" id="rec-status" role="status"></span></div></section>
+    <section class="step"><h2>2. Join a network</h2>
+      ${(config.bootstrap || []).length ? `<p class="muted">This node dials its configured bootstrap list at start: ${esc(config.bootstrap.length)} entr${config.bootstrap.length === 1 ? "y" : "ies"}.</p>` : ""}
+      <div class="row"><input id="welcome-code" class="mono" size="50" placeholder="swarm://… from another node" aria-label="Network code">
+        <button id="welcome-join" class="secondary">Join</button>
+        <label class="secondary">QR picture <input type="file" id="welcome-file" accept="image/*"></label></div>
+      ${code ? `<p class="muted">This node's own code (for others): <span class="mono">${esc(code.code.slice(0, 32))}…</span> (full code and QR on the Network page)</p>` : ""}
+      <p id="welcome-net" role="status"></p></section>
+    <section class="step"><h2>3. Your devices (optional)</h2>
+      <div class="row"><input id="welcome-pool" placeholder="My Devices" aria-label="Pool name"><button id="welcome-pool-create" class="secondary">Create a pool</button>
+        <a href="#/pool">or join one with a code</a></div>
+      <p id="welcome-pool-note" role="status"></p></section>
+    <div class="row"><button id="welcome-done">Start chatting</button><a href="#/dashboard">Skip to the dashboard</a></div>`;
+  const say = (id, text, bad = false) => { const p = $(id); if (p) { p.textContent = text; p.className = bad ? "error" : "ok"; } };
+  // 1: recommendations, the first is the default.
+  let recs = [];
+  try { recs = await recommendations(); } catch (e) { say("#rec-status", `The catalog is not reachable: ${e.message}`, true); }
+  if ($("#recs")) {
+    $("#recs").innerHTML = recs.length ? recs.map((r, i) => {
+      const v = r.variants.find((x) => x.filename === r.recommended_file);
+      return `<div class="row rec"><button ${i ? 'class="secondary"' : ""} data-rec="${i}">${i ? "Use" : "Use the recommended model"}</button>
+        <b>${esc(r.repo_id)}</b> <span class="muted">${esc(v.quant || "")} · ${esc(size(v.size_bytes || 0))} · fits this machine</span></div>`;
+    }).join("") : `<p class="muted">No catalog model fits this machine.</p>`;
+  }
+  let chosen = null;
+  $("#recs").onclick = async (e) => {
+    const b = e.target.closest("button[data-rec]");
+    if (!b || needKey()) return;
+    const r = recs[Number(b.dataset.rec)];
+    for (const x of main().querySelectorAll("button[data-rec]")) x.disabled = true;
+    try {
+      const d = await client.post("/api/admin/hf/download-shards", { repo_id: r.repo_id, filename: r.recommended_file, peer_fair_share: false });
+      chosen = d.model_id;
+      $("#rec-bar").hidden = false;
+      // Progress until the model is servable here.
+      for (;;) {
+        const [downloads, models] = await Promise.all([client.get("/api/admin/downloads"), client.get("/v1/models")]);
+        const mine = (downloads.downloads || []).filter((x) => x.model_id === chosen);
+        const total = mine.reduce((a, x) => a + (x.bytes_total || 0), 0), done = mine.reduce((a, x) => a + (x.bytes_done || 0), 0);
+        const failed = mine.find((x) => x.status === "failed");
+        if (failed) throw new Error(failed.error || "the download failed");
+        const pct = total ? (100 * done) / total : 0;
+        $("#rec-bar span").style.width = pct + "%";
+        if ((models.data || []).some((m) => m.id === chosen)) break;
+        say("#rec-status", `Downloading ${r.repo_id}: ${pct.toFixed(0)}%`);
+        await new Promise((res) => setTimeout(res, 500));
+        if (!$("#rec-bar")) return; // the user left the page
+      }
+      $("#rec-bar span").style.width = "100%";
+      say("#rec-status", `${chosen} is ready.`);
+    } catch (err) {
+      say("#rec-status", err.message, true);
+      for (const x of main().querySelectorAll("button[data-rec]")) x.disabled = false;
+    }
+  };
+  // 2: a network by code or QR picture.
+  const join = async (text) => {
+    say("#welcome-net", "Connecting…");
+    const r = await client.post("/api/admin/join-network", { code: text.trim() });
+    say("#welcome-net", `Connected (${r.connected_peers} peer(s)).`);
+  };
+  const act = (id, f) => async () => { if (needKey()) return; try { await f(); } catch (e) { say(id, e.message, true); } };
+  $("#welcome-join").onclick = act("#welcome-net", () => join($("#welcome-code").value));
+  $("#welcome-file").onchange = act("#welcome-net", async () => {
+    const file = $("#welcome-file").files[0];
+    if (!file) return;
+    const { code: text } = await client.upload("/api/admin/network-code/scan", file);
+    $("#welcome-code").value = text;
+    await join(text);
   });
-  return () => ws.close();
+  // 3: a pool.
+  $("#welcome-pool-create").onclick = act("#welcome-pool-note", async () => {
+    const st = await client.post("/api/pool/create", { name: $("#welcome-pool").value || "My Devices" });
+    say("#welcome-pool-note", `Pool ${st.name} created: invite devices from My devices.`);
+  });
+  $("#welcome-done").onclick = () => {
+    location.hash = chosen ? `#/chat?model=${encodeURIComponent(chosen)}` : "#/chat";
+  };
+  return () => { main().onclick = null; };
 }
 
 // ---- network ----------------------------------------------------------------------
@@ -349,7 +518,8 @@ async function models() {
 
 async function chat() {
   const list = await client.get("/v1/models");
-  const options = (list.data || []).map((m) => `<option>${esc(m.id)}</option>`).join("");
+  const wanted = new URLSearchParams(location.hash.split("?")[1] || "").get("model");
+  const options = (list.data || []).map((m) => `<option ${m.id === wanted ? "selected" : ""}>${esc(m.id)}</option>`).join("");
   main().innerHTML = `<h1>Chat</h1>
     <div class="row"><label>Model <select id="chat-model">${options}</select></label></div>
     <div id="chat-log"></div>
@@ -453,17 +623,17 @@ async function pool() {
         <span id="combined-vram">${esc(s.combined_vram_gb ?? 0)} GB VRAM in all</span></p>
       <table id="members"><thead><tr><th>Status</th><th>Device</th><th>Node</th><th>Role</th><th>VRAM</th><th>Hosts</th><th>Forwards</th><th>Uptime</th><th>Contribution</th><th></th></tr></thead>
         <tbody>${members.map((m) => memberRowHtml(m, me, owner)).join("")}</tbody></table>
-      <h2>Credits</h2>
-      ${owner ? `<div class="row"><label for="split">Members keep</label>
-          <input id="split" type="number" min="0" max="50" step="1" value="${esc(s.credit_split_pct ?? 0)}"> %
-          <button id="split-save" class="secondary">Save</button><span class="muted">0–50 % of what each device earns; the rest goes to the owner.</span></div>`
-        : `<p>Members keep ${esc(s.credit_split_pct ?? 0)}% of their credits.</p>`}
       ${owner ? `<h2>Invite a device</h2>
         <div class="row"><button id="gen-code">New invite code</button></div>
         <div id="invite" hidden><div class="code" id="pool-code"></div><div id="pool-qr"></div>
           <p class="muted">One use, valid 24 hours. Type it on the other device or scan the QR code.</p></div>
         <div class="row"><input id="invite-node" class="mono" size="40" placeholder="a node id (64 hex)" aria-label="Node id to invite">
           <button id="invite-send" class="secondary">Invite by node id</button></div>` : ""}
+      <h2>Credits</h2>
+      ${owner ? `<div class="row"><label for="split">Members keep</label>
+          <input id="split" type="number" min="0" max="50" step="1" value="${esc(s.credit_split_pct ?? 0)}"> %
+          <button id="split-save" class="secondary">Save</button><span class="muted">0–50 % of what each device earns; the rest goes to the owner.</span></div>`
+        : `<p>Members keep ${esc(s.credit_split_pct ?? 0)}% of their credits.</p>`}
       <h2>Pins</h2>
       <p class="muted">A pinned model (or some of its shards) is fetched by that device and never deleted while pinned.</p>
       ${pinsHtml(pins, members, owner)}
@@ -666,11 +836,82 @@ function scheduleStatus(s) {
     : `Off: contributing at all hours (local time ${s.local_time}).`;
 }
 
+/** The settings a person changes, grouped, with their ranges (the node checks
+ *  them again and its message shows next to the field). */
+const SETTINGS = [
+  { group: "Model", fields: [
+    { key: "model", label: "Model file (GGUF)", type: "text", help: "Served whole by this node; empty serves none (split models come from peers)." },
+    { key: "context_size", label: "Context size", type: "number", min: 64, max: 131072, unit: "tokens" },
+    { key: "max_parallel", label: "Requests decoded together", type: "number", min: 0, max: 64, help: "0 picks from the context size." },
+    { key: "default_max_tokens", label: "Default answer length", type: "number", min: 1, unit: "tokens" },
+  ] },
+  { group: "Hardware", fields: [
+    { key: "gpu_layers", label: "GPU offload", type: "number", min: 0, max: 999, unit: "layers", help: "0 runs on the CPU." },
+    { key: "threads", label: "Inference threads", type: "number", min: 0, max: 256, help: "0: one per core." },
+    { key: "batch_size", label: "Prompt batch", type: "number", min: 1, max: 8192, unit: "tokens" },
+  ] },
+  { group: "Storage and sharing", fields: [
+    { key: "disk_budget_mb", label: "Disk budget", type: "number", min: 0, unit: "MiB", help: "0: no limit." },
+    { key: "auto_manage", label: "Fetch shards the swarm lacks", type: "bool" },
+    { key: "auto_prune", label: "Delete shards no longer needed", type: "bool" },
+    { key: "serve_shards", label: "Serve held shards to the network", type: "bool" },
+  ] },
+  { group: "Network", fields: [
+    { key: "api_port", label: "API port", type: "number", min: 1, max: 65535 },
+    { key: "p2p_port", label: "Peer port", type: "number", min: 0, max: 65535, help: "0 picks a free one." },
+    { key: "p2p_enabled", label: "Join the peer-to-peer network", type: "bool" },
+    { key: "mdns", label: "Find peers on this LAN", type: "bool" },
+    { key: "bootstrap", label: "Bootstrap codes", type: "list", help: "swarm:// codes or multiaddrs, comma-separated." },
+    { key: "region", label: "Region", type: "text", help: "EU, NA, …; empty guesses from the time zone." },
+  ] },
+  { group: "Privacy", fields: [
+    { key: "encrypted_pipeline", label: "Encrypted pipeline: embed and sample here", type: "bool",
+      help: "Prompts and answers never leave this node (it needs the model's first and last shard)." },
+    { key: "activation_dtype", label: "Hidden states between hops", type: "select", options: ["f32", "f16", "q8"],
+      help: "f32 answers exactly as the whole model; f16 and q8 send fewer bytes." },
+  ] },
+];
+
+const showSetting = (f, v) => (f.type === "list" ? (v || []).join(", ") : f.type === "bool" ? (v ? "on" : "off") : String(v ?? ""));
+
+function settingHtml(f, value, def, restart) {
+  const id = `set-${f.key}`;
+  const hint = [`default ${showSetting(f, def) || "empty"}`, f.unit, f.min != null ? `${f.min}–${f.max ?? "…"}` : null,
+    restart ? "applies after a restart" : null, f.help].filter(Boolean).join(" · ");
+  let input;
+  if (f.type === "bool") {
+    input = `<input type="checkbox" id="${id}" data-setting="${f.key}" ${value ? "checked" : ""}>`;
+  } else if (f.type === "select") {
+    input = `<select id="${id}" data-setting="${f.key}">${f.options.map((o) => `<option ${o === value ? "selected" : ""}>${esc(o)}</option>`).join("")}</select>`;
+  } else {
+    const range = f.type === "number" ? ` min="${f.min}"${f.max != null ? ` max="${f.max}"` : ""} step="1"` : "";
+    input = `<input type="${f.type === "number" ? "number" : "text"}" id="${id}" data-setting="${f.key}"${range}
+      value="${esc(showSetting(f, value))}" aria-describedby="hint-${f.key} err-${f.key}">`;
+  }
+  return `<div class="field"><label for="${id}">${esc(f.label)}</label>${input}
+    <span class="hint muted" id="hint-${f.key}">${esc(hint)}</span><span class="field-error" id="err-${f.key}" role="alert"></span></div>`;
+}
+
+/** The form's value of one setting, in the config's JSON type. */
+function settingValue(f) {
+  const el = $(`#set-${f.key}`);
+  if (f.type === "bool") return el.checked;
+  if (f.type === "number") return el.value.trim() === "" ? NaN : Number(el.value);
+  if (f.type === "list") return el.value.split(",").map((t) => t.trim()).filter(Boolean);
+  return el.value.trim();
+}
+
 async function settings() {
-  const [config, stats, schedule] = await Promise.all([client.get("/api/admin/config"), client.get("/api/admin/stats"),
-    client.get("/api/admin/schedule")]);
+  const [config, stats, schedule, defaults] = await Promise.all([client.get("/api/admin/config"), client.get("/api/admin/stats"),
+    client.get("/api/admin/schedule"), client.get("/api/admin/config/defaults")]);
+  const restart = new Set(defaults.restart_required || []);
+  const groups = SETTINGS.map((g, i) => `<fieldset class="settings-group" data-group="${i}"><legend>${esc(g.group)}</legend>
+      ${g.fields.map((f) => settingHtml(f, config[f.key], defaults.defaults[f.key], restart.has(f.key))).join("")}
+      <div class="row"><button data-save-group="${i}">Save ${esc(g.group.toLowerCase())}</button>
+        <span class="muted" id="group-note-${i}" role="status"></span></div></fieldset>`).join("");
   const file = stats.secret_store !== "keychain";
   main().innerHTML = `<h1>Settings</h1>
+    ${groups}
     <h2>API key</h2>
     <div class="row"><input id="api-key" class="mono" type="password" size="50" value="${esc(client.key())}" ${client.inApp ? "readonly" : ""}>
       <button id="key-reveal" class="secondary">Reveal</button><button id="key-copy" class="secondary">Copy</button>
@@ -688,11 +929,41 @@ async function settings() {
       <td><input id="schedule-${d}" data-day="${d}" size="24" placeholder="e.g. 9-17, 20-24" value="${esc(showHours(schedule.weekdays?.[d]))}"></td></tr>`).join("")}</table>
     <div class="row"><button id="schedule-save">Save schedule</button></div>
     <p class="muted" id="schedule-status">${esc(scheduleStatus(schedule))}</p>
-    <h2>Configuration</h2>
-    <div class="row"><select id="cfg-key">${Object.keys(config).sort().map((k) => `<option>${esc(k)}</option>`).join("")}</select>
-      <input id="cfg-value" size="40"><button id="cfg-save">Set</button></div>
+    <details id="advanced"><summary>Advanced: every setting as the config file has it</summary>
+    <div class="row"><select id="cfg-key" aria-label="Setting">${Object.keys(config).sort().map((k) => `<option>${esc(k)}</option>`).join("")}</select>
+      <input id="cfg-value" size="40" aria-label="Value (JSON)"><button id="cfg-save">Set</button></div>
     <p class="muted" id="cfg-note"></p>
-    <table>${Object.entries(config).sort().map(([k, v]) => `<tr><td class="mono">${esc(k)}</td><td class="mono">${esc(JSON.stringify(v))}</td></tr>`).join("")}</table>`;
+    <table>${Object.entries(config).sort().map(([k, v]) => `<tr><td class="mono">${esc(k)}</td><td class="mono">${esc(JSON.stringify(v))}</td></tr>`).join("")}</table></details>`;
+  // Each group saves the fields that changed; the node's refusal shows at its field.
+  for (const b of main().querySelectorAll("button[data-save-group]")) {
+    b.onclick = async () => {
+      if (needKey()) return;
+      const i = Number(b.dataset.saveGroup);
+      const note = $(`#group-note-${i}`);
+      const changes = {};
+      for (const f of SETTINGS[i].fields) {
+        $(`#err-${f.key}`).textContent = "";
+        const v = settingValue(f);
+        if (JSON.stringify(v) !== JSON.stringify(config[f.key])) changes[f.key] = v;
+      }
+      if (!Object.keys(changes).length) { note.textContent = "Nothing changed."; return; }
+      try {
+        const r = await client.put("/api/admin/config", changes);
+        // Restart-only fields keep their running value in `r.config` until then.
+        Object.assign(config, r.config, changes);
+        note.className = "ok";
+        note.textContent = (r.restart_required || []).length
+          ? `Saved; ${r.restart_required.join(", ")} take${r.restart_required.length === 1 ? "s" : ""} effect after a restart.`
+          : "Saved and applied.";
+      } catch (e) {
+        const field = e.body?.error?.details?.field;
+        note.className = "error";
+        note.textContent = "Not saved.";
+        if (field && $(`#err-${field}`)) $(`#err-${field}`).textContent = e.message;
+        else note.textContent = `Not saved: ${e.message}`;
+      }
+    };
+  }
   $("#key-reveal").onclick = () => { const i = $("#api-key"); i.type = i.type === "password" ? "text" : "password"; };
   $("#key-copy").onclick = async () => { await navigator.clipboard?.writeText($("#api-key").value); toast("Copied"); };
   if ($("#key-save")) $("#key-save").onclick = () => { client.setKey($("#api-key").value); toast("Saved in this browser"); };
@@ -731,7 +1002,7 @@ async function settings() {
 // ---- shell -------------------------------------------------------------------------------
 
 // "peers" is the old name of the network page (kept for links people saved).
-const pages = { dashboard, network, peers: network, models, chat, pool, credits, settings };
+const pages = { welcome, dashboard, network, peers: network, models, chat, pool, credits, settings };
 let cleanup = null;
 
 async function route() {
@@ -767,6 +1038,9 @@ async function syncPrivateMode() {
 
 window.addEventListener("hashchange", route);
 client.init().then(async () => {
+  startLive();
+  // replaceState: no hashchange, so the page renders once.
+  if (!location.hash.startsWith("#/welcome") && await firstRun().catch(() => false)) history.replaceState(null, "", "#/welcome");
   await route();
   await syncPrivateMode().catch(() => {});
   document.body.dataset.ready = "true";

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 from webdriver import (Results, Session, api_key, free_port, http, node_env, target_dir,
                        test_model, ui_checks, wait_for)
@@ -214,6 +215,82 @@ def main():
             session.click("#leave")
             wait_for("out of the pool", lambda: state()["in_pool"] is False)
         r.check("my devices: rename, credit split, contribution, invite, pins, private-mode switches", devices)
+
+        def settings_form():
+            session.js("location.hash = '#/settings'")
+            wait_for("the settings form", lambda: session.js("return document.querySelector('#set-context_size') !== null"))
+            before = http("GET", f"{base}/api/admin/config")[1]["context_size"]
+            hint = session.text("#hint-context_size")
+            assert "default 4096" in hint and "restart" in hint, hint
+            # Out of range: the node's message at the field, nothing saved.
+            session.js("document.querySelector('#set-context_size').value = '10'")
+            session.click("button[data-save-group='0']")
+            msg = wait_for("the node's message at the field", lambda: session.text("#err-context_size"))
+            assert "at least 64" in msg, msg
+            assert http("GET", f"{base}/api/admin/config")[1]["context_size"] == before
+            # In range: saved, with the restart it needs said.
+            session.js("document.querySelector('#set-context_size').value = '2048'")
+            session.click("button[data-save-group='0']")
+            note = wait_for("saved", lambda: "Saved" in session.text("#group-note-0") and session.text("#group-note-0"))
+            assert "context_size" in note and "restart" in note, note
+            # Saved for the next start; the running node keeps its context.
+            with open(os.path.join(data, "config.toml")) as f:
+                assert "context_size = 2048" in f.read()
+            assert http("GET", f"{base}/api/admin/config")[1]["context_size"] == before
+            # A switch that applies at once.
+            session.click("#set-auto_prune")
+            session.click("button[data-save-group='2']")
+            wait_for("applied", lambda: session.text("#group-note-2") == "Saved and applied.")
+            assert http("GET", f"{base}/api/admin/config")[1]["auto_prune"] is False
+            session.page_screenshot(os.path.join(out_dir, "settings.png"))
+            status, _ = http("PUT", f"{base}/api/admin/config", {"context_size": before, "auto_prune": True},
+                             headers={"Authorization": f"Bearer {key}"})
+            assert status == 200
+        r.check("settings: grouped fields with defaults and ranges, the node's messages at the field", settings_form)
+
+        def first_run():
+            # A fresh install: a node with no model, no peers and an empty data dir.
+            started = time.monotonic()
+            data2 = tempfile.mkdtemp(prefix="swarmllm-first-run-")
+            port2 = free_port()
+            env2 = node_env(data2)
+            env2.update({"HF_ENDPOINT": f"http://127.0.0.1:{hub_port}", "HF_HOME": data2, "HF_TOKEN": ""})
+            fresh = subprocess.Popen(
+                [os.path.join(target_dir(), "debug", "swarmllm"), "--api-port", str(port2), "serve"],
+                env=env2, stdout=subprocess.DEVNULL,
+                stderr=open(os.path.join(out_dir, "first-run-node.log"), "w"))
+            try:
+                base2 = f"http://127.0.0.1:{port2}"
+                wait_for("the fresh node", lambda: http("GET", f"{base2}/health/live")[0] == 200, timeout=90)
+                session.go(f"{base2}/#key={api_key(data2, port2)}")
+                wait_for("the welcome page", lambda: session.js("return document.body.dataset.page") == "welcome")
+                wait_for("a recommendation", lambda: session.js(
+                    "return document.querySelector('button[data-rec=\"0\"]') !== null"), timeout=60)
+                assert HUB_REPO in session.text("#recs"), session.text("#recs")
+                session.page_screenshot(os.path.join(out_dir, "welcome.png"))
+                session.click("button[data-rec='0']")
+                wait_for("the model ready", lambda: "is ready" in session.text("#rec-status"), timeout=240)
+                session.click("#welcome-done")
+                wait_for("the chat with the model", lambda: session.js(
+                    "return document.querySelector('#chat-model')?.value") == "smollm2-135m-instruct.q4_1")
+                session.type("#chat-input", "Say hello.")
+                session.click("#chat-send")
+                wait_for("the first streamed token", lambda: len(session.js(
+                    "return document.querySelector('#chat-output')?.textContent || ''")) > 0, timeout=120)
+                print(f"fresh install to the first streamed token of the recommended model: "
+                      f"{time.monotonic() - started:.1f} s (start, catalog, 98 MB download from the "
+                      f"local Hub server, load, prompt)")
+                wait_for("the end of the reply", lambda: session.js(
+                    "return document.querySelector('#chat-output').dataset.done") == "true", timeout=120)
+                session.page_screenshot(os.path.join(out_dir, "first-run-chat.png"))
+                # Once greeted, the app opens on the dashboard.
+                session.go(f"{base2}/")
+                wait_for("the dashboard", lambda: session.js("return document.body.dataset.page") == "dashboard")
+            finally:
+                fresh.terminate()
+                fresh.wait(timeout=30)
+                shutil.rmtree(data2, ignore_errors=True)
+        r.check("first run: welcome, the recommended model downloaded, chat to the first token", first_run)
 
         def no_key_no_writes():
             status, _ = http("POST", f"{base}/api/pool/create", {"name": "x"},

@@ -90,12 +90,24 @@ class Session:
         return self.cmd("POST", "/execute/sync", {"script": script, "args": list(args)})
 
     def screenshot(self, css, path=None):
-        # WebKitWebDriver draws an element outside the viewport as black: show it first.
-        self.js(f"document.querySelector({json.dumps(css)}).scrollIntoView({{block: 'center'}})")
+        # WebKitWebDriver draws an element outside the viewport as black: show it
+        # first (`nearest`: an element in view stays where it is, which WebKit's
+        # screenshot of an element inside a scrolled container needs).
+        self.js(f"document.querySelector({json.dumps(css)}).scrollIntoView({{block: 'nearest'}})")
         png = base64.b64decode(self.cmd("GET", f"/element/{self.find(css)}/screenshot"))
         if path:
             with open(path, "wb") as f:
                 f.write(png)
+        return png
+
+    def view_screenshot(self, css, path):
+        """The viewport with the element scrolled into its middle: WebKitWebDriver's
+        element screenshots miss an element inside a scrolled container, so a
+        picture that must show it (a QR code to read back) is the whole view."""
+        self.js(f"document.querySelector({json.dumps(css)}).scrollIntoView({{block: 'center'}})")
+        png = base64.b64decode(self.cmd("GET", "/screenshot"))
+        with open(path, "wb") as f:
+            f.write(png)
         return png
 
     def page_screenshot(self, path):
@@ -209,7 +221,7 @@ def ui_checks(r, s, base, key, out_dir, in_app):
         code = wait_for("an invite code", lambda: s.text("#pool-code"))
         assert len(code) == 8, code
         wait_for("the QR code", lambda: s.js("return document.querySelector('#pool-qr svg') !== null"))
-        png = s.screenshot("#pool-qr", os.path.join(out_dir, "invite-qr.png"))
+        png = s.view_screenshot("#pool-qr", os.path.join(out_dir, "invite-qr.png"))
         state["code"] = code
         status, v = http("POST", f"{base}/api/pool/scan-qr", raw=png, headers={**auth, "Content-Type": "image/png"})
         assert status == 200 and v["code"] == code, f"{status} {v} (shown {code})"
@@ -238,6 +250,18 @@ def ui_checks(r, s, base, key, out_dir, in_app):
                 note = s.text("#secret-store")
                 assert "encrypted file" in note, note
 
+    def dashboard_charts():
+        s.js("location.hash = '#/dashboard'")
+        # The WebSocket's updates (every 2 s) draw the charts; the chat above
+        # was served by this node's whole model, which the dashboard names.
+        wait_for("two updates in the charts", lambda: int(s.js(
+            "return document.querySelector('#chart-tokens')?.dataset.points || 0")) >= 2, timeout=30)
+        serving = s.text("#serving")
+        assert "smollm2-135m-instruct.q4_1 (whole)" in serving, serving
+        # The chat's request, counted by the next update.
+        wait_for("the chat in the requests chart", lambda: s.text("#chart-requests .value").split()[0] not in ("", "0"))
+        s.page_screenshot(os.path.join(out_dir, "dashboard-live.png"))
+
     def join_from_picture():
         # The join form reads a code from a picture file (the QR screenshot above).
         s.type("#join-file", os.path.join(out_dir, "invite-qr.png"))
@@ -247,6 +271,7 @@ def ui_checks(r, s, base, key, out_dir, in_app):
     r.check("dashboard shows the node id", dashboard)
     r.check("every page renders without an error", every_page)
     r.check("a chat message gets a streamed reply", chat)
+    r.check("the dashboard draws live charts and names what the node serves", dashboard_charts)
     r.check("the private-mode switch changes GET /api/pool/private-mode", private_mode)
     r.check("the invite QR code decodes back to the code", qr_invite)
     r.check("a malformed code gives a clear message", bad_code)

@@ -464,6 +464,11 @@ impl Config {
             .collect()
     }
 
+    /// The fields that take effect only after a restart.
+    pub fn restart_fields() -> &'static [&'static str] {
+        RESTART_FIELDS
+    }
+
     /// Of `fields`, those that need a restart to take effect.
     pub fn restart_required(fields: &[String]) -> Vec<String> {
         fields

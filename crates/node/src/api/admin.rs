@@ -114,6 +114,15 @@ pub(crate) async fn get_config(State(state): State<AppState>) -> Json<Value> {
     Json(Value::Object(state.node.config().to_json()))
 }
 
+/// `GET /api/admin/config/defaults`: every field's default and the fields that
+/// take effect only after a restart (for settings forms).
+pub(crate) async fn get_config_defaults() -> Json<Value> {
+    Json(json!({
+        "defaults": crate::config::Config::default().to_json(),
+        "restart_required": crate::config::Config::restart_fields(),
+    }))
+}
+
 /// `PUT /api/admin/config` (authenticated): a partial object of fields to change.
 pub(crate) async fn put_config(
     State(state): State<AppState>,
@@ -261,6 +270,11 @@ pub(super) fn routes() -> super::routes::Routes {
         .read(Method::GET, "/api/admin/stats", stats)
         .read(Method::GET, "/api/admin/version", version)
         .read(Method::GET, "/api/admin/config", get_config)
+        .read(
+            Method::GET,
+            "/api/admin/config/defaults",
+            get_config_defaults,
+        )
         .read(Method::GET, "/api/identity/nickname", get_nickname)
         .read(
             Method::GET,
