@@ -913,7 +913,7 @@ async function settings() {
   main().innerHTML = `<h1>Settings</h1>
     ${groups}
     <h2>API key</h2>
-    <div class="row"><input id="api-key" class="mono" type="password" size="50" value="${esc(client.key())}" ${client.inApp ? "readonly" : ""}>
+    <div class="row"><input id="api-key" class="mono" type="password" size="50" aria-label="API key" value="${esc(client.key())}" ${client.inApp ? "readonly" : ""}>
       <button id="key-reveal" class="secondary">Reveal</button><button id="key-copy" class="secondary">Copy</button>
       ${client.inApp ? "" : `<button id="key-save">Save</button>`}</div>
     <p class="muted">Scripts use it as <code>Authorization: Bearer …</code>. ${client.inApp ? "" : "Print it with <code>swarmllm api-key</code>."}</p>
@@ -1014,7 +1014,7 @@ async function route() {
   try {
     cleanup = await page();
   } catch (e) {
-    main().innerHTML = `<h1>${esc(name)}</h1><p class="error">${esc(e.message)}</p>`;
+    main().innerHTML = `<h1>${esc(name)}</h1><p class="error" id="page-error">${esc(e.message)}</p>`;
   }
   document.body.dataset.page = name;
 }

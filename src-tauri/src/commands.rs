@@ -126,3 +126,20 @@ pub async fn set_private_mode(
 ) -> Result<PrivateMode, String> {
     switch_private_mode(&shell.node, enabled).await
 }
+
+/// What the tray shows (its status line and the "Private mode" check mark):
+/// for the desktop test, which cannot open a tray menu.
+#[derive(Debug, Serialize)]
+pub struct TrayShown {
+    status: String,
+    private_mode_checked: bool,
+}
+
+#[tauri::command]
+pub fn tray_status(app: tauri::AppHandle) -> TrayShown {
+    let (status, private_mode_checked) = crate::tray::shown(&app);
+    TrayShown {
+        status,
+        private_mode_checked,
+    }
+}

@@ -149,6 +149,7 @@ pub fn run() -> ExitCode {
             commands::app_info,
             commands::node_request,
             commands::set_private_mode,
+            commands::tray_status,
         ])
         .build(tauri::generate_context!());
     match result {

@@ -9,8 +9,8 @@ import sys
 import tempfile
 import time
 
-from webdriver import (Results, Session, api_key, free_port, http, node_env, target_dir,
-                       test_model, ui_checks, wait_for)
+from webdriver import (Results, Session, a11y_findings, api_key, free_port, http, node_env,
+                       target_dir, test_model, ui_checks, wait_for)
 
 
 HUB_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF"
@@ -291,6 +291,29 @@ def main():
                 fresh.wait(timeout=30)
                 shutil.rmtree(data2, ignore_errors=True)
         r.check("first run: welcome, the recommended model downloaded, chat to the first token", first_run)
+
+        def dark_theme_accessible():
+            # The same pages in the dark theme (Chromium emulates the OS setting).
+            session.go(f"{base}/#/dashboard")
+            wait_for("the node's UI", lambda: session.js("return document.body.dataset.ready") == "true")
+            session.cmd("POST", "/goog/cdp/execute", {"cmd": "Emulation.setEmulatedMedia", "params": {
+                "features": [{"name": "prefers-color-scheme", "value": "dark"}]}})
+            try:
+                findings = {}
+                for page in ("dashboard", "network", "models", "chat", "pool", "credits", "settings"):
+                    session.js(f"location.hash = '#/{page}'")
+                    wait_for(f"the {page} page", lambda: session.js("return document.body.dataset.page") == page
+                             and session.js("return document.querySelector('main h1') !== null"))
+                    # Rendered, not an error page.
+                    assert not session.js("return document.querySelector('#page-error')"), session.text("main")
+                    found = a11y_findings(session)
+                    if found:
+                        findings[page] = found
+                session.page_screenshot(os.path.join(out_dir, "settings-dark.png"))
+                assert not findings, "\n".join(f"{p}: {f}" for p, fs in findings.items() for f in fs)
+            finally:
+                session.cmd("POST", "/goog/cdp/execute", {"cmd": "Emulation.setEmulatedMedia", "params": {"features": []}})
+        r.check("the dark theme passes the same accessibility checks", dark_theme_accessible)
 
         def no_key_no_writes():
             status, _ = http("POST", f"{base}/api/pool/create", {"name": "x"},

@@ -70,6 +70,25 @@ def main():
         print(f"start-up to a usable dashboard: {startup:.1f} s; idle memory: app process "
               f"{idle:.0f} MB RSS (node + model + UI process) + WebKit helpers {web:.0f} MB", flush=True)
 
+        def tray_status():
+            # The tray's status line and check mark, as the app shows them.
+            def shown():
+                return session.js_async("const done = arguments[arguments.length - 1];"
+                                      " window.__TAURI__.core.invoke('tray_status').then(done, (e) => done({error: String(e)}));")
+            first = wait_for("the status line", lambda: shown().get("status"))
+            assert "Serving smollm2-135m-instruct.q4_1" in first and "0 peers" in first \
+                and "private mode off" in first, first
+            # Private mode switched through the API: the tray follows.
+            auth = {"Authorization": f"Bearer {key}"}
+            assert http("PUT", f"{base}/api/pool/private-mode", {"enabled": True}, headers=auth)[0] == 200
+            try:
+                wait_for("the tray to say private mode on", lambda: "private mode on" in shown()["status"]
+                         and shown()["private_mode_checked"] is True, timeout=20)
+            finally:
+                http("PUT", f"{base}/api/pool/private-mode", {"enabled": False}, headers=auth)
+            wait_for("the tray to say private mode off", lambda: "private mode off" in shown()["status"], timeout=20)
+        r.check("the tray shows what the node serves, its peers and private mode", tray_status)
+
         def close_keeps_node():
             # As the title bar's close button does: a close request, which the app
             # answers by hiding the window to the tray.

@@ -5,10 +5,13 @@ desktop test) the same way. Every wait polls a condition with a deadline.
 """
 
 import base64
+import hashlib
+import io
 import json
 import os
 import socket
 import subprocess
+import tarfile
 import time
 import urllib.error
 import urllib.request
@@ -89,6 +92,10 @@ class Session:
     def js(self, script, *args):
         return self.cmd("POST", "/execute/sync", {"script": script, "args": list(args)})
 
+    def js_async(self, script, *args):
+        """Runs `script`, which calls its last argument with the result."""
+        return self.cmd("POST", "/execute/async", {"script": script, "args": list(args)})
+
     def screenshot(self, css, path=None):
         # WebKitWebDriver draws an element outside the viewport as black: show it
         # first (`nearest`: an element in view stays where it is, which WebKit's
@@ -145,6 +152,44 @@ def repo_root():
 
 def target_dir():
     return os.environ.get("CARGO_TARGET_DIR") or os.path.join(repo_root(), "target")
+
+
+# axe-core, the accessibility engine browsers' dev tools use, from the npm
+# registry (pinned, checked) into the cache outside the clone.
+AXE_VERSION = "4.14.1"
+AXE_SHA256 = "e6b0ce02b84d892e2e33e403485e7f3d6c29e2be6df65daf44d89ba564139745"
+
+
+def axe_source():
+    cache = os.path.join(os.environ.get("SWARMLLM_CACHE_DIR") or os.path.expanduser("~/.cache/swarmllm"), "tools")
+    path = os.path.join(cache, f"axe-core-{AXE_VERSION}.min.js")
+    if not os.path.exists(path):
+        url = f"https://registry.npmjs.org/axe-core/-/axe-core-{AXE_VERSION}.tgz"
+        with urllib.request.urlopen(url, timeout=120) as r:
+            data = r.read()
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != AXE_SHA256:
+            raise RuntimeError(f"{url}: sha256 {digest}, expected {AXE_SHA256}")
+        with tarfile.open(fileobj=io.BytesIO(data)) as t:
+            js = t.extractfile("package/axe.min.js").read()
+        os.makedirs(cache, exist_ok=True)
+        with open(path + ".part", "wb") as f:
+            f.write(js)
+        os.replace(path + ".part", path)
+    with open(path) as f:
+        return f.read()
+
+
+def a11y_findings(s):
+    """The page's serious and critical WCAG 2 A/AA findings (labels, contrast, names…)."""
+    if not s.js("return typeof window.axe === 'object'"):
+        s.js(axe_source())
+    return s.js_async("""
+        const done = arguments[arguments.length - 1];
+        axe.run(document, { runOnly: { type: "tag", values: ["wcag2a", "wcag2aa"] } }).then((r) => done(
+          r.violations.filter((v) => v.impact === "serious" || v.impact === "critical").map((v) =>
+            `${v.id}: ${v.help} (${v.nodes.length}×: ${v.nodes.slice(0, 3).map((n) => n.target.join(" ")).join(" | ")})`)),
+          (e) => done([`axe failed: ${e}`]));""")
 
 
 def test_model():
@@ -262,6 +307,20 @@ def ui_checks(r, s, base, key, out_dir, in_app):
         wait_for("the chat in the requests chart", lambda: s.text("#chart-requests .value").split()[0] not in ("", "0"))
         s.page_screenshot(os.path.join(out_dir, "dashboard-live.png"))
 
+    def accessible():
+        # Every page, checked by axe-core as it renders (light theme).
+        findings = {}
+        for page in ("dashboard", "network", "models", "chat", "pool", "credits", "settings", "welcome"):
+            s.js(f"location.hash = '#/{page}'")
+            wait_for(f"the {page} page", lambda: s.js("return document.body.dataset.page") == page
+                     and s.js("return document.querySelector('main h1') !== null"))
+            # Rendered, not an error page.
+            assert not s.js("return document.querySelector('#page-error')"), s.text("main")
+            found = a11y_findings(s)
+            if found:
+                findings[page] = found
+        assert not findings, "\n".join(f"{p}: {f}" for p, fs in findings.items() for f in fs)
+
     def join_from_picture():
         # The join form reads a code from a picture file (the QR screenshot above).
         s.type("#join-file", os.path.join(out_dir, "invite-qr.png"))
@@ -273,6 +332,7 @@ def ui_checks(r, s, base, key, out_dir, in_app):
     r.check("a chat message gets a streamed reply", chat)
     r.check("the dashboard draws live charts and names what the node serves", dashboard_charts)
     r.check("the private-mode switch changes GET /api/pool/private-mode", private_mode)
+    r.check("every page passes axe-core's WCAG 2 A/AA checks with no serious finding", accessible)
     r.check("the invite QR code decodes back to the code", qr_invite)
     r.check("a malformed code gives a clear message", bad_code)
     if not in_app:
