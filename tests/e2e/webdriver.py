@@ -107,12 +107,29 @@ class Session:
                 f.write(png)
         return png
 
-    def view_screenshot(self, css, path):
-        """The viewport with the element scrolled into its middle: WebKitWebDriver's
-        element screenshots miss an element inside a scrolled container, so a
-        picture that must show it (a QR code to read back) is the whole view."""
-        self.js(f"document.querySelector({json.dumps(css)}).scrollIntoView({{block: 'center'}})")
-        png = base64.b64decode(self.cmd("GET", "/screenshot"))
+    def svg_picture(self, css, path, size=400):
+        """A PNG of the SVG inside `css`, drawn by the page's own engine on a white
+        canvas. (WebKitWebDriver's element and view screenshots miss an element in
+        a scrolled container or catch the frame before it repaints, so a picture
+        that must show it, a QR code to read back, is drawn this way.)"""
+        data = self.js_async("""
+            const [sel, size, done] = arguments;
+            const svg = new XMLSerializer().serializeToString(document.querySelector(sel + " svg"));
+            const img = new Image();
+            img.onload = () => {
+              const c = document.createElement("canvas");
+              c.width = c.height = size;
+              const g = c.getContext("2d");
+              g.fillStyle = "#fff";
+              g.fillRect(0, 0, size, size);
+              g.drawImage(img, 20, 20, size - 40, size - 40);
+              done(c.toDataURL("image/png").split(",")[1]);
+            };
+            img.onerror = () => done(null);
+            img.src = "data:image/svg+xml;base64," + btoa(svg);""", css, size)
+        if not data:
+            raise RuntimeError(f"cannot draw the SVG in {css}")
+        png = base64.b64decode(data)
         with open(path, "wb") as f:
             f.write(png)
         return png
@@ -266,7 +283,7 @@ def ui_checks(r, s, base, key, out_dir, in_app):
         code = wait_for("an invite code", lambda: s.text("#pool-code"))
         assert len(code) == 8, code
         wait_for("the QR code", lambda: s.js("return document.querySelector('#pool-qr svg') !== null"))
-        png = s.view_screenshot("#pool-qr", os.path.join(out_dir, "invite-qr.png"))
+        png = s.svg_picture("#pool-qr", os.path.join(out_dir, "invite-qr.png"))
         state["code"] = code
         status, v = http("POST", f"{base}/api/pool/scan-qr", raw=png, headers={**auth, "Content-Type": "image/png"})
         assert status == 200 and v["code"] == code, f"{status} {v} (shown {code})"
