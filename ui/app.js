@@ -846,7 +846,8 @@ const SETTINGS = [
     { key: "default_max_tokens", label: "Default answer length", type: "number", min: 1, unit: "tokens" },
   ] },
   { group: "Hardware", fields: [
-    { key: "gpu_layers", label: "GPU offload", type: "number", min: 0, max: 999, unit: "layers", help: "0 runs on the CPU." },
+    { key: "gpu_layers", label: "GPU offload", type: "layers", unit: "layers",
+      help: "auto: as many as fit in free GPU memory; 0 runs on the CPU." },
     { key: "threads", label: "Inference threads", type: "number", min: 0, max: 256, help: "0: one per core." },
     { key: "batch_size", label: "Prompt batch", type: "number", min: 1, max: 8192, unit: "tokens" },
   ] },
@@ -898,6 +899,7 @@ function settingValue(f) {
   if (f.type === "bool") return el.checked;
   if (f.type === "number") return el.value.trim() === "" ? NaN : Number(el.value);
   if (f.type === "list") return el.value.split(",").map((t) => t.trim()).filter(Boolean);
+  if (f.type === "layers") return /^\d+$/.test(el.value.trim()) ? Number(el.value.trim()) : el.value.trim();
   return el.value.trim();
 }
 

@@ -28,9 +28,10 @@ pub(crate) struct ServeArgs {
     /// Inference threads (default: all cores).
     #[arg(long)]
     threads: Option<u32>,
-    /// Layers to offload to the GPU (default 0).
+    /// Layers to offload to the GPU: `auto` (the default: as many as fit in
+    /// free GPU memory, none without a GPU) or a count (0 = CPU only).
     #[arg(long)]
-    gpu_layers: Option<u32>,
+    gpu_layers: Option<String>,
     /// Context window in tokens (default 4096).
     #[arg(long)]
     context_size: Option<u32>,
@@ -68,7 +69,7 @@ impl ServeArgs {
         if let Some(v) = self.threads {
             m.insert("threads".into(), json!(v));
         }
-        if let Some(v) = self.gpu_layers {
+        if let Some(v) = &self.gpu_layers {
             m.insert("gpu_layers".into(), json!(v));
         }
         if let Some(v) = self.context_size {

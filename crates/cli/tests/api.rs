@@ -814,6 +814,11 @@ fn metrics_expose_requests_tokens_latency_and_model() {
     );
     assert!(st["hardware"]["ram_total"].as_u64().is_some_and(|n| n > 0));
     assert_eq!(st["model"]["n_layers"], 30);
+    // `gpu_layers = "auto"` (the default) on a machine whose llama.cpp has no
+    // GPU device: nothing offloaded, and no GPU listed.
+    assert_eq!(node.get("/api/admin/config").1["gpu_layers"], "auto");
+    assert_eq!(st["hardware"]["gpus"], json!([]));
+    assert_eq!(st["model"]["gpu_layers"], 0);
     let (_, ver) = node.get("/api/admin/version");
     assert_eq!(ver["version"], env!("CARGO_PKG_VERSION"));
 }

@@ -44,8 +44,10 @@ pub struct Config {
     pub model_id: String,
     /// Inference threads; 0 means one per available core. Default 0.
     pub threads: u32,
-    /// Layers offloaded to a GPU backend (0 = CPU only). Default 0.
-    pub gpu_layers: u32,
+    /// Layers offloaded to a GPU backend: `"auto"` (the default: as many as fit
+    /// in the GPUs' free memory after the context; none without a GPU), or a
+    /// count (0 = CPU only).
+    pub gpu_layers: GpuLayers,
     /// Folder with ggml backend modules (`gpu` builds); empty means beside the binary.
     pub backends_dir: String,
     /// Context window in tokens. Default 4096.
@@ -157,7 +159,7 @@ impl Default for Config {
             model: String::new(),
             model_id: String::new(),
             threads: 0,
-            gpu_layers: 0,
+            gpu_layers: GpuLayers::Auto,
             backends_dir: String::new(),
             context_size: 4096,
             batch_size: 512,
@@ -227,6 +229,47 @@ const RESTART_FIELDS: &[&str] = &[
     "pipeline_poll_ms",
     "pool_max_devices",
 ];
+
+/// How many layers go to the GPU (`gpu_layers`): `"auto"` or a count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GpuLayers {
+    /// As many as fit in free GPU memory after the context.
+    #[default]
+    Auto,
+    /// This many (llama.cpp takes more than the model has as all of them).
+    Count(u32),
+}
+
+impl Serialize for GpuLayers {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            GpuLayers::Auto => s.serialize_str("auto"),
+            GpuLayers::Count(n) => s.serialize_u32(*n),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for GpuLayers {
+    /// `"auto"`, a whole number, or a whole number as text (an environment
+    /// variable's value).
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        const WANTED: &str = "\"auto\" or a number of layers";
+        match Value::deserialize(d)? {
+            Value::String(s) if s.trim().eq_ignore_ascii_case("auto") => Ok(GpuLayers::Auto),
+            Value::String(s) => s
+                .trim()
+                .parse()
+                .map(GpuLayers::Count)
+                .map_err(|_| serde::de::Error::custom(format!("must be {WANTED}"))),
+            Value::Number(n) => n
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .map(GpuLayers::Count)
+                .ok_or_else(|| serde::de::Error::custom(format!("must be {WANTED}"))),
+            _ => Err(serde::de::Error::custom(format!("must be {WANTED}"))),
+        }
+    }
+}
 
 /// A configuration value that is malformed or out of range.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -631,6 +674,30 @@ mod tests {
             .patched(&obj(json!({"pipeline_poll_ms": 0})))
             .unwrap();
         assert_eq!(ok.pipeline_poll_ms, 0);
+    }
+
+    #[test]
+    fn gpu_layers_are_auto_or_a_count() {
+        let c = Config::default();
+        assert_eq!(c.gpu_layers, GpuLayers::Auto);
+        assert_eq!(c.to_json()["gpu_layers"], json!("auto"));
+        let twelve = c.patched(&obj(json!({"gpu_layers": 12}))).unwrap();
+        assert_eq!(twelve.gpu_layers, GpuLayers::Count(12));
+        assert_eq!(twelve.to_json()["gpu_layers"], json!(12));
+        // An environment variable's text, whatever the field holds now.
+        let raw = c.coerce("gpu_layers", "7").unwrap();
+        assert_eq!(
+            c.patched(&obj(json!({ "gpu_layers": raw })))
+                .unwrap()
+                .gpu_layers,
+            GpuLayers::Count(7)
+        );
+        let auto = twelve.patched(&obj(json!({"gpu_layers": "AUTO"}))).unwrap();
+        assert_eq!(auto.gpu_layers, GpuLayers::Auto);
+        for bad in [json!("most"), json!(-1), json!(1.5)] {
+            let err = c.patched(&obj(json!({ "gpu_layers": bad }))).unwrap_err();
+            assert_eq!(err.field, "gpu_layers", "{bad}");
+        }
     }
 
     #[test]

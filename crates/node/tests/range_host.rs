@@ -28,7 +28,7 @@ fn host(
         max_sessions,
         max_session_bytes,
         session_ttl: ttl,
-        gpu_layers: 0,
+        gpu_layers: swarmllm_node::config::GpuLayers::Count(0),
         poll: Duration::from_millis(50),
     })
     .expect("host");
@@ -46,6 +46,7 @@ fn host(
         has_head: true,
         path,
         ms_per_layer: None,
+        gpu_layers: 0,
     }))
     .expect("load");
     (host, dir)

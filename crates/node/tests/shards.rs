@@ -16,7 +16,7 @@ fn greedy(path: &Path, prompt: &str) -> String {
             model_path: path.to_path_buf(),
             model_id: "m".into(),
             threads: 1,
-            gpu_layers: 0,
+            gpu_layers: swarmllm_node::config::GpuLayers::Count(0),
             context_size: 512,
             batch_size: 128,
             max_queue: 4,

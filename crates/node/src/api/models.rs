@@ -45,7 +45,6 @@ fn model_json(
     local: Option<&LocalModel>,
     net: Option<&NetworkModel>,
     ranges: &[RangeInfo],
-    gpu_layers: u32,
 ) -> Value {
     let id = local
         .map(|m| m.manifest.model_id.clone())
@@ -58,7 +57,11 @@ fn model_json(
     let loaded: Vec<&RangeInfo> = ranges.iter().filter(|r| r.model_id == id).collect();
     let loaded_mb: f64 = loaded.iter().map(|r| file_mb(&r.path)).sum();
     let loaded_layers: u32 = loaded.iter().map(|r| r.layer_end - r.layer_start).sum();
-    let on_gpu = (gpu_layers.min(loaded_layers) as f64) / (loaded_layers.max(1) as f64);
+    let offloaded: u32 = loaded
+        .iter()
+        .map(|r| r.gpu_layers.min(r.layer_end - r.layer_start))
+        .sum();
+    let on_gpu = f64::from(offloaded) / f64::from(loaded_layers.max(1));
     let shards: Vec<Value> = match local {
         Some(m) => m
             .manifest
@@ -149,7 +152,6 @@ pub(crate) async fn list(State(state): State<AppState>) -> Json<Value> {
     let local = pipeline.local_models();
     let net = pipeline.network_models().await;
     let ranges = pipeline.host().ranges();
-    let gpu_layers = state.node.config().gpu_layers;
     let ids: BTreeSet<String> = local
         .iter()
         .map(|m| m.manifest.model_id.clone())
@@ -163,7 +165,6 @@ pub(crate) async fn list(State(state): State<AppState>) -> Json<Value> {
                 local.iter().find(|m| &m.manifest.model_id == id),
                 net.iter().find(|m| &m.id == id),
                 &ranges,
-                gpu_layers,
             );
             add_swarm_fields(&mut v, &view, id);
             v
@@ -189,12 +190,7 @@ pub(crate) async fn status(
             "no model '{id}' here or on the network"
         )));
     }
-    let mut v = model_json(
-        l,
-        n,
-        &pipeline.host().ranges(),
-        state.node.config().gpu_layers,
-    );
+    let mut v = model_json(l, n, &pipeline.host().ranges());
     add_swarm_fields(&mut v, &crate::swarm::view(&state.node).await, &id);
     v["servable"] = json!(pipeline.can_serve(&id).await);
     if let Some(m) = l {
@@ -670,13 +666,12 @@ pub(crate) async fn storage(State(state): State<AppState>) -> Result<Json<Value>
     let pipeline = state.node.pipeline();
     let ranges = pipeline.host().ranges();
     let all_locks = state.node.swarm().settings().all_locks();
-    let gpu_layers = state.node.config().gpu_layers;
     let mut total_disk = 0u64;
     let mut models = Vec::new();
     for m in pipeline.local_models() {
         let disk = m.disk_bytes();
         total_disk += disk;
-        let v = model_json(Some(&m), None, &ranges, gpu_layers);
+        let v = model_json(Some(&m), None, &ranges);
         models.push(json!({
             "model_id": m.manifest.model_id,
             "disk_mb": round1(disk as f64 / 1_048_576.0),

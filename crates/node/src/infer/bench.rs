@@ -57,7 +57,7 @@ impl BareBench {
     /// Loads the model with the same parameters the engine uses.
     pub fn load(config: EngineConfig) -> Result<Self, LoadModelError> {
         let backend = backend(config.backends_dir.as_deref())?;
-        let params = LlamaModelParams::default().with_n_gpu_layers(config.gpu_layers);
+        let params = LlamaModelParams::default().with_n_gpu_layers(super::engine::offload(&config));
         let model =
             LlamaModel::load_from_file(backend, &config.model_path, &params).map_err(|e| {
                 LoadModelError::Load {

@@ -103,6 +103,17 @@ pub fn backend_devices() -> Vec<DeviceInfo> {
         .collect()
 }
 
+/// Layers to offload for the engine's model: its whole context (every
+/// parallel sequence's) counts against the GPUs' memory.
+pub(super) fn offload(config: &EngineConfig) -> u32 {
+    let n_layers = crate::shard::gguf::Gguf::read_header(&config.model_path)
+        .ok()
+        .and_then(|g| g.block_count())
+        .unwrap_or(0);
+    let tokens = u64::from(config.context_size) * config.parallel() as u64;
+    super::gpu::layers_to_offload(config.gpu_layers, &config.model_path, n_layers, tokens)
+}
+
 pub(super) fn start(
     config: EngineConfig,
     mut progress: impl FnMut(f32) + Send + 'static,
@@ -111,8 +122,9 @@ pub(super) fn start(
         return Err(LoadModelError::NotFound(config.model_path.clone()));
     }
     let backend = backend(config.backends_dir.as_deref())?;
+    let gpu_layers = offload(&config);
     let params = LlamaModelParams::default()
-        .with_n_gpu_layers(config.gpu_layers)
+        .with_n_gpu_layers(gpu_layers)
         .with_progress_callback(move |p| {
             progress(p);
             true
@@ -137,6 +149,7 @@ pub(super) fn start(
         n_vocab: model.n_vocab(),
         n_ctx_train: model.n_ctx_train(),
         context_size: config.context_size,
+        gpu_layers: gpu_layers.min(model.n_layer().saturating_add(1)),
         has_chat_template: model.chat_template(None).is_ok(),
         loaded_at: chrono::Utc::now().timestamp(),
     });
@@ -161,7 +174,7 @@ pub(super) fn start(
         layers = info.n_layers,
         params = info.n_params,
         threads = config.threads,
-        gpu_layers = config.gpu_layers,
+        gpu_layers = info.gpu_layers,
         parallel = config.parallel(),
         "model loaded"
     );

@@ -15,6 +15,7 @@
 //! engine notices at the next step and frees that sequence.
 
 mod engine;
+pub mod gpu;
 mod slots;
 mod stop;
 
@@ -44,8 +45,8 @@ pub struct EngineConfig {
     pub model_id: String,
     /// Inference threads (≥ 1).
     pub threads: u32,
-    /// Layers to offload to a GPU backend.
-    pub gpu_layers: u32,
+    /// Layers to offload to a GPU backend (`auto`: what fits, see [`gpu`]).
+    pub gpu_layers: crate::config::GpuLayers,
     /// Context window in tokens.
     pub context_size: u32,
     /// Prompt-processing batch size.
@@ -125,6 +126,8 @@ pub struct ModelInfo {
     pub n_ctx_train: u32,
     /// Context window the node serves.
     pub context_size: u32,
+    /// Layers offloaded to a GPU (the output layer counts as one more).
+    pub gpu_layers: u32,
     /// Whether the GGUF carries a chat template.
     pub has_chat_template: bool,
     /// Unix time the model was loaded.

@@ -41,8 +41,8 @@ pub struct HostConfig {
     pub max_session_bytes: u64,
     /// Idle time after which a session is dropped.
     pub session_ttl: Duration,
-    /// Layers offloaded to a GPU backend.
-    pub gpu_layers: u32,
+    /// Layers offloaded to a GPU backend (`auto`: what fits, per range).
+    pub gpu_layers: crate::config::GpuLayers,
     /// After a step, how long the thread keeps polling for the next one before
     /// it sleeps (zero: sleep at once). Between two tokens a hop waits only for
     /// the rest of the chain, and a core that went to sleep meanwhile wakes up
@@ -74,6 +74,8 @@ pub struct RangeInfo {
     pub path: PathBuf,
     /// Measured compute per layer and token while decoding, in milliseconds.
     pub ms_per_layer: Option<f64>,
+    /// Layers of the run offloaded to a GPU (set when it is loaded).
+    pub gpu_layers: u32,
 }
 
 impl RangeInfo {
@@ -716,9 +718,20 @@ impl Thread {
         }
     }
 
-    fn load(&mut self, info: RangeInfo) -> Result<usize, HostError> {
-        let model = RangeModel::load(&info.path, self.config.gpu_layers)
-            .map_err(|e| HostError::Compute(e.to_string()))?;
+    fn load(&mut self, mut info: RangeInfo) -> Result<usize, HostError> {
+        // Its shared context's streams and a session of its own count against
+        // the GPUs' memory.
+        let layers = info.layer_end - info.layer_start;
+        let tokens = u64::from(self.config.context_size) * u64::from(SHARED_STREAMS + 1);
+        let offload = crate::infer::gpu::layers_to_offload(
+            self.config.gpu_layers,
+            &info.path,
+            layers,
+            tokens,
+        );
+        let model =
+            RangeModel::load(&info.path, offload).map_err(|e| HostError::Compute(e.to_string()))?;
+        info.gpu_layers = offload.min(layers.saturating_add(1));
         if model.n_layer() != info.layer_end - info.layer_start {
             return Err(HostError::Compute(format!(
                 "{} has {} layers, expected {}",

@@ -155,6 +155,7 @@ impl Pipeline {
             has_head: last + 1 == m.shard_count(),
             path,
             ms_per_layer: None,
+            gpu_layers: 0,
         };
         self.inner
             .host
