@@ -134,9 +134,17 @@ impl TestNode {
         self.dir.path()
     }
 
+    /// Starts the node on its ports; on a fresh P2P port if another test took
+    /// the old one while the node was down (the API port stays: the test knows it).
     fn spawn(&mut self) {
-        if let Err(log) = self.try_spawn() {
-            panic!("node exited early: {log}");
+        for attempt in 0.. {
+            match self.try_spawn() {
+                Ok(()) => return,
+                Err(log) if attempt < 3 && log.contains("cannot listen on") => {
+                    self.p2p_port = free_port();
+                }
+                Err(log) => panic!("node exited early: {log}"),
+            }
         }
     }
 
