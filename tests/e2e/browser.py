@@ -58,7 +58,7 @@ def main():
         # The key travels in the fragment (never sent to the server) and is kept
         # in the page's localStorage.
         session.go(f"{base}/#key={key}")
-        ui_checks(r, session, base, key, out_dir, in_app=False)
+        ui_checks(r, session, base, key, out_dir, in_app=False, data_dir=data)
 
         def catalog():
             session.js("location.hash = '#/models'")
@@ -80,6 +80,13 @@ def main():
             # The model list follows: the new model with its three shards on disk.
             wait_for("the model in the list", lambda: session.js(
                 "return document.querySelectorAll('.model[data-model=\"smollm2-135m-instruct.q4_1\"] button[data-act]').length") == 3)
+            # The network page's picture of the swarm shows this node's layers of it.
+            session.js("location.hash = '#/network'")
+            wait_for("this node in the swarm picture", lambda: session.js(
+                "return document.querySelectorAll('.swarm-model[data-model=\"smollm2-135m-instruct.q4_1\"] rect.self').length") > 0)
+            session.screenshot("#swarm-map", os.path.join(out_dir, "swarm-map.png"))
+            session.js("location.hash = '#/models'")
+            wait_for("the models page", lambda: session.js("return document.querySelector('#hf-query') !== null"))
             toast = session.js("const t = document.querySelector('#toast'); return t.className")
             assert toast != "error", session.text("#toast")
             session.page_screenshot(os.path.join(out_dir, "catalog-downloaded.png"))
@@ -124,129 +131,6 @@ def main():
             session.click("#schedule-save")
             wait_for("off", lambda: http("GET", f"{base}/api/admin/schedule")[1]["enabled"] is False)
         r.check("the contribution schedule is set and refused from Settings", schedule)
-
-        def network_page():
-            session.js("location.hash = '#/network'")
-            wait_for("the network page", lambda: session.js("return document.querySelector('#net-qr svg') !== null"))
-            code = session.js("return document.querySelector('#net-code').value")
-            assert code.startswith("swarm://"), code
-            # The QR picture holds the same code, as another device's app reads it.
-            png = session.screenshot("#net-qr", os.path.join(out_dir, "network-qr.png"))
-            auth = {"Authorization": f"Bearer {key}"}
-            status, v = http("POST", f"{base}/api/admin/network-code/scan", raw=png,
-                             headers={**auth, "Content-Type": "image/png"})
-            assert status == 200 and v["code"] == code, f"{status} {v}"
-            # A pool code's picture is not a network code: a clear refusal.
-            status, v = http("POST", f"{base}/api/admin/network-code/scan",
-                             raw=open(os.path.join(out_dir, "invite-qr.png"), "rb").read(),
-                             headers={**auth, "Content-Type": "image/png"})
-            assert status == 422 and v["error"]["code"] == "NOT_A_NETWORK_CODE", f"{status} {v}"
-            # The swarm picture shows the model's layers this node holds.
-            wait_for("this node in the swarm picture", lambda: session.js(
-                "return document.querySelectorAll('.swarm-model[data-model=\"smollm2-135m-instruct.q4_1\"] rect.self').length") > 0)
-            # Joining with a malformed code: the node's message, in red.
-            session.type("#net-join-code", "swarm://nonsense")
-            session.click("#net-join")
-            msg = wait_for("the refusal", lambda: session.js(
-                "const p = document.querySelector('#net-message'); return p.className === 'error' && p.textContent"))
-            assert "code" in msg.lower(), msg
-            session.page_screenshot(os.path.join(out_dir, "network.png"))
-            session.screenshot("#swarm-map", os.path.join(out_dir, "swarm-map.png"))
-        r.check("the network page shows this node's code and QR, the swarm, and refuses a bad code", network_page)
-
-        def devices():
-            session.js("location.hash = '#/pool'")
-            wait_for("the pool page", lambda: session.js("return document.querySelector('#pool-create') !== null"))
-            session.type("#pool-name", "Home")
-            session.click("#pool-create")
-            wait_for("the owner view", lambda: session.js("return document.querySelector('#members') !== null"))
-            state = lambda: http("GET", f"{base}/api/pool/state")[1]
-
-            def said(words, cls="ok"):
-                # The page renders again after a change, then says what happened.
-                return wait_for(f"'{words}' on the page", lambda: session.js(
-                    "const p = document.querySelector('#pool-message');"
-                    f" return p !== null && p.className === '{cls}' && p.textContent.includes('{words}')"))
-            # Rename this device.
-            session.js("document.querySelector('#rename').value = ''")
-            session.type("#rename", "Desk PC")
-            session.click("#rename-save")
-            said("Renamed")
-            assert state()["members"][0]["device_name"] == "Desk PC"
-            # The credit split: refused past 50 %, saved within.
-            session.js("document.querySelector('#split').value = '80'")
-            session.click("#split-save")
-            said("50", cls="error")
-            session.js("document.querySelector('#split').value = '20'")
-            session.click("#split-save")
-            said("keep 20%")
-            assert state()["credit_split_pct"] == 20
-            # A contribution level for this device.
-            me = state()["members"][0]["node_id"]
-            session.js(f"document.querySelector('input[data-level=\"{me}\"]').value = '60'")
-            session.click(f"button[data-set-level='{me}']")
-            said("set to 60%")
-            assert state()["members"][0]["contribution"] == 60
-            # Invite by a malformed node id: the node's message.
-            session.type("#invite-node", "not-a-node")
-            session.click("#invite-send")
-            said("node", cls="error")
-            # Pin the model's shard 1 on this device, then unpin it.
-            session.type("#pin-model", "smollm2-135m-instruct.q4_1")
-            session.type("#pin-shards", "1")
-            session.click("#pin-add")
-            pins = lambda: http("GET", f"{base}/api/pool/pins")[1]["pins"]
-            said("Pinned")
-            assert pins() == [{"model_id": "smollm2-135m-instruct.q4_1", "target_node_id": me, "shard_indices": [1]}], pins()
-            assert "Desk PC" in session.text("#pins"), session.text("#pins")
-            session.page_screenshot(os.path.join(out_dir, "devices.png"))
-            session.click("button[data-unpin='0']")
-            said("Unpinned")
-            assert pins() == [], pins()
-            # LAN devices count as the pool's in private mode.
-            wait_for("the private-mode switches", lambda: session.js("return document.querySelector('#pm-lan') !== null"))
-            session.click("#pm-lan")
-            said("Private mode saved")
-            assert http("GET", f"{base}/api/pool/private-mode")[1]["allow_lan"] is True
-            session.js("document.querySelector('#pool-message').textContent = ''")
-            session.click("#pm-lan")
-            said("Private mode saved")
-            assert http("GET", f"{base}/api/pool/private-mode")[1]["allow_lan"] is False
-            session.click("#leave")
-            wait_for("out of the pool", lambda: state()["in_pool"] is False)
-        r.check("my devices: rename, credit split, contribution, invite, pins, private-mode switches", devices)
-
-        def settings_form():
-            session.js("location.hash = '#/settings'")
-            wait_for("the settings form", lambda: session.js("return document.querySelector('#set-context_size') !== null"))
-            before = http("GET", f"{base}/api/admin/config")[1]["context_size"]
-            hint = session.text("#hint-context_size")
-            assert "default 4096" in hint and "restart" in hint, hint
-            # Out of range: the node's message at the field, nothing saved.
-            session.js("document.querySelector('#set-context_size').value = '10'")
-            session.click("button[data-save-group='0']")
-            msg = wait_for("the node's message at the field", lambda: session.text("#err-context_size"))
-            assert "at least 64" in msg, msg
-            assert http("GET", f"{base}/api/admin/config")[1]["context_size"] == before
-            # In range: saved, with the restart it needs said.
-            session.js("document.querySelector('#set-context_size').value = '2048'")
-            session.click("button[data-save-group='0']")
-            note = wait_for("saved", lambda: "Saved" in session.text("#group-note-0") and session.text("#group-note-0"))
-            assert "context_size" in note and "restart" in note, note
-            # Saved for the next start; the running node keeps its context.
-            with open(os.path.join(data, "config.toml")) as f:
-                assert "context_size = 2048" in f.read()
-            assert http("GET", f"{base}/api/admin/config")[1]["context_size"] == before
-            # A switch that applies at once.
-            session.click("#set-auto_prune")
-            session.click("button[data-save-group='2']")
-            wait_for("applied", lambda: session.text("#group-note-2") == "Saved and applied.")
-            assert http("GET", f"{base}/api/admin/config")[1]["auto_prune"] is False
-            session.page_screenshot(os.path.join(out_dir, "settings.png"))
-            status, _ = http("PUT", f"{base}/api/admin/config", {"context_size": before, "auto_prune": True},
-                             headers={"Authorization": f"Bearer {key}"})
-            assert status == 200
-        r.check("settings: grouped fields with defaults and ranges, the node's messages at the field", settings_form)
 
         def first_run():
             # A fresh install: a node with no model, no peers and an empty data dir.

@@ -56,7 +56,7 @@ def main():
             status, v = http("GET", f"{base}/api/admin/stats")
             assert status == 200 and v["node_id"], v
         r.check("the app hosts the node and still binds the localhost API", in_app)
-        ui_checks(r, session, base, key, out_dir, in_app=True)
+        ui_checks(r, session, base, key, out_dir, in_app=True, data_dir=data)
 
         pid = app_pid(app)
         # Idle: let the UI settle on the dashboard, then read the resident set.

@@ -243,7 +243,7 @@ def rss_mb(pid):
     return 0.0
 
 
-def ui_checks(r, s, base, key, out_dir, in_app):
+def ui_checks(r, s, base, key, out_dir, in_app, data_dir):
     """The checks both the browser and the desktop test run on the same UI."""
     auth = {"Authorization": f"Bearer {key}"}
     state = {}
@@ -344,6 +344,122 @@ def ui_checks(r, s, base, key, out_dir, in_app):
         wait_for("the code read from the picture",
                  lambda: s.js("return document.querySelector('#join-code').value") == state["code"])
 
+    def network_page():
+        s.js("location.hash = '#/network'")
+        wait_for("the network page", lambda: s.js("return document.querySelector('#net-qr svg') !== null"))
+        code = s.js("return document.querySelector('#net-code').value")
+        assert code.startswith("swarm://"), code
+        # The QR picture holds the same code, as another device's app reads it.
+        png = s.svg_picture("#net-qr", os.path.join(out_dir, "network-qr.png"))
+        auth = {"Authorization": f"Bearer {key}"}
+        status, v = http("POST", f"{base}/api/admin/network-code/scan", raw=png,
+                         headers={**auth, "Content-Type": "image/png"})
+        assert status == 200 and v["code"] == code, f"{status} {v}"
+        # A pool code's picture is not a network code: a clear refusal.
+        status, v = http("POST", f"{base}/api/admin/network-code/scan",
+                         raw=open(os.path.join(out_dir, "invite-qr.png"), "rb").read(),
+                         headers={**auth, "Content-Type": "image/png"})
+        assert status == 422 and v["error"]["code"] == "NOT_A_NETWORK_CODE", f"{status} {v}"
+        # Joining with a malformed code: the node's message, in red.
+        s.type("#net-join-code", "swarm://nonsense")
+        s.click("#net-join")
+        msg = wait_for("the refusal", lambda: s.js(
+            "const p = document.querySelector('#net-message'); return p.className === 'error' && p.textContent"))
+        assert "code" in msg.lower(), msg
+        s.page_screenshot(os.path.join(out_dir, "network.png"))
+
+    def devices():
+        s.js("location.hash = '#/pool'")
+        wait_for("the pool page", lambda: s.js("return document.querySelector('#pool-create') !== null"))
+        s.type("#pool-name", "Home")
+        s.click("#pool-create")
+        wait_for("the owner view", lambda: s.js("return document.querySelector('#members') !== null"))
+        state = lambda: http("GET", f"{base}/api/pool/state")[1]
+
+        def said(words, cls="ok"):
+            # The page renders again after a change, then says what happened.
+            return wait_for(f"'{words}' on the page", lambda: s.js(
+                "const p = document.querySelector('#pool-message');"
+                f" return p !== null && p.className === '{cls}' && p.textContent.includes('{words}')"))
+        # Rename this device.
+        s.js("document.querySelector('#rename').value = ''")
+        s.type("#rename", "Desk PC")
+        s.click("#rename-save")
+        said("Renamed")
+        assert state()["members"][0]["device_name"] == "Desk PC"
+        # The credit split: refused past 50 %, saved within.
+        s.js("document.querySelector('#split').value = '80'")
+        s.click("#split-save")
+        said("50", cls="error")
+        s.js("document.querySelector('#split').value = '20'")
+        s.click("#split-save")
+        said("keep 20%")
+        assert state()["credit_split_pct"] == 20
+        # A contribution level for this device.
+        me = state()["members"][0]["node_id"]
+        s.js(f"document.querySelector('input[data-level=\"{me}\"]').value = '60'")
+        s.click(f"button[data-set-level='{me}']")
+        said("set to 60%")
+        assert state()["members"][0]["contribution"] == 60
+        # Invite by a malformed node id: the node's message.
+        s.type("#invite-node", "not-a-node")
+        s.click("#invite-send")
+        said("node", cls="error")
+        # Pin the model's shard 1 on this device, then unpin it.
+        s.type("#pin-model", "smollm2-135m-instruct.q4_1")
+        s.type("#pin-shards", "1")
+        s.click("#pin-add")
+        pins = lambda: http("GET", f"{base}/api/pool/pins")[1]["pins"]
+        said("Pinned")
+        assert pins() == [{"model_id": "smollm2-135m-instruct.q4_1", "target_node_id": me, "shard_indices": [1]}], pins()
+        assert "Desk PC" in s.text("#pins"), s.text("#pins")
+        s.page_screenshot(os.path.join(out_dir, "devices.png"))
+        s.click("button[data-unpin='0']")
+        said("Unpinned")
+        assert pins() == [], pins()
+        # LAN devices count as the pool's in private mode.
+        wait_for("the private-mode switches", lambda: s.js("return document.querySelector('#pm-lan') !== null"))
+        s.click("#pm-lan")
+        said("Private mode saved")
+        assert http("GET", f"{base}/api/pool/private-mode")[1]["allow_lan"] is True
+        s.js("document.querySelector('#pool-message').textContent = ''")
+        s.click("#pm-lan")
+        said("Private mode saved")
+        assert http("GET", f"{base}/api/pool/private-mode")[1]["allow_lan"] is False
+        s.click("#leave")
+        wait_for("out of the pool", lambda: state()["in_pool"] is False)
+
+    def settings_form():
+        s.js("location.hash = '#/settings'")
+        wait_for("the settings form", lambda: s.js("return document.querySelector('#set-context_size') !== null"))
+        before = http("GET", f"{base}/api/admin/config")[1]["context_size"]
+        hint = s.text("#hint-context_size")
+        assert "default 4096" in hint and "restart" in hint, hint
+        # Out of range: the node's message at the field, nothing saved.
+        s.js("document.querySelector('#set-context_size').value = '10'")
+        s.click("button[data-save-group='0']")
+        msg = wait_for("the node's message at the field", lambda: s.text("#err-context_size"))
+        assert "at least 64" in msg, msg
+        assert http("GET", f"{base}/api/admin/config")[1]["context_size"] == before
+        # In range: saved, with the restart it needs said.
+        s.js("document.querySelector('#set-context_size').value = '2048'")
+        s.click("button[data-save-group='0']")
+        note = wait_for("saved", lambda: "Saved" in s.text("#group-note-0") and s.text("#group-note-0"))
+        assert "context_size" in note and "restart" in note, note
+        # Saved for the next start; the running node keeps its context.
+        with open(os.path.join(data_dir, "config.toml")) as f:
+            assert "context_size = 2048" in f.read()
+        assert http("GET", f"{base}/api/admin/config")[1]["context_size"] == before
+        # A switch that applies at once.
+        s.click("#set-auto_prune")
+        s.click("button[data-save-group='2']")
+        wait_for("applied", lambda: s.text("#group-note-2") == "Saved and applied.")
+        assert http("GET", f"{base}/api/admin/config")[1]["auto_prune"] is False
+        s.page_screenshot(os.path.join(out_dir, "settings.png"))
+        status, _ = http("PUT", f"{base}/api/admin/config", {"context_size": before, "auto_prune": True},
+                         headers={"Authorization": f"Bearer {key}"})
+        assert status == 200
+
     r.check("dashboard shows the node id", dashboard)
     r.check("every page renders without an error", every_page)
     r.check("a chat message gets a streamed reply", chat)
@@ -354,3 +470,6 @@ def ui_checks(r, s, base, key, out_dir, in_app):
     r.check("a malformed code gives a clear message", bad_code)
     if not in_app:
         r.check("a code is read from a picture of its QR code", join_from_picture)
+    r.check("the network page shows this node's code and QR, the swarm, and refuses a bad code", network_page)
+    r.check("my devices: rename, credit split, contribution, invite, pins, private-mode switches", devices)
+    r.check("settings: grouped fields with defaults and ranges, the node's messages at the field", settings_form)
