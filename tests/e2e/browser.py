@@ -9,7 +9,7 @@ import sys
 import tempfile
 import time
 
-from webdriver import (Results, Session, a11y_findings, api_key, free_port, http, node_env,
+from webdriver import (Results, Session, api_key, assert_accessible, free_port, http, node_env,
                        target_dir, test_model, ui_checks, wait_for)
 
 
@@ -183,18 +183,8 @@ def main():
             session.cmd("POST", "/goog/cdp/execute", {"cmd": "Emulation.setEmulatedMedia", "params": {
                 "features": [{"name": "prefers-color-scheme", "value": "dark"}]}})
             try:
-                findings = {}
-                for page in ("dashboard", "network", "models", "chat", "pool", "credits", "settings"):
-                    session.js(f"location.hash = '#/{page}'")
-                    wait_for(f"the {page} page", lambda: session.js("return document.body.dataset.page") == page
-                             and session.js("return document.querySelector('main h1') !== null"))
-                    # Rendered, not an error page.
-                    assert not session.js("return document.querySelector('#page-error')"), session.text("main")
-                    found = a11y_findings(session)
-                    if found:
-                        findings[page] = found
+                assert_accessible(session, ("dashboard", "network", "models", "chat", "pool", "credits", "settings"))
                 session.page_screenshot(os.path.join(out_dir, "settings-dark.png"))
-                assert not findings, "\n".join(f"{p}: {f}" for p, fs in findings.items() for f in fs)
             finally:
                 session.cmd("POST", "/goog/cdp/execute", {"cmd": "Emulation.setEmulatedMedia", "params": {"features": []}})
         r.check("the dark theme passes the same accessibility checks", dark_theme_accessible)

@@ -209,6 +209,21 @@ def a11y_findings(s):
           (e) => done([`axe failed: ${e}`]));""")
 
 
+def assert_accessible(s, pages):
+    """Opens each page and fails with every serious axe finding on any of them."""
+    findings = {}
+    for page in pages:
+        s.js(f"location.hash = '#/{page}'")
+        wait_for(f"the {page} page", lambda: s.js("return document.body.dataset.page") == page
+                 and s.js("return document.querySelector('main h1') !== null"))
+        # Rendered, not an error page.
+        assert not s.js("return document.querySelector('#page-error')"), s.text("main")
+        found = a11y_findings(s)
+        if found:
+            findings[page] = found
+    assert not findings, "\n".join(f"{p}: {f}" for p, fs in findings.items() for f in fs)
+
+
 def test_model():
     cache = os.environ.get("SWARMLLM_CACHE_DIR") or os.path.expanduser("~/.cache/swarmllm")
     return os.path.join(cache, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -273,12 +288,15 @@ def ui_checks(r, s, base, key, out_dir, in_app, data_dir):
             s.click("#private-mode")
             wait_for(f"private mode {wanted}", lambda: http("GET", f"{base}/api/pool/private-mode")[1]["enabled"] is wanted)
 
-    def qr_invite():
+    def create_pool():
         s.js("location.hash = '#/pool'")
         wait_for("the pool page", lambda: s.js("return document.querySelector('#pool-create') !== null"))
         s.type("#pool-name", "Home")
         s.click("#pool-create")
-        wait_for("the owner view", lambda: s.js("return document.querySelector('#gen-code') !== null"))
+        wait_for("the owner view", lambda: s.js("return document.querySelector('#members') !== null"))
+
+    def qr_invite():
+        create_pool()
         s.click("#gen-code")
         code = wait_for("an invite code", lambda: s.text("#pool-code"))
         assert len(code) == 8, code
@@ -326,17 +344,7 @@ def ui_checks(r, s, base, key, out_dir, in_app, data_dir):
 
     def accessible():
         # Every page, checked by axe-core as it renders (light theme).
-        findings = {}
-        for page in ("dashboard", "network", "models", "chat", "pool", "credits", "settings", "welcome"):
-            s.js(f"location.hash = '#/{page}'")
-            wait_for(f"the {page} page", lambda: s.js("return document.body.dataset.page") == page
-                     and s.js("return document.querySelector('main h1') !== null"))
-            # Rendered, not an error page.
-            assert not s.js("return document.querySelector('#page-error')"), s.text("main")
-            found = a11y_findings(s)
-            if found:
-                findings[page] = found
-        assert not findings, "\n".join(f"{p}: {f}" for p, fs in findings.items() for f in fs)
+        assert_accessible(s, ("dashboard", "network", "models", "chat", "pool", "credits", "settings", "welcome"))
 
     def join_from_picture():
         # The join form reads a code from a picture file (the QR screenshot above).
@@ -369,11 +377,7 @@ def ui_checks(r, s, base, key, out_dir, in_app, data_dir):
         s.page_screenshot(os.path.join(out_dir, "network.png"))
 
     def devices():
-        s.js("location.hash = '#/pool'")
-        wait_for("the pool page", lambda: s.js("return document.querySelector('#pool-create') !== null"))
-        s.type("#pool-name", "Home")
-        s.click("#pool-create")
-        wait_for("the owner view", lambda: s.js("return document.querySelector('#members') !== null"))
+        create_pool()
         state = lambda: http("GET", f"{base}/api/pool/state")[1]
 
         def said(words, cls="ok"):

@@ -595,6 +595,17 @@ impl Pools {
 }
 
 impl PoolNet {
+    /// `body` as JSON and this node's hex signature over `tag` and it.
+    fn signed(&self, tag: &str, body: &impl Serialize) -> Result<(String, String), PoolError> {
+        let body = serde_json::to_string(body).map_err(|e| PoolError::Invalid(e.to_string()))?;
+        let signature = hex::encode(
+            self.identity
+                .sign(format!("{tag}\n{body}").as_bytes())
+                .to_bytes(),
+        );
+        Ok((body, signature))
+    }
+
     /// Publishes, retrying briefly while the gossip mesh forms.
     async fn publish(&self, message: &Message) -> Result<(), PoolError> {
         if self.network.connected().is_empty() {
@@ -908,14 +919,9 @@ impl PoolNet {
             return;
         };
         let pool_id = body.pool_id.clone();
-        let Ok(body) = serde_json::to_string(&body) else {
+        let Ok((body, signature)) = self.signed(STATE_TAG, &body) else {
             return;
         };
-        let signature = hex::encode(
-            self.identity
-                .sign(format!("{STATE_TAG}\n{body}").as_bytes())
-                .to_bytes(),
-        );
         if self
             .publish(&Message::State { body, signature })
             .await
@@ -998,18 +1004,15 @@ impl PoolNet {
         pool_id: &str,
         pins: Vec<super::Pin>,
     ) -> Result<(), PoolError> {
-        let body = serde_json::to_string(&PinsBody {
-            pool_id: pool_id.to_string(),
-            owner_node_id: self.pools.node_id.clone(),
-            pins,
-            issued_at: (self.pools.clock)(),
-        })
-        .map_err(|e| PoolError::Invalid(e.to_string()))?;
-        let signature = hex::encode(
-            self.identity
-                .sign(format!("{PINS_TAG}\n{body}").as_bytes())
-                .to_bytes(),
-        );
+        let (body, signature) = self.signed(
+            PINS_TAG,
+            &PinsBody {
+                pool_id: pool_id.to_string(),
+                owner_node_id: self.pools.node_id.clone(),
+                pins,
+                issued_at: (self.pools.clock)(),
+            },
+        )?;
         self.publish(&Message::Pins { body, signature }).await
     }
 
@@ -1054,19 +1057,16 @@ impl PoolNet {
         pool_id: &str,
         node_id: &str,
     ) -> Result<(), PoolError> {
-        let body = serde_json::to_string(&RemovalBody {
-            pool_id: pool_id.to_string(),
-            owner_node_id: self.pools.node_id.clone(),
-            node_id: node_id.to_string(),
-            nonce: hex::encode(rand::random::<[u8; 16]>()),
-            issued_at: (self.pools.clock)(),
-        })
-        .map_err(|e| PoolError::Invalid(e.to_string()))?;
-        let signature = hex::encode(
-            self.identity
-                .sign(format!("{REMOVAL_TAG}\n{body}").as_bytes())
-                .to_bytes(),
-        );
+        let (body, signature) = self.signed(
+            REMOVAL_TAG,
+            &RemovalBody {
+                pool_id: pool_id.to_string(),
+                owner_node_id: self.pools.node_id.clone(),
+                node_id: node_id.to_string(),
+                nonce: hex::encode(rand::random::<[u8; 16]>()),
+                issued_at: (self.pools.clock)(),
+            },
+        )?;
         self.publish(&Message::Removal { body, signature }).await?;
         self.publish_state().await;
         Ok(())
@@ -1149,19 +1149,16 @@ impl PoolNet {
     /// A member asks the owner to carry its new name in the signed state.
     async fn send_rename(&self, pool_id: &str, owner: &str, name: &str) -> Result<(), PoolError> {
         *self.wanted_name.lock().unwrap_or_else(|p| p.into_inner()) = Some(name.to_string());
-        let body = serde_json::to_string(&RenameBody {
-            pool_id: pool_id.to_string(),
-            owner_node_id: owner.to_string(),
-            node_id: self.pools.node_id.clone(),
-            device_name: name.to_string(),
-            issued_at: (self.pools.clock)(),
-        })
-        .map_err(|e| PoolError::Invalid(e.to_string()))?;
-        let signature = hex::encode(
-            self.identity
-                .sign(format!("{RENAME_TAG}\n{body}").as_bytes())
-                .to_bytes(),
-        );
+        let (body, signature) = self.signed(
+            RENAME_TAG,
+            &RenameBody {
+                pool_id: pool_id.to_string(),
+                owner_node_id: owner.to_string(),
+                node_id: self.pools.node_id.clone(),
+                device_name: name.to_string(),
+                issued_at: (self.pools.clock)(),
+            },
+        )?;
         self.publish(&Message::Rename { body, signature }).await
     }
 
