@@ -9,8 +9,8 @@ import sys
 import tempfile
 import time
 
-from webdriver import (Results, Session, api_key, assert_accessible, free_port, http, node_env,
-                       target_dir, test_model, ui_checks, wait_for)
+from webdriver import (Results, Session, api_key, assert_accessible, first_run_flow, free_port,
+                       http, node_env, target_dir, test_model, ui_checks, wait_for)
 
 
 HUB_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF"
@@ -147,26 +147,7 @@ def main():
                 base2 = f"http://127.0.0.1:{port2}"
                 wait_for("the fresh node", lambda: http("GET", f"{base2}/health/live")[0] == 200, timeout=90)
                 session.go(f"{base2}/#key={api_key(data2, port2)}")
-                wait_for("the welcome page", lambda: session.js("return document.body.dataset.page") == "welcome")
-                wait_for("a recommendation", lambda: session.js(
-                    "return document.querySelector('button[data-rec=\"0\"]') !== null"), timeout=60)
-                assert HUB_REPO in session.text("#recs"), session.text("#recs")
-                session.page_screenshot(os.path.join(out_dir, "welcome.png"))
-                session.click("button[data-rec='0']")
-                wait_for("the model ready", lambda: "is ready" in session.text("#rec-status"), timeout=240)
-                session.click("#welcome-done")
-                wait_for("the chat with the model", lambda: session.js(
-                    "return document.querySelector('#chat-model')?.value") == "smollm2-135m-instruct.q4_1")
-                session.type("#chat-input", "Say hello.")
-                session.click("#chat-send")
-                wait_for("the first streamed token", lambda: len(session.js(
-                    "return document.querySelector('#chat-output')?.textContent || ''")) > 0, timeout=120)
-                print(f"fresh install to the first streamed token of the recommended model: "
-                      f"{time.monotonic() - started:.1f} s (start, catalog, 98 MB download from the "
-                      f"local Hub server, load, prompt)")
-                wait_for("the end of the reply", lambda: session.js(
-                    "return document.querySelector('#chat-output').dataset.done") == "true", timeout=120)
-                session.page_screenshot(os.path.join(out_dir, "first-run-chat.png"))
+                first_run_flow(session, out_dir, started, HUB_REPO)
                 # Once greeted, the app opens on the dashboard.
                 session.go(f"{base2}/")
                 wait_for("the dashboard", lambda: session.js("return document.body.dataset.page") == "dashboard")

@@ -13,8 +13,10 @@ import sys
 import tempfile
 import time
 
-from webdriver import (Results, Session, free_port, http, node_env, rss_mb, target_dir,
-                       test_model, ui_checks, wait_for, api_key)
+from webdriver import (Results, Session, api_key, first_run_flow, free_port, http, node_env, rss_mb,
+                       target_dir, test_model, ui_checks, wait_for)
+
+HUB_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF"
 
 
 def app_pid(binary):
@@ -105,6 +107,45 @@ def main():
             wait_for("the app to exit", lambda: pid is None or not os.path.exists(f"/proc/{pid}")
                      or open(f"/proc/{pid}/status").read().find("State:\tZ") >= 0, timeout=30)
         r.check("a graceful shutdown ends the app", shutdown_quits)
+
+        def first_run_in_app():
+            # A fresh install of the app: no model, no peers, an empty data dir; the
+            # catalog is the local Hub test server's.
+            data2 = tempfile.mkdtemp(prefix="swarmllm-app-first-run-")
+            port2, hub_port = free_port(), free_port()
+            hub = subprocess.Popen(
+                [os.path.join(target_dir(), "debug", "swarmllm-hub-testserver"), "--hub-port", str(hub_port),
+                 "--architecture", "llama", f"{HUB_REPO}={test_model()}"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            env2 = node_env(data2)
+            env2.update({"SWARMLLM_API_PORT": str(port2), "HF_ENDPOINT": f"http://127.0.0.1:{hub_port}",
+                         "HF_HOME": data2, "HF_TOKEN": ""})
+            env2.pop("SWARMLLM_MODEL", None)
+            # The web view keeps its local storage (where the UI notes it greeted
+            # the user) under the XDG data dir: a fresh one, as on a new machine.
+            for var in ("XDG_DATA_HOME", "XDG_CONFIG_HOME", "XDG_CACHE_HOME"):
+                env2[var] = os.path.join(data2, var.lower())
+            d2, n2 = free_port(), free_port()
+            driver2 = subprocess.Popen(["tauri-driver", "--port", str(d2), "--native-port", str(n2)], env=env2,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            fresh = None
+            try:
+                wait_for("tauri-driver", lambda: http("GET", f"http://127.0.0.1:{d2}/status")[0] == 200)
+                wait_for("the Hub test server", lambda: http("GET", f"http://127.0.0.1:{hub_port}/api/models")[0] == 200)
+                started = time.monotonic()
+                fresh = Session(f"http://127.0.0.1:{d2}", {"alwaysMatch": {"tauri:options": {"application": app}}},
+                                timeout=180, commands_url=f"http://127.0.0.1:{n2}")
+                first_run_flow(fresh, out_dir, started, HUB_REPO, prefix="app-")
+                key2 = api_key(data2, port2)
+                http("POST", f"http://127.0.0.1:{port2}/api/admin/shutdown", {},
+                     headers={"Authorization": f"Bearer {key2}"})
+            finally:
+                if fresh:
+                    fresh.quit()
+                driver2.terminate()
+                hub.terminate()
+                shutil.rmtree(data2, ignore_errors=True)
+        r.check("first run in the app: welcome, the recommended model, chat to the first token", first_run_in_app)
     finally:
         if session:
             session.quit()

@@ -209,6 +209,31 @@ def a11y_findings(s):
           (e) => done([`axe failed: ${e}`]));""")
 
 
+def first_run_flow(s, out_dir, started, hub_repo, prefix=""):
+    """From a fresh install's first page to the first streamed token of the
+    welcome page's recommended model; prints the time since `started`."""
+    wait_for("the welcome page", lambda: s.js("return document.body.dataset.page") == "welcome")
+    wait_for("a recommendation", lambda: s.js(
+        "return document.querySelector('button[data-rec=\"0\"]') !== null"), timeout=60)
+    assert hub_repo in s.text("#recs"), s.text("#recs")
+    s.page_screenshot(os.path.join(out_dir, f"{prefix}welcome.png"))
+    s.click("button[data-rec='0']")
+    wait_for("the model ready", lambda: "is ready" in s.text("#rec-status"), timeout=240)
+    s.click("#welcome-done")
+    wait_for("the chat with the model", lambda: s.js(
+        "return document.querySelector('#chat-model')?.value") == "smollm2-135m-instruct.q4_1")
+    s.type("#chat-input", "Say hello.")
+    s.click("#chat-send")
+    wait_for("the first streamed token", lambda: len(s.js(
+        "return document.querySelector('#chat-output')?.textContent || ''")) > 0, timeout=120)
+    print(f"fresh install to the first streamed token of the recommended model: "
+          f"{time.monotonic() - started:.1f} s (start, catalog, 98 MB download from the "
+          f"local Hub server, load, prompt)")
+    wait_for("the end of the reply", lambda: s.js(
+        "return document.querySelector('#chat-output').dataset.done") == "true", timeout=120)
+    s.page_screenshot(os.path.join(out_dir, f"{prefix}first-run-chat.png"))
+
+
 def assert_accessible(s, pages):
     """Opens each page and fails with every serious axe finding on any of them."""
     findings = {}
