@@ -128,6 +128,21 @@ async function dashboard() {
   return () => live.listeners.delete(update);
 }
 
+// ---- codes in pictures ------------------------------------------------------------
+
+const NETWORK_SCAN = "/api/admin/network-code/scan";
+const POOL_SCAN = "/api/pool/scan-qr";
+
+/** The code in the QR picture chosen in `input`, read by the node at `path`
+ *  (null when no file was chosen). */
+async function codeInPicture(input, path) {
+  const file = input.files[0];
+  return file ? (await client.upload(path, file)).code : null;
+}
+
+/** Joins the network a `swarm://` code (or multiaddr) names. */
+const joinNetwork = (text) => client.post("/api/admin/join-network", { code: text.trim() });
+
 // ---- welcome (first run) -----------------------------------------------------------
 
 const WELCOMED = "swarmllm.welcomed";
@@ -215,15 +230,14 @@ async function welcome() {
   // 2: a network by code or QR picture.
   const join = async (text) => {
     say("#welcome-net", "Connecting…");
-    const r = await client.post("/api/admin/join-network", { code: text.trim() });
+    const r = await joinNetwork(text);
     say("#welcome-net", `Connected (${r.connected_peers} peer(s)).`);
   };
   const act = (id, f) => async () => { if (needKey()) return; try { await f(); } catch (e) { say(id, e.message, true); } };
   $("#welcome-join").onclick = act("#welcome-net", () => join($("#welcome-code").value));
   $("#welcome-file").onchange = act("#welcome-net", async () => {
-    const file = $("#welcome-file").files[0];
-    if (!file) return;
-    const { code: text } = await client.upload("/api/admin/network-code/scan", file);
+    const text = await codeInPicture($("#welcome-file"), NETWORK_SCAN);
+    if (!text) return;
     $("#welcome-code").value = text;
     await join(text);
   });
@@ -329,7 +343,7 @@ async function network() {
   if ($("#net-copy")) $("#net-copy").onclick = async () => { await navigator.clipboard?.writeText($("#net-code").value); toast("Copied"); };
   const join = async (text) => {
     msg("Connecting…");
-    const r = await client.post("/api/admin/join-network", { code: text.trim() });
+    const r = await joinNetwork(text);
     msg(`Connected to ${r.node_id.slice(0, 16)}… (${r.connected_peers} peer(s) now).`);
     await refresh();
   };
@@ -338,13 +352,12 @@ async function network() {
   $("#net-join-code").onkeydown = (e) => { if (e.key === "Enter") $("#net-join").click(); };
   const scanned = async (text) => { $("#net-join-code").value = text; await join(text); };
   $("#net-join-file").onchange = act(async () => {
-    const file = $("#net-join-file").files[0];
-    if (!file) return;
-    const { code: text } = await client.upload("/api/admin/network-code/scan", file);
+    const text = await codeInPicture($("#net-join-file"), NETWORK_SCAN);
+    if (!text) return;
     msg("Read a network code from the picture; joining…");
     await scanned(text);
   });
-  $("#net-join-camera").onclick = act(() => scanCamera("/api/admin/network-code/scan", scanned, msg));
+  $("#net-join-camera").onclick = act(() => scanCamera(NETWORK_SCAN, scanned, msg));
   // Live: a changed peer set redraws at once; latencies and holdings every 5 s.
   const ws = client.socket((m) => { if (m.type === "peer_list") refresh().catch(() => {}); });
   const timer = setInterval(() => refresh().catch(() => {}), 5000);
@@ -708,14 +721,13 @@ async function pool() {
     $("#join-btn").onclick = act(() => join($("#join-code").value));
     $("#join-code").onkeydown = (e) => { if (e.key === "Enter") $("#join-btn").click(); };
     $("#join-file").onchange = act(async () => {
-      const file = $("#join-file").files[0];
-      if (!file) return;
-      const { code } = await client.upload("/api/pool/scan-qr", file);
+      const code = await codeInPicture($("#join-file"), POOL_SCAN);
+      if (!code) return;
       $("#join-code").value = code;
       msg(`Read ${code} from the picture; joining…`);
       await join(code);
     });
-    $("#join-camera").onclick = act(() => scanCamera("/api/pool/scan-qr", async (code) => {
+    $("#join-camera").onclick = act(() => scanCamera(POOL_SCAN, async (code) => {
       $("#join-code").value = code;
       await join(code);
     }, msg));

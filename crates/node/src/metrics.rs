@@ -76,77 +76,77 @@ impl Metrics {
     /// Creates the counters, seeding lifetime totals from `totals`.
     pub fn new(totals: RequestTotals) -> Self {
         let mut registry = Registry::default();
-        let requests = Family::<RequestLabels, Counter>::default();
-        registry.register(
+        let requests = register(
+            &mut registry,
             "swarmllm_requests",
             "Inference requests by endpoint and outcome",
-            requests.clone(),
+            Family::<RequestLabels, Counter>::default(),
         );
-        let completion_tokens = Counter::default();
-        registry.register(
+        let completion_tokens = register(
+            &mut registry,
             "swarmllm_completion_tokens",
             "Tokens generated",
-            completion_tokens.clone(),
+            Counter::default(),
         );
-        let prompt_tokens = Counter::default();
-        registry.register(
+        let prompt_tokens = register(
+            &mut registry,
             "swarmllm_prompt_tokens",
             "Prompt tokens processed",
-            prompt_tokens.clone(),
+            Counter::default(),
         );
-        let latency = Histogram::new(exponential_buckets(0.005, 2.0, 14));
-        registry.register(
+        let latency = register(
+            &mut registry,
             "swarmllm_request_duration_seconds",
             "Wall time of inference requests",
-            latency.clone(),
+            Histogram::new(exponential_buckets(0.005, 2.0, 14)),
         );
-        let model_loaded = Family::<ModelLabels, Gauge>::default();
-        registry.register(
+        let model_loaded = register(
+            &mut registry,
             "swarmllm_model_loaded",
             "1 for each model loaded on this node",
-            model_loaded.clone(),
+            Family::<ModelLabels, Gauge>::default(),
         );
-        let queue_depth = Gauge::default();
-        registry.register(
+        let queue_depth = register(
+            &mut registry,
             "swarmllm_queue_depth",
             "Inference jobs waiting for the engine",
-            queue_depth.clone(),
+            Gauge::default(),
         );
-        let queue_time = Histogram::new(exponential_buckets(0.001, 2.0, 16));
-        registry.register(
+        let queue_time = register(
+            &mut registry,
             "swarmllm_queue_seconds",
             "Time requests waited for a sequence of the engine",
-            queue_time.clone(),
+            Histogram::new(exponential_buckets(0.001, 2.0, 16)),
         );
-        let cached_prompt_tokens = Counter::default();
-        registry.register(
+        let cached_prompt_tokens = register(
+            &mut registry,
             "swarmllm_cached_prompt_tokens",
             "Prompt tokens reused from the prompt cache",
-            cached_prompt_tokens.clone(),
+            Counter::default(),
         );
-        let active_sequences = Gauge::default();
-        registry.register(
+        let active_sequences = register(
+            &mut registry,
             "swarmllm_engine_active_sequences",
             "Requests the engine is decoding together now",
-            active_sequences.clone(),
+            Gauge::default(),
         );
-        let batches = Gauge::default();
-        registry.register(
+        let batches = register(
+            &mut registry,
             "swarmllm_engine_batches",
             "Batches the engine has decoded since start",
-            batches.clone(),
+            Gauge::default(),
         );
-        let mean_batch_tokens = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
-        registry.register(
+        let mean_batch_tokens = register(
+            &mut registry,
             "swarmllm_engine_mean_batch_tokens",
             "Mean tokens per decoded batch since start",
-            mean_batch_tokens.clone(),
+            Gauge::<f64, std::sync::atomic::AtomicU64>::default(),
         );
-        let peak_batch_sequences = Gauge::default();
-        registry.register(
+        let peak_batch_sequences = register(
+            &mut registry,
             "swarmllm_engine_peak_batch_sequences",
             "Most sequences in one batch since start",
-            peak_batch_sequences.clone(),
+            Gauge::default(),
         );
         Self {
             registry,
@@ -265,6 +265,17 @@ impl Metrics {
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
+}
+
+/// Registers `metric` under `name` and gives back the handle that updates it.
+fn register<M: prometheus_client::registry::Metric + Clone>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    metric: M,
+) -> M {
+    registry.register(name, help, metric.clone());
+    metric
 }
 
 #[cfg(test)]

@@ -277,6 +277,48 @@ fn a_multi_part_gguf_splits_into_the_same_tensor_bytes_as_the_whole_file() {
 /// sequence at a time in the shared context), then single-token steps of all
 /// three in one batch, on a middle range (hidden states out) and on the last
 /// (logits out).
+/// One step of each session (hidden states `inputs[i]` at `pos[i]`) through its
+/// own context and through sequence `i` of the `shared` one: a prompt step one
+/// sequence at a time (they differ in length), later single-token steps in one
+/// batch. Returns (alone, shared) outputs.
+fn alone_and_shared(
+    alone: &mut [swarmllm_node::infer::layers::RangeSession],
+    shared: &mut swarmllm_node::infer::layers::RangeSession,
+    inputs: &[Vec<f32>],
+    pos: &[i32],
+    prompt: bool,
+) -> (
+    Vec<swarmllm_node::infer::layers::RangeOutput>,
+    Vec<swarmllm_node::infer::layers::RangeOutput>,
+) {
+    use swarmllm_node::infer::layers::RangeInput;
+    let by_itself = alone
+        .iter_mut()
+        .zip(inputs.iter().zip(pos))
+        .map(|(s, (x, &p))| s.forward(RangeInput::Hidden(x), p).expect("alone"))
+        .collect();
+    let items: Vec<(i32, RangeInput<'_>, i32)> = inputs
+        .iter()
+        .zip(pos)
+        .enumerate()
+        .map(|(i, (x, &p))| (i as i32, RangeInput::Hidden(x), p))
+        .collect();
+    let together = if prompt {
+        items
+            .iter()
+            .map(|item| {
+                shared
+                    .forward_many(std::slice::from_ref(item))
+                    .expect("one")
+                    .remove(0)
+            })
+            .collect()
+    } else {
+        shared.forward_many(&items).expect("batched")
+    };
+    (by_itself, together)
+}
+
 #[test]
 fn steps_of_several_sessions_batched_equal_each_alone() {
     use swarmllm_node::infer::layers::{RangeInput, RangeModel, RangeOutput};
@@ -322,67 +364,27 @@ fn steps_of_several_sessions_batched_equal_each_alone() {
     let mut shared_last = last.streams(512, 512, 1, false, 4).expect("streams");
     let mut pos = [0i32; 3];
     for step in 0..4 {
-        let expected: Vec<Vec<f32>> = (0..3)
-            .map(|i| {
-                hidden(
-                    alone[i]
-                        .forward(RangeInput::Hidden(&inputs[i]), pos[i])
-                        .expect("alone"),
-                )
-            })
-            .collect();
-        // Prompts (of different lengths) go one sequence at a time; the
-        // single-token steps after them all in one batch.
-        let got: Vec<Vec<f32>> = if step == 0 {
-            (0..3)
-                .map(|i| {
-                    let items = [(i as i32, RangeInput::Hidden(&inputs[i]), pos[i])];
-                    hidden(shared.forward_many(&items).expect("one").remove(0))
-                })
-                .collect()
-        } else {
-            let items: Vec<(i32, RangeInput<'_>, i32)> = (0..3)
-                .map(|i| (i as i32, RangeInput::Hidden(&inputs[i]), pos[i]))
-                .collect();
-            shared
-                .forward_many(&items)
-                .expect("batched")
-                .into_iter()
-                .map(hidden)
-                .collect()
-        };
+        let (expected, got) = alone_and_shared(&mut alone, &mut shared, &inputs, &pos, step == 0);
+        let (expected, got): (Vec<Vec<f32>>, Vec<Vec<f32>>) = (
+            expected.into_iter().map(hidden).collect(),
+            got.into_iter().map(hidden).collect(),
+        );
         assert_eq!(got, expected, "middle range, step {step}");
         let logits = |o: RangeOutput| match o {
             RangeOutput::Logits(l) => l,
             RangeOutput::Hidden(_) => panic!("expected logits"),
         };
-        let expected_logits: Vec<Vec<f32>> = (0..3)
-            .map(|i| {
-                logits(
-                    alone_last[i]
-                        .forward(RangeInput::Hidden(&expected[i]), pos[i])
-                        .expect("alone"),
-                )
-            })
-            .collect();
-        let got_logits: Vec<Vec<f32>> = if step == 0 {
-            (0..3)
-                .map(|i| {
-                    let items = [(i as i32, RangeInput::Hidden(&expected[i]), pos[i])];
-                    logits(shared_last.forward_many(&items).expect("one").remove(0))
-                })
-                .collect()
-        } else {
-            let items: Vec<(i32, RangeInput<'_>, i32)> = (0..3)
-                .map(|i| (i as i32, RangeInput::Hidden(&expected[i]), pos[i]))
-                .collect();
-            shared_last
-                .forward_many(&items)
-                .expect("batched")
-                .into_iter()
-                .map(logits)
-                .collect()
-        };
+        let (expected_logits, got_logits) = alone_and_shared(
+            &mut alone_last,
+            &mut shared_last,
+            &expected,
+            &pos,
+            step == 0,
+        );
+        let (expected_logits, got_logits): (Vec<Vec<f32>>, Vec<Vec<f32>>) = (
+            expected_logits.into_iter().map(logits).collect(),
+            got_logits.into_iter().map(logits).collect(),
+        );
         assert_eq!(got_logits, expected_logits, "last range, step {step}");
         // Next: each session's greedy token, through the first range alone.
         for i in 0..3 {

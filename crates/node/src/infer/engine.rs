@@ -106,10 +106,13 @@ pub fn backend_devices() -> Vec<DeviceInfo> {
 /// Layers to offload for the engine's model: its whole context (every
 /// parallel sequence's) counts against the GPUs' memory.
 pub(super) fn offload(config: &EngineConfig) -> u32 {
-    let n_layers = crate::shard::gguf::Gguf::read_header(&config.model_path)
-        .ok()
-        .and_then(|g| g.block_count())
-        .unwrap_or(0);
+    // The header is read only when there is a GPU to fill.
+    let n_layers = || {
+        crate::shard::gguf::Gguf::read_header(&config.model_path)
+            .ok()
+            .and_then(|g| g.block_count())
+            .unwrap_or(0)
+    };
     let tokens = u64::from(config.context_size) * config.parallel() as u64;
     super::gpu::layers_to_offload(config.gpu_layers, &config.model_path, n_layers, tokens)
 }

@@ -9,12 +9,12 @@ use crate::config::GpuLayers;
 /// Left free on the GPUs for compute buffers and other programs.
 const MARGIN_BYTES: u64 = 512 << 20;
 
-/// Layers to offload for the model at `path` (`n_layers` repeating layers,
-/// `context_tokens` of KV cache in all).
+/// Layers to offload for the model at `path` (`n_layers()` repeating layers,
+/// asked only when a GPU is there; `context_tokens` of KV cache in all).
 pub fn layers_to_offload(
     setting: GpuLayers,
     path: &Path,
-    n_layers: u32,
+    n_layers: impl FnOnce() -> u32,
     context_tokens: u64,
 ) -> u32 {
     match setting {
@@ -31,7 +31,7 @@ pub fn layers_to_offload(
             let bytes = std::fs::metadata(path).map_or(u64::MAX, |m| m.len());
             let kv = crate::hub::search::Fit::kv_per_token_estimate(bytes)
                 .saturating_mul(context_tokens);
-            fit_layers(free, bytes, n_layers, kv)
+            fit_layers(free, bytes, n_layers(), kv)
         }
     }
 }

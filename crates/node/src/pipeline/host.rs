@@ -726,7 +726,7 @@ impl Thread {
         let offload = crate::infer::gpu::layers_to_offload(
             self.config.gpu_layers,
             &info.path,
-            layers,
+            || layers,
             tokens,
         );
         let model =

@@ -209,10 +209,7 @@ impl Envelope {
 
     /// The session id as bytes.
     pub fn session_bytes(&self) -> Result<[u8; 16], WireError> {
-        let mut out = [0u8; 16];
-        hex::decode_to_slice(&self.session, &mut out)
-            .map_err(|_| WireError::Malformed("session is not 32 hex characters".into()))?;
-        Ok(out)
+        session_id("session", &self.session)
     }
 
     /// The dtype for onward hidden states.
@@ -248,14 +245,19 @@ impl Envelope {
 
     /// The session whose cache this one takes over, as bytes.
     pub fn continues_bytes(&self) -> Result<Option<[u8; 16]>, WireError> {
-        let Some(c) = &self.continues else {
-            return Ok(None);
-        };
-        let mut out = [0u8; 16];
-        hex::decode_to_slice(c, &mut out)
-            .map_err(|_| WireError::Malformed("continues is not 32 hex characters".into()))?;
-        Ok(Some(out))
+        self.continues
+            .as_deref()
+            .map(|c| session_id("continues", c))
+            .transpose()
     }
+}
+
+/// A session id field: 32 hex characters, as 16 bytes.
+fn session_id(field: &str, text: &str) -> Result<[u8; 16], WireError> {
+    let mut out = [0u8; 16];
+    hex::decode_to_slice(text, &mut out)
+        .map_err(|_| WireError::Malformed(format!("{field} is not 32 hex characters")))?;
+    Ok(out)
 }
 
 /// `f16` → [`Dtype::F16`], etc.

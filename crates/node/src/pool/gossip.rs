@@ -236,6 +236,41 @@ struct RenameBody {
     issued_at: i64,
 }
 
+/// An owner's checks of a rename gossiped by `author`: for this owner, by the
+/// member it renames, signed by it, newer than `last` (the last applied for
+/// it) and not from the future, with a name this device would accept.
+fn check_rename(
+    owner: &str,
+    author: &str,
+    body: &str,
+    signature: &str,
+    now: i64,
+    last: Option<i64>,
+) -> Result<RenameBody, &'static str> {
+    let mut rename: RenameBody = serde_json::from_str(body).map_err(|_| "unreadable")?;
+    if rename.owner_node_id != owner {
+        return Err("not for this owner");
+    }
+    if rename.node_id != author {
+        return Err("a device may rename only itself");
+    }
+    if !verify_hex(
+        author,
+        format!("{RENAME_TAG}\n{body}").as_bytes(),
+        signature,
+    ) {
+        return Err("bad signature");
+    }
+    if rename.issued_at > now + RENAME_SKEW_SECS {
+        return Err("from the future");
+    }
+    if last.is_some_and(|l| rename.issued_at <= l) {
+        return Err("not newer than the last one applied");
+    }
+    rename.device_name = super::device_name(&rename.device_name).map_err(|_| "bad name")?;
+    Ok(rename)
+}
+
 /// A removal notice: a fresh nonce and a timestamp make a replay detectable.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct RemovalBody {
@@ -1165,32 +1200,20 @@ impl PoolNet {
     /// The owner's side of a rename: signed by the member it renames, newer
     /// than the last one applied for it; then the pool hears the new state.
     async fn on_rename(&self, author: &str, body: &str, signature: &str) {
-        let Ok(rename) = serde_json::from_str::<RenameBody>(body) else {
-            return;
-        };
-        if rename.node_id != author || rename.owner_node_id != self.pools.node_id {
-            return; // not the member itself, or not for this owner
-        }
-        if !verify_hex(
-            author,
-            format!("{RENAME_TAG}\n{body}").as_bytes(),
-            signature,
-        ) {
-            tracing::warn!("pool rename with a bad signature; ignored");
-            return;
-        }
-        let now = (self.pools.clock)();
         let last = self
             .renamed
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(author)
             .copied();
-        if rename.issued_at > now + RENAME_SKEW_SECS || last.is_some_and(|l| rename.issued_at <= l)
-        {
-            tracing::debug!("pool rename replayed or from the future; ignored");
-            return;
-        }
+        let now = (self.pools.clock)();
+        let rename = match check_rename(&self.pools.node_id, author, body, signature, now, last) {
+            Ok(rename) => rename,
+            Err(why) => {
+                tracing::debug!("pool rename ignored: {why}");
+                return;
+            }
+        };
         let pools = self.pools.clone();
         let (pool_id, node_id, name) = (
             rename.pool_id.clone(),
@@ -1420,5 +1443,62 @@ impl Pools {
                 })
                 .collect(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A rename body signed by `signer`.
+    fn rename(signer: &Identity, owner: &str, node: &str, name: &str, at: i64) -> (String, String) {
+        let body = serde_json::to_string(&RenameBody {
+            pool_id: "p".into(),
+            owner_node_id: owner.into(),
+            node_id: node.into(),
+            device_name: name.into(),
+            issued_at: at,
+        })
+        .expect("json");
+        let sig = hex::encode(
+            signer
+                .sign(format!("{RENAME_TAG}\n{body}").as_bytes())
+                .to_bytes(),
+        );
+        (body, sig)
+    }
+
+    #[test]
+    fn a_rename_counts_only_from_the_member_itself_fresh_and_well_formed() {
+        let (owner, member, rogue) = (
+            Identity::generate(),
+            Identity::generate(),
+            Identity::generate(),
+        );
+        let (o, m, r) = (owner.node_id(), member.node_id(), rogue.node_id());
+        let check = |author: &str, (body, sig): (String, String), last| {
+            check_rename(&o, author, &body, &sig, 1_000, last).map(|r| r.device_name)
+        };
+        assert_eq!(
+            check(&m, rename(&member, &o, &m, " Desk PC ", 900), None),
+            Ok("Desk PC".into())
+        );
+        // Another device renaming the member, under its own name or the member's.
+        assert!(check(&r, rename(&rogue, &o, &m, "owned", 900), None).is_err());
+        assert!(check(&m, rename(&rogue, &o, &m, "owned", 900), None).is_err());
+        // For another owner; replayed; from the future; a bad name; garbage.
+        assert!(check(&m, rename(&member, &r, &m, "x", 900), None).is_err());
+        assert!(check(&m, rename(&member, &o, &m, "x", 900), Some(900)).is_err());
+        assert!(
+            check(
+                &m,
+                rename(&member, &o, &m, "x", 1_000 + RENAME_SKEW_SECS + 1),
+                None
+            )
+            .is_err()
+        );
+        assert!(check(&m, rename(&member, &o, &m, "bell\u{7}", 900), None).is_err());
+        assert!(check(&m, rename(&member, &o, &m, &"x".repeat(65), 900), None).is_err());
+        assert!(check_rename(&o, &m, "{\"pool_id\": 1}", "zz", 1_000, None).is_err());
     }
 }

@@ -818,10 +818,9 @@ impl Pools {
         self.state()
     }
 
-    /// The owner's side of a member's signed rename: whether `node_id`, a member
-    /// of the pool this node owns, now has that name.
+    /// The owner's side of a member's signed rename (its name already checked):
+    /// whether `node_id`, a member of the pool this node owns, now has that name.
     fn apply_rename(&self, pool_id: &str, node_id: &str, name: &str) -> Result<bool, PoolError> {
-        let name = device_name(name)?;
         self.transact(|tx| {
             let Ok((owned, ..)) = Self::owned_pool(tx) else {
                 return Ok(false);
