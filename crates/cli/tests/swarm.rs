@@ -276,26 +276,35 @@ fn five_nodes_spread_a_demanded_model_within_budgets_and_survive_its_holder() {
 
     // Under load from several requesters, requests spread over the replicas:
     // some chains go through A (all 30 layers), some through the new holders.
+    // The planner draws a random share of each holder's cost and weighs the
+    // measured compute, which five nodes on two cores make noisy, so one round
+    // of six requests can all pick one side by chance: up to four rounds.
     let before: Vec<u64> = others.iter().map(steps_served).collect();
     let a_before = steps_served(&a);
-    std::thread::scope(|scope| {
-        let answers: Vec<_> = others[..3]
+    let (mut a_gain, mut others_gain) = (0, 0);
+    for _round in 0..4 {
+        std::thread::scope(|scope| {
+            let answers: Vec<_> = others[..3]
+                .iter()
+                .flat_map(|n| [n, n])
+                .map(|n| scope.spawn(move || chat(n, PROMPT)))
+                .collect();
+            for answer in answers {
+                let (s, v) = answer.join().expect("request thread");
+                assert_eq!(s, 200, "{v}");
+                assert_eq!(content(&v), reference);
+            }
+        });
+        a_gain = steps_served(&a) - a_before;
+        others_gain = others
             .iter()
-            .flat_map(|n| [n, n])
-            .map(|n| scope.spawn(move || chat(n, PROMPT)))
-            .collect();
-        for answer in answers {
-            let (s, v) = answer.join().expect("request thread");
-            assert_eq!(s, 200, "{v}");
-            assert_eq!(content(&v), reference);
+            .zip(&before)
+            .map(|(n, b)| steps_served(n) - b)
+            .sum::<u64>();
+        if a_gain > 0 && others_gain > 0 {
+            break;
         }
-    });
-    let a_gain = steps_served(&a) - a_before;
-    let others_gain: u64 = others
-        .iter()
-        .zip(&before)
-        .map(|(n, b)| steps_served(n) - b)
-        .sum();
+    }
     assert!(
         a_gain > 0 && others_gain > 0,
         "requests did not spread: A ran {a_gain} steps, the replicas {others_gain}; B's log:\n{}",

@@ -824,25 +824,19 @@ impl HubJob {
             .await
             .map_err(failed)?
             .map_err(failed)?;
-        // The SHA-256 runs on its own thread, overlapping the network.
-        let (to_hash, chunks) = std::sync::mpsc::channel();
-        let hashing = std::thread::spawn(move || {
-            let mut hasher = hasher;
-            for chunk in chunks {
-                hasher.update(&chunk);
-            }
-            hasher
-        });
+        // The SHA-256 is taken inline, chunk by chunk as it arrives (about 30 µs
+        // per 64 KiB with SHA-NI): on two cores a separate hashing thread made a
+        // third busy thread beside the server and this loop, and measured slower.
+        let mut hasher = hasher;
         *resumed += have;
         let resumed = *resumed;
-        let mut file = std::io::BufWriter::with_capacity(
-            1 << 20,
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(failed)?,
-        );
+        // Chunks go straight to the file: they arrive tens of KiB at a time, and
+        // a buffer in between would copy every byte once more.
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(failed)?;
         // Each shard shows the share of the whole source done, and the speed.
         let report_all = |done: u64| {
             let frac = (before + done) as f64 / total.max(1) as f64;
@@ -889,9 +883,7 @@ impl HubJob {
                     }
                     file.write_all(&chunk).map_err(failed)?;
                     at += chunk.len() as u64;
-                    to_hash
-                        .send(chunk)
-                        .map_err(|_| failed("the hashing thread ended"))?;
+                    hasher.update(&chunk);
                     if last_report.elapsed() > Duration::from_millis(200) {
                         report_all(at);
                         last_report = Instant::now();
@@ -906,14 +898,8 @@ impl HubJob {
         }
         // The speed is the network's: reported before the file is synced.
         report_all(size);
-        let file = file.into_inner().map_err(|e| failed(e.error()))?;
         file.sync_all().map_err(failed)?;
         drop(file);
-        drop(to_hash);
-        let hasher = tokio::task::spawn_blocking(move || hashing.join())
-            .await
-            .map_err(failed)?
-            .map_err(|_| failed("the hashing thread failed"))?;
         let sha = hex::encode(hasher.finalize());
         if sha != expected.sha256 {
             let _ = std::fs::remove_file(path);
