@@ -880,8 +880,11 @@ const SETTINGS = [
   { group: "Privacy", fields: [
     { key: "encrypted_pipeline", label: "Encrypted pipeline: embed and sample here", type: "bool",
       help: "Prompts and answers never leave this node (it needs the model's first and last shard)." },
-    { key: "activation_dtype", label: "Hidden states between hops", type: "select", options: ["f32", "f16", "q8"],
-      help: "f32 answers exactly as the whole model; f16 and q8 send fewer bytes." },
+    { key: "approximate_answers", label: "Allow approximate answers on slow links", type: "bool",
+      help: "Off: a split model answers exactly as the whole model. On: hidden states shrink on links slower than the threshold." },
+    { key: "activation_dtype", label: "Hidden states on a slow link", type: "select", options: ["f16", "q8", "f32"],
+      help: "Used only when approximate answers are allowed; f16 halves the bytes, q8 quarters them." },
+    { key: "slow_link_mbps", label: "Slow link below", type: "number", unit: "Mbit/s", min: 0 },
   ] },
 ];
 

@@ -29,7 +29,9 @@ pub(crate) struct BenchPipelineArgs {
     /// Measured runs per configuration (after one warm-up).
     #[arg(long, default_value_t = 3)]
     runs: usize,
-    /// Activation encoding between hops (`f32`, the node's default, `f16`, `q8`).
+    /// Activation encoding between hops (`f32`, exact, the node's default; `f16`
+    /// or `q8` turn approximate answers on and count every measured link as
+    /// slow, so they take effect on loopback).
     #[arg(long, default_value = "f32")]
     dtype: String,
     /// Inference threads per node.
@@ -104,6 +106,11 @@ async fn spawn_node(
         .env("SWARMLLM_ANNOUNCE_INTERVAL_SECS", "1")
         .env("SWARMLLM_RATE_LIMIT_PER_MINUTE", "0")
         .env("SWARMLLM_ACTIVATION_DTYPE", &args.dtype)
+        .env(
+            "SWARMLLM_APPROXIMATE_ANSWERS",
+            (args.dtype != "f32").to_string(),
+        )
+        .env("SWARMLLM_SLOW_LINK_MBPS", "1e12")
         .env("SWARMLLM_LOG_LEVEL", "warn")
         .env_remove("SWARMLLM_API_KEY")
         .stdout(Stdio::null())

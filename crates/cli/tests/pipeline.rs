@@ -543,6 +543,85 @@ fn encrypted_pipeline_embeds_and_samples_on_the_requester() {
     assert_eq!(v["error"]["code"], "NOT_READY");
 }
 
+/// The link from `node` to the node with id `to`, as `GET /api/v1/layers` shows it.
+fn link_to(node: &TestNode, to: &str) -> Option<Value> {
+    let (_, v) = node.get("/api/v1/layers");
+    v["links"]
+        .as_array()?
+        .iter()
+        .find(|l| l["node_id"] == to)
+        .cloned()
+}
+
+#[test]
+fn hidden_states_shrink_only_on_slow_links_and_only_when_the_requester_allows() {
+    let lib = import_library();
+    // Every measured link counts as slow (loopback is never slow otherwise).
+    let slow = [("SWARMLLM_SLOW_LINK_MBPS", "1e12")];
+    let mut a = TestNode::start_custom(false, &[], &slow, |d| give_shards(lib.path(), d, &[0]));
+    let code = network_code(&a);
+    let b = TestNode::start_custom(false, &["--bootstrap", &code], &slow, |d| {
+        give_shards(lib.path(), d, &[1])
+    });
+    let c = TestNode::start_custom(false, &["--bootstrap", &code], &[], |d| {
+        give_shards(lib.path(), d, &[2])
+    });
+    wait_servable(&a, 3);
+    let (b_id, c_id) = (node_id(&b), node_id(&c));
+
+    // By default nothing is approximate: the links are measured (and slow), yet
+    // every hidden state travels as f32.
+    assert_eq!(a.get("/api/v1/layers").1["approximate_answers"], false);
+    // Different prompts each time: a repeated one would reuse the hops' caches
+    // and send one row, not the prompt's hidden states that measure bandwidth.
+    for prompt in PROMPTS {
+        let (status, v) = chat(&a, Some("smol"), prompt, 16);
+        assert_eq!(status, 200, "{v}");
+    }
+    let link = link_to(&a, &b_id).expect("A's link to B");
+    assert!(link["bandwidth_mbps"].as_f64().is_some(), "{link}");
+    assert_eq!(
+        (&link["slow"], &link["dtype_when_allowed"]),
+        (&json!(true), &json!("f16")),
+        "{link}"
+    );
+    assert!(link["frames"]["f32"].as_u64() > Some(0), "{link}");
+    assert_eq!(
+        (&link["frames"]["f16"], &link["frames"]["q8"]),
+        (&json!(0), &json!(0)),
+        "{link}"
+    );
+    let onward = link_to(&b, &c_id).expect("B's link to C");
+    assert_eq!(onward["frames"]["f16"], 0, "{onward}");
+
+    // The requester allows approximate answers: once a link has been measured
+    // slow, its hop sends f16 (A to B, and B, which A's signed step allows, to C).
+    let (status, v) = a.call(
+        reqwest::Method::PUT,
+        "/api/admin/config",
+        &json!({ "approximate_answers": true }),
+    );
+    assert_eq!(status, 200, "{v}");
+    a.restart();
+    wait_servable(&a, 3);
+    assert_eq!(a.get("/api/v1/layers").1["approximate_answers"], true);
+    let mut turn = 0;
+    wait_for("f16 frames on A's and B's links", DEADLINE, || {
+        turn += 1;
+        let (status, v) = chat(&a, Some("smol"), PROMPTS[turn % PROMPTS.len()], 16);
+        assert_eq!(status, 200, "{v}");
+        let a_f16 = link_to(&a, &b_id)?["frames"]["f16"].as_u64()?;
+        let b_f16 = link_to(&b, &c_id)?["frames"]["f16"].as_u64()?;
+        (a_f16 > 0 && b_f16 > 0).then_some(())
+    });
+    // B's own requests still allow only f32: its frames to C stay exact.
+    let before = link_to(&b, &c_id).expect("B's link to C")["frames"].clone();
+    let (status, v) = chat(&b, Some("smol"), PROMPTS[1], 8);
+    assert_eq!(status, 200, "{v}");
+    let after = link_to(&b, &c_id).expect("B's link to C")["frames"].clone();
+    assert_eq!(after["f16"], before["f16"], "{before} → {after}");
+}
+
 fn steps_served(node: &TestNode) -> u64 {
     node.get("/api/v1/layers").1["steps_served"]
         .as_u64()

@@ -90,10 +90,17 @@ pub struct Config {
     /// Load every contiguous run of held shards at start and serve it to the
     /// network. Default true.
     pub serve_shards: bool,
-    /// How hidden states travel between hops: `f32` (default: a split model
-    /// answers exactly as the whole model does), or, trading exactness for
-    /// bytes, `f16` (half) or `q8` (8-bit blocks, about a quarter).
+    /// Let hidden states travel narrower than f32 on slow links, so a split
+    /// model's answers may drift from the whole model's. Default false: every
+    /// link carries f32 and a split model answers exactly as the whole model.
+    pub approximate_answers: bool,
+    /// The format hidden states take on a slow link once `approximate_answers`
+    /// is on: `f16` (default, half the bytes), `q8` (8-bit blocks, about a
+    /// quarter) or `f32` (never narrower).
     pub activation_dtype: String,
+    /// A link measured below this many megabits per second is slow (default 100:
+    /// home uplinks are slow, a LAN is not).
+    pub slow_link_mbps: f64,
     /// Pipeline sessions (KV caches) a node keeps at once. Default 16.
     pub pipeline_max_sessions: u32,
     /// Seconds an idle pipeline session lives. Default 300.
@@ -177,7 +184,9 @@ impl Default for Config {
             log_level: "info".into(),
             secret_store: "auto".into(),
             serve_shards: true,
-            activation_dtype: "f32".into(),
+            approximate_answers: false,
+            activation_dtype: "f16".into(),
+            slow_link_mbps: 100.0,
             pipeline_max_sessions: 16,
             pipeline_session_ttl_secs: 300,
             pipeline_max_session_mb: 4096,
@@ -378,6 +387,12 @@ impl Config {
             return Err(ConfigError::new(
                 "activation_dtype",
                 "must be \"f16\", \"f32\" or \"q8\"",
+            ));
+        }
+        if !(self.slow_link_mbps.is_finite() && self.slow_link_mbps >= 0.0) {
+            return Err(ConfigError::new(
+                "slow_link_mbps",
+                "must be a number of megabits per second, 0 or more",
             ));
         }
         for (field, rate) in [

@@ -909,6 +909,8 @@ pub fn pipeline_config(config: &Config) -> (PipelineConfig, HostConfig) {
             ranges_dir: data.join("ranges"),
             dtype: crate::pipeline::wire::parse_dtype(&config.activation_dtype)
                 .unwrap_or(crate::pipeline::activation::Dtype::F16),
+            approximate: config.approximate_answers,
+            slow_link_mbps: config.slow_link_mbps,
             batch_size: config.batch_size,
             context_size: config.context_size,
             backends_dir: engine.backends_dir.clone(),

@@ -231,6 +231,11 @@ pub(crate) async fn layers(State(state): State<AppState>) -> Json<Value> {
         "batched": { "batches": host.batching().0, "steps": host.batching().1 },
         "wire_bytes_sent": state.node.pipeline().wire_bytes(),
         "link_overhead": state.node.pipeline().link_latency(),
+        // Each link this node sends hidden states on: its measured bandwidth and
+        // the format it carries when a requester allows approximate answers
+        // (steps this node requests allow them only with `approximate_answers`).
+        "approximate_answers": state.node.pipeline().approximate_answers(),
+        "links": state.node.pipeline().links(),
     }))
 }
 

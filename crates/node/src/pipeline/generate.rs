@@ -141,7 +141,14 @@ impl Run {
             pos,
             n_tokens: rows as u32,
             input: InputKind::Tokens,
-            dtype: dtype_name(pipeline.inner.config.dtype).into(),
+            // The requester's permission, signed with the step: the narrowest
+            // format any hop may send onwards on a slow link.
+            dtype: super::link_speed::dtype_name(if pipeline.inner.config.approximate {
+                pipeline.inner.config.dtype
+            } else {
+                super::activation::Dtype::F32
+            })
+            .into(),
             sample: None,
             prime: Vec::new(),
             close: false,
@@ -149,14 +156,6 @@ impl Run {
             // Signed when sent (`request_step`), once every field is final.
             requester_sig: String::new(),
         }
-    }
-}
-
-fn dtype_name(d: super::activation::Dtype) -> &'static str {
-    match d {
-        super::activation::Dtype::F32 => "f32",
-        super::activation::Dtype::F16 => "f16",
-        super::activation::Dtype::Q8 => "q8",
     }
 }
 

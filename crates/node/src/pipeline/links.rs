@@ -48,7 +48,12 @@ impl Pipeline {
         let n_tokens = env.n_tokens;
         let n_embd = hidden.len() / n_tokens.max(1) as usize;
         let key = self.link_key(to, &session)?;
-        let dtype = env.dtype().map_err(|e| self.own_failure(e.to_string()))?;
+        let allowed = env.dtype().map_err(|e| self.own_failure(e.to_string()))?;
+        let dtype = self
+            .inner
+            .link_speeds
+            .choose(to, allowed, self.inner.config.slow_link_mbps);
+        self.inner.link_speeds.sent(to, dtype);
         activation::seal(
             &key,
             Header {

@@ -32,6 +32,7 @@ mod holders;
 pub mod host;
 pub mod hub_fetch;
 pub mod latency;
+pub mod link_speed;
 mod links;
 mod local;
 mod pins;
@@ -114,8 +115,14 @@ pub struct PipelineConfig {
     pub models_dir: PathBuf,
     /// `<data>/ranges` (assembled range files).
     pub ranges_dir: PathBuf,
-    /// How hidden states travel.
+    /// The format hidden states take on a slow link when approximate answers
+    /// are allowed (f32 always otherwise).
     pub dtype: Dtype,
+    /// Steps this node requests allow hidden states narrower than f32 on slow
+    /// links (`approximate_answers`).
+    pub approximate: bool,
+    /// A link measured below this many megabits per second is slow.
+    pub slow_link_mbps: f64,
     /// Rows per step (the engine's batch size).
     pub batch_size: u32,
     /// Longest session in tokens.
@@ -163,6 +170,8 @@ struct Inner {
     wire_bytes: std::sync::atomic::AtomicU64,
     /// The overhead of the links this node sends steps on.
     link_latency: latency::LinkLatency,
+    /// The bandwidth of the links this node sends hidden states on.
+    link_speeds: link_speed::LinkSpeeds,
     /// Generations this node has running through each other node (weighs the
     /// next route; see `route`).
     in_flight: Arc<crate::net::inflight::InFlight>,
@@ -246,6 +255,7 @@ impl Pipeline {
                 accounting: OnceLock::new(),
                 wire_bytes: std::sync::atomic::AtomicU64::new(0),
                 link_latency: latency::LinkLatency::default(),
+                link_speeds: link_speed::LinkSpeeds::default(),
                 in_flight: Arc::new(crate::net::inflight::InFlight::default()),
                 kept: Mutex::new(std::collections::VecDeque::new()),
                 route_lock: Mutex::new(()),
@@ -266,6 +276,18 @@ impl Pipeline {
     /// answer minus the time the answering node spent).
     pub fn link_latency(&self) -> latency::LatencySummary {
         self.inner.link_latency.summary()
+    }
+
+    /// The links this node sends hidden states on, slowest first, with the
+    /// format each takes when a requester allows approximate answers.
+    pub fn links(&self) -> Vec<link_speed::LinkView> {
+        let c = &self.inner.config;
+        self.inner.link_speeds.view(c.slow_link_mbps, c.dtype)
+    }
+
+    /// Whether the steps this node requests allow approximate hidden states.
+    pub fn approximate_answers(&self) -> bool {
+        self.inner.config.approximate
     }
 
     /// The range host.

@@ -3,7 +3,7 @@
 //! answers with the sealed result; the requester's side sends each step and opens
 //! the answer.
 
-use super::activation::{self, Direction};
+use super::activation::{self, Direction, Dtype};
 use super::host::{self, Step, StepInput, StepOutput};
 use super::links::{result_aad, step_aad};
 use super::wire::{self, Envelope, InputKind, StepFailure};
@@ -168,6 +168,9 @@ impl Pipeline {
                     message: e.to_string(),
                 })?;
                 self.inner.link_latency.record(waited, spent);
+                self.inner
+                    .link_speeds
+                    .record(to, sent, waited.saturating_sub(spent));
                 Ok(result.to_vec())
             }
             Ok(Response::Error { message, .. }) => {
@@ -303,6 +306,16 @@ impl Pipeline {
                     || header.n_tokens != env.n_tokens
                 {
                     return Err("the activation header does not match the envelope".into());
+                }
+                // A hop sends f32 or the narrower format the requester signed
+                // for, nothing else.
+                let allowed = env.dtype().map_err(|e| e.to_string())?;
+                if header.dtype != Dtype::F32 && header.dtype != allowed {
+                    return Err(format!(
+                        "hidden states as {} where the requester allowed {}",
+                        super::link_speed::dtype_name(header.dtype),
+                        super::link_speed::dtype_name(allowed)
+                    ));
                 }
                 StepInput::Hidden(values)
             }
