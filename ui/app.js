@@ -52,6 +52,10 @@ function startLive() {
         toast(m.data.message, m.data.toast_level === "warning");
         return;
       }
+      if (m.type === "update_available") {
+        toast(`SwarmLLM ${m.data.version} is available: install it in Settings → Updates.`);
+        return;
+      }
       if (m.type !== "stats_update") return;
       const d = m.data, t = Date.parse(m.timestamp) / 1000;
       const tokens = d.inference?.tokens_generated ?? 0;
@@ -876,6 +880,8 @@ const SETTINGS = [
     { key: "mdns", label: "Find peers on this LAN", type: "bool" },
     { key: "bootstrap", label: "Bootstrap codes", type: "list", help: "swarm:// codes or multiaddrs, comma-separated." },
     { key: "region", label: "Region", type: "text", help: "EU, NA, …; empty guesses from the time zone." },
+    { key: "update_endpoint", label: "Update server", type: "text", help: "Empty: the one the app was built with. Only updates signed by the app's key install." },
+    { key: "update_check_interval_hours", label: "Check for updates every", type: "number", min: 0, max: 8760, unit: "hours", help: "0: only when asked." },
   ] },
   { group: "Privacy", fields: [
     { key: "encrypted_pipeline", label: "Encrypted pipeline: embed and sample here", type: "bool",
@@ -918,9 +924,55 @@ function settingValue(f) {
   return el.value.trim();
 }
 
+/** The Updates section: this version, a check, and installing what it found. */
+function updatesHtml(version) {
+  const u = version.updates || {};
+  const status = u.applied
+    ? `SwarmLLM ${u.applied.version} is installed: restart to run it.`
+    : u.available ? `SwarmLLM ${u.available.version} is available.`
+    : u.supported ? (u.last_check ? `Up to date (checked ${u.last_check}).` : "Not checked yet.")
+    : "This build does not update itself: update it with the package manager or installer it came from.";
+  return `<h2>Updates</h2>
+    <p>Version <span id="app-version" class="mono">${esc(version.version)}</span></p>
+    <p id="update-status" role="status">${esc(status)}</p>
+    <pre id="update-notes" class="muted"${u.available?.notes ? "" : " hidden"}>${esc(u.available?.notes || "")}</pre>
+    <div class="row"><button id="update-check" class="secondary">Check for updates</button>
+      <button id="update-apply"${u.available ? "" : " hidden"}>Install update</button>
+      <button id="update-restart"${u.applied && client.app ? "" : " hidden"}>Restart now</button></div>`;
+}
+
+function wireUpdates() {
+  const status = $("#update-status"), notes = $("#update-notes");
+  const fail = (e) => { status.className = "error"; status.textContent = e.message; };
+  $("#update-check").onclick = async () => {
+    status.className = ""; status.textContent = "Checking…";
+    try {
+      const r = await client.post("/api/admin/update/check");
+      status.className = "ok";
+      status.textContent = r.update_available ? `SwarmLLM ${r.version} is available (you have ${r.current_version}).`
+        : `Up to date: ${r.current_version} is the newest.`;
+      notes.textContent = r.changelog || "";
+      notes.hidden = !r.changelog;
+      $("#update-apply").hidden = !r.update_available;
+    } catch (e) { fail(e); }
+  };
+  $("#update-apply").onclick = async () => {
+    if (needKey()) return;
+    status.className = ""; status.textContent = "Downloading and checking the signature…";
+    try {
+      const r = await client.post("/api/admin/update/apply");
+      status.className = "ok";
+      status.textContent = `SwarmLLM ${r.version} is installed: restart to run it.`;
+      $("#update-apply").hidden = true;
+      $("#update-restart").hidden = !client.app;
+    } catch (e) { fail(e); }
+  };
+  $("#update-restart").onclick = () => client.app?.restart();
+}
+
 async function settings() {
-  const [config, stats, schedule, defaults] = await Promise.all([client.get("/api/admin/config"), client.get("/api/admin/stats"),
-    client.get("/api/admin/schedule"), client.get("/api/admin/config/defaults")]);
+  const [config, stats, schedule, defaults, version] = await Promise.all([client.get("/api/admin/config"), client.get("/api/admin/stats"),
+    client.get("/api/admin/schedule"), client.get("/api/admin/config/defaults"), client.get("/api/admin/version")]);
   const restart = new Set(defaults.restart_required || []);
   const groups = SETTINGS.map((g, i) => `<fieldset class="settings-group" data-group="${i}"><legend>${esc(g.group)}</legend>
       ${g.fields.map((f) => settingHtml(f, config[f.key], defaults.defaults[f.key], restart.has(f.key))).join("")}
@@ -946,6 +998,7 @@ async function settings() {
       <td><input id="schedule-${d}" data-day="${d}" size="24" placeholder="e.g. 9-17, 20-24" value="${esc(showHours(schedule.weekdays?.[d]))}"></td></tr>`).join("")}</table>
     <div class="row"><button id="schedule-save">Save schedule</button></div>
     <p class="muted" id="schedule-status">${esc(scheduleStatus(schedule))}</p>
+    ${updatesHtml(version)}
     <details id="advanced"><summary>Advanced: every setting as the config file has it</summary>
     <div class="row"><select id="cfg-key" aria-label="Setting">${Object.keys(config).sort().map((k) => `<option>${esc(k)}</option>`).join("")}</select>
       <input id="cfg-value" size="40" aria-label="Value (JSON)"><button id="cfg-save">Set</button></div>
@@ -981,6 +1034,7 @@ async function settings() {
       }
     };
   }
+  wireUpdates();
   $("#key-reveal").onclick = () => { const i = $("#api-key"); i.type = i.type === "password" ? "text" : "password"; };
   $("#key-copy").onclick = async () => { await navigator.clipboard?.writeText($("#api-key").value); toast("Copied"); };
   if ($("#key-save")) $("#key-save").onclick = () => { client.setKey($("#api-key").value); toast("Saved in this browser"); };

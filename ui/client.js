@@ -144,5 +144,6 @@ export const app = inApp
   ? {
       setPrivateMode: (enabled) => tauri.core.invoke("set_private_mode", { enabled }),
       onPrivateMode: (f) => tauri.event.listen("private-mode", (e) => f(e.payload)),
+      restart: () => tauri.core.invoke("restart_app"),
     }
   : undefined;

@@ -143,3 +143,10 @@ pub fn tray_status(app: tauri::AppHandle) -> TrayShown {
         private_mode_checked,
     }
 }
+
+/// `invoke("restart_app")`: after an update is installed, stops the node
+/// gracefully and starts the app again.
+#[tauri::command]
+pub async fn restart_app(app: tauri::AppHandle) {
+    crate::restart(app).await;
+}

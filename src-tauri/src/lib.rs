@@ -2,13 +2,15 @@
 //!
 //! No node logic lives here. [`run`] starts the same [`Node`] the CLI starts, in
 //! process on Tauri's async runtime, binds the same localhost REST/WebSocket API
-//! (scripts and the CLI keep working while the app runs), and wires three things
+//! (scripts and the CLI keep working while the app runs), and wires four things
 //! to the library: Tauri commands for the UI ([`commands`]), the tray with its
-//! private-mode check item ([`tray`]), and the window's life cycle (closing the
-//! window keeps the node running in the tray; Quit shuts it down gracefully).
+//! private-mode check item ([`tray`]), Tauri's updater behind the node's update
+//! API ([`updater`]), and the window's life cycle (closing the window keeps the
+//! node running in the tray; Quit shuts it down gracefully).
 
 pub mod commands;
 mod tray;
+pub mod updater;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -122,9 +124,14 @@ pub fn run() -> ExitCode {
         }
     }
     let result = tauri::Builder::default()
+        .plugin(tauri_plugin_updater::Builder::new().build())
         .setup(move |app| {
             let shell = tauri::async_runtime::block_on(Shell::start(source))?;
             let node = shell.node.clone();
+            node.set_updater(std::sync::Arc::new(updater::TauriUpdater::new(
+                app.handle().clone(),
+                node.clone(),
+            )));
             tracing::info!(api = %shell.api_base, node_id = %node.node_id(), "desktop app: node started");
             app.manage(shell);
             tray::build(app.handle(), &node)?;
@@ -150,6 +157,7 @@ pub fn run() -> ExitCode {
             commands::node_request,
             commands::set_private_mode,
             commands::tray_status,
+            commands::restart_app,
         ])
         .build(tauri::generate_context!());
     match result {
@@ -183,6 +191,16 @@ fn follow_private_mode<R: tauri::Runtime>(app: tauri::AppHandle<R>, node: &Node)
             let _ = app.emit("private-mode", mode);
         }
     });
+}
+
+/// Shuts the node down gracefully, then starts the app again (the version an
+/// update installed).
+pub async fn restart<R: tauri::Runtime>(app: tauri::AppHandle<R>) {
+    if let Some(shell) = app.try_state::<Shell>() {
+        shell.shutdown().await;
+    }
+    tracing::info!("desktop app: node stopped; restarting");
+    app.restart();
 }
 
 /// Shuts the node down gracefully, then exits.

@@ -2,10 +2,13 @@
 """The desktop app, launched for real under Xvfb and driven through tauri-driver
 (WebKitWebDriver): the same UI checks as the browser test, inside the app (its
 requests go through Tauri commands), plus the app's own life cycle: the localhost
-API answers while the app runs, closing the window keeps the node running, and a
-shutdown ends the app. Prints start-up time and idle memory, then
+API answers while the app runs, updates through Tauri's updater from a local
+update server (a signed newer version found, downloaded and installed; tampered,
+unsigned, foreign-key and downgraded ones refused), closing the window keeps the
+node running, and a shutdown ends the app. Prints start-up time and idle memory, then
 `N passed, N failed`. Run it under `xvfb-run -a dbus-run-session --`."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -17,6 +20,24 @@ from webdriver import (Results, Session, api_key, first_run_flow, free_port, htt
                        target_dir, test_model, ui_checks, wait_for)
 
 HUB_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF"
+UPDATE_VERSION = "99.0.0"
+
+
+def start_update_server(workdir):
+    """The local update server, offering UPDATE_VERSION: a small ELF (this
+    machine's `true`) as the new "AppImage". Returns the process, its printed
+    endpoint/pubkey/control, the payload's bytes, and the file the app's update
+    replaces (a copy of `false`, so the binary under test stays as it is)."""
+    payload = os.path.join(workdir, "new-version")
+    shutil.copy(shutil.which("true"), payload)
+    target = os.path.join(workdir, "SwarmLLM.AppImage")
+    shutil.copy(shutil.which("false"), target)
+    server = subprocess.Popen(
+        [os.path.join(target_dir(), "debug", "swarmllm-update-testserver"), "--version", UPDATE_VERSION,
+         "--payload", payload], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    info = json.loads(server.stdout.readline())
+    with open(payload, "rb") as f:
+        return server, info, f.read(), target
 
 
 def app_pid(binary):
@@ -35,6 +56,12 @@ def main():
     env = node_env(data)
     env["SWARMLLM_API_PORT"] = str(port)
     env["SWARMLLM_MODEL"] = test_model()
+    updates_dir = tempfile.mkdtemp(prefix="swarmllm-updates-")
+    update_server, update, new_bytes, update_target = start_update_server(updates_dir)
+    # The app trusts the test server's key (an environment variable, never the
+    # API) and asks it for updates; an update replaces `update_target`.
+    env.update({"SWARMLLM_UPDATE_PUBKEY": update["pubkey"], "SWARMLLM_UPDATE_ENDPOINT": update["endpoint"],
+                "SWARMLLM_UPDATE_TARGET": update_target, "SWARMLLM_UPDATE_CHECK_INTERVAL_HOURS": "0"})
     driver_port, native_port = free_port(), free_port()
     driver = subprocess.Popen(
         ["tauri-driver", "--port", str(driver_port), "--native-port", str(native_port)],
@@ -59,6 +86,54 @@ def main():
             assert status == 200 and v["node_id"], v
         r.check("the app hosts the node and still binds the localhost API", in_app)
         ui_checks(r, session, base, key, out_dir, in_app=True, data_dir=data)
+
+        def updates():
+            auth = {"Authorization": f"Bearer {key}"}
+            with open(update_target, "rb") as f:
+                old_bytes = f.read()
+
+            def serve(mode):
+                assert http("POST", update["control"], {"mode": mode})[0] == 200
+
+            # Found from the UI: the version, its notes, and a toast from the
+            # WebSocket's update_available.
+            session.js("location.hash = '#/settings'")
+            wait_for("the settings page", lambda: session.js("return document.querySelector('#update-check') !== null"))
+            session.click("#update-check")
+            wait_for("the offer", lambda: UPDATE_VERSION in session.text("#update-status"), timeout=30)
+            assert "calmer tray" in session.text("#update-notes"), session.text("#update-notes")
+            wait_for("the update toast", lambda: f"SwarmLLM {UPDATE_VERSION} is available" in session.text("#toast"),
+                     timeout=20)
+            session.page_screenshot(os.path.join(out_dir, "app-updates-available.png"))
+            status, v = http("GET", f"{base}/api/admin/version")
+            assert v["updates"]["supported"] and v["updates"]["available"]["version"] == UPDATE_VERSION, v
+            # Refused, each with a clear message, and nothing installed.
+            for mode, words in [("tampered", "signature"), ("unsigned", "signature"),
+                                ("wrong-key", "signature"), ("downgrade", "version")]:
+                serve(mode)
+                status, v = http("POST", f"{base}/api/admin/update/apply", {}, headers=auth)
+                assert status == 422 and v["error"]["code"] == "UPDATE_SIGNATURE_INVALID", (mode, status, v)
+                assert words in v["error"]["message"], (mode, v)
+                with open(update_target, "rb") as f:
+                    assert f.read() == old_bytes, f"{mode}: the file was replaced"
+            # The key is needed to install.
+            assert http("POST", f"{base}/api/admin/update/apply", {})[0] == 401
+            # Installed from the UI: the signed artifact replaces the app's file.
+            serve("good")
+            session.click("#update-check")
+            wait_for("the offer again", lambda: session.js("return !document.querySelector('#update-apply').hidden"))
+            session.click("#update-apply")
+            wait_for("the install", lambda: "is installed" in session.text("#update-status"), timeout=60)
+            with open(update_target, "rb") as f:
+                assert f.read() == new_bytes, "the update did not replace the file"
+            assert session.js("return !document.querySelector('#update-restart').hidden"), "no restart button"
+            status, v = http("GET", f"{base}/api/admin/version")
+            assert v["updates"]["applied"] == {"version": UPDATE_VERSION, "restart_required": True}, v
+            # Nothing newer than what the server offers: up to date.
+            serve("none")
+            status, v = http("POST", f"{base}/api/admin/update/check", {})
+            assert status == 200 and v["update_available"] is False, v
+        r.check("updates: a signed newer version found, downloaded and installed; bad ones refused", updates)
 
         pid = app_pid(app)
         # Idle: let the UI settle on the dashboard, then read the resident set.
@@ -155,7 +230,9 @@ def main():
         except subprocess.TimeoutExpired:
             driver.kill()
         subprocess.run(["pkill", "-f", app], check=False)
+        update_server.terminate()
         shutil.rmtree(data, ignore_errors=True)
+        shutil.rmtree(updates_dir, ignore_errors=True)
     print(f"screenshots in {out_dir}")
     return r.summary()
 

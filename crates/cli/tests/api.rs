@@ -821,6 +821,20 @@ fn metrics_expose_requests_tokens_latency_and_model() {
     assert_eq!(st["model"]["gpu_layers"], 0);
     let (_, ver) = node.get("/api/admin/version");
     assert_eq!(ver["version"], env!("CARGO_PKG_VERSION"));
+    // `swarmllm` on its own has no updater (its package manager updates it):
+    // the update routes say so (the desktop app's are tested in its e2e).
+    assert_eq!(ver["updates"]["supported"], false, "{ver}");
+    for path in ["/api/admin/update/check", "/api/admin/update/apply"] {
+        let (status, v) = node.post(path, &json!({}));
+        assert_eq!(status, 501, "{path}: {v}");
+        assert_eq!(v["error"]["code"], "UPDATES_UNSUPPORTED", "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("package manager")),
+            "{v}"
+        );
+    }
 }
 
 #[test]

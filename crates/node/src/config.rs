@@ -101,6 +101,13 @@ pub struct Config {
     /// A link measured below this many megabits per second is slow (default 100:
     /// home uplinks are slow, a LAN is not).
     pub slow_link_mbps: f64,
+    /// Where the desktop app asks for updates: a Tauri update endpoint, with
+    /// `{{target}}`, `{{arch}}` and `{{current_version}}` filled in. Empty:
+    /// the endpoint the app was built with, if any. Updates are installed only
+    /// when signed by the key the app was built to trust.
+    pub update_endpoint: String,
+    /// Hours between the app's update checks (0: only when asked). Default 24.
+    pub update_check_interval_hours: u32,
     /// Pipeline sessions (KV caches) a node keeps at once. Default 16.
     pub pipeline_max_sessions: u32,
     /// Seconds an idle pipeline session lives. Default 300.
@@ -187,6 +194,8 @@ impl Default for Config {
             approximate_answers: false,
             activation_dtype: "f16".into(),
             slow_link_mbps: 100.0,
+            update_endpoint: String::new(),
+            update_check_interval_hours: 24,
             pipeline_max_sessions: 16,
             pipeline_session_ttl_secs: 300,
             pipeline_max_session_mb: 4096,
@@ -387,6 +396,12 @@ impl Config {
             return Err(ConfigError::new(
                 "activation_dtype",
                 "must be \"f16\", \"f32\" or \"q8\"",
+            ));
+        }
+        if !(self.update_endpoint.is_empty() || url_ok(&self.update_endpoint)) {
+            return Err(ConfigError::new(
+                "update_endpoint",
+                "must be empty or an http(s) URL",
             ));
         }
         if !(self.slow_link_mbps.is_finite() && self.slow_link_mbps >= 0.0) {

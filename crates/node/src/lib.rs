@@ -34,6 +34,7 @@ pub mod shard;
 pub mod store;
 pub mod swarm;
 pub mod tasks;
+pub mod update;
 
 pub use node::{Node, NodeOptions, StartError};
 

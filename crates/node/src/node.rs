@@ -131,6 +131,8 @@ struct Inner {
     /// The Hub client for the endpoint and token in force (its caches live as
     /// long as those do).
     hub: std::sync::Mutex<Option<HubSlot>>,
+    /// This build's updates (an updater comes from the shell).
+    updates: crate::update::Updates,
 }
 
 /// A Hub client and what it was made for.
@@ -280,6 +282,7 @@ impl Node {
                 tasks: crate::tasks::Tasks::new(shutdown),
                 hf_token: RwLock::new(hf_token),
                 hub: std::sync::Mutex::new(None),
+                updates: crate::update::Updates::default(),
             }),
         };
         let weak = Arc::downgrade(&node.inner);
@@ -482,6 +485,26 @@ impl Node {
     /// Demand counting, auto-manage settings and activity.
     pub fn swarm(&self) -> &crate::swarm::Swarm {
         &self.inner.swarm
+    }
+
+    /// This build's updates.
+    pub fn updates(&self) -> &crate::update::Updates {
+        &self.inner.updates
+    }
+
+    /// Gives the node the shell's way of updating this build, and starts the
+    /// periodic checks (`update_check_interval_hours`). `false` if it had one.
+    pub fn set_updater(&self, updater: Arc<dyn crate::update::Updater>) -> bool {
+        if !self.inner.updates.set_updater(updater) {
+            return false;
+        }
+        let hours = self.config().update_check_interval_hours;
+        let every = std::time::Duration::from_secs(u64::from(hours) * 3600);
+        let (updates, stop) = (self.inner.updates.clone(), self.shutdown_token());
+        self.inner
+            .tasks
+            .spawn(updates.check_periodically(every, stop));
+        true
     }
 
     /// The node's background tasks.

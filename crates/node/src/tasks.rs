@@ -14,14 +14,18 @@ use tokio_util::task::TaskTracker;
 pub struct Tasks {
     tracker: TaskTracker,
     shutdown: CancellationToken,
+    /// The runtime the node started on: tasks go there even when spawned from
+    /// a thread outside it (a GUI shell's main thread).
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Tasks {
-    /// Tasks that stop when `shutdown` is cancelled.
+    /// Tasks that stop when `shutdown` is cancelled, on the current runtime.
     pub fn new(shutdown: CancellationToken) -> Self {
         Self {
             tracker: TaskTracker::new(),
             shutdown,
+            runtime: tokio::runtime::Handle::try_current().ok(),
         }
     }
 
@@ -32,12 +36,16 @@ impl Tasks {
         F: Future<Output = ()> + Send + 'static,
     {
         let shutdown = self.shutdown.clone();
-        self.tracker.spawn(async move {
+        let task = async move {
             tokio::select! {
                 () = shutdown.cancelled() => {}
                 () = task => {}
             }
-        });
+        };
+        match &self.runtime {
+            Some(runtime) => drop(self.tracker.spawn_on(task, runtime)),
+            None => drop(self.tracker.spawn(task)),
+        }
     }
 
     /// Cancelled when the node shuts down.

@@ -59,8 +59,8 @@ pub(crate) async fn stats(State(state): State<AppState>) -> Result<Json<Value>, 
     })))
 }
 
-/// `GET /api/admin/version`
-pub(crate) async fn version() -> Json<Value> {
+/// `GET /api/admin/version`: this build, and where its updates stand.
+pub(crate) async fn version(State(state): State<AppState>) -> Json<Value> {
     let mut features: Vec<&str> = Vec::new();
     if cfg!(feature = "gpu") {
         features.push("gpu");
@@ -84,6 +84,7 @@ pub(crate) async fn version() -> Json<Value> {
         "target": format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS),
         "features": features,
         "debug_build": cfg!(debug_assertions),
+        "updates": state.node.updates().status(),
     }))
 }
 

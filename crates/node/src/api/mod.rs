@@ -17,6 +17,7 @@ mod pool;
 mod routes;
 mod swarm;
 mod ui;
+mod update;
 mod v1;
 mod ws;
 
@@ -99,6 +100,7 @@ fn all_routes() -> Routes {
         .merge(swarm::routes())
         .merge(pool::routes())
         .merge(credits::routes())
+        .merge(update::routes())
 }
 
 /// Every route of the API with its method and access (read or write), as the

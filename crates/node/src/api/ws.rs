@@ -5,7 +5,9 @@
 //! wishlist); a `peer_list` snapshot on connect and whenever the set of connected
 //! peers changes; an `activity_event` for each auto-manage action; and
 //! `models_changed` whenever the models on disk or in memory change (a download,
-//! load, unload or prune). Messages are JSON: `{"type": "...", "data": {...}, "timestamp": "..."}`.
+//! load, unload or prune); and `update_available` (version, changelog) when an
+//! update check finds a newer version, and on connect while one is on offer.
+//! Messages are JSON: `{"type": "...", "data": {...}, "timestamp": "..."}`.
 //! Browsers cannot send a bearer header on a WebSocket, so the route is read-only
 //! and checks the `Origin` header against the same allow-list as CORS.
 
@@ -159,6 +161,13 @@ async fn run(state: AppState, mut socket: WebSocket) {
     let (mut last_ids, snapshot) = peers(&state);
     let mut activity = state.node.swarm().subscribe();
     let mut last_models = models_fingerprint(&state);
+    let mut updates = state.node.updates().watch();
+    let offered = updates.borrow_and_update().clone();
+    if let Some(a) = offered
+        && socket.send(update_available(&a)).await.is_err()
+    {
+        return;
+    }
     if socket.send(message("peer_list", snapshot)).await.is_err()
         || socket
             .send(message("stats_update", full_stats(&state).await))
@@ -193,6 +202,17 @@ async fn run(state: AppState, mut socket: WebSocket) {
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             },
+            changed = updates.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let offered = updates.borrow_and_update().clone();
+                if let Some(a) = offered
+                    && socket.send(update_available(&a)).await.is_err()
+                {
+                    return;
+                }
+            }
             _ = peer_check.tick() => {
                 let models = models_fingerprint(&state);
                 if models != last_models {
@@ -216,6 +236,18 @@ async fn run(state: AppState, mut socket: WebSocket) {
             },
         }
     }
+}
+
+fn update_available(a: &crate::update::Available) -> Message {
+    message(
+        "update_available",
+        json!({
+            "version": a.version,
+            "current_version": a.current_version,
+            "changelog": a.notes,
+            "pub_date": a.pub_date,
+        }),
+    )
 }
 
 fn credits_json(c: crate::net::announce::CreditSummary) -> Value {
