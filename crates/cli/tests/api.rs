@@ -125,6 +125,8 @@ fn greedy_output_is_deterministic_and_streaming_matches() {
     for k in ["queue_ms", "inference_ms", "total_ms"] {
         assert!(a["timing"][k].is_u64(), "timing.{k} in {a}");
     }
+    // Served here, it cost this node nothing (the split case is in credits.rs).
+    assert_eq!(a["cost"], json!({ "amount": 0.0, "currency": "credits" }));
     let mut sbody = body.clone();
     sbody["stream"] = json!(true);
     let events = node.post_stream("/api/v1/inference", &sbody);
@@ -136,6 +138,7 @@ fn greedy_output_is_deterministic_and_streaming_matches() {
         a["usage"]["completion_tokens"]
     );
     assert_eq!(last["usage"]["prompt_tokens"], a["usage"]["prompt_tokens"]);
+    assert_eq!(last["cost"], a["cost"]);
     let mut text = String::new();
     for (i, e) in events[..events.len() - 1].iter().enumerate() {
         let v: Value = serde_json::from_str(e).expect("json");

@@ -304,6 +304,57 @@ fn a_split_request_leaves_the_same_signed_receipt_on_both_sides() {
     );
     assert!((balance(&a) - before - 0.000014).abs() < EPS);
     verified(&a);
+
+    // Every field computed or absent. An inference through B says what it
+    // costs A, and the receipt A signs for it charges exactly that.
+    let (status, v) = a.post(
+        "/api/v1/inference",
+        &json!({ "model": "smol", "prompt": "Water boils at", "raw": true, "max_tokens": 6,
+                 "temperature": 0 }),
+    );
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["cost"]["currency"], "credits", "{v}");
+    let cost = v["cost"]["amount"].as_f64().expect("cost");
+    assert!(cost > 0.0, "{v}");
+    let txs = transactions(&a, 13);
+    let spent = txs
+        .iter()
+        .find(|t| t["type"] == "spend")
+        .and_then(|t| t["amount"].as_f64())
+        .expect("the newest spend");
+    assert!((spent + cost).abs() < EPS, "charged {spent}, cost {cost}");
+    // B's rewards: everything it earned (both receipts), some of it today.
+    let (_, m) = b.get("/api/v1/metrics");
+    let earned = m["rewards"]["earned_total"].as_f64().expect("earned_total");
+    assert!((earned - (amount + cost)).abs() < EPS, "{m}");
+    let today = m["rewards"]["earned_today"].as_f64().expect("earned_today");
+    assert!((0.0..=earned + EPS).contains(&today), "{m}");
+    assert!(
+        m["network"]["active_connections"].as_u64() >= Some(1),
+        "{m}"
+    );
+    // Tiers from the leaderboard: B, the richer of two, is silver.
+    let (_, peers) = a.get("/api/identity/peers");
+    let b_row = peers["peers"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["node_id"] == b_id.as_str()))
+        .cloned()
+        .expect("B in the directory");
+    assert_eq!(b_row["tier"], "silver", "{peers}");
+    // No staking and no validators here: those fields are absent, not zero.
+    let (_, wallet) = b.get_auth("/api/v1/wallet/balance");
+    assert!(
+        wallet["balances"]["available"].as_f64().is_some(),
+        "{wallet}"
+    );
+    assert!(wallet["balances"].get("staked").is_none() && wallet.get("staking").is_none());
+    let (_, net) = a.get("/api/v1/network");
+    assert!(net["nodes"].get("validators").is_none(), "{net}");
+    assert!(
+        net["capacity"]["total_ram_gb"].as_f64() > Some(0.0),
+        "{net}"
+    );
+    assert!(net["capacity"]["total_vram_gb"].as_f64().is_some(), "{net}");
 }
 
 #[test]

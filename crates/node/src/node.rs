@@ -920,6 +920,10 @@ impl crate::pipeline::Accounting for Observers {
     fn requested(&self, work: Vec<(String, crate::credits::Work)>) {
         self.credits.requested(work);
     }
+
+    fn price(&self, node: &str, work: &crate::credits::Work) -> i64 {
+        crate::pipeline::Accounting::price(&self.credits, node, work)
+    }
 }
 
 /// The pipeline and range-host settings a config implies.

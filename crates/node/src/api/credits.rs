@@ -150,13 +150,12 @@ pub(crate) async fn wallet_balance(State(state): State<AppState>) -> Result<Json
     let available = to_credits(balance.balance());
     Ok(Json(json!({
         "address": state.node.node_id(),
+        // No staking exists here, so no `staked` amount or `staking` block.
         "balances": {
             "available": available,
-            "staked": 0.0,
             "pending": to_credits(pending),
             "total": available,
         },
-        "staking": null,
     })))
 }
 

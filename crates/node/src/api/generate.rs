@@ -238,6 +238,8 @@ pub(crate) enum Piece {
         usage: Usage,
         timing: Timing,
         total_ms: u64,
+        /// Micro-credits (see [`Event::Done`]).
+        cost: i64,
     },
     Failed(ApiError),
 }
@@ -349,6 +351,7 @@ impl Generation {
                 finish_reason,
                 usage,
                 timing,
+                cost,
             }) => {
                 let total_ms = self.started.elapsed().as_millis() as u64;
                 self.account("ok", finish_reason.as_str(), usage, timing, total_ms);
@@ -357,6 +360,7 @@ impl Generation {
                     usage,
                     timing,
                     total_ms,
+                    cost,
                 }
             }
             Some(Event::Failed(e)) => {
@@ -386,6 +390,7 @@ impl Generation {
                     usage,
                     timing,
                     total_ms,
+                    cost,
                 } => {
                     return Ok(Collected {
                         text,
@@ -393,6 +398,7 @@ impl Generation {
                         usage,
                         timing,
                         total_ms,
+                        cost,
                     });
                 }
                 // The client gets the tokens produced before the failure.
@@ -472,4 +478,6 @@ pub(crate) struct Collected {
     pub(crate) usage: Usage,
     pub(crate) timing: Timing,
     pub(crate) total_ms: u64,
+    /// Micro-credits (see [`Event::Done`]).
+    pub(crate) cost: i64,
 }

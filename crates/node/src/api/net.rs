@@ -1,6 +1,6 @@
 //! Peer and network routes: the directory, network codes, the network map.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use axum::Json;
 use axum::extract::{Query, State};
@@ -96,19 +96,33 @@ pub(crate) async fn admin_peers(State(state): State<AppState>) -> Result<Json<Va
 
 /// `GET /api/identity/peers`: the identity directory (nicknames, regions, tiers).
 pub(crate) async fn identity_peers(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    // Tiers as the leaderboard ranks them: by each node's announced (signed)
+    // balance among every node this one knows. A peer that announced none has
+    // no tier (the field is left out, not guessed).
+    let board = state.node.credits().leaderboard().await;
+    let balances: Vec<i64> = board.iter().map(|r| r.balance).collect();
+    let tiers: HashMap<String, &'static str> = board
+        .iter()
+        .map(|r| {
+            let p = crate::credits::percentile(r.balance, &balances);
+            (r.node_id.clone(), crate::credits::tier(p))
+        })
+        .collect();
     let peers: Vec<Value> = peers(&state, 500)
         .await?
         .into_iter()
         .map(|p| {
-            json!({
+            let mut v = json!({
                 "node_id": p.node_id,
                 "nickname": p.nickname,
                 "region": p.region,
-                // Tiers come from the credit ledger, which does not exist yet.
-                "tier": null,
                 "online": p.is_active,
                 "last_seen": p.last_seen_at,
-            })
+            });
+            if let Some(tier) = tiers.get(&p.node_id) {
+                v["tier"] = json!(tier);
+            }
+            v
         })
         .collect();
     Ok(Json(json!({ "total": peers.len(), "peers": peers })))
@@ -222,16 +236,40 @@ pub(crate) async fn v1_network(State(state): State<AppState>) -> Result<Json<Val
         .count()
         + usize::from(state.node.engine().is_some());
     let total = list.len() + 1;
-    let mut memory_gb: f64 = list
+    // Each node's RAM and GPU memory as it announced them, this node's as it
+    // measures them; "memory" is where a node keeps model layers: its GPU's
+    // when it has one, else its RAM.
+    let gpus = state.gpus().await;
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let own_vram = gib(gpus.iter().map(|g| g.memory_total).sum());
+    let own_ram = crate::hardware::total_memory_gb();
+    let mut ram_gb = own_ram;
+    let mut vram_gb = own_vram;
+    let mut memory_gb = if own_vram > 0.0 { own_vram } else { own_ram };
+    for p in &list {
+        let ram = p.hardware["ram_gb"].as_f64().unwrap_or(0.0).max(0.0);
+        let vram = p.hardware["vram_gb"].as_f64().unwrap_or(0.0).max(0.0);
+        ram_gb += ram;
+        vram_gb += vram;
+        memory_gb += if vram > 0.0 { vram } else { ram };
+    }
+    // What this node holds in memory: its whole model and the layer ranges it
+    // hosts (peers do not announce theirs).
+    let host_bytes: u64 = state
+        .node
+        .pipeline()
+        .host()
+        .ranges()
         .iter()
-        .map(|p| p.hardware["ram_gb"].as_f64().unwrap_or(0.0))
+        .filter_map(|r| std::fs::metadata(&r.path).ok())
+        .map(|m| m.len())
         .sum();
-    let used_gb: f64 = state
+    let used_gb = gib(state
         .node
         .engine()
-        .map(|e| e.info().size_bytes as f64 / (1u64 << 30) as f64)
-        .unwrap_or(0.0);
-    memory_gb += crate::hardware::total_memory_gb();
+        .map(|e| e.info().size_bytes)
+        .unwrap_or(0)
+        .saturating_add(host_bytes));
     let architecture = state.node.engine().map(|e| {
         let i = e.info();
         json!({
@@ -242,11 +280,15 @@ pub(crate) async fn v1_network(State(state): State<AppState>) -> Result<Json<Val
         })
     });
     Ok(Json(json!({
-        "nodes": { "total": total, "drivers": total - workers, "workers": workers, "validators": 0 },
+        // No node validates others' work in this swarm, so there is no
+        // `validators` count.
+        "nodes": { "total": total, "drivers": total - workers, "workers": workers },
         "architecture": architecture,
         "capacity": {
             "total_memory_gb": (memory_gb * 10.0).round() / 10.0,
-            "used_memory_gb": (used_gb * 100.0).round() / 100.0,
+            "total_ram_gb": (ram_gb * 10.0).round() / 10.0,
+            "total_vram_gb": (vram_gb * 10.0).round() / 10.0,
+            "this_node_used_memory_gb": (used_gb * 100.0).round() / 100.0,
         },
     })))
 }

@@ -389,6 +389,8 @@ pub(crate) enum StreamPiece {
         usage: crate::infer::Usage,
         timing: crate::infer::Timing,
         total_ms: u64,
+        /// Micro-credits (see [`crate::infer::Event::Done`]).
+        cost: i64,
     },
 }
 
@@ -435,6 +437,7 @@ pub(crate) fn sse(
                     usage,
                     timing,
                     total_ms,
+                    cost,
                 } => format(
                     &info,
                     StreamPiece::End {
@@ -442,6 +445,7 @@ pub(crate) fn sse(
                         usage,
                         timing,
                         total_ms,
+                        cost,
                     },
                 ),
                 Piece::Failed(e) => {

@@ -81,10 +81,12 @@ pub(crate) async fn inference(
                     usage,
                     timing,
                     total_ms,
+                    cost,
                 } => vec![json!({
                     "token": "[DONE]",
                     "finish_reason": finish_reason,
                     "usage": usage,
+                    "cost": cost_json(cost),
                     "timing": { "queue_ms": timing.queue_ms, "inference_ms": timing.inference_ms, "total_ms": total_ms },
                 })],
             },
@@ -99,6 +101,7 @@ pub(crate) async fn inference(
         "tokens_generated": done.usage.completion_tokens,
         "finish_reason": done.finish_reason.as_str(),
         "usage": done.usage,
+        "cost": cost_json(done.cost),
         "timing": {
             "queue_ms": done.timing.queue_ms,
             "inference_ms": done.timing.inference_ms,
@@ -106,6 +109,12 @@ pub(crate) async fn inference(
         },
     }))
     .into_response())
+}
+
+/// The spec's `cost`: what the answer cost this node in credits, at the rates
+/// of the nodes that worked on it (0 when it ran here).
+fn cost_json(micro: i64) -> Value {
+    json!({ "amount": crate::credits::to_credits(micro), "currency": "credits" })
 }
 
 /// `GET /api/v1/status`
@@ -163,12 +172,50 @@ pub(crate) async fn health(State(state): State<AppState>) -> Json<Value> {
     }))
 }
 
-/// `GET /api/v1/metrics`
-pub(crate) async fn metrics(State(state): State<AppState>) -> Json<Value> {
-    Json(json!({
+/// `GET /api/v1/metrics`: the spec's `inference`, `network` and `rewards`
+/// blocks, each field measured (there is no training, so no `training` block;
+/// libp2p's own byte counts are not kept, so `network` has the pipeline's).
+pub(crate) async fn metrics(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let node = &state.node;
+    let network = node.network().map(|n| {
+        json!({
+            "active_connections": n.connected().len(),
+            "rpc_calls": n.counters()["requests_served"],
+            "pipeline_bytes": node.pipeline().wire_bytes(),
+        })
+    });
+    let ledger = node.credits().ledger().clone();
+    let midnight = chrono::Utc::now()
+        .date_naive()
+        .and_hms_opt(0, 0, 0)
+        .map(|t| t.and_utc().timestamp())
+        .unwrap_or(0);
+    let (balance, today, pending) = tokio::task::spawn_blocking(move || {
+        Ok::<_, crate::credits::LedgerError>((
+            ledger.balance()?,
+            ledger.earned_since(midnight)?,
+            ledger.pending_total()?,
+        ))
+    })
+    .await
+    .map_err(|e| ApiError::internal("metrics", e))?
+    .map_err(|e| ApiError::internal("metrics", e))?;
+    let to_credits = crate::credits::to_credits;
+    let mut v = json!({
         "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-        "inference": state.node.metrics().summary(),
-    }))
+        "inference": node.metrics().summary(),
+        "rewards": {
+            // Since midnight UTC.
+            "earned_today": to_credits(today),
+            "earned_total": to_credits(balance.earned),
+            // Owed to this node's pool owner and not yet accepted by it.
+            "pending": to_credits(pending),
+        },
+    });
+    if let Some(n) = network {
+        v["network"] = n;
+    }
+    Ok(Json(v))
 }
 
 /// The `/api/v1` status and inference API. Each route is declared read (public) or write (needs the key) here.

@@ -452,6 +452,19 @@ impl Ledger {
         self.queued("SELECT id, owner, entry FROM credit_pending_forwards ORDER BY created_at")
     }
 
+    /// Micro-credits this node received in entries made at or after `since`
+    /// (Unix seconds).
+    pub fn earned_since(&self, since: i64) -> Result<i64, LedgerError> {
+        Ok(self.store.with_conn(|conn| {
+            conn.query_row(
+                "SELECT COALESCE(SUM(amount), 0) FROM credit_entries
+                 WHERE payee = ?1 AND created_at >= ?2",
+                params![self.node_id, since],
+                |r| r.get(0),
+            )
+        })?)
+    }
+
     /// Micro-credits queued for the pool owner.
     pub fn pending_total(&self) -> Result<i64, LedgerError> {
         let pending = self.pending_forwards()?;

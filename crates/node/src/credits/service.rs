@@ -910,6 +910,10 @@ impl crate::pipeline::Accounting for Credits {
         let this = self.clone();
         self.spawn(async move { this.settle(work).await });
     }
+
+    fn price(&self, node: &str, work: &Work) -> i64 {
+        self.rates_with(node).price(work)
+    }
 }
 
 /// Why a credit call failed.

@@ -336,6 +336,9 @@ pub enum Event {
         usage: Usage,
         /// Timings.
         timing: Timing,
+        /// What the answer costs this node, in micro-credits: the price of the
+        /// work other nodes did for it at their rates (0 when served here).
+        cost: i64,
     },
     /// Generation failed.
     Failed(GenerateError),

@@ -475,5 +475,6 @@ fn sample(
             inference_ms: slot.started.elapsed().as_millis() as u64,
             prompt_ms: slot.prompt_ms,
         },
+        cost: 0,
     })
 }

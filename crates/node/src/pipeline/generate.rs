@@ -160,6 +160,18 @@ impl Run {
 }
 
 impl Pipeline {
+    /// The price of the work other nodes did in a generation, at the rates
+    /// this node pays each of them.
+    fn cost_of(&self, work: &[(String, crate::credits::Work)]) -> i64 {
+        let Some(accounting) = self.accounting() else {
+            return 0;
+        };
+        work.iter()
+            .filter(|(node, _)| *node != self.inner.node_id)
+            .map(|(node, w)| accounting.price(node, w))
+            .fold(0i64, i64::saturating_add)
+    }
+
     /// Starts a generation of `model_id` through the network. Events arrive as from
     /// the local engine; dropping the receiver cancels it.
     pub fn submit(&self, model_id: &str, request: GenerateRequest) -> mpsc::Receiver<Event> {
@@ -413,6 +425,7 @@ impl Pipeline {
                     inference_ms: started.elapsed().as_millis() as u64,
                     prompt_ms,
                 },
+                cost: self.cost_of(&run.work),
             })
             .await;
         Ok(())

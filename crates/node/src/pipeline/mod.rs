@@ -106,6 +106,8 @@ pub trait Accounting: Send + Sync {
     /// A generation this node requested has ended: per other node, the work sent
     /// through it in each session (an upper bound: failed attempts count).
     fn requested(&self, work: Vec<(String, crate::credits::Work)>);
+    /// What `work` done by `node` costs this node, in micro-credits.
+    fn price(&self, node: &str, work: &crate::credits::Work) -> i64;
 }
 
 /// Pipeline settings.
