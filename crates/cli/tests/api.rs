@@ -935,3 +935,63 @@ fn the_node_serves_the_web_ui_and_renders_and_reads_invite_qr_codes() {
         .expect("scan");
     assert_eq!(unauthenticated.status().as_u16(), 401);
 }
+
+#[test]
+fn response_format_constrains_the_answer_to_json() {
+    let node = TestNode::start();
+    let ask = |format: Value, max_tokens: u32| {
+        node.post(
+            "/v1/chat/completions",
+            &json!({ "messages": [{ "role": "user", "content": "Is the sky blue?" }],
+                     "max_tokens": max_tokens, "temperature": 0, "response_format": format }),
+        )
+    };
+    // A strict schema: exactly one key, one of two values, and a finished object.
+    let schema = json!({
+        "type": "object",
+        "properties": { "answer": { "type": "string", "enum": ["yes", "no"] } },
+        "required": ["answer"],
+        "additionalProperties": false,
+    });
+    let (status, v) = ask(
+        json!({ "type": "json_schema",
+                "json_schema": { "name": "answer", "strict": true, "schema": schema } }),
+        48,
+    );
+    assert_eq!(status, 200, "{v}");
+    let content = v["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content");
+    let parsed: Value = serde_json::from_str(content).unwrap_or_else(|e| panic!("{e}: {content}"));
+    let answer = parsed["answer"].as_str().unwrap_or_default();
+    assert!(answer == "yes" || answer == "no", "{content}");
+    assert_eq!(parsed.as_object().map(|o| o.len()), Some(1), "{content}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+    // JSON mode: an object from the first character.
+    let (status, v) = ask(json!({ "type": "json_object" }), 24);
+    assert_eq!(status, 200, "{v}");
+    let content = v["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content");
+    assert!(content.trim_start().starts_with('{'), "{content}");
+    if v["choices"][0]["finish_reason"] == "stop" {
+        assert!(
+            serde_json::from_str::<Value>(content).is_ok_and(|o| o.is_object()),
+            "{content}"
+        );
+    }
+    // `text` is no constraint; anything else is refused, naming the field.
+    assert_eq!(ask(json!({ "type": "text" }), 4).0, 200);
+    for bad in [
+        json!({ "type": "xml" }),
+        json!({ "type": "json_schema", "json_schema": { "name": "x" } }),
+        json!({ "type": "json_schema", "json_schema": { "schema": { "type": "no-such-type" } } }),
+    ] {
+        let (status, v) = ask(bad.clone(), 4);
+        assert_eq!(status, 422, "{bad}: {v}");
+        assert_eq!(
+            v["error"]["details"]["field"], "response_format",
+            "{bad}: {v}"
+        );
+    }
+}

@@ -40,6 +40,17 @@ comp = client.completions.create(model=model, prompt="The sky is", max_tokens=8,
 assert comp.choices[0].text
 assert comp.usage.completion_tokens <= 8
 
+# Structured output as the SDK sends it: the answer parses into the schema.
+import json
+schema = {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Lyon"]}},
+          "required": ["city"], "additionalProperties": False}
+structured = client.chat.completions.create(
+    model=model, messages=messages, temperature=0, max_tokens=32,
+    response_format={"type": "json_schema", "json_schema": {"name": "city", "strict": True, "schema": schema}},
+)
+answer = json.loads(structured.choices[0].message.content)
+assert answer["city"] in ("Paris", "Lyon") and list(answer) == ["city"], answer
+
 try:
     client.chat.completions.create(model="no-such-model", messages=messages)
     raise SystemExit("expected NotFoundError")

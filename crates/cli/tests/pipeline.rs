@@ -620,6 +620,16 @@ fn hidden_states_shrink_only_on_slow_links_and_only_when_the_requester_allows() 
     assert_eq!(status, 200, "{v}");
     let after = link_to(&b, &c_id).expect("B's link to C")["frames"].clone();
     assert_eq!(after["f16"], before["f16"], "{before} → {after}");
+
+    // A grammar needs the sampling hop's sampler: not yet across nodes, and
+    // the answer says so rather than ignoring it.
+    let (status, v) = a.post(
+        "/v1/chat/completions",
+        &json!({ "model": "smol", "messages": [{ "role": "user", "content": "Hi" }],
+                 "max_tokens": 4, "response_format": { "type": "json_object" } }),
+    );
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["code"], "UNSUPPORTED_PARAMETER", "{v}");
 }
 
 fn steps_served(node: &TestNode) -> u64 {

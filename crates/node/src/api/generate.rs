@@ -51,6 +51,8 @@ pub(crate) struct SamplingFields {
     pub(crate) ignore_eos: Option<bool>,
     /// llama-server's switch for the prompt cache (default on).
     pub(crate) cache_prompt: Option<bool>,
+    /// OpenAI's `{"type": "text" | "json_object" | "json_schema", ...}`.
+    pub(crate) response_format: Option<serde_json::Value>,
 }
 
 /// Defaults that differ between API surfaces.
@@ -116,12 +118,42 @@ impl SamplingFields {
             stop,
             ignore_eos: self.ignore_eos.unwrap_or(false),
             cache_prompt: self.cache_prompt.unwrap_or(true),
+            grammar: match &self.response_format {
+                Some(f) => response_format_grammar(f)?,
+                None => None,
+            },
         };
         params
             .validate(crate::infer::SamplingLimits::default())
             .map_err(|e| ApiError::invalid_parameter(e.field, e.message))?;
         Ok(params)
     }
+}
+
+/// The grammar OpenAI's `response_format` asks for: none for `text`; for
+/// `json_object` any JSON object; for `json_schema` its `schema`, converted by
+/// llama.cpp (its `strict` is always honoured: the grammar admits nothing else).
+fn response_format_grammar(f: &serde_json::Value) -> Result<Option<String>, ApiError> {
+    let bad = |m: &str| ApiError::invalid_parameter("response_format", m.to_string());
+    let schema = match f["type"].as_str() {
+        Some("text") => return Ok(None),
+        Some("json_object") => json!({ "type": "object" }),
+        Some("json_schema") => {
+            let s = &f["json_schema"]["schema"];
+            if !s.is_object() {
+                return Err(bad("json_schema.schema must be a JSON schema object"));
+            }
+            s.clone()
+        }
+        _ => {
+            return Err(bad(
+                "type must be \"text\", \"json_object\" or \"json_schema\"",
+            ));
+        }
+    };
+    llama_cpp_2::json_schema_to_grammar(&schema.to_string())
+        .map(Some)
+        .map_err(|e| bad(&format!("the schema cannot be turned into a grammar: {e}")))
 }
 
 /// Where a request runs.
@@ -273,6 +305,18 @@ pub(crate) async fn start(
     // Demand counts every request this node takes for a model, served here or
     // through the network.
     node.swarm().demand().record_own(&model);
+    if !target.local && params.grammar.is_some() {
+        // The last hop samples, and its sampler has no grammar yet.
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "UNSUPPORTED_PARAMETER",
+            format!(
+                "response_format is not supported yet for '{}', which runs split across nodes",
+                target.id
+            ),
+        )
+        .with_details(json!({ "field": "response_format" })));
+    }
     let request = GenerateRequest { prompt, params };
     let mut events = if target.local {
         let engine = node.engine().ok_or_else(ApiError::no_model)?;
@@ -330,6 +374,7 @@ fn generate_error(e: GenerateError) -> ApiError {
         )
         .with_details(json!({ "prompt_tokens": prompt_tokens, "context_size": context_size })),
         GenerateError::EmptyPrompt => ApiError::invalid_parameter("prompt", "is empty"),
+        GenerateError::Grammar(message) => ApiError::invalid_parameter("response_format", message),
         GenerateError::NoRoute { message, missing } => no_route(&message, &missing),
         GenerateError::Pipeline(message) => {
             ApiError::new(StatusCode::BAD_GATEWAY, "PIPELINE_FAILED", message)

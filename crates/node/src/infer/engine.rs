@@ -266,8 +266,29 @@ pub(crate) fn decode_prompt(
 
 /// llama.cpp's sampler chain for `p` (also used by the last hop of a pipeline, so
 /// split and local generation sample alike).
-pub(crate) fn build_sampler(n_vocab: i32, p: &SamplingParams) -> LlamaSampler {
-    let mut chain = Vec::with_capacity(6);
+/// The grammar sampler for `p.grammar`, if it has one (llama.cpp parses the
+/// grammar against `model`'s vocabulary).
+pub(crate) fn grammar_sampler(
+    model: &LlamaModel,
+    p: &SamplingParams,
+) -> Result<Option<LlamaSampler>, GenerateError> {
+    p.grammar
+        .as_deref()
+        .map(|g| LlamaSampler::grammar(model, g, "root"))
+        .transpose()
+        .map_err(|e| GenerateError::Grammar(e.to_string()))
+}
+
+/// The sampler chain for `p`: the grammar first (it masks the tokens the
+/// grammar forbids), then penalties, then greedy or top-k/top-p/min-p,
+/// temperature and a seeded draw.
+pub(crate) fn build_sampler(
+    n_vocab: i32,
+    p: &SamplingParams,
+    grammar: Option<LlamaSampler>,
+) -> LlamaSampler {
+    let mut chain = Vec::with_capacity(7);
+    chain.extend(grammar);
     if p.repeat_penalty != 1.0 {
         chain.push(LlamaSampler::penalties(
             n_vocab,

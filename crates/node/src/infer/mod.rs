@@ -160,6 +160,9 @@ pub struct SamplingParams {
     /// Reuse a cached prompt prefix (llama-server's `cache_prompt`; off only
     /// to measure cold prompts).
     pub cache_prompt: bool,
+    /// A GBNF grammar (root rule `root`) every generated token must follow:
+    /// `response_format`'s JSON schema, converted by llama.cpp.
+    pub grammar: Option<String>,
 }
 
 /// A sampling parameter out of its range: which one and why.
@@ -241,6 +244,7 @@ impl Default for SamplingParams {
             stop: Vec::new(),
             ignore_eos: false,
             cache_prompt: true,
+            grammar: None,
         }
     }
 }
@@ -373,6 +377,9 @@ pub enum GenerateError {
     /// The pipeline failed and could not be re-routed.
     #[error("split inference failed: {0}")]
     Pipeline(String),
+    /// llama.cpp refused the grammar (`response_format`).
+    #[error("the grammar could not be used: {0}")]
+    Grammar(String),
 }
 
 /// Submitting a job failed.

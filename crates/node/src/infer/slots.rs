@@ -30,7 +30,7 @@ use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::mpsc;
 
-use super::engine::build_sampler;
+use super::engine::{build_sampler, grammar_sampler};
 use super::stop::{Pushed, TextOut, prompt_tokens};
 use super::{
     Event, FinishReason, GenerateError, Job, PromptTokensDetails, SamplingParams, Timing, Usage,
@@ -239,6 +239,13 @@ fn admit(
             return None;
         }
     };
+    let sampler = match grammar_sampler(model, &request.params) {
+        Ok(g) => build_sampler(model.n_vocab(), &request.params, g),
+        Err(e) => {
+            let _ = events.try_send(Event::Failed(e));
+            return None;
+        }
+    };
     let busy: Vec<i32> = slots.iter().map(|s| s.seq).collect();
     let (seq, shared) = cache.pick(&prompt, &busy)?;
     let shared = if request.params.cache_prompt {
@@ -263,7 +270,7 @@ fn admit(
     }
     let slot = Slot {
         seq,
-        sampler: build_sampler(model.n_vocab(), &request.params),
+        sampler,
         out: TextOut::new(request.params.stop.clone()),
         params: request.params,
         events,

@@ -1081,8 +1081,11 @@ impl Thread {
                 Some(spec) => {
                     let model = &p.model;
                     let sampler = session.sampler.get_or_insert_with(|| {
-                        let mut s =
-                            crate::infer::build_sampler(model.n_vocab() as i32, &spec.to_params());
+                        let mut s = crate::infer::build_sampler(
+                            model.n_vocab() as i32,
+                            &spec.to_params(),
+                            None,
+                        );
                         for &t in &step.prime {
                             s.accept(LlamaToken(t));
                         }
