@@ -107,6 +107,11 @@ def main():
             session.page_screenshot(os.path.join(out_dir, "app-updates-available.png"))
             status, v = http("GET", f"{base}/api/admin/version")
             assert v["updates"]["supported"] and v["updates"]["available"]["version"] == UPDATE_VERSION, v
+            # The CLI drives the app's node the same way.
+            cli = os.path.join(target_dir(), "debug", "swarmllm")
+            out = subprocess.run([cli, "--data-dir", data, "--api-port", str(port), "update", "check"],
+                                 capture_output=True, text=True, timeout=60)
+            assert out.returncode == 0 and f"SwarmLLM {UPDATE_VERSION} is available" in out.stdout, out
             # Refused, each with a clear message, and nothing installed.
             for mode, words in [("tampered", "signature"), ("unsigned", "signature"),
                                 ("wrong-key", "signature"), ("downgrade", "version")]:

@@ -427,6 +427,35 @@ pub(crate) async fn network_join(client: &Client, code: &str) -> anyhow::Result<
     Ok(())
 }
 
+/// `swarmllm update check`
+pub(crate) async fn update_check(client: &Client) -> anyhow::Result<()> {
+    let v = client.post("/api/admin/update/check", &json!({})).await?;
+    let current = v["current_version"].as_str().unwrap_or("?");
+    if v["update_available"] == true {
+        println!(
+            "SwarmLLM {} is available (running {current})",
+            v["version"].as_str().unwrap_or("?")
+        );
+        if let Some(notes) = v["changelog"].as_str() {
+            println!("{notes}");
+        }
+        println!("install it with: swarmllm update apply");
+    } else {
+        println!("up to date: {current} is the newest");
+    }
+    Ok(())
+}
+
+/// `swarmllm update apply`
+pub(crate) async fn update_apply(client: &Client) -> anyhow::Result<()> {
+    let v = client.post("/api/admin/update/apply", &json!({})).await?;
+    println!(
+        "installed SwarmLLM {}; restart it to run the new version",
+        v["version"].as_str().unwrap_or("?")
+    );
+    Ok(())
+}
+
 fn imported_models(
     config: &swarmllm_node::config::Config,
 ) -> Vec<(PathBuf, swarmllm_node::shard::Manifest)> {

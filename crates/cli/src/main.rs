@@ -103,6 +103,20 @@ enum Command {
         #[command(subcommand)]
         command: NetworkCommand,
     },
+    /// Updates of the running node's program (the desktop app updates itself;
+    /// `swarmllm` alone is updated by its package manager).
+    Update {
+        #[command(subcommand)]
+        command: UpdateCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum UpdateCommand {
+    /// Ask the update server for a newer version.
+    Check,
+    /// Download the newer version, check its signature and install it.
+    Apply,
 }
 
 #[derive(Debug, Subcommand)]
@@ -501,6 +515,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 *json,
             )
             .await
+        }
+        Command::Update { command } => {
+            let client = client::Client::connect(&cli.config_source(Map::new()))?;
+            match command {
+                UpdateCommand::Check => commands::update_check(&client).await,
+                UpdateCommand::Apply => commands::update_apply(&client).await,
+            }
         }
         Command::Network { command } => {
             let client = client::Client::connect(&cli.config_source(Map::new()))?;

@@ -122,6 +122,14 @@ fn cli_drives_a_running_node() {
     let (ok, out, _) = cli(dir, node.port, &["config", "set", "context_size", "2048"]);
     assert!(ok);
     assert!(out.contains("after a restart"), "{out}");
+    // A node without an updater (this one: `swarmllm` alone) says how it is updated.
+    for sub in ["check", "apply"] {
+        let (ok, _, err) = cli(dir, node.port, &["update", sub]);
+        assert!(
+            !ok && err.contains("package manager"),
+            "update {sub}: {err}"
+        );
+    }
 }
 
 #[test]
