@@ -411,6 +411,7 @@ fn token_step_in(
             repeat_penalty: 1.1,
             repeat_last_n,
             seed: 1,
+            json_schema: None,
         }),
         prime: vec![],
         continues: continues.map(|c| to_hex(&c)),

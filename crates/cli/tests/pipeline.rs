@@ -39,6 +39,26 @@ fn chat(node: &TestNode, model: Option<&str>, prompt: &str, max_tokens: u32) -> 
     node.post("/v1/chat/completions", &body)
 }
 
+/// A chat whose answer must follow a small JSON schema (`response_format`).
+fn structured(node: &TestNode, model: Option<&str>) -> (u16, Value) {
+    let schema = json!({
+        "type": "object",
+        "properties": { "answer": { "type": "string", "enum": ["yes", "no"] } },
+        "required": ["answer"],
+        "additionalProperties": false,
+    });
+    let mut body = json!({
+        "messages": [{ "role": "user", "content": "Is the sky blue?" }],
+        "max_tokens": 48,
+        "temperature": 0,
+        "response_format": { "type": "json_schema", "json_schema": { "name": "a", "schema": schema } },
+    });
+    if let Some(m) = model {
+        body["model"] = json!(m);
+    }
+    node.post("/v1/chat/completions", &body)
+}
+
 fn content(v: &Value) -> String {
     v["choices"][0]["message"]["content"]
         .as_str()
@@ -65,7 +85,7 @@ fn wait_servable(node: &TestNode, holders: u64) {
 #[test]
 fn three_way_split_matches_local_greedy_output_and_survives_a_killed_hop() {
     // What the whole model says, on one node.
-    let (reference, story_reference) = {
+    let (reference, story_reference, structured_reference) = {
         let whole = TestNode::start();
         let answers: Vec<(String, Value)> = PROMPTS
             .iter()
@@ -77,7 +97,9 @@ fn three_way_split_matches_local_greedy_output_and_survives_a_killed_hop() {
             .collect();
         let (status, story) = chat(&whole, None, STORY, 160);
         assert_eq!(status, 200, "{story}");
-        (answers, content(&story))
+        let (status, v) = structured(&whole, None);
+        assert_eq!(status, 200, "{v}");
+        (answers, content(&story), content(&v))
     };
 
     let lib = import_library();
@@ -93,6 +115,17 @@ fn three_way_split_matches_local_greedy_output_and_survives_a_killed_hop() {
         give_shards(lib.path(), d, &[2])
     });
     wait_servable(&a, 3);
+
+    // A JSON schema holds through the split (the last hop samples with the
+    // grammar llama.cpp makes from it) and answers as the whole model does.
+    let (status, v) = structured(&a, Some("smol"));
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(content(&v), structured_reference);
+    let parsed: Value = serde_json::from_str(&content(&v)).expect("JSON through the split");
+    assert!(
+        parsed["answer"] == "yes" || parsed["answer"] == "no",
+        "{parsed}"
+    );
 
     // Each node runs only its own layers.
     for (node, range) in [(&a, (0, 10)), (&b, (10, 20)), (&c, (20, 30))] {
@@ -620,16 +653,6 @@ fn hidden_states_shrink_only_on_slow_links_and_only_when_the_requester_allows() 
     assert_eq!(status, 200, "{v}");
     let after = link_to(&b, &c_id).expect("B's link to C")["frames"].clone();
     assert_eq!(after["f16"], before["f16"], "{before} → {after}");
-
-    // A grammar needs the sampling hop's sampler: not yet across nodes, and
-    // the answer says so rather than ignoring it.
-    let (status, v) = a.post(
-        "/v1/chat/completions",
-        &json!({ "model": "smol", "messages": [{ "role": "user", "content": "Hi" }],
-                 "max_tokens": 4, "response_format": { "type": "json_object" } }),
-    );
-    assert_eq!(status, 400, "{v}");
-    assert_eq!(v["error"]["code"], "UNSUPPORTED_PARAMETER", "{v}");
 }
 
 fn steps_served(node: &TestNode) -> u64 {

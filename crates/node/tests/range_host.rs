@@ -70,6 +70,7 @@ fn step(session: u8, seq: u64, pos: u32, tokens: &[i32]) -> Step {
             repeat_penalty: 1.0,
             repeat_last_n: 64,
             seed: 1,
+            json_schema: None,
         }),
         prime: vec![],
         continues: None,
@@ -223,4 +224,47 @@ fn a_peer_cannot_use_another_peers_session_or_send_out_of_range_numbers() {
     assert!(matches!(run(s), Err(HostError::Forbidden(_))));
     // None of the refused steps left a session behind: only the owner's.
     assert_eq!(host.session_count(), 1);
+}
+
+#[test]
+fn a_schema_constrains_sampling_and_primed_tokens_it_forbids_are_refused() {
+    let (host, _dir) = host(8, u64::MAX, Duration::from_secs(60));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("rt");
+    let run = |s: Step| rt.block_on(host.step(s));
+    let schema = r#"{"type":"object","properties":{"answer":{"type":"string","enum":["yes","no"]}},"required":["answer"],"additionalProperties":false}"#;
+    let constrained = |session: u8, prime: Vec<i32>| {
+        let mut s = step(session, 1, 0, &[1, 504, 3158, 282, 4649, 314]);
+        if let Some(spec) = s.sample.as_mut() {
+            spec.json_schema = Some(schema.into());
+        }
+        s.prime = prime;
+        // A requester each: a peer may hold only a few sessions.
+        s.peer = format!("requester-{session}");
+        s
+    };
+    // A session under the schema samples; a taken-over one primed with the
+    // tokens the grammar allowed so far goes on.
+    let StepOutput::Token(Some(first)) = run(constrained(1, vec![])).expect("sample") else {
+        panic!("no token")
+    };
+    run(constrained(2, vec![first])).expect("allowed primes");
+    // Primed tokens the grammar forbids (a special token, end-of-turn before the
+    // object closed) are refused, never accepted: llama.cpp would abort.
+    for bad in [vec![1], vec![first, 2]] {
+        let r = run(constrained(3 + bad.len() as u8, bad.clone()));
+        assert!(
+            matches!(&r, Err(HostError::Forbidden(m)) if m.contains("not allowed by the grammar")),
+            "{bad:?}: {r:?}"
+        );
+    }
+    // A schema llama.cpp cannot convert is refused too, and the host serves on.
+    let mut broken = constrained(9, vec![]);
+    if let Some(spec) = broken.sample.as_mut() {
+        spec.json_schema = Some("{\"type\": \"no-such-type\"}".into());
+    }
+    let r = run(broken);
+    assert!(matches!(r, Err(HostError::Forbidden(_))), "{r:?}");
+    run(step(10, 1, 0, &[1, 504, 3158])).expect("still serving");
 }

@@ -118,8 +118,8 @@ impl SamplingFields {
             stop,
             ignore_eos: self.ignore_eos.unwrap_or(false),
             cache_prompt: self.cache_prompt.unwrap_or(true),
-            grammar: match &self.response_format {
-                Some(f) => response_format_grammar(f)?,
+            json_schema: match &self.response_format {
+                Some(f) => response_format_schema(f)?,
                 None => None,
             },
         };
@@ -130,10 +130,11 @@ impl SamplingFields {
     }
 }
 
-/// The grammar OpenAI's `response_format` asks for: none for `text`; for
-/// `json_object` any JSON object; for `json_schema` its `schema`, converted by
-/// llama.cpp (its `strict` is always honoured: the grammar admits nothing else).
-fn response_format_grammar(f: &serde_json::Value) -> Result<Option<String>, ApiError> {
+/// The JSON schema OpenAI's `response_format` asks for: none for `text`; for
+/// `json_object` any JSON object; for `json_schema` its `schema` (its `strict`
+/// is always honoured: the grammar made from it admits nothing else). Checked
+/// here by converting it once, so a bad schema is a 422 before anything runs.
+fn response_format_schema(f: &serde_json::Value) -> Result<Option<String>, ApiError> {
     let bad = |m: &str| ApiError::invalid_parameter("response_format", m.to_string());
     let schema = match f["type"].as_str() {
         Some("text") => return Ok(None),
@@ -151,9 +152,9 @@ fn response_format_grammar(f: &serde_json::Value) -> Result<Option<String>, ApiE
             ));
         }
     };
-    llama_cpp_2::json_schema_to_grammar(&schema.to_string())
-        .map(Some)
-        .map_err(|e| bad(&format!("the schema cannot be turned into a grammar: {e}")))
+    let schema = schema.to_string();
+    crate::infer::schema_grammar(&schema).map_err(|e| bad(&e.to_string()))?;
+    Ok(Some(schema))
 }
 
 /// Where a request runs.
@@ -305,18 +306,6 @@ pub(crate) async fn start(
     // Demand counts every request this node takes for a model, served here or
     // through the network.
     node.swarm().demand().record_own(&model);
-    if !target.local && params.grammar.is_some() {
-        // The last hop samples, and its sampler has no grammar yet.
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "UNSUPPORTED_PARAMETER",
-            format!(
-                "response_format is not supported yet for '{}', which runs split across nodes",
-                target.id
-            ),
-        )
-        .with_details(json!({ "field": "response_format" })));
-    }
     let request = GenerateRequest { prompt, params };
     let mut events = if target.local {
         let engine = node.engine().ok_or_else(ApiError::no_model)?;

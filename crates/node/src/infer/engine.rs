@@ -266,17 +266,71 @@ pub(crate) fn decode_prompt(
 
 /// llama.cpp's sampler chain for `p` (also used by the last hop of a pipeline, so
 /// split and local generation sample alike).
-/// The grammar sampler for `p.grammar`, if it has one (llama.cpp parses the
-/// grammar against `model`'s vocabulary).
+/// The grammar sampler for `p.json_schema`, if it has one: llama.cpp converts
+/// the schema to a grammar and parses it against `model`'s vocabulary.
 pub(crate) fn grammar_sampler(
     model: &LlamaModel,
     p: &SamplingParams,
 ) -> Result<Option<LlamaSampler>, GenerateError> {
-    p.grammar
-        .as_deref()
-        .map(|g| LlamaSampler::grammar(model, g, "root"))
-        .transpose()
+    let Some(schema) = p.json_schema.as_deref() else {
+        return Ok(None);
+    };
+    let grammar = schema_grammar(schema)?;
+    LlamaSampler::grammar(model, &grammar, "root")
+        .map(Some)
         .map_err(|e| GenerateError::Grammar(e.to_string()))
+}
+
+/// llama.cpp's grammar for a JSON schema.
+pub fn schema_grammar(schema: &str) -> Result<String, GenerateError> {
+    llama_cpp_2::json_schema_to_grammar(schema).map_err(|e| {
+        GenerateError::Grammar(format!("the schema cannot be turned into a grammar: {e}"))
+    })
+}
+
+/// The sampler for a sequence that already produced `prime` (a split
+/// model's last hop taking over a generation): every sampler sees those
+/// tokens, and the grammar first checks each one is allowed, because
+/// llama.cpp aborts the process when a grammar accepts a token it forbids
+/// (and `prime` comes from the requester).
+pub(crate) fn primed_sampler(
+    vocab: Option<&LlamaModel>,
+    n_vocab: i32,
+    p: &SamplingParams,
+    prime: &[i32],
+) -> Result<LlamaSampler, GenerateError> {
+    use llama_cpp_2::token::LlamaToken;
+    use llama_cpp_2::token::data::LlamaTokenData;
+    use llama_cpp_2::token::data_array::LlamaTokenDataArray;
+    let mut grammar = match (vocab, &p.json_schema) {
+        (Some(model), Some(_)) => grammar_sampler(model, p)?,
+        (None, Some(_)) => {
+            return Err(GenerateError::Grammar(
+                "no vocabulary to build the grammar with".into(),
+            ));
+        }
+        (_, None) => None,
+    };
+    let mut rest = build_sampler(n_vocab, p, None);
+    for &t in prime {
+        let token = LlamaToken(t);
+        if let Some(g) = grammar.as_mut() {
+            let mut one =
+                LlamaTokenDataArray::new(vec![LlamaTokenData::new(token, 0.0, 0.0)], false);
+            one.apply_sampler(g);
+            if !one.data.first().is_some_and(|d| d.logit().is_finite()) {
+                return Err(GenerateError::Grammar(format!(
+                    "primed token {t} is not allowed by the grammar"
+                )));
+            }
+            g.accept(token);
+        }
+        rest.accept(token);
+    }
+    Ok(match grammar {
+        Some(g) => LlamaSampler::chain_simple([g, rest]),
+        None => rest,
+    })
 }
 
 /// The sampler chain for `p`: the grammar first (it masks the tokens the

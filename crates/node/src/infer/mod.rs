@@ -32,8 +32,9 @@ use llama_cpp_2::model::{LlamaChatMessage, LlamaModel};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
+pub use engine::schema_grammar;
 pub use engine::{DeviceInfo, backend_devices};
-pub(crate) use engine::{backend, build_sampler};
+pub(crate) use engine::{backend, primed_sampler};
 pub(crate) use stop::{Pushed, TextOut, prompt_tokens};
 
 /// How to load a model.
@@ -160,10 +161,16 @@ pub struct SamplingParams {
     /// Reuse a cached prompt prefix (llama-server's `cache_prompt`; off only
     /// to measure cold prompts).
     pub cache_prompt: bool,
-    /// A GBNF grammar (root rule `root`) every generated token must follow:
-    /// `response_format`'s JSON schema, converted by llama.cpp.
-    pub grammar: Option<String>,
+    /// A JSON schema (its text) every answer must follow (`response_format`):
+    /// where the sampling happens, llama.cpp turns it into a grammar. A schema,
+    /// not a grammar, travels to a split model's last hop, so a hop only ever
+    /// runs grammars llama.cpp's own converter wrote.
+    pub json_schema: Option<String>,
 }
+
+/// The longest `json_schema` accepted (a response format's schema is rarely
+/// over a KiB; it travels with every sampled step of a split model).
+pub const MAX_SCHEMA_BYTES: usize = 16 << 10;
 
 /// A sampling parameter out of its range: which one and why.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -219,6 +226,16 @@ impl SamplingParams {
                 format!("must be at most the vocabulary's {n_vocab} tokens"),
             ));
         }
+        if self
+            .json_schema
+            .as_ref()
+            .is_some_and(|s| s.len() > MAX_SCHEMA_BYTES)
+        {
+            return Err(bad(
+                "response_format",
+                format!("the schema is over {MAX_SCHEMA_BYTES} bytes"),
+            ));
+        }
         let max_last_n = limits.n_ctx.map_or(1 << 20, |n| n as i32);
         if self.repeat_last_n < -1 || self.repeat_last_n > max_last_n {
             return Err(bad(
@@ -244,7 +261,7 @@ impl Default for SamplingParams {
             stop: Vec::new(),
             ignore_eos: false,
             cache_prompt: true,
-            grammar: None,
+            json_schema: None,
         }
     }
 }

@@ -371,6 +371,9 @@ fn next_job(
 struct Loaded {
     info: RangeInfo,
     model: Arc<RangeModel>,
+    /// The range file's vocabulary, loaded on its own the first time a
+    /// session's answer must follow a JSON schema (a grammar needs it).
+    vocab: Option<Arc<llama_cpp_2::model::LlamaModel>>,
     /// The context the range's sessions share while it has free streams.
     shared: Option<Shared>,
 }
@@ -436,6 +439,28 @@ fn loaded<'a>(models: &'a [Loaded], key: &RangeKey) -> Option<&'a Loaded> {
 
 fn loaded_mut<'a>(models: &'a mut [Loaded], key: &RangeKey) -> Option<&'a mut Loaded> {
     models.iter_mut().find(|m| m.info.is(&key.0, key.1, key.2))
+}
+
+/// The vocabulary of a loaded range (loaded once, vocabulary only, from the
+/// range's own file).
+fn range_vocab(
+    models: &mut [Loaded],
+    key: &RangeKey,
+) -> Result<Arc<llama_cpp_2::model::LlamaModel>, HostError> {
+    let m = loaded_mut(models, key).ok_or_else(|| HostError::Compute("range unloaded".into()))?;
+    if let Some(v) = &m.vocab {
+        return Ok(Arc::clone(v));
+    }
+    let backend = crate::infer::backend(None).map_err(|e| HostError::Compute(e.to_string()))?;
+    let vocab = llama_cpp_2::model::LlamaModel::load_from_file(
+        backend,
+        &m.info.path,
+        &llama_cpp_2::model::params::LlamaModelParams::default().with_vocab_only(true),
+    )
+    .map(Arc::new)
+    .map_err(|e| HostError::Compute(format!("loading the range's vocabulary: {e}")))?;
+    m.vocab = Some(Arc::clone(&vocab));
+    Ok(vocab)
 }
 
 /// The shared context of a loaded range, once its first session made it.
@@ -751,6 +776,7 @@ impl Thread {
         self.models.push(Loaded {
             info,
             model: Arc::new(model),
+            vocab: None,
             shared: None,
         });
         self.publish();
@@ -1079,18 +1105,24 @@ impl Thread {
             RangeOutput::Logits(logits) => match &step.sample {
                 None => StepOutput::Token(None),
                 Some(spec) => {
-                    let model = &p.model;
-                    let sampler = session.sampler.get_or_insert_with(|| {
-                        let mut s = crate::infer::build_sampler(
-                            model.n_vocab() as i32,
-                            &spec.to_params(),
-                            None,
-                        );
-                        for &t in &step.prime {
-                            s.accept(LlamaToken(t));
+                    let sampler = match session.sampler.as_mut() {
+                        Some(s) => s,
+                        None => {
+                            let params = spec.to_params();
+                            let vocab = match params.json_schema {
+                                Some(_) => Some(range_vocab(&mut self.models, &p.key)?),
+                                None => None,
+                            };
+                            let s = crate::infer::primed_sampler(
+                                vocab.as_deref(),
+                                p.model.n_vocab() as i32,
+                                &params,
+                                &step.prime,
+                            )
+                            .map_err(|e| HostError::Forbidden(format!("sample: {e}")))?;
+                            session.sampler.insert(s)
                         }
-                        s
-                    });
+                    };
                     StepOutput::Token(Some(sample(sampler, &logits)))
                 }
             },

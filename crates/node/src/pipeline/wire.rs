@@ -59,6 +59,11 @@ pub struct SampleSpec {
     /// RNG seed (the requester always picks one, so a re-routed session continues
     /// with a known seed).
     pub seed: u32,
+    /// The JSON schema the answer follows (`response_format`); the sampling hop
+    /// turns it into a grammar with llama.cpp's converter. Absent when the
+    /// request has none, so other steps sign and travel as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub json_schema: Option<String>,
 }
 
 impl SampleSpec {
@@ -73,6 +78,7 @@ impl SampleSpec {
             repeat_penalty: p.repeat_penalty,
             repeat_last_n: p.repeat_last_n,
             seed: p.seed.unwrap_or_else(rand::random),
+            json_schema: p.json_schema.clone(),
         }
     }
 
@@ -86,6 +92,7 @@ impl SampleSpec {
             repeat_penalty: self.repeat_penalty,
             repeat_last_n: self.repeat_last_n,
             seed: Some(self.seed),
+            json_schema: self.json_schema.clone(),
             ..crate::infer::SamplingParams::default()
         }
     }
