@@ -402,7 +402,8 @@ fn bad_inputs_get_clear_errors_and_the_node_keeps_serving() {
         ("temperature", json!(-1)),
         ("top_p", json!(1.5)),
         ("top_k", json!(-1)),
-        ("n", json!(3)),
+        ("n", json!(0)),
+        ("n", json!(9)),
     ] {
         let mut body = json!({ "messages": ok_msgs });
         body[field] = value;
@@ -994,4 +995,54 @@ fn response_format_constrains_the_answer_to_json() {
             "{bad}: {v}"
         );
     }
+}
+
+#[test]
+fn n_choices_come_back_together_each_with_its_own_seed() {
+    let node = TestNode::start();
+    let body = |n: u32, temperature: f64, seed: u32| {
+        json!({ "messages": [{ "role": "user", "content": "Name a colour." }], "max_tokens": 12,
+                "temperature": temperature, "seed": seed, "n": n })
+    };
+    // Sampled: three choices, indexed, each what that seed gives alone (the
+    // request's seed plus the choice's index).
+    let (status, v) = node.post("/v1/chat/completions", &body(3, 1.0, 40));
+    assert_eq!(status, 200, "{v}");
+    let choices = v["choices"].as_array().expect("choices");
+    assert_eq!(choices.len(), 3, "{v}");
+    let mut completion = 0;
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i, "{v}");
+        let (status, alone) = node.post("/v1/chat/completions", &body(1, 1.0, 40 + i as u32));
+        assert_eq!(status, 200, "{alone}");
+        assert_eq!(
+            c["message"]["content"], alone["choices"][0]["message"]["content"],
+            "choice {i}"
+        );
+        completion += alone["usage"]["completion_tokens"]
+            .as_u64()
+            .expect("tokens");
+    }
+    // Usage: the prompt once, every choice's tokens.
+    assert_eq!(v["usage"]["completion_tokens"], completion, "{v}");
+    assert_eq!(
+        v["usage"]["total_tokens"].as_u64(),
+        Some(completion + v["usage"]["prompt_tokens"].as_u64().expect("prompt"))
+    );
+    // Completions too; several choices do not stream (yet), and say so.
+    let (status, v) = node.post(
+        "/v1/completions",
+        &json!({ "prompt": "The sky is", "max_tokens": 4, "temperature": 0, "n": 2 }),
+    );
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][1]["index"], 1, "{v}");
+    assert_eq!(
+        v["choices"][0]["text"], v["choices"][1]["text"],
+        "greedy choices agree"
+    );
+    let mut streamed = body(2, 1.0, 1);
+    streamed["stream"] = json!(true);
+    let (status, v) = node.post("/v1/chat/completions", &streamed);
+    assert_eq!(status, 422, "{v}");
+    assert_eq!(v["error"]["details"]["field"], "n", "{v}");
 }

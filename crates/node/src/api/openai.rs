@@ -163,11 +163,52 @@ fn turns(messages: Vec<ChatMessage>) -> Result<Vec<ChatTurn>, ApiError> {
         .collect()
 }
 
-fn check_n(n: Option<i64>) -> Result<(), ApiError> {
-    match n {
-        None | Some(1) => Ok(()),
-        Some(_) => Err(ApiError::invalid_parameter("n", "only n = 1 is supported")),
+/// Most choices one request may ask for.
+const MAX_CHOICES: i64 = 8;
+
+/// How many choices (`n`): 1 to [`MAX_CHOICES`]; several only without `stream`.
+fn choices(n: Option<i64>, stream: bool) -> Result<usize, ApiError> {
+    match n.unwrap_or(1) {
+        n if !(1..=MAX_CHOICES).contains(&n) => Err(ApiError::invalid_parameter(
+            "n",
+            format!("must be between 1 and {MAX_CHOICES}"),
+        )),
+        n if n > 1 && stream => Err(ApiError::invalid_parameter(
+            "n",
+            "more than one choice cannot stream yet; ask without stream",
+        )),
+        n => Ok(n as usize),
     }
+}
+
+/// Starts `n` generations of one prompt, each with its own seed (the request's
+/// seed plus the choice's index, so a seeded request stays reproducible); the
+/// engine decodes them together.
+async fn start_choices(
+    node: &crate::Node,
+    endpoint: &'static str,
+    id: &str,
+    target: generate::Target,
+    prompt: String,
+    params: crate::infer::SamplingParams,
+    n: usize,
+) -> Result<Vec<Generation>, ApiError> {
+    let base = params.seed.unwrap_or_else(rand::random);
+    let starts = (0..n).map(|i| {
+        let mut p = params.clone();
+        if n > 1 {
+            p.seed = Some(base.wrapping_add(i as u32));
+        }
+        generate::start(
+            node,
+            endpoint,
+            id.to_string(),
+            target.clone(),
+            prompt.clone(),
+            p,
+        )
+    });
+    futures::future::try_join_all(starts).await
 }
 
 /// `POST /v1/chat/completions`
@@ -179,25 +220,25 @@ pub(crate) async fn chat_completions(
     let sampling: SamplingFields = from_value(&body)?;
     let node = &state.node;
     let model = generate::resolve_model(node, req.model.as_deref()).await?;
-    check_n(req.n)?;
+    let n = choices(req.n, req.stream)?;
     let params = sampling.into_params(defaults(&state))?;
     let prompt = generate::render_chat(node, &model, &turns(req.messages)?).await?;
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
-    let generation =
-        generate::start(node, "/v1/chat/completions", id, model, prompt, params).await?;
+    let generations =
+        start_choices(node, "/v1/chat/completions", &id, model, prompt, params, n).await?;
 
     let include_usage = req
         .stream_options
         .and_then(|o| o.include_usage)
         .unwrap_or(false);
     answer(
-        generation,
+        generations,
         req.stream.then_some(include_usage),
         chat_chunk,
         "chat.completion",
-        |text, finish| {
+        |index, text, finish| {
             json!({
-                "index": 0,
+                "index": index,
                 "message": { "role": "assistant", "content": text },
                 "logprobs": null,
                 "finish_reason": finish,
@@ -207,41 +248,53 @@ pub(crate) async fn chat_completions(
     .await
 }
 
-/// Streams the generation as SSE chunks (`Some(include_usage)`) or waits for it and
-/// answers one JSON body of type `object` whose single choice `choice(text, finish)`
-/// builds.
+/// Streams the (single) generation as SSE chunks (`Some(include_usage)`) or
+/// waits for every one and answers one JSON body of type `object` whose choices
+/// `choice(index, text, finish)` builds; usage counts the prompt once and every
+/// choice's tokens.
 async fn answer(
-    generation: Generation,
+    mut generations: Vec<Generation>,
     stream: Option<bool>,
     chunk: fn(&GenInfo, StreamPiece, bool) -> Vec<Value>,
     object: &'static str,
-    choice: fn(String, &'static str) -> Value,
+    choice: fn(usize, String, &'static str) -> Value,
 ) -> Result<Response, ApiError> {
-    if let Some(include_usage) = stream {
+    if let Some(include_usage) = stream
+        && generations.len() == 1
+        && let Some(generation) = generations.pop()
+    {
         return Ok(sse(
             generation,
             move |g, piece| chunk(g, piece, include_usage),
             true,
         ));
     }
-    let (id, model, created) = (
-        generation.id.clone(),
-        generation.model.clone(),
-        generation.created,
-    );
-    let done = generation.collect().await?;
+    let Some(first) = generations.first() else {
+        return Err(ApiError::internal("answer", "no generation"));
+    };
+    let (id, model, created) = (first.id.clone(), first.model.clone(), first.created);
+    let done =
+        futures::future::try_join_all(generations.into_iter().map(Generation::collect)).await?;
+    let mut usage = done[0].usage;
+    usage.completion_tokens = done.iter().map(|d| d.usage.completion_tokens).sum();
+    usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
+    let choices: Vec<Value> = done
+        .iter()
+        .enumerate()
+        .map(|(i, d)| choice(i, d.text.clone(), d.finish_reason.as_str()))
+        .collect();
     Ok(Json(json!({
         "id": id,
         "object": object,
         "created": created,
         "model": model,
         "system_fingerprint": fingerprint(),
-        "choices": [choice(done.text, done.finish_reason.as_str())],
-        "usage": done.usage,
+        "choices": choices,
+        "usage": usage,
         "timing": {
-            "queue_ms": done.timing.queue_ms,
-            "inference_ms": done.timing.inference_ms,
-            "total_ms": done.total_ms,
+            "queue_ms": done.iter().map(|d| d.timing.queue_ms).max(),
+            "inference_ms": done.iter().map(|d| d.timing.inference_ms).max(),
+            "total_ms": done.iter().map(|d| d.total_ms).max(),
         },
     }))
     .into_response())
@@ -313,7 +366,7 @@ pub(crate) async fn completions(
     let sampling: SamplingFields = from_value(&body)?;
     let node = &state.node;
     let model = generate::resolve_model(node, req.model.as_deref()).await?;
-    check_n(req.n)?;
+    let n = choices(req.n, req.stream)?;
     let prompt = match req.prompt {
         PromptField::One(p) => p,
         PromptField::Many(mut v) if v.len() == 1 => v.remove(0),
@@ -329,14 +382,14 @@ pub(crate) async fn completions(
     }
     let params = sampling.into_params(defaults(&state))?;
     let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
-    let generation = generate::start(node, "/v1/completions", id, model, prompt, params).await?;
+    let generations = start_choices(node, "/v1/completions", &id, model, prompt, params, n).await?;
 
     let include_usage = req
         .stream_options
         .and_then(|o| o.include_usage)
         .unwrap_or(false);
-    answer(generation, req.stream.then_some(include_usage), completion_chunk, "text_completion", |text, finish| {
-        json!({ "index": 0, "text": text, "logprobs": null, "finish_reason": finish })
+    answer(generations, req.stream.then_some(include_usage), completion_chunk, "text_completion", |index, text, finish| {
+        json!({ "index": index, "text": text, "logprobs": null, "finish_reason": finish })
     })
     .await
 }
