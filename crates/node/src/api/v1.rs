@@ -190,16 +190,14 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> Result<Json<Value>
         .and_hms_opt(0, 0, 0)
         .map(|t| t.and_utc().timestamp())
         .unwrap_or(0);
-    let (balance, today, pending) = tokio::task::spawn_blocking(move || {
+    let (balance, today, pending) = super::blocking("credit ledger", move || {
         Ok::<_, crate::credits::LedgerError>((
             ledger.balance()?,
             ledger.earned_since(midnight)?,
             ledger.pending_total()?,
         ))
     })
-    .await
-    .map_err(|e| ApiError::internal("metrics", e))?
-    .map_err(|e| ApiError::internal("metrics", e))?;
+    .await?;
     let to_credits = crate::credits::to_credits;
     let mut v = json!({
         "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),

@@ -268,7 +268,7 @@ pub(crate) fn decode_prompt(
 /// split and local generation sample alike).
 /// The grammar sampler for `p.json_schema`, if it has one: llama.cpp converts
 /// the schema to a grammar and parses it against `model`'s vocabulary.
-pub(crate) fn grammar_sampler(
+fn grammar_sampler(
     model: &LlamaModel,
     p: &SamplingParams,
 ) -> Result<Option<LlamaSampler>, GenerateError> {
@@ -336,11 +336,7 @@ pub(crate) fn primed_sampler(
 /// The sampler chain for `p`: the grammar first (it masks the tokens the
 /// grammar forbids), then penalties, then greedy or top-k/top-p/min-p,
 /// temperature and a seeded draw.
-pub(crate) fn build_sampler(
-    n_vocab: i32,
-    p: &SamplingParams,
-    grammar: Option<LlamaSampler>,
-) -> LlamaSampler {
+fn build_sampler(n_vocab: i32, p: &SamplingParams, grammar: Option<LlamaSampler>) -> LlamaSampler {
     let mut chain = Vec::with_capacity(7);
     chain.extend(grammar);
     if p.repeat_penalty != 1.0 {

@@ -30,7 +30,7 @@ use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::mpsc;
 
-use super::engine::{build_sampler, grammar_sampler};
+use super::engine::primed_sampler;
 use super::stop::{Pushed, TextOut, prompt_tokens};
 use super::{
     Event, FinishReason, GenerateError, Job, PromptTokensDetails, SamplingParams, Timing, Usage,
@@ -239,8 +239,8 @@ fn admit(
             return None;
         }
     };
-    let sampler = match grammar_sampler(model, &request.params) {
-        Ok(g) => build_sampler(model.n_vocab(), &request.params, g),
+    let sampler = match primed_sampler(Some(model), model.n_vocab(), &request.params, &[]) {
+        Ok(s) => s,
         Err(e) => {
             let _ = events.try_send(Event::Failed(e));
             return None;

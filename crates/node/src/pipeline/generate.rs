@@ -143,7 +143,7 @@ impl Run {
             input: InputKind::Tokens,
             // The requester's permission, signed with the step: the narrowest
             // format any hop may send onwards on a slow link.
-            dtype: super::link_speed::dtype_name(if pipeline.inner.config.approximate {
+            dtype: super::wire::dtype_name(if pipeline.inner.config.approximate {
                 pipeline.inner.config.dtype
             } else {
                 super::activation::Dtype::F32

@@ -18,6 +18,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::activation::Dtype;
+use super::wire::dtype_name;
 
 /// Frames up to this size measure the fixed part of a link's overhead.
 const SMALL_FRAME: u64 = 16 << 10;
@@ -79,15 +80,6 @@ pub struct LinkView {
     pub dtype_when_allowed: &'static str,
     /// Hidden-state frames sent on it so far, by format.
     pub frames: Frames,
-}
-
-/// The config's name of a format.
-pub fn dtype_name(d: Dtype) -> &'static str {
-    match d {
-        Dtype::F32 => "f32",
-        Dtype::F16 => "f16",
-        Dtype::Q8 => "q8",
-    }
 }
 
 impl LinkSpeeds {

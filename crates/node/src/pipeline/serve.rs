@@ -313,8 +313,8 @@ impl Pipeline {
                 if header.dtype != Dtype::F32 && header.dtype != allowed {
                     return Err(format!(
                         "hidden states as {} where the requester allowed {}",
-                        super::link_speed::dtype_name(header.dtype),
-                        super::link_speed::dtype_name(allowed)
+                        super::wire::dtype_name(header.dtype),
+                        super::wire::dtype_name(allowed)
                     ));
                 }
                 StepInput::Hidden(values)

@@ -277,6 +277,15 @@ pub fn parse_dtype(s: &str) -> Option<Dtype> {
     }
 }
 
+/// [`Dtype::F16`] → `f16`, etc. (the inverse of [`parse_dtype`]).
+pub fn dtype_name(d: Dtype) -> &'static str {
+    match d {
+        Dtype::F32 => "f32",
+        Dtype::F16 => "f16",
+        Dtype::Q8 => "q8",
+    }
+}
+
 /// Encodes a step request.
 pub fn encode_request(envelope: &Envelope, body: &[u8]) -> Vec<u8> {
     let head = serde_json::to_vec(envelope).unwrap_or_default();
