@@ -387,6 +387,32 @@ fn token_step_in(
     tokens: &[i32],
     repeat_last_n: i32,
 ) -> Vec<u8> {
+    token_step_with(
+        from,
+        to,
+        session,
+        continues,
+        seq,
+        pos,
+        tokens,
+        repeat_last_n,
+        |_| {},
+    )
+}
+
+/// [`token_step_in`] with the envelope changed by `edit` before it is signed.
+#[allow(clippy::too_many_arguments)]
+fn token_step_with(
+    from: &swarmllm_node::identity::Identity,
+    to: &str,
+    session: [u8; 16],
+    continues: Option<[u8; 16]>,
+    seq: u64,
+    pos: u32,
+    tokens: &[i32],
+    repeat_last_n: i32,
+    edit: impl FnOnce(&mut swarmllm_node::pipeline::wire::Envelope),
+) -> Vec<u8> {
     use swarmllm_node::pipeline::activation::{self, Direction, SessionKey};
     use swarmllm_node::pipeline::wire::{self, Envelope, Hop, InputKind, SampleSpec};
     let mut env = Envelope {
@@ -418,6 +444,7 @@ fn token_step_in(
         close: false,
         requester_sig: String::new(),
     };
+    edit(&mut env);
     env.sign(from);
     let key = SessionKey::agree(
         &from.x25519_secret(),
@@ -537,6 +564,57 @@ fn pipeline_steps_with_bad_numbers_or_for_another_peers_session_are_refused() {
         ),
         Response::Activation(_)
     ));
+    // A response format's schema from a stranger: one over 16 KiB is refused
+    // before anything is built, and so are primed tokens its grammar forbids
+    // (llama.cpp would abort on accepting one: here the end of the turn before
+    // the object even opened). A sane one samples.
+    let schema = r#"{"type":"object","properties":{"a":{"type":"string"}},"required":["a"]}"#;
+    let with_schema = |session: u8, schema: String, prime: Vec<i32>| {
+        token_step_with(
+            &stranger_identity,
+            &node_id,
+            [session; 16],
+            None,
+            1,
+            0,
+            &prompt,
+            64,
+            move |env| {
+                if let Some(s) = env.sample.as_mut() {
+                    s.json_schema = Some(schema);
+                }
+                env.prime = prime;
+            },
+        )
+    };
+    let huge = format!(
+        r#"{{"type":"object","description":"{}"}}"#,
+        "x".repeat(17 << 10)
+    );
+    for (what, step, words) in [
+        (
+            "an oversized schema",
+            with_schema(0xd1, huge, vec![]),
+            "response_format",
+        ),
+        (
+            "a forbidden prime",
+            with_schema(0xd2, schema.into(), vec![2]),
+            "grammar",
+        ),
+    ] {
+        match call(&mut stranger_link, step) {
+            Response::Error { message, .. } => {
+                assert!(message.contains(words), "{what}: {message}")
+            }
+            other => panic!("{what} accepted: {other:?}"),
+        }
+    }
+    assert!(matches!(
+        call(&mut stranger_link, with_schema(0xd3, schema.into(), vec![])),
+        Response::Activation(_)
+    ));
+
     // Still serving; both refusals counted against the stranger and the owner's
     // bad numbers against the owner.
     assert_eq!(node.get("/health/live").0, 200);
