@@ -394,7 +394,7 @@ function catalogHtml(results) {
 function downloadsHtml(list) {
   const rows = list.map((d) => {
     const pct = (100 * (d.bytes_done || 0)) / (d.bytes_total || 1);
-    const active = d.status === "queued" || d.status === "downloading";
+    const active = d.status === "queued" || d.status === "downloading" || d.status === "verifying";
     return `<tr data-download="${esc(d.id)}"><td>${esc(d.model_id)} #${esc(d.shard_index)}</td>
       <td><div class="bar"><span data-pct="${pct}"></span></div></td>
       <td>${pct.toFixed(0)}%</td><td>${esc(((d.speed_bps || 0) / 1e6).toFixed(1))} MB/s</td>

@@ -540,7 +540,12 @@ pub(crate) async fn models_add(
     let downloads = v["downloads"].as_array().cloned().unwrap_or_default();
     let ids: Vec<String> = downloads
         .iter()
-        .filter(|d| matches!(d["status"].as_str(), Some("queued" | "downloading")))
+        .filter(|d| {
+            matches!(
+                d["status"].as_str(),
+                Some("queued" | "downloading" | "verifying")
+            )
+        })
         .filter_map(|d| d["id"].as_str().map(str::to_string))
         .collect();
     println!(

@@ -233,6 +233,10 @@ pub(crate) async fn watch(client: &Client, ids: &[String]) -> anyhow::Result<()>
                         failed.push(why);
                     }
                 }
+                Some("verifying") => {
+                    bar.set_message("verifying");
+                    running += 1;
+                }
                 _ => running += 1,
             }
         }

@@ -460,6 +460,14 @@ fn a_killed_download_resumes_without_rereading_and_wrong_bytes_are_caught() {
     );
     assert!(held(&node, "other").is_empty());
     assert!(!node.dir().join("models/other/shard-000.gguf").exists());
+    // Nor are the shards split while it was checked.
+    for i in 0..3 {
+        let part = node
+            .dir()
+            .join(format!("models/other/shard-{i:03}.gguf.part"));
+        assert!(!part.exists(), "{}", part.display());
+    }
+    assert_eq!(failed["rejected"], 1, "{failed}");
 
     // Cancelled: it stops, says so, and is not resumed by a restart.
     server.stats.corrupt_at.store(u64::MAX, Ordering::SeqCst);

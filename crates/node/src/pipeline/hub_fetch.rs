@@ -10,9 +10,10 @@
 //!   the byte ranges of its tensors, read from the Hub's CDN. Only those ranges
 //!   cross the network. The finished file must fit the plan (size, header) and,
 //!   where holders in the swarm attest a BLAKE3 for the shard, match it.
-//! - **every shard**: the whole file is read in order into `source.gguf.part` with
-//!   its SHA-256 computed on the way and compared with the one the Hub names, then
-//!   split locally: wrong bytes from the server are caught by the hash.
+//! - **every shard**: the whole file is read in order into `source.gguf.part`,
+//!   then split locally while its SHA-256 is computed beside the split; the
+//!   shards are installed only when it matches the one the Hub names, so wrong
+//!   bytes from the server are caught by the hash.
 //!
 //! Either way a download resumes from its `.part` file (after a crash or kill -9
 //! the node restarts the downloads `hf_source.json` still lists as pending) and
@@ -544,7 +545,10 @@ impl HubJob {
         // split from there, without the network.
         if let Some(cached) = self.cached_source().await {
             tracing::info!(file = %cached.display(), "using the file in the Hugging Face cache");
-            return self.split_from(&[cached], ids).await;
+            for (index, part, p) in self.split_from(&[cached], ids).await? {
+                self.install(index, &part, &p).await?;
+            }
+            return Ok(());
         }
         if ids.len() == self.plan.shards.len() {
             return self.run_whole(ids).await;
@@ -792,15 +796,62 @@ impl HubJob {
             before += have;
             paths.push(path);
         }
-        self.split_from(&paths, ids).await?;
+        // Verifying reads the file from the page cache on one thread while the
+        // split writes shard files on another: on two cores, hashing inline
+        // while receiving slowed the download (the Hub's server shares the CPU),
+        // and after the split it would add its time to the whole.
+        for (_, id) in ids {
+            self.pipeline
+                .inner
+                .downloads
+                .update(id, |s| s.status = "verifying");
+        }
+        let to_hash: Vec<(PathBuf, SourceFile)> =
+            paths.iter().cloned().zip(sources.iter().cloned()).collect();
+        let hashing = tokio::task::spawn_blocking(move || {
+            to_hash
+                .into_iter()
+                .map(|(path, expected)| {
+                    let (hasher, n) = prefix_sha256(&path, expected.bytes)?;
+                    Ok((hex::encode(hasher.finalize()), n, expected))
+                })
+                .collect::<std::io::Result<Vec<_>>>()
+        });
+        let split = self.split_from(&paths, ids).await;
+        let hashes = hashing.await.map_err(failed)?.map_err(failed)?;
+        let wrong = hashes
+            .iter()
+            .find(|(sha, n, e)| *n != e.bytes || *sha != e.sha256);
+        if let Some((sha, _, expected)) = wrong {
+            for p in &paths {
+                let _ = std::fs::remove_file(p);
+            }
+            for (index, id) in ids {
+                if let Some(entry) = self.manifest.shard(*index) {
+                    let _ = std::fs::remove_file(self.dir.part(entry));
+                }
+                self.pipeline
+                    .inner
+                    .downloads
+                    .update(id, |s| s.rejected += 1);
+            }
+            return Err(failed(format!(
+                "the downloaded {}'s SHA-256 is {sha}, but the Hub names {}; discarded",
+                expected.file, expected.sha256
+            )));
+        }
+        let written = split?;
         for p in &paths {
             let _ = std::fs::remove_file(p);
+        }
+        for (index, part, p) in written {
+            self.install(index, &part, &p).await?;
         }
         Ok(())
     }
 
     /// Part `i` of the source, whole and in order, into `path` (resuming from
-    /// what is there), its SHA-256 checked against the Hub's. Returns its size.
+    /// what is there). Returns its size; the caller checks its SHA-256.
     #[allow(clippy::too_many_arguments)]
     async fn fetch_whole_part(
         &self,
@@ -818,16 +869,7 @@ impl HubJob {
         if std::fs::metadata(path).is_ok_and(|m| m.len() > size) {
             std::fs::remove_file(path).map_err(failed)?;
         }
-        // SHA-256 of what is already there (read from disk, not the network).
-        let (part_c, limit) = (path.to_path_buf(), size);
-        let (hasher, have) = tokio::task::spawn_blocking(move || prefix_sha256(&part_c, limit))
-            .await
-            .map_err(failed)?
-            .map_err(failed)?;
-        // The SHA-256 is taken inline, chunk by chunk as it arrives (about 30 µs
-        // per 64 KiB with SHA-NI): on two cores a separate hashing thread made a
-        // third busy thread beside the server and this loop, and measured slower.
-        let mut hasher = hasher;
+        let have = std::fs::metadata(path).map_or(0, |m| m.len());
         *resumed += have;
         let resumed = *resumed;
         // Chunks go straight to the file: they arrive tens of KiB at a time, and
@@ -883,7 +925,6 @@ impl HubJob {
                     }
                     file.write_all(&chunk).map_err(failed)?;
                     at += chunk.len() as u64;
-                    hasher.update(&chunk);
                     if last_report.elapsed() > Duration::from_millis(200) {
                         report_all(at);
                         last_report = Instant::now();
@@ -899,21 +940,6 @@ impl HubJob {
         // The speed is the network's: reported before the file is synced.
         report_all(size);
         file.sync_all().map_err(failed)?;
-        drop(file);
-        let sha = hex::encode(hasher.finalize());
-        if sha != expected.sha256 {
-            let _ = std::fs::remove_file(path);
-            for (_, id) in ids {
-                self.pipeline
-                    .inner
-                    .downloads
-                    .update(id, |s| s.rejected += 1);
-            }
-            return Err(failed(format!(
-                "the downloaded {}'s SHA-256 is {sha}, but the Hub names {}; discarded",
-                expected.file, expected.sha256
-            )));
-        }
         Ok(size)
     }
 
@@ -942,12 +968,14 @@ impl HubJob {
     }
 
     /// Writes the shards `ids` from a whole local copy of the file, exactly as an
-    /// import does, and installs them.
+    /// import does, into their `.part` files: (index, part file, plan) each, for
+    /// the caller to install.
     async fn split_from(
         &self,
         sources: &[PathBuf],
         ids: &[(u32, String)],
-    ) -> Result<(), TransferError> {
+    ) -> Result<Vec<(u32, PathBuf, ShardPlan)>, TransferError> {
+        let mut written = Vec::new();
         for (index, _) in ids {
             let p = self
                 .plan
@@ -970,9 +998,9 @@ impl HubJob {
                 .await
                 .map_err(failed)?
                 .map_err(failed)?;
-            self.install(*index, &shard_part, &p).await?;
+            written.push((*index, shard_part, p));
         }
-        Ok(())
+        Ok(written)
     }
 }
 

@@ -47,7 +47,8 @@ pub struct DownloadStatus {
     pub shard_index: u32,
     /// File name.
     pub file: String,
-    /// `queued`, `downloading`, `done`, `failed` or `cancelled`.
+    /// `queued`, `downloading`, `verifying` (a whole Hub file being checked
+    /// and split), `done`, `failed` or `cancelled`.
     pub status: &'static str,
     /// Where from (`p2p`).
     pub source: &'static str,
@@ -70,7 +71,7 @@ pub struct DownloadStatus {
 impl DownloadStatus {
     /// Whether it is still running.
     pub fn active(&self) -> bool {
-        matches!(self.status, "queued" | "downloading")
+        matches!(self.status, "queued" | "downloading" | "verifying")
     }
 
     /// Progress 0–100.
