@@ -970,6 +970,42 @@ function wireUpdates() {
   $("#update-restart").onclick = () => client.app?.restart();
 }
 
+async function showClientKeys() {
+  const box = $("#client-keys");
+  if (!box) return;
+  if (!client.key()) { box.innerHTML = `<p class="muted">Needs the API key.</p>`; return; }
+  try {
+    const r = await client.get("/api/admin/api-keys");
+    box.innerHTML = r.keys.length ? `<table><tr><th>Name</th><th>Id</th><th>Created</th><th>Waiting</th><th></th></tr>
+      ${r.keys.map((k) => `<tr data-client-key="${esc(k.id)}"><td>${esc(k.name)}</td><td class="mono">${esc(k.id)}</td>
+        <td>${esc(new Date(k.created_at * 1000).toLocaleString())}</td><td>${esc(k.waiting)}</td>
+        <td><button class="secondary" data-revoke="${esc(k.id)}">Revoke</button></td></tr>`).join("")}</table>`
+      : `<p class="muted">None yet.</p>`;
+    for (const b of box.querySelectorAll("button[data-revoke]")) {
+      b.onclick = async () => {
+        try { await client.del(`/api/admin/api-keys/${encodeURIComponent(b.dataset.revoke)}`); toast("Key revoked"); }
+        catch (e) { toast(e.message, true); }
+        showClientKeys();
+      };
+    }
+  } catch (e) { box.innerHTML = `<p class="error">${esc(e.message)}</p>`; }
+}
+
+function wireClientKeys() {
+  showClientKeys();
+  $("#client-key-create").onclick = async () => {
+    if (needKey()) return;
+    try {
+      const r = await client.post("/api/admin/api-keys", { name: $("#client-key-name").value });
+      $("#client-key-value").value = r.key;
+      $("#client-key-new").hidden = false;
+      $("#client-key-name").value = "";
+      showClientKeys();
+    } catch (e) { toast(e.message, true); }
+  };
+  $("#client-key-copy").onclick = async () => { await navigator.clipboard?.writeText($("#client-key-value").value); toast("Copied"); };
+}
+
 async function settings() {
   const [config, stats, schedule, defaults, version] = await Promise.all([client.get("/api/admin/config"), client.get("/api/admin/stats"),
     client.get("/api/admin/schedule"), client.get("/api/admin/config/defaults"), client.get("/api/admin/version")]);
@@ -986,6 +1022,14 @@ async function settings() {
       <button id="key-reveal" class="secondary">Reveal</button><button id="key-copy" class="secondary">Copy</button>
       ${client.inApp ? "" : `<button id="key-save">Save</button>`}</div>
     <p class="muted">Scripts use it as <code>Authorization: Bearer …</code>. ${client.inApp ? "" : "Print it with <code>swarmllm api-key</code>."}</p>
+    <h2>Client keys</h2>
+    <p class="muted">Keys for other apps and people: they run models through the OpenAI API and nothing else, and each
+      has its own share of the queue, so one busy app cannot hold up another.</p>
+    <div id="client-keys"></div>
+    <div class="row"><input id="client-key-name" size="30" maxlength="64" placeholder="What it is for" aria-label="New client key's name">
+      <button id="client-key-create">Create key</button></div>
+    <div class="row" id="client-key-new" hidden><input id="client-key-value" class="mono" size="60" readonly aria-label="The new client key">
+      <button id="client-key-copy" class="secondary">Copy</button><span class="muted">Shown this once.</span></div>
     <h2>Secrets</h2>
     <p id="secret-store" class="${file ? "error" : "ok"}">${file
       ? "No OS keychain (Secret Service) was found: the identity and API key are kept in the encrypted file secrets.enc in the data dir."
@@ -1035,6 +1079,7 @@ async function settings() {
     };
   }
   wireUpdates();
+  wireClientKeys();
   $("#key-reveal").onclick = () => { const i = $("#api-key"); i.type = i.type === "password" ? "text" : "password"; };
   $("#key-copy").onclick = async () => { await navigator.clipboard?.writeText($("#api-key").value); toast("Copied"); };
   if ($("#key-save")) $("#key-save").onclick = () => { client.setKey($("#api-key").value); toast("Saved in this browser"); };

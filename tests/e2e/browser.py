@@ -132,6 +132,26 @@ def main():
             wait_for("off", lambda: http("GET", f"{base}/api/admin/schedule")[1]["enabled"] is False)
         r.check("the contribution schedule is set and refused from Settings", schedule)
 
+        def client_keys():
+            session.js("location.hash = '#/settings'")
+            wait_for("the client keys section", lambda: session.js("return document.querySelector('#client-key-create') !== null"))
+            session.type("#client-key-name", "notes app")
+            session.click("#client-key-create")
+            wait_for("the new key shown", lambda: session.js("return document.querySelector('#client-key-value').value").startswith("swl-client-"))
+            new_key = session.js("return document.querySelector('#client-key-value').value")
+            wait_for("the key listed", lambda: "notes app" in session.text("#client-keys"))
+            assert new_key not in session.text("#client-keys")
+            chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+            auth = {"Authorization": f"Bearer {new_key}"}
+            status, v = http("POST", f"{base}/v1/chat/completions", chat, auth)
+            assert status == 200, v
+            assert http("PUT", f"{base}/api/admin/config", {}, auth)[0] == 401
+            session.page_screenshot(os.path.join(out_dir, "client-keys.png"))
+            session.click("#client-keys button[data-revoke]")
+            wait_for("the key gone from the list", lambda: "None yet" in session.text("#client-keys"))
+            assert http("POST", f"{base}/v1/chat/completions", chat, auth)[0] == 401
+        r.check("a client key is made in Settings, runs inference only, and is revoked there", client_keys)
+
         def first_run():
             # A fresh install: a node with no model, no peers and an empty data dir.
             started = time.monotonic()

@@ -446,6 +446,57 @@ pub(crate) async fn update_check(client: &Client) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `swarmllm keys list`
+pub(crate) async fn keys_list(client: &Client) -> anyhow::Result<()> {
+    let v = client.get("/api/admin/api-keys").await?;
+    let keys = v["keys"].as_array().cloned().unwrap_or_default();
+    if keys.is_empty() {
+        println!("no client keys (make one with: swarmllm keys create NAME)");
+        return Ok(());
+    }
+    println!("{:<10} {:<8} {:<20} NAME", "ID", "WAITING", "CREATED");
+    for k in keys {
+        let created = k["created_at"]
+            .as_i64()
+            .and_then(|t| chrono::DateTime::from_timestamp(t, 0))
+            .map(|t| t.format("%Y-%m-%d %H:%M").to_string())
+            .unwrap_or_default();
+        println!(
+            "{:<10} {:<8} {:<20} {}",
+            k["id"].as_str().unwrap_or("?"),
+            k["waiting"].as_u64().unwrap_or(0),
+            created,
+            k["name"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
+/// `swarmllm keys create NAME`
+pub(crate) async fn keys_create(client: &Client, name: &str) -> anyhow::Result<()> {
+    let v = client
+        .post("/api/admin/api-keys", &json!({ "name": name }))
+        .await?;
+    eprintln!(
+        "client key '{}' (id {}): it runs inference only; it is shown this once",
+        v["name"].as_str().unwrap_or(name),
+        v["id"].as_str().unwrap_or("?")
+    );
+    println!("{}", v["key"].as_str().unwrap_or(""));
+    Ok(())
+}
+
+/// `swarmllm keys revoke ID`
+pub(crate) async fn keys_revoke(client: &Client, id: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric()),
+        "'{id}' is not a key id (see `swarmllm keys list`)"
+    );
+    client.delete(&format!("/api/admin/api-keys/{id}")).await?;
+    println!("revoked client key {id}");
+    Ok(())
+}
+
 /// `swarmllm update apply`
 pub(crate) async fn update_apply(client: &Client) -> anyhow::Result<()> {
     let v = client.post("/api/admin/update/apply", &json!({})).await?;

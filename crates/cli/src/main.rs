@@ -109,6 +109,28 @@ enum Command {
         #[command(subcommand)]
         command: UpdateCommand,
     },
+    /// Client keys: bearer keys for apps and people that may run inference and
+    /// nothing else, each with its own share of the queue.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// List the client keys (never the keys themselves).
+    List,
+    /// Make a client key and print it (shown this once).
+    Create {
+        /// What it is for (1–64 characters).
+        name: String,
+    },
+    /// Revoke a client key: requests with it are refused from now on.
+    Revoke {
+        /// The key's id (from `swarmllm keys list`).
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -521,6 +543,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             match command {
                 UpdateCommand::Check => commands::update_check(&client).await,
                 UpdateCommand::Apply => commands::update_apply(&client).await,
+            }
+        }
+        Command::Keys { command } => {
+            let client = client::Client::connect(&cli.config_source(Map::new()))?;
+            match command {
+                KeysCommand::List => commands::keys_list(&client).await,
+                KeysCommand::Create { name } => commands::keys_create(&client, name).await,
+                KeysCommand::Revoke { id } => commands::keys_revoke(&client, id).await,
             }
         }
         Command::Network { command } => {

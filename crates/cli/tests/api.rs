@@ -296,7 +296,9 @@ fn every_write_route_refuses_a_request_without_the_key() {
             }
             let status = req.send().expect("send").status().as_u16();
             match route.access {
-                Access::Write => assert_eq!(status, 401, "{method} {path} with {auth:?}"),
+                Access::Write | Access::Infer => {
+                    assert_eq!(status, 401, "{method} {path} with {auth:?}")
+                }
                 // A read may fail for its own reasons (no model, no such id), but
                 // never for want of a key.
                 Access::Read => assert_ne!(status, 401, "{method} {path} with {auth:?}"),
@@ -1045,4 +1047,116 @@ fn n_choices_come_back_together_each_with_its_own_seed() {
     let (status, v) = node.post("/v1/chat/completions", &streamed);
     assert_eq!(status, 422, "{v}");
     assert_eq!(v["error"]["details"]["field"], "n", "{v}");
+}
+
+#[test]
+fn a_client_key_runs_inference_and_nothing_else_until_revoked() {
+    let node = TestNode::start();
+    let as_client = |key: &str, method: Method, path: &str, body: &Value| {
+        let r = node
+            .http()
+            .request(method, node.url(path))
+            .bearer_auth(key)
+            .json(body)
+            .send()
+            .expect("send");
+        let status = r.status().as_u16();
+        (status, r.json::<Value>().unwrap_or(Value::Null))
+    };
+    // Created with the node's key; the key is shown once, its hash kept.
+    let (s, created) = node.post("/api/admin/api-keys", &json!({ "name": "notes app" }));
+    assert_eq!(s, 201, "{created}");
+    let key = created["key"].as_str().expect("key").to_string();
+    let id = created["id"].as_str().expect("id").to_string();
+    assert!(key.starts_with("swl-client-"), "{created}");
+    let (s, list) = node.get_auth("/api/admin/api-keys");
+    assert_eq!(s, 200, "{list}");
+    assert_eq!(list["keys"][0]["name"], "notes app", "{list}");
+    assert_eq!(list["keys"][0]["id"], json!(id), "{list}");
+    assert!(
+        list["keys"][0].get("key").is_none(),
+        "a listing never shows the key: {list}"
+    );
+    assert!(
+        list["queue_share"].as_u64().is_some_and(|n| n >= 1),
+        "{list}"
+    );
+    for file in ["node.db", "node.db-wal"] {
+        let bytes = std::fs::read(node.dir().join(file)).unwrap_or_default();
+        assert!(
+            !bytes.windows(key.len()).any(|w| w == key.as_bytes()),
+            "the key itself is not in {file}"
+        );
+    }
+
+    // It runs the model on every inference route...
+    let (s, v) = as_client(
+        &key,
+        Method::POST,
+        "/v1/chat/completions",
+        &chat_body("hi", 3),
+    );
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = as_client(
+        &key,
+        Method::POST,
+        "/v1/completions",
+        &json!({ "prompt": "Hello", "max_tokens": 2 }),
+    );
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = as_client(
+        &key,
+        Method::POST,
+        "/api/v1/inference",
+        &json!({ "prompt": "Hello", "max_tokens": 2 }),
+    );
+    assert_eq!(s, 200, "{v}");
+    // ...and nothing else: no writes, no key management, no node key.
+    for (method, path) in [
+        (Method::PUT, "/api/admin/config"),
+        (Method::POST, "/api/admin/api-keys"),
+        (Method::GET, "/api/admin/api-keys"),
+        (Method::GET, "/api/admin/api-key"),
+        (Method::PUT, "/api/pool/private-mode"),
+    ] {
+        let (s, v) = as_client(&key, method.clone(), path, &json!({ "name": "x" }));
+        assert_eq!(s, 401, "{method} {path}: {v}");
+    }
+
+    // Bad names and unknown ids are clear errors.
+    for body in [
+        json!({ "name": "" }),
+        json!({ "name": "a\u{7}b" }),
+        json!({}),
+        json!({ "name": "x", "admin": true }),
+    ] {
+        let (s, v) = node.post("/api/admin/api-keys", &body);
+        assert_eq!(s, 400, "{body}: {v}");
+    }
+    let (s, v) = node.call(Method::DELETE, "/api/admin/api-keys/nope", &json!({}));
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (404, Some("KEY_NOT_FOUND")),
+        "{v}"
+    );
+
+    // Revoked: refused at once.
+    let (s, v) = node.call(
+        Method::DELETE,
+        &format!("/api/admin/api-keys/{id}"),
+        &json!({}),
+    );
+    assert_eq!((s, &v["revoked"]["id"]), (200, &json!(id)), "{v}");
+    let (s, v) = as_client(
+        &key,
+        Method::POST,
+        "/v1/chat/completions",
+        &chat_body("hi", 3),
+    );
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (401, Some("UNAUTHORIZED")),
+        "{v}"
+    );
+    assert_eq!(node.get_auth("/api/admin/api-keys").1["keys"], json!([]));
 }

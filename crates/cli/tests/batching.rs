@@ -266,3 +266,95 @@ fn past_the_queue_a_request_gets_429_with_retry_after() {
         assert_eq!(waiting.join().expect("thread").expect("answer"), 200);
     });
 }
+
+#[test]
+fn api_keys_share_the_queue_and_take_turns() {
+    // One sequence, four waiting places: each key may hold two of them.
+    let node = TestNode::start_custom(
+        true,
+        &[],
+        &[
+            ("SWARMLLM_MAX_PARALLEL", "1"),
+            ("SWARMLLM_MAX_QUEUE", "4"),
+            ("SWARMLLM_RATE_LIMIT_PER_MINUTE", "0"),
+        ],
+        |_| {},
+    );
+    let (s, created) = node.post("/api/admin/api-keys", &json!({ "name": "second app" }));
+    assert_eq!(s, 201, "{created}");
+    let client_key = created["key"].as_str().expect("key").to_string();
+    let client_id = created["id"].as_str().expect("id").to_string();
+    let send = |key: &str, body: &Value| {
+        node.http()
+            .post(node.url("/v1/completions"))
+            .bearer_auth(key)
+            .json(body)
+            .send()
+            .expect("send")
+    };
+    let short = json!({ "prompt": "Hi", "max_tokens": 8, "temperature": 0, "ignore_eos": true });
+
+    // The node's key holds the only sequence...
+    let mut running = send(
+        &node.key,
+        &json!({ "prompt": "Count forever:", "max_tokens": 3000, "temperature": 0,
+                 "ignore_eos": true, "stream": true }),
+    );
+    let mut buf = [0u8; 64];
+    assert!(running.read(&mut buf).expect("first bytes") > 0);
+    std::thread::scope(|s| {
+        let done = |key: String| {
+            let short = short.clone();
+            let send = &send;
+            move || {
+                let status = send(&key, &short).status().as_u16();
+                (status, std::time::Instant::now())
+            }
+        };
+        // ...and queues two more: its share.
+        let first = s.spawn(done(node.key.clone()));
+        let second = s.spawn(done(node.key.clone()));
+        wait_for(
+            "two of the node key's requests queued",
+            Duration::from_secs(30),
+            || (engine_stats(&node)["queue_depth"] == 2).then_some(()),
+        );
+        // Its third is refused although the queue has room...
+        let r = send(&node.key, &short);
+        assert_eq!(r.status().as_u16(), 429);
+        let body: Value = r.json().expect("json");
+        assert_eq!(body["error"]["code"], "OVERLOADED", "{body}");
+        assert_eq!(
+            body["error"]["details"]["waiting_for_this_key"], 2,
+            "{body}"
+        );
+        // ...which another key still gets.
+        let other = s.spawn(done(client_key.clone()));
+        wait_for(
+            "the client key's request queued",
+            Duration::from_secs(30),
+            || {
+                let (_, list) = node.get_auth("/api/admin/api-keys");
+                let keys = list["keys"].as_array()?.clone();
+                keys.iter()
+                    .any(|k| k["id"] == json!(client_id) && k["waiting"] == 1)
+                    .then_some(())
+            },
+        );
+        assert_eq!(engine_stats(&node)["queue_depth"], 3);
+        // The sequence frees: keys take turns, so the client key's one request
+        // is not served after both of the node key's (first come, first served
+        // would put it last).
+        drop(running);
+        let (a, b, c) = (
+            first.join().expect("thread"),
+            second.join().expect("thread"),
+            other.join().expect("thread"),
+        );
+        assert_eq!((a.0, b.0, c.0), (200, 200, 200));
+        assert!(
+            c.1 < a.1.max(b.1),
+            "the client key's request finished last: keys did not take turns"
+        );
+    });
+}

@@ -130,6 +130,43 @@ fn cli_drives_a_running_node() {
             "update {sub}: {err}"
         );
     }
+    // Client keys: made, listed (without the key), used, revoked.
+    let (ok, out, err) = cli(dir, node.port, &["keys", "create", "phone app"]);
+    assert!(ok, "{err}");
+    let key = out.trim().to_string();
+    assert!(
+        key.starts_with("swl-client-") && err.contains("shown this once"),
+        "{out} {err}"
+    );
+    let (ok, out, err) = cli(dir, node.port, &["keys", "list"]);
+    assert!(
+        ok && out.contains("phone app") && !out.contains(&key),
+        "{out} {err}"
+    );
+    let id = out
+        .lines()
+        .find(|l| l.contains("phone app"))
+        .and_then(|l| l.split_whitespace().next())
+        .expect("id")
+        .to_string();
+    let status = |key: &str| {
+        node.http()
+            .post(node.url("/v1/completions"))
+            .bearer_auth(key)
+            .json(&serde_json::json!({ "prompt": "Hi", "max_tokens": 1 }))
+            .send()
+            .expect("send")
+            .status()
+            .as_u16()
+    };
+    assert_eq!(status(&key), 200);
+    let (ok, _, err) = cli(dir, node.port, &["keys", "revoke", "../x"]);
+    assert!(!ok && err.contains("not a key id"), "{err}");
+    let (ok, _, err) = cli(dir, node.port, &["keys", "revoke", &id]);
+    assert!(ok, "{err}");
+    assert_eq!(status(&key), 401);
+    let (ok, _, err) = cli(dir, node.port, &["keys", "revoke", &id]);
+    assert!(!ok && err.contains("no client key"), "{err}");
 }
 
 #[test]

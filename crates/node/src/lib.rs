@@ -21,6 +21,7 @@ pub mod hardware;
 pub mod hub;
 pub mod identity;
 pub mod infer;
+pub mod keys;
 pub mod logging;
 pub mod metrics;
 pub mod net;

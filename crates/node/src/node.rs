@@ -107,6 +107,8 @@ struct Inner {
     secrets: SecretStore,
     identity: Identity,
     api_key: Zeroizing<String>,
+    /// Inference-only keys.
+    client_keys: crate::keys::ClientKeys,
     engine: Option<Engine>,
     pipeline: Pipeline,
     pools: crate::pool::Pools,
@@ -172,8 +174,9 @@ impl Node {
         // Database, keychain and model loading all block: keep them off the runtime.
         let blocking_config = config.clone();
         let blocking_dir = data_dir.clone();
-        let (store, secrets, identity, (api_key, hf_token)) = blocking(move || {
+        let (store, secrets, identity, (api_key, hf_token), client_keys) = blocking(move || {
             let store = Store::open(&blocking_dir.join("node.db"))?;
+            let client_keys = crate::keys::ClientKeys::open(store.clone())?;
             let secrets = SecretStore::open(&blocking_dir, &blocking_config.secret_store)?;
             let identity = Identity::load_or_create(&secrets)?;
             let api_key = identity::load_or_create_api_key(&secrets)?;
@@ -186,7 +189,7 @@ impl Node {
                         .filter(|t| !t.is_empty())
                         .map(Zeroizing::new)
                 });
-            Ok::<_, StartError>((store, secrets, identity, (api_key, hf_token)))
+            Ok::<_, StartError>((store, secrets, identity, (api_key, hf_token), client_keys))
         })
         .await??;
         tracing::info!(
@@ -266,6 +269,7 @@ impl Node {
                 secrets,
                 identity,
                 api_key,
+                client_keys,
                 engine,
                 pipeline,
                 pools,
@@ -573,6 +577,11 @@ impl Node {
         let a = blake3::hash(candidate.as_bytes());
         let b = blake3::hash(self.inner.api_key.as_bytes());
         a.as_bytes().ct_eq(b.as_bytes()).into()
+    }
+
+    /// Inference-only client keys.
+    pub fn client_keys(&self) -> &crate::keys::ClientKeys {
+        &self.inner.client_keys
     }
 
     /// The inference engine, when a model is loaded.

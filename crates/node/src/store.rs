@@ -185,6 +185,13 @@ const MIGRATIONS: &[&str] = &[
         reason      TEXT NOT NULL
     );
     CREATE INDEX swarm_activity_kind ON swarm_activity (kind, id);",
+    // 7 (fair shares): client keys, by the BLAKE3 of the key (never the key).
+    "CREATE TABLE client_keys (
+        id         TEXT PRIMARY KEY,
+        name       TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        key_hash   BLOB NOT NULL UNIQUE
+    );",
 ];
 
 /// Request-log rows kept; older ones live on only in the lifetime totals.

@@ -39,6 +39,7 @@ fn greedy(path: &Path, prompt: &str) -> String {
                 ignore_eos: true,
                 ..SamplingParams::default()
             },
+            client: "test".into(),
         })
         .expect("submit");
     let mut text = String::new();

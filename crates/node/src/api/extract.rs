@@ -139,6 +139,38 @@ pub(crate) async fn require_auth(
     Ok(next.run(req).await)
 }
 
+/// Who made an inference request: [`crate::infer::NODE_CLIENT`] for the node's
+/// own key, else the client key's id. Put in the request's extensions by
+/// [`require_client`].
+#[derive(Debug, Clone)]
+pub(crate) struct Client(pub(crate) String);
+
+/// Middleware of the inference routes: the node's key or a client key, each
+/// with its own rate-limit bucket; the handler learns which as [`Client`].
+pub(crate) async fn require_client(
+    State(state): State<AppState>,
+    mut req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let token = bearer(req.headers()).ok_or_else(ApiError::unauthorized)?;
+    let client = if state.node.api_key_matches(token) {
+        crate::infer::NODE_CLIENT.to_string()
+    } else {
+        let key = state
+            .node
+            .client_keys()
+            .lookup(token)
+            .ok_or_else(ApiError::unauthorized)?;
+        key.id
+    };
+    let per_minute = state.node.config().rate_limit_per_minute;
+    if let Err(retry_after) = state.limiter.check(&format!("client:{client}"), per_minute) {
+        return Err(ApiError::rate_limited(retry_after));
+    }
+    req.extensions_mut().insert(Client(client));
+    Ok(next.run(req).await)
+}
+
 /// Callers whose bucket is kept (keys and client addresses together).
 const MAX_BUCKETS: usize = 4096;
 

@@ -296,6 +296,7 @@ pub(crate) struct Generation {
 pub(crate) async fn start(
     node: &Node,
     endpoint: &'static str,
+    client: &str,
     id: String,
     target: Target,
     prompt: String,
@@ -306,7 +307,11 @@ pub(crate) async fn start(
     // Demand counts every request this node takes for a model, served here or
     // through the network.
     node.swarm().demand().record_own(&model);
-    let request = GenerateRequest { prompt, params };
+    let request = GenerateRequest {
+        prompt,
+        params,
+        client: client.to_string(),
+    };
     let mut events = if target.local {
         let engine = node.engine().ok_or_else(ApiError::no_model)?;
         let events = engine.submit(request).map_err(|e| match e {
@@ -316,6 +321,15 @@ pub(crate) async fn start(
                 format!("the inference queue is full ({n} waiting); try again shortly"),
             )
             .with_details(json!({ "retry_after": 1 })),
+            SubmitError::ShareFull { held } => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "OVERLOADED",
+                format!(
+                    "this API key already has {held} requests waiting, its share of the \
+                     inference queue; try again when one has started"
+                ),
+            )
+            .with_details(json!({ "retry_after": 1, "waiting_for_this_key": held })),
             other => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "ENGINE_STOPPED",

@@ -10,6 +10,7 @@ mod error;
 mod extract;
 mod generate;
 mod hub;
+mod keys;
 mod models;
 mod net;
 mod openai;
@@ -101,6 +102,7 @@ fn all_routes() -> Routes {
         .merge(pool::routes())
         .merge(credits::routes())
         .merge(update::routes())
+        .merge(keys::routes())
 }
 
 /// Every route of the API with its method and access (read or write), as the
@@ -125,6 +127,12 @@ pub fn router(node: Node) -> Router {
             state.clone(),
             extract::require_auth,
         ));
+    let inference = routes
+        .infer
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            extract::require_client,
+        ));
     let public = routes
         .read
         .route_layer(axum::middleware::from_fn_with_state(
@@ -134,6 +142,7 @@ pub fn router(node: Node) -> Router {
 
     public
         .merge(protected)
+        .merge(inference)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(

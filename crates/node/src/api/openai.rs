@@ -4,7 +4,7 @@
 use std::convert::Infallible;
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -14,7 +14,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::AppState;
 use super::error::ApiError;
-use super::extract::{ApiJson, from_value};
+use super::extract::{ApiJson, Client, from_value};
 use super::generate::{self, Generation, Piece, SamplingDefaults, SamplingFields};
 use crate::infer::ChatTurn;
 
@@ -184,9 +184,11 @@ fn choices(n: Option<i64>, stream: bool) -> Result<usize, ApiError> {
 /// Starts `n` generations of one prompt, each with its own seed (the request's
 /// seed plus the choice's index, so a seeded request stays reproducible); the
 /// engine decodes them together.
+#[allow(clippy::too_many_arguments)]
 async fn start_choices(
     node: &crate::Node,
     endpoint: &'static str,
+    client: &Client,
     id: &str,
     target: generate::Target,
     prompt: String,
@@ -202,6 +204,7 @@ async fn start_choices(
         generate::start(
             node,
             endpoint,
+            &client.0,
             id.to_string(),
             target.clone(),
             prompt.clone(),
@@ -214,6 +217,7 @@ async fn start_choices(
 /// `POST /v1/chat/completions`
 pub(crate) async fn chat_completions(
     State(state): State<AppState>,
+    Extension(client): Extension<Client>,
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Response, ApiError> {
     let req: ChatRequest = from_value(&body)?;
@@ -224,8 +228,17 @@ pub(crate) async fn chat_completions(
     let params = sampling.into_params(defaults(&state))?;
     let prompt = generate::render_chat(node, &model, &turns(req.messages)?).await?;
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
-    let generations =
-        start_choices(node, "/v1/chat/completions", &id, model, prompt, params, n).await?;
+    let generations = start_choices(
+        node,
+        "/v1/chat/completions",
+        &client,
+        &id,
+        model,
+        prompt,
+        params,
+        n,
+    )
+    .await?;
 
     let include_usage = req
         .stream_options
@@ -360,6 +373,7 @@ pub(crate) struct CompletionRequest {
 /// `POST /v1/completions`
 pub(crate) async fn completions(
     State(state): State<AppState>,
+    Extension(client): Extension<Client>,
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Response, ApiError> {
     let req: CompletionRequest = from_value(&body)?;
@@ -382,7 +396,17 @@ pub(crate) async fn completions(
     }
     let params = sampling.into_params(defaults(&state))?;
     let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
-    let generations = start_choices(node, "/v1/completions", &id, model, prompt, params, n).await?;
+    let generations = start_choices(
+        node,
+        "/v1/completions",
+        &client,
+        &id,
+        model,
+        prompt,
+        params,
+        n,
+    )
+    .await?;
 
     let include_usage = req
         .stream_options
@@ -523,6 +547,6 @@ pub(super) fn routes() -> super::routes::Routes {
     use axum::http::Method;
     super::routes::Routes::default()
         .read(Method::GET, "/v1/models", list_models)
-        .write(Method::POST, "/v1/chat/completions", chat_completions)
-        .write(Method::POST, "/v1/completions", completions)
+        .infer(Method::POST, "/v1/chat/completions", chat_completions)
+        .infer(Method::POST, "/v1/completions", completions)
 }

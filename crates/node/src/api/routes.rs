@@ -1,7 +1,8 @@
 //! Every route of the API is declared once, in its domain's `routes()`, as a read
-//! (public) or a write (needs the bearer key). [`Routes`] builds the two routers
-//! from those declarations and keeps the table, so a test can walk every route
-//! and check that each write refuses a request without the key.
+//! (public), a write (needs the node's bearer key) or an inference route (the
+//! node's key or a client key, see [`crate::keys`]). [`Routes`] builds the three
+//! routers from those declarations and keeps the table, so a test can walk every
+//! route and check that each write refuses a request without the key.
 
 use axum::Router;
 use axum::handler::Handler;
@@ -16,8 +17,10 @@ use super::AppState;
 pub enum Access {
     /// Anyone who can reach the API (status and listings).
     Read,
-    /// Only a caller with the bearer API key (every change, inference, secrets).
+    /// Only a caller with the node's API key (every change, secrets).
     Write,
+    /// The node's API key or a client key: running a model, nothing else.
+    Infer,
 }
 
 /// One declared route.
@@ -41,6 +44,7 @@ fn method_name<S: serde::Serializer>(m: &Method, s: S) -> Result<S::Ok, S::Error
 pub(crate) struct Routes {
     pub(crate) read: Router<AppState>,
     pub(crate) write: Router<AppState>,
+    pub(crate) infer: Router<AppState>,
     pub(crate) table: Vec<Route>,
 }
 
@@ -73,6 +77,15 @@ impl Routes {
         self.add(Access::Write, method, path, handler)
     }
 
+    /// A route that runs a model: the API key or a client key.
+    pub(crate) fn infer<H, T>(self, method: Method, path: &'static str, handler: H) -> Self
+    where
+        H: Handler<T, AppState>,
+        T: 'static,
+    {
+        self.add(Access::Infer, method, path, handler)
+    }
+
     fn add<H, T>(mut self, access: Access, method: Method, path: &'static str, handler: H) -> Self
     where
         H: Handler<T, AppState>,
@@ -82,6 +95,7 @@ impl Routes {
         match access {
             Access::Read => self.read = self.read.route(path, route),
             Access::Write => self.write = self.write.route(path, route),
+            Access::Infer => self.infer = self.infer.route(path, route),
         }
         self.table.push(Route {
             method,
@@ -95,6 +109,7 @@ impl Routes {
     pub(crate) fn merge(mut self, other: Routes) -> Self {
         self.read = self.read.merge(other.read);
         self.write = self.write.merge(other.write);
+        self.infer = self.infer.merge(other.infer);
         self.table.extend(other.table);
         self
     }

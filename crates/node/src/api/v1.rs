@@ -2,14 +2,14 @@
 //! metrics.
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::AppState;
 use super::error::ApiError;
-use super::extract::{ApiJson, from_value};
+use super::extract::{ApiJson, Client, from_value};
 use super::generate::{self, SamplingDefaults, SamplingFields};
 use super::openai::{GenInfo, StreamPiece, sse};
 use crate::infer::ChatTurn;
@@ -30,6 +30,7 @@ pub(crate) struct InferenceRequest {
 /// user turn through the model's chat template unless `raw` is true.
 pub(crate) async fn inference(
     State(state): State<AppState>,
+    Extension(client): Extension<Client>,
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Response, ApiError> {
     let req: InferenceRequest = from_value(&body)?;
@@ -63,7 +64,16 @@ pub(crate) async fn inference(
         generate::render_chat(node, &model, &turns).await?
     };
     let id = format!("inf_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-    let generation = generate::start(node, "/api/v1/inference", id, model, prompt, params).await?;
+    let generation = generate::start(
+        node,
+        "/api/v1/inference",
+        &client.0,
+        id,
+        model,
+        prompt,
+        params,
+    )
+    .await?;
 
     if req.stream {
         let mut index = 0u64;
@@ -223,5 +233,5 @@ pub(super) fn routes() -> super::routes::Routes {
         .read(Method::GET, "/api/v1/status", status)
         .read(Method::GET, "/api/v1/health", health)
         .read(Method::GET, "/api/v1/metrics", metrics)
-        .write(Method::POST, "/api/v1/inference", inference)
+        .infer(Method::POST, "/api/v1/inference", inference)
 }

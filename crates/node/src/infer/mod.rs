@@ -8,13 +8,15 @@
 //!
 //! A llama.cpp context is not `Send`, so one OS thread owns it. It serves up to
 //! `max_parallel` jobs at once, each in its own sequence, decoded together in one
-//! batch per step (continuous batching, see `slots`); more wait in arrival order
-//! (FIFO: fair, and a burst of requests can never crash the node; past
-//! `max_queue` waiting jobs new ones are refused). Each job streams [`Event`]s back
+//! batch per step (continuous batching, see `slots`); more wait, taken in turn
+//! across clients and in arrival order within one (see `fair`: a burst from one
+//! client neither crashes the node nor starves another; past `max_queue`
+//! waiting jobs, or past half of them from one client, new ones are refused). Each job streams [`Event`]s back
 //! over its own channel; when the receiver is dropped (the client went away) the
 //! engine notices at the next step and frees that sequence.
 
 mod engine;
+mod fair;
 pub mod gpu;
 mod slots;
 mod stop;
@@ -282,7 +284,13 @@ pub struct GenerateRequest {
     pub prompt: String,
     /// Sampling and stopping.
     pub params: SamplingParams,
+    /// Who asked: the client key's id, or [`NODE_CLIENT`] for the node's own
+    /// key. The engine shares its queue fairly among clients.
+    pub client: String,
 }
+
+/// The client name of requests made with the node's own API key.
+pub const NODE_CLIENT: &str = "node";
 
 /// Why a generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -406,6 +414,12 @@ pub enum SubmitError {
     /// Too many jobs are waiting.
     #[error("the inference queue is full ({0} waiting)")]
     QueueFull(usize),
+    /// This client already holds its share of the waiting places.
+    #[error("this API key already has {held} requests waiting, its share of the queue")]
+    ShareFull {
+        /// Its jobs waiting.
+        held: usize,
+    },
     /// The engine thread has stopped.
     #[error("the inference engine has stopped")]
     Stopped,
@@ -504,6 +518,16 @@ impl Engine {
         self.load.waiting.load(Ordering::Relaxed)
     }
 
+    /// Jobs `client` has waiting (see [`GenerateRequest::client`]).
+    pub fn waiting_for(&self, client: &str) -> usize {
+        self.load.shares.waiting(client)
+    }
+
+    /// Waiting places one client may hold.
+    pub fn queue_share(&self) -> usize {
+        fair::Shares::share(self.max_queue)
+    }
+
     /// Batching counters.
     pub fn stats(&self) -> EngineStats {
         let batches = self.load.batches.load(Ordering::Relaxed);
@@ -530,11 +554,18 @@ impl Engine {
     /// Queues a generation. Events arrive on the returned receiver; dropping it
     /// cancels the generation.
     pub fn submit(&self, request: GenerateRequest) -> Result<mpsc::Receiver<Event>, SubmitError> {
-        // Reserve a queue slot first so the limit holds under concurrent submits.
+        // Reserve the client's place, then a queue slot, so both limits hold
+        // under concurrent submits.
+        let client = request.client.clone();
+        let shares = &self.load.shares;
+        shares
+            .try_add(&client, fair::Shares::share(self.max_queue))
+            .map_err(|held| SubmitError::ShareFull { held })?;
         let waiting = &self.load.waiting;
         let before = waiting.fetch_add(1, Ordering::AcqRel);
         if before >= self.max_queue {
             waiting.fetch_sub(1, Ordering::AcqRel);
+            shares.remove(&client);
             return Err(SubmitError::QueueFull(before));
         }
         // Room for every event a generation can send (one token per context
@@ -551,10 +582,12 @@ impl Engine {
             Ok(()) => Ok(rx),
             Err(mpsc::error::TrySendError::Full(_)) => {
                 waiting.fetch_sub(1, Ordering::AcqRel);
+                shares.remove(&client);
                 Err(SubmitError::QueueFull(before))
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
                 waiting.fetch_sub(1, Ordering::AcqRel);
+                shares.remove(&client);
                 Err(SubmitError::Stopped)
             }
         }

@@ -49,6 +49,8 @@ pub(crate) struct EngineLoad {
     pub batched_tokens: AtomicUsize,
     /// Most sequences seen in one batch.
     pub peak_sequences: AtomicUsize,
+    /// Waiting jobs per client.
+    pub shares: super::fair::Shares,
 }
 
 /// The tokens whose KV each free sequence still holds, for prompts that
@@ -160,22 +162,24 @@ pub(super) fn run(
     let mut batch = LlamaBatch::new(n_batch.max(max_parallel), 1);
     let mut slots: Vec<Slot> = Vec::with_capacity(max_parallel);
     let mut cache = PromptCache::new(max_parallel);
+    let mut queue = super::fair::FairQueue::default();
     loop {
-        // Admit new requests while sequences are free: wait for one only when
-        // nothing is running.
+        // Everything submitted joins its client's line (the channel is only the
+        // way in); wait for a job only when nothing runs or waits.
+        if slots.is_empty() && queue.is_empty() {
+            match jobs.blocking_recv() {
+                Some(job) => queue.push(job),
+                None => return,
+            }
+        }
+        while let Ok(job) = jobs.try_recv() {
+            queue.push(job);
+        }
+        // Admit new requests, clients in turn, while sequences are free.
         while slots.len() < max_parallel {
-            let job = if slots.is_empty() {
-                match jobs.blocking_recv() {
-                    Some(job) => job,
-                    None => return,
-                }
-            } else {
-                match jobs.try_recv() {
-                    Ok(job) => job,
-                    Err(_) => break,
-                }
-            };
+            let Some(job) = queue.pop() else { break };
             load.waiting.fetch_sub(1, Ordering::AcqRel);
+            load.shares.remove(&job.request.client);
             if let Some(slot) = admit(model, ctx, context_size, &slots, &mut cache, job) {
                 slots.push(slot);
             }
