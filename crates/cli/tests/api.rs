@@ -406,6 +406,8 @@ fn bad_inputs_get_clear_errors_and_the_node_keeps_serving() {
         ("top_k", json!(-1)),
         ("n", json!(0)),
         ("n", json!(9)),
+        // Alternatives need `logprobs: true`, and are 0–20.
+        ("top_logprobs", json!(2)),
     ] {
         let mut body = json!({ "messages": ok_msgs });
         body[field] = value;
@@ -416,6 +418,24 @@ fn bad_inputs_get_clear_errors_and_the_node_keeps_serving() {
         );
         assert_eq!(v["error"]["details"]["field"], field);
     }
+    let v = expect(
+        node.post(
+            "/v1/chat/completions",
+            &json!({ "messages": ok_msgs, "logprobs": true, "top_logprobs": 21 }),
+        ),
+        422,
+        "INVALID_PARAMETER",
+    );
+    assert_eq!(v["error"]["details"]["field"], "top_logprobs");
+    let v = expect(
+        node.post(
+            "/v1/completions",
+            &json!({ "prompt": "Hi", "logprobs": -1 }),
+        ),
+        422,
+        "INVALID_PARAMETER",
+    );
+    assert_eq!(v["error"]["details"]["field"], "logprobs");
     expect(
         node.post("/v1/chat/completions", &json!({ "messages": [] })),
         422,

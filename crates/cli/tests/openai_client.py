@@ -51,6 +51,36 @@ structured = client.chat.completions.create(
 answer = json.loads(structured.choices[0].message.content)
 assert answer["city"] in ("Paris", "Lyon") and list(answer) == ["city"], answer
 
+# Log-probabilities as the SDK parses them: greedy picks each step's most likely
+# token, and the tokens spell the answer; streamed, the same tokens arrive.
+lp = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=12,
+                                    logprobs=True, top_logprobs=3)
+content = lp.choices[0].logprobs.content
+assert content and "".join(t.token for t in content) == lp.choices[0].message.content
+for t in content:
+    assert t.logprob <= 0 and len(t.top_logprobs) == 3, t
+    assert t.top_logprobs[0].token == t.token and abs(t.top_logprobs[0].logprob - t.logprob) < 1e-4, t
+    assert t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob >= t.top_logprobs[2].logprob
+    assert bytes(t.bytes).decode("utf-8", "replace") == t.token
+streamed = []
+for chunk in client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=12,
+                                            logprobs=True, top_logprobs=3, stream=True):
+    for choice in chunk.choices:
+        if choice.logprobs and choice.logprobs.content:
+            streamed.extend(choice.logprobs.content)
+assert [t.token for t in streamed] == [t.token for t in content]
+legacy = client.completions.create(model=model, prompt="The sky is", max_tokens=6, temperature=0, logprobs=2)
+l = legacy.choices[0].logprobs
+assert "".join(l.tokens) == legacy.choices[0].text and len(l.token_logprobs) == len(l.tokens)
+assert l.text_offset[0] == 0 and all(len(m) == 2 for m in l.top_logprobs), l
+plain = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=4)
+assert plain.choices[0].logprobs is None
+try:
+    client.chat.completions.create(model=model, messages=messages, max_tokens=2, logprobs=True, top_logprobs=21)
+    raise SystemExit("expected UnprocessableEntityError")
+except openai.UnprocessableEntityError:
+    pass
+
 try:
     client.chat.completions.create(model="no-such-model", messages=messages)
     raise SystemExit("expected NotFoundError")

@@ -169,6 +169,18 @@ fn three_way_split_matches_local_greedy_output_and_survives_a_killed_hop() {
         assert_eq!(&content(&v), text, "prompt {prompt:?}");
         assert_eq!(&v["usage"]["completion_tokens"], tokens);
     }
+    // Log-probabilities are not carried back from a split's last hop yet: a
+    // clear refusal, not an answer without them.
+    let (status, v) = a.post(
+        "/v1/chat/completions",
+        &json!({ "model": "smol", "messages": [{ "role": "user", "content": "Hi" }],
+                 "max_tokens": 2, "logprobs": true }),
+    );
+    assert_eq!(
+        (status, &v["error"]["details"]["field"]),
+        (422, &json!("logprobs")),
+        "{v}"
+    );
 
     // A standby for the middle span, then kill -9 whichever middle node is in use
     // while a long answer streams.

@@ -52,7 +52,7 @@ fn greedy(path: &Path, prompt: &str) -> String {
                     break;
                 }
                 Event::Failed(e) => panic!("{e}"),
-                Event::Started { .. } => {}
+                Event::Started { .. } | Event::Logprob(_) => {}
             }
         }
     });

@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 
 use super::error::ApiError;
 use crate::Node;
+use crate::infer::logprobs::TokenLogprob;
 use crate::infer::{
     ChatTurn, Event, FinishReason, GenerateError, GenerateRequest, SamplingParams, SubmitError,
     Timing, Usage,
@@ -122,6 +123,8 @@ impl SamplingFields {
                 Some(f) => response_format_schema(f)?,
                 None => None,
             },
+            // Each surface reads its own spelling (see `with_logprobs`).
+            logprobs: None,
         };
         params
             .validate(crate::infer::SamplingLimits::default())
@@ -265,7 +268,8 @@ pub(crate) async fn render_chat(
 /// A piece of a running generation.
 #[derive(Debug)]
 pub(crate) enum Piece {
-    Text(String),
+    /// Text, and the log-probabilities of the tokens it came from (when asked).
+    Text(String, Option<Vec<TokenLogprob>>),
     Done {
         finish_reason: FinishReason,
         usage: Usage,
@@ -289,6 +293,8 @@ pub(crate) struct Generation {
     endpoint: &'static str,
     started: Instant,
     finished: bool,
+    /// Log-probabilities received whose text has not come yet (`None`: not asked).
+    logprobs: Option<Vec<TokenLogprob>>,
 }
 
 /// Submits a generation and waits until the engine has picked it up, so queueing
@@ -307,6 +313,15 @@ pub(crate) async fn start(
     // Demand counts every request this node takes for a model, served here or
     // through the network.
     node.swarm().demand().record_own(&model);
+    let wants_logprobs = params.logprobs.is_some();
+    if wants_logprobs && !target.local {
+        // The last hop of a split model samples; its answers carry no
+        // log-probabilities yet.
+        return Err(ApiError::invalid_parameter(
+            "logprobs",
+            "is not available for a model split across nodes yet",
+        ));
+    }
     let request = GenerateRequest {
         prompt,
         params,
@@ -343,6 +358,7 @@ pub(crate) async fn start(
     };
     match events.recv().await {
         Some(Event::Started { prompt_tokens, .. }) => Ok(Generation {
+            logprobs: wants_logprobs.then(Vec::new),
             id,
             model,
             created: chrono::Utc::now().timestamp(),
@@ -392,9 +408,20 @@ impl Generation {
         if self.finished {
             return None;
         }
-        let piece = match self.events.recv().await {
-            Some(Event::Token(text)) => return Some(Piece::Text(text)),
-            Some(Event::Started { .. }) => return Some(Piece::Text(String::new())),
+        let mut event = self.events.recv().await;
+        while let Some(Event::Logprob(lp)) = event {
+            if let Some(pending) = self.logprobs.as_mut() {
+                pending.push(lp);
+            }
+            event = self.events.recv().await;
+        }
+        let piece = match event {
+            Some(Event::Token(text)) => {
+                let logprobs = self.logprobs.as_mut().map(std::mem::take);
+                return Some(Piece::Text(text, logprobs));
+            }
+            Some(Event::Started { .. }) => return Some(Piece::Text(String::new(), None)),
+            Some(Event::Logprob(_)) => return None,
             Some(Event::Done {
                 finish_reason,
                 usage,
@@ -430,9 +457,15 @@ impl Generation {
     /// Runs to the end, concatenating the text.
     pub(crate) async fn collect(mut self) -> Result<Collected, ApiError> {
         let mut text = String::new();
+        let mut logprobs = self.logprobs.as_ref().map(|_| Vec::new());
         while let Some(piece) = self.next().await {
             match piece {
-                Piece::Text(t) => text.push_str(&t),
+                Piece::Text(t, lp) => {
+                    text.push_str(&t);
+                    if let (Some(all), Some(lp)) = (logprobs.as_mut(), lp) {
+                        all.extend(lp);
+                    }
+                }
                 Piece::Done {
                     finish_reason,
                     usage,
@@ -442,6 +475,7 @@ impl Generation {
                 } => {
                     return Ok(Collected {
                         text,
+                        logprobs,
                         finish_reason,
                         usage,
                         timing,
@@ -522,6 +556,8 @@ impl Drop for Generation {
 #[derive(Debug)]
 pub(crate) struct Collected {
     pub(crate) text: String,
+    /// Per generated token with text (when asked).
+    pub(crate) logprobs: Option<Vec<TokenLogprob>>,
     pub(crate) finish_reason: FinishReason,
     pub(crate) usage: Usage,
     pub(crate) timing: Timing,

@@ -17,6 +17,7 @@ use super::error::ApiError;
 use super::extract::{ApiJson, Client, from_value};
 use super::generate::{self, Generation, Piece, SamplingDefaults, SamplingFields};
 use crate::infer::ChatTurn;
+use crate::infer::logprobs::TokenLogprob;
 
 const DEFAULT_TEMPERATURE: f32 = 1.0;
 
@@ -119,6 +120,9 @@ pub(crate) struct ChatRequest {
     stream: bool,
     stream_options: Option<StreamOptions>,
     n: Option<i64>,
+    #[serde(default)]
+    logprobs: bool,
+    top_logprobs: Option<i64>,
 }
 
 fn turns(messages: Vec<ChatMessage>) -> Result<Vec<ChatTurn>, ApiError> {
@@ -225,7 +229,8 @@ pub(crate) async fn chat_completions(
     let node = &state.node;
     let model = generate::resolve_model(node, req.model.as_deref()).await?;
     let n = choices(req.n, req.stream)?;
-    let params = sampling.into_params(defaults(&state))?;
+    let mut params = sampling.into_params(defaults(&state))?;
+    params.logprobs = top_logprobs("top_logprobs", req.logprobs, req.top_logprobs)?;
     let prompt = generate::render_chat(node, &model, &turns(req.messages)?).await?;
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     let generations = start_choices(
@@ -249,12 +254,12 @@ pub(crate) async fn chat_completions(
         req.stream.then_some(include_usage),
         chat_chunk,
         "chat.completion",
-        |index, text, finish| {
+        |index, done| {
             json!({
                 "index": index,
-                "message": { "role": "assistant", "content": text },
-                "logprobs": null,
-                "finish_reason": finish,
+                "message": { "role": "assistant", "content": done.text },
+                "logprobs": chat_logprobs(done.logprobs.as_deref()),
+                "finish_reason": done.finish_reason.as_str(),
             })
         },
     )
@@ -270,7 +275,7 @@ async fn answer(
     stream: Option<bool>,
     chunk: fn(&GenInfo, StreamPiece, bool) -> Vec<Value>,
     object: &'static str,
-    choice: fn(usize, String, &'static str) -> Value,
+    choice: fn(usize, &generate::Collected) -> Value,
 ) -> Result<Response, ApiError> {
     if let Some(include_usage) = stream
         && generations.len() == 1
@@ -291,11 +296,7 @@ async fn answer(
     let mut usage = done[0].usage;
     usage.completion_tokens = done.iter().map(|d| d.usage.completion_tokens).sum();
     usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
-    let choices: Vec<Value> = done
-        .iter()
-        .enumerate()
-        .map(|(i, d)| choice(i, d.text.clone(), d.finish_reason.as_str()))
-        .collect();
+    let choices: Vec<Value> = done.iter().enumerate().map(|(i, d)| choice(i, d)).collect();
     Ok(Json(json!({
         "id": id,
         "object": object,
@@ -315,28 +316,33 @@ async fn answer(
 
 /// The chunks one piece of a chat stream turns into.
 fn chat_chunk(g: &GenInfo, piece: StreamPiece, include_usage: bool) -> Vec<Value> {
-    let chunk = |delta: Value, finish: Value| {
+    let chunk = |delta: Value, logprobs: Value, finish: Value| {
         json!({
             "id": g.id,
             "object": "chat.completion.chunk",
             "created": g.created,
             "model": g.model,
             "system_fingerprint": fingerprint(),
-            "choices": [{ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish }],
+            "choices": [{ "index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish }],
         })
     };
     match piece {
         StreamPiece::Begin => vec![chunk(
             json!({ "role": "assistant", "content": "" }),
             Value::Null,
+            Value::Null,
         )],
-        StreamPiece::Text(t) => vec![chunk(json!({ "content": t }), Value::Null)],
+        StreamPiece::Text { text, logprobs, .. } => vec![chunk(
+            json!({ "content": text }),
+            chat_logprobs(logprobs.as_deref()),
+            Value::Null,
+        )],
         StreamPiece::End {
             finish_reason,
             usage,
             ..
         } => {
-            let mut out = vec![chunk(json!({}), json!(finish_reason))];
+            let mut out = vec![chunk(json!({}), Value::Null, json!(finish_reason))];
             if include_usage {
                 out.push(json!({
                     "id": g.id,
@@ -368,6 +374,54 @@ pub(crate) struct CompletionRequest {
     stream: bool,
     stream_options: Option<StreamOptions>,
     n: Option<i64>,
+    /// Legacy completions: the number of alternatives per token.
+    logprobs: Option<i64>,
+}
+
+/// The alternatives per token a request asks for, checked (`None`: no
+/// log-probabilities).
+fn top_logprobs(field: &str, wanted: bool, top: Option<i64>) -> Result<Option<u8>, ApiError> {
+    let max = crate::infer::logprobs::MAX_TOP_LOGPROBS;
+    match (wanted, top) {
+        (false, None) => Ok(None),
+        (false, Some(_)) => Err(ApiError::invalid_parameter(
+            "top_logprobs",
+            "needs \"logprobs\": true",
+        )),
+        (true, None) => Ok(Some(0)),
+        (true, Some(k)) => u8::try_from(k)
+            .ok()
+            .filter(|k| *k <= max)
+            .map(Some)
+            .ok_or_else(|| {
+                ApiError::invalid_parameter(field, format!("must be between 0 and {max}"))
+            }),
+    }
+}
+
+/// Chat's `logprobs` of a choice: `{"content": [...], "refusal": null}`.
+fn chat_logprobs(lp: Option<&[TokenLogprob]>) -> Value {
+    lp.map_or(Value::Null, |c| json!({ "content": c, "refusal": null }))
+}
+
+/// Legacy completions' `logprobs`: parallel arrays, each token's alternatives
+/// as a map, and where each token starts in the text (in characters).
+fn completion_logprobs(lp: Option<&[TokenLogprob]>, offset: usize) -> Value {
+    let Some(lp) = lp else { return Value::Null };
+    let mut at = offset;
+    let mut text_offset = Vec::with_capacity(lp.len());
+    for t in lp {
+        text_offset.push(at);
+        at += t.token.chars().count();
+    }
+    json!({
+        "tokens": lp.iter().map(|t| &t.token).collect::<Vec<_>>(),
+        "token_logprobs": lp.iter().map(|t| t.logprob).collect::<Vec<_>>(),
+        "top_logprobs": lp.iter().map(|t| {
+            t.top_logprobs.iter().map(|a| (a.token.clone(), json!(a.logprob))).collect::<serde_json::Map<_, _>>()
+        }).collect::<Vec<_>>(),
+        "text_offset": text_offset,
+    })
 }
 
 /// `POST /v1/completions`
@@ -394,7 +448,8 @@ pub(crate) async fn completions(
     if prompt.is_empty() {
         return Err(ApiError::invalid_parameter("prompt", "must not be empty"));
     }
-    let params = sampling.into_params(defaults(&state))?;
+    let mut params = sampling.into_params(defaults(&state))?;
+    params.logprobs = top_logprobs("logprobs", req.logprobs.is_some(), req.logprobs)?;
     let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
     let generations = start_choices(
         node,
@@ -412,32 +467,51 @@ pub(crate) async fn completions(
         .stream_options
         .and_then(|o| o.include_usage)
         .unwrap_or(false);
-    answer(generations, req.stream.then_some(include_usage), completion_chunk, "text_completion", |index, text, finish| {
-        json!({ "index": index, "text": text, "logprobs": null, "finish_reason": finish })
-    })
+    answer(
+        generations,
+        req.stream.then_some(include_usage),
+        completion_chunk,
+        "text_completion",
+        |index, done| {
+            json!({
+                "index": index,
+                "text": done.text,
+                "logprobs": completion_logprobs(done.logprobs.as_deref(), 0),
+                "finish_reason": done.finish_reason.as_str(),
+            })
+        },
+    )
     .await
 }
 
 fn completion_chunk(g: &GenInfo, piece: StreamPiece, include_usage: bool) -> Vec<Value> {
-    let chunk = |text: &str, finish: Value| {
+    let chunk = |text: &str, logprobs: Value, finish: Value| {
         json!({
             "id": g.id,
             "object": "text_completion",
             "created": g.created,
             "model": g.model,
             "system_fingerprint": fingerprint(),
-            "choices": [{ "index": 0, "text": text, "logprobs": null, "finish_reason": finish }],
+            "choices": [{ "index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish }],
         })
     };
     match piece {
         StreamPiece::Begin => vec![],
-        StreamPiece::Text(t) => vec![chunk(&t, Value::Null)],
+        StreamPiece::Text {
+            text,
+            logprobs,
+            offset,
+        } => vec![chunk(
+            &text,
+            completion_logprobs(logprobs.as_deref(), offset),
+            Value::Null,
+        )],
         StreamPiece::End {
             finish_reason,
             usage,
             ..
         } => {
-            let mut last = chunk("", json!(finish_reason));
+            let mut last = chunk("", Value::Null, json!(finish_reason));
             if include_usage {
                 last["usage"] = json!(usage);
             }
@@ -460,7 +534,13 @@ pub(crate) struct GenInfo {
 /// The stream-level view of a generation that chunk builders format.
 pub(crate) enum StreamPiece {
     Begin,
-    Text(String),
+    Text {
+        text: String,
+        /// Its tokens' log-probabilities, when asked for.
+        logprobs: Option<Vec<TokenLogprob>>,
+        /// Characters of text streamed before this piece.
+        offset: usize,
+    },
     End {
         finish_reason: &'static str,
         usage: crate::infer::Usage,
@@ -505,10 +585,20 @@ pub(crate) fn sse(
         if !send_all(format(&info, StreamPiece::Begin)).await {
             return;
         }
+        let mut offset = 0;
         while let Some(piece) = generation.next().await {
             let values = match piece {
-                Piece::Text(t) if t.is_empty() => continue,
-                Piece::Text(t) => format(&info, StreamPiece::Text(t)),
+                Piece::Text(t, _) if t.is_empty() => continue,
+                Piece::Text(text, logprobs) => {
+                    let chars = text.chars().count();
+                    let piece = StreamPiece::Text {
+                        text,
+                        logprobs,
+                        offset,
+                    };
+                    offset += chars;
+                    format(&info, piece)
+                }
                 Piece::Done {
                     finish_reason,
                     usage,

@@ -81,8 +81,8 @@ pub(crate) async fn inference(
             generation,
             move |_: &GenInfo, piece| match piece {
                 StreamPiece::Begin => vec![],
-                StreamPiece::Text(t) => {
-                    let v = json!({ "token": t, "index": index });
+                StreamPiece::Text { text, .. } => {
+                    let v = json!({ "token": text, "index": index });
                     index += 1;
                     vec![v]
                 }

@@ -18,6 +18,7 @@
 mod engine;
 mod fair;
 pub mod gpu;
+pub mod logprobs;
 mod slots;
 mod stop;
 
@@ -168,6 +169,9 @@ pub struct SamplingParams {
     /// not a grammar, travels to a split model's last hop, so a hop only ever
     /// runs grammars llama.cpp's own converter wrote.
     pub json_schema: Option<String>,
+    /// Report each sampled token's log-probability with this many
+    /// alternatives (0–[`logprobs::MAX_TOP_LOGPROBS`]); `None`: none.
+    pub logprobs: Option<u8>,
 }
 
 /// The longest `json_schema` accepted (a response format's schema is rarely
@@ -238,6 +242,15 @@ impl SamplingParams {
                 format!("the schema is over {MAX_SCHEMA_BYTES} bytes"),
             ));
         }
+        if self
+            .logprobs
+            .is_some_and(|k| k > logprobs::MAX_TOP_LOGPROBS)
+        {
+            return Err(bad(
+                "top_logprobs",
+                format!("must be between 0 and {}", logprobs::MAX_TOP_LOGPROBS),
+            ));
+        }
         let max_last_n = limits.n_ctx.map_or(1 << 20, |n| n as i32);
         if self.repeat_last_n < -1 || self.repeat_last_n > max_last_n {
             return Err(bad(
@@ -264,6 +277,7 @@ impl Default for SamplingParams {
             ignore_eos: false,
             cache_prompt: true,
             json_schema: None,
+            logprobs: None,
         }
     }
 }
@@ -357,6 +371,10 @@ pub enum Event {
     },
     /// Generated text (one or more tokens' worth; never part of a stop sequence).
     Token(String),
+    /// A sampled token's log-probability (when asked for), sent before the
+    /// `Token` that carries its text (which a stop sequence may hold back, or
+    /// cut: a stop sequence's tokens have no text).
+    Logprob(logprobs::TokenLogprob),
     /// Generation finished.
     Done {
         /// Why.
@@ -572,7 +590,12 @@ impl Engine {
         // position, plus start and end): the engine thread, serving many
         // requests, never waits on one slow client. tokio allocates the
         // channel's blocks as they fill, so the bound costs nothing up front.
-        let (events, rx) = mpsc::channel(self.context_size as usize + 8);
+        let per_token = if request.params.logprobs.is_some() {
+            2
+        } else {
+            1
+        };
+        let (events, rx) = mpsc::channel(self.context_size as usize * per_token + 8);
         let job = Job {
             request,
             events,

@@ -443,6 +443,14 @@ fn sample(
         if !slot.params.ignore_eos && model.vocab().is_eog(token) {
             break 'finish FinishReason::Stop;
         }
+        if let Some(k) = slot.params.logprobs {
+            let logits = ctx.get_logits_ith(at);
+            if let Some(lp) = super::logprobs::entry(model, logits, token, usize::from(k))
+                && !slot.send(Event::Logprob(lp))
+            {
+                return Sampled::Left;
+            }
+        }
         slot.generated += 1;
         match slot.out.push(model, token) {
             Pushed::Emit(text) => {
