@@ -1051,7 +1051,37 @@ fn n_choices_come_back_together_each_with_its_own_seed() {
         v["usage"]["total_tokens"].as_u64(),
         Some(completion + v["usage"]["prompt_tokens"].as_u64().expect("prompt"))
     );
-    // Completions too; several choices do not stream (yet), and say so.
+    // Streamed: the same three texts, each under its index, one finish per
+    // choice and one usage chunk with every choice's tokens.
+    let mut streamed = body(3, 1.0, 40);
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({ "include_usage": true });
+    let events = node.post_stream("/v1/chat/completions", &streamed);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let mut texts = [String::new(), String::new(), String::new()];
+    let (mut finishes, mut usages) = (0, Vec::new());
+    for e in &events[..events.len() - 1] {
+        let v: Value = serde_json::from_str(e).expect("chunk is JSON");
+        if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
+            usages.push(u.clone());
+        }
+        for c in v["choices"].as_array().expect("choices") {
+            let i = c["index"].as_u64().expect("index") as usize;
+            texts[i].push_str(c["delta"]["content"].as_str().unwrap_or(""));
+            finishes += usize::from(c["finish_reason"].is_string());
+        }
+    }
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(
+            c["message"]["content"],
+            json!(texts[i]),
+            "streamed choice {i}"
+        );
+    }
+    assert_eq!(finishes, 3);
+    assert_eq!(usages.len(), 1, "{usages:?}");
+    assert_eq!(usages[0]["completion_tokens"], completion);
+    // Completions too.
     let (status, v) = node.post(
         "/v1/completions",
         &json!({ "prompt": "The sky is", "max_tokens": 4, "temperature": 0, "n": 2 }),
@@ -1062,11 +1092,20 @@ fn n_choices_come_back_together_each_with_its_own_seed() {
         v["choices"][0]["text"], v["choices"][1]["text"],
         "greedy choices agree"
     );
-    let mut streamed = body(2, 1.0, 1);
-    streamed["stream"] = json!(true);
-    let (status, v) = node.post("/v1/chat/completions", &streamed);
-    assert_eq!(status, 422, "{v}");
-    assert_eq!(v["error"]["details"]["field"], "n", "{v}");
+    let events = node.post_stream(
+        "/v1/completions",
+        &json!({ "prompt": "The sky is", "max_tokens": 4, "temperature": 0, "n": 2, "stream": true }),
+    );
+    let mut texts = [String::new(), String::new()];
+    for e in &events[..events.len() - 1] {
+        let v: Value = serde_json::from_str(e).expect("chunk is JSON");
+        for c in v["choices"].as_array().expect("choices") {
+            let i = c["index"].as_u64().expect("index") as usize;
+            texts[i].push_str(c["text"].as_str().unwrap_or(""));
+        }
+    }
+    assert_eq!(json!(texts[0]), v["choices"][0]["text"]);
+    assert_eq!(json!(texts[1]), v["choices"][1]["text"]);
 }
 
 #[test]

@@ -73,6 +73,14 @@ legacy = client.completions.create(model=model, prompt="The sky is", max_tokens=
 l = legacy.choices[0].logprobs
 assert "".join(l.tokens) == legacy.choices[0].text and len(l.token_logprobs) == len(l.tokens)
 assert l.text_offset[0] == 0 and all(len(m) == 2 for m in l.top_logprobs), l
+# Several choices streamed: the SDK sorts chunks by their index.
+texts = {}
+for chunk in client.chat.completions.create(model=model, messages=messages, temperature=1, seed=5, n=2,
+                                            max_tokens=8, stream=True):
+    for choice in chunk.choices:
+        texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+whole = client.chat.completions.create(model=model, messages=messages, temperature=1, seed=5, n=2, max_tokens=8)
+assert [texts[0], texts[1]] == [c.message.content for c in whole.choices], (texts, whole.choices)
 plain = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=4)
 assert plain.choices[0].logprobs is None
 try:

@@ -171,15 +171,11 @@ fn turns(messages: Vec<ChatMessage>) -> Result<Vec<ChatTurn>, ApiError> {
 const MAX_CHOICES: i64 = 8;
 
 /// How many choices (`n`): 1 to [`MAX_CHOICES`]; several only without `stream`.
-fn choices(n: Option<i64>, stream: bool) -> Result<usize, ApiError> {
+fn choices(n: Option<i64>) -> Result<usize, ApiError> {
     match n.unwrap_or(1) {
         n if !(1..=MAX_CHOICES).contains(&n) => Err(ApiError::invalid_parameter(
             "n",
             format!("must be between 1 and {MAX_CHOICES}"),
-        )),
-        n if n > 1 && stream => Err(ApiError::invalid_parameter(
-            "n",
-            "more than one choice cannot stream yet; ask without stream",
         )),
         n => Ok(n as usize),
     }
@@ -228,7 +224,7 @@ pub(crate) async fn chat_completions(
     let sampling: SamplingFields = from_value(&body)?;
     let node = &state.node;
     let model = generate::resolve_model(node, req.model.as_deref()).await?;
-    let n = choices(req.n, req.stream)?;
+    let n = choices(req.n)?;
     let mut params = sampling.into_params(defaults(&state))?;
     params.logprobs = top_logprobs("top_logprobs", req.logprobs, req.top_logprobs)?;
     let prompt = generate::render_chat(node, &model, &turns(req.messages)?).await?;
@@ -266,24 +262,21 @@ pub(crate) async fn chat_completions(
     .await
 }
 
-/// Streams the (single) generation as SSE chunks (`Some(include_usage)`) or
-/// waits for every one and answers one JSON body of type `object` whose choices
-/// `choice(index, text, finish)` builds; usage counts the prompt once and every
-/// choice's tokens.
+/// Streams the generations (the choices) as SSE chunks (`Some(include_usage)`)
+/// or waits for every one and answers one JSON body of type `object` whose
+/// choices `choice(index, collected)` builds; usage counts the prompt once and
+/// every choice's tokens.
 async fn answer(
-    mut generations: Vec<Generation>,
+    generations: Vec<Generation>,
     stream: Option<bool>,
-    chunk: fn(&GenInfo, StreamPiece, bool) -> Vec<Value>,
+    chunk: fn(&GenInfo, usize, StreamPiece, bool) -> Vec<Value>,
     object: &'static str,
     choice: fn(usize, &generate::Collected) -> Value,
 ) -> Result<Response, ApiError> {
-    if let Some(include_usage) = stream
-        && generations.len() == 1
-        && let Some(generation) = generations.pop()
-    {
+    if let Some(include_usage) = stream {
         return Ok(sse(
-            generation,
-            move |g, piece| chunk(g, piece, include_usage),
+            generations,
+            move |g, index, piece| chunk(g, index, piece, include_usage),
             true,
         ));
     }
@@ -315,7 +308,7 @@ async fn answer(
 }
 
 /// The chunks one piece of a chat stream turns into.
-fn chat_chunk(g: &GenInfo, piece: StreamPiece, include_usage: bool) -> Vec<Value> {
+fn chat_chunk(g: &GenInfo, index: usize, piece: StreamPiece, include_usage: bool) -> Vec<Value> {
     let chunk = |delta: Value, logprobs: Value, finish: Value| {
         json!({
             "id": g.id,
@@ -323,7 +316,7 @@ fn chat_chunk(g: &GenInfo, piece: StreamPiece, include_usage: bool) -> Vec<Value
             "created": g.created,
             "model": g.model,
             "system_fingerprint": fingerprint(),
-            "choices": [{ "index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish }],
+            "choices": [{ "index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish }],
         })
     };
     match piece {
@@ -343,7 +336,7 @@ fn chat_chunk(g: &GenInfo, piece: StreamPiece, include_usage: bool) -> Vec<Value
             ..
         } => {
             let mut out = vec![chunk(json!({}), Value::Null, json!(finish_reason))];
-            if include_usage {
+            if include_usage && let Some(usage) = usage {
                 out.push(json!({
                     "id": g.id,
                     "object": "chat.completion.chunk",
@@ -434,7 +427,7 @@ pub(crate) async fn completions(
     let sampling: SamplingFields = from_value(&body)?;
     let node = &state.node;
     let model = generate::resolve_model(node, req.model.as_deref()).await?;
-    let n = choices(req.n, req.stream)?;
+    let n = choices(req.n)?;
     let prompt = match req.prompt {
         PromptField::One(p) => p,
         PromptField::Many(mut v) if v.len() == 1 => v.remove(0),
@@ -484,7 +477,12 @@ pub(crate) async fn completions(
     .await
 }
 
-fn completion_chunk(g: &GenInfo, piece: StreamPiece, include_usage: bool) -> Vec<Value> {
+fn completion_chunk(
+    g: &GenInfo,
+    index: usize,
+    piece: StreamPiece,
+    include_usage: bool,
+) -> Vec<Value> {
     let chunk = |text: &str, logprobs: Value, finish: Value| {
         json!({
             "id": g.id,
@@ -492,7 +490,7 @@ fn completion_chunk(g: &GenInfo, piece: StreamPiece, include_usage: bool) -> Vec
             "created": g.created,
             "model": g.model,
             "system_fingerprint": fingerprint(),
-            "choices": [{ "index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish }],
+            "choices": [{ "index": index, "text": text, "logprobs": logprobs, "finish_reason": finish }],
         })
     };
     match piece {
@@ -512,7 +510,7 @@ fn completion_chunk(g: &GenInfo, piece: StreamPiece, include_usage: bool) -> Vec
             ..
         } => {
             let mut last = chunk("", Value::Null, json!(finish_reason));
-            if include_usage {
+            if include_usage && let Some(usage) = usage {
                 last["usage"] = json!(usage);
             }
             vec![last]
@@ -543,7 +541,8 @@ pub(crate) enum StreamPiece {
     },
     End {
         finish_reason: &'static str,
-        usage: crate::infer::Usage,
+        /// Every choice's usage, on the last choice to end only.
+        usage: Option<crate::infer::Usage>,
         timing: crate::infer::Timing,
         total_ms: u64,
         /// Micro-credits (see [`crate::infer::Event::Done`]).
@@ -551,21 +550,39 @@ pub(crate) enum StreamPiece {
     },
 }
 
-/// Streams a generation as server-sent events, each piece formatted by `format`,
-/// ending with `data: [DONE]` when `done_marker`. A pump task owns the generation;
-/// when the client disconnects the channel closes, the pump drops the generation,
-/// and the engine stops.
+/// Streams generations (a request's choices) as server-sent events, each piece
+/// formatted by `format` with its choice's index, ending with `data: [DONE]`
+/// when `done_marker`. Pieces go out in the order they are produced; only the
+/// last choice to end carries the usage, summed over every choice. A pump task
+/// per choice owns its generation; when the client disconnects the channel
+/// closes, the pumps drop their generations, and the engine stops them.
 pub(crate) fn sse(
-    mut generation: Generation,
-    mut format: impl FnMut(&GenInfo, StreamPiece) -> Vec<Value> + Send + 'static,
+    generations: Vec<Generation>,
+    mut format: impl FnMut(&GenInfo, usize, StreamPiece) -> Vec<Value> + Send + 'static,
     done_marker: bool,
 ) -> Response {
     let (tx, rx) = mpsc::channel::<Result<SseEvent, Infallible>>(64);
-    let info = GenInfo {
-        id: generation.id.clone(),
-        model: generation.model.clone(),
-        created: generation.created,
+    let Some(first) = generations.first() else {
+        return ApiError::internal("stream", "no generation").into_response();
     };
+    let info = GenInfo {
+        id: first.id.clone(),
+        model: first.model.clone(),
+        created: first.created,
+    };
+    let choices = generations.len();
+    let (pieces_tx, mut pieces) = mpsc::channel::<(usize, Piece)>(64);
+    for (index, mut generation) in generations.into_iter().enumerate() {
+        let pieces_tx = pieces_tx.clone();
+        tokio::spawn(async move {
+            while let Some(piece) = generation.next().await {
+                if pieces_tx.send((index, piece)).await.is_err() {
+                    return; // the client left: dropping `generation` stops it
+                }
+            }
+        });
+    }
+    drop(pieces_tx);
     tokio::spawn(async move {
         let send_all = |values: Vec<Value>| {
             let tx = tx.clone();
@@ -582,22 +599,29 @@ pub(crate) fn sse(
                 true
             }
         };
-        if !send_all(format(&info, StreamPiece::Begin)).await {
-            return;
+        for index in 0..choices {
+            if !send_all(format(&info, index, StreamPiece::Begin)).await {
+                return;
+            }
         }
-        let mut offset = 0;
-        while let Some(piece) = generation.next().await {
+        let mut offsets = vec![0usize; choices];
+        let mut ended = 0;
+        let mut total: Option<crate::infer::Usage> = None;
+        while let Some((index, piece)) = pieces.recv().await {
             let values = match piece {
                 Piece::Text(t, _) if t.is_empty() => continue,
                 Piece::Text(text, logprobs) => {
                     let chars = text.chars().count();
+                    let offset = offsets.get(index).copied().unwrap_or(0);
+                    if let Some(o) = offsets.get_mut(index) {
+                        *o += chars;
+                    }
                     let piece = StreamPiece::Text {
                         text,
                         logprobs,
                         offset,
                     };
-                    offset += chars;
-                    format(&info, piece)
+                    format(&info, index, piece)
                 }
                 Piece::Done {
                     finish_reason,
@@ -605,16 +629,28 @@ pub(crate) fn sse(
                     timing,
                     total_ms,
                     cost,
-                } => format(
-                    &info,
-                    StreamPiece::End {
-                        finish_reason: finish_reason.as_str(),
-                        usage,
-                        timing,
-                        total_ms,
-                        cost,
-                    },
-                ),
+                } => {
+                    ended += 1;
+                    // The prompt counts once; every choice's tokens count.
+                    let sum = total.get_or_insert(crate::infer::Usage {
+                        completion_tokens: 0,
+                        total_tokens: usage.prompt_tokens,
+                        ..usage
+                    });
+                    sum.completion_tokens += usage.completion_tokens;
+                    sum.total_tokens += usage.completion_tokens;
+                    format(
+                        &info,
+                        index,
+                        StreamPiece::End {
+                            finish_reason: finish_reason.as_str(),
+                            usage: (ended == choices).then_some(*sum),
+                            timing,
+                            total_ms,
+                            cost,
+                        },
+                    )
+                }
                 Piece::Failed(e) => {
                     vec![json!({ "error": { "code": e.code, "message": e.message } })]
                 }

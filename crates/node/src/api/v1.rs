@@ -78,8 +78,8 @@ pub(crate) async fn inference(
     if req.stream {
         let mut index = 0u64;
         return Ok(sse(
-            generation,
-            move |_: &GenInfo, piece| match piece {
+            vec![generation],
+            move |_: &GenInfo, _, piece| match piece {
                 StreamPiece::Begin => vec![],
                 StreamPiece::Text { text, .. } => {
                     let v = json!({ "token": text, "index": index });
