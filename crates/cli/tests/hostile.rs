@@ -438,6 +438,7 @@ fn token_step_with(
             repeat_last_n,
             seed: 1,
             json_schema: None,
+            logprobs: None,
         }),
         prime: vec![],
         continues: continues.map(|c| to_hex(&c)),

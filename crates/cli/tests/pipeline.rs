@@ -59,6 +59,15 @@ fn structured(node: &TestNode, model: Option<&str>) -> (u16, Value) {
     node.post("/v1/chat/completions", &body)
 }
 
+fn logprobs_body(model: Option<&str>) -> Value {
+    let mut body = json!({ "messages": [{ "role": "user", "content": PROMPTS[0] }],
+                           "max_tokens": 8, "temperature": 0, "logprobs": true, "top_logprobs": 3 });
+    if let Some(m) = model {
+        body["model"] = json!(m);
+    }
+    body
+}
+
 fn content(v: &Value) -> String {
     v["choices"][0]["message"]["content"]
         .as_str()
@@ -85,7 +94,7 @@ fn wait_servable(node: &TestNode, holders: u64) {
 #[test]
 fn three_way_split_matches_local_greedy_output_and_survives_a_killed_hop() {
     // What the whole model says, on one node.
-    let (reference, story_reference, structured_reference) = {
+    let (reference, story_reference, structured_reference, logprobs_reference) = {
         let whole = TestNode::start();
         let answers: Vec<(String, Value)> = PROMPTS
             .iter()
@@ -99,7 +108,9 @@ fn three_way_split_matches_local_greedy_output_and_survives_a_killed_hop() {
         assert_eq!(status, 200, "{story}");
         let (status, v) = structured(&whole, None);
         assert_eq!(status, 200, "{v}");
-        (answers, content(&story), content(&v))
+        let (status, lp) = whole.post("/v1/chat/completions", &logprobs_body(None));
+        assert_eq!(status, 200, "{lp}");
+        (answers, content(&story), content(&v), lp)
     };
 
     let lib = import_library();
@@ -169,18 +180,34 @@ fn three_way_split_matches_local_greedy_output_and_survives_a_killed_hop() {
         assert_eq!(&content(&v), text, "prompt {prompt:?}");
         assert_eq!(&v["usage"]["completion_tokens"], tokens);
     }
-    // Log-probabilities are not carried back from a split's last hop yet: a
-    // clear refusal, not an answer without them.
-    let (status, v) = a.post(
-        "/v1/chat/completions",
-        &json!({ "model": "smol", "messages": [{ "role": "user", "content": "Hi" }],
-                 "max_tokens": 2, "logprobs": true }),
-    );
-    assert_eq!(
-        (status, &v["error"]["details"]["field"]),
-        (422, &json!("logprobs")),
-        "{v}"
-    );
+    // Log-probabilities come back from the last hop: the same tokens and
+    // alternatives as the whole model's, the same values within f32 rounding.
+    let (status, v) = a.post("/v1/chat/completions", &logprobs_body(Some("smol")));
+    assert_eq!(status, 200, "{v}");
+    let split = v["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .expect("split logprobs");
+    let whole = logprobs_reference["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .expect("whole logprobs");
+    assert!(!split.is_empty() && split.len() == whole.len(), "{v}");
+    for (s, w) in split.iter().zip(whole) {
+        assert_eq!(s["token"], w["token"]);
+        let names = |e: &Value| -> Vec<Value> {
+            e["top_logprobs"]
+                .as_array()
+                .expect("top")
+                .iter()
+                .map(|t| t["token"].clone())
+                .collect()
+        };
+        assert_eq!(names(s), names(w));
+        let (a, b) = (
+            s["logprob"].as_f64().expect("lp"),
+            w["logprob"].as_f64().expect("lp"),
+        );
+        assert!((a - b).abs() < 1e-3, "{a} vs {b}");
+    }
 
     // A standby for the middle span, then kill -9 whichever middle node is in use
     // while a long answer streams.

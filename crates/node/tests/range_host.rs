@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use swarmllm_node::pipeline::host::{
     HostConfig, HostError, RangeHost, RangeInfo, Step, StepInput, StepOutput,
 };
-use swarmllm_node::pipeline::wire::SampleSpec;
+use swarmllm_node::pipeline::wire::{SampleSpec, Sampled};
 use swarmllm_node::shard::{self, library};
 
 fn host(
@@ -71,10 +71,55 @@ fn step(session: u8, seq: u64, pos: u32, tokens: &[i32]) -> Step {
             repeat_last_n: 64,
             seed: 1,
             json_schema: None,
+            logprobs: None,
         }),
         prime: vec![],
         continues: None,
     }
+}
+
+#[test]
+fn the_last_hop_returns_log_probabilities_only_within_bounds() {
+    let (host, _dir) = host(4, u64::MAX, Duration::from_secs(60));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("rt");
+    let prompt = [1, 504, 3158, 282, 4649, 314];
+    let run = |s: Step| rt.block_on(host.step(s));
+    let StepOutput::Token(Some(Sampled { token: t1, .. })) =
+        run(step(3, 1, 0, &prompt)).expect("plain prompt")
+    else {
+        panic!("no token")
+    };
+    // Asked for, the last hop returns the token's log-probability and the
+    // alternatives; greedy sampled the most likely one.
+    let mut asked = step(1, 1, 0, &prompt);
+    if let Some(spec) = asked.sample.as_mut() {
+        spec.logprobs = Some(2);
+    }
+    let out = run(asked).expect("prompt with logprobs");
+    let StepOutput::Token(Some(Sampled {
+        token,
+        logprobs: Some((lp, top)),
+    })) = &out
+    else {
+        panic!("{out:?}")
+    };
+    assert_eq!((*token, top.len(), top[0].0), (t1, 2, t1), "{out:?}");
+    assert!(
+        *lp <= 0.0 && (lp - top[0].1).abs() < 1e-6 && top[0].1 >= top[1].1,
+        "{out:?}"
+    );
+    // More alternatives than the API allows are refused.
+    let mut greedy = step(2, 1, 0, &prompt);
+    if let Some(spec) = greedy.sample.as_mut() {
+        spec.logprobs = Some(21);
+    }
+    let r = run(greedy);
+    assert!(
+        matches!(&r, Err(HostError::Forbidden(m)) if m.contains("top_logprobs")),
+        "{r:?}"
+    );
 }
 
 #[test]
@@ -87,7 +132,7 @@ fn sessions_are_limited_rolled_back_and_expired() {
     let run = |s: Step| rt.block_on(host.step(s));
 
     let first = run(step(1, 1, 0, &prompt)).expect("prompt");
-    let StepOutput::Token(Some(t1)) = first else {
+    let StepOutput::Token(Some(Sampled { token: t1, .. })) = first else {
         panic!("{first:?}")
     };
     let second = run(step(1, 2, 6, &[t1])).expect("decode");
@@ -165,7 +210,9 @@ fn a_peer_cannot_use_another_peers_session_or_send_out_of_range_numbers() {
         .expect("rt");
     let run = |s: Step| rt.block_on(host.step(s));
     let prompt = [1, 504, 3158];
-    let StepOutput::Token(Some(t)) = run(step(1, 1, 0, &prompt)).expect("owner's prompt") else {
+    let StepOutput::Token(Some(Sampled { token: t, .. })) =
+        run(step(1, 1, 0, &prompt)).expect("owner's prompt")
+    else {
         panic!("no token")
     };
 
@@ -246,7 +293,9 @@ fn a_schema_constrains_sampling_and_primed_tokens_it_forbids_are_refused() {
     };
     // A session under the schema samples; a taken-over one primed with the
     // tokens the grammar allowed so far goes on.
-    let StepOutput::Token(Some(first)) = run(constrained(1, vec![])).expect("sample") else {
+    let StepOutput::Token(Some(Sampled { token: first, .. })) =
+        run(constrained(1, vec![])).expect("sample")
+    else {
         panic!("no token")
     };
     run(constrained(2, vec![first])).expect("allowed primes");

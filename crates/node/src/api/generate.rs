@@ -314,14 +314,6 @@ pub(crate) async fn start(
     // through the network.
     node.swarm().demand().record_own(&model);
     let wants_logprobs = params.logprobs.is_some();
-    if wants_logprobs && !target.local {
-        // The last hop of a split model samples; its answers carry no
-        // log-probabilities yet.
-        return Err(ApiError::invalid_parameter(
-            "logprobs",
-            "is not available for a model split across nodes yet",
-        ));
-    }
     let request = GenerateRequest {
         prompt,
         params,

@@ -376,10 +376,19 @@ impl Pipeline {
             if events.is_closed() {
                 return Ok(()); // the client went away
             }
-            let token = next
+            let sampled = next
+                .take()
                 .ok_or_else(|| GenerateError::Pipeline("the last hop returned no token".into()))?;
+            // The last hop's word: an id outside the vocabulary would make
+            // llama.cpp throw (and abort) when it is detokenized.
+            let token = known_token(vocab, sampled.token)?.0;
             if !params.ignore_eos && vocab.vocab().is_eog(LlamaToken(token)) {
                 break FinishReason::Stop;
+            }
+            if let Some(lp) = logprob_entry(vocab, &sampled)?
+                && events.send(Event::Logprob(lp)).await.is_err()
+            {
+                return Ok(());
             }
             generated.push(token);
             match out.push(vocab, LlamaToken(token)) {
@@ -439,7 +448,7 @@ impl Pipeline {
         pos: u32,
         sample: Option<SampleSpec>,
         generated: &[i32],
-    ) -> Result<Option<i32>, GenerateError> {
+    ) -> Result<Option<super::wire::Sampled>, GenerateError> {
         let mut replay_needed = false;
         loop {
             // This step takes over a kept session (see `Run::continuing`).
@@ -512,5 +521,44 @@ impl Pipeline {
         run.session = rand::random();
         run.seq = 0;
         Ok(())
+    }
+}
+
+/// The last hop's log-probabilities of `sampled` as the API gives them, with
+/// each id (the last hop's word) checked against this node's vocabulary first.
+fn logprob_entry(
+    vocab: &LlamaModel,
+    sampled: &super::wire::Sampled,
+) -> Result<Option<crate::infer::logprobs::TokenLogprob>, GenerateError> {
+    let Some((logprob, top)) = &sampled.logprobs else {
+        return Ok(None);
+    };
+    let known = |id: i32| known_token(vocab, id);
+    let (token, bytes) = crate::infer::logprobs::piece(vocab, known(sampled.token)?);
+    let mut top_logprobs = Vec::with_capacity(top.len());
+    for &(id, logprob) in top {
+        let (token, bytes) = crate::infer::logprobs::piece(vocab, known(id)?);
+        top_logprobs.push(crate::infer::logprobs::TopLogprob {
+            token,
+            logprob,
+            bytes,
+        });
+    }
+    Ok(Some(crate::infer::logprobs::TokenLogprob {
+        token,
+        logprob: *logprob,
+        bytes,
+        top_logprobs,
+    }))
+}
+
+/// `id` as a token of `vocab`, or the error that a peer named one outside it.
+fn known_token(vocab: &LlamaModel, id: i32) -> Result<LlamaToken, GenerateError> {
+    if (0..vocab.n_vocab()).contains(&id) {
+        Ok(LlamaToken(id))
+    } else {
+        Err(GenerateError::Pipeline(format!(
+            "the last hop named token {id}, outside the vocabulary"
+        )))
     }
 }

@@ -120,7 +120,7 @@ pub enum StepOutput {
     Hidden(Vec<f32>),
     /// The sampled token (a range with the head), or `None` when no sampling was
     /// asked for.
-    Token(Option<i32>),
+    Token(Option<super::wire::Sampled>),
 }
 
 /// One step of one session on one range.
@@ -1123,7 +1123,18 @@ impl Thread {
                             session.sampler.insert(s)
                         }
                     };
-                    StepOutput::Token(Some(sample(sampler, &logits)))
+                    let token = sample(sampler, &logits);
+                    // The model's distribution, as the local engine reports it.
+                    let logprobs = spec.logprobs.and_then(|k| {
+                        let at = usize::try_from(token).ok()?;
+                        let (lp, top) = crate::infer::logprobs::pick(&logits, at, usize::from(k))?;
+                        let top = top
+                            .into_iter()
+                            .filter_map(|(id, lp)| Some((i32::try_from(id).ok()?, lp)))
+                            .collect();
+                        Some((lp, top))
+                    });
+                    StepOutput::Token(Some(super::wire::Sampled { token, logprobs }))
                 }
             },
         };

@@ -2,7 +2,7 @@
 //! derived from it, and the seals of what a step carries on the link.
 
 use super::activation::{self, Direction, Header, LinkSecret, SessionKey};
-use super::wire::{Envelope, StepFailure};
+use super::wire::{self, Envelope, StepFailure};
 use super::{MAX_LINKS, Pipeline};
 use crate::identity;
 
@@ -74,10 +74,10 @@ impl Pipeline {
         &self,
         env: &Envelope,
         session: [u8; 16],
-        token: Option<i32>,
+        sampled: Option<&wire::Sampled>,
     ) -> Result<Vec<u8>, StepFailure> {
         let key = self.link_key(&env.requester, &session)?;
-        let plain = token.map(|t| t.to_le_bytes().to_vec()).unwrap_or_default();
+        let plain = wire::encode_result(sampled);
         Ok(activation::seal_message(
             &key,
             env.seq,

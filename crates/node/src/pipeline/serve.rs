@@ -87,7 +87,7 @@ impl Pipeline {
             match out {
                 StepOutput::Hidden(h) => return self.forward(env, session, h, next).await,
                 StepOutput::Token(t) if env.route.len() == 1 => {
-                    return self.seal_result(&env, session, t);
+                    return self.seal_result(&env, session, t.as_ref());
                 }
                 StepOutput::Token(_) => {
                     return Err(self.own_failure("a range with the head is not the last hop"));
@@ -329,8 +329,9 @@ impl Pipeline {
         mut env: Envelope,
         input: StepInput,
         link: &mut Option<Link>,
-    ) -> Result<Option<i32>, StepFailure> {
+    ) -> Result<Option<wire::Sampled>, StepFailure> {
         env.sign(&self.inner.identity);
+        let wanted = env.sample.as_ref().and_then(|s| s.logprobs);
         let session = env
             .session_bytes()
             .map_err(|e| self.own_failure(e.to_string()))?;
@@ -366,16 +367,10 @@ impl Pipeline {
             failed_hop: Some(last.clone()),
             message: "the step result failed authentication".into(),
         })?;
-        match plain.len() {
-            0 => Ok(None),
-            4 => Ok(Some(i32::from_le_bytes([
-                plain[0], plain[1], plain[2], plain[3],
-            ]))),
-            n => Err(StepFailure {
-                failed_hop: Some(last),
-                message: format!("a {n}-byte step result"),
-            }),
-        }
+        wire::decode_result(&plain, wanted).map_err(|e| StepFailure {
+            failed_hop: Some(last),
+            message: e.to_string(),
+        })
     }
 }
 

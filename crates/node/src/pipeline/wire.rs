@@ -6,7 +6,10 @@
 //!   body   = activation frame (hidden states, see `activation`)      input "hidden"
 //!          | sealed message of the token ids as i32 LE               input "tokens"
 //! answer   = u32 LE µs the answering node spent | result
-//!   result = sealed message: i32 LE sampled token, or empty
+//!   result = sealed message: empty (no sampling), or the sampled token:
+//!            i32 LE token [| f32 LE logprob | u8 k | k × (i32 LE id, f32 LE logprob)]
+//!            (the bracketed part only when the requester signed `logprobs` into
+//!            the step, with k at most what it asked for)
 //! error    = error frame whose message is a JSON [`StepFailure`]
 //! ```
 //!
@@ -64,6 +67,10 @@ pub struct SampleSpec {
     /// request has none, so other steps sign and travel as before.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub json_schema: Option<String>,
+    /// Return the sampled token's log-probability with this many alternatives
+    /// (0–20). Absent when not asked for, as `json_schema`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<u8>,
 }
 
 impl SampleSpec {
@@ -79,6 +86,7 @@ impl SampleSpec {
             repeat_last_n: p.repeat_last_n,
             seed: p.seed.unwrap_or_else(rand::random),
             json_schema: p.json_schema.clone(),
+            logprobs: p.logprobs,
         }
     }
 
@@ -93,6 +101,7 @@ impl SampleSpec {
             repeat_last_n: self.repeat_last_n,
             seed: Some(self.seed),
             json_schema: self.json_schema.clone(),
+            logprobs: self.logprobs,
             ..crate::infer::SamplingParams::default()
         }
     }
@@ -337,6 +346,89 @@ pub fn decode_answer(bytes: &[u8]) -> Result<(std::time::Duration, &[u8]), WireE
     ))
 }
 
+/// A token the last hop sampled, with its log-probability and the best
+/// alternatives' when the requester asked (ids as the last hop sent them: the
+/// requester checks them against its vocabulary before using them).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampled {
+    /// The token.
+    pub token: i32,
+    /// Its log-probability and the alternatives (id, log-probability).
+    pub logprobs: Option<(f32, Vec<(i32, f32)>)>,
+}
+
+/// A step's result (see the module's grammar).
+pub fn encode_result(sampled: Option<&Sampled>) -> Vec<u8> {
+    let Some(s) = sampled else { return Vec::new() };
+    let mut out = s.token.to_le_bytes().to_vec();
+    if let Some((lp, top)) = &s.logprobs {
+        let k = top.len().min(usize::from(u8::MAX));
+        out.extend(lp.to_le_bytes());
+        out.push(k as u8);
+        for (id, lp) in &top[..k] {
+            out.extend(id.to_le_bytes());
+            out.extend(lp.to_le_bytes());
+        }
+    }
+    out
+}
+
+/// Reads a step's result, refusing anything but the shapes the requester can
+/// have asked for: log-probabilities only when `wanted` is `Some(k)`, with at
+/// most `k` alternatives, each a finite log-probability (≤ 0, with rounding
+/// slack) and a non-negative id.
+pub fn decode_result(plain: &[u8], wanted: Option<u8>) -> Result<Option<Sampled>, WireError> {
+    let bad = |what: String| Err(WireError::Malformed(what));
+    if plain.is_empty() {
+        return Ok(None);
+    }
+    let i32_at =
+        |i: usize| i32::from_le_bytes([plain[i], plain[i + 1], plain[i + 2], plain[i + 3]]);
+    let f32_at =
+        |i: usize| f32::from_le_bytes([plain[i], plain[i + 1], plain[i + 2], plain[i + 3]]);
+    let sane = |lp: f32| lp.is_finite() && lp <= 1e-3;
+    if plain.len() == 4 {
+        return match wanted {
+            None => Ok(Some(Sampled {
+                token: i32_at(0),
+                logprobs: None,
+            })),
+            Some(_) => bad("a sampled token without the log-probabilities asked for".into()),
+        };
+    }
+    let Some(k_max) = wanted else {
+        return bad(format!("a {}-byte step result", plain.len()));
+    };
+    if plain.len() < 9 {
+        return bad(format!("a {}-byte step result", plain.len()));
+    }
+    let k = plain[8];
+    if k > k_max || plain.len() != 9 + 8 * usize::from(k) {
+        return bad(format!(
+            "a {}-byte step result with {k} alternatives (asked for {k_max})",
+            plain.len()
+        ));
+    }
+    let lp = f32_at(4);
+    let mut top = Vec::with_capacity(usize::from(k));
+    for j in 0..usize::from(k) {
+        let (id, alt) = (i32_at(9 + 8 * j), f32_at(13 + 8 * j));
+        if id < 0 || !sane(alt) {
+            return bad(
+                "an alternative with a negative id or a log-probability out of range".into(),
+            );
+        }
+        top.push((id, alt));
+    }
+    if !sane(lp) {
+        return bad("a log-probability out of range".into());
+    }
+    Ok(Some(Sampled {
+        token: i32_at(0),
+        logprobs: Some((lp, top)),
+    }))
+}
+
 /// Token ids as bytes.
 pub fn tokens_to_bytes(tokens: &[i32]) -> Vec<u8> {
     tokens.iter().flat_map(|t| t.to_le_bytes()).collect()
@@ -359,6 +451,44 @@ pub fn bytes_to_tokens(bytes: &[u8]) -> Result<Vec<i32>, WireError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn results_round_trip_and_only_asked_shapes_are_accepted() {
+        let plain = Sampled {
+            token: 7,
+            logprobs: None,
+        };
+        let with = Sampled {
+            token: 7,
+            logprobs: Some((-0.5, vec![(7, -0.5), (3, -1.25)])),
+        };
+        assert_eq!(decode_result(&encode_result(None), None).ok(), Some(None));
+        assert_eq!(
+            decode_result(&encode_result(Some(&plain)), None).ok(),
+            Some(Some(plain.clone()))
+        );
+        let bytes = encode_result(Some(&with));
+        assert_eq!(
+            decode_result(&bytes, Some(2)).ok(),
+            Some(Some(with.clone()))
+        );
+        // Not asked for, more alternatives than asked, missing, cut, garbage.
+        assert!(decode_result(&bytes, None).is_err());
+        assert!(decode_result(&bytes, Some(1)).is_err());
+        assert!(decode_result(&encode_result(Some(&plain)), Some(2)).is_err());
+        assert!(decode_result(&bytes[..bytes.len() - 1], Some(2)).is_err());
+        for bad_lp in [f32::NAN, f32::INFINITY, 0.5] {
+            let mut b = encode_result(Some(&with));
+            b[4..8].copy_from_slice(&bad_lp.to_le_bytes());
+            assert!(decode_result(&b, Some(2)).is_err(), "{bad_lp}");
+            let mut b = encode_result(Some(&with));
+            b[13..17].copy_from_slice(&bad_lp.to_le_bytes());
+            assert!(decode_result(&b, Some(2)).is_err(), "{bad_lp}");
+        }
+        let mut b = encode_result(Some(&with));
+        b[9..13].copy_from_slice(&(-1i32).to_le_bytes());
+        assert!(decode_result(&b, Some(2)).is_err());
+    }
 
     fn envelope() -> Envelope {
         Envelope {
