@@ -89,6 +89,47 @@ try:
 except openai.UnprocessableEntityError:
     pass
 
+# Function calling: a call that must be made is one (a grammar makes the answer
+# a call with arguments that fit the parameters), streamed as tool_calls deltas,
+# and a conversation can carry the call and its result on.
+weather_tool = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+                   "additionalProperties": False}}}
+time_tool = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+forced = client.chat.completions.create(
+    model=model, messages=ask, temperature=0, max_tokens=48, tools=[weather_tool, time_tool],
+    tool_choice={"type": "function", "function": {"name": "get_weather"}})
+call = forced.choices[0].message.tool_calls[0]
+assert forced.choices[0].finish_reason == "tool_calls" and forced.choices[0].message.content is None, forced
+assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_"), call
+assert isinstance(json.loads(call.function.arguments)["city"], str), call
+required = client.chat.completions.create(model=model, messages=ask, temperature=0, max_tokens=48,
+                                          tools=[weather_tool, time_tool], tool_choice="required")
+assert required.choices[0].message.tool_calls[0].function.name in ("get_weather", "get_time"), required
+name, args, finish = "", "", None
+for chunk in client.chat.completions.create(
+        model=model, messages=ask, temperature=0, max_tokens=48, tools=[weather_tool, time_tool],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}, stream=True):
+    for choice in chunk.choices:
+        for d in choice.delta.tool_calls or []:
+            name += d.function.name or ""
+            args += d.function.arguments or ""
+        finish = choice.finish_reason or finish
+assert (name, json.loads(args), finish) == ("get_weather", json.loads(call.function.arguments), "tool_calls")
+follow = client.chat.completions.create(model=model, temperature=0, max_tokens=24, tools=[weather_tool], messages=ask + [
+    {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+    {"role": "tool", "tool_call_id": call.id, "content": "{\"temperature_c\": 21, \"sky\": \"clear\"}"}])
+answer_msg = follow.choices[0].message
+assert answer_msg.content or answer_msg.tool_calls, follow
+try:
+    client.chat.completions.create(model=model, messages=ask, max_tokens=4, tools=[weather_tool],
+                                   tool_choice={"type": "function", "function": {"name": "nope"}})
+    raise SystemExit("expected UnprocessableEntityError")
+except openai.UnprocessableEntityError:
+    pass
+
 try:
     client.chat.completions.create(model="no-such-model", messages=messages)
     raise SystemExit("expected NotFoundError")

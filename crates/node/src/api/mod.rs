@@ -17,6 +17,7 @@ mod openai;
 mod pool;
 mod routes;
 mod swarm;
+mod tools;
 mod ui;
 mod update;
 mod v1;

@@ -16,6 +16,7 @@ use super::AppState;
 use super::error::ApiError;
 use super::extract::{ApiJson, Client, from_value};
 use super::generate::{self, Generation, Piece, SamplingDefaults, SamplingFields};
+use super::tools::{self, ToolCall, Tools};
 use crate::infer::ChatTurn;
 use crate::infer::logprobs::TokenLogprob;
 
@@ -105,6 +106,8 @@ struct ContentPart {
 struct ChatMessage {
     role: Role,
     content: Option<Content>,
+    /// An assistant turn's calls (its content is then often null).
+    tool_calls: Option<Vec<Value>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -158,6 +161,18 @@ fn turns(messages: Vec<ChatMessage>) -> Result<Vec<ChatTurn>, ApiError> {
                     }
                     text
                 }
+            };
+            let content = match (&m.role, m.tool_calls) {
+                (Role::Assistant, Some(calls)) if !calls.is_empty() => {
+                    let calls = tools::render_calls(&calls);
+                    if content.is_empty() {
+                        calls
+                    } else {
+                        format!("{content}\n{calls}")
+                    }
+                }
+                (Role::Tool, _) => tools::render_result(&content),
+                _ => content,
             };
             Ok(ChatTurn {
                 role: role.to_string(),
@@ -227,7 +242,29 @@ pub(crate) async fn chat_completions(
     let n = choices(req.n)?;
     let mut params = sampling.into_params(defaults(&state))?;
     params.logprobs = top_logprobs("top_logprobs", req.logprobs, req.top_logprobs)?;
-    let prompt = generate::render_chat(node, &model, &turns(req.messages)?).await?;
+    let mut turns = turns(req.messages)?;
+    let tools = tools::parse(&body)?.filter(Tools::active);
+    if let Some(tools) = &tools {
+        tools.describe(&mut turns);
+        if let Some(schema) = tools.schema() {
+            if params.json_schema.is_some() {
+                return Err(ApiError::invalid_parameter(
+                    "tool_choice",
+                    "a call that must be made cannot also follow response_format",
+                ));
+            }
+            if schema.len() > crate::infer::MAX_SCHEMA_BYTES {
+                return Err(ApiError::invalid_parameter(
+                    "tools",
+                    "the tools' parameters are too large to constrain a call (16 KiB)",
+                ));
+            }
+            crate::infer::schema_grammar(&schema)
+                .map_err(|e| ApiError::invalid_parameter("tools", e.to_string()))?;
+            params.json_schema = Some(schema);
+        }
+    }
+    let prompt = generate::render_chat(node, &model, &turns).await?;
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     let generations = start_choices(
         node,
@@ -245,6 +282,9 @@ pub(crate) async fn chat_completions(
         .stream_options
         .and_then(|o| o.include_usage)
         .unwrap_or(false);
+    if let Some(tools) = &tools {
+        return answer_with_tools(generations, req.stream.then_some(include_usage), tools).await;
+    }
     answer(
         generations,
         req.stream.then_some(include_usage),
@@ -280,31 +320,144 @@ async fn answer(
             true,
         ));
     }
+    let (info, done) = collect_all(generations).await?;
+    let choices: Vec<Value> = done.iter().enumerate().map(|(i, d)| choice(i, d)).collect();
+    Ok(Json(whole_body(&info, object, &done, choices)).into_response())
+}
+
+/// Waits for every choice.
+async fn collect_all(
+    generations: Vec<Generation>,
+) -> Result<(GenInfo, Vec<generate::Collected>), ApiError> {
     let Some(first) = generations.first() else {
         return Err(ApiError::internal("answer", "no generation"));
     };
-    let (id, model, created) = (first.id.clone(), first.model.clone(), first.created);
+    let info = GenInfo {
+        id: first.id.clone(),
+        model: first.model.clone(),
+        created: first.created,
+    };
     let done =
         futures::future::try_join_all(generations.into_iter().map(Generation::collect)).await?;
-    let mut usage = done[0].usage;
+    Ok((info, done))
+}
+
+/// Usage over every choice: the prompt once, every choice's tokens.
+fn total_usage(done: &[generate::Collected]) -> crate::infer::Usage {
+    let mut usage = done.first().map(|d| d.usage).unwrap_or_default();
     usage.completion_tokens = done.iter().map(|d| d.usage.completion_tokens).sum();
     usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
-    let choices: Vec<Value> = done.iter().enumerate().map(|(i, d)| choice(i, d)).collect();
-    Ok(Json(json!({
-        "id": id,
+    usage
+}
+
+/// A non-streamed answer's body.
+fn whole_body(
+    info: &GenInfo,
+    object: &str,
+    done: &[generate::Collected],
+    choices: Vec<Value>,
+) -> Value {
+    json!({
+        "id": info.id,
         "object": object,
-        "created": created,
-        "model": model,
+        "created": info.created,
+        "model": info.model,
         "system_fingerprint": fingerprint(),
         "choices": choices,
-        "usage": usage,
+        "usage": total_usage(done),
         "timing": {
             "queue_ms": done.iter().map(|d| d.timing.queue_ms).max(),
             "inference_ms": done.iter().map(|d| d.timing.inference_ms).max(),
             "total_ms": done.iter().map(|d| d.total_ms).max(),
         },
-    }))
-    .into_response())
+    })
+}
+
+/// A chat answer with tools: every choice is read whole, its calls taken out
+/// of its text (`finish_reason` `tool_calls` when it made any), and answered
+/// as one body or, streamed, as the chunks a stream of it would have been
+/// (the role, the content, each call as a `tool_calls` delta, the finish,
+/// the usage), since a call is only known once its block has closed.
+async fn answer_with_tools(
+    generations: Vec<Generation>,
+    stream: Option<bool>,
+    tools: &Tools,
+) -> Result<Response, ApiError> {
+    let (info, done) = collect_all(generations).await?;
+    let read: Vec<(Option<String>, Vec<ToolCall>)> =
+        done.iter().map(|d| tools.extract(&d.text)).collect();
+    let finish = |d: &generate::Collected, calls: &[ToolCall]| {
+        if calls.is_empty() {
+            d.finish_reason.as_str()
+        } else {
+            "tool_calls"
+        }
+    };
+    let Some(include_usage) = stream else {
+        let choices = done
+            .iter()
+            .zip(&read)
+            .enumerate()
+            .map(|(i, (d, (content, calls)))| {
+                let mut message = json!({ "role": "assistant", "content": content });
+                if !calls.is_empty() {
+                    message["tool_calls"] = calls
+                        .iter()
+                        .map(|c| c.to_json(None))
+                        .collect::<Vec<_>>()
+                        .into();
+                }
+                json!({
+                    "index": i,
+                    "message": message,
+                    "logprobs": chat_logprobs(d.logprobs.as_deref()),
+                    "finish_reason": finish(d, calls),
+                })
+            })
+            .collect();
+        return Ok(Json(whole_body(&info, "chat.completion", &done, choices)).into_response());
+    };
+    let chunk = |index: usize, delta: Value, finish: Value| {
+        json!({
+            "id": info.id,
+            "object": "chat.completion.chunk",
+            "created": info.created,
+            "model": info.model,
+            "system_fingerprint": fingerprint(),
+            "choices": [{ "index": index, "delta": delta, "logprobs": null, "finish_reason": finish }],
+        })
+    };
+    let mut chunks = Vec::new();
+    for (i, (d, (content, calls))) in done.iter().zip(&read).enumerate() {
+        chunks.push(chunk(
+            i,
+            json!({ "role": "assistant", "content": "" }),
+            Value::Null,
+        ));
+        if let Some(text) = content.as_ref().filter(|t| !t.is_empty()) {
+            chunks.push(chunk(i, json!({ "content": text }), Value::Null));
+        }
+        for (j, call) in calls.iter().enumerate() {
+            chunks.push(chunk(
+                i,
+                json!({ "tool_calls": [call.to_json(Some(j))] }),
+                Value::Null,
+            ));
+        }
+        chunks.push(chunk(i, json!({}), json!(finish(d, calls))));
+    }
+    if include_usage {
+        let mut last = chunk(0, Value::Null, Value::Null);
+        last["choices"] = json!([]);
+        last["usage"] = json!(total_usage(&done));
+        chunks.push(last);
+    }
+    let events = chunks
+        .into_iter()
+        .map(|c| c.to_string())
+        .chain(std::iter::once("[DONE]".to_string()))
+        .map(|data| Ok::<_, Infallible>(SseEvent::default().data(data)));
+    Ok(Sse::new(futures::stream::iter(events)).into_response())
 }
 
 /// The chunks one piece of a chat stream turns into.
