@@ -1219,3 +1219,84 @@ fn a_client_key_runs_inference_and_nothing_else_until_revoked() {
     );
     assert_eq!(node.get_auth("/api/admin/api-keys").1["keys"], json!([]));
 }
+
+#[test]
+fn responses_are_stored_listed_and_private_to_their_key() {
+    let node = TestNode::start();
+    let (s, r) = node.post(
+        "/v1/responses",
+        &json!({ "input": "Say hi.", "max_output_tokens": 4, "temperature": 0 }),
+    );
+    assert_eq!(s, 200, "{r}");
+    let id = r["id"].as_str().expect("id").to_string();
+    assert!(r["output"][0]["content"][0]["text"].is_string(), "{r}");
+    // The admin listing, by status.
+    let (s, list) = node.get_auth("/api/admin/responses?limit=5");
+    assert_eq!(s, 200, "{list}");
+    assert_eq!(list["responses"][0]["id"], json!(id), "{list}");
+    let status = r["status"].as_str().expect("status");
+    let (_, same) = node.get_auth(&format!("/api/admin/responses?status={status}"));
+    assert_eq!(same["count"], 1, "{same}");
+    let (_, none) = node.get_auth("/api/admin/responses?status=failed");
+    assert_eq!(none["count"], 0, "{none}");
+    for q in ["limit=0", "limit=501", "limit=x", "status=weird"] {
+        let (s, v) = node.get_auth(&format!("/api/admin/responses?{q}"));
+        assert_eq!(s, 422, "{q}: {v}");
+    }
+    // Another key neither sees it nor continues it.
+    let (_, created) = node.post("/api/admin/api-keys", &json!({ "name": "other" }));
+    let other = created["key"].as_str().expect("key").to_string();
+    let as_other = |method: Method, path: &str, body: &Value| {
+        let r = node
+            .http()
+            .request(method, node.url(path))
+            .bearer_auth(&other)
+            .json(body)
+            .send()
+            .expect("send");
+        (
+            r.status().as_u16(),
+            r.json::<Value>().unwrap_or(Value::Null),
+        )
+    };
+    let (s, _) = as_other(Method::GET, &format!("/v1/responses/{id}"), &json!({}));
+    assert_eq!(s, 404);
+    let (s, _) = as_other(
+        Method::POST,
+        "/v1/responses",
+        &json!({ "input": "Go on.", "previous_response_id": id, "max_output_tokens": 2 }),
+    );
+    assert_eq!(s, 404);
+    let (s, _) = as_other(Method::DELETE, &format!("/v1/responses/{id}"), &json!({}));
+    assert_eq!(s, 404);
+    // Bad requests are clear.
+    for (body, field) in [
+        (json!({ "input": [] }), "input"),
+        (json!({ "input": 3 }), "input"),
+        (
+            json!({ "input": [{ "role": "wizard", "content": "x" }] }),
+            "input[0].role",
+        ),
+        (
+            json!({ "input": "x", "background": true, "store": false }),
+            "background",
+        ),
+        (
+            json!({ "input": "x", "max_output_tokens": 0 }),
+            "max_output_tokens",
+        ),
+    ] {
+        let (s, v) = node.post("/v1/responses", &body);
+        assert_eq!(
+            (s, &v["error"]["details"]["field"]),
+            (422, &json!(field)),
+            "{body}: {v}"
+        );
+    }
+    // Only a background response can be cancelled; deleted means gone.
+    let (s, _) = node.post(&format!("/v1/responses/{id}/cancel"), &json!({}));
+    assert_eq!(s, 422);
+    let (s, v) = node.call(Method::DELETE, &format!("/v1/responses/{id}"), &json!({}));
+    assert_eq!((s, &v["deleted"]), (200, &json!(true)), "{v}");
+    assert_eq!(node.get_auth(&format!("/v1/responses/{id}")).0, 404);
+}

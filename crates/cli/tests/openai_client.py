@@ -130,6 +130,51 @@ try:
 except openai.UnprocessableEntityError:
     pass
 
+# The Responses API: create, stream, chain, background with polling, resumed
+# streaming and cancel, delete.
+import time
+first = client.responses.create(model=model, input="What is the capital of France?",
+                                instructions="Answer in one sentence.", max_output_tokens=24, temperature=0)
+assert first.status in ("completed", "incomplete") and first.output_text, first
+assert first.usage.output_tokens > 0 and first.id.startswith("resp_")
+assert client.responses.retrieve(first.id).output_text == first.output_text
+kinds, deltas = [], []
+with client.responses.stream(model=model, input="What is the capital of France?", instructions="Answer in one sentence.",
+                             max_output_tokens=24, temperature=0) as s:
+    for event in s:
+        kinds.append(event.type)
+        if event.type == "response.output_text.delta":
+            deltas.append(event.delta)
+    final = s.get_final_response()
+assert kinds[0] == "response.created" and kinds[-1] in ("response.completed", "response.incomplete"), kinds
+assert "".join(deltas) == first.output_text == final.output_text, (deltas, first.output_text)
+chained = client.responses.create(model=model, input="And of Italy?", previous_response_id=first.id,
+                                  max_output_tokens=16, temperature=0)
+assert chained.previous_response_id == first.id and chained.output_text, chained
+bg = client.responses.create(model=model, input="Count to five.", max_output_tokens=16, temperature=0, background=True)
+assert bg.status in ("queued", "in_progress"), bg
+deadline = time.time() + 120
+while bg.status in ("queued", "in_progress"):
+    assert time.time() < deadline, "background response never finished"
+    time.sleep(0.1)
+    bg = client.responses.retrieve(bg.id)
+assert bg.status in ("completed", "incomplete") and bg.output_text, bg
+replayed = list(client.responses.retrieve(bg.id, stream=True))
+assert [e.sequence_number for e in replayed] == list(range(len(replayed)))
+resumed = list(client.responses.retrieve(bg.id, stream=True, starting_after=2))
+assert [e.sequence_number for e in resumed] == list(range(3, len(replayed)))
+assert "".join(e.delta for e in replayed if e.type == "response.output_text.delta") == bg.output_text
+long = client.responses.create(model=model, input="Write a long story.", max_output_tokens=3000, background=True,
+                               extra_body={"ignore_eos": True})
+cancelled = client.responses.cancel(long.id)
+assert cancelled.status == "cancelled", cancelled
+deleted = client.responses.delete(first.id)
+try:
+    client.responses.retrieve(first.id)
+    raise SystemExit("expected NotFoundError")
+except openai.NotFoundError:
+    pass
+
 try:
     client.chat.completions.create(model="no-such-model", messages=messages)
     raise SystemExit("expected NotFoundError")

@@ -30,6 +30,7 @@ pub mod paths;
 pub mod pipeline;
 pub mod pool;
 pub mod qr;
+pub mod responses;
 pub mod secrets;
 pub mod shard;
 pub mod store;

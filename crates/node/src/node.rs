@@ -109,6 +109,8 @@ struct Inner {
     api_key: Zeroizing<String>,
     /// Inference-only keys.
     client_keys: crate::keys::ClientKeys,
+    /// Responses API records and runs.
+    responses: crate::responses::Responses,
     engine: Option<Engine>,
     pipeline: Pipeline,
     pools: crate::pool::Pools,
@@ -174,24 +176,32 @@ impl Node {
         // Database, keychain and model loading all block: keep them off the runtime.
         let blocking_config = config.clone();
         let blocking_dir = data_dir.clone();
-        let (store, secrets, identity, (api_key, hf_token), client_keys) = blocking(move || {
-            let store = Store::open(&blocking_dir.join("node.db"))?;
-            let client_keys = crate::keys::ClientKeys::open(store.clone())?;
-            let secrets = SecretStore::open(&blocking_dir, &blocking_config.secret_store)?;
-            let identity = Identity::load_or_create(&secrets)?;
-            let api_key = identity::load_or_create_api_key(&secrets)?;
-            let hf_token = secrets
-                .get(HF_TOKEN_SECRET)?
-                .filter(|t| !t.is_empty())
-                .or_else(|| {
-                    std::env::var("HF_TOKEN")
-                        .ok()
-                        .filter(|t| !t.is_empty())
-                        .map(Zeroizing::new)
-                });
-            Ok::<_, StartError>((store, secrets, identity, (api_key, hf_token), client_keys))
-        })
-        .await??;
+        let (store, secrets, identity, (api_key, hf_token), (client_keys, responses)) =
+            blocking(move || {
+                let store = Store::open(&blocking_dir.join("node.db"))?;
+                let client_keys = crate::keys::ClientKeys::open(store.clone())?;
+                let responses = crate::responses::Responses::open(store.clone())?;
+                let secrets = SecretStore::open(&blocking_dir, &blocking_config.secret_store)?;
+                let identity = Identity::load_or_create(&secrets)?;
+                let api_key = identity::load_or_create_api_key(&secrets)?;
+                let hf_token = secrets
+                    .get(HF_TOKEN_SECRET)?
+                    .filter(|t| !t.is_empty())
+                    .or_else(|| {
+                        std::env::var("HF_TOKEN")
+                            .ok()
+                            .filter(|t| !t.is_empty())
+                            .map(Zeroizing::new)
+                    });
+                Ok::<_, StartError>((
+                    store,
+                    secrets,
+                    identity,
+                    (api_key, hf_token),
+                    (client_keys, responses),
+                ))
+            })
+            .await??;
         tracing::info!(
             node_id = %identity.node_id(),
             data_dir = %data_dir.display(),
@@ -270,6 +280,7 @@ impl Node {
                 identity,
                 api_key,
                 client_keys,
+                responses,
                 engine,
                 pipeline,
                 pools,
@@ -582,6 +593,11 @@ impl Node {
     /// Inference-only client keys.
     pub fn client_keys(&self) -> &crate::keys::ClientKeys {
         &self.inner.client_keys
+    }
+
+    /// The Responses API's records and runs.
+    pub fn responses(&self) -> &crate::responses::Responses {
+        &self.inner.responses
     }
 
     /// The inference engine, when a model is loaded.

@@ -192,6 +192,18 @@ const MIGRATIONS: &[&str] = &[
         created_at INTEGER NOT NULL,
         key_hash   BLOB NOT NULL UNIQUE
     );",
+    // 8 (Responses API): stored responses.
+    "CREATE TABLE responses (
+        id           TEXT PRIMARY KEY,
+        client       TEXT NOT NULL,
+        created_at   INTEGER NOT NULL,
+        status       TEXT NOT NULL,
+        model        TEXT NOT NULL,
+        object       TEXT NOT NULL,
+        conversation TEXT NOT NULL,
+        deltas       TEXT NOT NULL
+    );
+    CREATE INDEX responses_created ON responses (created_at);",
 ];
 
 /// Request-log rows kept; older ones live on only in the lifetime totals.

@@ -15,6 +15,7 @@ mod models;
 mod net;
 mod openai;
 mod pool;
+mod responses;
 mod routes;
 mod swarm;
 mod tools;
@@ -104,6 +105,7 @@ fn all_routes() -> Routes {
         .merge(credits::routes())
         .merge(update::routes())
         .merge(keys::routes())
+        .merge(responses::routes())
 }
 
 /// Every route of the API with its method and access (read or write), as the
