@@ -14,6 +14,7 @@ mod keys;
 mod models;
 mod net;
 mod openai;
+mod openapi;
 mod pool;
 mod responses;
 mod routes;
@@ -106,6 +107,7 @@ fn all_routes() -> Routes {
         .merge(update::routes())
         .merge(keys::routes())
         .merge(responses::routes())
+        .merge(openapi::routes())
 }
 
 /// Every route of the API with its method and access (read or write), as the
