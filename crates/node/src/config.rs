@@ -149,6 +149,10 @@ pub struct Config {
     /// The Hugging Face Hub (or a mirror) models are searched and fetched from.
     /// Empty (the default): `HF_ENDPOINT`, else `https://huggingface.co`.
     pub hf_endpoint: String,
+    /// The base URL (`…/v1`) of an OpenAI-compatible server to use as the
+    /// `custom` cloud provider (a local vLLM, a gateway). Empty (the default):
+    /// none.
+    pub provider_custom_url: String,
     /// Credits earned per layer × token this node runs for another node (and
     /// paid per layer × token another node runs for it). Default 0.0001.
     pub credit_rate_layer_token: f64,
@@ -210,6 +214,7 @@ impl Default for Config {
             demand_min_requesters: 2,
             replication_min: 2,
             hf_endpoint: String::new(),
+            provider_custom_url: String::new(),
             credit_rate_layer_token: 0.0001,
             credit_rate_token: 0.01,
         }
@@ -389,6 +394,12 @@ impl Config {
         if !(self.hf_endpoint.is_empty() || url_ok(&self.hf_endpoint)) {
             return Err(ConfigError::new(
                 "hf_endpoint",
+                "must be empty or an http(s) URL",
+            ));
+        }
+        if !(self.provider_custom_url.is_empty() || url_ok(&self.provider_custom_url)) {
+            return Err(ConfigError::new(
+                "provider_custom_url",
                 "must be empty or an http(s) URL",
             ));
         }

@@ -29,6 +29,7 @@ pub mod node;
 pub mod paths;
 pub mod pipeline;
 pub mod pool;
+pub mod providers;
 pub mod qr;
 pub mod responses;
 pub mod secrets;

@@ -111,6 +111,8 @@ struct Inner {
     client_keys: crate::keys::ClientKeys,
     /// Responses API records and runs.
     responses: crate::responses::Responses,
+    /// Cloud providers.
+    providers: crate::providers::Providers,
     engine: Option<Engine>,
     pipeline: Pipeline,
     pools: crate::pool::Pools,
@@ -281,6 +283,7 @@ impl Node {
                 api_key,
                 client_keys,
                 responses,
+                providers: crate::providers::Providers::new(),
                 engine,
                 pipeline,
                 pools,
@@ -593,6 +596,16 @@ impl Node {
     /// Inference-only client keys.
     pub fn client_keys(&self) -> &crate::keys::ClientKeys {
         &self.inner.client_keys
+    }
+
+    /// Cloud providers.
+    pub fn providers(&self) -> &crate::providers::Providers {
+        &self.inner.providers
+    }
+
+    /// The secret store (keychain or encrypted file). Blocking to use.
+    pub(crate) fn secrets(&self) -> &SecretStore {
+        &self.inner.secrets
     }
 
     /// The Responses API's records and runs.

@@ -16,6 +16,7 @@ mod net;
 mod openai;
 mod openapi;
 mod pool;
+mod providers;
 mod responses;
 mod routes;
 mod swarm;
@@ -108,6 +109,7 @@ fn all_routes() -> Routes {
         .merge(keys::routes())
         .merge(responses::routes())
         .merge(openapi::routes())
+        .merge(providers::routes())
 }
 
 /// Every route of the API with its method and access (read or write), as the

@@ -238,7 +238,23 @@ pub(crate) async fn chat_completions(
     let req: ChatRequest = from_value(&body)?;
     let sampling: SamplingFields = from_value(&body)?;
     let node = &state.node;
-    let model = generate::resolve_model(node, req.model.as_deref()).await?;
+    let model = match generate::resolve_model(node, req.model.as_deref()).await {
+        Ok(m) => m,
+        // A model the swarm does not have (or a node with none at all) may be
+        // a cloud provider's.
+        Err(e)
+            if req.model.is_some()
+                && (e.status == axum::http::StatusCode::NOT_FOUND
+                    || e.code == "NO_MODEL_LOADED") =>
+        {
+            let asked = req.model.as_deref().unwrap_or_default();
+            match super::providers::proxy_chat(node, asked, &body).await? {
+                Some(answer) => return Ok(answer),
+                None => return Err(e),
+            }
+        }
+        Err(e) => return Err(e),
+    };
     let n = choices(req.n)?;
     let mut params = sampling.into_params(defaults(&state))?;
     params.logprobs = top_logprobs("top_logprobs", req.logprobs, req.top_logprobs)?;

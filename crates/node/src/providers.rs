@@ -1,0 +1,427 @@
+//! Cloud providers: OpenAI-compatible APIs a node can hand a chat to when the
+//! swarm cannot serve the model asked for (the answer then says which provider
+//! gave it).
+//!
+//! Each provider has a fixed base URL, except `custom`, which is any
+//! OpenAI-compatible server the user names (`provider_custom_url`: a local
+//! vLLM or LM Studio, a company gateway). Keys live with the other secrets
+//! (`provider:<name>`), are never returned, and a provider without one is
+//! never called. The model list is cached for [`MODELS_TTL`]; a stale list is
+//! served at once while a refresh runs.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::secrets::{SecretError, SecretStore};
+
+/// How long a model list stays fresh.
+pub const MODELS_TTL: Duration = Duration::from_secs(60);
+/// Connect timeout of every provider call.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Whole-call timeout of a probe and of a model list.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Whole-call timeout of a chat (a long answer takes a while).
+pub const CHAT_TIMEOUT: Duration = Duration::from_secs(300);
+/// Most models one provider's list may bring (a hostile or broken endpoint
+/// cannot fill memory).
+const MAX_MODELS: usize = 2_000;
+/// Largest model list read, in bytes.
+const MAX_LIST_BYTES: usize = 4 << 20;
+
+/// One provider.
+#[derive(Debug, Clone, Copy)]
+pub struct Provider {
+    /// Its name in the API (`openai`, `groq`, …).
+    pub name: &'static str,
+    /// What people call it.
+    pub label: &'static str,
+    /// Its OpenAI-compatible base URL (`…/v1`); empty for `custom`.
+    pub base_url: &'static str,
+    /// A cheap model to probe health with (`custom`: its first listed model).
+    pub probe_model: &'static str,
+}
+
+/// Every provider a node knows.
+pub const PROVIDERS: &[Provider] = &[
+    Provider {
+        name: "openai",
+        label: "OpenAI",
+        base_url: "https://api.openai.com/v1",
+        probe_model: "gpt-4o-mini",
+    },
+    Provider {
+        name: "deepseek",
+        label: "DeepSeek",
+        base_url: "https://api.deepseek.com/v1",
+        probe_model: "deepseek-chat",
+    },
+    Provider {
+        name: "mistral",
+        label: "Mistral",
+        base_url: "https://api.mistral.ai/v1",
+        probe_model: "mistral-small-latest",
+    },
+    Provider {
+        name: "groq",
+        label: "Groq",
+        base_url: "https://api.groq.com/openai/v1",
+        probe_model: "llama-3.1-8b-instant",
+    },
+    Provider {
+        name: "nvidia",
+        label: "NVIDIA NIM",
+        base_url: "https://integrate.api.nvidia.com/v1",
+        probe_model: "meta/llama-3.1-8b-instruct",
+    },
+    Provider {
+        name: "cerebras",
+        label: "Cerebras",
+        base_url: "https://api.cerebras.ai/v1",
+        probe_model: "llama3.1-8b",
+    },
+    Provider {
+        name: "sambanova",
+        label: "SambaNova",
+        base_url: "https://api.sambanova.ai/v1",
+        probe_model: "Meta-Llama-3.1-8B-Instruct",
+    },
+    Provider {
+        name: "fireworks",
+        label: "Fireworks",
+        base_url: "https://api.fireworks.ai/inference/v1",
+        probe_model: "accounts/fireworks/models/llama-v3p1-8b-instruct",
+    },
+    Provider {
+        name: "together",
+        label: "Together AI",
+        base_url: "https://api.together.xyz/v1",
+        probe_model: "meta-llama/Llama-3.2-3B-Instruct-Turbo",
+    },
+    Provider {
+        name: "deepinfra",
+        label: "DeepInfra",
+        base_url: "https://api.deepinfra.com/v1/openai",
+        probe_model: "meta-llama/Meta-Llama-3.1-8B-Instruct",
+    },
+    Provider {
+        name: "moonshot",
+        label: "Moonshot / Kimi",
+        base_url: "https://api.moonshot.ai/v1",
+        probe_model: "moonshot-v1-8k",
+    },
+    Provider {
+        name: "custom",
+        label: "Custom OpenAI-compatible server",
+        base_url: "",
+        probe_model: "",
+    },
+];
+
+/// The provider called `name`.
+pub fn provider(name: &str) -> Option<&'static Provider> {
+    PROVIDERS.iter().find(|p| p.name == name)
+}
+
+/// A provider's model.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ProviderModel {
+    /// The id the provider knows it by.
+    pub id: String,
+    /// A display name.
+    pub name: String,
+    /// The provider.
+    pub provider: &'static str,
+}
+
+/// How a probe went, in the spec's words.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Probe {
+    /// `up`, `rate_limited`, `overloaded`, `not_found`, `timeout`,
+    /// `unreachable`, or `error_<code>`.
+    pub status: String,
+    /// Round trip, when it answered.
+    pub latency_ms: Option<u64>,
+    /// What went wrong, briefly.
+    pub detail: String,
+}
+
+/// The node's providers.
+#[derive(Debug)]
+pub struct Providers {
+    http: reqwest::Client,
+    /// The cached model list: when it was fetched, and the models.
+    models: Mutex<Option<(Instant, Arc<Vec<ProviderModel>>)>>,
+    refreshing: std::sync::atomic::AtomicBool,
+}
+
+fn secret_name(provider: &str) -> String {
+    format!("provider:{provider}")
+}
+
+impl Default for Providers {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Providers {
+    /// No model list yet.
+    pub fn new() -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .build()
+            .unwrap_or_default();
+        Self {
+            http,
+            models: Mutex::default(),
+            refreshing: false.into(),
+        }
+    }
+
+    /// The HTTP client provider calls go through.
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// `provider`'s key, when one is set (blocking: the keychain).
+    pub fn key(
+        &self,
+        secrets: &SecretStore,
+        provider: &str,
+    ) -> Result<Option<String>, SecretError> {
+        Ok(secrets
+            .get(&secret_name(provider))?
+            .filter(|k| !k.is_empty())
+            .map(|k| k.to_string()))
+    }
+
+    /// Sets (or with `None` removes) `provider`'s key (blocking), and drops
+    /// the cached model list.
+    pub fn set_key(
+        &self,
+        secrets: &SecretStore,
+        provider: &str,
+        key: Option<&str>,
+    ) -> Result<(), SecretError> {
+        secrets.set(&secret_name(provider), key.unwrap_or(""))?;
+        *self.models.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        Ok(())
+    }
+
+    /// The base URL of `p` with this node's settings (`custom`'s from
+    /// `custom_url`); `None` when it has none.
+    pub fn base_url(p: &Provider, custom_url: &str) -> Option<String> {
+        let url = if p.name == "custom" {
+            custom_url
+        } else {
+            p.base_url
+        };
+        (!url.is_empty()).then(|| url.trim_end_matches('/').to_string())
+    }
+
+    /// Every provider with a key and a base URL, with the key (blocking).
+    pub fn configured(
+        &self,
+        secrets: &SecretStore,
+        custom_url: &str,
+    ) -> Vec<(&'static Provider, String, String)> {
+        PROVIDERS
+            .iter()
+            .filter_map(|p| {
+                let base = Self::base_url(p, custom_url)?;
+                let key = self.key(secrets, p.name).ok().flatten()?;
+                Some((p, base, key))
+            })
+            .collect()
+    }
+
+    /// The cached list and whether it is stale (`None`: never fetched).
+    pub fn cached_models(&self) -> Option<(Arc<Vec<ProviderModel>>, bool)> {
+        let cache = self.models.lock().unwrap_or_else(|p| p.into_inner());
+        cache
+            .as_ref()
+            .map(|(at, m)| (Arc::clone(m), at.elapsed() > MODELS_TTL))
+    }
+
+    /// Claims the one refresh that may run; `false` when one already does.
+    pub fn begin_refresh(&self) -> bool {
+        !self
+            .refreshing
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+    }
+
+    /// Stores a fetched list and ends the refresh.
+    pub fn store_models(&self, models: Vec<ProviderModel>) -> Arc<Vec<ProviderModel>> {
+        let models = Arc::new(models);
+        *self.models.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((Instant::now(), Arc::clone(&models)));
+        self.refreshing
+            .store(false, std::sync::atomic::Ordering::Release);
+        models
+    }
+
+    /// Ends a refresh that stored nothing.
+    pub fn end_refresh(&self) {
+        self.refreshing
+            .store(false, std::sync::atomic::Ordering::Release);
+    }
+
+    /// `GET {base}/models` of one provider (bounded in size and count).
+    pub async fn list(&self, p: &'static Provider, base: &str, key: &str) -> Vec<ProviderModel> {
+        let r = self
+            .http
+            .get(format!("{base}/models"))
+            .bearer_auth(key)
+            .timeout(PROBE_TIMEOUT)
+            .send()
+            .await;
+        let Ok(r) = r.and_then(reqwest::Response::error_for_status) else {
+            return Vec::new();
+        };
+        if r.content_length()
+            .is_some_and(|n| n > MAX_LIST_BYTES as u64)
+        {
+            return Vec::new();
+        }
+        let Ok(bytes) = r.bytes().await else {
+            return Vec::new();
+        };
+        if bytes.len() > MAX_LIST_BYTES {
+            return Vec::new();
+        }
+        let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        v["data"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|m| m["id"].as_str())
+            .filter(|id| !id.is_empty() && id.len() <= 256)
+            .take(MAX_MODELS)
+            .map(|id| ProviderModel {
+                id: id.to_string(),
+                name: id.to_string(),
+                provider: p.name,
+            })
+            .collect()
+    }
+
+    /// Sends a one-token chat to `model` and reads how it went.
+    pub async fn probe(&self, base: &str, key: &str, model: &str) -> Probe {
+        let started = Instant::now();
+        let r = self
+            .http
+            .post(format!("{base}/chat/completions"))
+            .bearer_auth(key)
+            .timeout(PROBE_TIMEOUT)
+            .json(&serde_json::json!({
+                "model": model,
+                "messages": [{ "role": "user", "content": "hi" }],
+                "max_tokens": 1,
+            }))
+            .send()
+            .await;
+        let latency_ms = Some(started.elapsed().as_millis() as u64);
+        match r {
+            Ok(r) => {
+                let code = r.status().as_u16();
+                let status = match code {
+                    200..=299 => "up".to_string(),
+                    429 => "rate_limited".to_string(),
+                    404 => "not_found".to_string(),
+                    503 | 529 => "overloaded".to_string(),
+                    c => format!("error_{c}"),
+                };
+                let detail = if code < 300 {
+                    String::new()
+                } else {
+                    let body = r.text().await.unwrap_or_default();
+                    body.chars().take(200).collect()
+                };
+                Probe {
+                    status,
+                    latency_ms,
+                    detail,
+                }
+            }
+            Err(e) if e.is_timeout() => Probe {
+                status: "timeout".into(),
+                latency_ms: None,
+                detail: String::new(),
+            },
+            Err(e) => Probe {
+                status: "unreachable".into(),
+                latency_ms: None,
+                detail: e.to_string().chars().take(200).collect(),
+            },
+        }
+    }
+}
+
+/// Which provider serves `model`: an explicit `provider:model`, else the first
+/// provider whose cached list has it. Returns the provider and the id to send.
+pub fn route(
+    model: &str,
+    cached: &[ProviderModel],
+    configured: &BTreeMap<&'static str, (String, String)>,
+) -> Option<(&'static Provider, String)> {
+    if let Some((name, id)) = model.split_once(':')
+        && let Some(p) = provider(name)
+        && configured.contains_key(p.name)
+        && !id.is_empty()
+    {
+        return Some((p, id.to_string()));
+    }
+    let m = cached
+        .iter()
+        .find(|m| m.id == model && configured.contains_key(m.provider))?;
+    Some((provider(m.provider)?, m.id.clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_model_routes_to_a_configured_provider_only() {
+        let cached = vec![
+            ProviderModel {
+                id: "gpt-4o".into(),
+                name: "gpt-4o".into(),
+                provider: "openai",
+            },
+            ProviderModel {
+                id: "llama".into(),
+                name: "llama".into(),
+                provider: "groq",
+            },
+        ];
+        let mut configured = BTreeMap::new();
+        configured.insert("openai", ("https://x".to_string(), "k".to_string()));
+        let (p, id) = route("gpt-4o", &cached, &configured).expect("listed");
+        assert_eq!((p.name, id.as_str()), ("openai", "gpt-4o"));
+        assert!(
+            route("llama", &cached, &configured).is_none(),
+            "groq has no key"
+        );
+        let (p, id) = route("openai:o3", &cached, &configured).expect("explicit");
+        assert_eq!((p.name, id.as_str()), ("openai", "o3"));
+        assert!(route("groq:llama", &cached, &configured).is_none());
+        assert!(route("nobody:x", &cached, &configured).is_none());
+        assert!(route("unknown-model", &cached, &configured).is_none());
+        assert_eq!(
+            Providers::base_url(provider("custom").expect("custom"), ""),
+            None
+        );
+        assert_eq!(
+            Providers::base_url(
+                provider("custom").expect("custom"),
+                "http://127.0.0.1:9/v1/"
+            ),
+            Some("http://127.0.0.1:9/v1".into())
+        );
+    }
+}
