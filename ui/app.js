@@ -117,6 +117,11 @@ async function dashboard() {
     <p id="serving">${await servingHtml(stats)}</p>
     <h2>Activity</h2>
     <div class="grid" id="charts">${chartsHtml()}</div>
+    <h2>Responses</h2>
+    <div class="row"><label>Status <select id="responses-status" aria-label="Responses by status">
+      ${["", "completed", "in_progress", "queued", "incomplete", "cancelled", "failed"]
+        .map((s) => `<option value="${s}">${s || "all"}</option>`).join("")}</select></label></div>
+    <div id="responses"></div>
     <h2>Hardware</h2>
     <p id="hardware">${esc(hw.cpu_model)} · ${esc(hw.cpu_threads)} threads ·
       ${esc((hw.ram_total / 2 ** 30).toFixed(1))} GiB RAM · GPUs: ${esc(gpus)} · ${esc(hw.os)} ${esc(hw.arch)}</p>
@@ -129,7 +134,25 @@ async function dashboard() {
   };
   live.listeners.add(update);
   if (live.last) update(live.last);
+  $("#responses-status").onchange = showResponses;
+  showResponses();
   return () => live.listeners.delete(update);
+}
+
+/** The Responses API's stored responses (newest 20), by the chosen status. */
+async function showResponses() {
+  const box = $("#responses");
+  if (!box) return;
+  if (!client.key()) { box.innerHTML = `<p class="muted">Needs the API key.</p>`; return; }
+  const status = $("#responses-status").value;
+  try {
+    const r = await client.get(`/api/admin/responses?limit=20${status ? `&status=${encodeURIComponent(status)}` : ""}`);
+    const text = (x) => (x.output?.[0]?.content?.[0]?.text || x.error?.message || "").slice(0, 120);
+    box.innerHTML = r.responses.length ? `<table><tr><th>When</th><th>Status</th><th>Model</th><th>Tokens</th><th>Answer</th></tr>
+      ${r.responses.map((x) => `<tr data-response="${esc(x.id)}"><td>${esc(new Date(x.created_at * 1000).toLocaleString())}</td>
+        <td>${esc(x.status)}</td><td>${esc(x.model)}</td><td>${esc(x.usage?.total_tokens ?? "")}</td>
+        <td>${esc(text(x))}</td></tr>`).join("")}</table>` : `<p class="muted">None yet.</p>`;
+  } catch (e) { box.innerHTML = `<p class="error">${esc(e.message)}</p>`; }
 }
 
 // ---- codes in pictures ------------------------------------------------------------

@@ -152,6 +152,17 @@ def main():
             assert http("POST", f"{base}/v1/chat/completions", chat, auth)[0] == 401
         r.check("a client key is made in Settings, runs inference only, and is revoked there", client_keys)
 
+        def responses_tab():
+            auth = {"Authorization": f"Bearer {key}"}
+            status, made = http("POST", f"{base}/v1/responses", {"input": "Say hi.", "max_output_tokens": 4}, auth)
+            assert status == 200, made
+            session.js("location.hash = '#/dashboard'")
+            wait_for("the response listed", lambda: session.js(
+                f"return document.querySelector('#responses tr[data-response=\"{made['id']}\"]') !== null"))
+            session.js("const s = document.querySelector('#responses-status'); s.value = 'failed'; s.onchange()")
+            wait_for("the filter applied", lambda: "None yet" in session.text("#responses"))
+        r.check("the dashboard lists the Responses API's stored responses by status", responses_tab)
+
         def first_run():
             # A fresh install: a node with no model, no peers and an empty data dir.
             started = time.monotonic()
