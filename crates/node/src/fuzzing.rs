@@ -65,6 +65,14 @@ pub fn step_envelope(data: &[u8]) {
     let _ = wire::decode_answer(data);
 }
 
+/// A step's result as the last hop sends it back (opened): a sampled token,
+/// with log-probabilities when the requester asked for some.
+pub fn step_result(data: &[u8]) {
+    for wanted in [None, Some(0), Some(3), Some(20)] {
+        let _ = wire::decode_result(data, wanted);
+    }
+}
+
 /// A sealed activation frame and a sealed step message.
 pub fn activation_frame(data: &[u8]) {
     let key = link_key();
@@ -104,6 +112,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("gguf_header", gguf_header),
     ("frame", frame),
     ("step_envelope", step_envelope),
+    ("step_result", step_result),
     ("activation_frame", activation_frame),
     ("announcement", announcement),
     ("pool_message", pool_message),
@@ -238,6 +247,31 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         "step_envelope",
         wire::encode_answer(std::time::Duration::from_micros(5), &[1; 20]),
     ));
+    // A sampled step asking for log-probabilities, and the results a last hop
+    // sends back (plain, and with three alternatives).
+    env.sample = Some(wire::SampleSpec {
+        temperature: 0.0,
+        top_p: 1.0,
+        top_k: 0,
+        min_p: 0.0,
+        repeat_penalty: 1.0,
+        repeat_last_n: 64,
+        seed: 1,
+        json_schema: None,
+        logprobs: Some(3),
+    });
+    env.sign(&peer());
+    out.push(("step_envelope", wire::encode_request(&env, &[9; 24])));
+    let plain = wire::Sampled {
+        token: 42,
+        logprobs: None,
+    };
+    let with = wire::Sampled {
+        token: 42,
+        logprobs: Some((-0.25, vec![(42, -0.25), (7, -1.5), (9, -3.0)])),
+    };
+    out.push(("step_result", wire::encode_result(Some(&plain))));
+    out.push(("step_result", wire::encode_result(Some(&with))));
     // A sealed activation frame and message.
     let key = link_key();
     for dtype in [Dtype::F16, Dtype::F32, Dtype::Q8] {
@@ -392,7 +426,24 @@ mod tests {
             .filter(|(n, _)| *n == "step_envelope")
             .filter_map(|(_, s)| wire::decode_request(s).ok())
             .collect();
-        assert_eq!(steps.len(), 2);
+        assert_eq!(steps.len(), 3);
         assert!(steps[1].0.continues_bytes().is_ok_and(|c| c.is_some()));
+        assert_eq!(steps[2].0.sample.as_ref().and_then(|s| s.logprobs), Some(3));
+        // Both result seeds read back as what was sent, asked for 3 alternatives.
+        let results: Vec<_> = seeds
+            .iter()
+            .filter(|(n, _)| *n == "step_result")
+            .map(|(_, s)| wire::decode_result(s, Some(3)))
+            .collect();
+        assert_eq!(results.len(), 2);
+        assert!(
+            results[0].is_err(),
+            "a plain token when log-probabilities were asked for"
+        );
+        assert!(
+            results[1]
+                .as_ref()
+                .is_ok_and(|r| r.as_ref().is_some_and(|r| r.logprobs.is_some()))
+        );
     }
 }

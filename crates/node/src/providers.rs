@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde_json::Value;
 
+use zeroize::Zeroizing;
+
 use crate::secrets::{SecretError, SecretStore};
 
 /// How long a model list stays fresh.
@@ -153,6 +155,9 @@ pub struct Probe {
 #[derive(Debug)]
 pub struct Providers {
     http: reqwest::Client,
+    /// The keys, once read (see [`Providers::keys`]).
+    keys: Mutex<BTreeMap<&'static str, Zeroizing<String>>>,
+    keys_loaded: std::sync::atomic::AtomicBool,
     /// The cached model list: when it was fetched, and the models.
     models: Mutex<Option<(Instant, Arc<Vec<ProviderModel>>)>>,
     refreshing: std::sync::atomic::AtomicBool,
@@ -177,6 +182,8 @@ impl Providers {
             .unwrap_or_default();
         Self {
             http,
+            keys: Mutex::default(),
+            keys_loaded: false.into(),
             models: Mutex::default(),
             refreshing: false.into(),
         }
@@ -187,16 +194,26 @@ impl Providers {
         &self.http
     }
 
-    /// `provider`'s key, when one is set (blocking: the keychain).
-    pub fn key(
+    /// Every provider's key, read from the secret store once (a keychain
+    /// call, or a decryption of the secrets file, per provider) and kept with
+    /// the node's other in-memory secrets; [`Providers::set_key`] updates it.
+    fn keys(
         &self,
         secrets: &SecretStore,
-        provider: &str,
-    ) -> Result<Option<String>, SecretError> {
-        Ok(secrets
-            .get(&secret_name(provider))?
-            .filter(|k| !k.is_empty())
-            .map(|k| k.to_string()))
+    ) -> Result<std::sync::MutexGuard<'_, BTreeMap<&'static str, Zeroizing<String>>>, SecretError>
+    {
+        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.keys_loaded.load(std::sync::atomic::Ordering::Acquire) {
+            keys.clear();
+            for p in PROVIDERS {
+                if let Some(k) = secrets.get(&secret_name(p.name))?.filter(|k| !k.is_empty()) {
+                    keys.insert(p.name, k);
+                }
+            }
+            self.keys_loaded
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+        Ok(keys)
     }
 
     /// Sets (or with `None` removes) `provider`'s key (blocking), and drops
@@ -207,7 +224,15 @@ impl Providers {
         provider: &str,
         key: Option<&str>,
     ) -> Result<(), SecretError> {
+        let mut keys = self.keys(secrets)?;
         secrets.set(&secret_name(provider), key.unwrap_or(""))?;
+        if let Some(p) = self::provider(provider) {
+            match key.filter(|k| !k.is_empty()) {
+                Some(k) => keys.insert(p.name, Zeroizing::new(k.to_string())),
+                None => keys.remove(p.name),
+            };
+        }
+        drop(keys);
         *self.models.lock().unwrap_or_else(|p| p.into_inner()) = None;
         Ok(())
     }
@@ -229,12 +254,15 @@ impl Providers {
         secrets: &SecretStore,
         custom_url: &str,
     ) -> Vec<(&'static Provider, String, String)> {
+        let Ok(keys) = self.keys(secrets) else {
+            return Vec::new();
+        };
         PROVIDERS
             .iter()
             .filter_map(|p| {
                 let base = Self::base_url(p, custom_url)?;
-                let key = self.key(secrets, p.name).ok().flatten()?;
-                Some((p, base, key))
+                let key = keys.get(p.name)?;
+                Some((p, base, key.to_string()))
             })
             .collect()
     }

@@ -165,3 +165,10 @@ impl IntoResponse for ApiError {
         response
     }
 }
+
+/// A database failure behind a request is the node's (500), whichever table.
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        ApiError::internal("database", e)
+    }
+}

@@ -123,7 +123,7 @@ impl SamplingFields {
                 Some(f) => response_format_schema(f)?,
                 None => None,
             },
-            // Each surface reads its own spelling (see `with_logprobs`).
+            // Each surface reads its own spelling (see `openai::top_logprobs`).
             logprobs: None,
         };
         params
@@ -400,46 +400,46 @@ impl Generation {
         if self.finished {
             return None;
         }
-        let mut event = self.events.recv().await;
-        while let Some(Event::Logprob(lp)) = event {
-            if let Some(pending) = self.logprobs.as_mut() {
-                pending.push(lp);
-            }
-            event = self.events.recv().await;
-        }
-        let piece = match event {
-            Some(Event::Token(text)) => {
-                let logprobs = self.logprobs.as_mut().map(std::mem::take);
-                return Some(Piece::Text(text, logprobs));
-            }
-            Some(Event::Started { .. }) => return Some(Piece::Text(String::new(), None)),
-            Some(Event::Logprob(_)) => return None,
-            Some(Event::Done {
-                finish_reason,
-                usage,
-                timing,
-                cost,
-            }) => {
-                let total_ms = self.started.elapsed().as_millis() as u64;
-                self.account("ok", finish_reason.as_str(), usage, timing, total_ms);
-                Piece::Done {
+        // Log-probabilities wait for the text of their tokens.
+        let piece = loop {
+            match self.events.recv().await {
+                Some(Event::Logprob(lp)) => {
+                    if let Some(pending) = self.logprobs.as_mut() {
+                        pending.push(lp);
+                    }
+                }
+                Some(Event::Token(text)) => {
+                    let logprobs = self.logprobs.as_mut().map(std::mem::take);
+                    return Some(Piece::Text(text, logprobs));
+                }
+                Some(Event::Started { .. }) => return Some(Piece::Text(String::new(), None)),
+                Some(Event::Done {
                     finish_reason,
                     usage,
                     timing,
-                    total_ms,
                     cost,
+                }) => {
+                    let total_ms = self.started.elapsed().as_millis() as u64;
+                    self.account("ok", finish_reason.as_str(), usage, timing, total_ms);
+                    break Piece::Done {
+                        finish_reason,
+                        usage,
+                        timing,
+                        total_ms,
+                        cost,
+                    };
                 }
-            }
-            Some(Event::Failed(e)) => {
-                self.account("error", "error", Usage::default(), Timing::default(), 0);
-                Piece::Failed(generate_error(e))
-            }
-            None => {
-                self.account("error", "error", Usage::default(), Timing::default(), 0);
-                Piece::Failed(ApiError::internal(
-                    "engine",
-                    "the engine stopped mid-generation",
-                ))
+                Some(Event::Failed(e)) => {
+                    self.account("error", "error", Usage::default(), Timing::default(), 0);
+                    break Piece::Failed(generate_error(e));
+                }
+                None => {
+                    self.account("error", "error", Usage::default(), Timing::default(), 0);
+                    break Piece::Failed(ApiError::internal(
+                        "engine",
+                        "the engine stopped mid-generation",
+                    ));
+                }
             }
         };
         self.finished = true;

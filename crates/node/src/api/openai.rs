@@ -433,16 +433,7 @@ async fn answer_with_tools(
             .collect();
         return Ok(Json(whole_body(&info, "chat.completion", &done, choices)).into_response());
     };
-    let chunk = |index: usize, delta: Value, finish: Value| {
-        json!({
-            "id": info.id,
-            "object": "chat.completion.chunk",
-            "created": info.created,
-            "model": info.model,
-            "system_fingerprint": fingerprint(),
-            "choices": [{ "index": index, "delta": delta, "logprobs": null, "finish_reason": finish }],
-        })
-    };
+    let chunk = |index, delta, finish| chat_chunk_json(&info, index, delta, Value::Null, finish);
     let mut chunks = Vec::new();
     for (i, (d, (content, calls))) in done.iter().zip(&read).enumerate() {
         chunks.push(chunk(
@@ -463,10 +454,7 @@ async fn answer_with_tools(
         chunks.push(chunk(i, json!({}), json!(finish(d, calls))));
     }
     if include_usage {
-        let mut last = chunk(0, Value::Null, Value::Null);
-        last["choices"] = json!([]);
-        last["usage"] = json!(total_usage(&done));
-        chunks.push(last);
+        chunks.push(usage_chunk_json(&info, total_usage(&done)));
     }
     let events = chunks
         .into_iter()
@@ -478,16 +466,7 @@ async fn answer_with_tools(
 
 /// The chunks one piece of a chat stream turns into.
 fn chat_chunk(g: &GenInfo, index: usize, piece: StreamPiece, include_usage: bool) -> Vec<Value> {
-    let chunk = |delta: Value, logprobs: Value, finish: Value| {
-        json!({
-            "id": g.id,
-            "object": "chat.completion.chunk",
-            "created": g.created,
-            "model": g.model,
-            "system_fingerprint": fingerprint(),
-            "choices": [{ "index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish }],
-        })
-    };
+    let chunk = |delta, logprobs, finish| chat_chunk_json(g, index, delta, logprobs, finish);
     match piece {
         StreamPiece::Begin => vec![chunk(
             json!({ "role": "assistant", "content": "" }),
@@ -506,19 +485,42 @@ fn chat_chunk(g: &GenInfo, index: usize, piece: StreamPiece, include_usage: bool
         } => {
             let mut out = vec![chunk(json!({}), Value::Null, json!(finish_reason))];
             if include_usage && let Some(usage) = usage {
-                out.push(json!({
-                    "id": g.id,
-                    "object": "chat.completion.chunk",
-                    "created": g.created,
-                    "model": g.model,
-                    "system_fingerprint": fingerprint(),
-                    "choices": [],
-                    "usage": usage,
-                }));
+                out.push(usage_chunk_json(g, usage));
             }
             out
         }
     }
+}
+
+/// One chat stream chunk of choice `index`.
+fn chat_chunk_json(
+    g: &GenInfo,
+    index: usize,
+    delta: Value,
+    logprobs: Value,
+    finish: Value,
+) -> Value {
+    json!({
+        "id": g.id,
+        "object": "chat.completion.chunk",
+        "created": g.created,
+        "model": g.model,
+        "system_fingerprint": fingerprint(),
+        "choices": [{ "index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish }],
+    })
+}
+
+/// A chat stream's usage chunk (no choices).
+fn usage_chunk_json(g: &GenInfo, usage: crate::infer::Usage) -> Value {
+    json!({
+        "id": g.id,
+        "object": "chat.completion.chunk",
+        "created": g.created,
+        "model": g.model,
+        "system_fingerprint": fingerprint(),
+        "choices": [],
+        "usage": usage,
+    })
 }
 
 #[derive(Debug, Deserialize)]

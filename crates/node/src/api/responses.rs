@@ -152,6 +152,15 @@ fn turns_from_json(v: &Value) -> Vec<ChatTurn> {
         .collect()
 }
 
+/// The status of a response's message once the response ended as `status`.
+fn item_status(status: &str) -> &'static str {
+    if status == "completed" {
+        "completed"
+    } else {
+        "incomplete"
+    }
+}
+
 /// The assistant message of a response.
 fn message(item_id: &str, status: &str, text: Option<&str>) -> Value {
     let content = match text {
@@ -261,9 +270,9 @@ impl Job {
             deltas: deltas.to_vec(),
         };
         let node = self.node.clone();
-        let saved = tokio::task::spawn_blocking(move || node.responses().save(&record)).await;
-        if !matches!(saved, Ok(Ok(()))) {
-            tracing::warn!(id = %self.run.id, "could not store a response");
+        let saved = super::blocking("responses", move || node.responses().save(&record)).await;
+        if let Err(e) = saved {
+            tracing::warn!(id = %self.run.id, error = %e.message, "could not store a response");
         }
     }
 
@@ -316,23 +325,8 @@ impl Job {
         };
         object["status"] = json!(status);
         if status != "failed" {
-            events.close_message(
-                &text,
-                if status == "completed" {
-                    "completed"
-                } else {
-                    "incomplete"
-                },
-            );
-            object["output"] = json!([message(
-                &item_id,
-                if status == "completed" {
-                    "completed"
-                } else {
-                    "incomplete"
-                },
-                Some(&text)
-            )]);
+            events.close_message(&text, item_status(status));
+            object["output"] = json!([message(&item_id, item_status(status), Some(&text))]);
         }
         match &outcome {
             Ok(Some((finish, usage))) => {
@@ -390,14 +384,7 @@ fn replay(record: &Record) -> Vec<Value> {
         }
         if status != "in_progress" && status != "queued" {
             let text: String = record.deltas.concat();
-            events.close_message(
-                &text,
-                if status == "completed" {
-                    "completed"
-                } else {
-                    "incomplete"
-                },
-            );
+            events.close_message(&text, item_status(status));
         }
     }
     events.finish(&record.object);
@@ -462,19 +449,9 @@ fn may_see(client: &Client, owner: &str) -> bool {
     client.0 == NODE_CLIENT || client.0 == owner
 }
 
-/// Runs a query of the responses store off the runtime.
-async fn db<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, crate::store::StoreError> + Send + 'static,
-) -> Result<T, ApiError> {
-    super::blocking("responses", move || {
-        f().map_err(|e| ApiError::internal("responses", e))
-    })
-    .await
-}
-
 async fn load(node: &Node, id: &str) -> Result<Option<Record>, ApiError> {
     let (node, id) = (node.clone(), id.to_string());
-    db(move || node.responses().load(&id)).await
+    super::blocking("responses", move || node.responses().load(&id)).await
 }
 
 /// Cancels a run when dropped, unless disarmed.
@@ -509,17 +486,12 @@ async fn create(
             "a background response must be stored (store: true)",
         ));
     }
-    let mut sampling = json!({});
-    for (field, v) in [
-        ("max_tokens", req.max_output_tokens.map(Value::from)),
-        ("temperature", req.temperature.map(Value::from)),
-        ("top_p", req.top_p.map(Value::from)),
-    ] {
-        if let Some(v) = v {
-            sampling[field] = v;
-        }
-    }
-    let sampling: SamplingFields = from_value(&sampling)?;
+    let sampling = SamplingFields {
+        max_tokens: req.max_output_tokens,
+        temperature: req.temperature,
+        top_p: req.top_p,
+        ..SamplingFields::default()
+    };
     let params = sampling
         .into_params(SamplingDefaults {
             max_tokens: node.config().default_max_tokens,
@@ -705,7 +677,7 @@ async fn delete(
         run.cancel.cancel();
     }
     let (n, i) = (node.clone(), id.clone());
-    db(move || n.responses().delete(&i)).await?;
+    super::blocking("responses", move || n.responses().delete(&i)).await?;
     Ok(Json(
         json!({ "id": id, "object": "response", "deleted": true }),
     ))
@@ -771,7 +743,10 @@ async fn admin_list(
         }
     };
     let node = state.node.clone();
-    let list = db(move || node.responses().list(limit, status.as_deref())).await?;
+    let list = super::blocking("responses", move || {
+        node.responses().list(limit, status.as_deref())
+    })
+    .await?;
     Ok(Json(json!({ "responses": list, "count": list.len() })))
 }
 

@@ -36,11 +36,11 @@ pub struct TokenLogprob {
     pub top_logprobs: Vec<TopLogprob>,
 }
 
-/// The log-probability of `token` under `logits`, and the `k` most likely
-/// tokens with theirs (most likely first, ties by id). `None` when `token` is
-/// outside the logits.
-pub fn pick(logits: &[f32], token: usize, k: usize) -> Option<(f32, Vec<(usize, f32)>)> {
-    let chosen = *logits.get(token)?;
+/// The log-probability of token id `token` under `logits`, and the `k` most
+/// likely token ids with theirs (most likely first, ties by id). `None` when
+/// `token` is outside the logits.
+pub fn pick(logits: &[f32], token: i32, k: usize) -> Option<(f32, Vec<(i32, f32)>)> {
+    let chosen = *logits.get(usize::try_from(token).ok()?)?;
     // log-sum-exp around the maximum, in f64 so 150k terms lose nothing.
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let sum: f64 = logits
@@ -64,12 +64,14 @@ pub fn pick(logits: &[f32], token: usize, k: usize) -> Option<(f32, Vec<(usize, 
     }
     Some((
         lp(chosen),
-        top.into_iter().map(|(i, l)| (i, lp(l))).collect(),
+        top.into_iter()
+            .filter_map(|(i, l)| Some((i32::try_from(i).ok()?, lp(l))))
+            .collect(),
     ))
 }
 
 /// The text and bytes of `token`.
-pub(crate) fn piece(model: &LlamaModel, token: LlamaToken) -> (String, Vec<u8>) {
+fn piece(model: &LlamaModel, token: LlamaToken) -> (String, Vec<u8>) {
     let mut bytes = Vec::with_capacity(16);
     model
         .vocab()
@@ -84,25 +86,38 @@ pub(crate) fn entry(
     token: LlamaToken,
     k: usize,
 ) -> Option<TokenLogprob> {
-    let (logprob, top) = pick(logits, usize::try_from(token.0).ok()?, k)?;
+    let (logprob, top) = pick(logits, token.0, k)?;
+    let top: Vec<(LlamaToken, f32)> = top.into_iter().map(|(id, l)| (LlamaToken(id), l)).collect();
+    Some(render(model, token, logprob, &top))
+}
+
+/// The API's entry for `token` with its log-probability and alternatives
+/// (every id must be in `model`'s vocabulary: llama.cpp aborts on one that
+/// is not, so ids a peer sent are checked before they come here).
+pub(crate) fn render(
+    model: &LlamaModel,
+    token: LlamaToken,
+    logprob: f32,
+    top: &[(LlamaToken, f32)],
+) -> TokenLogprob {
     let (text, bytes) = piece(model, token);
     let top_logprobs = top
-        .into_iter()
-        .filter_map(|(id, logprob)| {
-            let (token, bytes) = piece(model, LlamaToken(i32::try_from(id).ok()?));
-            Some(TopLogprob {
+        .iter()
+        .map(|&(id, logprob)| {
+            let (token, bytes) = piece(model, id);
+            TopLogprob {
                 token,
                 logprob,
                 bytes,
-            })
+            }
         })
         .collect();
-    Some(TokenLogprob {
+    TokenLogprob {
         token: text,
         logprob,
         bytes,
         top_logprobs,
-    })
+    }
 }
 
 #[cfg(test)]
@@ -121,7 +136,7 @@ mod tests {
         let total: f64 = logits
             .iter()
             .enumerate()
-            .map(|(i, _)| f64::from(pick(&logits, i, 0).expect("in range").0).exp())
+            .map(|(i, _)| f64::from(pick(&logits, i as i32, 0).expect("in range").0).exp())
             .sum();
         assert!(
             (total - 1.0).abs() < 1e-5,

@@ -533,23 +533,14 @@ fn logprob_entry(
     let Some((logprob, top)) = &sampled.logprobs else {
         return Ok(None);
     };
-    let known = |id: i32| known_token(vocab, id);
-    let (token, bytes) = crate::infer::logprobs::piece(vocab, known(sampled.token)?);
-    let mut top_logprobs = Vec::with_capacity(top.len());
-    for &(id, logprob) in top {
-        let (token, bytes) = crate::infer::logprobs::piece(vocab, known(id)?);
-        top_logprobs.push(crate::infer::logprobs::TopLogprob {
-            token,
-            logprob,
-            bytes,
-        });
-    }
-    Ok(Some(crate::infer::logprobs::TokenLogprob {
-        token,
-        logprob: *logprob,
-        bytes,
-        top_logprobs,
-    }))
+    let token = known_token(vocab, sampled.token)?;
+    let top = top
+        .iter()
+        .map(|&(id, l)| Ok((known_token(vocab, id)?, l)))
+        .collect::<Result<Vec<_>, GenerateError>>()?;
+    Ok(Some(crate::infer::logprobs::render(
+        vocab, token, *logprob, &top,
+    )))
 }
 
 /// `id` as a token of `vocab`, or the error that a peer named one outside it.

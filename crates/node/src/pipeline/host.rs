@@ -1125,15 +1125,9 @@ impl Thread {
                     };
                     let token = sample(sampler, &logits);
                     // The model's distribution, as the local engine reports it.
-                    let logprobs = spec.logprobs.and_then(|k| {
-                        let at = usize::try_from(token).ok()?;
-                        let (lp, top) = crate::infer::logprobs::pick(&logits, at, usize::from(k))?;
-                        let top = top
-                            .into_iter()
-                            .filter_map(|(id, lp)| Some((i32::try_from(id).ok()?, lp)))
-                            .collect();
-                        Some((lp, top))
-                    });
+                    let logprobs = spec
+                        .logprobs
+                        .and_then(|k| crate::infer::logprobs::pick(&logits, token, usize::from(k)));
                     StepOutput::Token(Some(super::wire::Sampled { token, logprobs }))
                 }
             },
