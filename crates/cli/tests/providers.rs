@@ -1,8 +1,10 @@
 //! Cloud providers against a local server that speaks the OpenAI-compatible
 //! protocol as a provider does (models list, chat completions plain and
-//! streamed, 401 without the key, 429 with Retry-After, garbage): keys set and
-//! never shown, the model list, health and model probes, and a chat the swarm
-//! cannot serve handed to the provider and named as its answer.
+//! streamed, 401 without the key, 429 with Retry-After, garbage) and one that
+//! speaks Anthropic's Messages API (`x-api-key`, `anthropic-version`, its
+//! event stream, 529 "overloaded"): keys set and never shown, the model list,
+//! health and model probes, and a chat the swarm cannot serve handed to the
+//! provider and named as its answer.
 
 mod common;
 
@@ -21,6 +23,7 @@ const KEY: &str = "test-provider-key-123";
 const OK: u8 = 0;
 const RATE_LIMITED: u8 = 1;
 const GARBAGE: u8 = 2;
+const OVERLOADED: u8 = 3;
 
 #[derive(Clone, Default)]
 struct Fake {
@@ -76,6 +79,88 @@ async fn chat(
     .into_response()
 }
 
+/// Anthropic's `POST /v1/messages`, as its API answers (the shapes of
+/// docs.anthropic.com's "Messages" and "Streaming Messages").
+async fn messages(
+    axum::extract::State(f): axum::extract::State<Fake>,
+    h: HeaderMap,
+    axum::Json(body): axum::Json<Value>,
+) -> Response {
+    let error = |status: StatusCode, kind: &str| {
+        let body = json!({ "type": "error", "error": { "type": kind, "message": kind } });
+        (status, axum::Json(body)).into_response()
+    };
+    if h.get("x-api-key").and_then(|v| v.to_str().ok()) != Some(KEY) {
+        return error(StatusCode::UNAUTHORIZED, "authentication_error");
+    }
+    if h.get("anthropic-version").is_none() {
+        return error(StatusCode::BAD_REQUEST, "invalid_request_error");
+    }
+    if body["max_tokens"].as_u64().is_none() || !body["messages"].is_array() {
+        return error(StatusCode::BAD_REQUEST, "invalid_request_error");
+    }
+    *f.last.lock().expect("lock") = Some(body.clone());
+    if f.mode.load(Ordering::SeqCst) == OVERLOADED {
+        return error(StatusCode::from_u16(529).expect("529"), "overloaded_error");
+    }
+    let wants_tool = body["tools"].is_array();
+    if body["stream"] == true {
+        let event = |name: &str, data: Value| {
+            format!(
+                "event: {name}
+data: {data}
+
+"
+            )
+        };
+        let mut text = event(
+            "message_start",
+            json!({ "type": "message_start", "message": { "id": "msg_01", "type": "message",
+                "role": "assistant", "content": [], "model": body["model"], "stop_reason": null,
+                "usage": { "input_tokens": 11, "output_tokens": 1 } } }),
+        );
+        text += &event(
+            "content_block_start",
+            json!({ "type": "content_block_start", "index": 0,
+                "content_block": { "type": "text", "text": "" } }),
+        );
+        text += &event("ping", json!({ "type": "ping" }));
+        for piece in ["from ", "claude"] {
+            text += &event(
+                "content_block_delta",
+                json!({ "type": "content_block_delta", "index": 0,
+                    "delta": { "type": "text_delta", "text": piece } }),
+            );
+        }
+        text += &event(
+            "content_block_stop",
+            json!({ "type": "content_block_stop", "index": 0 }),
+        );
+        text += &event(
+            "message_delta",
+            json!({ "type": "message_delta",
+                "delta": { "stop_reason": "end_turn", "stop_sequence": null },
+                "usage": { "output_tokens": 2 } }),
+        );
+        text += &event("message_stop", json!({ "type": "message_stop" }));
+        return ([("content-type", "text/event-stream")], text).into_response();
+    }
+    let mut content = vec![json!({ "type": "text", "text": "from claude" })];
+    if wants_tool {
+        content.push(
+            json!({ "type": "tool_use", "id": "toolu_01", "name": "weather",
+            "input": { "city": "Paris" } }),
+        );
+    }
+    axum::Json(json!({
+        "id": "msg_01", "type": "message", "role": "assistant", "model": body["model"],
+        "content": content,
+        "stop_reason": if wants_tool { "tool_use" } else { "end_turn" }, "stop_sequence": null,
+        "usage": { "input_tokens": 11, "output_tokens": 2 },
+    }))
+    .into_response()
+}
+
 /// Starts the fake provider on a loopback port; returns its base URL.
 fn start_fake(fake: Fake) -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -90,6 +175,7 @@ fn start_fake(fake: Fake) -> String {
             let app = Router::new()
                 .route("/v1/models", get(models))
                 .route("/v1/chat/completions", post(chat))
+                .route("/v1/messages", post(messages))
                 .with_state(fake);
             let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
             let _ = axum::serve(listener, app).await;
@@ -337,4 +423,197 @@ fn an_unreachable_provider_is_a_clear_502() {
     );
     let (_, v) = node.get_auth("/api/admin/provider-health");
     assert_eq!(v["providers"][0]["status"], "unreachable", "{v}");
+}
+
+#[test]
+fn a_claude_chat_goes_through_anthropics_messages_api() {
+    let fake = Fake::default();
+    let url = start_fake(fake.clone());
+    let node = TestNode::start_custom(
+        false,
+        &[],
+        &[("SWARMLLM_PROVIDER_ANTHROPIC_URL", &url)],
+        |_| {},
+    );
+    let (s, v) = node.call(
+        Method::PUT,
+        "/api/admin/providers",
+        &json!({ "anthropic": KEY }),
+    );
+    assert_eq!(s, 200, "{v}");
+    let anthropic = v["providers"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .find(|p| p["provider"] == "anthropic")
+        .cloned()
+        .expect("anthropic");
+    assert_eq!(
+        (
+            anthropic["configured"].clone(),
+            anthropic["base_url"].clone()
+        ),
+        (json!(true), json!(url))
+    );
+    let (_, v) = node.get("/api/admin/provider-models");
+    assert!(
+        v["models"]
+            .as_array()
+            .expect("models")
+            .iter()
+            .any(|m| m["id"] == "claude-sonnet-4-6" && m["provider"] == "anthropic"),
+        "{v}"
+    );
+
+    // A chat, translated both ways.
+    let body = json!({ "model": "claude-sonnet-4-6", "max_tokens": 50, "stop": ["END"],
+        "messages": [{ "role": "system", "content": "Be brief." },
+                     { "role": "user", "content": "Hi" }] });
+    let (s, v) = node.post("/v1/chat/completions", &body);
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        (
+            v["provider"].clone(),
+            v["object"].clone(),
+            v["choices"][0]["message"]["content"].clone(),
+            v["choices"][0]["finish_reason"].clone(),
+            v["usage"]["total_tokens"].clone()
+        ),
+        (
+            json!("anthropic"),
+            json!("chat.completion"),
+            json!("from claude"),
+            json!("stop"),
+            json!(13)
+        ),
+        "{v}"
+    );
+    let sent = fake.last.lock().expect("lock").clone().expect("a request");
+    assert_eq!(
+        (
+            sent["system"].clone(),
+            sent["messages"].clone(),
+            sent["stop_sequences"].clone()
+        ),
+        (
+            json!("Be brief."),
+            json!([{ "role": "user", "content": [{ "type": "text", "text": "Hi" }] }]),
+            json!(["END"])
+        )
+    );
+
+    // Tools: OpenAI's in, a tool_use out as tool_calls.
+    let mut with_tools = body.clone();
+    with_tools["tools"] = json!([{ "type": "function", "function": { "name": "weather",
+        "parameters": { "type": "object", "properties": { "city": { "type": "string" } } } } }]);
+    let (s, v) = node.post("/v1/chat/completions", &with_tools);
+    assert_eq!(s, 200, "{v}");
+    let call = &v["choices"][0]["message"]["tool_calls"][0];
+    assert_eq!(
+        (
+            call["function"]["name"].clone(),
+            call["function"]["arguments"].clone(),
+            v["choices"][0]["finish_reason"].clone()
+        ),
+        (
+            json!("weather"),
+            json!("{\"city\":\"Paris\"}"),
+            json!("tool_calls")
+        ),
+        "{v}"
+    );
+    let sent = fake.last.lock().expect("lock").clone().expect("a request");
+    assert_eq!(sent["tools"][0]["input_schema"]["type"], "object");
+
+    // Streamed: Anthropic's events arrive as OpenAI chunks.
+    let mut streamed_body = body.clone();
+    streamed_body["stream"] = json!(true);
+    streamed_body["stream_options"] = json!({ "include_usage": true });
+    let streamed = node
+        .http()
+        .post(node.url("/v1/chat/completions"))
+        .bearer_auth(&node.key)
+        .json(&streamed_body)
+        .send()
+        .expect("stream");
+    assert_eq!(
+        streamed
+            .headers()
+            .get("x-swarmllm-provider")
+            .and_then(|h| h.to_str().ok()),
+        Some("anthropic")
+    );
+    let text = streamed.text().expect("body");
+    let chunks: Vec<Value> = text
+        .split("\n\n")
+        .filter_map(|f| f.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).expect("a JSON chunk"))
+        .collect();
+    let content: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(content, "from claude", "{text}");
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c["object"] == "chat.completion.chunk"),
+        "{text}"
+    );
+    assert!(
+        chunks
+            .iter()
+            .any(|c| c["choices"][0]["finish_reason"] == "stop"),
+        "{text}"
+    );
+    assert_eq!(
+        chunks.last().expect("usage")["usage"]["total_tokens"],
+        13,
+        "{text}"
+    );
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+
+    // What Anthropic cannot do is refused before sending.
+    let mut with_logprobs = body.clone();
+    with_logprobs["logprobs"] = json!(true);
+    let (s, v) = node.post("/v1/chat/completions", &with_logprobs);
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (422, Some("INVALID_PARAMETER")),
+        "{v}"
+    );
+
+    // Probes, then an overloaded Anthropic.
+    let (_, v) = node.get_auth("/api/admin/provider-health");
+    assert_eq!(
+        (
+            v["providers"][0]["provider"].clone(),
+            v["providers"][0]["status"].clone()
+        ),
+        (json!("anthropic"), json!("up")),
+        "{v}"
+    );
+    fake.mode.store(OVERLOADED, Ordering::SeqCst);
+    let (s, v) = node.post("/v1/chat/completions", &body);
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (503, Some("PROVIDER_OVERLOADED")),
+        "{v}"
+    );
+    let (_, v) = node.get_auth("/api/admin/provider-health");
+    assert_eq!(v["providers"][0]["status"], "overloaded", "{v}");
+    let (_, v) = node.post(
+        "/api/admin/provider-model-status",
+        &json!({ "models": ["claude-haiku-4-5"] }),
+    );
+    assert_eq!(
+        (
+            v["models"][0]["provider"].clone(),
+            v["models"][0]["status"].clone()
+        ),
+        (json!("anthropic"), json!("unavailable")),
+        "{v}"
+    );
+    assert_eq!(node.get("/health/live").0, 200);
 }

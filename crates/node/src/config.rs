@@ -153,6 +153,9 @@ pub struct Config {
     /// `custom` cloud provider (a local vLLM, a gateway). Empty (the default):
     /// none.
     pub provider_custom_url: String,
+    /// The base URL (`…/v1`) of Anthropic's Messages API. Empty (the
+    /// default): `https://api.anthropic.com/v1`.
+    pub provider_anthropic_url: String,
     /// Credits earned per layer × token this node runs for another node (and
     /// paid per layer × token another node runs for it). Default 0.0001.
     pub credit_rate_layer_token: f64,
@@ -215,6 +218,7 @@ impl Default for Config {
             replication_min: 2,
             hf_endpoint: String::new(),
             provider_custom_url: String::new(),
+            provider_anthropic_url: String::new(),
             credit_rate_layer_token: 0.0001,
             credit_rate_token: 0.01,
         }
@@ -397,11 +401,13 @@ impl Config {
                 "must be empty or an http(s) URL",
             ));
         }
-        if !(self.provider_custom_url.is_empty() || url_ok(&self.provider_custom_url)) {
-            return Err(ConfigError::new(
-                "provider_custom_url",
-                "must be empty or an http(s) URL",
-            ));
+        for (field, url) in [
+            ("provider_custom_url", &self.provider_custom_url),
+            ("provider_anthropic_url", &self.provider_anthropic_url),
+        ] {
+            if !(url.is_empty() || url_ok(url)) {
+                return Err(ConfigError::new(field, "must be empty or an http(s) URL"));
+            }
         }
         if !matches!(self.activation_dtype.as_str(), "f16" | "f32" | "q8") {
             return Err(ConfigError::new(

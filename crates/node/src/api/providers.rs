@@ -18,7 +18,10 @@ use super::error::ApiError;
 use super::extract::ApiJson;
 use super::routes::Routes;
 use crate::Node;
-use crate::providers::{CHAT_TIMEOUT, PROVIDERS, Provider, ProviderModel, Providers, provider};
+use crate::providers::{
+    CHAT_TIMEOUT, Endpoints, PROVIDERS, Protocol, Provider, ProviderModel, Providers, anthropic,
+    provider,
+};
 
 /// Longest key accepted.
 const MAX_KEY: usize = 512;
@@ -33,11 +36,11 @@ fn secrets_error(e: crate::secrets::SecretError) -> ApiError {
 
 /// Every provider with a key, as `name → (base URL, key)` (blocking reads).
 async fn configured(node: &Node) -> Result<BTreeMap<&'static str, (String, String)>, ApiError> {
-    let (n, custom) = (node.clone(), node.config().provider_custom_url.clone());
+    let n = node.clone();
     super::blocking("provider keys", move || {
         Ok::<_, ApiError>(
             n.providers()
-                .configured(n.secrets(), &custom)
+                .configured(n.secrets(), Endpoints::of(&n.config()))
                 .into_iter()
                 .map(|(p, base, key)| (p.name, (base, key)))
                 .collect(),
@@ -50,7 +53,8 @@ async fn configured(node: &Node) -> Result<BTreeMap<&'static str, (String, Strin
 /// the key), and its base URL.
 async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let with_keys = configured(&state.node).await?;
-    let custom = state.node.config().provider_custom_url.clone();
+    let config = state.node.config();
+    let endpoints = Endpoints::of(&config);
     let providers: Vec<Value> = PROVIDERS
         .iter()
         .map(|p| {
@@ -58,7 +62,7 @@ async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
                 "provider": p.name,
                 "name": p.label,
                 "configured": with_keys.contains_key(p.name),
-                "base_url": Providers::base_url(p, &custom),
+                "base_url": Providers::base_url(p, endpoints),
             })
         })
         .collect();
@@ -180,7 +184,7 @@ async fn health(State(state): State<AppState>) -> Result<Json<Value>, ApiError> 
         };
         let providers = node.providers();
         Some(async move {
-            let probe = providers.probe(base, key, &model).await;
+            let probe = providers.probe(p, base, key, &model).await;
             json!({ "provider": p.name, "status": probe.status, "latency_ms": probe.latency_ms,
                     "detail": probe.detail })
         })
@@ -221,7 +225,7 @@ async fn model_status(
             let Some((base, key)) = with_keys.get(p.name) else {
                 return json!({ "model": model, "status": "unavailable", "latency_ms": null });
             };
-            let probe = providers.probe(base, key, &id).await;
+            let probe = providers.probe(p, base, key, &id).await;
             // The spec's words for a model: no overloaded or unreachable.
             let status = match probe.status.as_str() {
                 "up" | "rate_limited" | "not_found" | "timeout" => probe.status.clone(),
@@ -254,17 +258,21 @@ pub(crate) async fn proxy_chat(
     let Some((base, key)) = with_keys.get(p.name) else {
         return Ok(None);
     };
-    let mut upstream_body = body.clone();
-    upstream_body["model"] = json!(id);
+    let upstream_body = match p.protocol {
+        Protocol::OpenAi => {
+            let mut b = body.clone();
+            b["model"] = json!(id);
+            b
+        }
+        Protocol::Anthropic => anthropic::request(body, &id)
+            .map_err(|u| ApiError::invalid_parameter(u.field, u.message))?,
+    };
     let stream = body["stream"] == true;
     tracing::info!(provider = p.name, model = %id, "a chat goes to a cloud provider");
     let sent = node
         .providers()
-        .http()
-        .post(format!("{base}/chat/completions"))
-        .bearer_auth(key)
+        .chat_request(p, base, key, &upstream_body)
         .timeout(CHAT_TIMEOUT)
-        .json(&upstream_body)
         .send()
         .await
         .map_err(|e| upstream_error(p, &e))?;
@@ -273,7 +281,14 @@ pub(crate) async fn proxy_chat(
         return Err(status_error(p, status, sent.headers()));
     }
     if stream {
-        let mut response = Body::from_stream(sent.bytes_stream()).into_response();
+        let body = match p.protocol {
+            Protocol::OpenAi => Body::from_stream(sent.bytes_stream()),
+            Protocol::Anthropic => {
+                let include_usage = body["stream_options"]["include_usage"] == true;
+                Body::from_stream(translated(sent, include_usage))
+            }
+        };
+        let mut response = body.into_response();
         let headers = response.headers_mut();
         headers.insert(
             header::CONTENT_TYPE,
@@ -292,8 +307,13 @@ pub(crate) async fn proxy_chat(
     if bytes.len() > MAX_ANSWER_BYTES {
         return Err(garbage(p, "an answer too large"));
     }
-    let mut answer: Value =
+    let answer: Value =
         serde_json::from_slice(&bytes).map_err(|_| garbage(p, "an answer that is not JSON"))?;
+    let mut answer = match p.protocol {
+        Protocol::OpenAi => answer,
+        Protocol::Anthropic => anthropic::answer(&answer)
+            .ok_or_else(|| garbage(p, "an answer that is not a message"))?,
+    };
     if !answer["choices"].is_array() {
         return Err(garbage(p, "an answer without choices"));
     }
@@ -303,6 +323,30 @@ pub(crate) async fn proxy_chat(
         .headers_mut()
         .insert("x-swarmllm-provider", HeaderValue::from_static(p.name));
     Ok(Some(response))
+}
+
+/// Anthropic's event stream as OpenAI chunks (see
+/// [`anthropic::StreamTranslator`]); a stream cut short ends with an error
+/// frame.
+fn translated(
+    sent: reqwest::Response,
+    include_usage: bool,
+) -> impl futures::Stream<Item = Result<axum::body::Bytes, std::convert::Infallible>> {
+    use futures::StreamExt;
+    let state = (
+        sent.bytes_stream(),
+        anthropic::StreamTranslator::new(include_usage),
+    );
+    futures::stream::unfold(state, |(mut upstream, mut t)| async move {
+        if t.done() {
+            return None;
+        }
+        let frames = match upstream.next().await {
+            Some(Ok(bytes)) => t.push(&bytes),
+            Some(Err(_)) | None => t.finish(),
+        };
+        Some((Ok(axum::body::Bytes::from(frames)), (upstream, t)))
+    })
 }
 
 fn garbage(p: &Provider, what: &str) -> ApiError {
@@ -368,6 +412,12 @@ fn status_error(
             StatusCode::BAD_GATEWAY,
             "PROVIDER_AUTH",
             format!("{} refused this node's key", p.label),
+        )
+        .with_details(details(json!({}))),
+        503 | 529 => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "PROVIDER_OVERLOADED",
+            format!("{} is overloaded; try again later", p.label),
         )
         .with_details(details(json!({}))),
         404 => ApiError::new(

@@ -1,10 +1,12 @@
-//! Cloud providers: OpenAI-compatible APIs a node can hand a chat to when the
-//! swarm cannot serve the model asked for (the answer then says which provider
-//! gave it).
+//! Cloud providers: APIs a node can hand a chat to when the swarm cannot
+//! serve the model asked for (the answer then says which provider gave it).
+//! Most speak OpenAI's chat completions; Anthropic speaks its Messages API,
+//! which [`anthropic`] translates to and from.
 //!
 //! Each provider has a fixed base URL, except `custom`, which is any
 //! OpenAI-compatible server the user names (`provider_custom_url`: a local
-//! vLLM or LM Studio, a company gateway). Keys live with the other secrets
+//! vLLM or LM Studio, a company gateway), and Anthropic's, which
+//! `provider_anthropic_url` may point elsewhere (a gateway, a test server). Keys live with the other secrets
 //! (`provider:<name>`), are never returned, and a provider without one is
 //! never called. The model list is cached for [`MODELS_TTL`]; a stale list is
 //! served at once while a refresh runs.
@@ -20,6 +22,8 @@ use zeroize::Zeroizing;
 
 use crate::secrets::{SecretError, SecretStore};
 
+pub mod anthropic;
+
 /// How long a model list stays fresh.
 pub const MODELS_TTL: Duration = Duration::from_secs(60);
 /// Connect timeout of every provider call.
@@ -34,6 +38,16 @@ const MAX_MODELS: usize = 2_000;
 /// Largest model list read, in bytes.
 const MAX_LIST_BYTES: usize = 4 << 20;
 
+/// The protocol a provider speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// OpenAI's `/chat/completions` and `/models`, bearer key.
+    OpenAi,
+    /// Anthropic's `/messages`, `x-api-key`; a fixed model list (the spec's
+    /// "static list").
+    Anthropic,
+}
+
 /// One provider.
 #[derive(Debug, Clone, Copy)]
 pub struct Provider {
@@ -45,6 +59,8 @@ pub struct Provider {
     pub base_url: &'static str,
     /// A cheap model to probe health with (`custom`: its first listed model).
     pub probe_model: &'static str,
+    /// What it speaks.
+    pub protocol: Protocol,
 }
 
 /// Every provider a node knows.
@@ -54,78 +70,117 @@ pub const PROVIDERS: &[Provider] = &[
         label: "OpenAI",
         base_url: "https://api.openai.com/v1",
         probe_model: "gpt-4o-mini",
+        protocol: Protocol::OpenAi,
+    },
+    Provider {
+        name: "anthropic",
+        label: "Anthropic",
+        base_url: "https://api.anthropic.com/v1",
+        probe_model: "claude-haiku-4-5",
+        protocol: Protocol::Anthropic,
     },
     Provider {
         name: "deepseek",
         label: "DeepSeek",
         base_url: "https://api.deepseek.com/v1",
         probe_model: "deepseek-chat",
+        protocol: Protocol::OpenAi,
     },
     Provider {
         name: "mistral",
         label: "Mistral",
         base_url: "https://api.mistral.ai/v1",
         probe_model: "mistral-small-latest",
+        protocol: Protocol::OpenAi,
     },
     Provider {
         name: "groq",
         label: "Groq",
         base_url: "https://api.groq.com/openai/v1",
         probe_model: "llama-3.1-8b-instant",
+        protocol: Protocol::OpenAi,
     },
     Provider {
         name: "nvidia",
         label: "NVIDIA NIM",
         base_url: "https://integrate.api.nvidia.com/v1",
         probe_model: "meta/llama-3.1-8b-instruct",
+        protocol: Protocol::OpenAi,
     },
     Provider {
         name: "cerebras",
         label: "Cerebras",
         base_url: "https://api.cerebras.ai/v1",
         probe_model: "llama3.1-8b",
+        protocol: Protocol::OpenAi,
     },
     Provider {
         name: "sambanova",
         label: "SambaNova",
         base_url: "https://api.sambanova.ai/v1",
         probe_model: "Meta-Llama-3.1-8B-Instruct",
+        protocol: Protocol::OpenAi,
     },
     Provider {
         name: "fireworks",
         label: "Fireworks",
         base_url: "https://api.fireworks.ai/inference/v1",
         probe_model: "accounts/fireworks/models/llama-v3p1-8b-instruct",
+        protocol: Protocol::OpenAi,
     },
     Provider {
         name: "together",
         label: "Together AI",
         base_url: "https://api.together.xyz/v1",
         probe_model: "meta-llama/Llama-3.2-3B-Instruct-Turbo",
+        protocol: Protocol::OpenAi,
     },
     Provider {
         name: "deepinfra",
         label: "DeepInfra",
         base_url: "https://api.deepinfra.com/v1/openai",
         probe_model: "meta-llama/Meta-Llama-3.1-8B-Instruct",
+        protocol: Protocol::OpenAi,
     },
     Provider {
         name: "moonshot",
         label: "Moonshot / Kimi",
         base_url: "https://api.moonshot.ai/v1",
         probe_model: "moonshot-v1-8k",
+        protocol: Protocol::OpenAi,
     },
     Provider {
         name: "custom",
         label: "Custom OpenAI-compatible server",
         base_url: "",
         probe_model: "",
+        protocol: Protocol::OpenAi,
     },
 ];
 
 /// The provider called `name`.
 pub fn provider(name: &str) -> Option<&'static Provider> {
     PROVIDERS.iter().find(|p| p.name == name)
+}
+
+/// Where the providers whose address a user may change live (from the
+/// config: `provider_custom_url`, `provider_anthropic_url`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Endpoints<'a> {
+    /// The `custom` provider's base URL (empty: none).
+    pub custom: &'a str,
+    /// Anthropic's base URL (empty: the official one).
+    pub anthropic: &'a str,
+}
+
+impl<'a> Endpoints<'a> {
+    /// The endpoints a node's config names.
+    pub fn of(config: &'a crate::config::Config) -> Self {
+        Self {
+            custom: &config.provider_custom_url,
+            anthropic: &config.provider_anthropic_url,
+        }
+    }
 }
 
 /// A provider's model.
@@ -237,13 +292,13 @@ impl Providers {
         Ok(())
     }
 
-    /// The base URL of `p` with this node's settings (`custom`'s from
-    /// `custom_url`); `None` when it has none.
-    pub fn base_url(p: &Provider, custom_url: &str) -> Option<String> {
-        let url = if p.name == "custom" {
-            custom_url
-        } else {
-            p.base_url
+    /// The base URL of `p` with this node's settings; `None` when it has
+    /// none (`custom` without a URL).
+    pub fn base_url(p: &Provider, endpoints: Endpoints<'_>) -> Option<String> {
+        let url = match p.name {
+            "custom" => endpoints.custom,
+            "anthropic" if !endpoints.anthropic.is_empty() => endpoints.anthropic,
+            _ => p.base_url,
         };
         (!url.is_empty()).then(|| url.trim_end_matches('/').to_string())
     }
@@ -252,7 +307,7 @@ impl Providers {
     pub fn configured(
         &self,
         secrets: &SecretStore,
-        custom_url: &str,
+        endpoints: Endpoints<'_>,
     ) -> Vec<(&'static Provider, String, String)> {
         let Ok(keys) = self.keys(secrets) else {
             return Vec::new();
@@ -260,7 +315,7 @@ impl Providers {
         PROVIDERS
             .iter()
             .filter_map(|p| {
-                let base = Self::base_url(p, custom_url)?;
+                let base = Self::base_url(p, endpoints)?;
                 let key = keys.get(p.name)?;
                 Some((p, base, key.to_string()))
             })
@@ -298,8 +353,19 @@ impl Providers {
             .store(false, std::sync::atomic::Ordering::Release);
     }
 
-    /// `GET {base}/models` of one provider (bounded in size and count).
+    /// `GET {base}/models` of one provider (bounded in size and count);
+    /// Anthropic's fixed list.
     pub async fn list(&self, p: &'static Provider, base: &str, key: &str) -> Vec<ProviderModel> {
+        if p.protocol == Protocol::Anthropic {
+            return anthropic::MODELS
+                .iter()
+                .map(|(id, name)| ProviderModel {
+                    id: id.to_string(),
+                    name: name.to_string(),
+                    provider: p.name,
+                })
+                .collect();
+        }
         let r = self
             .http
             .get(format!("{base}/models"))
@@ -337,19 +403,39 @@ impl Providers {
             .collect()
     }
 
+    /// A chat request to `p` (its path, its way of sending the key).
+    pub fn chat_request(
+        &self,
+        p: &Provider,
+        base: &str,
+        key: &str,
+        body: &Value,
+    ) -> reqwest::RequestBuilder {
+        match p.protocol {
+            Protocol::OpenAi => self
+                .http
+                .post(format!("{base}/chat/completions"))
+                .bearer_auth(key),
+            Protocol::Anthropic => self
+                .http
+                .post(format!("{base}/messages"))
+                .header("x-api-key", key)
+                .header("anthropic-version", anthropic::VERSION),
+        }
+        .json(body)
+    }
+
     /// Sends a one-token chat to `model` and reads how it went.
-    pub async fn probe(&self, base: &str, key: &str, model: &str) -> Probe {
+    pub async fn probe(&self, p: &Provider, base: &str, key: &str, model: &str) -> Probe {
         let started = Instant::now();
+        let body = serde_json::json!({
+            "model": model,
+            "messages": [{ "role": "user", "content": "hi" }],
+            "max_tokens": 1,
+        });
         let r = self
-            .http
-            .post(format!("{base}/chat/completions"))
-            .bearer_auth(key)
+            .chat_request(p, base, key, &body)
             .timeout(PROBE_TIMEOUT)
-            .json(&serde_json::json!({
-                "model": model,
-                "messages": [{ "role": "user", "content": "hi" }],
-                "max_tokens": 1,
-            }))
             .send()
             .await;
         let latency_ms = Some(started.elapsed().as_millis() as u64);
@@ -360,6 +446,7 @@ impl Providers {
                     200..=299 => "up".to_string(),
                     429 => "rate_limited".to_string(),
                     404 => "not_found".to_string(),
+                    // 529: Anthropic's "overloaded".
                     503 | 529 => "overloaded".to_string(),
                     c => format!("error_{c}"),
                 };
@@ -390,7 +477,9 @@ impl Providers {
 }
 
 /// Which provider serves `model`: an explicit `provider:model`, else the first
-/// provider whose cached list has it. Returns the provider and the id to send.
+/// provider whose cached list has it, else Anthropic for any `claude-*` id
+/// (its list is fixed; newer models exist). Returns the provider and the id
+/// to send.
 pub fn route(
     model: &str,
     cached: &[ProviderModel],
@@ -403,10 +492,15 @@ pub fn route(
     {
         return Some((p, id.to_string()));
     }
-    let m = cached
+    if let Some(m) = cached
         .iter()
-        .find(|m| m.id == model && configured.contains_key(m.provider))?;
-    Some((provider(m.provider)?, m.id.clone()))
+        .find(|m| m.id == model && configured.contains_key(m.provider))
+    {
+        return Some((provider(m.provider)?, m.id.clone()));
+    }
+    (model.starts_with("claude-") && configured.contains_key("anthropic"))
+        .then(|| Some((provider("anthropic")?, model.to_string())))
+        .flatten()
 }
 
 #[cfg(test)]
@@ -440,16 +534,24 @@ mod tests {
         assert!(route("groq:llama", &cached, &configured).is_none());
         assert!(route("nobody:x", &cached, &configured).is_none());
         assert!(route("unknown-model", &cached, &configured).is_none());
+        assert!(route("claude-x", &cached, &configured).is_none());
+        configured.insert("anthropic", ("https://y".to_string(), "k".to_string()));
+        let (p, id) = route("claude-x", &cached, &configured).expect("claude");
+        assert_eq!((p.name, id.as_str()), ("anthropic", "claude-x"));
+        let custom = provider("custom").expect("custom");
+        let anthropic = provider("anthropic").expect("anthropic");
+        assert_eq!(Providers::base_url(custom, Endpoints::default()), None);
+        let endpoints = Endpoints {
+            custom: "http://127.0.0.1:9/v1/",
+            anthropic: "",
+        };
         assert_eq!(
-            Providers::base_url(provider("custom").expect("custom"), ""),
-            None
+            Providers::base_url(custom, endpoints),
+            Some("http://127.0.0.1:9/v1".into())
         );
         assert_eq!(
-            Providers::base_url(
-                provider("custom").expect("custom"),
-                "http://127.0.0.1:9/v1/"
-            ),
-            Some("http://127.0.0.1:9/v1".into())
+            Providers::base_url(anthropic, endpoints),
+            Some("https://api.anthropic.com/v1".into())
         );
     }
 }
