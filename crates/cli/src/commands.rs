@@ -497,6 +497,66 @@ pub(crate) async fn keys_revoke(client: &Client, id: &str) -> anyhow::Result<()>
     Ok(())
 }
 
+/// `swarmllm adapters list`
+pub(crate) async fn adapters_list(client: &Client) -> anyhow::Result<()> {
+    let v = client.get("/api/admin/adapters").await?;
+    let adapters = v["adapters"].as_array().cloned().unwrap_or_default();
+    if adapters.is_empty() {
+        println!(
+            "no adapters (put one under the node's adapters/ folder, then: swarmllm adapters \
+             add FILE)"
+        );
+        return Ok(());
+    }
+    println!(
+        "{:<38} {:<5} {:>5} {:>7}  PATH",
+        "ID", "FORMAT", "RANK", "ALPHA"
+    );
+    for a in adapters {
+        println!(
+            "{:<38} {:<5} {:>5} {:>7}  {}",
+            a["id"].as_str().unwrap_or("?"),
+            a["format"].as_str().unwrap_or("?"),
+            a["rank"].as_u64().unwrap_or(0),
+            a["alpha"].as_f64().unwrap_or(0.0),
+            a["path"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
+/// `swarmllm adapters add PATH`
+pub(crate) async fn adapters_add(client: &Client, mut body: Value) -> anyhow::Result<()> {
+    if let Some(o) = body.as_object_mut() {
+        o.retain(|_, v| !v.is_null());
+    }
+    let v = client.post("/api/admin/adapters", &body).await?;
+    let a = &v["adapter"];
+    println!(
+        "registered adapter {} ({}, rank {}, alpha {}); use it as MODEL+{}",
+        a["id"].as_str().unwrap_or("?"),
+        a["format"].as_str().unwrap_or("?"),
+        a["rank"].as_u64().unwrap_or(0),
+        a["alpha"].as_f64().unwrap_or(0.0),
+        a["id"].as_str().unwrap_or("?")
+    );
+    Ok(())
+}
+
+/// `swarmllm adapters rm ID`
+pub(crate) async fn adapters_rm(client: &Client, id: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !id.is_empty()
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')),
+        "'{id}' is not an adapter id (see `swarmllm adapters list`)"
+    );
+    let v = client.delete(&format!("/api/admin/adapters/{id}")).await?;
+    println!("{}", v["message"].as_str().unwrap_or("removed"));
+    Ok(())
+}
+
 /// `swarmllm update apply`
 pub(crate) async fn update_apply(client: &Client) -> anyhow::Result<()> {
     let v = client.post("/api/admin/update/apply", &json!({})).await?;

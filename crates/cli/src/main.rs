@@ -115,6 +115,42 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// LoRA adapters: register a GGUF or PEFT adapter from the node's
+    /// `adapters/` folder, then ask for the model `MODEL+ID` (or `+ID`).
+    Adapters {
+        #[command(subcommand)]
+        command: AdaptersCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AdaptersCommand {
+    /// List the registered adapters.
+    List,
+    /// Register an adapter file (relative to `<data_dir>/adapters/`): a GGUF
+    /// LoRA, or a PEFT `adapter_model.safetensors` (converted for the model
+    /// the node serves).
+    Add {
+        /// The file, relative to the adapters folder.
+        path: String,
+        /// Its id (default: a new UUID).
+        #[arg(long)]
+        id: Option<String>,
+        /// A display name.
+        #[arg(long)]
+        name: Option<String>,
+        /// The model it is for.
+        #[arg(long)]
+        base_model: Option<String>,
+        /// LoRA alpha (default: the file's, or the PEFT config's).
+        #[arg(long)]
+        alpha: Option<f32>,
+    },
+    /// Unregister an adapter (its file stays).
+    Rm {
+        /// The adapter's id.
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -543,6 +579,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             match command {
                 UpdateCommand::Check => commands::update_check(&client).await,
                 UpdateCommand::Apply => commands::update_apply(&client).await,
+            }
+        }
+        Command::Adapters { command } => {
+            let client = client::Client::connect(&cli.config_source(Map::new()))?;
+            match command {
+                AdaptersCommand::List => commands::adapters_list(&client).await,
+                AdaptersCommand::Add {
+                    path,
+                    id,
+                    name,
+                    base_model,
+                    alpha,
+                } => {
+                    let body = json!({ "path": path, "id": id, "name": name,
+                                       "base_model": base_model, "alpha": alpha });
+                    commands::adapters_add(&client, body).await
+                }
+                AdaptersCommand::Rm { id } => commands::adapters_rm(&client, id).await,
             }
         }
         Command::Keys { command } => {

@@ -12,6 +12,7 @@
 //! [`metrics`], [`hardware`].
 #![deny(missing_docs)]
 
+pub mod adapters;
 pub mod api;
 pub mod config;
 pub mod credits;

@@ -109,6 +109,7 @@ struct Inner {
     api_key: Zeroizing<String>,
     /// Inference-only keys.
     client_keys: crate::keys::ClientKeys,
+    adapters: crate::adapters::Adapters,
     /// Responses API records and runs.
     responses: crate::responses::Responses,
     /// Cloud providers.
@@ -178,11 +179,13 @@ impl Node {
         // Database, keychain and model loading all block: keep them off the runtime.
         let blocking_config = config.clone();
         let blocking_dir = data_dir.clone();
-        let (store, secrets, identity, (api_key, hf_token), (client_keys, responses)) =
+        let (store, secrets, identity, (api_key, hf_token), (client_keys, responses, adapters)) =
             blocking(move || {
                 let store = Store::open(&blocking_dir.join("node.db"))?;
                 let client_keys = crate::keys::ClientKeys::open(store.clone())?;
                 let responses = crate::responses::Responses::open(store.clone())?;
+                let adapters =
+                    crate::adapters::Adapters::open(store.clone(), blocking_dir.join("adapters"))?;
                 let secrets = SecretStore::open(&blocking_dir, &blocking_config.secret_store)?;
                 let identity = Identity::load_or_create(&secrets)?;
                 let api_key = identity::load_or_create_api_key(&secrets)?;
@@ -200,7 +203,7 @@ impl Node {
                     secrets,
                     identity,
                     (api_key, hf_token),
-                    (client_keys, responses),
+                    (client_keys, responses, adapters),
                 ))
             })
             .await??;
@@ -282,6 +285,7 @@ impl Node {
                 identity,
                 api_key,
                 client_keys,
+                adapters,
                 responses,
                 providers: crate::providers::Providers::new(),
                 engine,
@@ -596,6 +600,11 @@ impl Node {
     /// Inference-only client keys.
     pub fn client_keys(&self) -> &crate::keys::ClientKeys {
         &self.inner.client_keys
+    }
+
+    /// Registered LoRA adapters.
+    pub fn adapters(&self) -> &crate::adapters::Adapters {
+        &self.inner.adapters
     }
 
     /// Cloud providers.

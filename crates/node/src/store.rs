@@ -204,6 +204,19 @@ const MIGRATIONS: &[&str] = &[
         deltas       TEXT NOT NULL
     );
     CREATE INDEX responses_created ON responses (created_at);",
+    // 9 (LoRA adapters): registered adapters.
+    "CREATE TABLE adapters (
+        id         TEXT PRIMARY KEY,
+        name       TEXT NOT NULL,
+        base_model TEXT NOT NULL,
+        rank       INTEGER NOT NULL,
+        alpha      REAL NOT NULL,
+        path       TEXT NOT NULL,
+        format     TEXT NOT NULL,
+        file       TEXT NOT NULL,
+        digest     TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    );",
 ];
 
 /// Request-log rows kept; older ones live on only in the lifetime totals.

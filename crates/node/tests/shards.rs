@@ -40,6 +40,7 @@ fn greedy(path: &Path, prompt: &str) -> String {
                 ..SamplingParams::default()
             },
             client: "test".into(),
+            adapter: None,
         })
         .expect("submit");
     let mut text = String::new();

@@ -167,16 +167,84 @@ pub(crate) struct Target {
     pub(crate) id: String,
     /// On this node's engine (else through the pipeline).
     pub(crate) local: bool,
+    /// The LoRA adapter it runs with (local models only).
+    pub(crate) adapter: Option<crate::infer::LoraChoice>,
+}
+
+/// The model a request body asks for: its `model`, with `+<adapter>` added
+/// when it names an `adapter` field (so both spellings resolve alike).
+pub(crate) fn requested_model(
+    model: Option<&str>,
+    body: &serde_json::Value,
+) -> Result<Option<String>, ApiError> {
+    use serde_json::Value;
+    match body.get("adapter") {
+        None | Some(Value::Null) => Ok(model.map(str::to_string)),
+        Some(Value::String(a)) if !a.is_empty() => Ok(Some(format!("{}+{a}", model.unwrap_or("")))),
+        Some(_) => Err(ApiError::invalid_parameter(
+            "adapter",
+            "must be a registered adapter's id",
+        )),
+    }
+}
+
+/// Resolves the requested model as [`resolve_base`] does; `base+adapter`
+/// (the last `+` followed by a registered adapter's id) runs the base model
+/// with that LoRA adapter.
+pub(crate) async fn resolve_model(
+    node: &Node,
+    requested: Option<&str>,
+) -> Result<Target, ApiError> {
+    let Some((base, adapter_id)) = requested.and_then(|r| r.rsplit_once('+')) else {
+        return resolve_base(node, requested).await;
+    };
+    let Some(adapter) = node.adapters().get(adapter_id) else {
+        // A model whose own id has a '+' still resolves.
+        return match resolve_base(node, requested).await {
+            Err(e) if e.status == StatusCode::NOT_FOUND => {
+                let known: Vec<String> = node.adapters().list().into_iter().map(|a| a.id).collect();
+                Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "ADAPTER_NOT_FOUND",
+                    format!("no adapter '{adapter_id}' is registered on this node"),
+                )
+                .with_details(json!({ "adapter": adapter_id, "available": known })))
+            }
+            other => other,
+        };
+    };
+    let mut target = resolve_base(node, Some(base).filter(|b| !b.is_empty())).await?;
+    if !target.local {
+        return Err(ApiError::invalid_parameter(
+            "adapter",
+            format!(
+                "adapters apply to the model this node serves whole; '{}' is split across peers",
+                target.id
+            ),
+        ));
+    }
+    if !adapter.base_model.is_empty() && !adapter.base_model.eq_ignore_ascii_case(&target.id) {
+        return Err(ApiError::invalid_parameter(
+            "adapter",
+            format!(
+                "adapter '{}' is for '{}', not '{}'",
+                adapter.id, adapter.base_model, target.id
+            ),
+        ));
+    }
+    target.adapter = Some(crate::infer::LoraChoice {
+        file: adapter.file,
+        digest: adapter.digest,
+        scale: 1.0,
+    });
+    Ok(target)
 }
 
 /// Resolves the requested model: the locally loaded model, else a sharded model a
 /// chain of nodes can serve. An empty id means the local model, else the first
 /// servable one. 404 for a model nobody holds, 503 naming the missing layers for one
 /// the reachable nodes cannot cover, 503 when there is nothing at all.
-pub(crate) async fn resolve_model(
-    node: &Node,
-    requested: Option<&str>,
-) -> Result<Target, ApiError> {
+async fn resolve_base(node: &Node, requested: Option<&str>) -> Result<Target, ApiError> {
     let local = node.engine().map(|e| e.info().id.clone());
     let pipeline = node.pipeline();
     let requested = requested.filter(|r| !r.is_empty());
@@ -186,6 +254,7 @@ pub(crate) async fn resolve_model(
         return Ok(Target {
             id: id.clone(),
             local: true,
+            adapter: None,
         });
     }
     let known = pipeline.network_models().await;
@@ -198,6 +267,7 @@ pub(crate) async fn resolve_model(
                 return Ok(Target {
                     id: m.id.clone(),
                     local: false,
+                    adapter: None,
                 });
             }
         }
@@ -226,6 +296,7 @@ pub(crate) async fn resolve_model(
         Ok(_) => Ok(Target {
             id: r.to_string(),
             local: false,
+            adapter: None,
         }),
         Err(e) => Err(no_route(&e.to_string(), &e.missing)),
     }
@@ -318,6 +389,7 @@ pub(crate) async fn start(
         prompt,
         params,
         client: client.to_string(),
+        adapter: target.adapter.clone(),
     };
     let mut events = if target.local {
         let engine = node.engine().ok_or_else(ApiError::no_model)?;
@@ -386,6 +458,9 @@ fn generate_error(e: GenerateError) -> ApiError {
         .with_details(json!({ "prompt_tokens": prompt_tokens, "context_size": context_size })),
         GenerateError::EmptyPrompt => ApiError::invalid_parameter("prompt", "is empty"),
         GenerateError::Grammar(message) => ApiError::invalid_parameter("response_format", message),
+        GenerateError::Adapter(message) => {
+            ApiError::new(StatusCode::CONFLICT, "ADAPTER_UNAVAILABLE", message)
+        }
         GenerateError::NoRoute { message, missing } => no_route(&message, &missing),
         GenerateError::Pipeline(message) => {
             ApiError::new(StatusCode::BAD_GATEWAY, "PIPELINE_FAILED", message)

@@ -4,6 +4,7 @@
 //! until the node is asked to shut down (in-flight requests finish first). Read-only
 //! status routes are public; inference and every write need the bearer API key.
 
+mod adapters;
 mod admin;
 mod credits;
 mod error;
@@ -110,6 +111,7 @@ fn all_routes() -> Routes {
         .merge(responses::routes())
         .merge(openapi::routes())
         .merge(providers::routes())
+        .merge(adapters::routes())
 }
 
 /// Every route of the API with its method and access (read or write), as the

@@ -238,7 +238,8 @@ pub(crate) async fn chat_completions(
     let req: ChatRequest = from_value(&body)?;
     let sampling: SamplingFields = from_value(&body)?;
     let node = &state.node;
-    let model = match generate::resolve_model(node, req.model.as_deref()).await {
+    let asked = generate::requested_model(req.model.as_deref(), &body)?;
+    let model = match generate::resolve_model(node, asked.as_deref()).await {
         Ok(m) => m,
         // A model the swarm does not have (or a node with none at all) may be
         // a cloud provider's.
@@ -597,7 +598,8 @@ pub(crate) async fn completions(
     let req: CompletionRequest = from_value(&body)?;
     let sampling: SamplingFields = from_value(&body)?;
     let node = &state.node;
-    let model = generate::resolve_model(node, req.model.as_deref()).await?;
+    let asked = generate::requested_model(req.model.as_deref(), &body)?;
+    let model = generate::resolve_model(node, asked.as_deref()).await?;
     let n = choices(req.n)?;
     let prompt = match req.prompt {
         PromptField::One(p) => p,

@@ -36,7 +36,8 @@ pub(crate) async fn inference(
     let req: InferenceRequest = from_value(&body)?;
     let sampling: SamplingFields = from_value(&body)?;
     let node = &state.node;
-    let model = generate::resolve_model(node, req.model.as_deref()).await?;
+    let asked = generate::requested_model(req.model.as_deref(), &body)?;
+    let model = generate::resolve_model(node, asked.as_deref()).await?;
     if req.prompt.is_empty() {
         return Err(ApiError::invalid_parameter("prompt", "must not be empty"));
     }

@@ -138,7 +138,17 @@ pub(super) fn start(
             message: e.to_string(),
         }
     })?;
-    let model = Arc::new(model);
+    // The engine thread owns the model (it loads adapters into it); the
+    // handle renders chat templates with a vocabulary-only copy.
+    let vocab = LlamaModel::load_from_file(
+        backend,
+        &config.model_path,
+        &LlamaModelParams::default().with_vocab_only(true),
+    )
+    .map_err(|e| LoadModelError::Load {
+        path: config.model_path.clone(),
+        message: e.to_string(),
+    })?;
     let info = Arc::new(ModelInfo {
         id: config.model_id.clone(),
         path: config.model_path.clone(),
@@ -160,12 +170,11 @@ pub(super) fn start(
     let (jobs_tx, jobs_rx) = mpsc::channel(config.max_queue.max(1));
     let load = Arc::new(EngineLoad::default());
     let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
-    let thread_model = Arc::clone(&model);
     let thread_load = Arc::clone(&load);
     let thread_config = config.clone();
     std::thread::Builder::new()
         .name("swarmllm-engine".into())
-        .spawn(move || run(thread_model, thread_config, jobs_rx, thread_load, ready_tx))
+        .spawn(move || run(model, thread_config, jobs_rx, thread_load, ready_tx))
         .map_err(|e| LoadModelError::Thread(e.to_string()))?;
     ready_rx
         .recv()
@@ -183,7 +192,7 @@ pub(super) fn start(
     );
     Ok(Engine {
         jobs: jobs_tx,
-        model,
+        model: Arc::new(vocab),
         info,
         load,
         max_queue: config.max_queue.max(1),
@@ -202,7 +211,7 @@ pub(crate) fn context_params(config: &EngineConfig) -> LlamaContextParams {
 }
 
 fn run(
-    model: Arc<LlamaModel>,
+    mut model: LlamaModel,
     config: EngineConfig,
     mut jobs: mpsc::Receiver<Job>,
     load: Arc<EngineLoad>,
@@ -216,28 +225,60 @@ fn run(
         }
     };
     let parallel = config.parallel();
-    let params = context_params(&config)
-        .with_n_ctx(NonZeroU32::new(
-            config.context_size.saturating_mul(parallel as u32),
-        ))
-        .with_n_seq_max(parallel as u32)
-        .with_kv_unified(false);
-    let mut ctx = match model.new_context(backend, params) {
-        Ok(ctx) => ctx,
-        Err(e) => {
-            let _ = ready.send(Err(LoadModelError::Context(e.to_string())));
-            return;
-        }
+    let params = || {
+        context_params(&config)
+            .with_n_ctx(NonZeroU32::new(
+                config.context_size.saturating_mul(parallel as u32),
+            ))
+            .with_n_seq_max(parallel as u32)
+            .with_kv_unified(false)
     };
-    let _ = ready.send(Ok(()));
-    slots::run(
-        &model,
-        &mut ctx,
-        config.context_size,
-        parallel,
-        &mut jobs,
-        &load,
-    );
+    let mut ready = Some(ready);
+    let mut lanes = slots::Lanes::default();
+    // One context at a time; a new one after each adapter load (see `lora`).
+    loop {
+        let mut ctx = match model.new_context(backend, params()) {
+            Ok(ctx) => ctx,
+            Err(e) => {
+                let e = LoadModelError::Context(e.to_string());
+                match ready.take() {
+                    Some(ready) => {
+                        let _ = ready.send(Err(e));
+                    }
+                    None => tracing::error!(error = %e, "the engine could not make a new context"),
+                }
+                return;
+            }
+        };
+        if let Some(ready) = ready.take() {
+            let _ = ready.send(Ok(()));
+        }
+        let exit = slots::run(
+            &model,
+            &mut ctx,
+            config.context_size,
+            parallel,
+            &mut jobs,
+            &load,
+            &mut lanes,
+        );
+        drop(ctx);
+        match exit {
+            slots::Exit::Closed => break,
+            slots::Exit::LoadAdapter(job) => {
+                let loaded = match &job.request.adapter {
+                    Some(choice) => lanes.loras.load(&mut model, choice),
+                    None => Ok(()),
+                };
+                match loaded {
+                    Ok(()) => lanes.pending = Some(*job),
+                    Err(e) => {
+                        let _ = job.events.try_send(super::Event::Failed(e));
+                    }
+                }
+            }
+        }
+    }
     tracing::debug!("engine thread stopped");
 }
 

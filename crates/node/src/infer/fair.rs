@@ -88,7 +88,18 @@ impl FairQueue {
 
     /// The next job: the oldest of the client at the front, which then goes to
     /// the back (or leaves when it has nothing more waiting).
+    #[cfg(test)]
     pub(crate) fn pop(&mut self) -> Option<Job> {
+        self.pop_if(|_| true)
+    }
+
+    /// The next job if `ok` accepts it; else it stays first in line (a
+    /// request for another LoRA adapter waits for the running ones to end
+    /// without being overtaken).
+    pub(crate) fn pop_if(&mut self, ok: impl FnOnce(&Job) -> bool) -> Option<Job> {
+        if !ok(self.lines.front()?.1.front()?) {
+            return None;
+        }
         let (client, mut line) = self.lines.pop_front()?;
         let job = line.pop_front();
         if !line.is_empty() {
@@ -111,6 +122,7 @@ mod tests {
                 prompt: prompt.into(),
                 params: SamplingParams::default(),
                 client: client.into(),
+                adapter: None,
             },
             events,
             enqueued: Instant::now(),

@@ -19,6 +19,7 @@ mod engine;
 mod fair;
 pub mod gpu;
 pub mod logprobs;
+mod lora;
 mod slots;
 mod stop;
 
@@ -301,6 +302,19 @@ pub struct GenerateRequest {
     /// Who asked: the client key's id, or [`NODE_CLIENT`] for the node's own
     /// key. The engine shares its queue fairly among clients.
     pub client: String,
+    /// The LoRA adapter to run with, if any.
+    pub adapter: Option<LoraChoice>,
+}
+
+/// A LoRA adapter a request runs with (see [`crate::adapters`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraChoice {
+    /// The GGUF adapter llama.cpp loads.
+    pub file: std::path::PathBuf,
+    /// Its BLAKE3: the engine keys loaded adapters by it.
+    pub digest: String,
+    /// Its strength; llama.cpp multiplies it by alpha / rank.
+    pub scale: f32,
 }
 
 /// The client name of requests made with the node's own API key.
@@ -423,6 +437,9 @@ pub enum GenerateError {
     /// llama.cpp refused the grammar (`response_format`).
     #[error("the grammar could not be used: {0}")]
     Grammar(String),
+    /// The LoRA adapter could not be applied.
+    #[error("the adapter could not be used: {0}")]
+    Adapter(String),
 }
 
 /// Submitting a job failed.

@@ -149,7 +149,29 @@ impl Slot {
     }
 }
 
-/// The engine loop: ends when every `Engine` handle is dropped.
+/// What outlives one context: the waiting jobs, the loaded adapters, and a
+/// job that waits for its adapter to be loaded.
+#[derive(Default)]
+pub(super) struct Lanes {
+    /// Waiting jobs, per client.
+    pub queue: super::fair::FairQueue,
+    /// The LoRA adapters.
+    pub loras: super::lora::Loras,
+    /// Taken from the queue, to be admitted first once its adapter is loaded.
+    pub pending: Option<Job>,
+}
+
+/// Why [`run`] returned.
+pub(super) enum Exit {
+    /// Every `Engine` handle is gone.
+    Closed,
+    /// This job's adapter must be loaded, which needs the model without a
+    /// context (no sequence runs).
+    LoadAdapter(Box<Job>),
+}
+
+/// The engine loop over one context: ends when every `Engine` handle is
+/// dropped, or to have an adapter loaded.
 pub(super) fn run(
     model: &LlamaModel,
     ctx: &mut LlamaContext<'_>,
@@ -157,29 +179,61 @@ pub(super) fn run(
     max_parallel: usize,
     jobs: &mut mpsc::Receiver<Job>,
     load: &Arc<EngineLoad>,
-) {
+    lanes: &mut Lanes,
+) -> Exit {
     let n_batch = (ctx.n_batch() as usize).max(1);
     let mut batch = LlamaBatch::new(n_batch.max(max_parallel), 1);
     let mut slots: Vec<Slot> = Vec::with_capacity(max_parallel);
     let mut cache = PromptCache::new(max_parallel);
-    let mut queue = super::fair::FairQueue::default();
+    let Lanes {
+        queue,
+        loras,
+        pending,
+    } = lanes;
+    loras.new_context();
     loop {
         // Everything submitted joins its client's line (the channel is only the
         // way in); wait for a job only when nothing runs or waits.
-        if slots.is_empty() && queue.is_empty() {
+        if slots.is_empty() && queue.is_empty() && pending.is_none() {
             match jobs.blocking_recv() {
                 Some(job) => queue.push(job),
-                None => return,
+                None => return Exit::Closed,
             }
         }
         while let Ok(job) = jobs.try_recv() {
             queue.push(job);
         }
         // Admit new requests, clients in turn, while sequences are free.
+        // A job for another adapter than the running ones waits until they
+        // end (see `lora`).
         while slots.len() < max_parallel {
-            let Some(job) = queue.pop() else { break };
-            load.waiting.fetch_sub(1, Ordering::AcqRel);
-            load.shares.remove(&job.request.client);
+            let job = match pending.take() {
+                Some(job) => job,
+                None => {
+                    let running = !slots.is_empty();
+                    let Some(job) =
+                        queue.pop_if(|j| !running || loras.is_active(j.request.adapter.as_ref()))
+                    else {
+                        break;
+                    };
+                    load.waiting.fetch_sub(1, Ordering::AcqRel);
+                    load.shares.remove(&job.request.client);
+                    job
+                }
+            };
+            if !loras.is_active(job.request.adapter.as_ref()) {
+                match loras.activate(ctx, job.request.adapter.as_ref()) {
+                    Ok(()) => cache = PromptCache::new(max_parallel),
+                    // Only switched to with nothing running (see above).
+                    Err(super::lora::Switch::NotLoaded) => {
+                        return Exit::LoadAdapter(Box::new(job));
+                    }
+                    Err(super::lora::Switch::Failed(e)) => {
+                        let _ = job.events.try_send(Event::Failed(e));
+                        continue;
+                    }
+                }
+            }
             if let Some(slot) = admit(model, ctx, context_size, &slots, &mut cache, job) {
                 slots.push(slot);
             }
