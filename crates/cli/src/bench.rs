@@ -308,6 +308,8 @@ pub(crate) struct TimedStream {
     pub(crate) arrivals: Vec<Instant>,
     /// The final `usage` object.
     pub(crate) usage: Value,
+    /// The text, all chunks together.
+    pub(crate) text: String,
 }
 
 /// POSTs a streaming request (`/v1/completions` or `/v1/chat/completions`) and
@@ -328,6 +330,7 @@ pub(crate) async fn timed_stream(
         .error_for_status()?;
     let mut arrivals = Vec::new();
     let mut usage = Value::Null;
+    let mut all = String::new();
     read_sse(resp, |data| {
         let v: Value = serde_json::from_str(data)?;
         if !v["usage"].is_null() {
@@ -337,8 +340,9 @@ pub(crate) async fn timed_stream(
         let text = choice["text"]
             .as_str()
             .or(choice["delta"]["content"].as_str());
-        if text.is_some_and(|t| !t.is_empty()) {
+        if let Some(t) = text.filter(|t| !t.is_empty()) {
             arrivals.push(Instant::now());
+            all.push_str(t);
         }
         Ok(())
     })
@@ -347,6 +351,7 @@ pub(crate) async fn timed_stream(
         sent,
         arrivals,
         usage,
+        text: all,
     })
 }
 

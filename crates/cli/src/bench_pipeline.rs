@@ -54,10 +54,36 @@ const PROMPT: &str = "Explain, step by step, how a chain of computers can run on
 model together when each holds only some of its layers, and what happens when one of them \
 disappears in the middle of an answer.";
 
-struct NodeProc {
+pub(crate) struct NodeProc {
     child: Child,
-    api: String,
-    key: String,
+    pub(crate) api: String,
+    pub(crate) key: String,
+}
+
+/// How and where a benchmark node runs.
+pub(crate) struct Spawn<'a> {
+    /// Inference threads.
+    pub(crate) threads: u32,
+    /// CPUs to pin it to (`taskset -c`).
+    pub(crate) pin: Option<&'a str>,
+    /// Activation encoding between hops.
+    pub(crate) dtype: &'a str,
+    /// The network namespace to run it in (`ip netns exec`), if any.
+    pub(crate) netns: Option<&'a str>,
+    /// The address its API and P2P listen on.
+    pub(crate) host: &'a str,
+}
+
+impl<'a> Spawn<'a> {
+    fn loopback(args: &'a BenchPipelineArgs) -> Self {
+        Self {
+            threads: args.threads,
+            pin: args.pin.as_deref(),
+            dtype: &args.dtype,
+            netns: None,
+            host: "127.0.0.1",
+        }
+    }
 }
 
 impl Drop for NodeProc {
@@ -73,42 +99,46 @@ fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-async fn spawn_node(
+pub(crate) async fn spawn_node(
     dir: &Path,
-    args: &BenchPipelineArgs,
+    spawn: &Spawn<'_>,
     model: Option<&Path>,
     bootstrap: Option<&str>,
 ) -> anyhow::Result<NodeProc> {
+    // Free on loopback here; a namespace has its own ports, all free.
     let (api_port, p2p_port) = (free_port()?, free_port()?);
     std::fs::create_dir_all(dir)?;
     let log = std::fs::File::create(dir.join("node.log"))?;
     let exe = std::env::current_exe()?;
-    let mut cmd = match &args.pin {
-        Some(cpus) => {
-            let mut c = Command::new("taskset");
-            c.arg("-c").arg(cpus).arg(&exe);
-            c
-        }
-        None => Command::new(&exe),
-    };
+    let mut line: Vec<std::ffi::OsString> = Vec::new();
+    if let Some(ns) = spawn.netns {
+        line.extend(["ip", "netns", "exec", ns].map(Into::into));
+    }
+    if let Some(cpus) = spawn.pin {
+        line.extend(["taskset", "-c", cpus].map(Into::into));
+    }
+    line.push(exe.into_os_string());
+    let mut cmd = Command::new(&line[0]);
+    cmd.args(&line[1..]);
     cmd.arg("--data-dir")
         .arg(dir)
         .arg("--api-port")
         .arg(api_port.to_string())
         .arg("serve")
         .arg("--threads")
-        .arg(args.threads.to_string())
+        .arg(spawn.threads.to_string())
         .arg("--p2p-port")
         .arg(p2p_port.to_string())
-        .env("SWARMLLM_P2P_HOST", "127.0.0.1")
+        .env("SWARMLLM_P2P_HOST", spawn.host)
+        .env("SWARMLLM_API_HOST", spawn.host)
         .env("SWARMLLM_MDNS", "false")
         .env("SWARMLLM_SECRET_STORE", "file")
         .env("SWARMLLM_ANNOUNCE_INTERVAL_SECS", "1")
         .env("SWARMLLM_RATE_LIMIT_PER_MINUTE", "0")
-        .env("SWARMLLM_ACTIVATION_DTYPE", &args.dtype)
+        .env("SWARMLLM_ACTIVATION_DTYPE", spawn.dtype)
         .env(
             "SWARMLLM_APPROXIMATE_ANSWERS",
-            (args.dtype != "f32").to_string(),
+            (spawn.dtype != "f32").to_string(),
         )
         .env("SWARMLLM_SLOW_LINK_MBPS", "1e12")
         .env("SWARMLLM_LOG_LEVEL", "warn")
@@ -122,7 +152,7 @@ async fn spawn_node(
         cmd.arg("--bootstrap").arg(code);
     }
     let child = cmd.spawn().context("starting a node")?;
-    let api = format!("http://127.0.0.1:{api_port}");
+    let api = format!("http://{}:{api_port}", spawn.host);
     let http = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(120);
     while http.get(format!("{api}/health/live")).send().await.is_err() {
@@ -137,17 +167,17 @@ async fn spawn_node(
     Ok(NodeProc { child, api, key })
 }
 
-async fn get(http: &reqwest::Client, url: &str) -> anyhow::Result<Value> {
+pub(crate) async fn get(http: &reqwest::Client, url: &str) -> anyhow::Result<Value> {
     Ok(http.get(url).send().await?.json().await?)
 }
 
-struct Run {
-    prompt_tps: f64,
-    decode_tps: f64,
-    gaps_ms: Vec<f64>,
+pub(crate) struct Run {
+    pub(crate) prompt_tps: f64,
+    pub(crate) decode_tps: f64,
+    pub(crate) gaps_ms: Vec<f64>,
 }
 
-async fn one_run(
+pub(crate) async fn one_run(
     http: &reqwest::Client,
     node: &NodeProc,
     model: &str,
@@ -190,12 +220,12 @@ async fn one_run(
     })
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
-fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
+pub(crate) fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
     v.sort_by(f64::total_cmp);
     if v.is_empty() {
         return 0.0;
@@ -251,7 +281,7 @@ pub(crate) async fn run(args: &BenchPipelineArgs) -> anyhow::Result<()> {
                 give_shard(&lib.join("bench"), &dir.join("models/bench"), i)?;
             }
             let whole = (n == 1).then_some(model.as_path());
-            let node = spawn_node(&dir, args, whole, code.as_deref()).await?;
+            let node = spawn_node(&dir, &Spawn::loopback(args), whole, code.as_deref()).await?;
             if i == 0 && n > 1 {
                 let v = get(&http, &format!("{}/api/admin/network-code", node.api)).await?;
                 code = v["code"].as_str().map(str::to_string);
@@ -439,7 +469,7 @@ async fn wire_bytes(http: &reqwest::Client, nodes: &[NodeProc]) -> u64 {
     total
 }
 
-fn give_shard(from: &Path, to: &Path, index: u32) -> anyhow::Result<()> {
+pub(crate) fn give_shard(from: &Path, to: &Path, index: u32) -> anyhow::Result<()> {
     std::fs::create_dir_all(to)?;
     for f in ["manifest.json", "gguf_header.bin"] {
         std::fs::copy(from.join(f), to.join(f))?;

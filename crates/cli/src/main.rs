@@ -6,6 +6,7 @@
 
 mod bench;
 mod bench_pipeline;
+mod bench_wan;
 mod chat;
 mod client;
 mod commands;
@@ -88,6 +89,9 @@ enum Command {
     BenchNet(bench::BenchNetArgs),
     /// Measure the whole model on one node vs split over 2 and 3 node processes.
     BenchPipeline(bench_pipeline::BenchPipelineArgs),
+    /// Split inference over the WAN rig's simulated links (scripts/wan-rig) at
+    /// several round trips, against the round-trip bound.
+    BenchWan(bench_wan::BenchWanArgs),
     /// Print this machine's node API key (for `Authorization: Bearer ...`).
     ApiKey,
     /// Print the web UI's address, with the API key for the browser.
@@ -393,6 +397,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::BenchNet(args) => bench::run_net(args).await,
         Command::BenchSplit(args) => bench::run_split(args).await,
         Command::BenchPipeline(args) => bench_pipeline::run(args).await,
+        Command::BenchWan(args) => bench_wan::run(args).await,
         Command::Chat(args) => {
             chat::run(
                 &client::Client::connect(&cli.config_source(Map::new()))?,

@@ -443,6 +443,7 @@ fn token_step_with(
         prime: vec![],
         continues: continues.map(|c| to_hex(&c)),
         close: false,
+        draft: 0,
         requester_sig: String::new(),
     };
     edit(&mut env);

@@ -908,3 +908,89 @@ fn a_chats_next_turn_through_a_split_reuses_the_chains_caches() {
     let (_, layers) = b.get("/api/v1/layers");
     assert_eq!(layers["sessions"], 1, "{layers}");
 }
+
+/// A text the model quotes back, so prompt lookup finds drafts in it.
+const QUOTE: &str = "Repeat the following text exactly, word for word:\n\
+    The old lighthouse stood on the rocks above the harbour. Every night the keeper \
+    climbed the hundred steps, lit the great lamp and watched the ships come home \
+    through the fog. The old lighthouse stood on the rocks above the harbour.";
+
+fn spec_chat(node: &TestNode, model: Option<&str>, extra: Value) -> (String, Value) {
+    let mut body = json!({
+        "messages": [{ "role": "user", "content": QUOTE }],
+        "max_tokens": 96,
+        "temperature": 0,
+    });
+    if let Some(m) = model {
+        body["model"] = json!(m);
+    }
+    for (k, v) in extra.as_object().expect("object") {
+        body[k] = v.clone();
+    }
+    let (status, v) = node.post("/v1/chat/completions", &body);
+    assert_eq!(status, 200, "{v}");
+    (content(&v), v)
+}
+
+/// Speculative decoding through a 2-node split (prompt lookup, on by default
+/// for greedy requests): drafts are accepted and rejected, a stop sequence
+/// and `max_tokens` end a generation inside a verified run, and every answer
+/// is token for token the whole model's, as it is with speculation off
+/// (`speculative.n_max: 0`).
+#[test]
+fn speculative_decoding_through_a_split_keeps_the_whole_models_text() {
+    let whole = TestNode::start();
+    let (reference, _) = spec_chat(&whole, None, json!({}));
+    // A stop sequence well inside the answer, and a length that ends it early.
+    let words: Vec<&str> = reference.split_whitespace().collect();
+    assert!(
+        words.len() > 12,
+        "too short an answer to test with: {reference:?}"
+    );
+    let stop = format!("{} {}", words[words.len() / 2], words[words.len() / 2 + 1]);
+    let (stopped_reference, v) = spec_chat(&whole, None, json!({ "stop": [stop] }));
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+    let (short_reference, _) = spec_chat(&whole, None, json!({ "max_tokens": 27 }));
+    drop(whole);
+
+    let lib = common::import_shards(2);
+    let a = TestNode::start_custom(false, &[], &[], |d| give_shards(lib.path(), d, &[0]));
+    let code = network_code(&a);
+    let _b = TestNode::start_custom(false, &["--bootstrap", &code], &[], |d| {
+        give_shards(lib.path(), d, &[1])
+    });
+    wait_servable(&a, 2);
+
+    let (plain, _) = spec_chat(&a, Some("smol"), json!({ "speculative.n_max": 0 }));
+    assert_eq!(plain, reference, "without speculation");
+    let (_, layers) = a.get("/api/v1/layers");
+    assert_eq!(layers["speculation"]["drafted"], 0, "{layers}");
+
+    let (fast, v) = spec_chat(&a, Some("smol"), json!({}));
+    assert_eq!(fast, reference, "with speculation");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+    let (_, layers) = a.get("/api/v1/layers");
+    let drafted = layers["speculation"]["drafted"].as_u64().unwrap_or(0);
+    let accepted = layers["speculation"]["accepted"].as_u64().unwrap_or(0);
+    assert!(accepted > 0, "no draft was accepted: {layers}");
+    assert!(
+        drafted > accepted,
+        "no draft was rejected, so rollback went untested: {layers}"
+    );
+
+    let (stopped, v) = spec_chat(&a, Some("smol"), json!({ "stop": [stop] }));
+    assert_eq!(stopped, stopped_reference, "stop {stop:?}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+    let (short, v) = spec_chat(&a, Some("smol"), json!({ "max_tokens": 27 }));
+    assert_eq!(short, short_reference);
+    assert_eq!(v["usage"]["completion_tokens"], 27, "{v}");
+
+    // Out of range: a clear 422.
+    let (status, v) = a.post(
+        "/v1/chat/completions",
+        &json!({ "model": "smol", "messages": [{ "role": "user", "content": "Hi" }],
+                 "speculative.n_max": 17 }),
+    );
+    assert_eq!(status, 422, "{v}");
+    assert_eq!(v["error"]["details"]["field"], "speculative.n_max", "{v}");
+}

@@ -101,6 +101,13 @@ pub struct Config {
     /// A link measured below this many megabits per second is slow (default 100:
     /// home uplinks are slow, a LAN is not).
     pub slow_link_mbps: f64,
+    /// Draft tokens a split model's greedy generation sends through its chain
+    /// in one step (prompt lookup: what followed the last words where they
+    /// appeared before), verified by the last hop; the text does not change,
+    /// and a chain of slow links pays its round trips once per accepted run
+    /// rather than once per token. 0 turns it off; at most 16. Default 8.
+    /// A request's `speculative.n_max` (llama-server's field) overrides it.
+    pub speculative_tokens: u32,
     /// Where the desktop app asks for updates: a Tauri update endpoint, with
     /// `{{target}}`, `{{arch}}` and `{{current_version}}` filled in. Empty:
     /// the endpoint the app was built with, if any. Updates are installed only
@@ -200,6 +207,7 @@ impl Default for Config {
             serve_shards: true,
             approximate_answers: false,
             activation_dtype: "f16".into(),
+            speculative_tokens: 8,
             slow_link_mbps: 100.0,
             update_endpoint: String::new(),
             update_check_interval_hours: 24,
@@ -408,6 +416,12 @@ impl Config {
             if !(url.is_empty() || url_ok(url)) {
                 return Err(ConfigError::new(field, "must be empty or an http(s) URL"));
             }
+        }
+        if self.speculative_tokens > crate::pipeline::MAX_DRAFT {
+            return Err(ConfigError::new(
+                "speculative_tokens",
+                format!("must be between 0 and {}", crate::pipeline::MAX_DRAFT),
+            ));
         }
         if !matches!(self.activation_dtype.as_str(), "f16" | "f32" | "q8") {
             return Err(ConfigError::new(

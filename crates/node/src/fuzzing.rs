@@ -66,10 +66,14 @@ pub fn step_envelope(data: &[u8]) {
 }
 
 /// A step's result as the last hop sends it back (opened): a sampled token,
-/// with log-probabilities when the requester asked for some.
+/// with log-probabilities when the requester asked for some, or the tokens
+/// after each row of a step with drafts.
 pub fn step_result(data: &[u8]) {
     for wanted in [None, Some(0), Some(3), Some(20)] {
-        let _ = wire::decode_result(data, wanted);
+        let _ = wire::decode_result(data, wanted, 0);
+    }
+    for drafts in [1, 4, wire::MAX_DRAFT] {
+        let _ = wire::decode_result(data, None, drafts);
     }
 }
 
@@ -234,6 +238,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         prime: vec![],
         continues: None,
         close: false,
+        draft: 0,
         requester_sig: String::new(),
     };
     env.sign(&peer());
@@ -262,13 +267,11 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     });
     env.sign(&peer());
     out.push(("step_envelope", wire::encode_request(&env, &[9; 24])));
-    let plain = wire::Sampled {
-        token: 42,
-        logprobs: None,
-    };
+    let plain = wire::Sampled::token(42);
     let with = wire::Sampled {
         token: 42,
         logprobs: Some((-0.25, vec![(42, -0.25), (7, -1.5), (9, -3.0)])),
+        after_drafts: Vec::new(),
     };
     out.push(("step_result", wire::encode_result(Some(&plain))));
     out.push(("step_result", wire::encode_result(Some(&with))));
@@ -433,7 +436,7 @@ mod tests {
         let results: Vec<_> = seeds
             .iter()
             .filter(|(n, _)| *n == "step_result")
-            .map(|(_, s)| wire::decode_result(s, Some(3)))
+            .map(|(_, s)| wire::decode_result(s, Some(3), 0))
             .collect();
         assert_eq!(results.len(), 2);
         assert!(

@@ -985,6 +985,7 @@ pub fn pipeline_config(config: &Config) -> (PipelineConfig, HostConfig) {
                 .unwrap_or(crate::pipeline::activation::Dtype::F16),
             approximate: config.approximate_answers,
             slow_link_mbps: config.slow_link_mbps,
+            speculative_tokens: config.speculative_tokens,
             batch_size: config.batch_size,
             context_size: config.context_size,
             backends_dir: engine.backends_dir.clone(),

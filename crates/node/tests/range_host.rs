@@ -74,6 +74,7 @@ fn step(session: u8, seq: u64, pos: u32, tokens: &[i32]) -> Step {
             logprobs: None,
         }),
         prime: vec![],
+        draft: 0,
         continues: None,
     }
 }

@@ -75,6 +75,10 @@ pub struct TestNode {
     pub key: String,
     with_model: bool,
     http: reqwest::blocking::Client,
+    /// The network namespace it runs in and its address there (see
+    /// [`TestNode::start_in_netns`]); loopback otherwise.
+    netns: Option<String>,
+    host: String,
 }
 
 impl TestNode {
@@ -105,6 +109,29 @@ impl TestNode {
         env: &[(&str, &str)],
         prepare: impl FnOnce(&Path),
     ) -> Self {
+        Self::start_at(None, "127.0.0.1", with_model, extra, env, prepare)
+    }
+
+    /// [`Self::start_custom`], in network namespace `netns` (`ip netns exec`,
+    /// so root) with its API and P2P listening on `host`, its address there.
+    pub fn start_in_netns(
+        netns: &str,
+        host: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        prepare: impl FnOnce(&Path),
+    ) -> Self {
+        Self::start_at(Some(netns), host, false, extra, env, prepare)
+    }
+
+    fn start_at(
+        netns: Option<&str>,
+        host: &str,
+        with_model: bool,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        prepare: impl FnOnce(&Path),
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         prepare(dir.path());
         let port = free_port();
@@ -118,13 +145,15 @@ impl TestNode {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-            base: format!("http://127.0.0.1:{port}"),
+            base: format!("http://{host}:{port}"),
             key: String::new(),
             with_model,
             http: reqwest::blocking::Client::builder()
                 .timeout(Duration::from_secs(120))
                 .build()
                 .expect("http client"),
+            netns: netns.map(str::to_string),
+            host: host.to_string(),
         };
         node.spawn_on_free_ports();
         node
@@ -157,7 +186,7 @@ impl TestNode {
                 Err(log) if attempt < 3 && log.contains("in use") => {
                     self.port = free_port();
                     self.p2p_port = free_port();
-                    self.base = format!("http://127.0.0.1:{}", self.port);
+                    self.base = format!("http://{}:{}", self.host, self.port);
                 }
                 Err(log) => panic!("node exited early: {log}"),
             }
@@ -167,7 +196,14 @@ impl TestNode {
     /// Starts the node and waits until it answers; its log if it exits first.
     fn try_spawn(&mut self) -> Result<(), String> {
         let log = std::fs::File::create(self.dir.path().join("node.log")).expect("log file");
-        let mut cmd = Command::new(bin());
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, bin()]);
+                c
+            }
+            None => Command::new(bin()),
+        };
         cmd.arg("--data-dir")
             .arg(self.dir.path())
             .arg("--api-port")
@@ -178,8 +214,10 @@ impl TestNode {
             .arg("--p2p-port")
             .arg(self.p2p_port.to_string())
             .args(&self.extra_args)
-            // Tests stay on loopback: no mDNS, no listening on other interfaces.
-            .env("SWARMLLM_P2P_HOST", "127.0.0.1")
+            // Tests stay on loopback (or their namespace's address): no mDNS,
+            // no listening on other interfaces.
+            .env("SWARMLLM_P2P_HOST", &self.host)
+            .env("SWARMLLM_API_HOST", &self.host)
             .env("SWARMLLM_MDNS", "false")
             .env("SWARMLLM_ANNOUNCE_INTERVAL_SECS", "2")
             .env("SWARMLLM_SECRET_STORE", "file")

@@ -52,6 +52,10 @@ pub(crate) struct SamplingFields {
     pub(crate) ignore_eos: Option<bool>,
     /// llama-server's switch for the prompt cache (default on).
     pub(crate) cache_prompt: Option<bool>,
+    /// llama-server's most draft tokens per speculative step (0 off), a
+    /// dotted key as llama-server spells it.
+    #[serde(rename = "speculative.n_max")]
+    pub(crate) speculative_n_max: Option<i64>,
     /// OpenAI's `{"type": "text" | "json_object" | "json_schema", ...}`.
     pub(crate) response_format: Option<serde_json::Value>,
 }
@@ -125,6 +129,18 @@ impl SamplingFields {
             },
             // Each surface reads its own spelling (see `openai::top_logprobs`).
             logprobs: None,
+            speculative: match self.speculative_n_max {
+                None => None,
+                Some(n) if (0..=i64::from(crate::pipeline::MAX_DRAFT)).contains(&n) => {
+                    Some(n as u32)
+                }
+                Some(_) => {
+                    return Err(ApiError::invalid_parameter(
+                        "speculative.n_max",
+                        format!("must be between 0 and {}", crate::pipeline::MAX_DRAFT),
+                    ));
+                }
+            },
         };
         params
             .validate(crate::infer::SamplingLimits::default())

@@ -236,6 +236,9 @@ pub(crate) async fn layers(State(state): State<AppState>) -> Json<Value> {
         // (steps this node requests allow them only with `approximate_answers`).
         "approximate_answers": state.node.pipeline().approximate_answers(),
         "links": state.node.pipeline().links(),
+        // Draft tokens this node's split generations sent through their chains
+        // and the ones the model chose itself (speculative decoding).
+        "speculation": state.node.pipeline().speculation(),
     }))
 }
 

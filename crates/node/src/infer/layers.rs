@@ -333,7 +333,8 @@ pub enum RangeInput<'a> {
 pub enum RangeOutput {
     /// Hidden states of every input row, `n_tokens × n_embd`.
     Hidden(Vec<f32>),
-    /// Logits of the last row.
+    /// Logits of the last row (of the last few rows, row after row, when
+    /// asked with [`RangeSession::forward_many_rows`]).
     Logits(Vec<f32>),
 }
 
@@ -383,6 +384,18 @@ impl RangeSession {
         &mut self,
         items: &[(i32, RangeInput<'_>, i32)],
     ) -> Result<Vec<RangeOutput>, LayerError> {
+        self.forward_many_rows(items, 1)
+    }
+
+    /// [`Self::forward_many`], with the logits of each input's last
+    /// `logit_rows` rows (1 to its rows) where the range has the head: a
+    /// speculative step's verification needs the model's choice after every
+    /// draft token.
+    pub fn forward_many_rows(
+        &mut self,
+        items: &[(i32, RangeInput<'_>, i32)],
+        logit_rows: usize,
+    ) -> Result<Vec<RangeOutput>, LayerError> {
         let n_embd = self.model.n_embd;
         let mut rows = Vec::with_capacity(items.len());
         for (i, (seq, input, _)) in items.iter().enumerate() {
@@ -421,6 +434,11 @@ impl RangeSession {
                     "token id {bad} is outside the vocabulary"
                 )));
             }
+            if logit_rows == 0 || logit_rows > n {
+                return Err(LayerError::Input(format!(
+                    "logits of {logit_rows} rows of an input of {n}"
+                )));
+            }
             if rows.first().is_some_and(|first| *first != n) {
                 return Err(LayerError::Input(
                     "inputs of different lengths in one batch".into(),
@@ -438,7 +456,7 @@ impl RangeSession {
         let hidden_in = matches!(items[0].1, RangeInput::Hidden(_));
         self.capture.data.clear();
         self.capture.wrong_type = false;
-        // Each input's last row: where its logits are.
+        // Each input's first row with logits (the last `logit_rows`).
         let mut last_rows = Vec::with_capacity(items.len());
         // SAFETY: llama_batch_init allocates `total` rows (with an embd buffer of
         // total × n_embd floats when hidden_in); every write below stays within
@@ -463,10 +481,10 @@ impl RangeSession {
                     *batch.pos.add(at + i) = pos0 + i as i32;
                     *batch.n_seq_id.add(at + i) = 1;
                     *(*batch.seq_id.add(at + i)) = *seq;
-                    *batch.logits.add(at + i) = i8::from(self.emit_hidden || i == n - 1);
+                    *batch.logits.add(at + i) = i8::from(self.emit_hidden || i + logit_rows >= *n);
                 }
                 at += n;
-                last_rows.push(at - 1);
+                last_rows.push(at - logit_rows);
             }
             let mut batch = batch;
             batch.n_tokens = total as i32;
@@ -492,21 +510,24 @@ impl RangeSession {
             }
             return Ok(out);
         }
+        let n_vocab = self.model.n_vocab;
         last_rows
             .into_iter()
-            .map(|row| {
-                // SAFETY: each input's last row was marked as output, so its
-                // logits row of n_vocab floats is valid until the next decode;
-                // it is copied out at once.
-                unsafe {
-                    let p = sys::llama_get_logits_ith(self.ctx.as_ptr(), row as i32);
-                    if p.is_null() {
-                        return Err(LayerError::Decode(-1));
+            .map(|first| {
+                let mut logits = Vec::with_capacity(logit_rows * n_vocab);
+                for row in first..first + logit_rows {
+                    // SAFETY: each input's last `logit_rows` rows were marked
+                    // as outputs, so each one's logits row of n_vocab floats is
+                    // valid until the next decode; it is copied out at once.
+                    unsafe {
+                        let p = sys::llama_get_logits_ith(self.ctx.as_ptr(), row as i32);
+                        if p.is_null() {
+                            return Err(LayerError::Decode(-1));
+                        }
+                        logits.extend_from_slice(std::slice::from_raw_parts(p, n_vocab));
                     }
-                    Ok(RangeOutput::Logits(
-                        std::slice::from_raw_parts(p, self.model.n_vocab).to_vec(),
-                    ))
                 }
+                Ok(RangeOutput::Logits(logits))
             })
             .collect()
     }

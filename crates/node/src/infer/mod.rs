@@ -173,6 +173,10 @@ pub struct SamplingParams {
     /// Report each sampled token's log-probability with this many
     /// alternatives (0–[`logprobs::MAX_TOP_LOGPROBS`]); `None`: none.
     pub logprobs: Option<u8>,
+    /// Draft tokens per step of a split model's speculative decoding
+    /// (llama-server's `speculative.n_max`; 0 off); `None`: the node's
+    /// `speculative_tokens`.
+    pub speculative: Option<u32>,
 }
 
 /// The longest `json_schema` accepted (a response format's schema is rarely
@@ -199,6 +203,17 @@ pub struct SamplingLimits {
 }
 
 impl SamplingParams {
+    /// Whether each token depends on its row's logits alone (greedy, no
+    /// penalties, grammar or log-probabilities): then a row verified in a
+    /// batch of draft tokens picks what it would have picked alone, and
+    /// speculative decoding cannot change the text.
+    pub fn speculation_safe(&self) -> bool {
+        self.temperature <= 0.0
+            && self.repeat_penalty == 1.0
+            && self.json_schema.is_none()
+            && self.logprobs.is_none()
+    }
+
     /// The one range check of sampling parameters: the HTTP API runs it on every
     /// request and a range host on every step a peer sends. Floats must be finite
     /// and in range; `top_k` 0 or positive (and within the vocabulary when known);
@@ -279,6 +294,7 @@ impl Default for SamplingParams {
             cache_prompt: true,
             json_schema: None,
             logprobs: None,
+            speculative: None,
         }
     }
 }

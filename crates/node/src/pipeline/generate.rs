@@ -152,6 +152,7 @@ impl Run {
             sample: None,
             prime: Vec::new(),
             close: false,
+            draft: 0,
             continues: self.continues.take().map(hex::encode),
             // Signed when sent (`request_step`), once every field is final.
             requester_sig: String::new(),
@@ -349,6 +350,19 @@ impl Pipeline {
         let batch = self.inner.config.batch_size.clamp(1, 512) as usize;
         let n_ctx = self.inner.config.context_size;
         let mut generated: Vec<i32> = Vec::new();
+        // Speculation only where it cannot change the text (see
+        // `SamplingParams::speculation_safe`).
+        let draft_max = if params.speculation_safe() {
+            params
+                .speculative
+                .unwrap_or(self.inner.config.speculative_tokens)
+                .min(super::wire::MAX_DRAFT) as usize
+        } else {
+            0
+        };
+        // The whole sequence, where drafts are looked up.
+        let mut context: Vec<i32> = tokens.to_vec();
+        let (mut drafted, mut accepted) = (0u64, 0u64);
 
         // The prompt past what the chain already holds, in batch-sized steps.
         let chunks: Vec<&[i32]> = tokens[reuse..].chunks(batch).collect();
@@ -362,6 +376,7 @@ impl Pipeline {
                     (reuse + i * batch) as u32,
                     last.then(|| spec.clone()),
                     &generated,
+                    0,
                 )
                 .await?;
         }
@@ -369,6 +384,11 @@ impl Pipeline {
 
         let mut out = crate::infer::TextOut::new(params.stop.clone());
         let mut n_cur = tokens.len() as u32;
+        // Tokens the model chose and the chain already holds in its caches
+        // but not yet given out (a verified run of drafts), then the one
+        // after them, which the next step feeds in.
+        let mut pending: std::collections::VecDeque<super::wire::Sampled> =
+            std::collections::VecDeque::new();
         let finish_reason = loop {
             if generated.len() as u32 >= params.max_tokens {
                 break FinishReason::Length;
@@ -376,9 +396,14 @@ impl Pipeline {
             if events.is_closed() {
                 return Ok(()); // the client went away
             }
-            let sampled = next
-                .take()
-                .ok_or_else(|| GenerateError::Pipeline("the last hop returned no token".into()))?;
+            let sampled = match pending.pop_front().or_else(|| next.take()) {
+                Some(s) => s,
+                None => {
+                    return Err(GenerateError::Pipeline(
+                        "the last hop returned no token".into(),
+                    ));
+                }
+            };
             // The last hop's word: an id outside the vocabulary would make
             // llama.cpp throw (and abort) when it is detokenized.
             let token = known_token(vocab, sampled.token)?.0;
@@ -404,14 +429,66 @@ impl Pipeline {
                     break FinishReason::Stop;
                 }
             }
+            context.push(token);
             if n_cur >= n_ctx {
                 break FinishReason::Length;
             }
-            next = self
-                .step(run, vec![token], n_cur, Some(spec.clone()), &generated)
+            if !pending.is_empty() {
+                // A verified draft: already in the chain's caches.
+                n_cur += 1;
+                continue;
+            }
+            // Drafts, as many as can still count: within the context and
+            // `max_tokens` (the step yields one token more than it drafts).
+            let room = (n_ctx - n_cur - 1) as usize;
+            let wanted = (params.max_tokens as usize).saturating_sub(generated.len() + 1);
+            let drafts = super::speculation::lookup_draft(
+                &context,
+                draft_max.min(room).min(wanted).min(batch - 1),
+            );
+            let mut rows = Vec::with_capacity(1 + drafts.len());
+            rows.push(token);
+            rows.extend(&drafts);
+            let verified = self
+                .step(
+                    run,
+                    rows,
+                    n_cur,
+                    Some(spec.clone()),
+                    &generated,
+                    drafts.len(),
+                )
                 .await?;
             n_cur += 1;
+            match verified {
+                Some(v) if !drafts.is_empty() => {
+                    // The model's token after `token`, then after each draft:
+                    // every draft it chose itself stands, and so does its
+                    // choice after the last of those.
+                    let chosen: Vec<i32> = std::iter::once(v.token)
+                        .chain(v.after_drafts.iter().copied())
+                        .collect();
+                    let m = drafts
+                        .iter()
+                        .zip(&chosen)
+                        .take_while(|(d, c)| d == c)
+                        .count();
+                    drafted += drafts.len() as u64;
+                    accepted += m as u64;
+                    pending.extend(chosen[..=m].iter().map(|&t| super::wire::Sampled::token(t)));
+                    // The chain's caches hold `token` and the accepted drafts;
+                    // the next step's position rolls every hop back to there.
+                    if let Some((rows, _)) = run.history.last_mut() {
+                        rows.truncate(1 + m);
+                    }
+                }
+                other => next = other,
+            }
         };
+        if drafted > 0 {
+            self.inner.speculation.record(drafted, accepted);
+            tracing::debug!(drafted, accepted, "speculative decoding");
+        }
         let rest = out.finish();
         if !rest.is_empty() && events.send(Event::Token(rest)).await.is_err() {
             return Ok(());
@@ -440,7 +517,8 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Runs one step, re-routing and replaying as often as needed.
+    /// Runs one step, re-routing and replaying as often as needed; its last
+    /// `drafts` rows are draft tokens to verify.
     async fn step(
         &self,
         run: &mut Run,
@@ -448,6 +526,7 @@ impl Pipeline {
         pos: u32,
         sample: Option<SampleSpec>,
         generated: &[i32],
+        drafts: usize,
     ) -> Result<Option<super::wire::Sampled>, GenerateError> {
         let mut replay_needed = false;
         loop {
@@ -464,6 +543,7 @@ impl Pipeline {
                 }
                 let mut env = run.envelope(self, pos, tokens.len());
                 env.sample = sample.clone();
+                env.draft = drafts as u32;
                 if replay_needed && sample.is_some() {
                     env.prime = generated.to_vec();
                 }

@@ -147,6 +147,9 @@ pub struct Step {
     pub sample: Option<SampleSpec>,
     /// Tokens the sampler accepts first.
     pub prime: Vec<i32>,
+    /// The last rows that are draft tokens (speculative decoding): the range
+    /// with the head samples after each of the last `draft + 1` rows.
+    pub draft: u32,
     /// On a new session's first step: the session of the same peer whose KV
     /// cache it takes over (kept up to `pos`).
     pub continues: Option<[u8; 16]>,
@@ -411,6 +414,8 @@ struct Prepared {
     n_layers: u32,
     rows: usize,
     created: bool,
+    /// The range ends the model (it samples).
+    has_head: bool,
 }
 
 type SessionKey = ([u8; 16], u32, u32);
@@ -799,24 +804,29 @@ impl Thread {
         let p = self.prepare(&step)?;
         let started = Instant::now();
         let input = step.input.as_range_input();
+        // Only the head's logits are rows of output; hidden states are all rows.
+        let logit_rows = if p.has_head {
+            step.draft as usize + 1
+        } else {
+            1
+        };
         let out = match self.sessions.get_mut(&p.skey).map(|s| &mut s.kv) {
-            Some(Kv::Own(kv)) => kv.forward(input, step.pos as i32),
+            Some(Kv::Own(kv)) => kv.forward_many_rows(&[(0, input, step.pos as i32)], logit_rows),
             Some(Kv::Stream(seq)) => {
                 let seq = *seq;
                 match shared_mut(&mut self.models, &p.key) {
                     Some(shared) => shared
                         .kv
-                        .forward_many(&[(seq, input, step.pos as i32)])
-                        .and_then(|mut o| {
-                            o.pop().ok_or_else(|| {
-                                crate::infer::layers::LayerError::Input("no output".into())
-                            })
-                        }),
+                        .forward_many_rows(&[(seq, input, step.pos as i32)], logit_rows),
                     None => return Err(HostError::Compute("the range was unloaded".into())),
                 }
             }
             None => return Err(HostError::Compute("session vanished".into())),
-        };
+        }
+        .and_then(|mut o| {
+            o.pop()
+                .ok_or_else(|| crate::infer::layers::LayerError::Input("no output".into()))
+        });
         let out = match out {
             Ok(out) => out,
             Err(e) => {
@@ -986,6 +996,7 @@ impl Thread {
             n_layers,
             rows,
             created,
+            has_head,
         })
     }
 
@@ -1123,12 +1134,23 @@ impl Thread {
                             session.sampler.insert(s)
                         }
                     };
-                    let token = sample(sampler, &logits);
+                    // One row of logits per verified row (see `Step::draft`);
+                    // the sampler is stateless there, so each row's choice is
+                    // the one it would make had that row come alone.
+                    let n_vocab = p.model.n_vocab();
+                    let mut rows = logits.chunks_exact(n_vocab.max(1));
+                    let first = rows.next().unwrap_or_default();
+                    let token = sample(sampler, first);
+                    let after_drafts = rows.map(|row| sample(sampler, row)).collect();
                     // The model's distribution, as the local engine reports it.
                     let logprobs = spec
                         .logprobs
-                        .and_then(|k| crate::infer::logprobs::pick(&logits, token, usize::from(k)));
-                    StepOutput::Token(Some(super::wire::Sampled { token, logprobs }))
+                        .and_then(|k| crate::infer::logprobs::pick(first, token, usize::from(k)));
+                    StepOutput::Token(Some(super::wire::Sampled {
+                        token,
+                        logprobs,
+                        after_drafts,
+                    }))
                 }
             },
         };
@@ -1165,6 +1187,24 @@ fn check_sampling(step: &Step, n_vocab: usize, context: u32) -> Result<(), HostE
                 n_ctx: Some(context),
             })
             .map_err(|e| HostError::Forbidden(format!("sample.{e}")))?;
+    }
+    if step.draft > 0 {
+        let stateless = step
+            .sample
+            .as_ref()
+            .is_some_and(|spec| spec.to_params().speculation_safe());
+        if !stateless {
+            return Err(HostError::Forbidden(
+                "draft tokens for a sampler that is not greedy and stateless".into(),
+            ));
+        }
+        if step.draft > super::wire::MAX_DRAFT {
+            return Err(HostError::Forbidden(format!(
+                "{} draft tokens (at most {})",
+                step.draft,
+                super::wire::MAX_DRAFT
+            )));
+        }
     }
     if step.prime.len() > context as usize {
         return Err(HostError::Forbidden(format!(

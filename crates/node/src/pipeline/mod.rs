@@ -38,6 +38,7 @@ mod local;
 mod pins;
 pub mod route;
 mod serve;
+pub mod speculation;
 pub mod transfer;
 pub mod wire;
 
@@ -125,6 +126,8 @@ pub struct PipelineConfig {
     pub approximate: bool,
     /// A link measured below this many megabits per second is slow.
     pub slow_link_mbps: f64,
+    /// Draft tokens per verification step of a greedy generation (0: none).
+    pub speculative_tokens: u32,
     /// Rows per step (the engine's batch size).
     pub batch_size: u32,
     /// Longest session in tokens.
@@ -174,6 +177,8 @@ struct Inner {
     link_latency: latency::LinkLatency,
     /// The bandwidth of the links this node sends hidden states on.
     link_speeds: link_speed::LinkSpeeds,
+    /// Draft tokens this node's generations sent and had accepted.
+    speculation: speculation::SpeculationStats,
     /// Generations this node has running through each other node (weighs the
     /// next route; see `route`).
     in_flight: Arc<crate::net::inflight::InFlight>,
@@ -258,6 +263,7 @@ impl Pipeline {
                 wire_bytes: std::sync::atomic::AtomicU64::new(0),
                 link_latency: latency::LinkLatency::default(),
                 link_speeds: link_speed::LinkSpeeds::default(),
+                speculation: speculation::SpeculationStats::default(),
                 in_flight: Arc::new(crate::net::inflight::InFlight::default()),
                 kept: Mutex::new(std::collections::VecDeque::new()),
                 route_lock: Mutex::new(()),
@@ -285,6 +291,11 @@ impl Pipeline {
     pub fn links(&self) -> Vec<link_speed::LinkView> {
         let c = &self.inner.config;
         self.inner.link_speeds.view(c.slow_link_mbps, c.dtype)
+    }
+
+    /// Draft tokens this node's split generations sent and had accepted.
+    pub fn speculation(&self) -> speculation::SpeculationSummary {
+        self.inner.speculation.summary()
     }
 
     /// Whether the steps this node requests allow approximate hidden states.
@@ -448,3 +459,4 @@ impl Pipeline {
 use crate::net::short_id as short;
 
 pub use crate::shard::is_model_id;
+pub use wire::MAX_DRAFT;

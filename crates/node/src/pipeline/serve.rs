@@ -60,6 +60,7 @@ impl Pipeline {
                     input,
                     sample: env.sample.clone(),
                     prime: env.prime.clone(),
+                    draft: env.draft,
                     continues,
                 })
                 .await
@@ -332,6 +333,7 @@ impl Pipeline {
     ) -> Result<Option<wire::Sampled>, StepFailure> {
         env.sign(&self.inner.identity);
         let wanted = env.sample.as_ref().and_then(|s| s.logprobs);
+        let draft = env.draft;
         let session = env
             .session_bytes()
             .map_err(|e| self.own_failure(e.to_string()))?;
@@ -367,7 +369,7 @@ impl Pipeline {
             failed_hop: Some(last.clone()),
             message: "the step result failed authentication".into(),
         })?;
-        wire::decode_result(&plain, wanted).map_err(|e| StepFailure {
+        wire::decode_result(&plain, wanted, draft).map_err(|e| StepFailure {
             failed_hop: Some(last),
             message: e.to_string(),
         })

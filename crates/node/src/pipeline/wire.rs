@@ -9,7 +9,9 @@
 //!   result = sealed message: empty (no sampling), or the sampled token:
 //!            i32 LE token [| f32 LE logprob | u8 k | k × (i32 LE id, f32 LE logprob)]
 //!            (the bracketed part only when the requester signed `logprobs` into
-//!            the step, with k at most what it asked for)
+//!            the step, with k at most what it asked for),
+//!            or for a step with `draft` = d > 0: (d + 1) × i32 LE token, the
+//!            token sampled after each of the step's last d + 1 rows
 //! error    = error frame whose message is a JSON [`StepFailure`]
 //! ```
 //!
@@ -30,6 +32,8 @@ use super::activation::Dtype;
 const MAX_ENVELOPE: usize = 64 * 1024;
 /// Most hops a route may have.
 pub const MAX_HOPS: usize = 32;
+/// Most draft tokens one step may carry for verification.
+pub const MAX_DRAFT: u32 = 16;
 
 /// One hop of a route: who runs which layers of which model.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Hash)]
@@ -147,6 +151,13 @@ pub struct Envelope {
     /// End the session on every hop (no rows, empty body).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub close: bool,
+    /// The step's last `draft` rows are draft tokens (speculative decoding):
+    /// the last hop samples after each of the last `draft + 1` rows, not only
+    /// the last, so the requester sees how many drafts the model agrees with.
+    /// Only for samplers whose choice depends on each row's logits alone
+    /// (greedy, no penalties, grammar or log-probabilities).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub draft: u32,
     /// A session of the same requester whose KV cache this new session takes
     /// over on every hop (a conversation's next turn reuses its history; the
     /// step's position says how much of it is kept).
@@ -199,10 +210,13 @@ impl Envelope {
             sample,
             blake3::hash(&prime).to_hex(),
         );
-        // Only when present, so steps without it sign as before.
+        // Only when present, so steps without them sign as before.
         if let Some(c) = &self.continues {
             signed.push_str("\ncontinues ");
             signed.push_str(c);
+        }
+        if self.draft > 0 {
+            signed.push_str(&format!("\ndraft {}", self.draft));
         }
         signed.into_bytes()
     }
@@ -252,6 +266,15 @@ impl Envelope {
         }
         if self.prime.len() > 1 << 16 {
             return Err(WireError::Malformed("prime is too long".into()));
+        }
+        if self.draft > MAX_DRAFT || (self.draft > 0 && self.draft >= self.n_tokens) {
+            return Err(WireError::Malformed(format!(
+                "{} draft tokens in a step of {} rows (at most {MAX_DRAFT}, fewer than the rows)",
+                self.draft, self.n_tokens
+            )));
+        }
+        if self.draft > 0 && self.sample.is_none() {
+            return Err(WireError::Malformed("draft tokens without sampling".into()));
         }
         self.session_bytes()?;
         self.continues_bytes()?;
@@ -351,16 +374,34 @@ pub fn decode_answer(bytes: &[u8]) -> Result<(std::time::Duration, &[u8]), WireE
 /// requester checks them against its vocabulary before using them).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sampled {
-    /// The token.
+    /// The token (after the step's last row, or its first verified row for a
+    /// step with drafts).
     pub token: i32,
     /// Its log-probability and the alternatives (id, log-probability).
     pub logprobs: Option<(f32, Vec<(i32, f32)>)>,
+    /// For a step with drafts: the token sampled after each draft row in turn.
+    pub after_drafts: Vec<i32>,
+}
+
+impl Sampled {
+    /// A token with nothing else.
+    pub fn token(token: i32) -> Self {
+        Sampled {
+            token,
+            logprobs: None,
+            after_drafts: Vec::new(),
+        }
+    }
 }
 
 /// A step's result (see the module's grammar).
 pub fn encode_result(sampled: Option<&Sampled>) -> Vec<u8> {
     let Some(s) = sampled else { return Vec::new() };
     let mut out = s.token.to_le_bytes().to_vec();
+    if !s.after_drafts.is_empty() {
+        out.extend(tokens_to_bytes(&s.after_drafts));
+        return out;
+    }
     if let Some((lp, top)) = &s.logprobs {
         let k = top.len().min(usize::from(u8::MAX));
         out.extend(lp.to_le_bytes());
@@ -376,11 +417,30 @@ pub fn encode_result(sampled: Option<&Sampled>) -> Vec<u8> {
 /// Reads a step's result, refusing anything but the shapes the requester can
 /// have asked for: log-probabilities only when `wanted` is `Some(k)`, with at
 /// most `k` alternatives, each a finite log-probability (≤ 0, with rounding
-/// slack) and a non-negative id.
-pub fn decode_result(plain: &[u8], wanted: Option<u8>) -> Result<Option<Sampled>, WireError> {
+/// slack) and a non-negative id; for a step with `draft` tokens, exactly
+/// `draft + 1` tokens.
+pub fn decode_result(
+    plain: &[u8],
+    wanted: Option<u8>,
+    draft: u32,
+) -> Result<Option<Sampled>, WireError> {
     let bad = |what: String| Err(WireError::Malformed(what));
     if plain.is_empty() {
         return Ok(None);
+    }
+    if draft > 0 {
+        let tokens = bytes_to_tokens(plain)?;
+        return match tokens.split_first() {
+            Some((&token, rest)) if rest.len() == draft as usize => Ok(Some(Sampled {
+                token,
+                logprobs: None,
+                after_drafts: rest.to_vec(),
+            })),
+            _ => bad(format!(
+                "{} tokens for a step with {draft} drafts",
+                tokens.len()
+            )),
+        };
     }
     let i32_at =
         |i: usize| i32::from_le_bytes([plain[i], plain[i + 1], plain[i + 2], plain[i + 3]]);
@@ -389,10 +449,7 @@ pub fn decode_result(plain: &[u8], wanted: Option<u8>) -> Result<Option<Sampled>
     let sane = |lp: f32| lp.is_finite() && lp <= 1e-3;
     if plain.len() == 4 {
         return match wanted {
-            None => Ok(Some(Sampled {
-                token: i32_at(0),
-                logprobs: None,
-            })),
+            None => Ok(Some(Sampled::token(i32_at(0)))),
             Some(_) => bad("a sampled token without the log-probabilities asked for".into()),
         };
     }
@@ -426,7 +483,12 @@ pub fn decode_result(plain: &[u8], wanted: Option<u8>) -> Result<Option<Sampled>
     Ok(Some(Sampled {
         token: i32_at(0),
         logprobs: Some((lp, top)),
+        after_drafts: Vec::new(),
     }))
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// Token ids as bytes.
@@ -454,40 +516,51 @@ mod tests {
 
     #[test]
     fn results_round_trip_and_only_asked_shapes_are_accepted() {
-        let plain = Sampled {
-            token: 7,
-            logprobs: None,
-        };
+        let plain = Sampled::token(7);
         let with = Sampled {
             token: 7,
             logprobs: Some((-0.5, vec![(7, -0.5), (3, -1.25)])),
+            after_drafts: Vec::new(),
         };
-        assert_eq!(decode_result(&encode_result(None), None).ok(), Some(None));
         assert_eq!(
-            decode_result(&encode_result(Some(&plain)), None).ok(),
+            decode_result(&encode_result(None), None, 0).ok(),
+            Some(None)
+        );
+        assert_eq!(
+            decode_result(&encode_result(Some(&plain)), None, 0).ok(),
             Some(Some(plain.clone()))
         );
         let bytes = encode_result(Some(&with));
         assert_eq!(
-            decode_result(&bytes, Some(2)).ok(),
+            decode_result(&bytes, Some(2), 0).ok(),
             Some(Some(with.clone()))
         );
         // Not asked for, more alternatives than asked, missing, cut, garbage.
-        assert!(decode_result(&bytes, None).is_err());
-        assert!(decode_result(&bytes, Some(1)).is_err());
-        assert!(decode_result(&encode_result(Some(&plain)), Some(2)).is_err());
-        assert!(decode_result(&bytes[..bytes.len() - 1], Some(2)).is_err());
+        assert!(decode_result(&bytes, None, 0).is_err());
+        assert!(decode_result(&bytes, Some(1), 0).is_err());
+        assert!(decode_result(&encode_result(Some(&plain)), Some(2), 0).is_err());
+        assert!(decode_result(&bytes[..bytes.len() - 1], Some(2), 0).is_err());
         for bad_lp in [f32::NAN, f32::INFINITY, 0.5] {
             let mut b = encode_result(Some(&with));
             b[4..8].copy_from_slice(&bad_lp.to_le_bytes());
-            assert!(decode_result(&b, Some(2)).is_err(), "{bad_lp}");
+            assert!(decode_result(&b, Some(2), 0).is_err(), "{bad_lp}");
             let mut b = encode_result(Some(&with));
             b[13..17].copy_from_slice(&bad_lp.to_le_bytes());
-            assert!(decode_result(&b, Some(2)).is_err(), "{bad_lp}");
+            assert!(decode_result(&b, Some(2), 0).is_err(), "{bad_lp}");
         }
         let mut b = encode_result(Some(&with));
         b[9..13].copy_from_slice(&(-1i32).to_le_bytes());
-        assert!(decode_result(&b, Some(2)).is_err());
+        assert!(decode_result(&b, Some(2), 0).is_err());
+        // A verification step's tokens: exactly one per draft and one more.
+        let verified = Sampled {
+            after_drafts: vec![4, 5],
+            ..Sampled::token(7)
+        };
+        let bytes = encode_result(Some(&verified));
+        assert_eq!(decode_result(&bytes, None, 2).ok(), Some(Some(verified)));
+        assert!(decode_result(&bytes, None, 3).is_err());
+        assert!(decode_result(&bytes, None, 1).is_err());
+        assert!(decode_result(&bytes[..5], None, 2).is_err());
     }
 
     fn envelope() -> Envelope {
@@ -509,6 +582,7 @@ mod tests {
             prime: vec![],
             continues: None,
             close: false,
+            draft: 0,
             requester_sig: String::new(),
         }
     }
@@ -550,6 +624,9 @@ mod tests {
             &crate::infer::SamplingParams::default(),
         ));
         assert!(!sampled.requester_signed());
+        let mut drafted = env.clone();
+        drafted.draft = 1;
+        assert!(!drafted.requester_signed());
         let mut forged = env.clone();
         forged.sign(&crate::identity::Identity::generate());
         assert!(!forged.requester_signed());
@@ -582,6 +659,20 @@ mod tests {
         zero_rows.n_tokens = 0;
         let mut bad_dtype = envelope();
         bad_dtype.dtype = "f8".into();
+        let mut unsampled_draft = envelope();
+        unsampled_draft.draft = 1;
+        let mut sampled = envelope();
+        sampled.sample = Some(SampleSpec::from_params(
+            &crate::infer::SamplingParams::default(),
+        ));
+        let mut all_draft = sampled.clone();
+        all_draft.draft = 2;
+        let mut long_draft = sampled.clone();
+        long_draft.n_tokens = 40;
+        long_draft.draft = MAX_DRAFT + 1;
+        let mut fine_draft = sampled.clone();
+        fine_draft.draft = 1;
+        assert!(decode_request(&encode_request(&fine_draft, &[])).is_ok());
         for bytes in [
             vec![],
             vec![0, 0],
@@ -591,6 +682,9 @@ mod tests {
             encode_request(&bad_session, &[]),
             encode_request(&zero_rows, &[]),
             encode_request(&bad_dtype, &[]),
+            encode_request(&unsampled_draft, &[]),
+            encode_request(&all_draft, &[]),
+            encode_request(&long_draft, &[]),
         ] {
             assert!(decode_request(&bytes).is_err(), "{bytes:?}");
         }
