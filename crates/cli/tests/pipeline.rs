@@ -932,13 +932,25 @@ fn spec_chat(node: &TestNode, model: Option<&str>, extra: Value) -> (String, Val
     (content(&v), v)
 }
 
-/// Speculative decoding through a 2-node split (prompt lookup, on by default
-/// for greedy requests): drafts are accepted and rejected, a stop sequence
-/// and `max_tokens` end a generation inside a verified run, and every answer
-/// is token for token the whole model's, as it is with speculation off
-/// (`speculative.n_max: 0`).
+/// Asserts that some drafts were accepted and some rejected (so the rollback
+/// ran), from a `{drafted, accepted}` summary.
+fn assert_drafts_accepted_and_rejected(speculation: &Value) {
+    let drafted = speculation["drafted"].as_u64().unwrap_or(0);
+    let accepted = speculation["accepted"].as_u64().unwrap_or(0);
+    assert!(accepted > 0, "no draft was accepted: {speculation}");
+    assert!(
+        drafted > accepted,
+        "no draft was rejected, so rollback went untested: {speculation}"
+    );
+}
+
+/// Speculative decoding on the local engine (when a request asks) and through
+/// a 2-node split (prompt lookup, on by default for greedy requests): drafts
+/// are accepted and rejected, a stop sequence and `max_tokens` end a
+/// generation inside a verified run, and every answer is token for token the
+/// whole model's without speculation.
 #[test]
-fn speculative_decoding_through_a_split_keeps_the_whole_models_text() {
+fn speculative_decoding_locally_and_through_a_split_keeps_the_whole_models_text() {
     let whole = TestNode::start();
     let (reference, _) = spec_chat(&whole, None, json!({}));
     // A stop sequence well inside the answer, and a length that ends it early.
@@ -951,6 +963,28 @@ fn speculative_decoding_through_a_split_keeps_the_whole_models_text() {
     let (stopped_reference, v) = spec_chat(&whole, None, json!({ "stop": [stop] }));
     assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
     let (short_reference, _) = spec_chat(&whole, None, json!({ "max_tokens": 27 }));
+    // The engine did not speculate unasked; asked, it gives the same text.
+    let engine_speculation =
+        |node: &TestNode| node.get("/api/admin/stats").1["engine"]["speculation"].clone();
+    assert_eq!(engine_speculation(&whole)["drafted"], 0);
+    let asked = json!({ "speculative.n_max": 8 });
+    let (local, _) = spec_chat(&whole, None, asked.clone());
+    assert_eq!(local, reference, "local, with speculation");
+    assert_drafts_accepted_and_rejected(&engine_speculation(&whole));
+    let (stopped, v) = spec_chat(
+        &whole,
+        None,
+        json!({ "stop": [stop], "speculative.n_max": 8 }),
+    );
+    assert_eq!(stopped, stopped_reference, "local, stop {stop:?}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+    let (short, v) = spec_chat(
+        &whole,
+        None,
+        json!({ "max_tokens": 27, "speculative.n_max": 8 }),
+    );
+    assert_eq!(short, short_reference, "local, max_tokens");
+    assert_eq!(v["usage"]["completion_tokens"], 27, "{v}");
     drop(whole);
 
     let lib = common::import_shards(2);
@@ -970,13 +1004,7 @@ fn speculative_decoding_through_a_split_keeps_the_whole_models_text() {
     assert_eq!(fast, reference, "with speculation");
     assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
     let (_, layers) = a.get("/api/v1/layers");
-    let drafted = layers["speculation"]["drafted"].as_u64().unwrap_or(0);
-    let accepted = layers["speculation"]["accepted"].as_u64().unwrap_or(0);
-    assert!(accepted > 0, "no draft was accepted: {layers}");
-    assert!(
-        drafted > accepted,
-        "no draft was rejected, so rollback went untested: {layers}"
-    );
+    assert_drafts_accepted_and_rejected(&layers["speculation"]);
 
     let (stopped, v) = spec_chat(&a, Some("smol"), json!({ "stop": [stop] }));
     assert_eq!(stopped, stopped_reference, "stop {stop:?}");
@@ -993,4 +1021,279 @@ fn speculative_decoding_through_a_split_keeps_the_whole_models_text() {
     );
     assert_eq!(status, 422, "{v}");
     assert_eq!(v["error"]["details"]["field"], "speculative.n_max", "{v}");
+}
+
+/// Over simulated WAN links (scripts/wan-rig: 20 ms round trips, 1 % of the
+/// packets lost and 200 ms delay spikes), a 2-node split finishes its
+/// generations with the whole model's text, with speculation and without.
+/// Needs root, `ip netns` and /dev/net/tun, as scripts/wan-rig does.
+#[test]
+fn a_split_over_a_lossy_spiky_wan_keeps_the_whole_models_text() {
+    let links = json!({ "default": {
+        "rtt_ms": 20, "loss": 0.01,
+        "spike_ms": 200, "spike_every_ms": 1500, "spike_len_ms": 150,
+    } });
+    let Some(rig) = wan::Rig::up(2, &links) else {
+        eprintln!(
+            "SKIPPED a_split_over_a_lossy_spiky_wan_keeps_the_whole_models_text: \
+             needs root, `ip netns` and /dev/net/tun"
+        );
+        return;
+    };
+    let whole = TestNode::start();
+    let (reference, _) = spec_chat(&whole, None, json!({}));
+    drop(whole);
+
+    let lib = common::import_shards(2);
+    let a = TestNode::start_in_netns(&rig.namespace(0), &rig.address(0), &[], &[], |d| {
+        give_shards(lib.path(), d, &[0])
+    });
+    let code = network_code(&a);
+    let _b = TestNode::start_in_netns(
+        &rig.namespace(1),
+        &rig.address(1),
+        &["--bootstrap", &code],
+        &[],
+        |d| give_shards(lib.path(), d, &[1]),
+    );
+    wait_servable(&a, 2);
+    for extra in [json!({ "speculative.n_max": 0 }), json!({})] {
+        let (text, v) = spec_chat(&a, Some("smol"), extra.clone());
+        assert_eq!(text, reference, "{extra}");
+        // The route as planned and measured, in the answer and the layers view.
+        let route = &v["timing"]["route"];
+        assert_eq!(route["hops"].as_array().map(Vec::len), Some(2), "{v}");
+        assert!(
+            route["predicted_ms_per_token"].as_f64() > Some(0.0),
+            "{route}"
+        );
+        assert!(
+            route["measured_ms_per_token"].as_f64() > Some(0.0),
+            "{route}"
+        );
+        eprintln!("{extra}: {route}");
+    }
+    let (_, layers) = a.get("/api/v1/layers");
+    assert_eq!(layers["routes"][0]["model"], "smol", "{layers}");
+    // The impairments happened: packets were lost and held by spikes.
+    let stats = wait_for("the emulator's counters", DEADLINE, || {
+        let stats = rig.stats()?;
+        (stats["dropped"].as_u64() > Some(0) && stats["spiked"].as_u64() > Some(0)).then_some(stats)
+    });
+    eprintln!("emulator: {stats}");
+}
+
+/// A link that degrades mid-generation (10 ms round trips to the holder of
+/// the second half, then 300 ms) moves the generation to the other holder
+/// (60 ms away) once the steps measure far slower than the route predicted;
+/// the text stays the whole model's.
+#[test]
+fn a_degraded_link_moves_the_generation_to_a_cheaper_chain() {
+    let fast = json!({ "links": { "0-1": { "rtt_ms": 10 }, "0-2": { "rtt_ms": 60 } } });
+    let Some(rig) = wan::Rig::up(3, &fast) else {
+        eprintln!(
+            "SKIPPED a_degraded_link_moves_the_generation_to_a_cheaper_chain: \
+             needs root, `ip netns` and /dev/net/tun"
+        );
+        return;
+    };
+    let long = json!({ "max_tokens": 160, "ignore_eos": true, "speculative.n_max": 0 });
+    let whole = TestNode::start();
+    let (reference, _) = spec_chat(&whole, None, long.clone());
+    drop(whole);
+
+    let lib = common::import_shards(2);
+    let a = TestNode::start_in_netns(&rig.namespace(0), &rig.address(0), &[], &[], |d| {
+        give_shards(lib.path(), d, &[0])
+    });
+    let code = network_code(&a);
+    let holder = |i: u32| {
+        TestNode::start_in_netns(
+            &rig.namespace(i),
+            &rig.address(i),
+            &["--bootstrap", &code],
+            &[],
+            |d| give_shards(lib.path(), d, &[1]),
+        )
+    };
+    let (near, far) = (holder(1), holder(2));
+    let far_id = node_id(&far);
+    wait_servable(&a, 3);
+    let (text, v) = std::thread::scope(|s| {
+        let answer = s.spawn(|| spec_chat(&a, Some("smol"), long.clone()));
+        // Once the generation runs through the near holder, its link degrades.
+        wait_for("steps through the near holder", DEADLINE, || {
+            let (_, layers) = near.get("/api/v1/layers");
+            (layers["steps_served"].as_u64() > Some(5)).then_some(())
+        });
+        rig.set(&json!({ "links": { "0-1": { "rtt_ms": 300 }, "0-2": { "rtt_ms": 60 } } }));
+        answer.join().expect("the request's thread")
+    });
+    assert_eq!(text, reference);
+    let route = &v["timing"]["route"];
+    eprintln!("{route}");
+    assert!(route["replans"].as_u64() >= Some(1), "{route}");
+    assert_eq!(route["hops"][1]["node_id"], far_id.as_str(), "{route}");
+}
+
+/// A link that stops carrying anything mid-stream (every packet to the
+/// holder of the second half lost) fails over to the standby holder: the
+/// step's deadline (8 times the slowest recent step, at least 1 s) blames
+/// the silent hop, the chain is planned again and the steps so far replayed,
+/// and the stream goes on with the whole model's text. Prints the longest
+/// gap between two tokens (the failover, measured).
+#[test]
+fn a_link_that_drops_mid_stream_fails_over_to_the_standby() {
+    let links = json!({ "links": { "0-1": { "rtt_ms": 10 }, "0-2": { "rtt_ms": 20 } } });
+    let Some(rig) = wan::Rig::up(3, &links) else {
+        eprintln!(
+            "SKIPPED a_link_that_drops_mid_stream_fails_over_to_the_standby: \
+             needs root, `ip netns` and /dev/net/tun"
+        );
+        return;
+    };
+    let long = json!({ "max_tokens": 120, "ignore_eos": true, "speculative.n_max": 0 });
+    let whole = TestNode::start();
+    let (reference, _) = spec_chat(&whole, None, long.clone());
+    drop(whole);
+
+    let lib = common::import_shards(2);
+    let a = TestNode::start_in_netns(&rig.namespace(0), &rig.address(0), &[], &[], |d| {
+        give_shards(lib.path(), d, &[0])
+    });
+    let code = network_code(&a);
+    let holder = |i: u32| {
+        TestNode::start_in_netns(
+            &rig.namespace(i),
+            &rig.address(i),
+            &["--bootstrap", &code],
+            &[],
+            |d| give_shards(lib.path(), d, &[1]),
+        )
+    };
+    let (near, standby) = (holder(1), holder(2));
+    let standby_id = node_id(&standby);
+    wait_servable(&a, 3);
+    let mut body = long.clone();
+    body["messages"] = json!([{ "role": "user", "content": QUOTE }]);
+    body["temperature"] = json!(0);
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({ "include_usage": true });
+    let events = std::thread::scope(|s| {
+        let stream = s.spawn(|| a.post_stream_timed("/v1/chat/completions", &body));
+        wait_for("steps through the near holder", DEADLINE, || {
+            let (_, layers) = near.get("/api/v1/layers");
+            (layers["steps_served"].as_u64() > Some(10)).then_some(())
+        });
+        rig.set(&json!({ "links": { "0-1": { "loss": 1.0 }, "0-2": { "rtt_ms": 20 } } }));
+        stream.join().expect("the stream's thread")
+    });
+    let mut text = String::new();
+    let mut arrivals = Vec::new();
+    for (at, data) in &events {
+        let Ok(chunk) = serde_json::from_str::<Value>(data) else {
+            continue; // [DONE]
+        };
+        if let Some(t) = chunk["choices"][0]["delta"]["content"].as_str() {
+            text.push_str(t);
+            arrivals.push(*at);
+        }
+    }
+    assert_eq!(text, reference);
+    let gap = arrivals
+        .windows(2)
+        .map(|w| w[1].duration_since(w[0]))
+        .max()
+        .unwrap_or_default();
+    eprintln!(
+        "longest gap between tokens (the failover): {} ms",
+        gap.as_millis()
+    );
+    let (_, layers) = a.get("/api/v1/layers");
+    let route = &layers["routes"][0];
+    assert!(route["reroutes"].as_u64() >= Some(1), "{route}");
+    assert_eq!(route["hops"][1]["node_id"], standby_id.as_str(), "{route}");
+}
+
+/// The WAN rig of scripts/wan-rig, taken down on drop.
+mod wan {
+    use std::path::PathBuf;
+    use std::process::Command;
+
+    use serde_json::Value;
+
+    /// Its name (`SWL_RIG`): namespaces `swt-n<i>` and `swt-r`.
+    const NAME: &str = "swt";
+
+    /// One rig at a time: every rig uses the same namespaces and subnets.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    pub(crate) struct Rig {
+        _turn: std::sync::MutexGuard<'static, ()>,
+    }
+
+    fn script() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/wan-rig")
+    }
+
+    impl Rig {
+        /// `n` node namespaces with `links` (the emulator's config); `None`
+        /// where this machine cannot have them (not root, no TUN device).
+        pub(crate) fn up(n: u32, links: &Value) -> Option<Rig> {
+            let root = Command::new("id").arg("-u").output().ok()?;
+            if String::from_utf8_lossy(&root.stdout).trim() != "0"
+                || !std::path::Path::new("/dev/net/tun").exists()
+            {
+                return None;
+            }
+            let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+            let config = tempfile::NamedTempFile::new().expect("config file");
+            std::fs::write(config.path(), links.to_string()).expect("write config");
+            let status = Command::new(script())
+                .args(["up", &n.to_string()])
+                .arg(config.path())
+                .env("SWL_RIG", NAME)
+                .status()
+                .expect("run scripts/wan-rig");
+            assert!(status.success(), "scripts/wan-rig up failed: {status}");
+            Some(Rig { _turn: turn })
+        }
+
+        pub(crate) fn namespace(&self, i: u32) -> String {
+            format!("{NAME}-n{i}")
+        }
+
+        pub(crate) fn address(&self, i: u32) -> String {
+            format!("10.77.{i}.2")
+        }
+
+        /// New link settings (the emulator reloads them at once).
+        pub(crate) fn set(&self, links: &Value) {
+            let config = tempfile::NamedTempFile::new().expect("config file");
+            std::fs::write(config.path(), links.to_string()).expect("write config");
+            let status = Command::new(script())
+                .arg("set")
+                .arg(config.path())
+                .env("SWL_RIG", NAME)
+                .status()
+                .expect("run scripts/wan-rig");
+            assert!(status.success(), "scripts/wan-rig set failed: {status}");
+        }
+
+        /// The emulator's counters (`passed`, `dropped`, `spiked`).
+        pub(crate) fn stats(&self) -> Option<Value> {
+            let text =
+                std::fs::read_to_string(format!("/run/swarmllm-wan-{NAME}/stats.json")).ok()?;
+            serde_json::from_str(&text).ok()
+        }
+    }
+
+    impl Drop for Rig {
+        fn drop(&mut self) {
+            let _ = Command::new(script())
+                .arg("down")
+                .env("SWL_RIG", NAME)
+                .status();
+        }
+    }
 }

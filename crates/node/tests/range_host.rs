@@ -102,6 +102,7 @@ fn the_last_hop_returns_log_probabilities_only_within_bounds() {
     let StepOutput::Token(Some(Sampled {
         token,
         logprobs: Some((lp, top)),
+        ..
     })) = &out
     else {
         panic!("{out:?}")

@@ -403,6 +403,27 @@ impl TestNode {
             })
             .collect()
     }
+
+    /// A streamed POST's `data:` payloads, each with when it arrived.
+    pub fn post_stream_timed(&self, path: &str, body: &Value) -> Vec<(std::time::Instant, String)> {
+        use std::io::BufRead;
+        let r = self
+            .http
+            .post(self.url(path))
+            .bearer_auth(&self.key)
+            .json(body)
+            .send()
+            .expect("stream request");
+        assert_eq!(r.status().as_u16(), 200, "stream status");
+        std::io::BufReader::new(r)
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| {
+                l.strip_prefix("data:")
+                    .map(|d| (std::time::Instant::now(), d.trim_start().to_string()))
+            })
+            .collect()
+    }
 }
 
 impl Drop for TestNode {
@@ -413,9 +434,16 @@ impl Drop for TestNode {
 
 /// The node's invite code (`swarm://…`).
 pub fn network_code(node: &TestNode) -> String {
-    let (ok, out, err) = cli(node.dir(), node.port, &["network", "code"]);
-    assert!(ok, "network code: {err}");
-    let code = out.trim().to_string();
+    let code = if node.netns.is_some() {
+        // The CLI talks to 127.0.0.1, outside the node's namespace.
+        let (status, v) = node.get("/api/admin/network-code");
+        assert_eq!(status, 200, "{v}");
+        v["code"].as_str().unwrap_or_default().to_string()
+    } else {
+        let (ok, out, err) = cli(node.dir(), node.port, &["network", "code"]);
+        assert!(ok, "network code: {err}");
+        out.trim().to_string()
+    };
     assert!(code.starts_with("swarm://"), "{code}");
     code
 }

@@ -511,7 +511,7 @@ impl Generation {
                     cost,
                 }) => {
                     let total_ms = self.started.elapsed().as_millis() as u64;
-                    self.account("ok", finish_reason.as_str(), usage, timing, total_ms);
+                    self.account("ok", finish_reason.as_str(), usage, &timing, total_ms);
                     break Piece::Done {
                         finish_reason,
                         usage,
@@ -521,11 +521,11 @@ impl Generation {
                     };
                 }
                 Some(Event::Failed(e)) => {
-                    self.account("error", "error", Usage::default(), Timing::default(), 0);
+                    self.account("error", "error", Usage::default(), &Timing::default(), 0);
                     break Piece::Failed(generate_error(e));
                 }
                 None => {
-                    self.account("error", "error", Usage::default(), Timing::default(), 0);
+                    self.account("error", "error", Usage::default(), &Timing::default(), 0);
                     break Piece::Failed(ApiError::internal(
                         "engine",
                         "the engine stopped mid-generation",
@@ -583,7 +583,7 @@ impl Generation {
         outcome: &str,
         finish: &str,
         usage: Usage,
-        timing: Timing,
+        timing: &Timing,
         total_ms: u64,
     ) {
         self.finished = true;
@@ -628,7 +628,7 @@ impl Drop for Generation {
                 "cancelled",
                 "cancelled",
                 Usage::default(),
-                Timing::default(),
+                &Timing::default(),
                 0,
             );
         }

@@ -239,6 +239,9 @@ pub(crate) async fn layers(State(state): State<AppState>) -> Json<Value> {
         // Draft tokens this node's split generations sent through their chains
         // and the ones the model chose itself (speculative decoding).
         "speculation": state.node.pipeline().speculation(),
+        // The latest split generation's chain per model: each hop's round
+        // trip and compute, the predicted ms per token and the measured.
+        "routes": state.node.pipeline().routes(),
     }))
 }
 

@@ -386,6 +386,7 @@ fn whole_body(
             "queue_ms": done.iter().map(|d| d.timing.queue_ms).max(),
             "inference_ms": done.iter().map(|d| d.timing.inference_ms).max(),
             "total_ms": done.iter().map(|d| d.total_ms).max(),
+            "route": done.iter().find_map(|d| d.timing.route.clone()),
         },
     })
 }

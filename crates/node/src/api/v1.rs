@@ -98,7 +98,7 @@ pub(crate) async fn inference(
                     "finish_reason": finish_reason,
                     "usage": usage,
                     "cost": cost_json(cost),
-                    "timing": { "queue_ms": timing.queue_ms, "inference_ms": timing.inference_ms, "total_ms": total_ms },
+                    "timing": { "queue_ms": timing.queue_ms, "inference_ms": timing.inference_ms, "total_ms": total_ms, "route": timing.route },
                 })],
             },
             false,
@@ -116,6 +116,7 @@ pub(crate) async fn inference(
         "timing": {
             "queue_ms": done.timing.queue_ms,
             "inference_ms": done.timing.inference_ms,
+            "route": done.timing.route,
             "total_ms": done.total_ms,
         },
     }))

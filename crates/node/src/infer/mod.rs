@@ -21,6 +21,7 @@ pub mod gpu;
 pub mod logprobs;
 mod lora;
 mod slots;
+pub mod speculation;
 mod stop;
 
 pub mod layers;
@@ -173,9 +174,12 @@ pub struct SamplingParams {
     /// Report each sampled token's log-probability with this many
     /// alternatives (0–[`logprobs::MAX_TOP_LOGPROBS`]); `None`: none.
     pub logprobs: Option<u8>,
-    /// Draft tokens per step of a split model's speculative decoding
-    /// (llama-server's `speculative.n_max`; 0 off); `None`: the node's
-    /// `speculative_tokens`.
+    /// Draft tokens per step of speculative decoding (llama-server's
+    /// `speculative.n_max`; 0 off). `None`: through a split model the node's
+    /// `speculative_tokens`, on the engine none (on a CPU a step of drafts
+    /// costs several single-token steps, which only a high acceptance repays;
+    /// across links every step pays a round trip, which one accepted draft
+    /// repays).
     pub speculative: Option<u32>,
 }
 
@@ -378,7 +382,7 @@ pub struct PromptTokensDetails {
 }
 
 /// Where the time went.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Timing {
     /// Waiting for the engine.
     pub queue_ms: u64,
@@ -386,6 +390,9 @@ pub struct Timing {
     pub inference_ms: u64,
     /// Prompt processing alone.
     pub prompt_ms: u64,
+    /// A split generation's route, predicted and measured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub route: Option<Box<crate::pipeline::route::RouteReport>>,
 }
 
 /// What the engine reports about one job, in order: `Started`, `Token`*, then
@@ -539,6 +546,8 @@ pub struct EngineStats {
     pub mean_batch_tokens: f64,
     /// Most sequences in one batch since start.
     pub peak_batch_sequences: usize,
+    /// Speculative decoding's draft tokens decoded and accepted.
+    pub speculation: speculation::SpeculationSummary,
 }
 
 impl std::fmt::Debug for Engine {
@@ -593,6 +602,7 @@ impl Engine {
                 (tokens as f64 / batches as f64 * 100.0).round() / 100.0
             },
             peak_batch_sequences: self.load.peak_sequences.load(Ordering::Relaxed),
+            speculation: self.load.speculation.summary(),
         }
     }
 

@@ -18,6 +18,13 @@
 //! tokens share the longest prefix with its prompt and computes only the rest —
 //! a chat's next turn recomputes only the new messages. Usage reports the
 //! reused tokens as `prompt_tokens_details.cached_tokens`.
+//!
+//! Speculative decoding (when a request asks, `speculative.n_max`): a greedy
+//! sequence adds, after its token, up to that many drafts found by prompt
+//! lookup (see `speculation`), each with its logits; sampling then walks the
+//! rows, keeps the drafts the model chose itself and the model's token after
+//! them, and removes the rejected drafts' cells. A run of accepted drafts
+//! costs one decode.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -51,6 +58,8 @@ pub(crate) struct EngineLoad {
     pub peak_sequences: AtomicUsize,
     /// Waiting jobs per client.
     pub shares: super::fair::Shares,
+    /// Draft tokens decoded and accepted.
+    pub speculation: super::speculation::SpeculationStats,
 }
 
 /// The tokens whose KV each free sequence still holds, for prompts that
@@ -129,8 +138,14 @@ struct Slot {
     /// Prompt tokens reused from the cache.
     cached: u32,
     generated: u32,
-    /// Index of this sequence's logits in the batch just decoded.
+    /// Index of this sequence's logits in the batch just decoded (the row of
+    /// `next`; the drafts' rows follow it).
     logits_at: Option<i32>,
+    /// Most draft tokens per step (0: this sequence does not speculate).
+    draft_max: usize,
+    /// The drafts decoded after `next` in the step just taken, at the
+    /// positions after it; not yet in `fed_generated` or `pos`.
+    drafts: Vec<LlamaToken>,
     started: Instant,
     queue_ms: u64,
     prompt_ms: u64,
@@ -234,7 +249,8 @@ pub(super) fn run(
                     }
                 }
             }
-            if let Some(slot) = admit(model, ctx, context_size, &slots, &mut cache, job) {
+            let admitted = admit(model, ctx, context_size, &slots, &mut cache, job);
+            if let Some(slot) = admitted {
                 slots.push(slot);
             }
         }
@@ -326,6 +342,18 @@ fn admit(
     if reuse == 0 {
         let _ = ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
     }
+    // Only where a draft cannot change the text, and where rejected drafts'
+    // cells can be removed (recurrent state cannot be cut back).
+    let draft_max =
+        if request.params.speculation_safe() && !model.is_recurrent() && !model.is_hybrid() {
+            request
+                .params
+                .speculative
+                .unwrap_or(0)
+                .min(crate::pipeline::MAX_DRAFT) as usize
+        } else {
+            0
+        };
     let slot = Slot {
         seq,
         sampler,
@@ -340,6 +368,8 @@ fn admit(
         cached: reuse as u32,
         generated: 0,
         logits_at: None,
+        draft_max,
+        drafts: Vec::new(),
         started,
         queue_ms,
         prompt_ms: 0,
@@ -380,15 +410,30 @@ fn step(
     batch.clear();
     let mut sequences = 0;
     let mut failed: Vec<(i32, GenerateError)> = Vec::new();
-    // Generating sequences first: each adds its one token.
+    // Generating sequences first: each adds its one token, and its drafts
+    // where the batch keeps a row for every other generating sequence.
+    let mut generating = slots.iter().filter(|s| s.next.is_some()).count();
     for slot in slots.iter_mut() {
         slot.logits_at = None;
+        slot.drafts.clear();
         if let Some(token) = slot.next.take() {
-            match batch.add(token, slot.pos, &[slot.seq], true) {
+            generating -= 1;
+            let room = n_batch.saturating_sub(batch.n_tokens() as usize + 1 + generating);
+            let drafts = draft(slot, token, context_size, room);
+            let added = batch
+                .add(token, slot.pos, &[slot.seq], true)
+                .and_then(|()| {
+                    for (i, &d) in drafts.iter().enumerate() {
+                        batch.add(d, slot.pos + 1 + i as i32, &[slot.seq], true)?;
+                    }
+                    Ok(())
+                });
+            match added {
                 Ok(()) => {
                     slot.pos += 1;
                     slot.fed_generated.push(token);
-                    slot.logits_at = Some(batch.n_tokens() - 1);
+                    slot.logits_at = Some(batch.n_tokens() - 1 - drafts.len() as i32);
+                    slot.drafts = drafts;
                     sequences += 1;
                 }
                 Err(e) => failed.push((slot.seq, GenerateError::Decode(e.to_string()))),
@@ -444,7 +489,7 @@ fn step(
     let mut i = 0;
     while i < slots.len() {
         let sampled = match slots[i].logits_at {
-            Some(at) => sample(model, ctx, &mut slots[i], at, context_size),
+            Some(at) => sample_rows(model, ctx, &mut slots[i], at, context_size, load),
             None => Sampled::Next,
         };
         if let Sampled::Next = sampled {
@@ -464,6 +509,76 @@ fn step(
             let _ = slot.send(done);
         }
     }
+}
+
+/// Prompt-lookup drafts to decode after `token` (see `speculation`): within
+/// the context, `max_tokens` (a step yields one token more than it drafts)
+/// and `room` rows of the batch.
+fn draft(slot: &Slot, token: LlamaToken, context_size: u32, room: usize) -> Vec<LlamaToken> {
+    if slot.draft_max == 0 {
+        return Vec::new();
+    }
+    // `token` goes to `pos`; drafts after it must stay inside the context.
+    let in_context = (context_size as usize).saturating_sub(slot.pos as usize + 2);
+    let wanted = (slot.params.max_tokens as usize).saturating_sub(slot.generated as usize + 1);
+    let max = slot.draft_max.min(in_context).min(wanted).min(room);
+    if max == 0 {
+        return Vec::new();
+    }
+    let sequence: Vec<i32> = slot
+        .prompt
+        .iter()
+        .chain(&slot.fed_generated)
+        .chain(std::iter::once(&token))
+        .map(|t| t.0)
+        .collect();
+    super::speculation::lookup_draft(&sequence, max)
+        .into_iter()
+        .map(LlamaToken)
+        .collect()
+}
+
+/// Samples the rows of `slot`'s step from batch index `at`: `next`'s row,
+/// then one per draft while the model chose the draft before it. Accepted
+/// drafts join the sequence (their cells are already there); the cells of
+/// the rest are removed.
+fn sample_rows(
+    model: &LlamaModel,
+    ctx: &mut LlamaContext<'_>,
+    slot: &mut Slot,
+    at: i32,
+    context_size: u32,
+    load: &EngineLoad,
+) -> Sampled {
+    let drafts = std::mem::take(&mut slot.drafts);
+    let mut accepted = 0;
+    let sampled = loop {
+        let sampled = sample(model, ctx, slot, at + accepted as i32, context_size);
+        match (&sampled, slot.next, drafts.get(accepted)) {
+            (Sampled::Next, Some(token), Some(&d)) if token == d => {
+                // The model's own choice: decoded already, at `pos`.
+                slot.next = None;
+                slot.fed_generated.push(d);
+                slot.pos += 1;
+                accepted += 1;
+            }
+            _ => break sampled,
+        }
+    };
+    if !drafts.is_empty() {
+        load.speculation
+            .record(drafts.len() as u64, accepted as u64);
+        if accepted < drafts.len()
+            && ctx
+                .kv_cache_seq_rm(slot.seq, Some(slot.pos as u32), None)
+                .is_err()
+        {
+            return Sampled::Done(Event::Failed(GenerateError::Decode(
+                "could not roll back rejected draft tokens".into(),
+            )));
+        }
+    }
+    sampled
 }
 
 /// What sampling one token did to its sequence.
@@ -547,6 +662,7 @@ fn sample(
             queue_ms: slot.queue_ms,
             inference_ms: slot.started.elapsed().as_millis() as u64,
             prompt_ms: slot.prompt_ms,
+            route: None,
         },
         cost: 0,
     })

@@ -26,6 +26,14 @@ use crate::net::link::Link;
 
 /// Re-routes one generation may make before giving up.
 const MAX_REROUTES: usize = 4;
+/// How often a generation compares its steps' time with the route's
+/// prediction (see [`Pipeline::replan_if_degraded`]).
+const REPLAN_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+/// Moves a generation to another chain at most this often.
+const MAX_REPLANS: usize = 4;
+/// Decode steps whose time sets the next one's deadline (see
+/// [`Run::step_deadline`]).
+const STEP_WINDOW: usize = 16;
 /// Finished generations kept for a later prompt that starts with their tokens.
 const KEPT_RUNS: usize = 4;
 /// How long a kept generation is offered (well inside the hops' session TTL).
@@ -63,6 +71,17 @@ struct Run {
     link: Option<Link>,
     /// The kept session this run's first step takes over on every hop.
     continues: Option<[u8; 16]>,
+    /// The chain as planned, for the answer's timing.
+    report: super::route::RouteReport,
+    /// Times the generation moved to a cheaper chain (a link degraded).
+    replans: usize,
+    /// The next step must first replay the history on a new chain.
+    replay: bool,
+    /// The last [`STEP_WINDOW`] decode steps' times (ms).
+    step_ms: std::collections::VecDeque<f64>,
+    /// A step timed out where no other chain exists: wait as long as a link
+    /// allows from then on.
+    patient: bool,
 }
 
 impl Run {
@@ -79,6 +98,11 @@ impl Run {
             work: Vec::new(),
             link,
             continues: None,
+            report: Default::default(),
+            replans: 0,
+            replay: false,
+            step_ms: std::collections::VecDeque::new(),
+            patient: false,
         }
     }
 
@@ -102,6 +126,23 @@ impl Run {
             continues: Some(run.session),
             ..Run::new(run.model_id, run.hops, run.link)
         }
+    }
+
+    /// How long a decode step may take before its first remote hop counts
+    /// as gone and the generation fails over: 8 times the median of the last
+    /// steps or twice the slowest, between 1 and 30 s (a link that stops answering is left within
+    /// about a second instead of after the links' 30 s). `None` (the links'
+    /// own limit) until a few steps were measured, and once patient.
+    fn step_deadline(&self) -> Option<std::time::Duration> {
+        if self.patient || self.step_ms.len() < 4 {
+            return None;
+        }
+        let mut sorted: Vec<f64> = self.step_ms.iter().copied().collect();
+        sorted.sort_by(f64::total_cmp);
+        let (median, slowest) = (sorted[sorted.len() / 2], sorted[sorted.len() - 1]);
+        Some(std::time::Duration::from_secs_f64(
+            ((median * 8.0).max(slowest * 2.0) / 1000.0).clamp(1.0, 30.0),
+        ))
     }
 
     /// Counts a step about to be sent against every hop of its route.
@@ -243,6 +284,7 @@ impl Pipeline {
             }
             None => Run::new(model_id.to_string(), planned, None),
         };
+        run.report = plan.report(model_id);
         let outcome = self
             .decode_loop(
                 &mut run,
@@ -381,6 +423,10 @@ impl Pipeline {
                 .await?;
         }
         let prompt_ms = started.elapsed().as_millis() as u64;
+        let decode_started = Instant::now();
+        let mut decode_steps = 0u64;
+        // Steps since the route was last weighed against its prediction.
+        let mut window = (Instant::now(), 0u32);
 
         let mut out = crate::infer::TextOut::new(params.stop.clone());
         let mut n_cur = tokens.len() as u32;
@@ -442,7 +488,7 @@ impl Pipeline {
             // `max_tokens` (the step yields one token more than it drafts).
             let room = (n_ctx - n_cur - 1) as usize;
             let wanted = (params.max_tokens as usize).saturating_sub(generated.len() + 1);
-            let drafts = super::speculation::lookup_draft(
+            let drafts = crate::infer::speculation::lookup_draft(
                 &context,
                 draft_max.min(room).min(wanted).min(batch - 1),
             );
@@ -459,6 +505,13 @@ impl Pipeline {
                     drafts.len(),
                 )
                 .await?;
+            decode_steps += 1;
+            window.1 += 1;
+            if window.0.elapsed() >= REPLAN_EVERY {
+                let step_ms = window.0.elapsed().as_secs_f64() * 1000.0 / f64::from(window.1);
+                window = (Instant::now(), 0);
+                self.replan_if_degraded(run, step_ms).await;
+            }
             n_cur += 1;
             match verified {
                 Some(v) if !drafts.is_empty() => {
@@ -493,6 +546,7 @@ impl Pipeline {
         if !rest.is_empty() && events.send(Event::Token(rest)).await.is_err() {
             return Ok(());
         }
+        let route = self.measured_route(run, decode_started, decode_steps, generated.len());
         let completion = generated.len() as u32;
         let prompt_tokens = tokens.len() as u32;
         let _ = events
@@ -510,11 +564,34 @@ impl Pipeline {
                     queue_ms: 0,
                     inference_ms: started.elapsed().as_millis() as u64,
                     prompt_ms,
+                    route: Some(route),
                 },
                 cost: self.cost_of(&run.work),
             })
             .await;
         Ok(())
+    }
+
+    /// The run's route with what its decode steps measured (`tokens` given
+    /// out in all, the first of them by the prompt's step), kept as the
+    /// model's latest for `GET /api/v1/layers`.
+    fn measured_route(
+        &self,
+        run: &mut Run,
+        decode_started: Instant,
+        steps: u64,
+        tokens: usize,
+    ) -> Box<super::route::RouteReport> {
+        let decode_ms = decode_started.elapsed().as_secs_f64() * 1000.0;
+        let mut report = std::mem::take(&mut run.report);
+        report.reroutes = run.reroutes;
+        report.replans = run.replans;
+        report.measured_ms_per_step =
+            (steps > 0).then(|| super::route::round2(decode_ms / steps as f64));
+        report.measured_ms_per_token =
+            (tokens > 1).then(|| super::route::round2(decode_ms / (tokens - 1) as f64));
+        self.inner.routes.remember(report.clone());
+        Box::new(report)
     }
 
     /// Runs one step, re-routing and replaying as often as needed; its last
@@ -532,8 +609,24 @@ impl Pipeline {
         loop {
             // This step takes over a kept session (see `Run::continuing`).
             let continuing = run.continues.is_some();
+            replay_needed |= std::mem::take(&mut run.replay);
+            // A decode step (not a prompt's or a replay's) gets a deadline;
+            // past it the first remote hop is to blame.
+            let remote = run
+                .hops
+                .iter()
+                .find(|h| h.node_id != self.inner.node_id)
+                .map(|h| h.node_id.clone());
+            let deadline = (sample.is_some() && !replay_needed && remote.is_some())
+                .then(|| run.step_deadline())
+                .flatten();
+            let attempt_started = Instant::now();
             let attempt = async {
                 if replay_needed {
+                    // In their original batches: a batch of other rows can
+                    // round a row's numbers differently (llama.cpp's kernels
+                    // are not batch-invariant), and a replay must rebuild
+                    // every cache bit for bit.
                     for (t, p) in run.history.clone() {
                         let env = run.envelope(self, p, t.len());
                         run.tally(&env);
@@ -551,8 +644,27 @@ impl Pipeline {
                 self.request_step(env, StepInput::Tokens(tokens.clone()), &mut run.link)
                     .await
             };
-            match attempt.await {
+            let outcome = match deadline {
+                Some(limit) => tokio::time::timeout(limit, attempt)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(StepFailure {
+                            failed_hop: remote,
+                            message: format!("no answer within {} ms", limit.as_millis()),
+                        })
+                    }),
+                None => attempt.await,
+            };
+            let timed_out = deadline.is_some_and(|d| attempt_started.elapsed() >= d);
+            match outcome {
                 Ok(token) => {
+                    if sample.is_some() && !replay_needed {
+                        if run.step_ms.len() == STEP_WINDOW {
+                            run.step_ms.pop_front();
+                        }
+                        run.step_ms
+                            .push_back(attempt_started.elapsed().as_secs_f64() * 1000.0);
+                    }
                     run.history.push((tokens, pos));
                     return Ok(token);
                 }
@@ -568,15 +680,67 @@ impl Pipeline {
                     replay_needed = true;
                 }
                 Err(failure) => {
-                    self.reroute(run, failure).await?;
+                    self.reroute(run, failure, timed_out).await?;
                     replay_needed = true;
                 }
             }
         }
     }
 
+    /// When the steps of the last [`REPLAN_EVERY`] took `step_ms` each, well
+    /// over what the route predicted (a link degraded), plans again with the
+    /// latest measurements and moves the generation to a chain predicted much
+    /// cheaper than that: the old chain's sessions end, and the next step
+    /// replays the steps so far on the new one (which rebuilds its caches bit
+    /// for bit, as after a failure).
+    async fn replan_if_degraded(&self, run: &mut Run, step_ms: f64) {
+        /// Slower than predicted by this factor counts as degraded, and a new
+        /// chain must be predicted this much faster than what was measured.
+        const FACTOR: f64 = 1.5;
+        /// And by at least this many ms (noise on fast links is no reason).
+        const MARGIN_MS: f64 = 10.0;
+        let predicted = run.report.predicted_ms_per_token;
+        if run.replans >= MAX_REPLANS || step_ms < predicted * FACTOR + MARGIN_MS {
+            return;
+        }
+        let Ok(plan) = self.plan(&run.model_id, &run.excluded).await else {
+            return;
+        };
+        let hops = plan.hops(&run.model_id);
+        let report = plan.report(&run.model_id);
+        if hops == run.hops || report.predicted_ms_per_token * FACTOR + MARGIN_MS > step_ms {
+            return;
+        }
+        tracing::info!(
+            model = %run.model_id,
+            measured_ms = step_ms,
+            predicted_ms = report.predicted_ms_per_token,
+            "the route degraded; moving the generation to a cheaper chain"
+        );
+        let mut old = Run::new(
+            run.model_id.clone(),
+            std::mem::replace(&mut run.hops, hops),
+            None,
+        );
+        old.session = run.session;
+        old.seq = run.seq;
+        self.close_sessions(old);
+        run.report = report;
+        run.replans += 1;
+        run.session = rand::random();
+        run.seq = 0;
+        run.replay = true;
+    }
+
     /// Leaves the failed node out and plans a new chain with a fresh session.
-    async fn reroute(&self, run: &mut Run, failure: StepFailure) -> Result<(), GenerateError> {
+    /// A node that only `timed_out` stays in when no chain is left without
+    /// it: the generation waits for it patiently instead of failing.
+    async fn reroute(
+        &self,
+        run: &mut Run,
+        failure: StepFailure,
+        timed_out: bool,
+    ) -> Result<(), GenerateError> {
         let Some(bad) = failure.failed_hop.clone() else {
             return Err(GenerateError::Pipeline(failure.message));
         };
@@ -589,15 +753,19 @@ impl Pipeline {
         }
         tracing::warn!(hop = %super::short(&bad), reason = %failure.message,
             "pipeline hop failed; re-routing");
-        run.excluded.insert(bad);
-        let plan =
-            self.plan(&run.model_id, &run.excluded)
-                .await
-                .map_err(|e| GenerateError::NoRoute {
-                    message: format!("{e} (after {}: {})", "a hop failed", failure.message),
-                    missing: e.missing.clone(),
-                })?;
+        run.excluded.insert(bad.clone());
+        let mut planned = self.plan(&run.model_id, &run.excluded).await;
+        if planned.is_err() && timed_out {
+            run.excluded.remove(&bad);
+            run.patient = true;
+            planned = self.plan(&run.model_id, &run.excluded).await;
+        }
+        let plan = planned.map_err(|e| GenerateError::NoRoute {
+            message: format!("{e} (after {}: {})", "a hop failed", failure.message),
+            missing: e.missing.clone(),
+        })?;
         run.hops = plan.hops(&run.model_id);
+        run.report = plan.report(&run.model_id);
         run.session = rand::random();
         run.seq = 0;
         Ok(())

@@ -38,7 +38,6 @@ mod local;
 mod pins;
 pub mod route;
 mod serve;
-pub mod speculation;
 pub mod transfer;
 pub mod wire;
 
@@ -178,7 +177,9 @@ struct Inner {
     /// The bandwidth of the links this node sends hidden states on.
     link_speeds: link_speed::LinkSpeeds,
     /// Draft tokens this node's generations sent and had accepted.
-    speculation: speculation::SpeculationStats,
+    speculation: crate::infer::speculation::SpeculationStats,
+    /// The latest generation's route per model.
+    routes: route::LatestRoutes,
     /// Generations this node has running through each other node (weighs the
     /// next route; see `route`).
     in_flight: Arc<crate::net::inflight::InFlight>,
@@ -263,7 +264,8 @@ impl Pipeline {
                 wire_bytes: std::sync::atomic::AtomicU64::new(0),
                 link_latency: latency::LinkLatency::default(),
                 link_speeds: link_speed::LinkSpeeds::default(),
-                speculation: speculation::SpeculationStats::default(),
+                speculation: crate::infer::speculation::SpeculationStats::default(),
+                routes: route::LatestRoutes::default(),
                 in_flight: Arc::new(crate::net::inflight::InFlight::default()),
                 kept: Mutex::new(std::collections::VecDeque::new()),
                 route_lock: Mutex::new(()),
@@ -294,8 +296,14 @@ impl Pipeline {
     }
 
     /// Draft tokens this node's split generations sent and had accepted.
-    pub fn speculation(&self) -> speculation::SpeculationSummary {
+    pub fn speculation(&self) -> crate::infer::speculation::SpeculationSummary {
         self.inner.speculation.summary()
+    }
+
+    /// The latest split generation's route of each model, predicted and
+    /// measured.
+    pub fn routes(&self) -> Vec<route::RouteReport> {
+        self.inner.routes.all()
     }
 
     /// Whether the steps this node requests allow approximate hidden states.

@@ -70,6 +70,13 @@ pub fn fill_unmeasured(holders: &mut [Holder]) {
 impl Holder {
     /// The estimated cost of one decode step through this holder, in ms.
     pub fn cost(&self) -> f64 {
+        self.step_ms() + self.load_ms
+    }
+
+    /// What one decode step through this holder is expected to take (ms): the
+    /// round trip into it, its layers' compute and its queue, without the load
+    /// term the requester adds to spread its requests.
+    pub fn step_ms(&self) -> f64 {
         let rtt = if self.local {
             0.0
         } else {
@@ -78,8 +85,51 @@ impl Holder {
         let layers = (self.layer_end - self.layer_start) as f64;
         rtt + layers * self.ms_per_layer.unwrap_or(DEFAULT_MS_PER_LAYER)
             + self.queue_depth as f64 * QUEUE_PENALTY_MS
-            + self.load_ms
     }
+}
+
+/// One hop of a route as the requester weighed it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RouteHop {
+    /// Node id.
+    pub node_id: String,
+    /// First layer.
+    pub layer_start: u32,
+    /// One past the last.
+    pub layer_end: u32,
+    /// The round trip to it when the route was planned (none for this node
+    /// or a peer not yet pinged).
+    pub rtt_ms: Option<f64>,
+    /// Its compute per layer as measured (or assumed, see [`fill_unmeasured`]).
+    pub ms_per_layer: Option<f64>,
+    /// What a decode step through it was expected to take (ms).
+    pub predicted_ms: f64,
+}
+
+/// A split generation's route: the chain, what the planner expected a token
+/// to cost, and what it cost (in the response's `timing.route` and, for the
+/// latest generation of each model, in `GET /api/v1/layers`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct RouteReport {
+    /// The model.
+    pub model: String,
+    /// The chain in layer order (after any re-route, the one that finished).
+    pub hops: Vec<RouteHop>,
+    /// Expected ms per decode step (a token without speculation): the sum of
+    /// the hops' predictions.
+    pub predicted_ms_per_token: f64,
+    /// Measured: decode time over the tokens it gave (fewer ms than a step
+    /// when speculation has drafts accepted); none before a second token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub measured_ms_per_token: Option<f64>,
+    /// Measured: decode time over the steps it took.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub measured_ms_per_step: Option<f64>,
+    /// Times the chain was planned again after a hop failed.
+    pub reroutes: usize,
+    /// Times the generation moved to a chain predicted cheaper than its
+    /// steps measured (a link degraded).
+    pub replans: usize,
 }
 
 /// One span of a plan.
@@ -101,6 +151,31 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// The route as [`RouteReport`] shows it, before it has run.
+    pub fn report(&self, model_id: &str) -> RouteReport {
+        let hops: Vec<RouteHop> = self
+            .spans
+            .iter()
+            .map(|s| RouteHop {
+                node_id: s.primary.node_id.clone(),
+                layer_start: s.primary.layer_start,
+                layer_end: s.primary.layer_end,
+                rtt_ms: (!s.primary.local).then_some(s.primary.rtt_ms).flatten(),
+                ms_per_layer: s.primary.ms_per_layer,
+                predicted_ms: round2(s.primary.step_ms()),
+            })
+            .collect();
+        RouteReport {
+            model: model_id.to_string(),
+            predicted_ms_per_token: round2(self.spans.iter().map(|s| s.primary.step_ms()).sum()),
+            hops,
+            measured_ms_per_token: None,
+            measured_ms_per_step: None,
+            reroutes: 0,
+            replans: 0,
+        }
+    }
+
     /// The route as hops of model `model_id`.
     pub fn hops(&self, model_id: &str) -> Vec<Hop> {
         self.spans
@@ -227,6 +302,35 @@ pub fn plan(
     })
 }
 
+/// Models whose latest route is kept (more: the oldest goes).
+const MAX_ROUTES: usize = 32;
+
+/// The latest generation's route per model, newest last.
+#[derive(Debug, Default)]
+pub struct LatestRoutes(std::sync::Mutex<Vec<RouteReport>>);
+
+impl LatestRoutes {
+    /// Keeps `report` as its model's latest.
+    pub fn remember(&self, report: RouteReport) {
+        let mut all = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        all.retain(|r| r.model != report.model);
+        if all.len() >= MAX_ROUTES {
+            all.remove(0);
+        }
+        all.push(report);
+    }
+
+    /// Every model's latest route, newest last.
+    pub fn all(&self) -> Vec<RouteReport> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// `x` to two decimals (for display).
+pub(super) fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
 fn gaps(n_layers: u32, held: &BTreeSet<u32>) -> Vec<(u32, u32)> {
     let mut out = Vec::new();
     let mut start = None;
@@ -331,6 +435,45 @@ mod tests {
         ];
         let p = plan(30, &holders, &HashSet::new(), false).expect("route");
         assert_eq!(p.spans.len(), 1);
+    }
+
+    #[test]
+    fn slow_links_favour_fewer_hops_and_the_report_predicts_the_step() {
+        let with = |id: &str, a: u32, b: u32, rtt: f64, ms_per_layer: f64| Holder {
+            ms_per_layer: Some(ms_per_layer),
+            ..h(id, a, b, rtt)
+        };
+        // This node runs the whole model slowly (60 ms a step); two fast
+        // peers hold half each.
+        let holders = |rtt: f64| {
+            vec![
+                with("me", 0, 30, 0.0, 2.0),
+                with("g1", 0, 15, rtt, 0.1),
+                with("g2", 15, 30, rtt, 0.1),
+            ]
+        };
+        let ids = |p: &Plan| -> Vec<String> {
+            p.spans.iter().map(|s| s.primary.node_id.clone()).collect()
+        };
+        // Over a LAN the two hops are worth it: 2 × (2 + 1.5) ms.
+        let p = plan(30, &holders(2.0), &HashSet::new(), false).expect("route");
+        assert_eq!(ids(&p), ["g1", "g2"]);
+        let report = p.report("m");
+        assert_eq!(report.predicted_ms_per_token, 7.0);
+        assert_eq!(report.hops[0].rtt_ms, Some(2.0));
+        assert_eq!(report.hops[1].predicted_ms, 3.5);
+        // At 40 ms a link they are not: 83 ms against 60 here.
+        let p = plan(30, &holders(40.0), &HashSet::new(), false).expect("route");
+        assert_eq!(ids(&p), ["me"]);
+        let report = p.report("m");
+        assert_eq!(report.predicted_ms_per_token, 60.0);
+        assert_eq!(report.hops[0].rtt_ms, None, "no round trip to this node");
+        // One peer with the whole model beats two hops at the same distance.
+        let mut far = holders(40.0);
+        far.push(with("g3", 0, 30, 40.0, 0.1));
+        let p = plan(30, &far, &HashSet::new(), false).expect("route");
+        assert_eq!(ids(&p), ["g3"]);
+        assert_eq!(p.report("m").predicted_ms_per_token, 43.0);
     }
 
     #[test]

@@ -1,11 +1,16 @@
-//! Speculative decoding through a chain: the requester drafts tokens by prompt
-//! lookup and sends them with the token it has, in one step; the last hop
-//! samples after every row, and the requester keeps the drafts the model
-//! chose itself plus the model's own next token. Each hop's next step starts at
-//! the first position not kept, which rolls its cache back (the range host
-//! truncates a session whose step starts before its end). A chain of slow links then pays its round trips once
-//! per accepted run instead of once per token; the text cannot change, because
-//! only samplers whose choice depends on each row's logits alone speculate.
+//! Speculative decoding, on the local engine and through a chain: draft tokens
+//! by prompt lookup, decode them with the token in hand in one step, sample
+//! after every row, and keep the drafts the model chose itself plus the
+//! model's own next token; the cache is rolled back past the rejected ones.
+//!
+//! On the engine (`slots`) a verified run costs one decode instead of one per
+//! token. Through a chain the requester sends the drafts in one step and the
+//! last hop samples every row; each hop's next step starts at the first
+//! position not kept, which rolls its cache back (the range host truncates a
+//! session whose step starts before its end), so slow links are paid once per
+//! accepted run instead of once per token. The text cannot change, because
+//! only samplers whose choice depends on each row's logits alone speculate
+//! ([`super::SamplingParams::speculation_safe`]).
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
@@ -19,7 +24,7 @@ const DRAFT_NGRAM: std::ops::RangeInclusive<usize> = 2..=4;
 /// last few tokens (the longest run in [`DRAFT_NGRAM`] that occurred before)
 /// last appeared earlier, the tokens that followed them there, at most `max`.
 /// Text that quotes, edits or summarises its prompt repeats it in runs.
-pub(super) fn lookup_draft(sequence: &[i32], max: usize) -> Vec<i32> {
+pub(crate) fn lookup_draft(sequence: &[i32], max: usize) -> Vec<i32> {
     if max == 0 {
         return Vec::new();
     }
