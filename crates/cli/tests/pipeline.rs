@@ -1083,6 +1083,33 @@ fn a_split_over_a_lossy_spiky_wan_keeps_the_whole_models_text() {
     eprintln!("emulator: {stats}");
 }
 
+/// The whole model's answer to [`QUOTE`] with `extra` sampling fields.
+fn whole_model_answer(extra: &Value) -> String {
+    let whole = TestNode::start();
+    spec_chat(&whole, None, extra.clone()).0
+}
+
+/// SmolLM2 split in two over the rig: node 0 holds the first half and asks,
+/// nodes 1 and 2 each hold the second; returned once node 0 can use both.
+fn wan_split_with_two_holders(rig: &wan::Rig, lib: &std::path::Path) -> [TestNode; 3] {
+    let a = TestNode::start_in_netns(&rig.namespace(0), &rig.address(0), &[], &[], |d| {
+        give_shards(lib, d, &[0])
+    });
+    let code = network_code(&a);
+    let holder = |i: u32| {
+        TestNode::start_in_netns(
+            &rig.namespace(i),
+            &rig.address(i),
+            &["--bootstrap", &code],
+            &[],
+            |d| give_shards(lib, d, &[1]),
+        )
+    };
+    let (b, c) = (holder(1), holder(2));
+    wait_servable(&a, 3);
+    [a, b, c]
+}
+
 /// A link that degrades mid-generation (10 ms round trips to the holder of
 /// the second half, then 300 ms) moves the generation to the other holder
 /// (60 ms away) once the steps measure far slower than the route predicted;
@@ -1098,27 +1125,10 @@ fn a_degraded_link_moves_the_generation_to_a_cheaper_chain() {
         return;
     };
     let long = json!({ "max_tokens": 160, "ignore_eos": true, "speculative.n_max": 0 });
-    let whole = TestNode::start();
-    let (reference, _) = spec_chat(&whole, None, long.clone());
-    drop(whole);
-
+    let reference = whole_model_answer(&long);
     let lib = common::import_shards(2);
-    let a = TestNode::start_in_netns(&rig.namespace(0), &rig.address(0), &[], &[], |d| {
-        give_shards(lib.path(), d, &[0])
-    });
-    let code = network_code(&a);
-    let holder = |i: u32| {
-        TestNode::start_in_netns(
-            &rig.namespace(i),
-            &rig.address(i),
-            &["--bootstrap", &code],
-            &[],
-            |d| give_shards(lib.path(), d, &[1]),
-        )
-    };
-    let (near, far) = (holder(1), holder(2));
+    let [a, near, far] = wan_split_with_two_holders(&rig, lib.path());
     let far_id = node_id(&far);
-    wait_servable(&a, 3);
     let (text, v) = std::thread::scope(|s| {
         let answer = s.spawn(|| spec_chat(&a, Some("smol"), long.clone()));
         // Once the generation runs through the near holder, its link degrades.
@@ -1153,27 +1163,10 @@ fn a_link_that_drops_mid_stream_fails_over_to_the_standby() {
         return;
     };
     let long = json!({ "max_tokens": 120, "ignore_eos": true, "speculative.n_max": 0 });
-    let whole = TestNode::start();
-    let (reference, _) = spec_chat(&whole, None, long.clone());
-    drop(whole);
-
+    let reference = whole_model_answer(&long);
     let lib = common::import_shards(2);
-    let a = TestNode::start_in_netns(&rig.namespace(0), &rig.address(0), &[], &[], |d| {
-        give_shards(lib.path(), d, &[0])
-    });
-    let code = network_code(&a);
-    let holder = |i: u32| {
-        TestNode::start_in_netns(
-            &rig.namespace(i),
-            &rig.address(i),
-            &["--bootstrap", &code],
-            &[],
-            |d| give_shards(lib.path(), d, &[1]),
-        )
-    };
-    let (near, standby) = (holder(1), holder(2));
+    let [a, near, standby] = wan_split_with_two_holders(&rig, lib.path());
     let standby_id = node_id(&standby);
-    wait_servable(&a, 3);
     let mut body = long.clone();
     body["messages"] = json!([{ "role": "user", "content": QUOTE }]);
     body["temperature"] = json!(0);

@@ -380,14 +380,7 @@ impl TestNode {
 
     /// POSTs with `"stream": true` and returns the `data:` payloads in order.
     pub fn post_stream(&self, path: &str, body: &Value) -> Vec<String> {
-        let r = self
-            .http
-            .post(self.url(path))
-            .bearer_auth(&self.key)
-            .json(body)
-            .send()
-            .expect("stream request");
-        assert_eq!(r.status().as_u16(), 200, "stream status");
+        let r = self.send_stream(path, body);
         let ct = r
             .headers()
             .get("content-type")
@@ -404,9 +397,8 @@ impl TestNode {
             .collect()
     }
 
-    /// A streamed POST's `data:` payloads, each with when it arrived.
-    pub fn post_stream_timed(&self, path: &str, body: &Value) -> Vec<(std::time::Instant, String)> {
-        use std::io::BufRead;
+    /// Sends a POST whose answer streams; asserts it is a 200.
+    fn send_stream(&self, path: &str, body: &Value) -> reqwest::blocking::Response {
         let r = self
             .http
             .post(self.url(path))
@@ -415,7 +407,13 @@ impl TestNode {
             .send()
             .expect("stream request");
         assert_eq!(r.status().as_u16(), 200, "stream status");
-        std::io::BufReader::new(r)
+        r
+    }
+
+    /// A streamed POST's `data:` payloads, each with when it arrived.
+    pub fn post_stream_timed(&self, path: &str, body: &Value) -> Vec<(std::time::Instant, String)> {
+        use std::io::BufRead;
+        std::io::BufReader::new(self.send_stream(path, body))
             .lines()
             .map_while(Result::ok)
             .filter_map(|l| {

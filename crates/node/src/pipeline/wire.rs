@@ -429,18 +429,20 @@ pub fn decode_result(
         return Ok(None);
     }
     if draft > 0 {
-        let tokens = bytes_to_tokens(plain)?;
-        return match tokens.split_first() {
-            Some((&token, rest)) if rest.len() == draft as usize => Ok(Some(Sampled {
-                token,
-                logprobs: None,
-                after_drafts: rest.to_vec(),
-            })),
-            _ => bad(format!(
-                "{} tokens for a step with {draft} drafts",
-                tokens.len()
-            )),
-        };
+        // One token per row, checked before anything is allocated.
+        if plain.len() != (draft as usize + 1) * 4 {
+            return bad(format!(
+                "{} bytes for a step with {draft} drafts",
+                plain.len()
+            ));
+        }
+        let mut tokens = bytes_to_tokens(plain)?;
+        let token = tokens.remove(0);
+        return Ok(Some(Sampled {
+            token,
+            logprobs: None,
+            after_drafts: tokens,
+        }));
     }
     let i32_at =
         |i: usize| i32::from_le_bytes([plain[i], plain[i + 1], plain[i + 2], plain[i + 3]]);
