@@ -1148,10 +1148,10 @@ fn a_degraded_link_moves_the_generation_to_a_cheaper_chain() {
 
 /// A link that stops carrying anything mid-stream (every packet to the
 /// holder of the second half lost) fails over to the standby holder: the
-/// step's deadline (8 times the slowest recent step, at least 1 s) blames
-/// the silent hop, the chain is planned again and the steps so far replayed,
-/// and the stream goes on with the whole model's text. Prints the longest
-/// gap between two tokens (the failover, measured).
+/// step's deadline (8 times the median recent step or twice the slowest, at
+/// least 1 s) blames the silent hop, the chain is planned again and the
+/// steps so far replayed, and the stream goes on with the whole model's
+/// text. Prints the longest gap between two tokens (the failover, measured).
 #[test]
 fn a_link_that_drops_mid_stream_fails_over_to_the_standby() {
     let links = json!({ "links": { "0-1": { "rtt_ms": 10 }, "0-2": { "rtt_ms": 20 } } });
