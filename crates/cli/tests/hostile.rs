@@ -617,7 +617,80 @@ fn pipeline_steps_with_bad_numbers_or_for_another_peers_session_are_refused() {
         Response::Activation(_)
     ));
 
-    // Still serving; both refusals counted against the stranger and the owner's
+    // Draft tokens (speculative decoding) from a stranger: 17 of them (the
+    // most is 16), as many as the step's rows, or for a sampler that is not
+    // greedy and stateless (a repeat penalty) are refused. Two drafts in a
+    // greedy step of three rows are verified: one sampled token per draft and
+    // one more, every one in the vocabulary.
+    let drafted = |session: u8, tokens: &[i32], draft: u32, repeat_penalty: f32| {
+        token_step_with(
+            &stranger_identity,
+            &node_id,
+            [session; 16],
+            None,
+            1,
+            0,
+            tokens,
+            64,
+            move |env| {
+                env.draft = draft;
+                if let Some(s) = env.sample.as_mut() {
+                    s.repeat_penalty = repeat_penalty;
+                }
+            },
+        )
+    };
+    let eighteen: Vec<i32> = (504..522).collect();
+    for (what, step, words) in [
+        ("17 drafts", drafted(0xe1, &eighteen, 17, 1.0), "draft"),
+        (
+            "drafts in every row",
+            drafted(0xe2, &prompt, 3, 1.0),
+            "draft",
+        ),
+        (
+            "drafts with a repeat penalty",
+            drafted(0xe3, &prompt, 1, 1.1),
+            "greedy and stateless",
+        ),
+    ] {
+        match call(&mut stranger_link, step) {
+            Response::Error { message, .. } => {
+                assert!(message.contains(words), "{what}: {message}")
+            }
+            other => panic!("{what} accepted: {other:?}"),
+        }
+    }
+    let Response::Activation(answer) = call(&mut stranger_link, drafted(0xe4, &prompt, 2, 1.0))
+    else {
+        panic!("a sane draft step was refused");
+    };
+    {
+        use swarmllm_node::pipeline::activation::{self, Direction, SessionKey};
+        use swarmllm_node::pipeline::wire;
+        let key = SessionKey::agree(
+            &stranger_identity.x25519_secret(),
+            &swarmllm_node::identity::x25519_public(&node_id).expect("node id"),
+            &[0xe4; 16],
+        );
+        let (_, sealed) = wire::decode_answer(&answer).expect("an answer");
+        let aad = format!("result:{}:1", to_hex(&[0xe4; 16]));
+        let plain = activation::open_message(&key, 1, Direction::Backward, aad.as_bytes(), sealed)
+            .expect("a result sealed for the stranger");
+        let sampled = wire::decode_result(&plain, None, 2)
+            .expect("a verification result")
+            .expect("sampled tokens");
+        // The token after the first verified row, then one after each draft.
+        assert_eq!(sampled.after_drafts.len(), 2, "{sampled:?}");
+        assert!(
+            std::iter::once(&sampled.token)
+                .chain(&sampled.after_drafts)
+                .all(|t| (0..49_152).contains(t)),
+            "{sampled:?}"
+        );
+    }
+
+    // Still serving; the refusals counted against the stranger and the owner's
     // bad numbers against the owner.
     assert_eq!(node.get("/health/live").0, 200);
     let (_, peers) = node.get("/api/admin/peers");

@@ -1202,6 +1202,12 @@ fn a_link_that_drops_mid_stream_fails_over_to_the_standby() {
         "longest gap between tokens (the failover): {} ms",
         gap.as_millis()
     );
+    // Where the gap went: the hop's deadline, then the replay.
+    for line in a.log().lines() {
+        if line.contains("re-routing") || line.contains("replayed") {
+            eprintln!("  {line}");
+        }
+    }
     let (_, layers) = a.get("/api/v1/layers");
     let route = &layers["routes"][0];
     assert!(route["reroutes"].as_u64() >= Some(1), "{route}");

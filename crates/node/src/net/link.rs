@@ -10,8 +10,9 @@
 //! two nodes share one stream, opened at the session's first step and closed when
 //! either side drops it. Per step that saves the substream negotiation and, above
 //! all, the passes through the swarm's event loop: the bytes go straight between
-//! the stream and the pipeline task that waits for them. Steps of a session are
-//! sequential, so a link carries one request at a time.
+//! the stream and the pipeline task that waits for them. A link usually carries
+//! one request at a time; a replay posts several before reading their answers,
+//! which the other end gives in order.
 
 use std::time::Duration;
 
@@ -55,20 +56,34 @@ impl Link {
     /// Sends `request` and waits for its answer. After an error the link is
     /// unusable (a frame may be half written or half read): drop it.
     pub async fn call(&mut self, request: Request) -> Result<Response, NetError> {
-        let exchange = async {
-            FrameCodec
-                .write_request(&PROTOCOL, &mut self.stream, request)
-                .await?;
-            FrameCodec.read_response(&PROTOCOL, &mut self.stream).await
-        };
-        match tokio::time::timeout(CALL_TIMEOUT, exchange).await {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(e)) => Err(NetError::Request(e.to_string())),
-            Err(_) => Err(NetError::Request(format!(
-                "no answer within {} s",
-                CALL_TIMEOUT.as_secs()
-            ))),
-        }
+        self.post(request).await?;
+        self.answer().await
+    }
+
+    /// Sends `request` without waiting for its answer: the answers to posted
+    /// requests come from [`Link::answer`] in the order they were posted.
+    /// After an error the link is unusable: drop it.
+    pub async fn post(&mut self, request: Request) -> Result<(), NetError> {
+        within_limit(FrameCodec.write_request(&PROTOCOL, &mut self.stream, request)).await
+    }
+
+    /// The answer to the oldest request not yet answered.
+    pub async fn answer(&mut self) -> Result<Response, NetError> {
+        within_limit(FrameCodec.read_response(&PROTOCOL, &mut self.stream)).await
+    }
+}
+
+/// `io` within [`CALL_TIMEOUT`], its errors as the network's.
+async fn within_limit<T>(
+    io: impl std::future::Future<Output = std::io::Result<T>>,
+) -> Result<T, NetError> {
+    match tokio::time::timeout(CALL_TIMEOUT, io).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(NetError::Request(e.to_string())),
+        Err(_) => Err(NetError::Request(format!(
+            "no answer within {} s",
+            CALL_TIMEOUT.as_secs()
+        ))),
     }
 }
 
@@ -102,6 +117,43 @@ impl InboundLink {
     pub async fn respond(&mut self, response: Response) -> std::io::Result<()> {
         FrameCodec
             .write_response(&PROTOCOL, &mut self.stream, response)
+            .await
+    }
+
+    /// The link as two halves, one reading requests and one answering them,
+    /// so that requests can be read ahead while earlier ones are still being
+    /// answered (the answers must still go out in the requests' order).
+    pub fn split(self) -> (InboundRequests, InboundAnswers) {
+        let (read, write) = futures::AsyncReadExt::split(self.stream);
+        (InboundRequests { read }, InboundAnswers { write })
+    }
+}
+
+/// The reading half of an [`InboundLink`].
+pub struct InboundRequests {
+    read: futures::io::ReadHalf<Stream>,
+}
+
+impl InboundRequests {
+    /// As [`InboundLink::next`].
+    pub async fn next(&mut self, idle: Duration) -> Option<Request> {
+        tokio::time::timeout(idle, FrameCodec.read_request(&PROTOCOL, &mut self.read))
+            .await
+            .ok()?
+            .ok()
+    }
+}
+
+/// The answering half of an [`InboundLink`].
+pub struct InboundAnswers {
+    write: futures::io::WriteHalf<Stream>,
+}
+
+impl InboundAnswers {
+    /// Answers the oldest request not yet answered.
+    pub async fn respond(&mut self, response: Response) -> std::io::Result<()> {
+        FrameCodec
+            .write_response(&PROTOCOL, &mut self.write, response)
             .await
     }
 }

@@ -130,7 +130,8 @@ impl Run {
 
     /// How long a decode step may take before its first remote hop counts
     /// as gone and the generation fails over: 8 times the median of the last
-    /// steps or twice the slowest, between 1 and 30 s (a link that stops answering is left within
+    /// decode steps or twice the slowest (a prompt's batch is no measure of
+    /// them), between 1 and 30 s (a link that stops answering is left within
     /// about a second instead of after the links' 30 s). `None` (the links'
     /// own limit) until a few steps were measured, and once patient.
     fn step_deadline(&self) -> Option<std::time::Duration> {
@@ -610,14 +611,16 @@ impl Pipeline {
             // This step takes over a kept session (see `Run::continuing`).
             let continuing = run.continues.is_some();
             replay_needed |= std::mem::take(&mut run.replay);
-            // A decode step (not a prompt's or a replay's) gets a deadline;
-            // past it the first remote hop is to blame.
+            // A decode step (one new token and its drafts: not a prompt's
+            // batch, not a replay) gets a deadline from the decode steps
+            // before it; past it the first remote hop is to blame.
+            let decoding = sample.is_some() && !replay_needed && tokens.len() == drafts + 1;
             let remote = run
                 .hops
                 .iter()
                 .find(|h| h.node_id != self.inner.node_id)
                 .map(|h| h.node_id.clone());
-            let deadline = (sample.is_some() && !replay_needed && remote.is_some())
+            let deadline = (decoding && remote.is_some())
                 .then(|| run.step_deadline())
                 .flatten();
             let attempt_started = Instant::now();
@@ -626,13 +629,21 @@ impl Pipeline {
                     // In their original batches: a batch of other rows can
                     // round a row's numbers differently (llama.cpp's kernels
                     // are not batch-invariant), and a replay must rebuild
-                    // every cache bit for bit.
+                    // every cache bit for bit. Sent back to back, so the
+                    // chain's round trip is paid about once.
+                    let mut steps = Vec::with_capacity(run.history.len());
                     for (t, p) in run.history.clone() {
                         let env = run.envelope(self, p, t.len());
                         run.tally(&env);
-                        self.request_step(env, StepInput::Tokens(t), &mut run.link)
-                            .await?;
+                        steps.push((env, StepInput::Tokens(t)));
                     }
+                    let (n, started) = (steps.len(), Instant::now());
+                    self.replay(steps, &mut run.link).await?;
+                    tracing::info!(
+                        steps = n,
+                        ms = started.elapsed().as_millis() as u64,
+                        "replayed the generation's steps on the new chain"
+                    );
                 }
                 let mut env = run.envelope(self, pos, tokens.len());
                 env.sample = sample.clone();
@@ -658,7 +669,7 @@ impl Pipeline {
             let timed_out = deadline.is_some_and(|d| attempt_started.elapsed() >= d);
             match outcome {
                 Ok(token) => {
-                    if sample.is_some() && !replay_needed {
+                    if decoding {
                         if run.step_ms.len() == STEP_WINDOW {
                             run.step_ms.pop_front();
                         }

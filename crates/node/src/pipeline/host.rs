@@ -442,6 +442,28 @@ fn loaded<'a>(models: &'a [Loaded], key: &RangeKey) -> Option<&'a Loaded> {
     models.iter().find(|m| m.info.is(&key.0, key.1, key.2))
 }
 
+/// A range's shared context (see [`Shared`]); its streams' memory is within
+/// the sessions' budget as they take them. `None` (logged) where it cannot be
+/// made: sessions then get contexts of their own.
+fn shared_streams(config: &HostConfig, model: &Arc<RangeModel>, has_head: bool) -> Option<Shared> {
+    match model.streams(
+        config.context_size,
+        config.batch_size,
+        config.threads,
+        !has_head,
+        SHARED_STREAMS,
+    ) {
+        Ok(kv) => Some(Shared {
+            kv,
+            free: (0..SHARED_STREAMS as i32).rev().collect(),
+        }),
+        Err(e) => {
+            tracing::warn!(error = %e, "no shared context for the range");
+            None
+        }
+    }
+}
+
 fn loaded_mut<'a>(models: &'a mut [Loaded], key: &RangeKey) -> Option<&'a mut Loaded> {
     models.iter_mut().find(|m| m.info.is(&key.0, key.1, key.2))
 }
@@ -778,11 +800,15 @@ impl Thread {
             shards = %format!("{}..={}", info.first_shard, info.last_shard),
             "layer range loaded"
         );
+        // Created now rather than with the first session: that session may be
+        // a generation failing over to this node, and waits for no context.
+        let model = Arc::new(model);
+        let shared = shared_streams(&self.config, &model, info.has_head);
         self.models.push(Loaded {
             info,
-            model: Arc::new(model),
+            model,
             vocab: None,
-            shared: None,
+            shared,
         });
         self.publish();
         Ok(n_embd)
@@ -1037,27 +1063,11 @@ impl Thread {
         if owned(self) >= per_peer || used(self) + need > self.config.max_session_bytes {
             return Err(HostError::Busy(self.sessions.len()));
         }
-        let config = &self.config;
         let loaded = loaded_mut(&mut self.models, key)
             .ok_or_else(|| HostError::Compute("the range was unloaded".into()))?;
         if loaded.shared.is_none() {
-            // Created with the range's first session; its streams' memory is
-            // within the sessions' budget as they take them.
-            match model.streams(
-                config.context_size,
-                config.batch_size,
-                config.threads,
-                !has_head,
-                SHARED_STREAMS,
-            ) {
-                Ok(kv) => {
-                    loaded.shared = Some(Shared {
-                        kv,
-                        free: (0..SHARED_STREAMS as i32).rev().collect(),
-                    });
-                }
-                Err(e) => tracing::warn!(error = %e, "no shared context for the range"),
-            }
+            // Its creation failed at load; tried again.
+            loaded.shared = shared_streams(&self.config, model, has_head);
         }
         let kv = match loaded.shared.as_mut().and_then(|s| s.free.pop()) {
             Some(seq) => Kv::Stream(seq),

@@ -24,7 +24,7 @@
 //! - [`transfer`]: model files between peers; `pins`: the manifest accepted per id.
 //!
 //! A node serves steps for others and requests them for its own clients through the
-//! same `Pipeline::execute` (in `serve`): compute the local range, forward the rest.
+//! same `Pipeline::run_hop` (in `serve`): compute the local range, forward the rest.
 
 pub mod activation;
 mod generate;

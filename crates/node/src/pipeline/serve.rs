@@ -19,17 +19,16 @@ impl Pipeline {
         }
     }
 
-    /// Runs this node's hop of `env` (it must be `route[0]`) on `input` for `from`
-    /// (the authenticated sender: the session's owner here), forwards the output
-    /// to the next hop over `next` (opened or replaced as needed), and returns the
-    /// sealed result for the requester.
-    pub(super) async fn execute(
+    /// Runs this node's hop of `env` (it must be `route[0]`) on `input` for
+    /// `from` (the authenticated sender: the session's owner here): its layers
+    /// (or the end of its session), and what goes onwards — the sealed result
+    /// for the requester at the route's end, else the step for the next hop.
+    pub(super) async fn run_hop(
         &self,
         from: &str,
         env: Envelope,
         input: StepInput,
-        next: &mut Option<Link>,
-    ) -> Result<Vec<u8>, StepFailure> {
+    ) -> Result<Onward, StepFailure> {
         let me = &env.route[0];
         if me.node_id != self.inner.node_id {
             return Err(StepFailure {
@@ -86,9 +85,20 @@ impl Pipeline {
                 );
             }
             match out {
-                StepOutput::Hidden(h) => return self.forward(env, session, h, next).await,
+                StepOutput::Hidden(h) => {
+                    if env.route.len() < 2 {
+                        return Err(self.own_failure("the route ends before the model's head"));
+                    }
+                    let mut next = env;
+                    next.route.remove(0);
+                    next.input = InputKind::Hidden;
+                    let to = next.route[0].node_id.clone();
+                    let frame = self.seal_hidden(&next, session, &to, &h)?;
+                    let bytes = wire::encode_request(&next, &frame);
+                    return Ok(Onward::Next { to, bytes });
+                }
                 StepOutput::Token(t) if env.route.len() == 1 => {
-                    return self.seal_result(&env, session, t.as_ref());
+                    return Ok(Onward::Done(self.seal_result(&env, session, t.as_ref())?));
                 }
                 StepOutput::Token(_) => {
                     return Err(self.own_failure("a range with the head is not the last hop"));
@@ -100,110 +110,247 @@ impl Pipeline {
             let mut close = env;
             close.route.remove(0);
             let to = close.route[0].node_id.clone();
-            return self
-                .send(&to, wire::encode_request(&close, &[]), next)
-                .await;
+            let bytes = wire::encode_request(&close, &[]);
+            return Ok(Onward::Next { to, bytes });
         }
-        self.seal_result(&env, session, None)
-    }
-
-    pub(super) async fn forward(
-        &self,
-        env: Envelope,
-        session: [u8; 16],
-        hidden: Vec<f32>,
-        link: &mut Option<Link>,
-    ) -> Result<Vec<u8>, StepFailure> {
-        if env.route.len() < 2 {
-            return Err(self.own_failure("the route ends before the model's head"));
-        }
-        let mut next = env;
-        next.route.remove(0);
-        next.input = InputKind::Hidden;
-        let to = next.route[0].node_id.clone();
-        let frame = self.seal_hidden(&next, session, &to, &hidden)?;
-        self.send(&to, wire::encode_request(&next, &frame), link)
-            .await
+        Ok(Onward::Done(self.seal_result(&env, session, None)?))
     }
 
     /// Sends a step to `to` over `link` (opened, or replaced when it leads
-    /// elsewhere); a transport failure blames `to` and drops the link.
+    /// elsewhere) and waits for the answer; a transport failure blames `to` and
+    /// drops the link.
     pub(super) async fn send(
         &self,
         to: &str,
         bytes: Vec<u8>,
         link: &mut Option<Link>,
     ) -> Result<Vec<u8>, StepFailure> {
+        let sent = bytes.len() as u64;
+        self.open_to(to, link).await?;
+        // From the first byte written: a large step's write waits for the
+        // link's flow control, which is part of its speed.
+        let started = std::time::Instant::now();
+        self.post(to, bytes, link).await?;
+        let (result, spent) = self.receive(to, link).await?;
+        let waited = started.elapsed();
+        self.inner.link_latency.record(waited, spent);
+        self.inner
+            .link_speeds
+            .record(to, sent, waited.saturating_sub(spent));
+        Ok(result)
+    }
+
+    /// Writes a step to `to` over `link` (opened, or replaced when it leads
+    /// elsewhere) without waiting for its answer (see [`Pipeline::receive`]).
+    pub(super) async fn post(
+        &self,
+        to: &str,
+        bytes: Vec<u8>,
+        link: &mut Option<Link>,
+    ) -> Result<(), StepFailure> {
+        let sent = bytes.len() as u64;
+        self.open_to(to, link).await?;
+        if let Some(mut open) = link.take() {
+            open.post(Request::Activation(bytes))
+                .await
+                .map_err(|e| unreachable(to, &e))?;
+            *link = Some(open);
+        }
+        self.inner
+            .wire_bytes
+            .fetch_add(sent, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Makes `link` lead to `to`: kept when it does, else opened (replacing
+    /// one to another node).
+    async fn open_to(&self, to: &str, link: &mut Option<Link>) -> Result<(), StepFailure> {
+        if link.as_ref().is_some_and(|l| l.node_id() == to) {
+            return Ok(());
+        }
+        *link = None;
         let network = self.inner.network.get().ok_or_else(|| StepFailure {
             failed_hop: Some(to.to_string()),
             message: "this node has no P2P network".into(),
         })?;
-        let sent = bytes.len() as u64;
-        let open = match link.take() {
-            Some(l) if l.node_id() == to => Ok(l),
-            _ => network.open_link(to).await,
+        *link = Some(
+            network
+                .open_link(to)
+                .await
+                .map_err(|e| unreachable(to, &e))?,
+        );
+        Ok(())
+    }
+
+    /// The answer to the oldest step posted to `to` over `link`: the sealed
+    /// result and the time the hops spent on it. A transport failure drops the
+    /// link; a hop's error answer keeps it (the stream is still in step).
+    pub(super) async fn receive(
+        &self,
+        to: &str,
+        link: &mut Option<Link>,
+    ) -> Result<(Vec<u8>, std::time::Duration), StepFailure> {
+        let blame = |message: String| StepFailure {
+            failed_hop: Some(to.to_string()),
+            message,
         };
-        let started = std::time::Instant::now();
-        let answer = match open {
-            Ok(mut l) => {
-                let answer = l.call(Request::Activation(bytes)).await;
-                if answer.is_ok() {
-                    *link = Some(l);
-                }
-                answer
-            }
-            Err(e) => Err(e),
+        let mut open = match link.take() {
+            Some(l) if l.node_id() == to => l,
+            _ => return Err(blame("no step is waiting for an answer".into())),
         };
-        let received = match &answer {
-            Ok(Response::Activation(r)) => r.len() as u64,
-            _ => 0,
-        };
-        self.inner
-            .wire_bytes
-            .fetch_add(sent + received, std::sync::atomic::Ordering::Relaxed);
+        let answer = open.answer().await.map_err(|e| unreachable(to, &e))?;
         match answer {
-            Ok(Response::Activation(answer)) => {
-                let waited = started.elapsed();
-                let (spent, result) = wire::decode_answer(&answer).map_err(|e| StepFailure {
-                    failed_hop: Some(to.to_string()),
-                    message: e.to_string(),
-                })?;
-                self.inner.link_latency.record(waited, spent);
+            Response::Activation(answer) => {
                 self.inner
-                    .link_speeds
-                    .record(to, sent, waited.saturating_sub(spent));
-                Ok(result.to_vec())
+                    .wire_bytes
+                    .fetch_add(answer.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                let (spent, result) =
+                    wire::decode_answer(&answer).map_err(|e| blame(e.to_string()))?;
+                let result = result.to_vec();
+                *link = Some(open);
+                Ok((result, spent))
             }
-            Ok(Response::Error { message, .. }) => {
+            Response::Error { message, .. } => {
+                *link = Some(open);
                 Err(serde_json::from_str(&message).unwrap_or(StepFailure {
                     failed_hop: Some(to.to_string()),
                     message,
                 }))
             }
-            Ok(other) => Err(StepFailure {
-                failed_hop: Some(to.to_string()),
-                message: format!("unexpected answer {other:?}"),
-            }),
-            Err(e) => Err(StepFailure {
-                failed_hop: Some(to.to_string()),
-                message: format!("hop {} unreachable: {e}", short(to)),
-            }),
+            other => Err(blame(format!("unexpected answer {other:?}"))),
         }
     }
 
     /// Answers the steps that arrive on `link` until it closes or idles out; the
-    /// link onward to the next hop lives as long.
-    pub(super) async fn serve_link(&self, mut link: InboundLink) {
+    /// link onward to the next hop lives as long. Steps that arrive back to
+    /// back (a replay) are forwarded back to back too: while a forwarded step
+    /// waits for its answer, a step already read is run and forwarded behind
+    /// it, so a chain pays its round trips about once per replay rather than
+    /// once per step. The answers go back in the steps' order.
+    pub(super) async fn serve_link(&self, link: InboundLink) {
+        let from = link.from.clone();
+        let (mut reader, mut answers) = link.split();
+        let idle = self.inner.config.link_idle;
+        let (tx, mut requests) = tokio::sync::mpsc::channel(READ_AHEAD);
+        let read_ahead = tokio::spawn(async move {
+            while let Some(request) = reader.next(idle).await {
+                if tx.send(request).await.is_err() {
+                    break;
+                }
+            }
+        });
         let mut next: Option<Link> = None;
-        while let Some(request) = link.next(self.inner.config.link_idle).await {
-            let response = match request {
-                Request::Activation(bytes) => self.answer_step(&link.from, &bytes, &mut next).await,
-                Request::Invalid(reason) => self.bad_step(&link.from, reason),
-                _ => self.bad_step(&link.from, "a link carries pipeline steps only".into()),
+        let mut forwarded = std::collections::VecDeque::new();
+        loop {
+            // A step already here is run at once; with none, the oldest
+            // forwarded step's answer goes back first.
+            let request = match requests.try_recv() {
+                Ok(request) => request,
+                Err(_) => {
+                    if let Some(step) = forwarded.pop_front() {
+                        let response = self.forwarded_answer(step, &forwarded, &mut next).await;
+                        if answers.respond(response).await.is_err() {
+                            break;
+                        }
+                        continue;
+                    }
+                    match requests.recv().await {
+                        Some(request) => request,
+                        None => break,
+                    }
+                }
             };
-            if link.respond(response).await.is_err() {
+            let response = match self.begin_step(&from, request).await {
+                Begun::Forward(step) => {
+                    // A link leads to one node: what went elsewhere, or on
+                    // a link that broke, is answered before another link is
+                    // opened; and the window is bounded.
+                    let mut sent = true;
+                    while forwarded.len() >= REPLAY_IN_FLIGHT
+                        || forwarded.iter().any(|f: &Forwarded| {
+                            f.to != step.to || (next.is_none() && f.failure.is_none())
+                        })
+                    {
+                        let Some(earlier) = forwarded.pop_front() else {
+                            break;
+                        };
+                        let response = self.forwarded_answer(earlier, &forwarded, &mut next).await;
+                        sent &= answers.respond(response).await.is_ok();
+                    }
+                    if !sent {
+                        break;
+                    }
+                    let outcome = match self.open_to(&step.to, &mut next).await {
+                        Ok(()) => {
+                            let posted = std::time::Instant::now();
+                            let sent = self.post(&step.to, step.bytes, &mut next).await;
+                            sent.map(|()| posted)
+                        }
+                        Err(failure) => Err(failure),
+                    };
+                    match outcome {
+                        Ok(posted) => {
+                            forwarded.push_back(Forwarded {
+                                to: step.to,
+                                started: step.started,
+                                posted,
+                                size: step.size,
+                                alone: forwarded.is_empty(),
+                                failure: None,
+                            });
+                            continue;
+                        }
+                        // Its turn comes after those forwarded before it.
+                        Err(failure) => {
+                            forwarded.push_back(Forwarded::failed(step.to, failure));
+                            continue;
+                        }
+                    }
+                }
+                Begun::Answer(response) => response,
+            };
+            let mut sent = true;
+            while let Some(earlier) = forwarded.pop_front() {
+                let earlier = self.forwarded_answer(earlier, &forwarded, &mut next).await;
+                sent &= answers.respond(earlier).await.is_ok();
+            }
+            if !sent || answers.respond(response).await.is_err() {
                 break;
             }
+        }
+        read_ahead.abort();
+    }
+
+    /// The answer to `step`, the oldest forwarded step (`behind` it the
+    /// others), read from `next`.
+    async fn forwarded_answer(
+        &self,
+        step: Forwarded,
+        behind: &std::collections::VecDeque<Forwarded>,
+        next: &mut Option<Link>,
+    ) -> Response {
+        let outcome = match step.failure {
+            Some(failure) => Err(failure),
+            None => self.receive(&step.to, next).await,
+        };
+        match outcome {
+            Ok((result, spent)) => {
+                // Timed only when nothing else shared the link meanwhile.
+                if step.alone && behind.is_empty() {
+                    let waited = step.posted.elapsed();
+                    self.inner.link_latency.record(waited, spent);
+                    self.inner.link_speeds.record(
+                        &step.to,
+                        step.size,
+                        waited.saturating_sub(spent),
+                    );
+                }
+                Response::Activation(wire::encode_answer(step.started.elapsed(), &result))
+            }
+            Err(failure) => Response::Error {
+                code: 502,
+                message: failure_json(&failure),
+            },
         }
     }
 
@@ -226,15 +373,23 @@ impl Pipeline {
         }
     }
 
-    /// Runs a step from `from` and returns the answer to send back.
-    pub(super) async fn answer_step(
-        &self,
-        from: &str,
-        bytes: &[u8],
-        next: &mut Option<Link>,
-    ) -> Response {
+    /// Runs this node's part of a step from `from`: the answer to send back,
+    /// or what to forward to the next hop.
+    async fn begin_step(&self, from: &str, request: Request) -> Begun {
         let started = std::time::Instant::now();
-        match self.open_inbound(from, bytes) {
+        let bytes = match request {
+            Request::Activation(bytes) => bytes,
+            Request::Invalid(reason) => return Begun::Answer(self.bad_step(from, reason)),
+            _ => {
+                let reason = "a link carries pipeline steps only".into();
+                return Begun::Answer(self.bad_step(from, reason));
+            }
+        };
+        let failed = |failure: StepFailure| Response::Error {
+            code: 502,
+            message: failure_json(&failure),
+        };
+        Begun::Answer(match self.open_inbound(from, &bytes) {
             Err(reason) => self.bad_step(from, reason),
             // Outside its contribution hours (or past its contribution level's
             // share of sessions) a node serves only its own and its pool's
@@ -247,14 +402,21 @@ impl Pipeline {
                     )),
                 }
             }
-            Ok((env, input)) => match self.execute(from, env, input, next).await {
-                Ok(result) => Response::Activation(wire::encode_answer(started.elapsed(), &result)),
-                Err(failure) => Response::Error {
-                    code: 502,
-                    message: failure_json(&failure),
-                },
+            Ok((env, input)) => match self.run_hop(from, env, input).await {
+                Ok(Onward::Done(result)) => {
+                    Response::Activation(wire::encode_answer(started.elapsed(), &result))
+                }
+                Ok(Onward::Next { to, bytes }) => {
+                    return Begun::Forward(Forward {
+                        to,
+                        size: bytes.len() as u64,
+                        bytes,
+                        started,
+                    });
+                }
+                Err(failure) => failed(failure),
             },
-        }
+        })
     }
 
     /// Decodes a step from `from` and opens its body.
@@ -332,47 +494,193 @@ impl Pipeline {
         link: &mut Option<Link>,
     ) -> Result<Option<wire::Sampled>, StepFailure> {
         env.sign(&self.inner.identity);
-        let wanted = env.sample.as_ref().and_then(|s| s.logprobs);
-        let draft = env.draft;
+        let result = match self.first_leg(&env, input).await? {
+            Onward::Done(result) => result,
+            Onward::Next { to, bytes } => self.send(&to, bytes, link).await?,
+        };
+        self.open_result(&env, &result)
+    }
+
+    /// Replays `steps` (signed here) on a chain, in order, without waiting
+    /// for each answer before sending the next: the chain's round trip is paid
+    /// about once rather than once per step, while every step keeps its own
+    /// batch (which a bit-exact replay needs). At most [`REPLAY_IN_FLIGHT`]
+    /// answers are outstanding, so neither side's stream buffer fills. Any
+    /// failure drops `link`: answers still on their way would be out of step.
+    pub(super) async fn replay(
+        &self,
+        steps: Vec<(Envelope, StepInput)>,
+        link: &mut Option<Link>,
+    ) -> Result<(), StepFailure> {
+        let outcome = self.replay_on(steps, link).await;
+        if outcome.is_err() {
+            *link = None;
+        }
+        outcome
+    }
+
+    async fn replay_on(
+        &self,
+        steps: Vec<(Envelope, StepInput)>,
+        link: &mut Option<Link>,
+    ) -> Result<(), StepFailure> {
+        // Steps posted and not yet answered, and the node they went to.
+        let mut waiting: std::collections::VecDeque<(Envelope, String)> = Default::default();
+        for (mut env, input) in steps {
+            env.sign(&self.inner.identity);
+            match self.first_leg(&env, input).await? {
+                Onward::Done(result) => {
+                    self.open_result(&env, &result)?;
+                }
+                Onward::Next { to, bytes } => {
+                    // A link leads to one node: answer what went elsewhere
+                    // before it is replaced, and keep the window bounded.
+                    while waiting.len() >= REPLAY_IN_FLIGHT
+                        || waiting.front().is_some_and(|(_, t)| *t != to)
+                    {
+                        self.answer_oldest(&mut waiting, link).await?;
+                    }
+                    self.post(&to, bytes, link).await?;
+                    waiting.push_back((env, to));
+                }
+            }
+        }
+        while !waiting.is_empty() {
+            self.answer_oldest(&mut waiting, link).await?;
+        }
+        Ok(())
+    }
+
+    async fn answer_oldest(
+        &self,
+        waiting: &mut std::collections::VecDeque<(Envelope, String)>,
+        link: &mut Option<Link>,
+    ) -> Result<(), StepFailure> {
+        if let Some((env, to)) = waiting.pop_front() {
+            let (result, _) = self.receive(&to, link).await?;
+            self.open_result(&env, &result)?;
+        }
+        Ok(())
+    }
+
+    /// A signed step's first leg: run here when this node is its first hop,
+    /// else its token ids sealed for the first hop.
+    async fn first_leg(&self, env: &Envelope, input: StepInput) -> Result<Onward, StepFailure> {
+        let first = &env.route[0].node_id;
+        if *first == self.inner.node_id {
+            let me = self.inner.node_id.clone();
+            return self.run_hop(&me, env.clone(), input).await;
+        }
         let session = env
             .session_bytes()
             .map_err(|e| self.own_failure(e.to_string()))?;
-        let first = env.route[0].node_id.clone();
-        let last = env.route[env.route.len() - 1].node_id.clone();
-        let result = if first == self.inner.node_id {
-            let me = self.inner.node_id.clone();
-            self.execute(&me, env.clone(), input, link).await?
-        } else {
-            let key = self.link_key(&first, &session)?;
-            let body = match &input {
-                StepInput::Tokens(t) => activation::seal_message(
-                    &key,
-                    env.seq,
-                    Direction::Forward,
-                    &step_aad(&env),
-                    &wire::tokens_to_bytes(t),
-                ),
-                StepInput::Hidden(h) => self.seal_hidden(&env, session, &first, h)?,
-            };
-            self.send(&first, wire::encode_request(&env, &body), link)
-                .await?
+        let key = self.link_key(first, &session)?;
+        let body = match &input {
+            StepInput::Tokens(t) => activation::seal_message(
+                &key,
+                env.seq,
+                Direction::Forward,
+                &step_aad(env),
+                &wire::tokens_to_bytes(t),
+            ),
+            StepInput::Hidden(h) => self.seal_hidden(env, session, first, h)?,
         };
+        Ok(Onward::Next {
+            to: first.clone(),
+            bytes: wire::encode_request(env, &body),
+        })
+    }
+
+    /// Opens a step's sealed result from its last hop.
+    fn open_result(
+        &self,
+        env: &Envelope,
+        result: &[u8],
+    ) -> Result<Option<wire::Sampled>, StepFailure> {
+        let session = env
+            .session_bytes()
+            .map_err(|e| self.own_failure(e.to_string()))?;
+        let last = env.route[env.route.len() - 1].node_id.clone();
         let key = self.link_key(&last, &session)?;
-        let plain = activation::open_message(
-            &key,
-            env.seq,
-            Direction::Backward,
-            &result_aad(&env),
-            &result,
-        )
-        .map_err(|_| StepFailure {
-            failed_hop: Some(last.clone()),
-            message: "the step result failed authentication".into(),
-        })?;
-        wire::decode_result(&plain, wanted, draft).map_err(|e| StepFailure {
+        let wanted = env.sample.as_ref().and_then(|s| s.logprobs);
+        let plain =
+            activation::open_message(&key, env.seq, Direction::Backward, &result_aad(env), result)
+                .map_err(|_| StepFailure {
+                    failed_hop: Some(last.clone()),
+                    message: "the step result failed authentication".into(),
+                })?;
+        wire::decode_result(&plain, wanted, env.draft).map_err(|e| StepFailure {
             failed_hop: Some(last),
             message: e.to_string(),
         })
+    }
+}
+
+/// Replayed steps sent ahead of their answers (each answer is a few dozen
+/// bytes, so this stays far inside a stream's receive window).
+const REPLAY_IN_FLIGHT: usize = 64;
+
+/// What a hop's step leads to.
+pub(super) enum Onward {
+    /// The route ends here: the sealed result for the requester.
+    Done(Vec<u8>),
+    /// The step to send to the next hop, encoded.
+    Next { to: String, bytes: Vec<u8> },
+}
+
+/// Steps a hop reads ahead of the one it runs: enough to keep a replay's
+/// steps flowing, few enough that a link holds at most this many frames
+/// (each up to [`crate::net::frame::MAX_FRAME`]) more than it used to.
+const READ_AHEAD: usize = 2;
+
+/// What a hop does with a step it was sent.
+enum Begun {
+    /// Answer it (the route ended here, or the step failed).
+    Answer(Response),
+    /// Send it on.
+    Forward(Forward),
+}
+
+/// A step to send on to the next hop.
+struct Forward {
+    to: String,
+    bytes: Vec<u8>,
+    size: u64,
+    /// When this hop began it.
+    started: std::time::Instant,
+}
+
+/// A step sent on whose answer is still to come.
+struct Forwarded {
+    to: String,
+    started: std::time::Instant,
+    posted: std::time::Instant,
+    size: u64,
+    /// Nothing else was waiting on the link when it was sent.
+    alone: bool,
+    /// It could not be sent: its answer is this failure.
+    failure: Option<StepFailure>,
+}
+
+impl Forwarded {
+    fn failed(to: String, failure: StepFailure) -> Self {
+        let now = std::time::Instant::now();
+        Forwarded {
+            to,
+            started: now,
+            posted: now,
+            size: 0,
+            alone: false,
+            failure: Some(failure),
+        }
+    }
+}
+
+/// A transport failure on the way to `to`: blames it.
+fn unreachable(to: &str, e: &dyn std::fmt::Display) -> StepFailure {
+    StepFailure {
+        failed_hop: Some(to.to_string()),
+        message: format!("hop {} unreachable: {e}", short(to)),
     }
 }
 
