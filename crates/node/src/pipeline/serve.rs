@@ -232,13 +232,14 @@ impl Pipeline {
         let (mut reader, mut answers) = link.split();
         let idle = self.inner.config.link_idle;
         let (tx, mut requests) = tokio::sync::mpsc::channel(READ_AHEAD);
-        let read_ahead = tokio::spawn(async move {
+        // Ends with this task, however it ends.
+        let _read_ahead = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
             while let Some(request) = reader.next(idle).await {
                 if tx.send(request).await.is_err() {
                     break;
                 }
             }
-        });
+        }));
         let mut next: Option<Link> = None;
         let mut forwarded = std::collections::VecDeque::new();
         loop {
@@ -318,7 +319,6 @@ impl Pipeline {
                 break;
             }
         }
-        read_ahead.abort();
     }
 
     /// The answer to `step`, the oldest forwarded step (`behind` it the
