@@ -103,23 +103,6 @@ impl std::fmt::Debug for InboundLink {
 }
 
 impl InboundLink {
-    /// The next request: `None` when the peer closed the link, it broke, or no
-    /// request came for `idle`. A frame that cannot be decoded arrives as
-    /// [`Request::Invalid`] (answer it; the link stays usable).
-    pub async fn next(&mut self, idle: Duration) -> Option<Request> {
-        tokio::time::timeout(idle, FrameCodec.read_request(&PROTOCOL, &mut self.stream))
-            .await
-            .ok()?
-            .ok()
-    }
-
-    /// Answers the last request.
-    pub async fn respond(&mut self, response: Response) -> std::io::Result<()> {
-        FrameCodec
-            .write_response(&PROTOCOL, &mut self.stream, response)
-            .await
-    }
-
     /// The link as two halves, one reading requests and one answering them,
     /// so that requests can be read ahead while earlier ones are still being
     /// answered (the answers must still go out in the requests' order).
@@ -135,7 +118,9 @@ pub struct InboundRequests {
 }
 
 impl InboundRequests {
-    /// As [`InboundLink::next`].
+    /// The next request: `None` when the peer closed the link, it broke, or no
+    /// request came for `idle`. A frame that cannot be decoded arrives as
+    /// [`Request::Invalid`] (answer it; the link stays usable).
     pub async fn next(&mut self, idle: Duration) -> Option<Request> {
         tokio::time::timeout(idle, FrameCodec.read_request(&PROTOCOL, &mut self.read))
             .await

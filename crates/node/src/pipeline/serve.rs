@@ -9,7 +9,7 @@ use super::links::{result_aad, step_aad};
 use super::wire::{self, Envelope, InputKind, StepFailure};
 use super::{Pipeline, short};
 use crate::net::frame::{Request, Response};
-use crate::net::link::{InboundLink, Link};
+use crate::net::link::{InboundAnswers, InboundLink, Link};
 
 impl Pipeline {
     pub(super) fn own_failure(&self, message: impl Into<String>) -> StepFailure {
@@ -125,41 +125,53 @@ impl Pipeline {
         bytes: Vec<u8>,
         link: &mut Option<Link>,
     ) -> Result<Vec<u8>, StepFailure> {
-        let sent = bytes.len() as u64;
-        self.open_to(to, link).await?;
-        // From the first byte written: a large step's write waits for the
-        // link's flow control, which is part of its speed.
-        let started = std::time::Instant::now();
-        self.post(to, bytes, link).await?;
+        let size = bytes.len() as u64;
+        let posted = self.open_and_post(to, bytes, link).await?;
         let (result, spent) = self.receive(to, link).await?;
-        let waited = started.elapsed();
-        self.inner.link_latency.record(waited, spent);
-        self.inner
-            .link_speeds
-            .record(to, sent, waited.saturating_sub(spent));
+        self.record_link(to, size, posted.elapsed(), spent);
         Ok(result)
     }
 
     /// Writes a step to `to` over `link` (opened, or replaced when it leads
-    /// elsewhere) without waiting for its answer (see [`Pipeline::receive`]).
-    pub(super) async fn post(
+    /// elsewhere) without waiting for its answer (see [`Pipeline::receive`]);
+    /// returns when its first byte went out (a large step's write waits for
+    /// the link's flow control, which is part of the link's speed).
+    pub(super) async fn open_and_post(
         &self,
         to: &str,
         bytes: Vec<u8>,
         link: &mut Option<Link>,
-    ) -> Result<(), StepFailure> {
-        let sent = bytes.len() as u64;
+    ) -> Result<std::time::Instant, StepFailure> {
         self.open_to(to, link).await?;
-        if let Some(mut open) = link.take() {
-            open.post(Request::Activation(bytes))
-                .await
-                .map_err(|e| unreachable(to, &e))?;
-            *link = Some(open);
-        }
+        let posted = std::time::Instant::now();
+        let size = bytes.len() as u64;
+        let mut open = link
+            .take()
+            .ok_or_else(|| unreachable(to, &"the link closed"))?;
+        open.post(Request::Activation(bytes))
+            .await
+            .map_err(|e| unreachable(to, &e))?;
+        *link = Some(open);
         self.inner
             .wire_bytes
-            .fetch_add(sent, std::sync::atomic::Ordering::Relaxed);
-        Ok(())
+            .fetch_add(size, std::sync::atomic::Ordering::Relaxed);
+        Ok(posted)
+    }
+
+    /// What a step of `size` bytes to `to` took (`waited`, of which the hops
+    /// `spent` computing): the link's latency and speed, for the planner and
+    /// the choice of activation format.
+    fn record_link(
+        &self,
+        to: &str,
+        size: u64,
+        waited: std::time::Duration,
+        spent: std::time::Duration,
+    ) {
+        self.inner.link_latency.record(waited, spent);
+        self.inner
+            .link_speeds
+            .record(to, size, waited.saturating_sub(spent));
     }
 
     /// Makes `link` lead to `to`: kept when it does, else opened (replacing
@@ -247,103 +259,90 @@ impl Pipeline {
             // forwarded step's answer goes back first.
             let request = match requests.try_recv() {
                 Ok(request) => request,
-                Err(_) => {
-                    if let Some(step) = forwarded.pop_front() {
-                        let response = self.forwarded_answer(step, &forwarded, &mut next).await;
-                        if answers.respond(response).await.is_err() {
-                            break;
-                        }
-                        continue;
+                Err(_) if !forwarded.is_empty() => {
+                    if !self
+                        .answer_first(&mut forwarded, &mut next, &mut answers)
+                        .await
+                    {
+                        return;
                     }
-                    match requests.recv().await {
-                        Some(request) => request,
-                        None => break,
-                    }
+                    continue;
                 }
+                Err(_) => match requests.recv().await {
+                    Some(request) => request,
+                    None => return,
+                },
             };
             let response = match self.begin_step(&from, request).await {
+                Begun::Answer(response) => response,
                 Begun::Forward(step) => {
                     // A link leads to one node: what went elsewhere, or on
                     // a link that broke, is answered before another link is
                     // opened; and the window is bounded.
-                    let mut sent = true;
                     while forwarded.len() >= REPLAY_IN_FLIGHT
                         || forwarded.iter().any(|f: &Forwarded| {
-                            f.to != step.to || (next.is_none() && f.failure.is_none())
+                            f.to != step.to || (next.is_none() && f.posted.is_ok())
                         })
                     {
-                        let Some(earlier) = forwarded.pop_front() else {
-                            break;
-                        };
-                        let response = self.forwarded_answer(earlier, &forwarded, &mut next).await;
-                        sent &= answers.respond(response).await.is_ok();
-                    }
-                    if !sent {
-                        break;
-                    }
-                    let outcome = match self.open_to(&step.to, &mut next).await {
-                        Ok(()) => {
-                            let posted = std::time::Instant::now();
-                            let sent = self.post(&step.to, step.bytes, &mut next).await;
-                            sent.map(|()| posted)
-                        }
-                        Err(failure) => Err(failure),
-                    };
-                    match outcome {
-                        Ok(posted) => {
-                            forwarded.push_back(Forwarded {
-                                to: step.to,
-                                started: step.started,
-                                posted,
-                                size: step.size,
-                                alone: forwarded.is_empty(),
-                                failure: None,
-                            });
-                            continue;
-                        }
-                        // Its turn comes after those forwarded before it.
-                        Err(failure) => {
-                            forwarded.push_back(Forwarded::failed(step.to, failure));
-                            continue;
+                        if !self
+                            .answer_first(&mut forwarded, &mut next, &mut answers)
+                            .await
+                        {
+                            return;
                         }
                     }
+                    let alone = forwarded.is_empty();
+                    let size = step.bytes.len() as u64;
+                    // A step that could not be sent is answered with its
+                    // failure in its turn, after those forwarded before it.
+                    let posted = self.open_and_post(&step.to, step.bytes, &mut next).await;
+                    forwarded.push_back(Forwarded {
+                        to: step.to,
+                        started: step.started,
+                        size,
+                        alone,
+                        posted,
+                    });
+                    continue;
                 }
-                Begun::Answer(response) => response,
             };
-            let mut sent = true;
-            while let Some(earlier) = forwarded.pop_front() {
-                let earlier = self.forwarded_answer(earlier, &forwarded, &mut next).await;
-                sent &= answers.respond(earlier).await.is_ok();
+            while !forwarded.is_empty() {
+                if !self
+                    .answer_first(&mut forwarded, &mut next, &mut answers)
+                    .await
+                {
+                    return;
+                }
             }
-            if !sent || answers.respond(response).await.is_err() {
-                break;
+            if answers.respond(response).await.is_err() {
+                return;
             }
         }
     }
 
-    /// The answer to `step`, the oldest forwarded step (`behind` it the
-    /// others), read from `next`.
-    async fn forwarded_answer(
+    /// Answers the oldest step in `forwarded` with its answer from `next`;
+    /// `false` when the link back is gone.
+    async fn answer_first(
         &self,
-        step: Forwarded,
-        behind: &std::collections::VecDeque<Forwarded>,
+        forwarded: &mut std::collections::VecDeque<Forwarded>,
         next: &mut Option<Link>,
-    ) -> Response {
-        let outcome = match step.failure {
-            Some(failure) => Err(failure),
-            None => self.receive(&step.to, next).await,
+        answers: &mut InboundAnswers,
+    ) -> bool {
+        let Some(step) = forwarded.pop_front() else {
+            return true;
         };
-        match outcome {
-            Ok((result, spent)) => {
+        let outcome = match step.posted {
+            Ok(posted) => self
+                .receive(&step.to, next)
+                .await
+                .map(|(result, spent)| (result, spent, posted)),
+            Err(failure) => Err(failure),
+        };
+        let response = match outcome {
+            Ok((result, spent, posted)) => {
                 // Timed only when nothing else shared the link meanwhile.
-                if step.alone && behind.is_empty() {
-                    let waited = step.posted.elapsed();
-                    self.inner.link_latency.record(waited, spent);
-                    self.inner.link_speeds.record(
-                        &step.to,
-                        step.size,
-                        waited.saturating_sub(spent),
-                    );
+                if step.alone && forwarded.is_empty() {
+                    self.record_link(&step.to, step.size, posted.elapsed(), spent);
                 }
                 Response::Activation(wire::encode_answer(step.started.elapsed(), &result))
             }
@@ -351,7 +350,8 @@ impl Pipeline {
                 code: 502,
                 message: failure_json(&failure),
             },
-        }
+        };
+        answers.respond(response).await.is_ok()
     }
 
     /// The answer to a malformed step, counted against its sender.
@@ -407,12 +407,7 @@ impl Pipeline {
                     Response::Activation(wire::encode_answer(started.elapsed(), &result))
                 }
                 Ok(Onward::Next { to, bytes }) => {
-                    return Begun::Forward(Forward {
-                        to,
-                        size: bytes.len() as u64,
-                        bytes,
-                        started,
-                    });
+                    return Begun::Forward(Forward { to, bytes, started });
                 }
                 Err(failure) => failed(failure),
             },
@@ -540,7 +535,7 @@ impl Pipeline {
                     {
                         self.answer_oldest(&mut waiting, link).await?;
                     }
-                    self.post(&to, bytes, link).await?;
+                    self.open_and_post(&to, bytes, link).await?;
                     waiting.push_back((env, to));
                 }
             }
@@ -645,7 +640,6 @@ enum Begun {
 struct Forward {
     to: String,
     bytes: Vec<u8>,
-    size: u64,
     /// When this hop began it.
     started: std::time::Instant,
 }
@@ -654,26 +648,11 @@ struct Forward {
 struct Forwarded {
     to: String,
     started: std::time::Instant,
-    posted: std::time::Instant,
     size: u64,
     /// Nothing else was waiting on the link when it was sent.
     alone: bool,
-    /// It could not be sent: its answer is this failure.
-    failure: Option<StepFailure>,
-}
-
-impl Forwarded {
-    fn failed(to: String, failure: StepFailure) -> Self {
-        let now = std::time::Instant::now();
-        Forwarded {
-            to,
-            started: now,
-            posted: now,
-            size: 0,
-            alone: false,
-            failure: Some(failure),
-        }
-    }
+    /// When it went out, or why it could not (its answer then).
+    posted: Result<std::time::Instant, StepFailure>,
 }
 
 /// A transport failure on the way to `to`: blames it.
