@@ -566,6 +566,30 @@ fn pipeline_steps_with_bad_numbers_or_for_another_peers_session_are_refused() {
         ),
         Response::Activation(_)
     ));
+    // Steps sent back to back (as a replay sends them) are answered in their
+    // order, garbage among them included: the node reads ahead but never
+    // answers out of turn, and the garbage costs only its own answer.
+    rt.block_on(async {
+        for bytes in [
+            token_step(&owner_identity, &node_id, 6, 4, &[504], 64),
+            b"\x00\x00\x00\x05garbage".to_vec(),
+            token_step(&owner_identity, &node_id, 7, 5, &[3158], 64),
+        ] {
+            owner_link
+                .post(Request::Activation(bytes))
+                .await
+                .expect("posted");
+        }
+        let mut kinds = Vec::new();
+        for _ in 0..3 {
+            kinds.push(match owner_link.answer().await.expect("an answer") {
+                Response::Activation(_) => "step".to_string(),
+                Response::Error { code, .. } => format!("error {code}"),
+                other => format!("{other:?}"),
+            });
+        }
+        assert_eq!(kinds, ["step", "error 400", "step"]);
+    });
     // A response format's schema from a stranger: one over 16 KiB is refused
     // before anything is built, and so are primed tokens its grammar forbids
     // (llama.cpp would abort on accepting one: here the end of the turn before
